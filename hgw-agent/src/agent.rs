@@ -1,0 +1,466 @@
+//! The node agent: checks the node against the config, sets it up on request, attaches
+//! the fast path, and keeps kernel routes and the fast-path map equal to the desired
+//! state, reacting to netlink events (a deleted route, a changed neighbour, the uplink
+//! changing) rather than polling; a slow periodic resync is the backstop.
+
+use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
+
+use futures::StreamExt as _;
+use hgw_common::{NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig};
+use ipnet::Ipv4Net;
+use log::{debug, info, warn};
+use rtnetlink::{MulticastGroup, packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage};
+use tokio::{
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    config::{Config, ConfigError, Peer},
+    datapath::{Datapath, DatapathError},
+    kernel::{HgwRoute, Kernel, KernelError, Link, Neighbour, format_mac},
+    setup::{self, SetupError},
+    status::{self, PeerStatus, Status},
+};
+
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// How often unresolved next hops are asked for again; meanwhile the kernel path
+/// carries their traffic (and resolves them itself when a packet needs it).
+const RESOLVE_RETRY_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("status socket {path}: {reason}")]
+    StatusSocket { path: String, reason: String },
+    #[error("listening for netlink events: {0}")]
+    Events(#[source] std::io::Error),
+    #[error("installing a signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+struct PeerState {
+    peer: Peer,
+    mac: Option<[u8; 6]>,
+    route: bool,
+}
+
+pub struct Agent {
+    config: Config,
+    kernel: Kernel,
+    uplink: Link,
+    datapath: Option<Datapath>,
+    peers: Vec<PeerState>,
+    /// What the fast-path map holds, to write only what changed.
+    map: HashMap<Ipv4Net, NextHop>,
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
+/// programs are detached (their tcx links close with the process).
+pub async fn run(config: Config) -> Result<(), AgentError> {
+    let kernel = Kernel::connect()?;
+    // Everything is checked before anything is changed.
+    let uplink = check_node(&kernel, &config).await?;
+    let listener = bind_status_socket(&config)?;
+
+    let bridge = if config.setup_node {
+        setup::apply(&kernel, &config).await?
+    } else {
+        kernel
+            .link(&config.bridge)
+            .await?
+            .ok_or_else(|| ConfigError::invalid("bridge", &config.bridge, "no such interface"))?
+    };
+    let datapath = if config.fast_path {
+        let node = NodeConfig {
+            pod_net_v4: config.pod_cidr.network().octets(),
+            pod_mask_v4: config.pod_cidr.netmask().octets(),
+            bridge_ifindex: bridge.index,
+            bridge_mtu: bridge.mtu,
+        };
+        let datapath = Datapath::attach(&config.bridge, &config.uplink, node)?;
+        info!(
+            "fast path attached: {} ingress -> peers, {} ingress -> pods",
+            config.bridge, config.uplink
+        );
+        Some(datapath)
+    } else {
+        info!("fast path off: kernel routes only");
+        None
+    };
+
+    let peers = config
+        .peers
+        .iter()
+        .map(|peer| PeerState {
+            peer: peer.clone(),
+            mac: None,
+            route: false,
+        })
+        .collect();
+    let mut agent = Agent {
+        config,
+        kernel,
+        uplink,
+        datapath,
+        peers,
+        map: HashMap::new(),
+    };
+    agent.resync().await;
+    agent.event_loop(listener).await?;
+    info!("shutting down: kernel routes stay, fast path detached");
+    Ok(())
+}
+
+/// The interfaces exist and every peer is on the uplink's L2 subnet.
+async fn check_node(kernel: &Kernel, config: &Config) -> Result<Link, AgentError> {
+    let uplink = kernel
+        .link(&config.uplink)
+        .await?
+        .ok_or_else(|| ConfigError::invalid("uplink", &config.uplink, "no such interface"))?;
+    if !config.setup_node && kernel.link(&config.bridge).await?.is_none() {
+        return Err(ConfigError::invalid(
+            "bridge",
+            &config.bridge,
+            "no such interface (create it, or let the agent do so with --setup-node)",
+        )
+        .into());
+    }
+    let networks = kernel.ipv4_networks(uplink.index).await?;
+    for (i, peer) in config.peers.iter().enumerate() {
+        if networks.iter().any(|n| n.addr() == peer.node_ip) {
+            return Err(ConfigError::invalid(
+                format!("peers[{i}].node_ip"),
+                peer.node_ip,
+                "is this node's own uplink address",
+            )
+            .into());
+        }
+        if !networks.iter().any(|n| n.contains(&peer.node_ip)) {
+            let have: Vec<String> = networks.iter().map(|n| n.to_string()).collect();
+            return Err(ConfigError::invalid(
+                format!("peers[{i}].node_ip"),
+                peer.node_ip,
+                format!(
+                    "not on the subnet of uplink {} ({}): host-gw needs every peer on the same L2 segment",
+                    config.uplink,
+                    if have.is_empty() { "no IPv4 address".to_owned() } else { have.join(", ") }
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(uplink)
+}
+
+fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
+    let path = &config.status_socket;
+    let error = |reason: String| AgentError::StatusSocket {
+        path: path.display().to_string(),
+        reason,
+    };
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(error("another agent is answering on it".into()));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| error(e.to_string()))?;
+    }
+    // A socket file left by an agent that is gone.
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|e| error(e.to_string()))
+}
+
+impl Agent {
+    async fn event_loop(&mut self, listener: UnixListener) -> Result<(), AgentError> {
+        let (connection, _, mut events) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Neigh,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Link,
+        ])
+        .map_err(AgentError::Events)?;
+        tokio::spawn(connection);
+        // Events may have been missed between the first resync and the subscription.
+        self.resync().await;
+
+        let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+        let mut resync = tokio::time::interval(RESYNC_EVERY);
+        let mut retry = tokio::time::interval(RESOLVE_RETRY_EVERY);
+        resync.tick().await;
+        retry.tick().await;
+        loop {
+            tokio::select! {
+                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => return Ok(()),
+                Some((message, _)) = events.next() => {
+                    if let NetlinkPayload::InnerMessage(message) = message.payload {
+                        self.on_event(message).await;
+                    }
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let status = self.status();
+                        if let Err(e) = status::serve(stream, &status).await {
+                            debug!("status client went away: {e}");
+                        }
+                    }
+                    Err(e) => warn!("status socket: {e}"),
+                },
+                _ = resync.tick() => self.resync().await,
+                _ = retry.tick() => self.resolve_unresolved().await,
+            }
+        }
+    }
+
+    async fn on_event(&mut self, message: RouteNetlinkMessage) {
+        match message {
+            RouteNetlinkMessage::NewNeighbour(msg) => {
+                if let Some(n) = Neighbour::from_message(&msg) {
+                    self.on_neighbour(n, false).await;
+                }
+            }
+            RouteNetlinkMessage::DelNeighbour(msg) => {
+                if let Some(n) = Neighbour::from_message(&msg) {
+                    self.on_neighbour(Neighbour { mac: None, ..n }, true).await;
+                }
+            }
+            RouteNetlinkMessage::DelRoute(msg) => {
+                let Some(route) = HgwRoute::from_message(&msg) else {
+                    return;
+                };
+                if let Some(i) = self
+                    .peers
+                    .iter()
+                    .position(|p| p.peer.pod_cidr == route.destination)
+                {
+                    warn!(
+                        "route to {} ({}) was deleted; reinstalling it",
+                        route.destination, self.peers[i].peer.name
+                    );
+                    self.peers[i].route = false;
+                    self.install_route(i).await;
+                }
+            }
+            RouteNetlinkMessage::NewLink(msg) | RouteNetlinkMessage::DelLink(msg)
+                if msg.header.index == self.uplink.index =>
+            {
+                // The uplink's MAC or MTU may have changed: every next hop carries them.
+                self.resync().await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_neighbour(&mut self, neighbour: Neighbour, deleted: bool) {
+        if neighbour.ifindex != self.uplink.index {
+            return;
+        }
+        let Some(i) = self
+            .peers
+            .iter()
+            .position(|p| p.peer.node_ip == neighbour.ip)
+        else {
+            return;
+        };
+        if self.peers[i].mac == neighbour.mac {
+            return;
+        }
+        info!(
+            "next hop {} ({}): {} -> {}",
+            self.peers[i].peer.name,
+            neighbour.ip,
+            self.peers[i].mac.map_or("unresolved".into(), format_mac),
+            neighbour.mac.map_or("unresolved".into(), format_mac)
+        );
+        self.peers[i].mac = neighbour.mac;
+        self.write_map_entry(i);
+        if deleted {
+            self.resolve(neighbour.ip).await;
+        }
+    }
+
+    /// Brings routes and map entries to the desired state from what the kernel says now.
+    async fn resync(&mut self) {
+        match self.kernel.link(&self.config.uplink).await {
+            Ok(Some(uplink)) => self.uplink = uplink,
+            Ok(None) => warn!(
+                "uplink {} is gone; keeping the last known next hops",
+                self.config.uplink
+            ),
+            Err(e) => warn!("{e}"),
+        }
+        self.remove_unwanted_routes().await;
+        for i in 0..self.peers.len() {
+            self.install_route(i).await;
+        }
+        match self.kernel.neighbours(self.uplink.index).await {
+            Ok(neighbours) => {
+                for peer in &mut self.peers {
+                    peer.mac = neighbours.get(&peer.peer.node_ip).and_then(|n| n.mac);
+                }
+            }
+            Err(e) => warn!("{e}"),
+        }
+        self.remove_unwanted_map_entries();
+        for i in 0..self.peers.len() {
+            self.write_map_entry(i);
+        }
+        self.resolve_unresolved().await;
+    }
+
+    async fn install_route(&mut self, i: usize) {
+        let peer = &self.peers[i].peer;
+        match self
+            .kernel
+            .replace_route(peer.pod_cidr, peer.node_ip, self.uplink.index)
+            .await
+        {
+            Ok(()) => {
+                if !self.peers[i].route {
+                    info!(
+                        "route {} via {} dev {} ({})",
+                        peer.pod_cidr, peer.node_ip, self.config.uplink, peer.name
+                    );
+                }
+                self.peers[i].route = true;
+            }
+            Err(e) => {
+                warn!("{e}");
+                self.peers[i].route = false;
+            }
+        }
+    }
+
+    /// Routes with hgw's tag that no peer wants: left by an earlier run or a removed peer.
+    async fn remove_unwanted_routes(&mut self) {
+        let routes = match self.kernel.hgw_routes().await {
+            Ok(routes) => routes,
+            Err(e) => return warn!("{e}"),
+        };
+        for route in routes {
+            let wanted = self.peers.iter().any(|p| {
+                p.peer.pod_cidr == route.destination
+                    && route.gateway == Some(p.peer.node_ip)
+                    && route.oif == Some(self.uplink.index)
+            });
+            if !wanted {
+                match self.kernel.delete_route(&route).await {
+                    Ok(()) => info!("removed stale hgw route to {}", route.destination),
+                    Err(e) => warn!("{e}"),
+                }
+            }
+        }
+    }
+
+    fn remove_unwanted_map_entries(&mut self) {
+        let Some(datapath) = &mut self.datapath else {
+            return;
+        };
+        let unwanted: Vec<Ipv4Net> = self
+            .map
+            .keys()
+            .filter(|cidr| !self.peers.iter().any(|p| p.peer.pod_cidr == **cidr))
+            .copied()
+            .collect();
+        for cidr in unwanted {
+            match datapath.remove_route(cidr) {
+                Ok(()) => {
+                    self.map.remove(&cidr);
+                }
+                Err(e) => warn!("{e}"),
+            }
+        }
+    }
+
+    fn write_map_entry(&mut self, i: usize) {
+        let Some(datapath) = &mut self.datapath else {
+            return;
+        };
+        let peer = &self.peers[i];
+        let next_hop = NextHop {
+            ifindex: self.uplink.index,
+            mtu: self.uplink.mtu,
+            dst_mac: peer.mac.unwrap_or_default(),
+            src_mac: self.uplink.mac,
+            flags: if peer.mac.is_some() {
+                NEXT_HOP_MAC_KNOWN
+            } else {
+                0
+            },
+        };
+        if self.map.get(&peer.peer.pod_cidr) == Some(&next_hop) {
+            return;
+        }
+        match datapath.set_route(peer.peer.pod_cidr, next_hop) {
+            Ok(()) => {
+                self.map.insert(peer.peer.pod_cidr, next_hop);
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
+
+    async fn resolve_unresolved(&mut self) {
+        let unresolved: Vec<Ipv4Addr> = self
+            .peers
+            .iter()
+            .filter(|p| p.mac.is_none())
+            .map(|p| p.peer.node_ip)
+            .collect();
+        for ip in unresolved {
+            self.resolve(ip).await;
+        }
+    }
+
+    async fn resolve(&self, ip: Ipv4Addr) {
+        if let Err(e) = self.kernel.resolve_neighbour(self.uplink.index, ip).await {
+            warn!("{e}");
+        }
+    }
+
+    fn status(&self) -> Status {
+        let counters = match &self.datapath {
+            Some(datapath) => match datapath.counters() {
+                Ok(counters) => counters
+                    .into_iter()
+                    .map(|(c, v)| (c.name().to_owned(), v))
+                    .collect(),
+                Err(e) => {
+                    warn!("{e}");
+                    Default::default()
+                }
+            },
+            None => Default::default(),
+        };
+        let ready = self
+            .peers
+            .iter()
+            .all(|p| p.route && (self.datapath.is_none() || p.mac.is_some()));
+        Status {
+            node: self.config.node_name.clone(),
+            pod_cidr: self.config.pod_cidr.to_string(),
+            uplink: self.config.uplink.clone(),
+            bridge: self.config.bridge.clone(),
+            ready,
+            fast_path: self.datapath.is_some(),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| PeerStatus {
+                    name: p.peer.name.clone(),
+                    node_ip: p.peer.node_ip.to_string(),
+                    pod_cidr: p.peer.pod_cidr.to_string(),
+                    mac: p.mac.map(format_mac),
+                    route: p.route,
+                })
+                .collect(),
+            counters,
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The agent's configuration: a TOML file, every field also a flag, validated as a
+//! whole before the agent touches anything. Errors name the field and the value.
+
+use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// Longest interface name the kernel accepts (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("missing {field}: set it in the config file or with --{flag}")]
+    Missing {
+        field: &'static str,
+        flag: &'static str,
+    },
+    #[error("invalid {field} = {value:?}: {reason}")]
+    Invalid {
+        field: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(
+        field: impl Into<String>,
+        value: impl ToString,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The config file as written: strings, checked by [`Config::from_raw`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub node_name: Option<String>,
+    pub uplink: Option<String>,
+    pub bridge: Option<String>,
+    pub pod_cidr: Option<String>,
+    pub cluster_cidr: Option<String>,
+    pub setup_node: Option<bool>,
+    pub fast_path: Option<bool>,
+    pub status_socket: Option<PathBuf>,
+    #[serde(default)]
+    pub peers: Vec<RawPeer>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    pub name: String,
+    pub node_ip: String,
+    pub pod_cidr: String,
+}
+
+impl RawConfig {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+}
+
+/// A peer node: its pod CIDR is reached via its node IP on the uplink's L2 segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub uplink: String,
+    pub bridge: String,
+    pub pod_cidr: Ipv4Net,
+    pub cluster_cidr: Ipv4Net,
+    /// Create the bridge with its gateway address, enable ip_forward, accept the
+    /// cluster CIDR in FORWARD. Off by default: on a real host that is the admin's call.
+    pub setup_node: bool,
+    /// Load the eBPF fast path (off: kernel routes only, like flannel's host-gw).
+    pub fast_path: bool,
+    pub status_socket: PathBuf,
+    pub peers: Vec<Peer>,
+}
+
+pub const DEFAULT_STATUS_SOCKET: &str = "/run/hgw/hgw.sock";
+
+impl Config {
+    /// Checks every field and every relation between the CIDRs; the first problem
+    /// found is returned, naming the field and the value.
+    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let node_name = required(raw.node_name, "node_name", "node-name")?;
+        let uplink = interface_name(required(raw.uplink, "uplink", "uplink")?, "uplink")?;
+        let bridge = interface_name(raw.bridge.unwrap_or_else(|| "cni0".into()), "bridge")?;
+        if uplink == bridge {
+            return Err(ConfigError::invalid(
+                "bridge",
+                &bridge,
+                "the bridge cannot be the uplink",
+            ));
+        }
+        let cluster_cidr = cidr(
+            &required(raw.cluster_cidr, "cluster_cidr", "cluster-cidr")?,
+            "cluster_cidr",
+        )?;
+        let pod_cidr = cidr(&required(raw.pod_cidr, "pod_cidr", "pod-cidr")?, "pod_cidr")?;
+        if !cluster_cidr.contains(&pod_cidr) {
+            return Err(ConfigError::invalid(
+                "pod_cidr",
+                pod_cidr,
+                format!("not inside cluster_cidr {cluster_cidr}"),
+            ));
+        }
+        if pod_cidr.prefix_len() >= 31 {
+            return Err(ConfigError::invalid(
+                "pod_cidr",
+                pod_cidr,
+                "too small to hold a gateway and pods",
+            ));
+        }
+
+        let mut peers: Vec<Peer> = Vec::with_capacity(raw.peers.len());
+        let mut names = HashSet::new();
+        for (i, raw_peer) in raw.peers.into_iter().enumerate() {
+            let field = |name: &str| format!("peers[{i}].{name}");
+            if raw_peer.name.is_empty() {
+                return Err(ConfigError::invalid(field("name"), "", "must not be empty"));
+            }
+            if raw_peer.name == node_name || !names.insert(raw_peer.name.clone()) {
+                return Err(ConfigError::invalid(
+                    field("name"),
+                    &raw_peer.name,
+                    "names another node already",
+                ));
+            }
+            let node_ip: Ipv4Addr = raw_peer.node_ip.parse().map_err(|_| {
+                ConfigError::invalid(field("node_ip"), &raw_peer.node_ip, "not an IPv4 address")
+            })?;
+            let peer_cidr = cidr(&raw_peer.pod_cidr, &field("pod_cidr"))?;
+            if !cluster_cidr.contains(&peer_cidr) {
+                return Err(ConfigError::invalid(
+                    field("pod_cidr"),
+                    peer_cidr,
+                    format!("not inside cluster_cidr {cluster_cidr}"),
+                ));
+            }
+            if overlaps(peer_cidr, pod_cidr) {
+                return Err(ConfigError::invalid(
+                    field("pod_cidr"),
+                    peer_cidr,
+                    format!("overlaps this node's pod_cidr {pod_cidr}"),
+                ));
+            }
+            if let Some(other) = peers.iter().position(|p| overlaps(p.pod_cidr, peer_cidr)) {
+                return Err(ConfigError::invalid(
+                    field("pod_cidr"),
+                    peer_cidr,
+                    format!(
+                        "overlaps peers[{other}].pod_cidr {} ({})",
+                        peers[other].pod_cidr, peers[other].name
+                    ),
+                ));
+            }
+            if let Some(other) = peers.iter().position(|p| p.node_ip == node_ip) {
+                return Err(ConfigError::invalid(
+                    field("node_ip"),
+                    node_ip,
+                    format!(
+                        "is also the node_ip of peers[{other}] ({})",
+                        peers[other].name
+                    ),
+                ));
+            }
+            peers.push(Peer {
+                name: raw_peer.name,
+                node_ip,
+                pod_cidr: peer_cidr,
+            });
+        }
+
+        Ok(Self {
+            node_name,
+            uplink,
+            bridge,
+            pod_cidr,
+            cluster_cidr,
+            setup_node: raw.setup_node.unwrap_or(false),
+            fast_path: raw.fast_path.unwrap_or(true),
+            status_socket: raw
+                .status_socket
+                .unwrap_or_else(|| DEFAULT_STATUS_SOCKET.into()),
+            peers,
+        })
+    }
+
+    /// The bridge's address: the first host of the pod CIDR, as flannel's CNI uses.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.pod_cidr.network()) + 1)
+    }
+}
+
+fn required(
+    value: Option<String>,
+    field: &'static str,
+    flag: &'static str,
+) -> Result<String, ConfigError> {
+    value
+        .filter(|v| !v.is_empty())
+        .ok_or(ConfigError::Missing { field, flag })
+}
+
+fn interface_name(name: String, field: &str) -> Result<String, ConfigError> {
+    if name.len() > IFNAME_MAX || name.contains(['/', ' ']) {
+        return Err(ConfigError::invalid(
+            field,
+            &name,
+            "not a valid interface name",
+        ));
+    }
+    Ok(name)
+}
+
+fn cidr(value: &str, field: &str) -> Result<Ipv4Net, ConfigError> {
+    let net: Ipv4Net = value
+        .parse()
+        .map_err(|_| ConfigError::invalid(field, value, "not an IPv4 CIDR (like 10.244.1.0/24)"))?;
+    if net.trunc() != net {
+        return Err(ConfigError::invalid(
+            field,
+            value,
+            format!("host bits set; did you mean {}?", net.trunc()),
+        ));
+    }
+    Ok(net)
+}
+
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b) || b.contains(&a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(peers: &[(&str, &str, &str)]) -> RawConfig {
+        RawConfig {
+            node_name: Some("n1".into()),
+            uplink: Some("eth0".into()),
+            pod_cidr: Some("10.244.1.0/24".into()),
+            cluster_cidr: Some("10.244.0.0/16".into()),
+            peers: peers
+                .iter()
+                .map(|(name, ip, cidr)| RawPeer {
+                    name: (*name).into(),
+                    node_ip: (*ip).into(),
+                    pod_cidr: (*cidr).into(),
+                })
+                .collect(),
+            ..RawConfig::default()
+        }
+    }
+
+    fn error(peers: &[(&str, &str, &str)]) -> String {
+        match Config::from_raw(raw(peers)) {
+            Ok(config) => panic!("accepted {config:?}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn accepts_a_valid_config() {
+        let config =
+            Config::from_raw(raw(&[("n2", "172.31.0.2", "10.244.2.0/24")])).expect("valid");
+        assert_eq!(config.gateway(), Ipv4Addr::new(10, 244, 1, 1));
+        assert_eq!(config.bridge, "cni0");
+        assert!(!config.setup_node);
+        assert!(config.fast_path);
+    }
+
+    #[test]
+    fn rejects_bad_peers_naming_the_entry() {
+        let e = error(&[("n2", "172.31.0.2", "10.244.1.0/24")]);
+        assert!(
+            e.contains("peers[0].pod_cidr") && e.contains("overlaps this node's"),
+            "{e}"
+        );
+        let e = error(&[("n2", "172.31.0.2", "10.244.0.0/20")]);
+        assert!(
+            e.contains("peers[0].pod_cidr") && e.contains("overlaps this node's"),
+            "{e}"
+        );
+        let e = error(&[
+            ("n2", "172.31.0.2", "10.244.2.0/24"),
+            ("n3", "172.31.0.3", "10.244.2.128/25"),
+        ]);
+        assert!(
+            e.contains("peers[1].pod_cidr") && e.contains("overlaps peers[0]"),
+            "{e}"
+        );
+        let e = error(&[("n2", "172.31.0.2", "10.245.2.0/24")]);
+        assert!(
+            e.contains("peers[0].pod_cidr") && e.contains("not inside cluster_cidr"),
+            "{e}"
+        );
+        let e = error(&[("n2", "172.31.0.300", "10.244.2.0/24")]);
+        assert!(
+            e.contains("peers[0].node_ip") && e.contains("172.31.0.300"),
+            "{e}"
+        );
+        let e = error(&[("n2", "172.31.0.2", "10.244.2.1/24")]);
+        assert!(e.contains("host bits set"), "{e}");
+        let e = error(&[("n1", "172.31.0.2", "10.244.2.0/24")]);
+        assert!(e.contains("peers[0].name"), "{e}");
+    }
+
+    #[test]
+    fn rejects_missing_and_bad_node_fields() {
+        let mut r = raw(&[]);
+        r.pod_cidr = None;
+        let e = Config::from_raw(r)
+            .map(|_| ())
+            .expect_err("missing pod_cidr");
+        assert!(e.to_string().contains("pod_cidr"), "{e}");
+        let mut r = raw(&[]);
+        r.pod_cidr = Some("10.245.1.0/24".into());
+        let e = Config::from_raw(r)
+            .map(|_| ())
+            .expect_err("outside cluster");
+        assert!(e.to_string().contains("not inside cluster_cidr"), "{e}");
+        let mut r = raw(&[]);
+        r.uplink = Some("an-interface-name-too-long".into());
+        let e = Config::from_raw(r).map(|_| ()).expect_err("long name");
+        assert!(e.to_string().contains("uplink"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let e = toml::from_str::<RawConfig>("node_name = \"n1\"\npod_cidrs = \"x\"\n")
+            .expect_err("unknown");
+        assert!(e.to_string().contains("pod_cidrs"), "{e}");
+    }
+}

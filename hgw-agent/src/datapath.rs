@@ -1,0 +1,208 @@
+//! The eBPF fast path: loads hgw's programs, attaches them with tcx (the links belong to
+//! this process, so the kernel detaches them when the agent exits, however it exits),
+//! and owns the maps.
+
+use aya::{
+    Ebpf,
+    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{ProgramError, SchedClassifier, TcAttachType},
+};
+use hgw_common::{
+    Counter, MAP_CONFIG, MAP_COUNTERS, MAP_ROUTES_V4, NextHop, NodeConfig, PROG_TO_PEER,
+    PROG_TO_POD,
+};
+use ipnet::Ipv4Net;
+use log::warn;
+
+/// The programs, built by build.rs from hgw-ebpf.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hgw"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("{operation} program {program}: {source}")]
+    Program {
+        operation: &'static str,
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "interface {interface} already runs hgw program {program} (id {id}): another hgw agent is running in this network namespace; stop it first"
+    )]
+    AlreadyAttached {
+        interface: String,
+        program: String,
+        id: u32,
+    },
+    #[error("{operation} map {map}: {source}")]
+    Map {
+        operation: &'static str,
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+pub struct Datapath {
+    // Owns the programs and their links: dropping it detaches them.
+    _ebpf: Ebpf,
+    routes: LpmTrie<MapData, [u8; 4], NextHop>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Datapath {
+    /// Loads the programs, writes the node config and attaches `hgw_to_peer` to the
+    /// bridge's ingress and `hgw_to_pod` to the uplink's ingress.
+    pub fn attach(bridge: &str, uplink: &str, node: NodeConfig) -> Result<Self, DatapathError> {
+        for interface in [bridge, uplink] {
+            refuse_foreign_hgw(interface)?;
+        }
+        let mut ebpf = Ebpf::load(PROGRAMS)?;
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_log_drain) {
+            warn!("eBPF logs will not be shown: {e}");
+        }
+
+        let mut config: Array<MapData, NodeConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
+        config
+            .set(0, node, 0)
+            .map_err(|source| DatapathError::Map {
+                operation: "writing",
+                map: MAP_CONFIG,
+                source,
+            })?;
+        let routes = take_map(&mut ebpf, MAP_ROUTES_V4)?;
+        let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
+
+        for (program, interface) in [(PROG_TO_PEER, bridge), (PROG_TO_POD, uplink)] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .ok_or(DatapathError::MissingProgram(program))?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    operation: "finding",
+                    program,
+                    source,
+                })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                operation: "loading",
+                program,
+                source,
+            })?;
+            prog.attach(interface, TcAttachType::Ingress)
+                .map_err(|source| DatapathError::Program {
+                    operation: "attaching",
+                    program,
+                    source,
+                })?;
+        }
+        Ok(Self {
+            _ebpf: ebpf,
+            routes,
+            counters,
+        })
+    }
+
+    pub fn set_route(&mut self, cidr: Ipv4Net, next_hop: NextHop) -> Result<(), DatapathError> {
+        self.routes
+            .insert(&route_key(cidr), next_hop, 0)
+            .map_err(|source| DatapathError::Map {
+                operation: "updating",
+                map: MAP_ROUTES_V4,
+                source,
+            })
+    }
+
+    pub fn remove_route(&mut self, cidr: Ipv4Net) -> Result<(), DatapathError> {
+        match self.routes.remove(&route_key(cidr)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                operation: "deleting from",
+                map: MAP_ROUTES_V4,
+                source,
+            }),
+        }
+    }
+
+    /// Every counter, summed over the CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
+        Counter::ALL
+            .iter()
+            .map(|&counter| {
+                let values = self.counters.get(&(counter as u32), 0).map_err(|source| {
+                    DatapathError::Map {
+                        operation: "reading",
+                        map: MAP_COUNTERS,
+                        source,
+                    }
+                })?;
+                Ok((counter, values.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn route_key(cidr: Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(cidr.prefix_len()), cidr.network().octets())
+}
+
+fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DatapathError> {
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map {
+        operation: "opening",
+        map: name,
+        source,
+    })
+}
+
+/// tcx stacks programs: a second agent would run behind the first one and see nothing,
+/// so an hgw program already on the hook means another agent is alive. Its links die
+/// with it; we do not take them away from under it.
+fn refuse_foreign_hgw(interface: &str) -> Result<(), DatapathError> {
+    let attached = match SchedClassifier::query_tcx(interface, TcAttachType::Ingress) {
+        Ok((_, programs)) => programs,
+        // No tcx entry on this hook yet, or a kernel without tcx: nothing of ours is there.
+        Err(_) => return Ok(()),
+    };
+    for info in attached {
+        let name = info.name_as_str().unwrap_or_default();
+        if name == PROG_TO_PEER || name == PROG_TO_POD {
+            return Err(DatapathError::AlreadyAttached {
+                interface: interface.to_owned(),
+                program: name.to_owned(),
+                id: info.id(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Keeps reading the programs' log ring buffer (only rare events are logged).
+fn spawn_log_drain(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the fd is the logger's ring buffer map, owned by the logger, which the
+    // AsyncFd owns for its whole life.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut logger) = registered else {
+        warn!("eBPF logs will not be shown: cannot poll the log ring buffer");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

@@ -1,0 +1,337 @@
+//! What the agent asks of the kernel over rtnetlink: links, addresses, hgw's routes and
+//! neighbour entries. Routes carry hgw's protocol tag; only routes with it are deleted.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use futures::TryStreamExt as _;
+use hgw_common::ROUTE_PROTOCOL;
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    Handle, LinkBridge, LinkUnspec, RouteMessageBuilder,
+    packet_route::{
+        AddressFamily,
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkFlags, LinkMessage},
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+        },
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("opening a netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("{operation} {object}: {source}")]
+    Netlink {
+        operation: &'static str,
+        object: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("interface {0} has no MAC address")]
+    NoMac(String),
+}
+
+fn netlink(
+    operation: &'static str,
+    object: impl ToString,
+) -> impl FnOnce(rtnetlink::Error) -> KernelError {
+    move |source| KernelError::Netlink {
+        operation,
+        object: object.to_string(),
+        source,
+    }
+}
+
+/// What the agent needs to know of an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    pub up: bool,
+}
+
+impl Link {
+    pub fn from_message(msg: &LinkMessage) -> Option<Self> {
+        let mut mac = None;
+        let mut mtu = 1500;
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+                LinkAttribute::Mtu(m) => mtu = *m,
+                _ => {}
+            }
+        }
+        Some(Self {
+            index: msg.header.index,
+            mac: mac?,
+            mtu,
+            up: msg.header.flags.contains(LinkFlags::Up),
+        })
+    }
+}
+
+/// A neighbour entry: the MAC when the kernel holds one it would send to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub ip: Ipv4Addr,
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Neighbour {
+    pub fn from_message(msg: &NeighbourMessage) -> Option<Self> {
+        let mut ip = None;
+        let mut lladdr = None;
+        for attr in &msg.attributes {
+            match attr {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(*a),
+                NeighbourAttribute::LinkLayerAddress(a) => {
+                    lladdr = <[u8; 6]>::try_from(a.as_slice()).ok()
+                }
+                _ => {}
+            }
+        }
+        // INCOMPLETE, FAILED and NONE entries carry no MAC the kernel would use.
+        let usable = matches!(
+            msg.header.state,
+            NeighbourState::Reachable
+                | NeighbourState::Stale
+                | NeighbourState::Delay
+                | NeighbourState::Probe
+                | NeighbourState::Permanent
+                | NeighbourState::Noarp
+        );
+        Some(Self {
+            ifindex: msg.header.ifindex,
+            ip: ip?,
+            mac: lladdr.filter(|_| usable),
+        })
+    }
+}
+
+/// An IPv4 route carrying hgw's protocol tag, as found in the main table.
+#[derive(Debug, Clone)]
+pub struct HgwRoute {
+    pub destination: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    message: RouteMessage,
+}
+
+impl HgwRoute {
+    /// `Some` for an IPv4 unicast route of the main table tagged with hgw's protocol.
+    pub fn from_message(msg: &RouteMessage) -> Option<Self> {
+        if msg.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+            || msg.header.kind != RouteType::Unicast
+            || msg.header.table != rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN
+        {
+            return None;
+        }
+        let mut destination = None;
+        let mut gateway = None;
+        let mut oif = None;
+        for attr in &msg.attributes {
+            match attr {
+                RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = Some(*a),
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        let destination = Ipv4Net::new(destination?, msg.header.destination_prefix_length).ok()?;
+        Some(Self {
+            destination,
+            gateway,
+            oif,
+            message: msg.clone(),
+        })
+    }
+}
+
+/// A handle on the kernel's routing netlink, in the network namespace the agent runs in.
+#[derive(Clone)]
+pub struct Kernel {
+    handle: Handle,
+}
+
+impl Kernel {
+    /// Opens a request connection; its I/O runs on a spawned task.
+    pub fn connect() -> Result<Self, KernelError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(KernelError::Connect)?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// The interface called `name`, or `None` if there is none.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, KernelError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Link::from_message(&msg)
+                .map(Some)
+                .ok_or_else(|| KernelError::NoMac(name.to_owned())),
+            Ok(None) => Ok(None),
+            // The kernel answers ENODEV for a name it does not know.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(netlink("looking up interface", name)(e)),
+        }
+    }
+
+    /// The IPv4 networks assigned to interface `index` (address + prefix).
+    pub async fn ipv4_networks(&self, index: u32) -> Result<Vec<Ipv4Net>, KernelError> {
+        let messages: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing addresses of interface", index))?;
+        Ok(messages
+            .iter()
+            .filter(|m| m.header.index == index)
+            .flat_map(|m| {
+                m.attributes.iter().filter_map(move |a| match a {
+                    AddressAttribute::Local(std::net::IpAddr::V4(ip)) => {
+                        Ipv4Net::new(*ip, m.header.prefix_len).ok()
+                    }
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Creates bridge `name` unless it exists, and sets it up.
+    pub async fn ensure_bridge(&self, name: &str) -> Result<Link, KernelError> {
+        if self.link(name).await?.is_none() {
+            self.handle
+                .link()
+                .add(LinkBridge::new(name).build())
+                .execute()
+                .await
+                .map_err(netlink("creating bridge", name))?;
+        }
+        let link = self
+            .link(name)
+            .await?
+            .ok_or_else(|| KernelError::NoMac(name.to_owned()))?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(link.index).up().build())
+            .execute()
+            .await
+            .map_err(netlink("setting up interface", name))?;
+        Ok(link)
+    }
+
+    /// Adds `net` (address/prefix) to interface `index`, keeping it if present.
+    pub async fn ensure_address(&self, index: u32, net: Ipv4Net) -> Result<(), KernelError> {
+        if self.ipv4_networks(index).await?.contains(&net) {
+            return Ok(());
+        }
+        self.handle
+            .address()
+            .add(index, net.addr().into(), net.prefix_len())
+            .replace()
+            .execute()
+            .await
+            .map_err(netlink("adding address", net))
+    }
+
+    /// `ip route replace DEST via GATEWAY dev OIF onlink proto hgw`.
+    pub async fn replace_route(
+        &self,
+        destination: Ipv4Net,
+        gateway: Ipv4Addr,
+        oif: u32,
+    ) -> Result<(), KernelError> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(destination.network(), destination.prefix_len())
+            .gateway(gateway)
+            .output_interface(oif)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .onlink()
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(netlink("installing route to", destination))
+    }
+
+    /// Every IPv4 route in the main table that carries hgw's tag.
+    pub async fn hgw_routes(&self) -> Result<Vec<HgwRoute>, KernelError> {
+        let request = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let messages: Vec<_> = self
+            .handle
+            .route()
+            .get(request)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing routes", "ipv4"))?;
+        Ok(messages.iter().filter_map(HgwRoute::from_message).collect())
+    }
+
+    /// Deletes a route hgw installed (the type guarantees it carries hgw's tag).
+    pub async fn delete_route(&self, route: &HgwRoute) -> Result<(), KernelError> {
+        self.handle
+            .route()
+            .del(route.message.clone())
+            .execute()
+            .await
+            .map_err(netlink("deleting route to", route.destination))
+    }
+
+    /// The IPv4 neighbour entries of interface `index`, by IP.
+    pub async fn neighbours(
+        &self,
+        index: u32,
+    ) -> Result<HashMap<Ipv4Addr, Neighbour>, KernelError> {
+        let messages: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing neighbours of interface", index))?;
+        Ok(messages
+            .iter()
+            .filter_map(Neighbour::from_message)
+            .filter(|n| n.ifindex == index)
+            .map(|n| (n.ip, n))
+            .collect())
+    }
+
+    /// Asks the kernel to resolve `ip` on interface `index` (NTF_USE: it sends an ARP
+    /// request as if a packet were waiting), without sending any packet ourselves.
+    pub async fn resolve_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), KernelError> {
+        self.handle
+            .neighbours()
+            .add(index, ip.into())
+            .state(NeighbourState::None)
+            .flags(NeighbourFlags::Use)
+            .replace()
+            .execute()
+            .await
+            .map_err(netlink("resolving neighbour", ip))
+    }
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}

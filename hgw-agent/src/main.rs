@@ -1,0 +1,168 @@
+//! hgw-agent: host-gw pod networking with an eBPF fast path.
+//!
+//! On each node it installs `peer-pod-CIDR via peer-node-IP dev uplink` kernel routes
+//! (what flannel's host-gw backend does) and attaches TC programs that forward the same
+//! traffic without the kernel's routing and netfilter path.
+
+mod agent;
+mod config;
+mod datapath;
+mod kernel;
+mod setup;
+mod status;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, DEFAULT_STATUS_SOCKET, RawConfig, RawPeer};
+
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent until SIGTERM/SIGINT (kernel routes stay installed on exit).
+    ///
+    /// Example: hgw-agent run --config /etc/hgw/node.toml
+    ///
+    /// Example: hgw-agent run --node-name n1 --uplink eth0 --pod-cidr 10.244.1.0/24
+    /// --cluster-cidr 10.244.0.0/16 --peer n2=172.31.0.2,10.244.2.0/24
+    Run(RunArgs),
+    /// Show a running agent's peers, next hops and fast-path counters.
+    Status {
+        /// The agent's status socket.
+        #[arg(long, default_value = DEFAULT_STATUS_SOCKET)]
+        status_socket: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Every config file field has a flag; a flag overrides the file.
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file (fields: node_name, uplink, bridge, pod_cidr, cluster_cidr,
+    /// setup_node, fast_path, status_socket, [[peers]] name/node_ip/pod_cidr).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// This node's name.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Interface facing the other nodes (they must share its L2 segment).
+    #[arg(long)]
+    uplink: Option<String>,
+    /// Bridge the local pods are attached to [default: cni0].
+    #[arg(long)]
+    bridge: Option<String>,
+    /// This node's pod CIDR, e.g. 10.244.1.0/24.
+    #[arg(long)]
+    pod_cidr: Option<String>,
+    /// The whole cluster's pod CIDR, e.g. 10.244.0.0/16.
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+    /// A peer node as NAME=NODE_IP,POD_CIDR (repeatable; added to the file's peers).
+    #[arg(long = "peer", value_name = "NAME=NODE_IP,POD_CIDR")]
+    peers: Vec<String>,
+    /// Set the node up: bridge with the gateway address, ip_forward, FORWARD accept
+    /// for the cluster CIDR. Off by default.
+    #[arg(long)]
+    setup_node: bool,
+    /// Kernel routes only, no eBPF programs (plain host-gw, for comparison).
+    #[arg(long)]
+    no_fast_path: bool,
+    /// Where `hgw-agent status` reaches this agent [default: /run/hgw/hgw.sock].
+    #[arg(long)]
+    status_socket: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<Config, ConfigError> {
+        let mut raw = match &self.config {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        macro_rules! flag_overrides {
+            ($($field:ident),*) => { $(if let Some(v) = self.$field { raw.$field = Some(v); })* };
+        }
+        flag_overrides!(
+            node_name,
+            uplink,
+            bridge,
+            pod_cidr,
+            cluster_cidr,
+            status_socket
+        );
+        if self.setup_node {
+            raw.setup_node = Some(true);
+        }
+        if self.no_fast_path {
+            raw.fast_path = Some(false);
+        }
+        for (i, spec) in self.peers.iter().enumerate() {
+            raw.peers.push(parse_peer_flag(spec).ok_or_else(|| {
+                ConfigError::invalid(
+                    format!("--peer #{}", i + 1),
+                    spec,
+                    "expected NAME=NODE_IP,POD_CIDR",
+                )
+            })?);
+        }
+        Config::from_raw(raw)
+    }
+}
+
+fn parse_peer_flag(spec: &str) -> Option<RawPeer> {
+    let (name, rest) = spec.split_once('=')?;
+    let (node_ip, pod_cidr) = rest.split_once(',')?;
+    Some(RawPeer {
+        name: name.into(),
+        node_ip: node_ip.into(),
+        pod_cidr: pod_cidr.into(),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    match cli.command {
+        Command::Run(args) => {
+            let config = args
+                .into_config()
+                .context("invalid configuration; nothing was changed")?;
+            log::info!(
+                "hgw-agent {} starting on node {}",
+                env!("CARGO_PKG_VERSION"),
+                config.node_name
+            );
+            runtime
+                .block_on(agent::run(config))
+                .context("hgw-agent run")
+        }
+        Command::Status {
+            status_socket,
+            json,
+        } => {
+            let status = runtime.block_on(status::fetch(&status_socket))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).context("encoding status")?
+                );
+            } else {
+                print!("{status}");
+            }
+            Ok(())
+        }
+    }
+}
