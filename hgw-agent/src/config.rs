@@ -35,7 +35,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn invalid(
+    pub fn invalid(
         field: impl Into<String>,
         value: impl ToString,
         reason: impl Into<String>,

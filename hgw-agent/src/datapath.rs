@@ -15,7 +15,7 @@ use ipnet::Ipv4Net;
 use log::warn;
 
 /// The programs, built by build.rs from hgw-ebpf.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hgw"));
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hgw"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {

@@ -4,19 +4,16 @@
 //! (what flannel's host-gw backend does) and attaches TC programs that forward the same
 //! traffic without the kernel's routing and netfilter path.
 
-mod agent;
-mod config;
-mod datapath;
-mod kernel;
-mod setup;
-mod status;
-
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, ConfigError, DEFAULT_STATUS_SOCKET, RawConfig, RawPeer};
+use hgw_agent::{
+    agent,
+    config::{Config, ConfigError, DEFAULT_STATUS_SOCKET, RawConfig, RawPeer},
+    status,
+};
 
 #[derive(Parser)]
 #[command(version, about, long_about = None)]

@@ -91,8 +91,8 @@ impl std::fmt::Display for Status {
         writeln!(f)?;
         writeln!(
             f,
-            "{:<16} {:<16} {:<20} {:<18} {}",
-            "PEER", "NODE IP", "POD CIDR", "NEXT-HOP MAC", "ROUTE"
+            "{:<16} {:<16} {:<20} {:<18} ROUTE",
+            "PEER", "NODE IP", "POD CIDR", "NEXT-HOP MAC"
         )?;
         for p in &self.peers {
             writeln!(

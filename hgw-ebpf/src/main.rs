@@ -59,16 +59,16 @@ fn verdict(ctx: &TcContext, result: Result<(), Counter>, forwarded: Counter) -> 
     match result {
         Ok(()) => {
             count(forwarded);
-            TC_ACT_REDIRECT as i32
+            TC_ACT_REDIRECT
         }
         Err(Counter::PassRedirectFailed) => {
             warn!(ctx, "hgw: redirect failed, packet left to the kernel");
             count(Counter::PassRedirectFailed);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
         Err(reason) => {
             count(reason);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
     }
 }

@@ -1,0 +1,9 @@
+//! hgw's node agent as a library: the binary (`main.rs`) is its command line, and the
+//! integration tests load the same eBPF object through [`datapath`].
+
+pub mod agent;
+pub mod config;
+pub mod datapath;
+pub mod kernel;
+pub mod setup;
+pub mod status;
