@@ -56,6 +56,7 @@ pub struct Agent {
     config: Config,
     kernel: Kernel,
     uplink: Link,
+    bridge: Link,
     datapath: Option<Datapath>,
     peers: Vec<PeerState>,
     /// What the fast-path map holds, to write only what changed.
@@ -79,12 +80,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             .ok_or_else(|| ConfigError::invalid("bridge", &config.bridge, "no such interface"))?
     };
     let datapath = if config.fast_path {
-        let node = NodeConfig {
-            pod_net_v4: config.pod_cidr.network().octets(),
-            pod_mask_v4: config.pod_cidr.netmask().octets(),
-            bridge_ifindex: bridge.index,
-            bridge_mtu: bridge.mtu,
-        };
+        let node = node_config(&config, &bridge, &uplink);
         let datapath = Datapath::attach(&config.bridge, &config.uplink, node)?;
         info!(
             "fast path attached: {} ingress -> peers, {} ingress -> pods",
@@ -109,6 +105,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         config,
         kernel,
         uplink,
+        bridge,
         datapath,
         peers,
         map: HashMap::new(),
@@ -117,6 +114,18 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     agent.event_loop(listener).await?;
     info!("shutting down: kernel routes stay, fast path detached");
     Ok(())
+}
+
+/// What the programs need to know of this node.
+fn node_config(config: &Config, bridge: &Link, uplink: &Link) -> NodeConfig {
+    NodeConfig {
+        pod_net_v4: config.pod_cidr.network().octets(),
+        pod_mask_v4: config.pod_cidr.netmask().octets(),
+        bridge_ifindex: bridge.index,
+        bridge_mtu: bridge.mtu,
+        bridge_mac: bridge.mac,
+        uplink_mac: uplink.mac,
+    }
 }
 
 /// The interfaces exist and every peer is on the uplink's L2 subnet.
@@ -249,9 +258,11 @@ impl Agent {
                 }
             }
             RouteNetlinkMessage::NewLink(msg) | RouteNetlinkMessage::DelLink(msg)
-                if msg.header.index == self.uplink.index =>
+                if msg.header.index == self.uplink.index
+                    || msg.header.index == self.bridge.index =>
             {
-                // The uplink's MAC or MTU may have changed: every next hop carries them.
+                // A MAC or MTU may have changed (a bridge takes a new MAC as ports come
+                // and go): the node config and every next hop carry them.
                 self.resync().await;
             }
             _ => {}
@@ -295,6 +306,17 @@ impl Agent {
                 self.config.uplink
             ),
             Err(e) => warn!("{e}"),
+        }
+        match self.kernel.link(&self.config.bridge).await {
+            Ok(Some(bridge)) => self.bridge = bridge,
+            Ok(None) => warn!("bridge {} is gone", self.config.bridge),
+            Err(e) => warn!("{e}"),
+        }
+        if let Some(datapath) = &mut self.datapath {
+            let node = node_config(&self.config, &self.bridge, &self.uplink);
+            if let Err(e) = datapath.set_config(node) {
+                warn!("{e}");
+            }
         }
         self.remove_unwanted_routes().await;
         for i in 0..self.peers.len() {

@@ -50,8 +50,9 @@ pub enum DatapathError {
 }
 
 pub struct Datapath {
-    // Owns the programs and their links: dropping it detaches them.
-    _ebpf: Ebpf,
+    /// Owns the programs and their links: dropping it detaches them.
+    ebpf: Ebpf,
+    config: Array<MapData, NodeConfig>,
     routes: LpmTrie<MapData, [u8; 4], NextHop>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -68,44 +69,47 @@ impl Datapath {
             warn!("eBPF logs will not be shown: {e}");
         }
 
-        let mut config: Array<MapData, NodeConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
-        config
+        let config = take_map(&mut ebpf, MAP_CONFIG)?;
+        let routes = take_map(&mut ebpf, MAP_ROUTES_V4)?;
+        let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let mut datapath = Self {
+            ebpf,
+            config,
+            routes,
+            counters,
+        };
+        datapath.set_config(node)?;
+
+        for (program, interface) in [(PROG_TO_PEER, bridge), (PROG_TO_POD, uplink)] {
+            let error = |operation| {
+                move |source| DatapathError::Program {
+                    operation,
+                    program,
+                    source,
+                }
+            };
+            let prog: &mut SchedClassifier = datapath
+                .ebpf
+                .program_mut(program)
+                .ok_or(DatapathError::MissingProgram(program))?
+                .try_into()
+                .map_err(error("finding"))?;
+            prog.load().map_err(error("loading"))?;
+            prog.attach(interface, TcAttachType::Ingress)
+                .map_err(error("attaching"))?;
+        }
+        Ok(datapath)
+    }
+
+    /// Writes what the programs know of this node (its MACs may change while it runs).
+    pub fn set_config(&mut self, node: NodeConfig) -> Result<(), DatapathError> {
+        self.config
             .set(0, node, 0)
             .map_err(|source| DatapathError::Map {
                 operation: "writing",
                 map: MAP_CONFIG,
                 source,
-            })?;
-        let routes = take_map(&mut ebpf, MAP_ROUTES_V4)?;
-        let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
-
-        for (program, interface) in [(PROG_TO_PEER, bridge), (PROG_TO_POD, uplink)] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .ok_or(DatapathError::MissingProgram(program))?
-                .try_into()
-                .map_err(|source| DatapathError::Program {
-                    operation: "finding",
-                    program,
-                    source,
-                })?;
-            prog.load().map_err(|source| DatapathError::Program {
-                operation: "loading",
-                program,
-                source,
-            })?;
-            prog.attach(interface, TcAttachType::Ingress)
-                .map_err(|source| DatapathError::Program {
-                    operation: "attaching",
-                    program,
-                    source,
-                })?;
-        }
-        Ok(Self {
-            _ebpf: ebpf,
-            routes,
-            counters,
-        })
+            })
     }
 
     pub fn set_route(&mut self, cidr: Ipv4Net, next_hop: NextHop) -> Result<(), DatapathError> {

@@ -58,8 +58,12 @@ pub struct NodeConfig {
     pub bridge_ifindex: u32,
     /// The bridge's MTU.
     pub bridge_mtu: u32,
+    /// The bridge's MAC (the pods' gateway): only frames sent to it are routed.
+    pub bridge_mac: [u8; 6],
+    /// The uplink's MAC: only frames sent to it are for this node.
+    pub uplink_mac: [u8; 6],
 }
-const _: () = assert!(size_of::<NodeConfig>() == 16);
+const _: () = assert!(size_of::<NodeConfig>() == 28);
 
 impl NodeConfig {
     /// Whether `addr` (network byte order) lies in this node's pod CIDR. An unset
@@ -100,7 +104,8 @@ counters! {
     FwdToPod = "fwd_to_pod",
     /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...).
     PassNotIpv4 = "pass_not_ipv4",
-    /// Not unicast to this host: broadcast, multicast, or another host's MAC.
+    /// Not unicast to this node: broadcast or multicast, or not sent to the
+    /// gateway's (bridge side) or the uplink's (uplink side) MAC.
     PassNotUnicast = "pass_not_unicast",
     /// Truncated frame or an IPv4 header the fast path will not trust.
     PassMalformed = "pass_malformed",

@@ -36,7 +36,6 @@ static HGW_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 static HGW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 const ETH_P_IPV4: u16 = 0x0800;
-const PACKET_HOST: u32 = 0;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 /// Offset of the IPv4 header: no VLAN tags (a tagged frame is not IPv4 to us).
@@ -74,10 +73,10 @@ fn verdict(ctx: &TcContext, result: Result<(), Counter>, forwarded: Counter) -> 
 }
 
 fn try_to_peer(ctx: &TcContext) -> Result<(), Counter> {
-    let (eth, ip) = parse_ipv4(ctx)?;
+    let config = HGW_CONFIG.get(0).ok_or(Counter::PassNoRoute)?;
+    let (eth, ip) = parse_ipv4(ctx, config.bridge_mac)?;
     // SAFETY: parse_ipv4 checked that the whole IPv4 header is inside the packet.
     let dst = unsafe { (*ip).dst_addr };
-    let config = HGW_CONFIG.get(0).ok_or(Counter::PassNoRoute)?;
     if config.owns_v4(dst) {
         return Err(Counter::PassLocal);
     }
@@ -101,10 +100,10 @@ fn try_to_peer(ctx: &TcContext) -> Result<(), Counter> {
 }
 
 fn try_to_pod(ctx: &TcContext) -> Result<(), Counter> {
-    let (_eth, ip) = parse_ipv4(ctx)?;
+    let config = HGW_CONFIG.get(0).ok_or(Counter::PassNotPod)?;
+    let (_eth, ip) = parse_ipv4(ctx, config.uplink_mac)?;
     // SAFETY: parse_ipv4 checked that the whole IPv4 header is inside the packet.
     let dst = unsafe { (*ip).dst_addr };
-    let config = HGW_CONFIG.get(0).ok_or(Counter::PassNotPod)?;
     if !config.owns_v4(dst) {
         return Err(Counter::PassNotPod);
     }
@@ -128,19 +127,19 @@ fn redirected(action: i64) -> Result<(), Counter> {
     }
 }
 
-/// A unicast IPv4 packet for this host with a plain header (no options, not a
-/// fragment) that lies wholly inside the frame.
+/// A unicast IPv4 packet sent to `our_mac` with a plain header (no options, not a
+/// fragment) that lies wholly inside the frame. Comparing the MAC (rather than
+/// skb->pkt_type) also holds where the program runs on a device that does not own the
+/// MAC, like a bridge port.
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Result<(*mut EthHdr, *mut Ipv4Hdr), Counter> {
+fn parse_ipv4(ctx: &TcContext, our_mac: [u8; 6]) -> Result<(*mut EthHdr, *mut Ipv4Hdr), Counter> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked the bounds.
     let (ether_type, dst_mac) = unsafe { ((*eth).ether_type, (*eth).dst_addr) };
     if u16::from_be(ether_type) != ETH_P_IPV4 {
         return Err(Counter::PassNotIpv4);
     }
-    // SAFETY: the context is a valid __sk_buff for the program's lifetime.
-    let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
-    if dst_mac[0] & 1 != 0 || pkt_type != PACKET_HOST {
+    if dst_mac != our_mac {
         return Err(Counter::PassNotUnicast);
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, L3)?;
