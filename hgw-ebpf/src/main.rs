@@ -155,6 +155,11 @@ fn parse_ipv4(ctx: &TcContext, our_mac: [u8; 6]) -> Result<(*mut EthHdr, *mut Ip
     if tot_len < Ipv4Hdr::LEN || L3 + tot_len > ctx.len() as usize {
         return Err(Counter::PassMalformed);
     }
+    // The kernel drops a header with a bad checksum (ip_rcv); so must we, by leaving it
+    // to the kernel rather than forwarding it.
+    if !header_checksum_ok(ip) {
+        return Err(Counter::PassMalformed);
+    }
     // MF set or a non-zero offset: reassembly and fragment tracking are the kernel's.
     if u16::from_be_bytes(hdr.frags) & 0x3fff != 0 {
         return Err(Counter::PassFragment);
@@ -164,6 +169,20 @@ fn parse_ipv4(ctx: &TcContext, our_mac: [u8; 6]) -> Result<(*mut EthHdr, *mut Ip
         return Err(Counter::PassNotUnicast);
     }
     Ok((eth, ip))
+}
+
+/// One's complement sum over the 20-byte header (IHL is 5 here) must be 0xffff.
+#[inline(always)]
+fn header_checksum_ok(ip: *const Ipv4Hdr) -> bool {
+    // SAFETY: the caller checked that the 20-byte header is inside the packet.
+    let bytes = unsafe { &*ip.cast::<[u8; 20]>() };
+    let mut sum = 0u32;
+    for word in bytes.chunks_exact(2) {
+        sum += u32::from(u16::from_ne_bytes([word[0], word[1]]));
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
 }
 
 /// TTL <= 1 and packets too large for the egress go to the kernel, which answers with
