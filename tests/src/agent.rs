@@ -1,0 +1,256 @@
+//! A running `hgw-agent` inside one of the lab's node namespaces.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::cmd::{describe, kill_and_reap, output_with_timeout, wait_timeout};
+
+/// How long `hgw-agent status` may take: the agent answers from memory.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an agent gets to exit after SIGTERM before it counts as hung.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The agent binary: `$HGW_AGENT_BIN`, else `release/hgw-agent` in `$CARGO_TARGET_DIR`
+/// or `<workspace>/target`, where `cargo xtask build` puts it.
+pub fn agent_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("HGW_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // A relative CARGO_TARGET_DIR is relative to the workspace; join keeps an absolute one.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), |d| workspace.join(d));
+    target.join("release/hgw-agent")
+}
+
+/// Fails with a hint when the agent binary has not been built.
+pub(crate) fn check_agent_bin() -> anyhow::Result<PathBuf> {
+    let bin = agent_bin();
+    if !bin.is_file() {
+        bail!(
+            "agent binary {} not found: run `cargo xtask build` or set HGW_AGENT_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// One agent process started by [`crate::Lab::start_agent`].
+#[derive(Debug)]
+pub struct Agent {
+    /// Index of the lab node it runs on.
+    pub node: usize,
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+impl Agent {
+    /// Starts `ip netns exec NS <agent-bin> ARGS` with stdout and stderr appended to `log`.
+    pub(crate) fn spawn(
+        node: usize,
+        ns: &str,
+        args: &[&str],
+        socket: PathBuf,
+        log: PathBuf,
+    ) -> anyhow::Result<Agent> {
+        let bin = check_agent_bin()?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening agent log {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .context("duplicating the agent log handle")?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(&bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // `ip netns exec` execs the agent in place, so the child's pid is the agent's.
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting `{}`", describe(&cmd)))?;
+        Ok(Agent {
+            node,
+            child,
+            socket,
+            log,
+            exit: None,
+        })
+    }
+
+    /// Its status socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The file that receives its stdout and stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Everything it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `hgw-agent status --json --status-socket S`, parsed.
+    pub fn status(&self) -> anyhow::Result<Value> {
+        let bin = check_agent_bin()?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["status", "--json", "--status-socket"])
+            .arg(&self.socket);
+        let what = describe(&cmd);
+        let out = output_with_timeout(&mut cmd, STATUS_TIMEOUT)?;
+        if !out.status.success() {
+            bail!(
+                "`{what}` failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`{what}` printed no JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Polls [`Agent::status`] until it reports `"ready": true`.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<Value> {
+        self.wait_for(timeout, |s| s["ready"] == true)
+    }
+
+    /// Polls [`Agent::status`] until `pred` holds. Fails at once if the agent exits, and
+    /// on timeout; both errors include the last status (or its error) and the agent's log.
+    /// Takes `&self`: it only reads the process state, so an exit seen here is not
+    /// remembered (call [`Agent::stop`] to reap).
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.status() {
+                Ok(status) if pred(&status) => return Ok(status),
+                Ok(status) => status.to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if !self.is_running() {
+                bail!(
+                    "agent on node {} exited while waiting; last status: {last}\n--- agent log ---\n{}",
+                    self.node,
+                    self.log()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "agent on node {}: condition not met within {timeout:?}; last status: {last}\n--- agent log ---\n{}",
+                    self.node,
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether the process is still running (a process that exited but was not reaped
+    /// yet counts as gone).
+    pub fn is_running(&self) -> bool {
+        if self.exit.is_some() {
+            return false;
+        }
+        // Signal 0 only checks the pid; a zombie still has it, so also look at its state.
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state is the first field after the `(comm)`.
+        let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+        !matches!(state, None | Some(None) | Some(Some('Z' | 'X')))
+    }
+
+    /// SIGTERM, then waits up to 10 s for the exit. Calling it again returns the same
+    /// status. On timeout the agent is killed and an error (with its log) returned.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.exit {
+            return Ok(status);
+        }
+        self.signal(libc::SIGTERM);
+        match wait_timeout(&mut self.child, STOP_TIMEOUT)? {
+            Some(status) => {
+                self.exit = Some(status);
+                Ok(status)
+            }
+            None => {
+                kill_and_reap(&mut self.child);
+                bail!(
+                    "agent on node {} did not exit within {STOP_TIMEOUT:?} of SIGTERM (killed)\n--- agent log ---\n{}",
+                    self.node,
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// SIGKILL and reap: a crash, as far as the kernel is concerned.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.exit {
+            return Ok(status);
+        }
+        self.child.kill().context("killing the agent")?;
+        let status = self.child.wait().context("reaping the agent")?;
+        self.exit = Some(status);
+        Ok(status)
+    }
+
+    /// Cleanup path for Drop: SIGTERM, a short grace period, then SIGKILL. Never fails.
+    pub(crate) fn terminate(&mut self) {
+        if self.exit.is_some() {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        match wait_timeout(&mut self.child, Duration::from_secs(5)) {
+            Ok(Some(status)) => self.exit = Some(status),
+            _ => kill_and_reap(&mut self.child),
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+            return;
+        };
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child,
+        // not yet reaped (exit is None), so it cannot have been reused.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// A counter from one agent status (`counters.NAME`), 0 if absent.
+pub fn counter(status: &Value, name: &str) -> u64 {
+    status["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// A counter summed over several agents' statuses.
+pub fn counter_sum(statuses: &[Value], name: &str) -> u64 {
+    statuses.iter().map(|s| counter(s, name)).sum()
+}

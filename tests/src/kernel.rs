@@ -1,0 +1,131 @@
+//! Looking at and poking the kernel state of a lab namespace: hgw's routes and programs,
+//! netfilter rules that break the kernel path on purpose.
+
+use aya::programs::SchedClassifier;
+use aya::programs::tc::TcAttachType;
+
+use crate::netns::{in_netns, run_in_ok};
+
+/// The route protocol number hgw-agent tags its routes with (`proto 104`).
+pub const HGW_ROUTE_PROTOCOL: u8 = 104;
+/// nftables table the lab uses to drop forwarded packets ([`drop_all_forwarding`]).
+const FORWARD_DROP_TABLE: &str = "hgw_lab_forward_drop";
+/// nftables table the lab uses to drop ARP ([`block_arp`]).
+const ARP_BLOCK_TABLE: &str = "hgw_lab_arp_block";
+
+/// IPv4 routes in `ns` carrying hgw's protocol tag, one `ip route` line each, e.g.
+/// `10.244.2.0/24 via 172.31.0.2 dev eth0 onlink`.
+pub fn hgw_routes(ns: &str) -> anyhow::Result<Vec<String>> {
+    let proto = HGW_ROUTE_PROTOCOL.to_string();
+    let out = run_in_ok(ns, "ip", &["-4", "route", "show", "proto", &proto])?;
+    Ok(lines(&out.stdout))
+}
+
+/// tcx programs attached in `ns` whose name starts with `hgw`, as
+/// `DEV ingress|egress NAME id ID`, over every interface of the namespace.
+pub fn hgw_programs(ns: &str) -> anyhow::Result<Vec<String>> {
+    Ok(tcx_programs(ns)?
+        .into_iter()
+        .filter(|p| {
+            p.split_whitespace()
+                .nth(2)
+                .is_some_and(|name| name.starts_with("hgw"))
+        })
+        .collect())
+}
+
+/// Every tcx program attached in `ns`, as `DEV ingress|egress NAME id ID`.
+///
+/// Debian's bpftool (7.1) predates tcx and does not list them, so this asks the kernel
+/// directly (BPF_PROG_QUERY through aya) from a thread inside `ns`, where the
+/// interface names resolve.
+pub fn tcx_programs(ns: &str) -> anyhow::Result<Vec<String>> {
+    let out = run_in_ok(ns, "ip", &["-o", "link", "show"])?;
+    // `3: eth0@if2: <...>`: the name is the second field, up to `@` or `:`.
+    let devs: Vec<String> = lines(&out.stdout)
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|d| {
+            d.trim_end_matches(':')
+                .split('@')
+                .next()
+                .unwrap_or(d)
+                .to_owned()
+        })
+        .collect();
+    in_netns(ns, || -> anyhow::Result<Vec<String>> {
+        let mut found = Vec::new();
+        for dev in &devs {
+            for (hook, attach) in [
+                ("ingress", TcAttachType::Ingress),
+                ("egress", TcAttachType::Egress),
+            ] {
+                let (_, programs) = SchedClassifier::query_tcx(dev, attach)
+                    .map_err(|e| anyhow::anyhow!("querying tcx {hook} of {dev} in {ns}: {e}"))?;
+                for p in programs {
+                    let name = p.name_as_str().unwrap_or("?");
+                    found.push(format!("{dev} {hook} {name} id {}", p.id()));
+                }
+            }
+        }
+        Ok(found)
+    })?
+}
+
+/// Makes node `ns` drop every packet on netfilter's forward hook, ahead of (and
+/// regardless of) any accept rule the agent adds with iptables: a base chain with
+/// policy drop in a table of the lab's own. Only the kernel path is affected; the fast
+/// path never reaches the forward hook.
+pub fn drop_all_forwarding(ns: &str) -> anyhow::Result<()> {
+    nft(
+        ns,
+        &format!(
+            "add table inet {FORWARD_DROP_TABLE}; add chain inet {FORWARD_DROP_TABLE} forward {{ type filter hook forward priority -300; policy drop; }}"
+        ),
+    )
+}
+
+/// Undoes [`drop_all_forwarding`].
+pub fn allow_forwarding(ns: &str) -> anyhow::Result<()> {
+    nft(ns, &format!("delete table inet {FORWARD_DROP_TABLE}"))
+}
+
+/// Makes node `ns` deaf and mute to ARP (input and output dropped), so its neighbours
+/// cannot learn its MAC: it answers no request, and sends none either (a request it
+/// sent would carry its MAC, and the receiver learns the sender from it).
+pub fn block_arp(ns: &str) -> anyhow::Result<()> {
+    let chain = |hook: &str| {
+        format!(
+            "add chain arp {ARP_BLOCK_TABLE} {hook} {{ type filter hook {hook} priority 0; policy drop; }}"
+        )
+    };
+    nft(
+        ns,
+        &format!(
+            "add table arp {ARP_BLOCK_TABLE}; {}; {}",
+            chain("input"),
+            chain("output")
+        ),
+    )
+}
+
+/// Undoes [`block_arp`].
+pub fn unblock_arp(ns: &str) -> anyhow::Result<()> {
+    nft(ns, &format!("delete table arp {ARP_BLOCK_TABLE}"))
+}
+
+/// `nft COMMANDS` inside `ns`: one argument, `;`-separated commands (Debian 12's nft
+/// rejects the `table { ... }` block syntax on the command line).
+fn nft(ns: &str, ruleset: &str) -> anyhow::Result<()> {
+    run_in_ok(ns, "nft", &[ruleset])?;
+    Ok(())
+}
+
+fn lines(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}

@@ -1,0 +1,503 @@
+//! The lab: nodes and pods built from network namespaces, in flannel host-gw's shape.
+//!
+//! ```text
+//!  ns <id>-n<i>p<j>                ns <id>-n<i>                            ns <id>-sw
+//!  eth0 10.244.i.(10+j)/24 ─ veth<j> ─ cni0 10.244.i.1/24   eth0 172.31.0.i/24 ─ n<i> ─ br0
+//!  default via 10.244.i.1          (bridge: the CNI's part)  (uplink)              (the L2 segment)
+//! ```
+//!
+//! Everything lives in namespaces named `<id>-...` (id = `hgw` + hex), deleted by name when
+//! the [`Lab`] is dropped, also when a test fails or panics.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher as _, Hasher as _};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::Value;
+
+use crate::agent::Agent;
+use crate::cmd::{ip, kill_and_reap, netns_command, wait_timeout};
+use crate::netns::{delete_namespace_quietly, list_namespaces};
+
+/// The cluster CIDR that every node's pod CIDR is cut from.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// How long [`Lab::run_agent_to_exit`] lets an agent run before calling it hung.
+const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One node: a namespace with an uplink on the shared segment and a pod bridge.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// `n1`, `n2`, ...: also the agent's `node_name`.
+    pub name: String,
+    /// Its namespace, `<id>-n<i>`.
+    pub ns: String,
+    /// Address of its uplink `eth0`, 172.31.0.i.
+    pub uplink_ip: Ipv4Addr,
+    /// Its pod CIDR, `10.244.i.0/24`.
+    pub pod_cidr: String,
+    /// The pods' gateway: cni0's address, 10.244.i.1.
+    pub gateway: Ipv4Addr,
+    /// Its pods.
+    pub pods: Vec<Pod>,
+}
+
+/// One pod: a namespace with `eth0` on its node's cni0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    /// Its namespace, `<id>-n<i>p<j>`.
+    pub ns: String,
+    /// Its address, 10.244.i.(10+j).
+    pub ip: Ipv4Addr,
+}
+
+/// A running lab. Dropping it stops its agents and deletes its namespaces and temp dir.
+#[derive(Debug)]
+pub struct Lab {
+    /// `hgw` + hex digits; every namespace of the lab is named `<id>-...`.
+    pub id: String,
+    /// The nodes, n1 first.
+    pub nodes: Vec<Node>,
+    /// Agents in the order they were first started (one slot per node at most).
+    agents: Vec<Agent>,
+    /// Holds agent configs, status sockets and logs.
+    dir: PathBuf,
+    /// Every namespace created, in creation order, so cleanup needs no listing.
+    namespaces: Vec<String>,
+    /// Set by [`Lab::keep`]: Drop then leaves everything in place.
+    kept: bool,
+}
+
+impl Lab {
+    /// Builds `nodes` nodes with `pods` pods each under a fresh id. On error, what was
+    /// already made is removed again.
+    pub fn up(nodes: usize, pods: usize) -> anyhow::Result<Lab> {
+        ensure!(
+            (1..=250).contains(&nodes),
+            "nodes must be 1..=250, got {nodes}"
+        );
+        ensure!(pods <= 200, "pods per node must be at most 200, got {pods}");
+        let id = fresh_id()?;
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // From here on `lab` owns everything made, so an early `?` cleans up via Drop.
+        let mut lab = Lab {
+            id,
+            nodes: Vec::new(),
+            agents: Vec::new(),
+            dir,
+            namespaces: Vec::new(),
+            kept: false,
+        };
+        lab.build(nodes, pods)
+            .with_context(|| format!("building lab {}", lab.id))?;
+        Ok(lab)
+    }
+
+    /// Keeps the lab after this value is gone (for `xtask lab up`) and returns its id;
+    /// [`Lab::down`] removes it later. Agents started by this lab are left running.
+    pub fn keep(mut self) -> String {
+        self.kept = true;
+        self.id.clone()
+    }
+
+    /// Deletes every namespace named `<id>-...` and the lab's temp dir. `id` must look
+    /// like one of ours (`hgw` + at least 4 hex digits), so nothing else can match.
+    pub fn down(id: &str) -> anyhow::Result<()> {
+        ensure!(
+            is_lab_id(id),
+            "{id:?} is not a lab id (hgw followed by hex digits)"
+        );
+        let prefix = format!("{id}-");
+        for ns in list_namespaces()?
+            .iter()
+            .filter(|ns| ns.starts_with(&prefix))
+        {
+            ip(&["netns", "delete", ns])?;
+        }
+        let dir = std::env::temp_dir().join(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Ids of all labs that have namespaces now (`hgw<hex>-...`), e.g. left by a killed run.
+    pub fn list() -> anyhow::Result<Vec<String>> {
+        let mut ids: Vec<String> = list_namespaces()?
+            .iter()
+            .filter_map(|ns| ns.split_once('-').map(|(id, _)| id))
+            .filter(|id| is_lab_id(id))
+            .map(str::to_owned)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Every namespace of this lab, switch first.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    /// The lab's temp dir (agent configs, sockets, logs).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The agent config (TOML) for node index `node` (0-based): static peers are all
+    /// the other nodes.
+    pub fn agent_config(&self, node: usize) -> String {
+        let me = &self.nodes[node];
+        let mut toml = format!(
+            "node_name = \"{}\"\nuplink = \"eth0\"\nbridge = \"cni0\"\npod_cidr = \"{}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\n",
+            me.name, me.pod_cidr
+        );
+        for peer in self.nodes.iter().filter(|n| n.name != me.name) {
+            toml.push_str(&format!(
+                "\n[[peers]]\nname = \"{}\"\nnode_ip = \"{}\"\npod_cidr = \"{}\"\n",
+                peer.name, peer.uplink_ip, peer.pod_cidr
+            ));
+        }
+        toml
+    }
+
+    /// Starts the agent on node index `node` with [`Lab::agent_config`]:
+    /// `ip netns exec NS <agent-bin> run --config F --setup-node --status-socket S EXTRA`.
+    /// A node's earlier agent, if any, is stopped first and replaced in its slot.
+    /// A lab with an agent on every node, each ready (routes in, next hops resolved).
+    pub fn up_with_agents(nodes: usize, pods: usize) -> anyhow::Result<Lab> {
+        let mut lab = Lab::up(nodes, pods)?;
+        for node in 0..lab.nodes.len() {
+            lab.start_agent(node, &[])?;
+        }
+        for agent in lab.agents() {
+            agent.wait_ready(std::time::Duration::from_secs(15))?;
+        }
+        Ok(lab)
+    }
+
+    pub fn start_agent(&mut self, node: usize, extra_args: &[&str]) -> anyhow::Result<&mut Agent> {
+        let config = self.agent_config(node);
+        self.spawn_agent(node, &config, extra_args)
+    }
+
+    /// Like [`Lab::start_agent`] but with the given config text.
+    pub fn start_agent_with_config(
+        &mut self,
+        node: usize,
+        config: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<&mut Agent> {
+        self.spawn_agent(node, config, extra_args)
+    }
+
+    /// Runs an agent on node `node` with `config` and waits (up to 20 s) for it to exit,
+    /// for configs that must be rejected. Returns its exit status, its stderr and the
+    /// status socket path it was given (which should then not exist).
+    pub fn run_agent_to_exit(
+        &self,
+        node: usize,
+        config: &str,
+    ) -> anyhow::Result<(ExitStatus, String, PathBuf)> {
+        let bin = crate::agent::check_agent_bin()?;
+        let name = &self.nodes[node].name;
+        let path = self.write_config(&format!("{name}-once"), config)?;
+        let socket = self.dir.join(format!("{name}-once.sock"));
+        let mut cmd = netns_command(&self.nodes[node].ns, &bin.to_string_lossy(), &[]);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&path)
+            .arg("--setup-node")
+            .arg("--status-socket")
+            .arg(&socket);
+        let what = crate::cmd::describe(&cmd);
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting `{what}`"))?;
+        let stderr = child.stderr.take();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = stderr {
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+            }
+            text
+        });
+        let Some(status) = wait_timeout(&mut child, AGENT_EXIT_TIMEOUT)? else {
+            kill_and_reap(&mut child);
+            bail!("`{what}` still ran after {AGENT_EXIT_TIMEOUT:?}: the config was accepted?");
+        };
+        Ok((status, reader.join().unwrap_or_default(), socket))
+    }
+
+    /// The agents, in the order they were first started.
+    pub fn agents(&self) -> &[Agent] {
+        &self.agents
+    }
+
+    /// The agents, mutably (to stop or kill them).
+    pub fn agents_mut(&mut self) -> &mut [Agent] {
+        &mut self.agents
+    }
+
+    /// The agent running on node index `node`, if one was started.
+    pub fn agent(&self, node: usize) -> Option<&Agent> {
+        self.agents.iter().find(|a| a.node == node)
+    }
+
+    /// The agent on node index `node`, mutably.
+    pub fn agent_mut(&mut self, node: usize) -> Option<&mut Agent> {
+        self.agents.iter_mut().find(|a| a.node == node)
+    }
+
+    /// Every agent's status, in [`Lab::agents`] order.
+    pub fn statuses(&self) -> anyhow::Result<Vec<Value>> {
+        self.agents.iter().map(Agent::status).collect()
+    }
+
+    /// Every ordered pair (from, to) of pods on different nodes.
+    pub fn cross_node_pod_pairs(&self) -> Vec<(Pod, Pod)> {
+        let mut pairs = Vec::new();
+        for (a, from_node) in self.nodes.iter().enumerate() {
+            for (b, to_node) in self.nodes.iter().enumerate() {
+                if a == b {
+                    continue;
+                }
+                for from in &from_node.pods {
+                    for to in &to_node.pods {
+                        pairs.push((from.clone(), to.clone()));
+                    }
+                }
+            }
+        }
+        pairs
+    }
+
+    fn spawn_agent(
+        &mut self,
+        node: usize,
+        config: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<&mut Agent> {
+        ensure!(
+            node < self.nodes.len(),
+            "no node index {node} in lab {}",
+            self.id
+        );
+        let name = self.nodes[node].name.clone();
+        let config_path = self.write_config(&name, config)?;
+        let socket = self.dir.join(format!("{name}.sock"));
+        let log = self.dir.join(format!("{name}.log"));
+        let slot = self.agents.iter().position(|a| a.node == node);
+        if let Some(i) = slot {
+            // A restart: the old process must be gone before the new one takes its socket.
+            self.agents[i].terminate();
+        }
+        let config_arg = config_path.to_string_lossy().into_owned();
+        let socket_arg = socket.to_string_lossy().into_owned();
+        let mut args = vec![
+            "run",
+            "--config",
+            &config_arg,
+            "--setup-node",
+            "--status-socket",
+            &socket_arg,
+        ];
+        args.extend_from_slice(extra_args);
+        let agent = Agent::spawn(node, &self.nodes[node].ns, &args, socket, log)?;
+        let i = match slot {
+            Some(i) => {
+                self.agents[i] = agent;
+                i
+            }
+            None => {
+                self.agents.push(agent);
+                self.agents.len() - 1
+            }
+        };
+        Ok(&mut self.agents[i])
+    }
+
+    fn write_config(&self, stem: &str, config: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(format!("{stem}.toml"));
+        std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    fn build(&mut self, nodes: usize, pods: usize) -> anyhow::Result<()> {
+        let sw = self.add_namespace("sw")?;
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for i in 1..=nodes {
+            let node = self.build_node(&sw, i)?;
+            self.nodes.push(node);
+            for j in 1..=pods {
+                let pod = self.build_pod(i, j)?;
+                self.nodes[i - 1].pods.push(pod);
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `i`: uplink eth0 on the switch's br0, and the pods' bridge cni0.
+    fn build_node(&mut self, sw: &str, i: usize) -> anyhow::Result<Node> {
+        let name = format!("n{i}");
+        let ns = self.add_namespace(&name)?;
+        let uplink_ip = Ipv4Addr::new(172, 31, 0, octet(i)?);
+        let gateway = Ipv4Addr::new(10, 244, octet(i)?, 1);
+        // The veth is created inside the node ns with its peer moved straight into the
+        // switch ns: nothing ever appears in the root namespace.
+        ip(&[
+            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &name, "netns", sw,
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{uplink_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", sw, "link", "set", &name, "master", "br0", "up"])?;
+        ip(&["-n", &ns, "link", "add", "cni0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{gateway}/24"),
+            "dev",
+            "cni0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "cni0", "up"])?;
+        Ok(Node {
+            name,
+            ns,
+            uplink_ip,
+            pod_cidr: format!("10.244.{i}.0/24"),
+            gateway,
+            pods: Vec::new(),
+        })
+    }
+
+    /// Pod `j` of node `i`: eth0 in the pod ns, veth<j> on the node's cni0.
+    fn build_pod(&mut self, i: usize, j: usize) -> anyhow::Result<Pod> {
+        let node_ns = format!("{}-n{i}", self.id);
+        let ns = self.add_namespace(&format!("n{i}p{j}"))?;
+        let pod_ip = Ipv4Addr::new(10, 244, octet(i)?, octet(10 + j)?);
+        let gateway = Ipv4Addr::new(10, 244, octet(i)?, 1);
+        let host_end = format!("veth{j}");
+        ip(&[
+            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_end, "netns",
+            &node_ns,
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway.to_string(),
+        ])?;
+        ip(&[
+            "-n", &node_ns, "link", "set", &host_end, "master", "cni0", "up",
+        ])?;
+        Ok(Pod { ns, ip: pod_ip })
+    }
+
+    /// `ip netns add <id>-<suffix>` with lo up; recorded for cleanup as soon as it exists.
+    fn add_namespace(&mut self, suffix: &str) -> anyhow::Result<String> {
+        let ns = format!("{}-{suffix}", self.id);
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        for agent in &mut self.agents {
+            agent.terminate();
+        }
+        // Pods and nodes first: deleting a namespace deletes its veth ends, so the switch
+        // ns, which holds the other ends, goes last.
+        for ns in self.namespaces.iter().rev() {
+            delete_namespace_quietly(ns);
+        }
+        if std::env::var_os("HGW_LAB_KEEP_LOGS").is_some() {
+            eprintln!(
+                "lab {}: agent configs and logs kept in {}",
+                self.id,
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Whether `id` has the shape of a lab id: `hgw` then at least 4 lowercase hex digits.
+pub fn is_lab_id(id: &str) -> bool {
+    id.strip_prefix("hgw").is_some_and(|hex| {
+        hex.len() >= 4
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// A lab id no existing namespace or temp dir uses: `hgw` + 6 hex digits from a
+/// randomly keyed hash of pid, time and a per-process counter.
+fn fresh_id() -> anyhow::Result<String> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let taken = Lab::list()?;
+    let started = Instant::now();
+    loop {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        let id = format!("hgw{:06x}", h.finish() & 0xff_ffff);
+        if !taken.contains(&id) && !std::env::temp_dir().join(&id).exists() {
+            return Ok(id);
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(1),
+            "no free lab id found"
+        );
+    }
+}
+
+/// `n` as an address octet, for node and pod numbers.
+fn octet(n: usize) -> anyhow::Result<u8> {
+    u8::try_from(n).with_context(|| format!("{n} does not fit an address octet"))
+}

@@ -1,0 +1,32 @@
+//! hgw's network-namespace lab: nodes and pods in flannel host-gw's topology, agents
+//! running on the nodes, and traffic helpers, for the integration tests and `cargo xtask`.
+//!
+//! Needs root. Everything is created inside namespaces named `hgw<hex>-...` and deleted by
+//! name when the [`Lab`] is dropped; the host's own interfaces, routes and firewall are
+//! never touched.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use hgw_tests::{Lab, ping};
+//! let lab = Lab::up(2, 1)?;
+//! let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+//! let out = ping(&a.ns, lab.nodes[0].gateway, 1, &[])?;
+//! assert!(out.status.success());
+//! # let _ = b; Ok(()) }
+//! ```
+
+mod agent;
+mod cmd;
+mod kernel;
+mod lab;
+mod netns;
+mod traffic;
+
+pub use agent::{Agent, agent_bin, counter, counter_sum};
+pub use kernel::{
+    HGW_ROUTE_PROTOCOL, allow_forwarding, block_arp, drop_all_forwarding, hgw_programs, hgw_routes,
+    tcx_programs, unblock_arp,
+};
+pub use lab::{CLUSTER_CIDR, Lab, Node, Pod, is_lab_id};
+pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
+pub use traffic::{ping, tcp_transfer, udp_exchange};

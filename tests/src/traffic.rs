@@ -1,0 +1,209 @@
+//! Traffic between pods: ping, a verified TCP transfer, a counted UDP exchange.
+//! Every operation is bounded by timeouts, so a broken path fails a test, never hangs it.
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Output;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::netns::{in_netns, run_in};
+
+/// Time allowed to connect, and between two reads or writes that make progress.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upper bound for a whole TCP transfer, whatever its size (1 MiB takes milliseconds).
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the UDP receiver waits for stragglers after the last datagram was sent.
+const UDP_GRACE: Duration = Duration::from_secs(2);
+/// Pause between datagrams: a burst could overflow a queue (e.g. the neighbour queue
+/// while the next hop's MAC is resolved), which would test the queue, not the path.
+const UDP_GAP: Duration = Duration::from_micros(500);
+const UDP_PAYLOAD: usize = 64;
+
+/// `ip netns exec NS ping -c COUNT -W 1 -i 0.2 EXTRA TO`. The exit status tells whether
+/// replies came back; the caller decides what it expects.
+pub fn ping(from_ns: &str, to: Ipv4Addr, count: u32, extra: &[&str]) -> anyhow::Result<Output> {
+    let count = count.to_string();
+    let to = to.to_string();
+    let mut args = vec!["-c", &count, "-W", "1", "-i", "0.2"];
+    args.extend_from_slice(extra);
+    args.push(&to);
+    run_in(from_ns, "ping", &args)
+}
+
+/// The byte at offset `i` of a transfer: a pattern with period 251 (prime, so it never
+/// lines up with segment or buffer sizes), which makes lost, duplicated or reordered
+/// data visible, not just a short count.
+fn pattern(i: usize) -> u8 {
+    // The modulus keeps the value below 251, so the cast is lossless.
+    ((i * 7 + 13) % 251) as u8
+}
+
+/// Sends `bytes` bytes over TCP from a socket in `client_ns` to a listener on
+/// `server_ip` (an ephemeral port) in `server_ns`, and checks that exactly those bytes
+/// arrived, in order.
+pub fn tcp_transfer(
+    client_ns: &str,
+    server_ns: &str,
+    server_ip: Ipv4Addr,
+    bytes: usize,
+) -> anyhow::Result<()> {
+    let listener = in_netns(server_ns, || TcpListener::bind((server_ip, 0)))?
+        .with_context(|| format!("binding a TCP listener on {server_ip} in {server_ns}"))?;
+    let addr = listener.local_addr().context("listener address")?;
+    let deadline = Instant::now() + TRANSFER_TIMEOUT;
+    thread::scope(|scope| {
+        let server = scope.spawn(|| receive_stream(&listener, deadline));
+        let sent = in_netns(client_ns, || send_stream(addr, bytes, deadline))?
+            .with_context(|| format!("TCP client in {client_ns} -> {addr}"));
+        let received = server
+            .join()
+            .map_err(|_| anyhow::anyhow!("TCP server thread panicked"))?
+            .with_context(|| format!("TCP server {addr} in {server_ns}"));
+        sent?;
+        let received = received?;
+        ensure!(
+            received == bytes,
+            "TCP {client_ns} -> {addr}: sent {bytes} bytes, {received} arrived"
+        );
+        Ok(())
+    })
+}
+
+fn send_stream(addr: SocketAddr, bytes: usize, deadline: Instant) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).context("connecting")?;
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .context("setting write timeout")?;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut offset = 0;
+    while offset < bytes {
+        ensure!(
+            Instant::now() < deadline,
+            "transfer took longer than {TRANSFER_TIMEOUT:?}"
+        );
+        let n = chunk.len().min(bytes - offset);
+        for (k, b) in chunk[..n].iter_mut().enumerate() {
+            *b = pattern(offset + k);
+        }
+        stream
+            .write_all(&chunk[..n])
+            .with_context(|| format!("writing at offset {offset}"))?;
+        offset += n;
+    }
+    // EOF tells the server the transfer is complete.
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .context("shutting down the write side")?;
+    Ok(())
+}
+
+/// Accepts one connection and reads it to EOF, checking the pattern; returns the count.
+fn receive_stream(listener: &TcpListener, deadline: Instant) -> anyhow::Result<usize> {
+    let mut stream = accept_before(listener, Instant::now() + IO_TIMEOUT)?;
+    stream
+        .set_nonblocking(false)
+        .context("making the stream blocking")?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .context("setting read timeout")?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        ensure!(
+            Instant::now() < deadline,
+            "transfer took longer than {TRANSFER_TIMEOUT:?}"
+        );
+        let n = stream
+            .read(&mut buf)
+            .with_context(|| format!("reading after {total} bytes"))?;
+        if n == 0 {
+            return Ok(total);
+        }
+        if let Some(k) = (0..n).find(|&k| buf[k] != pattern(total + k)) {
+            bail!("corrupted stream at byte {}", total + k);
+        }
+        total += n;
+    }
+}
+
+/// `accept` with a deadline (std has no accept timeout): poll a non-blocking listener.
+fn accept_before(listener: &TcpListener, deadline: Instant) -> anyhow::Result<TcpStream> {
+    listener
+        .set_nonblocking(true)
+        .context("making the listener non-blocking")?;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => return Ok(stream),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                ensure!(
+                    Instant::now() < deadline,
+                    "no connection within {IO_TIMEOUT:?}"
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e).context("accepting"),
+        }
+    }
+}
+
+/// Sends `packets` UDP datagrams from `client_ns` to a socket on `server_ip` in
+/// `server_ns` and returns how many distinct, intact ones arrived (one way: the server
+/// does not answer).
+pub fn udp_exchange(
+    client_ns: &str,
+    server_ns: &str,
+    server_ip: Ipv4Addr,
+    packets: usize,
+) -> anyhow::Result<usize> {
+    let server = in_netns(server_ns, || UdpSocket::bind((server_ip, 0)))?
+        .with_context(|| format!("binding a UDP socket on {server_ip} in {server_ns}"))?;
+    server
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .context("setting read timeout")?;
+    let addr = server.local_addr().context("UDP server address")?;
+    let client = in_netns(client_ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+        .with_context(|| format!("binding a UDP socket in {client_ns}"))?;
+    for seq in 0..packets {
+        client
+            .send_to(&datagram(seq), addr)
+            .with_context(|| format!("UDP {client_ns} -> {addr}: sending datagram {seq}"))?;
+        thread::sleep(UDP_GAP);
+    }
+    count_datagrams(&server, packets, Instant::now() + UDP_GRACE)
+}
+
+/// Datagram `seq`: its sequence number, then the pattern from there.
+fn datagram(seq: usize) -> Vec<u8> {
+    let mut d = (seq as u64).to_be_bytes().to_vec();
+    d.extend((0..UDP_PAYLOAD - 8).map(|k| pattern(seq + k)));
+    d
+}
+
+fn count_datagrams(server: &UdpSocket, packets: usize, deadline: Instant) -> anyhow::Result<usize> {
+    let mut seen = HashSet::new();
+    let mut buf = [0u8; 2048];
+    while seen.len() < packets && Instant::now() < deadline {
+        match server.recv(&mut buf) {
+            Ok(n) => {
+                let Some(seq) = buf.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+                    continue;
+                };
+                let seq = u64::from_be_bytes(seq);
+                // Only intact datagrams of this exchange count.
+                if let Ok(seq) = usize::try_from(seq)
+                    && seq < packets
+                    && buf[..n] == datagram(seq)[..]
+                {
+                    seen.insert(seq);
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e).context("receiving UDP"),
+        }
+    }
+    Ok(seen.len())
+}

@@ -1,0 +1,33 @@
+//! The fast path really bypasses the kernel's FORWARD path: with every forwarded packet
+//! dropped by netfilter in each node, pods on different nodes still talk while the
+//! agents run, and stop as soon as the agents (and so their programs) are gone.
+
+use hgw_tests::{Lab, drop_all_forwarding, ping};
+
+#[test]
+fn forward_drop_does_not_stop_the_fast_path() -> anyhow::Result<()> {
+    let mut lab = Lab::up_with_agents(2, 1)?;
+    // An nftables base chain with policy drop on the forward hook: it drops even what
+    // the agent's iptables FORWARD accept rules let through.
+    for node in &lab.nodes {
+        drop_all_forwarding(&node.ns)?;
+    }
+    let (from, to) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
+
+    let out = ping(&from.ns, to.ip, 3, &[])?;
+    assert!(
+        out.status.success(),
+        "fast path: ping failed with FORWARD dropping:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    for agent in lab.agents_mut() {
+        assert!(agent.stop()?.success(), "agent did not exit cleanly");
+    }
+    let out = ping(&from.ns, to.ip, 3, &[])?;
+    assert!(
+        !out.status.success(),
+        "traffic flowed without the agents: the kernel path is not dropping, so the test proves nothing"
+    );
+    Ok(())
+}

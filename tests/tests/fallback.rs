@@ -1,0 +1,47 @@
+//! The agents stop: their programs are detached, the kernel routes they installed stay,
+//! and pods on different nodes still talk over the kernel path.
+
+use hgw_tests::{Lab, hgw_programs, hgw_routes, ping};
+
+#[test]
+fn kernel_routes_carry_traffic_after_the_agents_stop() -> anyhow::Result<()> {
+    let mut lab = Lab::up_with_agents(2, 1)?;
+    for node in &lab.nodes {
+        assert!(
+            !hgw_programs(&node.ns)?.is_empty(),
+            "{}: no hgw program attached while the agent runs",
+            node.ns
+        );
+    }
+    for agent in lab.agents_mut() {
+        assert!(agent.stop()?.success(), "agent did not exit 0 on SIGTERM");
+    }
+
+    for (i, node) in lab.nodes.iter().enumerate() {
+        let peer = &lab.nodes[1 - i];
+        let routes = hgw_routes(&node.ns)?;
+        assert!(
+            routes.iter().any(|r| r.starts_with(&format!(
+                "{} via {} dev eth0",
+                peer.pod_cidr, peer.uplink_ip
+            ))),
+            "{}: the route to {} is gone after the agent stopped: {routes:?}",
+            node.ns,
+            peer.pod_cidr
+        );
+        let programs = hgw_programs(&node.ns)?;
+        assert!(
+            programs.is_empty(),
+            "{}: programs still attached after the agent stopped: {programs:?}",
+            node.ns
+        );
+    }
+    let (from, to) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+    let out = ping(&from.ns, to.ip, 3, &[])?;
+    assert!(
+        out.status.success(),
+        "kernel path: ping failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}

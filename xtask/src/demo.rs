@@ -1,0 +1,236 @@
+//! `cargo xtask demo`: a 3-node, 2-pods-per-node lab, one agent per node, traffic between
+//! every pair of pods on different nodes, and the agents' counters to show which path the
+//! traffic took. The lab is torn down on every exit: success, failure and Ctrl-C.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use hgw_tests::{Lab, Pod, counter_sum, ping, tcp_transfer, udp_exchange};
+use serde_json::Value;
+
+const NODES: usize = 3;
+const PODS: usize = 2;
+const PINGS: u32 = 3;
+const TCP_BYTES: usize = 1 << 20;
+const UDP_PACKETS: usize = 100;
+/// TCP and UDP run for every STRIDE-th pair only: enough to cover each node pair.
+const BULK_STRIDE: usize = 4;
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One line of the results table.
+struct Check {
+    what: String,
+    from: Pod,
+    to: Pod,
+    result: anyhow::Result<String>,
+}
+
+/// Set by the SIGINT/SIGTERM handler; the demo checks it between steps and unwinds, so
+/// the lab's Drop stops the agents and deletes the namespaces.
+struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    fn install() -> anyhow::Result<Interrupt> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let handler_flag = Arc::clone(&flag);
+        ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: cleaning up after the current step");
+            handler_flag.store(true, Ordering::SeqCst);
+        })
+        .context("installing the Ctrl-C handler")?;
+        Ok(Interrupt(flag))
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.0.load(Ordering::SeqCst) {
+            return Err(Interrupted.into());
+        }
+        Ok(())
+    }
+}
+
+/// The error the demo unwinds with after Ctrl-C; `main` maps it to exit code 130.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted (lab removed)")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+pub fn demo() -> anyhow::Result<ExitCode> {
+    // Before anything is built, so an interrupt during the build is noticed too.
+    let interrupt = Interrupt::install()?;
+    crate::build()?;
+    interrupt.check()?;
+
+    let mut lab = Lab::up(NODES, PODS)?;
+    println!("lab {}: {} namespaces", lab.id, lab.namespaces().len());
+    // From here on `lab` is dropped on every return path, which cleans up.
+    start_agents(&mut lab, &interrupt)?;
+    let before = lab.statuses()?;
+
+    let checks = run_traffic(&lab, &interrupt)?;
+    let after = lab.statuses()?;
+    print_checks(&checks);
+    print_counters(&lab, &before, &after);
+
+    let failed = checks.iter().filter(|c| c.result.is_err()).count();
+    let fast_path_ok = judge_counters(&checks, &before, &after);
+    drop(lab);
+    println!("\nlab removed");
+    if failed > 0 || !fast_path_ok {
+        println!("demo: FAILED ({failed} of {} checks failed)", checks.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    println!(
+        "demo: all {} checks passed, traffic took the fast path",
+        checks.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn start_agents(lab: &mut Lab, interrupt: &Interrupt) -> anyhow::Result<()> {
+    for node in 0..lab.nodes.len() {
+        lab.start_agent(node, &[])?;
+    }
+    for agent in lab.agents() {
+        interrupt.check()?;
+        agent.wait_ready(READY_TIMEOUT)?;
+        println!(
+            "agent on {}: ready (pid {})",
+            lab.nodes[agent.node].name,
+            agent.pid()
+        );
+    }
+    Ok(())
+}
+
+fn run_traffic(lab: &Lab, interrupt: &Interrupt) -> anyhow::Result<Vec<Check>> {
+    let pairs = lab.cross_node_pod_pairs();
+    let mut checks = Vec::new();
+    for (from, to) in &pairs {
+        interrupt.check()?;
+        let result = ping(&from.ns, to.ip, PINGS, &[]).and_then(|out| {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let summary = stdout
+                .lines()
+                .find(|l| l.contains("packets transmitted"))
+                .unwrap_or("")
+                .to_owned();
+            if out.status.success() {
+                Ok(summary)
+            } else {
+                bail!("{summary}")
+            }
+        });
+        checks.push(Check {
+            what: format!("ping x{PINGS}"),
+            from: from.clone(),
+            to: to.clone(),
+            result,
+        });
+    }
+    for (from, to) in pairs.iter().step_by(BULK_STRIDE) {
+        interrupt.check()?;
+        let result = tcp_transfer(&from.ns, &to.ns, to.ip, TCP_BYTES)
+            .map(|()| format!("{TCP_BYTES} bytes intact"));
+        checks.push(Check {
+            what: "tcp 1 MiB".into(),
+            from: from.clone(),
+            to: to.clone(),
+            result,
+        });
+        let result = udp_exchange(&from.ns, &to.ns, to.ip, UDP_PACKETS).and_then(|n| {
+            let line = format!("{n}/{UDP_PACKETS} datagrams");
+            if n == UDP_PACKETS {
+                Ok(line)
+            } else {
+                bail!("{line}")
+            }
+        });
+        checks.push(Check {
+            what: format!("udp x{UDP_PACKETS}"),
+            from: from.clone(),
+            to: to.clone(),
+            result,
+        });
+    }
+    Ok(checks)
+}
+
+fn print_checks(checks: &[Check]) {
+    println!(
+        "\n{:<10} {:<15} {:<15} {:<5} detail",
+        "check", "from", "to", "ok?"
+    );
+    for c in checks {
+        let (mark, detail) = match &c.result {
+            Ok(detail) => ("ok", detail.clone()),
+            Err(e) => ("FAIL", format!("{e:#}")),
+        };
+        println!(
+            "{:<10} {:<15} {:<15} {mark:<5} {detail}",
+            c.what,
+            c.from.ip.to_string(),
+            c.to.ip.to_string()
+        );
+    }
+}
+
+/// Counter growth per node, for every counter any agent reports.
+fn print_counters(lab: &Lab, before: &[Value], after: &[Value]) {
+    let mut names: Vec<String> = after
+        .iter()
+        .filter_map(|s| s["counters"].as_object())
+        .flat_map(|c| c.keys().cloned())
+        .collect();
+    names.sort();
+    names.dedup();
+    print!("\n{:<22}", "counter (growth)");
+    for agent in lab.agents() {
+        print!(" {:>10}", lab.nodes[agent.node].name);
+    }
+    println!();
+    for name in &names {
+        print!("{name:<22}");
+        for (b, a) in before.iter().zip(after) {
+            let grown = hgw_tests::counter(a, name).saturating_sub(hgw_tests::counter(b, name));
+            print!(" {grown:>10}");
+        }
+        println!();
+    }
+}
+
+/// Whether the counters show the traffic took the fast path: each echo request and
+/// reply, and each UDP datagram, crosses one bridge-side program (`fwd_to_peer`) and one
+/// uplink-side program (`fwd_to_pod`). TCP is not counted exactly (segments coalesce).
+fn judge_counters(checks: &[Check], before: &[Value], after: &[Value]) -> bool {
+    let pings = checks
+        .iter()
+        .filter(|c| c.what.starts_with("ping") && c.result.is_ok())
+        .count() as u64;
+    let udp = checks
+        .iter()
+        .filter(|c| c.what.starts_with("udp") && c.result.is_ok())
+        .count() as u64;
+    let expected = pings * u64::from(PINGS) * 2 + udp * UDP_PACKETS as u64;
+    let mut ok = true;
+    for name in ["fwd_to_peer", "fwd_to_pod"] {
+        let grown = counter_sum(after, name).saturating_sub(counter_sum(before, name));
+        let verdict = if grown >= expected && grown > 0 {
+            "ok"
+        } else {
+            "TOO LOW: not the fast path"
+        };
+        println!("{name}: grew by {grown}, expected at least {expected}: {verdict}");
+        ok &= grown >= expected && grown > 0;
+    }
+    ok
+}

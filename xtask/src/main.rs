@@ -1,0 +1,159 @@
+//! `cargo xtask ...`: set-up of the eBPF toolchain, build, run, namespace lab, demo, tests.
+
+mod demo;
+mod setup;
+mod util;
+
+use std::os::unix::process::CommandExt as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use hgw_tests::Lab;
+
+use crate::util::{agent_path, cargo, run};
+
+#[derive(Parser)]
+#[command(about = "hgw's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent; quick when done).
+    Setup,
+    /// Set-up, then build the agent (its build.rs builds the eBPF programs).
+    Build,
+    /// Build, then run `hgw-agent ARGS` on this machine (e.g. a dev VM).
+    Run {
+        /// Arguments for hgw-agent, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// A namespace lab to poke at by hand.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+    /// Set-up, build, then the unit and integration tests (what CI runs).
+    Test,
+    /// A 3-node lab with an agent per node: traffic between all pods, counters.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Build a lab and leave it running; prints its id and namespaces.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+    },
+    /// Delete lab ID, or without ID every lab (namespaces named `hgw<hex>-...`).
+    Down { id: Option<String> },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            // 128 + SIGINT, as a shell reports a command stopped by Ctrl-C.
+            if e.is::<demo::Interrupted>() {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn dispatch(task: Task) -> anyhow::Result<ExitCode> {
+    match task {
+        Task::Setup => setup::setup()?,
+        Task::Build => build()?,
+        Task::Run { args } => {
+            build()?;
+            let agent = agent_path();
+            // exec: the agent takes this process's place, so signals reach it directly.
+            let err = std::process::Command::new(&agent).args(&args).exec();
+            return Err(err).with_context(|| format!("executing {}", agent.display()));
+        }
+        Task::Lab { action } => lab(action)?,
+        Task::Test => test()?,
+        Task::Demo => return demo::demo(),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build() -> anyhow::Result<()> {
+    setup::setup()?;
+    println!("build: cargo build --release -p hgw-agent");
+    run(cargo().args(["build", "--release", "-p", "hgw-agent"]))
+}
+
+fn test() -> anyhow::Result<()> {
+    build()?;
+    let agent = agent_path();
+    println!("test: cargo test (HGW_AGENT_BIN={})", agent.display());
+    // The lab tests share the machine's netns list and CPU; one at a time keeps them
+    // independent and their timing meaningful.
+    run(cargo()
+        .args(["test", "--", "--test-threads=1"])
+        .env("HGW_AGENT_BIN", &agent))?;
+    // Lints fail the run: the workspace (agent, common, xtask, tests), then the eBPF
+    // crate alone for its own target, as aya-template's test.sh does.
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(std::process::Command::new("rustup")
+        .current_dir(util::root().join("hgw-ebpf"))
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args(["-Z", "build-std=core", "--", "-D", "warnings"]))?;
+    Ok(())
+}
+
+fn lab(action: LabAction) -> anyhow::Result<()> {
+    match action {
+        LabAction::Up { nodes, pods } => {
+            let lab = Lab::up(nodes, pods)?;
+            println!("lab {}", lab.id);
+            for node in &lab.nodes {
+                println!(
+                    "  {}  uplink {}  pods {}",
+                    node.ns, node.uplink_ip, node.pod_cidr
+                );
+                for pod in &node.pods {
+                    println!("    {}  {}", pod.ns, pod.ip);
+                }
+            }
+            println!("  (switch: {}-sw)", lab.id);
+            let id = lab.keep();
+            println!("remove with: cargo xtask lab down {id}");
+        }
+        LabAction::Down { id: Some(id) } => {
+            Lab::down(&id)?;
+            println!("lab {id}: removed");
+        }
+        LabAction::Down { id: None } => {
+            let ids = Lab::list()?;
+            if ids.is_empty() {
+                println!("no lab namespaces found");
+            }
+            for id in ids {
+                Lab::down(&id)?;
+                println!("lab {id}: removed");
+            }
+        }
+    }
+    Ok(())
+}
