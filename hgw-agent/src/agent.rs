@@ -13,11 +13,13 @@ use rtnetlink::{MulticastGroup, packet_core::NetlinkPayload, packet_route::Route
 use tokio::{
     net::UnixListener,
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
 };
 
 use crate::{
-    config::{Config, ConfigError, Peer},
+    config::{Config, ConfigError, Network, Peer, Source},
     datapath::{Datapath, DatapathError},
+    etcd::{self, EtcdError},
     kernel::{HgwRoute, Kernel, KernelError, Link, Neighbour, format_mac},
     setup::{self, SetupError},
     status::{self, PeerStatus, Status},
@@ -38,6 +40,8 @@ pub enum AgentError {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
     #[error("status socket {path}: {reason}")]
     StatusSocket { path: String, reason: String },
     #[error("listening for netlink events: {0}")]
@@ -54,11 +58,16 @@ struct PeerState {
 
 pub struct Agent {
     config: Config,
+    network: Network,
     kernel: Kernel,
     uplink: Link,
     bridge: Link,
+    /// The uplink's IPv4 networks: a peer must be on one of them (host-gw is one hop).
+    uplink_networks: Vec<Ipv4Net>,
     datapath: Option<Datapath>,
     peers: Vec<PeerState>,
+    /// Peers left out because host-gw cannot reach them (warned about once).
+    skipped: Vec<Peer>,
     /// What the fast-path map holds, to write only what changed.
     map: HashMap<Ipv4Net, NextHop>,
 }
@@ -67,12 +76,33 @@ pub struct Agent {
 /// programs are detached (their tcx links close with the process).
 pub async fn run(config: Config) -> Result<(), AgentError> {
     let kernel = Kernel::connect()?;
-    // Everything is checked before anything is changed.
-    let uplink = check_node(&kernel, &config).await?;
+    // Everything is checked before anything is changed on the node.
+    let uplink = check_interfaces(&kernel, &config).await?;
+    let uplink_networks = kernel.ipv4_networks(uplink.index).await?;
+    let (network, peers, updates) = match &config.source {
+        Source::Static { network, peers } => {
+            check_static_peers(&config, peers, &uplink_networks)?;
+            (*network, peers.clone(), None)
+        }
+        Source::Etcd(etcd) => {
+            let public_ip = match etcd.public_ip {
+                Some(ip) => ip,
+                None => uplink_networks.first().map(|n| n.addr()).ok_or_else(|| {
+                    ConfigError::invalid(
+                        "etcd.public_ip",
+                        "",
+                        format!("not set, and uplink {} has no IPv4 address", config.uplink),
+                    )
+                })?,
+            };
+            let source = etcd::start(etcd.clone(), public_ip).await?;
+            (source.network, Vec::new(), Some(source.peers))
+        }
+    };
     let listener = bind_status_socket(&config)?;
 
     let bridge = if config.setup_node {
-        setup::apply(&kernel, &config).await?
+        setup::apply(&kernel, &config, &network).await?
     } else {
         kernel
             .link(&config.bridge)
@@ -80,7 +110,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             .ok_or_else(|| ConfigError::invalid("bridge", &config.bridge, "no such interface"))?
     };
     let datapath = if config.fast_path {
-        let node = node_config(&config, &bridge, &uplink);
+        let node = node_config(&network, &bridge, &uplink);
         let datapath = Datapath::attach(&config.bridge, &config.uplink, node)?;
         info!(
             "fast path attached: {} ingress -> peers, {} ingress -> pods",
@@ -92,35 +122,29 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         None
     };
 
-    let peers = config
-        .peers
-        .iter()
-        .map(|peer| PeerState {
-            peer: peer.clone(),
-            mac: None,
-            route: false,
-        })
-        .collect();
     let mut agent = Agent {
         config,
+        network,
         kernel,
         uplink,
         bridge,
+        uplink_networks,
         datapath,
-        peers,
+        peers: Vec::new(),
+        skipped: Vec::new(),
         map: HashMap::new(),
     };
-    agent.resync().await;
-    agent.event_loop(listener).await?;
+    agent.set_peers(peers).await;
+    agent.event_loop(listener, updates).await?;
     info!("shutting down: kernel routes stay, fast path detached");
     Ok(())
 }
 
 /// What the programs need to know of this node.
-fn node_config(config: &Config, bridge: &Link, uplink: &Link) -> NodeConfig {
+fn node_config(network: &Network, bridge: &Link, uplink: &Link) -> NodeConfig {
     NodeConfig {
-        pod_net_v4: config.pod_cidr.network().octets(),
-        pod_mask_v4: config.pod_cidr.netmask().octets(),
+        pod_net_v4: network.pod_cidr.network().octets(),
+        pod_mask_v4: network.pod_cidr.netmask().octets(),
         bridge_ifindex: bridge.index,
         bridge_mtu: bridge.mtu,
         bridge_mac: bridge.mac,
@@ -128,8 +152,8 @@ fn node_config(config: &Config, bridge: &Link, uplink: &Link) -> NodeConfig {
     }
 }
 
-/// The interfaces exist and every peer is on the uplink's L2 subnet.
-async fn check_node(kernel: &Kernel, config: &Config) -> Result<Link, AgentError> {
+/// The uplink exists, and so does the bridge unless the agent is to create it.
+async fn check_interfaces(kernel: &Kernel, config: &Config) -> Result<Link, AgentError> {
     let uplink = kernel
         .link(&config.uplink)
         .await?
@@ -142,31 +166,52 @@ async fn check_node(kernel: &Kernel, config: &Config) -> Result<Link, AgentError
         )
         .into());
     }
-    let networks = kernel.ipv4_networks(uplink.index).await?;
-    for (i, peer) in config.peers.iter().enumerate() {
-        if networks.iter().any(|n| n.addr() == peer.node_ip) {
-            return Err(ConfigError::invalid(
-                format!("peers[{i}].node_ip"),
-                peer.node_ip,
-                "is this node's own uplink address",
-            )
-            .into());
+    Ok(uplink)
+}
+
+/// Why a peer cannot be reached the host-gw way from this uplink, if it cannot.
+fn off_link(peer: &Peer, uplink: &str, networks: &[Ipv4Net]) -> Option<String> {
+    if networks.iter().any(|n| n.addr() == peer.node_ip) {
+        return Some("is this node's own uplink address".into());
+    }
+    if networks.iter().any(|n| n.contains(&peer.node_ip)) {
+        return None;
+    }
+    let have: Vec<String> = networks.iter().map(|n| n.to_string()).collect();
+    Some(format!(
+        "not on the subnet of uplink {uplink} ({}): host-gw needs every peer on the same L2 segment",
+        if have.is_empty() {
+            "no IPv4 address".to_owned()
+        } else {
+            have.join(", ")
         }
-        if !networks.iter().any(|n| n.contains(&peer.node_ip)) {
-            let have: Vec<String> = networks.iter().map(|n| n.to_string()).collect();
+    ))
+}
+
+/// Static peers are the admin's word: one that cannot be reached is a config error.
+fn check_static_peers(
+    config: &Config,
+    peers: &[Peer],
+    networks: &[Ipv4Net],
+) -> Result<(), ConfigError> {
+    for (i, peer) in peers.iter().enumerate() {
+        if let Some(reason) = off_link(peer, &config.uplink, networks) {
             return Err(ConfigError::invalid(
                 format!("peers[{i}].node_ip"),
                 peer.node_ip,
-                format!(
-                    "not on the subnet of uplink {} ({}): host-gw needs every peer on the same L2 segment",
-                    config.uplink,
-                    if have.is_empty() { "no IPv4 address".to_owned() } else { have.join(", ") }
-                ),
-            )
-            .into());
+                reason,
+            ));
         }
     }
-    Ok(uplink)
+    Ok(())
+}
+
+/// The next peer set from a dynamic source; never ready without one.
+async fn next_update(updates: &mut Option<mpsc::Receiver<Vec<Peer>>>) -> Option<Vec<Peer>> {
+    match updates {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
@@ -187,7 +232,11 @@ fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
 }
 
 impl Agent {
-    async fn event_loop(&mut self, listener: UnixListener) -> Result<(), AgentError> {
+    async fn event_loop(
+        &mut self,
+        listener: UnixListener,
+        mut updates: Option<mpsc::Receiver<Vec<Peer>>>,
+    ) -> Result<(), AgentError> {
         let (connection, _, mut events) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Neigh,
             MulticastGroup::Ipv4Route,
@@ -224,8 +273,57 @@ impl Agent {
                 },
                 _ = resync.tick() => self.resync().await,
                 _ = retry.tick() => self.resolve_unresolved().await,
+                Some(peers) = next_update(&mut updates) => self.set_peers(peers).await,
             }
         }
+    }
+
+    /// Makes `peers` the desired set: keeps what is known of unchanged peers, leaves
+    /// out (with a warning) peers host-gw cannot reach, and applies the difference.
+    async fn set_peers(&mut self, peers: Vec<Peer>) {
+        let mut next = Vec::with_capacity(peers.len());
+        for peer in peers {
+            if let Some(reason) = off_link(&peer, &self.config.uplink, &self.uplink_networks) {
+                let known =
+                    self.peers.iter().any(|p| p.peer == peer) || self.skipped.contains(&peer);
+                if !known {
+                    warn!(
+                        "peer {} ({}): node IP {} {reason}; no route or map entry for it",
+                        peer.name, peer.source, peer.node_ip
+                    );
+                    self.skipped.push(peer);
+                }
+                continue;
+            }
+            let old = self
+                .peers
+                .iter()
+                .find(|p| p.peer.pod_cidr == peer.pod_cidr && p.peer.node_ip == peer.node_ip);
+            if old.is_none() {
+                info!(
+                    "peer {} ({}): {} via {}",
+                    peer.name, peer.source, peer.pod_cidr, peer.node_ip
+                );
+            }
+            next.push(PeerState {
+                mac: old.and_then(|o| o.mac),
+                route: old.is_some_and(|o| o.route),
+                peer,
+            });
+        }
+        for gone in self.peers.iter().filter(|p| {
+            !next
+                .iter()
+                .any(|n| n.peer.pod_cidr == p.peer.pod_cidr && n.peer.node_ip == p.peer.node_ip)
+        }) {
+            info!(
+                "peer {} ({}) is gone: removing {} via {}",
+                gone.peer.name, gone.peer.source, gone.peer.pod_cidr, gone.peer.node_ip
+            );
+        }
+        self.skipped.retain(|s| !next.iter().any(|n| n.peer == *s));
+        self.peers = next;
+        self.resync().await;
     }
 
     async fn on_event(&mut self, message: RouteNetlinkMessage) {
@@ -313,7 +411,7 @@ impl Agent {
             Err(e) => warn!("{e}"),
         }
         if let Some(datapath) = &mut self.datapath {
-            let node = node_config(&self.config, &self.bridge, &self.uplink);
+            let node = node_config(&self.network, &self.bridge, &self.uplink);
             if let Err(e) = datapath.set_config(node) {
                 warn!("{e}");
             }
@@ -466,7 +564,7 @@ impl Agent {
             .all(|p| p.route && (self.datapath.is_none() || p.mac.is_some()));
         Status {
             node: self.config.node_name.clone(),
-            pod_cidr: self.config.pod_cidr.to_string(),
+            pod_cidr: self.network.pod_cidr.to_string(),
             uplink: self.config.uplink.clone(),
             bridge: self.config.bridge.clone(),
             ready,
@@ -478,6 +576,8 @@ impl Agent {
                     name: p.peer.name.clone(),
                     node_ip: p.peer.node_ip.to_string(),
                     pod_cidr: p.peer.pod_cidr.to_string(),
+                    source: p.peer.source.clone(),
+                    lease: p.peer.lease.map(|l| format!("{l:x}")),
                     mac: p.mac.map(format_mac),
                     route: p.route,
                 })

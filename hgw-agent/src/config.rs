@@ -62,6 +62,8 @@ pub struct RawConfig {
     pub status_socket: Option<PathBuf>,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
+    /// Learn the network, this node's subnet and the peers from etcd (flannel's schema).
+    pub etcd: Option<RawEtcd>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +72,22 @@ pub struct RawPeer {
     pub name: String,
     pub node_ip: String,
     pub pod_cidr: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcd {
+    pub endpoints: Vec<String>,
+    pub prefix: Option<String>,
+    /// Seconds; the lease is kept alive while the agent runs.
+    pub lease_ttl: Option<i64>,
+    /// This node's address in its lease (flannel's PublicIP) [default: the uplink's].
+    pub public_ip: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
 impl RawConfig {
@@ -91,7 +109,49 @@ pub struct Peer {
     pub name: String,
     pub node_ip: Ipv4Addr,
     pub pod_cidr: Ipv4Net,
+    /// Where it came from: "static", or its etcd key.
+    pub source: String,
+    /// The etcd lease that keeps it (none for static peers and etcd reservations).
+    pub lease: Option<i64>,
 }
+
+/// This node's place in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    pub pod_cidr: Ipv4Net,
+    pub cluster_cidr: Ipv4Net,
+}
+
+impl Network {
+    /// The bridge's address: the first host of the pod CIDR, as flannel's CNI uses.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.pod_cidr.network()) + 1)
+    }
+}
+
+/// Where the network and the peers come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Static { network: Network, peers: Vec<Peer> },
+    Etcd(EtcdConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub lease_ttl: i64,
+    pub public_ip: Option<Ipv4Addr>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
+pub const DEFAULT_LEASE_TTL: i64 = 60;
+pub const DEFAULT_STATUS_SOCKET: &str = "/run/hgw/hgw.sock";
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -99,18 +159,14 @@ pub struct Config {
     pub node_name: String,
     pub uplink: String,
     pub bridge: String,
-    pub pod_cidr: Ipv4Net,
-    pub cluster_cidr: Ipv4Net,
+    pub source: Source,
     /// Create the bridge with its gateway address, enable ip_forward, accept the
     /// cluster CIDR in FORWARD. Off by default: on a real host that is the admin's call.
     pub setup_node: bool,
     /// Load the eBPF fast path (off: kernel routes only, like flannel's host-gw).
     pub fast_path: bool,
     pub status_socket: PathBuf,
-    pub peers: Vec<Peer>,
 }
-
-pub const DEFAULT_STATUS_SOCKET: &str = "/run/hgw/hgw.sock";
 
 impl Config {
     /// Checks every field and every relation between the CIDRs; the first problem
@@ -126,104 +182,198 @@ impl Config {
                 "the bridge cannot be the uplink",
             ));
         }
-        let cluster_cidr = cidr(
-            &required(raw.cluster_cidr, "cluster_cidr", "cluster-cidr")?,
-            "cluster_cidr",
-        )?;
-        let pod_cidr = cidr(&required(raw.pod_cidr, "pod_cidr", "pod-cidr")?, "pod_cidr")?;
-        if !cluster_cidr.contains(&pod_cidr) {
-            return Err(ConfigError::invalid(
-                "pod_cidr",
-                pod_cidr,
-                format!("not inside cluster_cidr {cluster_cidr}"),
-            ));
-        }
-        if pod_cidr.prefix_len() >= 31 {
-            return Err(ConfigError::invalid(
-                "pod_cidr",
-                pod_cidr,
-                "too small to hold a gateway and pods",
-            ));
-        }
-
-        let mut peers: Vec<Peer> = Vec::with_capacity(raw.peers.len());
-        let mut names = HashSet::new();
-        for (i, raw_peer) in raw.peers.into_iter().enumerate() {
-            let field = |name: &str| format!("peers[{i}].{name}");
-            if raw_peer.name.is_empty() {
-                return Err(ConfigError::invalid(field("name"), "", "must not be empty"));
+        let source = match raw.etcd {
+            Some(etcd) => {
+                for (given, field) in [
+                    (raw.pod_cidr.is_some(), "pod_cidr"),
+                    (raw.cluster_cidr.is_some(), "cluster_cidr"),
+                    (!raw.peers.is_empty(), "peers"),
+                ] {
+                    if given {
+                        return Err(ConfigError::invalid(
+                            field,
+                            "(set)",
+                            "comes from etcd when [etcd] is configured; remove it",
+                        ));
+                    }
+                }
+                Source::Etcd(etcd_config(etcd)?)
             }
-            if raw_peer.name == node_name || !names.insert(raw_peer.name.clone()) {
-                return Err(ConfigError::invalid(
-                    field("name"),
-                    &raw_peer.name,
-                    "names another node already",
-                ));
-            }
-            let node_ip: Ipv4Addr = raw_peer.node_ip.parse().map_err(|_| {
-                ConfigError::invalid(field("node_ip"), &raw_peer.node_ip, "not an IPv4 address")
-            })?;
-            let peer_cidr = cidr(&raw_peer.pod_cidr, &field("pod_cidr"))?;
-            if !cluster_cidr.contains(&peer_cidr) {
-                return Err(ConfigError::invalid(
-                    field("pod_cidr"),
-                    peer_cidr,
-                    format!("not inside cluster_cidr {cluster_cidr}"),
-                ));
-            }
-            if overlaps(peer_cidr, pod_cidr) {
-                return Err(ConfigError::invalid(
-                    field("pod_cidr"),
-                    peer_cidr,
-                    format!("overlaps this node's pod_cidr {pod_cidr}"),
-                ));
-            }
-            if let Some(other) = peers.iter().position(|p| overlaps(p.pod_cidr, peer_cidr)) {
-                return Err(ConfigError::invalid(
-                    field("pod_cidr"),
-                    peer_cidr,
-                    format!(
-                        "overlaps peers[{other}].pod_cidr {} ({})",
-                        peers[other].pod_cidr, peers[other].name
-                    ),
-                ));
-            }
-            if let Some(other) = peers.iter().position(|p| p.node_ip == node_ip) {
-                return Err(ConfigError::invalid(
-                    field("node_ip"),
-                    node_ip,
-                    format!(
-                        "is also the node_ip of peers[{other}] ({})",
-                        peers[other].name
-                    ),
-                ));
-            }
-            peers.push(Peer {
-                name: raw_peer.name,
-                node_ip,
-                pod_cidr: peer_cidr,
-            });
-        }
-
+            None => static_source(&node_name, raw.pod_cidr, raw.cluster_cidr, raw.peers)?,
+        };
         Ok(Self {
             node_name,
             uplink,
             bridge,
-            pod_cidr,
-            cluster_cidr,
+            source,
             setup_node: raw.setup_node.unwrap_or(false),
             fast_path: raw.fast_path.unwrap_or(true),
             status_socket: raw
                 .status_socket
                 .unwrap_or_else(|| DEFAULT_STATUS_SOCKET.into()),
-            peers,
         })
     }
+}
 
-    /// The bridge's address: the first host of the pod CIDR, as flannel's CNI uses.
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.pod_cidr.network()) + 1)
+fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
+    if raw.endpoints.is_empty() {
+        return Err(ConfigError::Missing {
+            field: "etcd.endpoints",
+            flag: "etcd-endpoints",
+        });
     }
+    for (i, endpoint) in raw.endpoints.iter().enumerate() {
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                format!("etcd.endpoints[{i}]"),
+                endpoint,
+                "expected http://HOST:PORT or https://HOST:PORT",
+            ));
+        }
+    }
+    let prefix = raw.prefix.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.into());
+    if !prefix.starts_with('/') || prefix.ends_with('/') {
+        return Err(ConfigError::invalid(
+            "etcd.prefix",
+            &prefix,
+            "must start with / and not end with /",
+        ));
+    }
+    let lease_ttl = raw.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL);
+    if !(5..=86_400).contains(&lease_ttl) {
+        return Err(ConfigError::invalid(
+            "etcd.lease_ttl",
+            lease_ttl,
+            "must be 5 to 86400 seconds",
+        ));
+    }
+    let public_ip = raw
+        .public_ip
+        .map(|ip| {
+            ip.parse::<Ipv4Addr>()
+                .map_err(|_| ConfigError::invalid("etcd.public_ip", &ip, "not an IPv4 address"))
+        })
+        .transpose()?;
+    if raw.cert_file.is_some() != raw.key_file.is_some() {
+        return Err(ConfigError::invalid(
+            "etcd.key_file",
+            "",
+            "cert_file and key_file go together",
+        ));
+    }
+    if raw.username.is_some() != raw.password.is_some() {
+        return Err(ConfigError::invalid(
+            "etcd.password",
+            "",
+            "username and password go together",
+        ));
+    }
+    Ok(EtcdConfig {
+        endpoints: raw.endpoints,
+        prefix,
+        lease_ttl,
+        public_ip,
+        ca_file: raw.ca_file,
+        cert_file: raw.cert_file,
+        key_file: raw.key_file,
+        username: raw.username,
+        password: raw.password,
+    })
+}
+
+fn static_source(
+    node_name: &str,
+    pod_cidr: Option<String>,
+    cluster_cidr: Option<String>,
+    raw_peers: Vec<RawPeer>,
+) -> Result<Source, ConfigError> {
+    let cluster_cidr = cidr(
+        &required(cluster_cidr, "cluster_cidr", "cluster-cidr")?,
+        "cluster_cidr",
+    )?;
+    let pod_cidr = cidr(&required(pod_cidr, "pod_cidr", "pod-cidr")?, "pod_cidr")?;
+    if !cluster_cidr.contains(&pod_cidr) {
+        return Err(ConfigError::invalid(
+            "pod_cidr",
+            pod_cidr,
+            format!("not inside cluster_cidr {cluster_cidr}"),
+        ));
+    }
+    if pod_cidr.prefix_len() >= 31 {
+        return Err(ConfigError::invalid(
+            "pod_cidr",
+            pod_cidr,
+            "too small to hold a gateway and pods",
+        ));
+    }
+
+    let mut peers: Vec<Peer> = Vec::with_capacity(raw_peers.len());
+    let mut names = HashSet::new();
+    for (i, raw_peer) in raw_peers.into_iter().enumerate() {
+        let field = |name: &str| format!("peers[{i}].{name}");
+        if raw_peer.name.is_empty() {
+            return Err(ConfigError::invalid(field("name"), "", "must not be empty"));
+        }
+        if raw_peer.name == node_name || !names.insert(raw_peer.name.clone()) {
+            return Err(ConfigError::invalid(
+                field("name"),
+                &raw_peer.name,
+                "names another node already",
+            ));
+        }
+        let node_ip: Ipv4Addr = raw_peer.node_ip.parse().map_err(|_| {
+            ConfigError::invalid(field("node_ip"), &raw_peer.node_ip, "not an IPv4 address")
+        })?;
+        let peer_cidr = cidr(&raw_peer.pod_cidr, &field("pod_cidr"))?;
+        if !cluster_cidr.contains(&peer_cidr) {
+            return Err(ConfigError::invalid(
+                field("pod_cidr"),
+                peer_cidr,
+                format!("not inside cluster_cidr {cluster_cidr}"),
+            ));
+        }
+        if overlaps(peer_cidr, pod_cidr) {
+            return Err(ConfigError::invalid(
+                field("pod_cidr"),
+                peer_cidr,
+                format!("overlaps this node's pod_cidr {pod_cidr}"),
+            ));
+        }
+        if let Some(other) = peers.iter().position(|p| overlaps(p.pod_cidr, peer_cidr)) {
+            return Err(ConfigError::invalid(
+                field("pod_cidr"),
+                peer_cidr,
+                format!(
+                    "overlaps peers[{other}].pod_cidr {} ({})",
+                    peers[other].pod_cidr, peers[other].name
+                ),
+            ));
+        }
+        if let Some(other) = peers.iter().position(|p| p.node_ip == node_ip) {
+            return Err(ConfigError::invalid(
+                field("node_ip"),
+                node_ip,
+                format!(
+                    "is also the node_ip of peers[{other}] ({})",
+                    peers[other].name
+                ),
+            ));
+        }
+        peers.push(Peer {
+            name: raw_peer.name,
+            node_ip,
+            pod_cidr: peer_cidr,
+            source: "static".into(),
+            lease: None,
+        });
+    }
+    Ok(Source::Static {
+        network: Network {
+            pod_cidr,
+            cluster_cidr,
+        },
+        peers,
+    })
 }
 
 fn required(
@@ -298,7 +448,10 @@ mod tests {
     fn accepts_a_valid_config() {
         let config =
             Config::from_raw(raw(&[("n2", "172.31.0.2", "10.244.2.0/24")])).expect("valid");
-        assert_eq!(config.gateway(), Ipv4Addr::new(10, 244, 1, 1));
+        let Source::Static { network, .. } = &config.source else {
+            panic!("static config expected")
+        };
+        assert_eq!(network.gateway(), Ipv4Addr::new(10, 244, 1, 1));
         assert_eq!(config.bridge, "cni0");
         assert!(!config.setup_node);
         assert!(config.fast_path);
@@ -358,6 +511,33 @@ mod tests {
         r.uplink = Some("an-interface-name-too-long".into());
         let e = Config::from_raw(r).map(|_| ()).expect_err("long name");
         assert!(e.to_string().contains("uplink"), "{e}");
+    }
+
+    #[test]
+    fn etcd_excludes_static_network_fields() {
+        let mut r = raw(&[]);
+        r.etcd = Some(RawEtcd {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            ..RawEtcd::default()
+        });
+        let e = Config::from_raw(r)
+            .map(|_| ())
+            .expect_err("pod_cidr with etcd");
+        assert!(
+            e.to_string().contains("pod_cidr") && e.to_string().contains("comes from etcd"),
+            "{e}"
+        );
+        let mut r = raw(&[]);
+        r.pod_cidr = None;
+        r.cluster_cidr = None;
+        r.etcd = Some(RawEtcd {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            ..RawEtcd::default()
+        });
+        let e = Config::from_raw(r)
+            .map(|_| ())
+            .expect_err("endpoint without scheme");
+        assert!(e.to_string().contains("etcd.endpoints[0]"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod etcd;
 pub mod kernel;
 pub mod setup;
 pub mod status;

@@ -30,7 +30,7 @@ enum Command {
     ///
     /// Example: hgw-agent run --node-name n1 --uplink eth0 --pod-cidr 10.244.1.0/24
     /// --cluster-cidr 10.244.0.0/16 --peer n2=172.31.0.2,10.244.2.0/24
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show a running agent's peers, next hops and fast-path counters.
     Status {
         /// The agent's status socket.
@@ -77,6 +77,34 @@ struct RunArgs {
     /// Where `hgw-agent status` reaches this agent [default: /run/hgw/hgw.sock].
     #[arg(long)]
     status_socket: Option<PathBuf>,
+    /// Learn the network, this node's subnet and the peers from etcd (flannel's
+    /// schema), e.g. http://10.0.0.5:2379 (comma-separated for several).
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// etcd key prefix [default: /coreos.com/network].
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// TTL of this node's subnet lease, in seconds [default: 60].
+    #[arg(long)]
+    etcd_lease_ttl: Option<i64>,
+    /// This node's PublicIP in etcd [default: the uplink's first IPv4 address].
+    #[arg(long)]
+    public_ip: Option<String>,
+    /// CA certificate (PEM) for etcd over TLS.
+    #[arg(long)]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long)]
+    etcd_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long)]
+    etcd_key_file: Option<PathBuf>,
+    /// etcd user name.
+    #[arg(long)]
+    etcd_username: Option<String>,
+    /// etcd password (better: the HGW_ETCD_PASSWORD environment variable).
+    #[arg(long, env = "HGW_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
 }
 
 impl RunArgs {
@@ -101,6 +129,29 @@ impl RunArgs {
         }
         if self.no_fast_path {
             raw.fast_path = Some(false);
+        }
+        let etcd_flags = !self.etcd_endpoints.is_empty()
+            || self.etcd_prefix.is_some()
+            || self.etcd_lease_ttl.is_some()
+            || self.public_ip.is_some()
+            || self.etcd_ca_file.is_some()
+            || self.etcd_cert_file.is_some()
+            || self.etcd_key_file.is_some()
+            || self.etcd_username.is_some();
+        if etcd_flags {
+            let etcd = raw.etcd.get_or_insert_with(Default::default);
+            if !self.etcd_endpoints.is_empty() {
+                etcd.endpoints = self.etcd_endpoints;
+            }
+            macro_rules! etcd_overrides {
+                ($($flag:ident => $field:ident),*) => { $(if let Some(v) = self.$flag { etcd.$field = Some(v); })* };
+            }
+            etcd_overrides!(etcd_prefix => prefix, etcd_lease_ttl => lease_ttl, public_ip => public_ip,
+                etcd_ca_file => ca_file, etcd_cert_file => cert_file, etcd_key_file => key_file,
+                etcd_username => username);
+        }
+        if let (Some(password), Some(etcd)) = (self.etcd_password, raw.etcd.as_mut()) {
+            etcd.password = Some(password);
         }
         for (i, spec) in self.peers.iter().enumerate() {
             raw.peers.push(parse_peer_flag(spec).ok_or_else(|| {

@@ -8,7 +8,7 @@ use ipnet::Ipv4Net;
 use log::info;
 
 use crate::{
-    config::Config,
+    config::{Config, Network},
     kernel::{Kernel, KernelError, Link},
 };
 
@@ -25,9 +25,13 @@ pub enum SetupError {
 }
 
 /// Brings the node to what host-gw needs; returns the bridge.
-pub async fn apply(kernel: &Kernel, config: &Config) -> Result<Link, SetupError> {
+pub async fn apply(
+    kernel: &Kernel,
+    config: &Config,
+    network: &Network,
+) -> Result<Link, SetupError> {
     let bridge = kernel.ensure_bridge(&config.bridge).await?;
-    let gateway = Ipv4Net::new(config.gateway(), config.pod_cidr.prefix_len())
+    let gateway = Ipv4Net::new(network.gateway(), network.pod_cidr.prefix_len())
         .expect("the prefix comes from a valid CIDR");
     kernel.ensure_address(bridge.index, gateway).await?;
     if std::fs::read_to_string(IP_FORWARD)
@@ -38,7 +42,7 @@ pub async fn apply(kernel: &Kernel, config: &Config) -> Result<Link, SetupError>
         std::fs::write(IP_FORWARD, "1").map_err(SetupError::IpForward)?;
         info!("enabled IPv4 forwarding");
     }
-    let cluster = config.cluster_cidr.to_string();
+    let cluster = network.cluster_cidr.to_string();
     for direction in ["-s", "-d"] {
         ensure_forward_accept(direction, &cluster)?;
     }

@@ -46,6 +46,10 @@ pub struct PeerStatus {
     pub mac: Option<String>,
     /// The kernel route (the fallback) is installed.
     pub route: bool,
+    /// "static", or the etcd key it came from.
+    pub source: String,
+    /// The etcd lease (hex) that keeps it, if any.
+    pub lease: Option<String>,
 }
 
 /// Sends `status` to one client and closes the connection.
@@ -91,18 +95,23 @@ impl std::fmt::Display for Status {
         writeln!(f)?;
         writeln!(
             f,
-            "{:<16} {:<16} {:<20} {:<18} ROUTE",
-            "PEER", "NODE IP", "POD CIDR", "NEXT-HOP MAC"
+            "{:<16} {:<16} {:<20} {:<18} {:<10} SOURCE",
+            "PEER", "NODE IP", "POD CIDR", "NEXT-HOP MAC", "ROUTE"
         )?;
         for p in &self.peers {
             writeln!(
                 f,
-                "{:<16} {:<16} {:<20} {:<18} {}",
+                "{:<16} {:<16} {:<20} {:<18} {:<10} {}{}",
                 p.name,
                 p.node_ip,
                 p.pod_cidr,
                 p.mac.as_deref().unwrap_or("unresolved"),
-                if p.route { "installed" } else { "missing" }
+                if p.route { "installed" } else { "missing" },
+                p.source,
+                p.lease
+                    .as_ref()
+                    .map(|l| format!(" (lease {l})"))
+                    .unwrap_or_default()
             )?;
         }
         if !self.counters.is_empty() {

@@ -166,9 +166,6 @@ impl Lab {
         toml
     }
 
-    /// Starts the agent on node index `node` with [`Lab::agent_config`]:
-    /// `ip netns exec NS <agent-bin> run --config F --setup-node --status-socket S EXTRA`.
-    /// A node's earlier agent, if any, is stopped first and replaced in its slot.
     /// A lab with an agent on every node, each ready (routes in, next hops resolved).
     pub fn up_with_agents(nodes: usize, pods: usize) -> anyhow::Result<Lab> {
         let mut lab = Lab::up(nodes, pods)?;
@@ -181,6 +178,9 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Starts the agent on node index `node` with [`Lab::agent_config`]:
+    /// `ip netns exec NS <agent-bin> run --config F --setup-node --status-socket S EXTRA`.
+    /// A node's earlier agent, if any, is stopped first and replaced in its slot.
     pub fn start_agent(&mut self, node: usize, extra_args: &[&str]) -> anyhow::Result<&mut Agent> {
         let config = self.agent_config(node);
         self.spawn_agent(node, &config, extra_args)

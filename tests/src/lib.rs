@@ -17,12 +17,14 @@
 
 mod agent;
 mod cmd;
+mod etcd;
 mod kernel;
 mod lab;
 mod netns;
 mod traffic;
 
 pub use agent::{Agent, agent_bin, counter, counter_sum};
+pub use etcd::{ETCD_IP, Etcd};
 pub use kernel::{
     HGW_ROUTE_PROTOCOL, allow_forwarding, block_arp, drop_all_forwarding, hgw_programs, hgw_routes,
     tcx_programs, unblock_arp,

@@ -14,6 +14,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "iperf3",
+    // The control-plane tests run a real etcd; the etcd-client crate needs protoc.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
     "bpftool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,184 @@
+//! A real etcd server (Debian's etcd-server) for a lab: it runs in a namespace of its
+//! own on the lab's L2 segment, so the nodes reach it over the lab network as they
+//! would reach a cluster's etcd.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    cmd::{ip, kill_and_reap, netns_command, output_with_timeout, wait_timeout},
+    lab::Lab,
+    netns::delete_namespace_quietly,
+};
+
+/// Where etcd listens on the lab segment (the nodes are .1 to .N).
+pub const ETCD_IP: &str = "172.31.0.250";
+const CLIENT_PORT: u16 = 2379;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Etcd {
+    pub ns: String,
+    pub endpoint: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// Creates `<lab id>-etcd` on the lab's switch and starts etcd in it.
+    pub fn start(lab: &Lab) -> anyhow::Result<Etcd> {
+        let ns = format!("{}-etcd", lab.id);
+        let dir = lab.dir().join("etcd");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut etcd = Etcd {
+            ns: ns.clone(),
+            endpoint: format!("http://{ETCD_IP}:{CLIENT_PORT}"),
+            dir,
+            child: None,
+        };
+        ip(&["netns", "add", &ns])?;
+        let sw = format!("{}-sw", lab.id);
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", "etcd", "netns", &sw,
+        ])?;
+        ip(&["-n", &sw, "link", "set", "etcd", "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ETCD_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        etcd.resume()?;
+        Ok(etcd)
+    }
+
+    /// Starts the server (again), on the same data, and waits until it answers.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join("etcd.log")).context("creating etcd.log")?;
+        let data = self.dir.join("data");
+        let client_url = self.endpoint.clone();
+        let child = netns_command(&self.ns, "etcd", &[])
+            .arg("--data-dir")
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+            ])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("etcd.log")?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (is etcd-server installed? `cargo xtask setup`)")?;
+        self.child = Some(child);
+        let started = Instant::now();
+        while started.elapsed() < TIMEOUT {
+            if self.ctl(&["endpoint", "health"]).is_ok() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "etcd did not become healthy in {TIMEOUT:?}:\n{}",
+            self.log()
+        )
+    }
+
+    /// Stops the server (SIGTERM), keeping its data.
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if wait_timeout(&mut child, TIMEOUT)?.is_none() {
+                kill_and_reap(&mut child);
+            }
+        }
+        Ok(())
+    }
+
+    /// `etcdctl --endpoints E ARGS` from inside the etcd namespace; its stdout.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd: Command = netns_command(&self.ns, "etcdctl", &["--endpoints", &self.endpoint]);
+        cmd.args(args);
+        let out = output_with_timeout(&mut cmd, TIMEOUT)?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn put(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.ctl(&["put", key, value]).map(drop)
+    }
+
+    /// Writes flannel's network config for the lab's cluster CIDR (host-gw, /24 subnets).
+    pub fn put_network_config(&self) -> anyhow::Result<()> {
+        self.put(
+            "/coreos.com/network/config",
+            &format!(
+                r#"{{"Network":"{}","SubnetLen":24,"Backend":{{"Type":"host-gw"}}}}"#,
+                crate::lab::CLUSTER_CIDR
+            ),
+        )
+    }
+
+    /// The agent config for node `node` in etcd mode (`extra` is appended to `[etcd]`).
+    pub fn agent_config(&self, lab: &Lab, node: usize, extra: &str) -> String {
+        format!(
+            "node_name = \"{}\"\nuplink = \"eth0\"\nbridge = \"cni0\"\n\n[etcd]\nendpoints = [\"{}\"]\nlease_ttl = 10\n{extra}",
+            lab.nodes[node].name, self.endpoint
+        )
+    }
+
+    /// Starts etcd-mode agents on `nodes`, one after the other, each waiting until it
+    /// holds its subnet, so node nK gets 10.244.K.0/24: the addresses the lab gave its
+    /// pods (the lab plays the CNI plugin, which would read the subnet from the agent).
+    pub fn start_agents(
+        &self,
+        lab: &mut Lab,
+        nodes: impl IntoIterator<Item = usize>,
+    ) -> anyhow::Result<()> {
+        for node in nodes {
+            let config = self.agent_config(lab, node, "");
+            let want = lab.nodes[node].pod_cidr.clone();
+            let agent = lab.start_agent_with_config(node, &config, &[])?;
+            let status = agent.wait_for(TIMEOUT, |s| s["pod_cidr"].is_string())?;
+            if status["pod_cidr"] != want.as_str() {
+                bail!(
+                    "node {node} acquired {} instead of {want}",
+                    status["pod_cidr"]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+        delete_namespace_quietly(&self.ns);
+    }
+}

@@ -1,0 +1,72 @@
+//! A fourth node joins while traffic flows: within a second every other node has its
+//! route and fast-path entry, and traffic between the old nodes loses nothing.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use hgw_tests::{Etcd, Lab, hgw_routes, udp_exchange};
+
+#[test]
+fn a_joining_node_is_everywhere_within_a_second() -> anyhow::Result<()> {
+    let mut lab = Lab::up(4, 1)?;
+    let etcd = Etcd::start(&lab)?;
+    etcd.put_network_config()?;
+    etcd.start_agents(&mut lab, 0..3)?;
+    for agent in lab.agents() {
+        agent.wait_ready(Duration::from_secs(10))?;
+    }
+    let (from, to) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
+    const BATCH: usize = 100;
+    let done = AtomicBool::new(false);
+
+    let (sent, arrived, joined) =
+        std::thread::scope(|scope| -> anyhow::Result<(usize, usize, Duration)> {
+            // Batches of datagrams from n1 to n2 for as long as n4 is joining.
+            let traffic = scope.spawn(|| -> anyhow::Result<(usize, usize)> {
+                let (mut sent, mut arrived) = (0, 0);
+                while !done.load(Ordering::Relaxed) || sent == 0 {
+                    arrived += udp_exchange(&from.ns, &to.ns, to.ip, BATCH)?;
+                    sent += BATCH;
+                }
+                Ok((sent, arrived))
+            });
+            let start = Instant::now();
+            etcd.start_agents(&mut lab, [3])?;
+            let new_cidr = lab.nodes[3].pod_cidr.clone();
+            let new_ip = lab.nodes[3].uplink_ip.to_string();
+            for node in 0..3 {
+                let agent = lab.agent(node).expect("agent started");
+                agent.wait_for(Duration::from_secs(1), |s| {
+                    s["peers"].as_array().into_iter().flatten().any(|p| {
+                        p["pod_cidr"] == new_cidr.as_str()
+                            && p["route"] == true
+                            && p["mac"].is_string()
+                    })
+                })?;
+                let routes = hgw_routes(&lab.nodes[node].ns)?;
+                assert!(
+                    routes
+                        .iter()
+                        .any(|r| r.starts_with(&format!("{new_cidr} via {new_ip}"))),
+                    "n{}: no route to the new node: {routes:?}",
+                    node + 1
+                );
+            }
+            let joined = start.elapsed();
+            done.store(true, Ordering::Relaxed);
+            let (sent, arrived) = traffic
+                .join()
+                .map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
+            Ok((sent, arrived, joined))
+        })?;
+    assert_eq!(
+        arrived, sent,
+        "traffic between the old nodes lost packets while n4 joined"
+    );
+    eprintln!(
+        "n4 known everywhere {joined:?} after its agent started (including its own start-up)"
+    );
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! A node leaves (its agent is gone and its lease revoked): within a second its route
+//! and fast-path entry are gone on every other node.
+
+use std::time::Duration;
+
+use hgw_tests::{Etcd, Lab, hgw_routes};
+
+#[test]
+fn a_leaving_node_is_removed_everywhere_within_a_second() -> anyhow::Result<()> {
+    let mut lab = Lab::up(3, 1)?;
+    let etcd = Etcd::start(&lab)?;
+    etcd.put_network_config()?;
+    etcd.start_agents(&mut lab, 0..3)?;
+    for agent in lab.agents() {
+        agent.wait_ready(Duration::from_secs(10))?;
+    }
+    let gone = lab.nodes[2].pod_cidr.clone();
+    let status = lab.agent(0).expect("agent").status()?;
+    let lease = status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pod_cidr"] == gone.as_str())
+        .and_then(|p| p["lease"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("n1 does not show n3's lease: {status}"))?;
+
+    lab.agent_mut(2).expect("agent").kill()?;
+    etcd.ctl(&["lease", "revoke", &lease])?;
+    for node in 0..2 {
+        lab.agent(node)
+            .expect("agent")
+            .wait_for(Duration::from_secs(1), |s| {
+                !s["peers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["pod_cidr"] == gone.as_str())
+            })?;
+        let routes = hgw_routes(&lab.nodes[node].ns)?;
+        assert!(
+            !routes.iter().any(|r| r.starts_with(&gone)),
+            "n{}: route to {gone} left: {routes:?}",
+            node + 1
+        );
+    }
+    Ok(())
+}

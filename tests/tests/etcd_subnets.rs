@@ -1,0 +1,71 @@
+//! Three nodes start with nothing but the etcd endpoint: each acquires a distinct subnet
+//! in flannel's schema, learns the others, and pods talk across nodes through the fast
+//! path.
+
+use std::time::Duration;
+
+use hgw_tests::{Etcd, Lab, counter_sum, ping};
+
+#[test]
+fn nodes_acquire_subnets_and_find_each_other_through_etcd() -> anyhow::Result<()> {
+    let mut lab = Lab::up(3, 1)?;
+    let etcd = Etcd::start(&lab)?;
+    etcd.put_network_config()?;
+    etcd.start_agents(&mut lab, 0..3)?;
+    for agent in lab.agents() {
+        agent.wait_ready(Duration::from_secs(10))?;
+    }
+
+    // Written as flannel writes it, so flannel could read it.
+    let subnets = etcd.ctl(&["get", "--prefix", "/coreos.com/network/subnets/"])?;
+    for node in &lab.nodes {
+        let key = format!(
+            "/coreos.com/network/subnets/{}",
+            node.pod_cidr.replace('/', "-")
+        );
+        let value = format!(
+            r#"{{"PublicIP":"{}","BackendType":"host-gw"}}"#,
+            node.uplink_ip
+        );
+        assert!(
+            subnets.contains(&format!("{key}\n{value}")),
+            "missing {key} = {value} in:\n{subnets}"
+        );
+    }
+    let leases = etcd.ctl(&["lease", "list"])?;
+    assert!(
+        leases.contains("found 3 leases"),
+        "every node holds its subnet with a lease:\n{leases}"
+    );
+
+    let before = lab.statuses()?;
+    let pairs = lab.cross_node_pod_pairs();
+    for (from, to) in &pairs {
+        let out = ping(&from.ns, to.ip, 2, &[])?;
+        assert!(
+            out.status.success(),
+            "ping {} -> {}:\n{}",
+            from.ip,
+            to.ip,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let after = lab.statuses()?;
+    let grew = counter_sum(&after, "fwd_to_peer") - counter_sum(&before, "fwd_to_peer");
+    let sent = pairs.len() as u64 * 2 * 2;
+    assert!(
+        grew >= sent,
+        "fwd_to_peer grew by {grew}, expected at least {sent}"
+    );
+    for status in &after {
+        for peer in status["peers"].as_array().into_iter().flatten() {
+            let source = peer["source"].as_str().unwrap_or_default();
+            assert!(
+                source.starts_with("/coreos.com/network/subnets/"),
+                "peer source {source}"
+            );
+            assert!(peer["lease"].is_string(), "peer without lease: {peer}");
+        }
+    }
+    Ok(())
+}
