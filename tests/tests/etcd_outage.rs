@@ -1,0 +1,58 @@
+//! etcd goes away: forwarding is unaffected. etcd comes back: the agents' watches
+//! resume, and a change made right after is applied.
+
+use std::time::Duration;
+
+use hgw_tests::{Etcd, Lab, counter, ping};
+
+#[test]
+fn forwarding_survives_etcd_and_the_watch_resumes() -> anyhow::Result<()> {
+    let mut lab = Lab::up(2, 1)?;
+    let mut etcd = Etcd::start(&lab)?;
+    etcd.put_network_config()?;
+    etcd.start_agents(&mut lab, 0..2)?;
+    for agent in lab.agents() {
+        agent.wait_ready(Duration::from_secs(10))?;
+    }
+    let (from, to) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
+
+    etcd.pause()?;
+    let before = counter(&lab.agent(0).expect("agent").status()?, "fwd_to_peer");
+    let out = ping(&from.ns, to.ip, 5, &[])?;
+    assert!(
+        out.status.success(),
+        "ping failed with etcd down:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let after = counter(&lab.agent(0).expect("agent").status()?, "fwd_to_peer");
+    assert!(
+        after >= before + 5,
+        "fast path idle with etcd down: {before} -> {after}"
+    );
+
+    etcd.resume()?;
+    // A new node's subnet, written as flannel would: both agents must pick it up.
+    etcd.put(
+        "/coreos.com/network/subnets/10.244.9.0-24",
+        r#"{"PublicIP":"172.31.0.9","BackendType":"host-gw"}"#,
+    )?;
+    for agent in lab.agents() {
+        agent.wait_for(Duration::from_secs(10), |s| {
+            s["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["pod_cidr"] == "10.244.9.0/24" && p["route"] == true)
+        })?;
+    }
+    // And the agents' own leases survived: each still sees the other.
+    for agent in lab.agents() {
+        let status = agent.status()?;
+        assert_eq!(
+            status["peers"].as_array().map(Vec::len),
+            Some(2),
+            "{status}"
+        );
+    }
+    Ok(())
+}

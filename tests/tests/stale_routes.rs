@@ -1,0 +1,88 @@
+//! At start the agent removes routes carrying hgw's tag that no peer wants (left by an
+//! earlier run), and never touches anyone else's routes, also to pod CIDRs.
+
+use std::time::Duration;
+
+use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, hgw_routes, run_in_ok};
+
+#[test]
+fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
+    let mut lab = Lab::up(2, 1)?;
+    let ns = lab.nodes[0].ns.clone();
+    let proto = HGW_ROUTE_PROTOCOL.to_string();
+    // Left by an earlier run for a peer that no longer exists.
+    run_in_ok(
+        &ns,
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.244.60.0/24",
+            "via",
+            "172.31.0.60",
+            "dev",
+            "eth0",
+            "onlink",
+            "proto",
+            &proto,
+        ],
+    )?;
+    // Someone else's, in the cluster CIDR and outside it.
+    run_in_ok(
+        &ns,
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.244.50.0/24",
+            "via",
+            "172.31.0.2",
+            "dev",
+            "eth0",
+            "proto",
+            "static",
+        ],
+    )?;
+    run_in_ok(
+        &ns,
+        "ip",
+        &[
+            "route",
+            "add",
+            "192.0.2.0/24",
+            "via",
+            "172.31.0.2",
+            "dev",
+            "eth0",
+        ],
+    )?;
+
+    lab.start_agent(0, &[])?
+        .wait_ready(Duration::from_secs(15))?;
+    let routes = hgw_routes(&ns)?;
+    assert!(
+        !routes.iter().any(|r| r.starts_with("10.244.60.0/24")),
+        "stale hgw route kept: {routes:?}"
+    );
+    assert!(
+        routes
+            .iter()
+            .any(|r| r.starts_with(&format!("{} via", lab.nodes[1].pod_cidr))),
+        "peer route missing: {routes:?}"
+    );
+
+    // Foreign routes survive the start-up sweep, and a restart's sweep too.
+    lab.start_agent(0, &[])?
+        .wait_ready(Duration::from_secs(15))?;
+    let all =
+        String::from_utf8_lossy(&run_in_ok(&ns, "ip", &["route", "show"])?.stdout).into_owned();
+    assert!(
+        all.contains("10.244.50.0/24 via 172.31.0.2 dev eth0 proto static"),
+        "foreign pod-CIDR route touched:\n{all}"
+    );
+    assert!(
+        all.contains("192.0.2.0/24 via 172.31.0.2 dev eth0"),
+        "foreign route touched:\n{all}"
+    );
+    Ok(())
+}
