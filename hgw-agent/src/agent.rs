@@ -53,6 +53,8 @@ pub enum AgentError {
 struct PeerState {
     peer: Peer,
     mac: Option<[u8; 6]>,
+    /// The kernel's entry is STALE: not confirmed lately.
+    stale: bool,
     route: bool,
 }
 
@@ -272,7 +274,7 @@ impl Agent {
                     Err(e) => warn!("status socket: {e}"),
                 },
                 _ = resync.tick() => self.resync().await,
-                _ = retry.tick() => self.resolve_unresolved().await,
+                _ = retry.tick() => self.refresh_neighbours().await,
                 Some(peers) = next_update(&mut updates) => self.set_peers(peers).await,
             }
         }
@@ -307,6 +309,7 @@ impl Agent {
             }
             next.push(PeerState {
                 mac: old.and_then(|o| o.mac),
+                stale: old.is_some_and(|o| o.stale),
                 route: old.is_some_and(|o| o.route),
                 peer,
             });
@@ -335,7 +338,15 @@ impl Agent {
             }
             RouteNetlinkMessage::DelNeighbour(msg) => {
                 if let Some(n) = Neighbour::from_message(&msg) {
-                    self.on_neighbour(Neighbour { mac: None, ..n }, true).await;
+                    self.on_neighbour(
+                        Neighbour {
+                            mac: None,
+                            stale: false,
+                            ..n
+                        },
+                        true,
+                    )
+                    .await;
                 }
             }
             RouteNetlinkMessage::DelRoute(msg) => {
@@ -378,6 +389,7 @@ impl Agent {
         else {
             return;
         };
+        self.peers[i].stale = neighbour.stale;
         if self.peers[i].mac == neighbour.mac {
             return;
         }
@@ -423,7 +435,9 @@ impl Agent {
         match self.kernel.neighbours(self.uplink.index).await {
             Ok(neighbours) => {
                 for peer in &mut self.peers {
-                    peer.mac = neighbours.get(&peer.peer.node_ip).and_then(|n| n.mac);
+                    let neighbour = neighbours.get(&peer.peer.node_ip);
+                    peer.mac = neighbour.and_then(|n| n.mac);
+                    peer.stale = neighbour.is_some_and(|n| n.stale);
                 }
             }
             Err(e) => warn!("{e}"),
@@ -536,6 +550,24 @@ impl Agent {
         for ip in unresolved {
             self.resolve(ip).await;
         }
+    }
+
+    /// The fast path hides its traffic from the kernel's neighbour confirmation, so a
+    /// peer's entry would sit in STALE with a MAC nobody checks. Asking the kernel to
+    /// use STALE entries makes it probe them (a unicast ARP): a peer whose MAC changed
+    /// without announcing it then fails the probe, its entry is re-resolved, and the
+    /// neighbour event brings the new MAC into the map.
+    async fn refresh_neighbours(&mut self) {
+        let stale: Vec<Ipv4Addr> = self
+            .peers
+            .iter()
+            .filter(|p| p.stale)
+            .map(|p| p.peer.node_ip)
+            .collect();
+        for ip in stale {
+            self.resolve(ip).await;
+        }
+        self.resolve_unresolved().await;
     }
 
     async fn resolve(&self, ip: Ipv4Addr) {

@@ -80,6 +80,8 @@ pub struct Neighbour {
     pub ifindex: u32,
     pub ip: Ipv4Addr,
     pub mac: Option<[u8; 6]>,
+    /// NUD_STALE: the MAC is usable but has not been confirmed lately.
+    pub stale: bool,
 }
 
 impl Neighbour {
@@ -109,6 +111,7 @@ impl Neighbour {
             ifindex: msg.header.ifindex,
             ip: ip?,
             mac: lladdr.filter(|_| usable),
+            stale: msg.header.state == NeighbourState::Stale,
         })
     }
 }
