@@ -3,7 +3,7 @@
 //! state, reacting to netlink events (a deleted route, a changed neighbour, the uplink
 //! changing) rather than polling; a slow periodic resync is the backstop.
 
-use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
+use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use futures::StreamExt as _;
 use hgw_common::{NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig};
@@ -76,7 +76,13 @@ pub struct Agent {
 
 /// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
 /// programs are detached (their tcx links close with the process).
-pub async fn run(config: Config) -> Result<(), AgentError> {
+/// Reads the config again (the same file and flags).
+pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send>;
+
+/// How often the config file is checked for changes.
+const FILE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
     let kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
@@ -84,7 +90,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let (network, peers, updates) = match &config.source {
         Source::Static { network, peers } => {
             check_static_peers(&config, peers, &uplink_networks)?;
-            (*network, peers.clone(), None)
+            let updates = reload.map(|(path, reload)| watch_file(path, reload, config.clone()));
+            (*network, peers.clone(), updates)
         }
         Source::Etcd(etcd) => {
             let public_ip = match etcd.public_ip {
@@ -140,6 +147,63 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     agent.event_loop(listener, updates).await?;
     info!("shutting down: kernel routes stay, fast path detached");
     Ok(())
+}
+
+/// Sends the static peers again whenever the config file changes and still reads as a
+/// valid config. Only the peers are applied live; any other change is named in a
+/// warning and waits for a restart.
+fn watch_file(path: PathBuf, reload: Reload, running: Config) -> mpsc::Receiver<Vec<Peer>> {
+    let (tx, rx) = mpsc::channel(4);
+    let stamp = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    tokio::spawn(async move {
+        let mut seen = stamp(&path);
+        let mut tick = tokio::time::interval(FILE_CHECK_EVERY);
+        loop {
+            tick.tick().await;
+            let now = stamp(&path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let config = match reload() {
+                Ok(config) => config,
+                Err(e) => {
+                    warn!("{}: changed but not applied: {e}", path.display());
+                    continue;
+                }
+            };
+            let (Source::Static { network, peers }, Source::Static { network: old, .. }) =
+                (&config.source, &running.source)
+            else {
+                warn!(
+                    "{}: changed to etcd; restart the agent to apply it",
+                    path.display()
+                );
+                continue;
+            };
+            if network != old
+                || config.uplink != running.uplink
+                || config.bridge != running.bridge
+                || config.node_name != running.node_name
+                || config.fast_path != running.fast_path
+                || config.setup_node != running.setup_node
+            {
+                warn!(
+                    "{}: only peers are applied without a restart; the rest waits for one",
+                    path.display()
+                );
+            }
+            info!(
+                "{}: changed; applying its {} peers",
+                path.display(),
+                peers.len()
+            );
+            if tx.send(peers.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// What the programs need to know of this node.

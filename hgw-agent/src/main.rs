@@ -43,7 +43,7 @@ enum Command {
 }
 
 /// Every config file field has a flag; a flag overrides the file.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct RunArgs {
     /// TOML config file (fields: node_name, uplink, bridge, pod_cidr, cluster_cidr,
     /// setup_node, fast_path, status_socket, [[peers]] name/node_ip/pod_cidr).
@@ -185,16 +185,22 @@ fn main() -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     match cli.command {
         Command::Run(args) => {
+            // The same file and flags, read again when the file changes.
+            let file = args.config.clone();
+            let reread = args.clone();
             let config = args
                 .into_config()
                 .context("invalid configuration; nothing was changed")?;
+            let reload = file.map(|path| -> (PathBuf, agent::Reload) {
+                (path, Box::new(move || reread.clone().into_config()))
+            });
             log::info!(
                 "hgw-agent {} starting on node {}",
                 env!("CARGO_PKG_VERSION"),
                 config.node_name
             );
             runtime
-                .block_on(agent::run(config))
+                .block_on(agent::run(config, reload))
                 .context("hgw-agent run")
         }
         Command::Status {

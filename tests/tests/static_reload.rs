@@ -1,0 +1,73 @@
+//! The static peer file changes while the agent runs: a peer added or removed in the
+//! file is applied without a restart, and a broken edit is refused while the last good
+//! peers keep working.
+
+use std::time::Duration;
+
+use hgw_tests::{Lab, hgw_routes, ping};
+
+fn has_peer(status: &serde_json::Value, cidr: &str) -> bool {
+    status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|p| p["pod_cidr"] == cidr && p["route"] == true)
+}
+
+#[test]
+fn peer_file_changes_apply_without_a_restart() -> anyhow::Result<()> {
+    let mut lab = Lab::up(3, 1)?;
+    for node in 1..3 {
+        lab.start_agent(node, &[])?;
+    }
+    // n1 starts knowing only n2.
+    let full = lab.agent_config(0);
+    let n3_entry = format!(
+        "\n[[peers]]\nname = \"n3\"\nnode_ip = \"{}\"\npod_cidr = \"{}\"\n",
+        lab.nodes[2].uplink_ip, lab.nodes[2].pod_cidr
+    );
+    let without_n3 = full.replace(&n3_entry, "");
+    assert_ne!(
+        without_n3, full,
+        "could not cut n3 out of the config:\n{full}"
+    );
+    lab.start_agent_with_config(0, &without_n3, &[])?
+        .wait_ready(Duration::from_secs(15))?;
+    let pid = lab.agent(0).expect("agent").pid();
+    let path = lab.dir().join("n1.toml");
+    let n3 = lab.nodes[2].pod_cidr.clone();
+
+    std::fs::write(&path, &full)?;
+    let agent = lab.agent(0).expect("agent");
+    agent.wait_for(Duration::from_secs(5), |s| has_peer(s, &n3))?;
+    let (from, to) = (&lab.nodes[0].pods[0], &lab.nodes[2].pods[0]);
+    let out = ping(&from.ns, to.ip, 2, &[])?;
+    assert!(
+        out.status.success(),
+        "n1 -> n3 after adding n3 to the file:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A broken edit changes nothing.
+    std::fs::write(&path, format!("{full}\n[[peers]]\nname = \"bad\"\n"))?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        has_peer(&agent.status()?, &n3),
+        "a broken file dropped a peer"
+    );
+    assert!(
+        agent.log().contains("changed but not applied"),
+        "no warning for the broken file:\n{}",
+        agent.log()
+    );
+
+    std::fs::write(&path, &without_n3)?;
+    agent.wait_for(Duration::from_secs(5), |s| !has_peer(s, &n3))?;
+    let routes = hgw_routes(&lab.nodes[0].ns)?;
+    assert!(
+        !routes.iter().any(|r| r.starts_with(&n3)),
+        "route to removed peer left: {routes:?}"
+    );
+    assert_eq!(agent.pid(), pid, "the agent restarted");
+    Ok(())
+}
