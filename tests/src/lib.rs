@@ -21,6 +21,7 @@ mod etcd;
 mod kernel;
 mod lab;
 mod netns;
+mod stream;
 mod traffic;
 
 pub use agent::{Agent, agent_bin, counter, counter_sum};
@@ -31,4 +32,5 @@ pub use kernel::{
 };
 pub use lab::{CLUSTER_CIDR, Lab, Node, Pod, is_lab_id};
 pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
+pub use stream::paced_tcp_stream;
 pub use traffic::{ping, tcp_transfer, udp_exchange};
