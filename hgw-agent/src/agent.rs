@@ -9,7 +9,11 @@ use futures::StreamExt as _;
 use hgw_common::{NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig};
 use ipnet::Ipv4Net;
 use log::{debug, info, warn};
-use rtnetlink::{MulticastGroup, packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage};
+use rtnetlink::{
+    MulticastGroup,
+    packet_core::NetlinkPayload,
+    packet_route::{RouteNetlinkMessage, link::LinkMessage},
+};
 use tokio::{
     net::UnixListener,
     signal::unix::{SignalKind, signal},
@@ -17,10 +21,10 @@ use tokio::{
 };
 
 use crate::{
-    config::{Config, ConfigError, Network, Peer, Source},
+    config::{Attach, Config, ConfigError, Network, Peer, Source},
     datapath::{Datapath, DatapathError},
     etcd::{self, EtcdError},
-    kernel::{HgwRoute, Kernel, KernelError, Link, Neighbour, format_mac},
+    kernel::{HgwRoute, Kernel, KernelError, Link, Neighbour, format_mac, link_name, port_of},
     setup::{self, SetupError},
     status::{self, PeerStatus, Status},
 };
@@ -120,10 +124,14 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     };
     let datapath = if config.fast_path {
         let node = node_config(&network, &bridge, &uplink);
-        let datapath = Datapath::attach(&config.bridge, &config.uplink, node)?;
+        let datapath = Datapath::attach(&config.bridge, &config.uplink, node, config.attach)?;
+        let to_peer = match config.attach {
+            Attach::Bridge => format!("{} ingress", config.bridge),
+            Attach::Ports => format!("ingress of each port of {}", config.bridge),
+        };
         info!(
-            "fast path attached: {} ingress -> peers, {} ingress -> pods",
-            config.bridge, config.uplink
+            "fast path attached: {to_peer} -> peers, {} ingress -> pods",
+            config.uplink
         );
         Some(datapath)
     } else {
@@ -438,7 +446,50 @@ impl Agent {
                 // and go): the node config and every next hop carry them.
                 self.resync().await;
             }
+            RouteNetlinkMessage::NewLink(msg) => self.on_port(&msg, false),
+            RouteNetlinkMessage::DelLink(msg) => self.on_port(&msg, true),
             _ => {}
+        }
+    }
+
+    /// With Attach::Ports: a pod's veth joined the bridge (attach), or left it or
+    /// vanished (forget).
+    fn on_port(&mut self, msg: &LinkMessage, deleted: bool) {
+        if self.config.attach != Attach::Ports {
+            return;
+        }
+        let Some(datapath) = &mut self.datapath else {
+            return;
+        };
+        let index = msg.header.index;
+        if !deleted && port_of(msg) == Some(self.bridge.index) {
+            let Some(name) = link_name(msg) else { return };
+            match datapath.attach_port(&name, index) {
+                Ok(()) => debug!("fast path on bridge port {name}"),
+                Err(e) => warn!("bridge port {name}: {e}"),
+            }
+        } else if datapath.ports().any(|p| p == index) {
+            datapath.detach_port(index);
+        }
+    }
+
+    /// With Attach::Ports: the program on every current port of the bridge.
+    async fn attach_ports(&mut self) {
+        if self.config.attach != Attach::Ports {
+            return;
+        }
+        let Some(datapath) = &mut self.datapath else {
+            return;
+        };
+        match self.kernel.bridge_ports(self.bridge.index).await {
+            Ok(ports) => {
+                for (index, name) in ports {
+                    if let Err(e) = datapath.attach_port(&name, index) {
+                        warn!("bridge port {name}: {e}");
+                    }
+                }
+            }
+            Err(e) => warn!("{e}"),
         }
     }
 
@@ -492,6 +543,7 @@ impl Agent {
                 warn!("{e}");
             }
         }
+        self.attach_ports().await;
         self.remove_unwanted_routes().await;
         for i in 0..self.peers.len() {
             self.install_route(i).await;

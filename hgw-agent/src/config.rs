@@ -6,6 +6,8 @@ use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
+pub use crate::datapath::Attach;
+
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 
@@ -59,6 +61,7 @@ pub struct RawConfig {
     pub cluster_cidr: Option<String>,
     pub setup_node: Option<bool>,
     pub fast_path: Option<bool>,
+    pub attach: Option<Attach>,
     pub status_socket: Option<PathBuf>,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
@@ -165,6 +168,8 @@ pub struct Config {
     pub setup_node: bool,
     /// Load the eBPF fast path (off: kernel routes only, like flannel's host-gw).
     pub fast_path: bool,
+    /// Where the bridge-side program runs.
+    pub attach: Attach,
     pub status_socket: PathBuf,
 }
 
@@ -208,6 +213,7 @@ impl Config {
             source,
             setup_node: raw.setup_node.unwrap_or(false),
             fast_path: raw.fast_path.unwrap_or(true),
+            attach: raw.attach.unwrap_or_default(),
             status_socket: raw
                 .status_socket
                 .unwrap_or_else(|| DEFAULT_STATUS_SOCKET.into()),

@@ -5,12 +5,14 @@
 use aya::{
     Ebpf,
     maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
-    programs::{ProgramError, SchedClassifier, TcAttachType},
+    programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use hgw_common::{
     Counter, MAP_CONFIG, MAP_COUNTERS, MAP_ROUTES_V4, NextHop, NodeConfig, PROG_TO_PEER,
     PROG_TO_POD,
 };
+use std::collections::HashMap;
+
 use ipnet::Ipv4Net;
 use log::warn;
 
@@ -55,12 +57,43 @@ pub struct Datapath {
     config: Array<MapData, NodeConfig>,
     routes: LpmTrie<MapData, [u8; 4], NextHop>,
     counters: PerCpuArray<MapData, u64>,
+    /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
+    ports: HashMap<u32, SchedClassifierLinkId>,
+}
+
+/// Where the bridge-side program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Attach {
+    /// The bridge's ingress (cni0): pod traffic has been through the bridge first.
+    #[default]
+    Bridge,
+    /// Each bridge port's ingress (the pods' host-side veths), followed as pods come
+    /// and go: the bridge is skipped for forwarded traffic.
+    Ports,
+}
+
+fn program_error(
+    operation: &'static str,
+    program: &'static str,
+) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program {
+        operation,
+        program,
+        source,
+    }
 }
 
 impl Datapath {
-    /// Loads the programs, writes the node config and attaches `hgw_to_peer` to the
-    /// bridge's ingress and `hgw_to_pod` to the uplink's ingress.
-    pub fn attach(bridge: &str, uplink: &str, node: NodeConfig) -> Result<Self, DatapathError> {
+    /// Loads the programs, writes the node config, attaches `hgw_to_pod` to the uplink's
+    /// ingress and, with [`Attach::Bridge`], `hgw_to_peer` to the bridge's ingress (with
+    /// [`Attach::Ports`] the agent attaches it to each port with [`Datapath::attach_port`]).
+    pub fn attach(
+        bridge: &str,
+        uplink: &str,
+        node: NodeConfig,
+        attach: Attach,
+    ) -> Result<Self, DatapathError> {
         for interface in [bridge, uplink] {
             refuse_foreign_hgw(interface)?;
         }
@@ -77,28 +110,64 @@ impl Datapath {
             config,
             routes,
             counters,
+            ports: HashMap::new(),
         };
         datapath.set_config(node)?;
-
-        for (program, interface) in [(PROG_TO_PEER, bridge), (PROG_TO_POD, uplink)] {
-            let error = |operation| {
-                move |source| DatapathError::Program {
-                    operation,
-                    program,
-                    source,
-                }
-            };
-            let prog: &mut SchedClassifier = datapath
-                .ebpf
-                .program_mut(program)
-                .ok_or(DatapathError::MissingProgram(program))?
-                .try_into()
-                .map_err(error("finding"))?;
-            prog.load().map_err(error("loading"))?;
-            prog.attach(interface, TcAttachType::Ingress)
-                .map_err(error("attaching"))?;
+        for program in [PROG_TO_PEER, PROG_TO_POD] {
+            datapath
+                .program(program)?
+                .load()
+                .map_err(program_error("loading", program))?;
+        }
+        datapath
+            .program(PROG_TO_POD)?
+            .attach(uplink, TcAttachType::Ingress)
+            .map_err(program_error("attaching", PROG_TO_POD))?;
+        if attach == Attach::Bridge {
+            datapath
+                .program(PROG_TO_PEER)?
+                .attach(bridge, TcAttachType::Ingress)
+                .map_err(program_error("attaching", PROG_TO_PEER))?;
         }
         Ok(datapath)
+    }
+
+    /// Attaches `hgw_to_peer` to a bridge port's ingress (a pod's host-side veth), so
+    /// pod traffic is forwarded before the bridge runs. Idempotent.
+    pub fn attach_port(&mut self, name: &str, ifindex: u32) -> Result<(), DatapathError> {
+        if self.ports.contains_key(&ifindex) {
+            return Ok(());
+        }
+        refuse_foreign_hgw(name)?;
+        let link = self
+            .program(PROG_TO_PEER)?
+            .attach(name, TcAttachType::Ingress)
+            .map_err(program_error("attaching", PROG_TO_PEER))?;
+        self.ports.insert(ifindex, link);
+        Ok(())
+    }
+
+    /// Forgets a port that left the bridge or is gone (its tcx link dies with it).
+    pub fn detach_port(&mut self, ifindex: u32) {
+        if let Some(link) = self.ports.remove(&ifindex)
+            && let Ok(prog) = self.program(PROG_TO_PEER)
+        {
+            // Fails when the device is already gone, which detached it anyway.
+            let _ = prog.detach(link);
+        }
+    }
+
+    /// Interface indexes of the ports `hgw_to_peer` is attached to.
+    pub fn ports(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ports.keys().copied()
+    }
+
+    fn program(&mut self, program: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        self.ebpf
+            .program_mut(program)
+            .ok_or(DatapathError::MissingProgram(program))?
+            .try_into()
+            .map_err(program_error("finding", program))
     }
 
     /// Writes what the programs know of this node (its MACs may change while it runs).

@@ -188,6 +188,23 @@ impl Kernel {
         }
     }
 
+    /// The interfaces enslaved to bridge `bridge` (index, name).
+    pub async fn bridge_ports(&self, bridge: u32) -> Result<Vec<(u32, String)>, KernelError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing ports of bridge", bridge))?;
+        Ok(links
+            .iter()
+            .filter(|l| port_of(l) == Some(bridge))
+            .filter_map(|l| Some((l.header.index, link_name(l)?)))
+            .collect())
+    }
+
     /// The IPv4 networks assigned to interface `index` (address + prefix).
     pub async fn ipv4_networks(&self, index: u32) -> Result<Vec<Ipv4Net>, KernelError> {
         let messages: Vec<_> = self
@@ -332,6 +349,21 @@ impl Kernel {
             .await
             .map_err(netlink("resolving neighbour", ip))
     }
+}
+
+/// The bridge (or other controller) a link is enslaved to.
+pub fn port_of(msg: &LinkMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(index) => Some(*index),
+        _ => None,
+    })
+}
+
+pub fn link_name(msg: &LinkMessage) -> Option<String> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.clone()),
+        _ => None,
+    })
 }
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.

@@ -74,6 +74,10 @@ struct RunArgs {
     /// Kernel routes only, no eBPF programs (plain host-gw, for comparison).
     #[arg(long)]
     no_fast_path: bool,
+    /// Where the bridge-side program runs: on the bridge, or on each of its ports
+    /// (the pods' veths, skipping the bridge) [default: bridge].
+    #[arg(long, value_enum)]
+    attach: Option<hgw_agent::datapath::Attach>,
     /// Where `hgw-agent status` reaches this agent [default: /run/hgw/hgw.sock].
     #[arg(long)]
     status_socket: Option<PathBuf>,
@@ -129,6 +133,9 @@ impl RunArgs {
         }
         if self.no_fast_path {
             raw.fast_path = Some(false);
+        }
+        if self.attach.is_some() {
+            raw.attach = self.attach;
         }
         let etcd_flags = !self.etcd_endpoints.is_empty()
             || self.etcd_prefix.is_some()

@@ -390,6 +390,20 @@ impl Lab {
     }
 
     /// Pod `j` of node `i`: eth0 in the pod ns, veth<j> on the node's cni0.
+    /// One more pod on node index `node`, attached to its bridge now (as a CNI ADD would
+    /// while the agent runs).
+    pub fn add_pod(&mut self, node: usize) -> anyhow::Result<Pod> {
+        ensure!(
+            node < self.nodes.len(),
+            "no node index {node} in lab {}",
+            self.id
+        );
+        let j = self.nodes[node].pods.len() + 1;
+        let pod = self.build_pod(node + 1, j)?;
+        self.nodes[node].pods.push(pod.clone());
+        Ok(pod)
+    }
+
     fn build_pod(&mut self, i: usize, j: usize) -> anyhow::Result<Pod> {
         let node_ns = format!("{}-n{i}", self.id);
         let ns = self.add_namespace(&format!("n{i}p{j}"))?;
@@ -423,6 +437,32 @@ impl Lab {
             "-n", &node_ns, "link", "set", &host_end, "master", "cni0", "up",
         ])?;
         Ok(Pod { ns, ip: pod_ip })
+    }
+
+    /// Two more namespaces, `<id>-d1` and `<id>-d2`, joined by a single veth pair (`eth0`
+    /// in each, 10.99.0.1/24 and 10.99.0.2/24): two pods with nothing between them, the
+    /// practical limit a benchmark compares the routed paths with. They belong to the
+    /// lab and are deleted with it.
+    pub fn add_direct_pair(&mut self) -> anyhow::Result<(Pod, Pod)> {
+        let a = self.add_namespace("d1")?;
+        let b = self.add_namespace("d2")?;
+        ip(&[
+            "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b,
+        ])?;
+        let ips = [Ipv4Addr::new(10, 99, 0, 1), Ipv4Addr::new(10, 99, 0, 2)];
+        for (ns, addr) in [(&a, ips[0]), (&b, ips[1])] {
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        }
+        Ok((Pod { ns: a, ip: ips[0] }, Pod { ns: b, ip: ips[1] }))
     }
 
     /// `ip netns add <id>-<suffix>` with lo up; recorded for cleanup as soon as it exists.

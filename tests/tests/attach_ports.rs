@@ -1,0 +1,84 @@
+//! With `--attach ports` the bridge-side program runs on each bridge port (the pods'
+//! host-side veths) instead of cni0, follows pods as they come and go, and carries
+//! their traffic.
+
+use std::time::{Duration, Instant};
+
+use hgw_tests::{Lab, counter_sum, hgw_programs, ping};
+
+fn port_programs(ns: &str) -> anyhow::Result<Vec<String>> {
+    Ok(hgw_programs(ns)?
+        .into_iter()
+        .filter(|p| p.contains("hgw_to_peer"))
+        .collect())
+}
+
+#[test]
+fn the_program_follows_the_bridge_ports() -> anyhow::Result<()> {
+    let mut lab = Lab::up(2, 2)?;
+    for node in 0..2 {
+        lab.start_agent(node, &["--attach", "ports"])?
+            .wait_ready(Duration::from_secs(15))?;
+    }
+    let ns = lab.nodes[0].ns.clone();
+    let attached = port_programs(&ns)?;
+    assert!(
+        attached.iter().any(|p| p.starts_with("veth1 ingress"))
+            && attached.iter().any(|p| p.starts_with("veth2 ingress")),
+        "not on every port: {attached:?}"
+    );
+    assert!(
+        !attached.iter().any(|p| p.starts_with("cni0")),
+        "also on cni0: {attached:?}"
+    );
+
+    // A pod created while the agent runs gets the program within a second.
+    let pod = lab.add_pod(0)?;
+    let added = Instant::now();
+    while !port_programs(&ns)?
+        .iter()
+        .any(|p| p.starts_with("veth3 ingress"))
+    {
+        assert!(
+            added.elapsed() < Duration::from_secs(1),
+            "new port not attached: {:?}",
+            port_programs(&ns)?
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let before = lab.statuses()?;
+    let targets: Vec<_> = lab.nodes[1].pods.clone();
+    let mut sent = 0;
+    for from in lab.nodes[0].pods.clone() {
+        for to in &targets {
+            let out = ping(&from.ns, to.ip, 2, &[])?;
+            assert!(
+                out.status.success(),
+                "ping {} -> {}:\n{}",
+                from.ip,
+                to.ip,
+                String::from_utf8_lossy(&out.stdout)
+            );
+            sent += 4;
+        }
+    }
+    let after = lab.statuses()?;
+    let grew = counter_sum(&after, "fwd_to_peer") - counter_sum(&before, "fwd_to_peer");
+    assert!(
+        grew >= sent,
+        "fwd_to_peer grew by {grew}, expected at least {sent}"
+    );
+
+    // A pod that goes away takes its port's program with it; the agent notices.
+    hgw_tests::run_in_ok(&ns, "ip", &["link", "del", "veth3"])?;
+    drop(pod);
+    std::thread::sleep(Duration::from_millis(200));
+    let left = port_programs(&ns)?;
+    assert!(!left.iter().any(|p| p.starts_with("veth3")), "{left:?}");
+    assert!(
+        lab.agent(0).expect("agent").is_running(),
+        "agent died when a port went away"
+    );
+    Ok(())
+}
