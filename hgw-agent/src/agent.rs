@@ -6,13 +6,13 @@
 use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use futures::StreamExt as _;
-use hgw_common::{NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig};
+use hgw_common::{Endpoint, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig};
 use ipnet::Ipv4Net;
 use log::{debug, info, warn};
 use rtnetlink::{
     MulticastGroup,
     packet_core::NetlinkPayload,
-    packet_route::{RouteNetlinkMessage, link::LinkMessage},
+    packet_route::{AddressFamily, RouteNetlinkMessage, link::LinkMessage},
 };
 use tokio::{
     net::UnixListener,
@@ -76,6 +76,8 @@ pub struct Agent {
     skipped: Vec<Peer>,
     /// What the fast-path map holds, to write only what changed.
     map: HashMap<Ipv4Net, NextHop>,
+    /// What the endpoint map holds: local pods for direct delivery.
+    endpoints: HashMap<Ipv4Addr, Endpoint>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
@@ -150,6 +152,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         peers: Vec::new(),
         skipped: Vec::new(),
         map: HashMap::new(),
+        endpoints: HashMap::new(),
     };
     agent.set_peers(peers).await;
     agent.event_loop(listener, updates).await?;
@@ -403,6 +406,13 @@ impl Agent {
 
     async fn on_event(&mut self, message: RouteNetlinkMessage) {
         match message {
+            RouteNetlinkMessage::NewNeighbour(msg) | RouteNetlinkMessage::DelNeighbour(msg)
+                if msg.header.family == AddressFamily::Bridge
+                    || msg.header.ifindex == self.bridge.index =>
+            {
+                // A pod's MAC (bridge neighbour table) or its port (forwarding table).
+                self.sync_endpoints().await;
+            }
             RouteNetlinkMessage::NewNeighbour(msg) => {
                 if let Some(n) = Neighbour::from_message(&msg) {
                     self.on_neighbour(n, false).await;
@@ -446,8 +456,14 @@ impl Agent {
                 // and go): the node config and every next hop carry them.
                 self.resync().await;
             }
-            RouteNetlinkMessage::NewLink(msg) => self.on_port(&msg, false),
-            RouteNetlinkMessage::DelLink(msg) => self.on_port(&msg, true),
+            RouteNetlinkMessage::NewLink(msg) => {
+                self.on_port(&msg, false);
+                self.sync_endpoints().await;
+            }
+            RouteNetlinkMessage::DelLink(msg) => {
+                self.on_port(&msg, true);
+                self.sync_endpoints().await;
+            }
             _ => {}
         }
     }
@@ -470,6 +486,79 @@ impl Agent {
             }
         } else if datapath.ports().any(|p| p == index) {
             datapath.detach_port(index);
+        }
+    }
+
+    /// Local pods the uplink program can deliver to directly: IP -> MAC from the
+    /// bridge's neighbour table, MAC -> port from the bridge's forwarding table. A pod
+    /// keeps its port after the forwarding entry ages out (pods do not move between
+    /// veths); it loses its endpoint when its neighbour entry or its port goes, and the
+    /// uplink program then delivers through the bridge.
+    async fn sync_endpoints(&mut self) {
+        if self.datapath.is_none() {
+            return;
+        }
+        let (neighbours, learned, ports) = match (
+            self.kernel.neighbours(self.bridge.index).await,
+            self.kernel.learned_macs().await,
+            self.kernel.bridge_ports(self.bridge.index).await,
+        ) {
+            (Ok(n), Ok(l), Ok(p)) => (n, l, p),
+            (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return warn!("{e}"),
+        };
+        let is_port = |index: u32| ports.iter().any(|(p, _)| *p == index);
+        let mut desired = HashMap::new();
+        for n in neighbours.values() {
+            let Some(mac) = n.mac else { continue };
+            if !self.network.pod_cidr.contains(&n.ip) {
+                continue;
+            }
+            let port = learned
+                .get(&mac)
+                .copied()
+                .or_else(|| {
+                    self.endpoints
+                        .get(&n.ip)
+                        .filter(|e| e.mac == mac)
+                        .map(|e| e.ifindex)
+                })
+                .filter(|p| is_port(*p));
+            if let Some(ifindex) = port {
+                desired.insert(
+                    n.ip,
+                    Endpoint {
+                        ifindex,
+                        mac,
+                        _pad: [0; 2],
+                    },
+                );
+            }
+        }
+        let Some(datapath) = &mut self.datapath else {
+            return;
+        };
+        self.endpoints.retain(|ip, _| {
+            desired.contains_key(ip) || {
+                if let Err(e) = datapath.remove_endpoint(*ip) {
+                    warn!("{e}");
+                }
+                false
+            }
+        });
+        for (ip, endpoint) in desired {
+            if self.endpoints.get(&ip) != Some(&endpoint) {
+                match datapath.set_endpoint(ip, endpoint) {
+                    Ok(()) => {
+                        debug!(
+                            "pod {ip}: {} on port {}",
+                            format_mac(endpoint.mac),
+                            endpoint.ifindex
+                        );
+                        self.endpoints.insert(ip, endpoint);
+                    }
+                    Err(e) => warn!("{e}"),
+                }
+            }
         }
     }
 
@@ -544,6 +633,7 @@ impl Agent {
             }
         }
         self.attach_ports().await;
+        self.sync_endpoints().await;
         self.remove_unwanted_routes().await;
         for i in 0..self.peers.len() {
             self.install_route(i).await;
@@ -731,6 +821,7 @@ impl Agent {
                 })
                 .collect(),
             counters,
+            endpoints: self.endpoints.len(),
         }
     }
 }

@@ -8,10 +8,10 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use hgw_common::{
-    Counter, MAP_CONFIG, MAP_COUNTERS, MAP_ROUTES_V4, NextHop, NodeConfig, PROG_TO_PEER,
-    PROG_TO_POD,
+    Counter, Endpoint, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ROUTES_V4, NextHop,
+    NodeConfig, PROG_TO_PEER, PROG_TO_POD,
 };
-use std::collections::HashMap;
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use log::warn;
@@ -57,6 +57,7 @@ pub struct Datapath {
     config: Array<MapData, NodeConfig>,
     routes: LpmTrie<MapData, [u8; 4], NextHop>,
     counters: PerCpuArray<MapData, u64>,
+    endpoints: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
     ports: HashMap<u32, SchedClassifierLinkId>,
 }
@@ -105,11 +106,13 @@ impl Datapath {
         let config = take_map(&mut ebpf, MAP_CONFIG)?;
         let routes = take_map(&mut ebpf, MAP_ROUTES_V4)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let endpoints = take_map(&mut ebpf, MAP_ENDPOINTS_V4)?;
         let mut datapath = Self {
             ebpf,
             config,
             routes,
             counters,
+            endpoints,
             ports: HashMap::new(),
         };
         datapath.set_config(node)?;
@@ -179,6 +182,27 @@ impl Datapath {
                 map: MAP_CONFIG,
                 source,
             })
+    }
+
+    pub fn set_endpoint(&mut self, ip: Ipv4Addr, endpoint: Endpoint) -> Result<(), DatapathError> {
+        self.endpoints
+            .insert(ip.octets(), endpoint, 0)
+            .map_err(|source| DatapathError::Map {
+                operation: "updating",
+                map: MAP_ENDPOINTS_V4,
+                source,
+            })
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        match self.endpoints.remove(&ip.octets()) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                operation: "deleting from",
+                map: MAP_ENDPOINTS_V4,
+                source,
+            }),
+        }
     }
 
     pub fn set_route(&mut self, cidr: Ipv4Net, next_hop: NextHop) -> Result<(), DatapathError> {

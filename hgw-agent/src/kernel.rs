@@ -336,6 +336,37 @@ impl Kernel {
             .collect())
     }
 
+    /// The bridge's learned forwarding entries: MAC -> port ifindex (the ports' own
+    /// addresses, which the bridge keeps as permanent entries, left out).
+    pub async fn learned_macs(&self) -> Result<HashMap<[u8; 6], u32>, KernelError> {
+        let messages: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing", "bridge forwarding entries"))?;
+        Ok(messages
+            .iter()
+            .filter(|m| {
+                !matches!(
+                    m.header.state,
+                    NeighbourState::Permanent | NeighbourState::Noarp
+                )
+            })
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(mac) => {
+                        Some((<[u8; 6]>::try_from(mac.as_slice()).ok()?, m.header.ifindex))
+                    }
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
     /// Asks the kernel to resolve `ip` on interface `index` (NTF_USE: it sends an ARP
     /// request as if a packet were waiting), without sending any packet ourselves.
     pub async fn resolve_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), KernelError> {

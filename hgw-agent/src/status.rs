@@ -35,6 +35,9 @@ pub struct Status {
     pub fast_path: bool,
     pub peers: Vec<PeerStatus>,
     pub counters: BTreeMap<String, u64>,
+    /// Local pods the uplink program delivers to directly.
+    #[serde(default)]
+    pub endpoints: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,7 +94,11 @@ impl std::fmt::Display for Status {
         } else {
             "kernel routes only"
         };
-        writeln!(f, "state {state}, {path}")?;
+        writeln!(
+            f,
+            "state {state}, {path}, {} local pods for direct delivery",
+            self.endpoints
+        )?;
         writeln!(f)?;
         writeln!(
             f,

@@ -11,8 +11,13 @@ use bytemuck::{Pod, Zeroable};
 pub const MAP_ROUTES_V4: &str = "HGW_ROUTES_V4";
 /// Array with one [`NodeConfig`] at index 0.
 pub const MAP_CONFIG: &str = "HGW_CONFIG";
+/// Hash: local pod IPv4 (octets) -> [`Endpoint`], for delivery straight into the pod.
+pub const MAP_ENDPOINTS_V4: &str = "HGW_ENDPOINTS";
 /// Per-CPU `u64` packet counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "HGW_COUNTERS";
+
+/// Most local pods one node can deliver to directly.
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 4_096;
 
 /// Most peer pod CIDRs one node can hold in its fast-path table.
 pub const ROUTES_V4_MAX_ENTRIES: u32 = 16_384;
@@ -45,6 +50,19 @@ pub struct NextHop {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<NextHop>() == 24);
+
+/// A local pod, for delivery with bpf_redirect_peer: the host-side veth whose peer is
+/// the pod's interface, and the pod's MAC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Endpoint {
+    /// The pod's host-side veth (a port of the bridge).
+    pub ifindex: u32,
+    /// The pod's MAC (on its side of the veth).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Endpoint>() == 12);
 
 /// This node, as the fast path needs to know it.
 #[repr(C)]
@@ -100,8 +118,11 @@ macro_rules! counters {
 counters! {
     /// Local pod -> peer pod: MACs rewritten, TTL - 1, redirected to the uplink.
     FwdToPeer = "fwd_to_peer",
-    /// Peer -> local pod: TTL - 1, redirected into the bridge.
+    /// Peer -> local pod: TTL - 1, delivered (into the pod, or into the bridge).
     FwdToPod = "fwd_to_pod",
+    /// Of `fwd_to_pod`: delivered straight into the pod's veth (bpf_redirect_peer),
+    /// skipping the bridge.
+    FwdToPodDirect = "fwd_to_pod_direct",
     /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...).
     PassNotIpv4 = "pass_not_ipv4",
     /// Not unicast to this node: broadcast or multicast, or not sent to the
@@ -138,4 +159,6 @@ mod user {
     unsafe impl aya::Pod for super::NextHop {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Endpoint {}
 }

@@ -14,20 +14,25 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
-    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use hgw_common::{
-    COUNTERS_LEN, Counter, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES,
+    COUNTERS_LEN, Counter, ENDPOINTS_MAX_ENTRIES, Endpoint, NEXT_HOP_MAC_KNOWN, NextHop,
+    NodeConfig, ROUTES_V4_MAX_ENTRIES,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 #[map]
 static HGW_ROUTES_V4: LpmTrie<[u8; 4], NextHop> =
     LpmTrie::with_max_entries(ROUTES_V4_MAX_ENTRIES, 0);
+
+#[map]
+static HGW_ENDPOINTS: HashMap<[u8; 4], Endpoint> =
+    HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
 
 #[map]
 static HGW_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
@@ -101,7 +106,7 @@ fn try_to_peer(ctx: &TcContext) -> Result<(), Counter> {
 
 fn try_to_pod(ctx: &TcContext) -> Result<(), Counter> {
     let config = HGW_CONFIG.get(0).ok_or(Counter::PassNotPod)?;
-    let (_eth, ip) = parse_ipv4(ctx, config.uplink_mac)?;
+    let (eth, ip) = parse_ipv4(ctx, config.uplink_mac)?;
     // SAFETY: parse_ipv4 checked that the whole IPv4 header is inside the packet.
     let dst = unsafe { (*ip).dst_addr };
     if !config.owns_v4(dst) {
@@ -109,10 +114,26 @@ fn try_to_pod(ctx: &TcContext) -> Result<(), Counter> {
     }
     check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
 
+    // SAFETY: a plain lookup; the value is copied out at once.
+    let endpoint = unsafe { HGW_ENDPOINTS.get(dst) }.copied();
     // SAFETY: ip points into the packet (bounds checked by parse_ipv4).
     unsafe { decrement_ttl(ip) };
-    // The bridge's neighbour table knows the pod's MAC (or resolves it, queueing the
-    // packet): the kernel fills in both MACs, so no endpoint map is needed here.
+    if let Some(endpoint) = endpoint {
+        // A known pod: straight into its namespace, past the bridge, as the gateway
+        // would have sent it.
+        // SAFETY: eth points into the packet (bounds checked by parse_ipv4).
+        unsafe {
+            (*eth).dst_addr = endpoint.mac;
+            (*eth).src_addr = config.bridge_mac;
+        }
+        // SAFETY: plain helper call; flags must be 0.
+        let action = unsafe { bpf_redirect_peer(endpoint.ifindex, 0) };
+        redirected(action)?;
+        count(Counter::FwdToPodDirect);
+        return Ok(());
+    }
+    // Otherwise the bridge's neighbour table knows the pod's MAC (or resolves it,
+    // queueing the packet): the kernel fills in both MACs.
     // SAFETY: a null params pointer asks the kernel to use the packet's destination.
     let action = unsafe { bpf_redirect_neigh(config.bridge_ifindex, core::ptr::null_mut(), 0, 0) };
     redirected(action)

@@ -9,8 +9,8 @@ use aya::{
 };
 use hgw_agent::datapath::PROGRAMS;
 use hgw_common::{
-    Counter, MAP_CONFIG, MAP_COUNTERS, MAP_ROUTES_V4, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig,
-    PROG_TO_PEER, PROG_TO_POD,
+    Counter, Endpoint, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ROUTES_V4,
+    NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -78,6 +78,19 @@ fn load() -> Programs {
             .insert(&Key::new(prefix, addr), next_hop(mac), 0)
             .expect("insert route");
     }
+    let mut endpoints: aya::maps::HashMap<MapData, [u8; 4], Endpoint> = ebpf
+        .take_map(MAP_ENDPOINTS_V4)
+        .expect("endpoints map")
+        .try_into()
+        .expect("hash map");
+    let pod = Endpoint {
+        ifindex: 9,
+        mac: POD_MAC,
+        _pad: [0; 2],
+    };
+    endpoints
+        .insert([10, 244, 1, 12], pod, 0)
+        .expect("insert endpoint");
     let counters = ebpf
         .take_map(MAP_COUNTERS)
         .expect("counters map")
@@ -455,7 +468,18 @@ fn uplink_side_delivers_to_local_pods_only() {
     assert_eq!(
         out[0..12],
         input[0..12],
-        "MACs are the kernel's job (bpf_redirect_neigh)"
+        "an unknown pod: MACs are the kernel's job (bpf_redirect_neigh)"
+    );
+    // A known pod: straight into its veth, addressed as the gateway would.
+    let direct = p.counter(Counter::FwdToPodDirect);
+    let input = frame(UPLINK_MAC, [10, 244, 2, 11], [10, 244, 1, 12], 63);
+    let out = p.expect_redirect(PROG_TO_POD, &input, Counter::FwdToPod, "to a known pod");
+    assert_eq!(out[0..6], POD_MAC, "destination MAC is the pod's");
+    assert_eq!(out[6..12], BRIDGE_MAC, "source MAC is the gateway's");
+    assert_eq!(
+        p.counter(Counter::FwdToPodDirect),
+        direct + 1,
+        "fwd_to_pod_direct"
     );
     p.expect_pass(
         PROG_TO_POD,

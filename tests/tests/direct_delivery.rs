@@ -1,0 +1,65 @@
+//! Traffic from a peer to a local pod the agent knows (IP -> MAC -> port learned from
+//! the bridge) goes straight into the pod's veth with bpf_redirect_peer, skipping the
+//! bridge; when the pod's entry goes, delivery falls back to the bridge, losing nothing.
+
+use std::time::Duration;
+
+use hgw_tests::{Lab, counter, ping, run_in_ok};
+
+#[test]
+fn known_pods_get_their_packets_straight_into_their_veth() -> anyhow::Result<()> {
+    let lab = Lab::up_with_agents(2, 2)?;
+    let (n1, n2) = (lab.nodes[0].clone(), lab.nodes[1].clone());
+    let agent = lab.agent(1).expect("agent");
+    // The first exchange goes through the bridge, which teaches the kernel (and so the
+    // agent) where the pods are.
+    for from in &n1.pods {
+        for to in &n2.pods {
+            assert!(ping(&from.ns, to.ip, 1, &[])?.status.success());
+        }
+    }
+    let status = agent.wait_for(Duration::from_secs(2), |s| {
+        s["endpoints"].as_u64() >= Some(2)
+    })?;
+    let before = counter(&status, "fwd_to_pod_direct");
+    let out = ping(&n1.pods[0].ns, n2.pods[1].ip, 5, &[])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let after = counter(&agent.status()?, "fwd_to_pod_direct");
+    assert!(after >= before + 5, "fwd_to_pod_direct {before} -> {after}");
+
+    // The pod's neighbour entry goes: its endpoint goes, delivery goes via the bridge.
+    run_in_ok(
+        &n2.ns,
+        "ip",
+        &["neigh", "del", &n2.pods[1].ip.to_string(), "dev", "cni0"],
+    )?;
+    let status = agent.wait_for(Duration::from_secs(2), |s| {
+        s["endpoints"].as_u64() == Some(1)
+    })?;
+    let (direct, total) = (
+        counter(&status, "fwd_to_pod_direct"),
+        counter(&status, "fwd_to_pod"),
+    );
+    let out = ping(&n1.pods[0].ns, n2.pods[1].ip, 1, &[])?;
+    assert!(
+        out.status.success(),
+        "delivery through the bridge failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let status = agent.status()?;
+    assert!(
+        counter(&status, "fwd_to_pod") > total,
+        "not delivered by the fast path at all"
+    );
+    // That exchange re-resolved the pod, so it may be direct again right away; the
+    // first packet, though, went through the bridge.
+    assert!(
+        counter(&status, "fwd_to_pod_direct") - direct < counter(&status, "fwd_to_pod") - total,
+        "every packet went direct without an endpoint"
+    );
+    Ok(())
+}
