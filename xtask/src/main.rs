@@ -1,5 +1,9 @@
 //! `cargo xtask ...`: set-up of the eBPF toolchain, build, run, namespace lab, demo, tests.
 
+mod bench;
+mod bench_prog;
+mod bench_report;
+mod bench_traffic;
 mod demo;
 mod setup;
 mod util;
@@ -41,6 +45,9 @@ enum Task {
     Test,
     /// A 3-node lab with an agent per node: traffic between all pods, counters.
     Demo,
+    /// Benchmark: kernel routing vs hgw's fast path vs a direct veth pair, and the
+    /// programs' in-kernel cost; writes bench/results/<date>.{md,json,svg}.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -86,6 +93,7 @@ fn dispatch(task: Task) -> anyhow::Result<ExitCode> {
         Task::Lab { action } => lab(action)?,
         Task::Test => test()?,
         Task::Demo => return demo::demo(),
+        Task::Bench(args) => return bench::bench(args),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -119,6 +127,9 @@ fn test() -> anyhow::Result<()> {
             "bpfel-unknown-none",
         ])
         .args(["-Z", "build-std=core", "--", "-D", "warnings"]))?;
+    // The benchmark's harness and its path checks, briefly: a mode whose traffic did
+    // not take the intended path fails the run; no timing is asserted.
+    run(cargo().args(["xtask", "bench", "--smoke", "--out", "target/bench-smoke"]))?;
     Ok(())
 }
 

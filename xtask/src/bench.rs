@@ -1,0 +1,556 @@
+//! `cargo xtask bench`: pod-to-pod traffic across two lab nodes in three modes, side by
+//! side, and the in-kernel cost of the programs.
+//!
+//! Modes: `kernel` (agents with --no-fast-path: flannel's host-gw, kernel routes only),
+//! `hgw` (agents with the fast path), `direct` (two namespaces joined by one veth pair:
+//! the practical limit). Two labs exist at once (one per routed mode) plus the direct
+//! pair, so the modes can be interleaved without restarting agents: every round runs
+//! each test in each mode, the modes in a rotated order, and ratios are taken within a
+//! round. A mode whose path check fails is not reported.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use hgw_tests::{Lab, Pod, counter_sum, tcx_programs};
+use serde_json::Value;
+
+use crate::bench_prog::{ProgCost, program_costs};
+use crate::bench_report::{Report, write_report};
+use crate::bench_traffic::{Ends, Window, other_cpu, tcp_rr, tcp_streams, udp_flood};
+use crate::demo::Interrupted;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const WARMUP: Duration = Duration::from_millis(300);
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Rounds; every round runs each test in each mode.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds measured per test and mode (after a 0.3 s warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// CI variant: 1 round, 1 s per test, fewer program-cost trials.
+    #[arg(long)]
+    smoke: bool,
+    /// Run only these tests (udp64, rr-same-cpu, rr-diff-cpu, tcp-1, tcp-4).
+    #[arg(long, value_delimiter = ',')]
+    tests: Vec<String>,
+    /// An extra hgw mode, NAME=AGENT ARGS (e.g. `hgw-ports=--attach ports`): its own
+    /// lab with agents started with those arguments. Repeatable.
+    #[arg(long = "variant", value_name = "NAME=ARGS")]
+    variants: Vec<String>,
+    /// Where the results go (relative to the workspace root).
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+/// What a mode's traffic goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Agents with --no-fast-path: kernel routes only.
+    Kernel,
+    /// Agents with the fast path (and the mode's extra agent arguments).
+    Hgw,
+    /// One veth pair.
+    Direct,
+}
+
+/// A mode: `kernel`, `hgw`, any `--variant`, `direct`, in that order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mode {
+    pub name: String,
+    pub kind: Kind,
+    /// Extra agent arguments (hgw variants).
+    pub agent_args: Vec<String>,
+}
+
+/// The modes for `variants` (`NAME=AGENT ARGS`): kernel, hgw, the variants, direct.
+fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
+    let mode = |name: &str, kind, agent_args: Vec<String>| Mode {
+        name: name.to_owned(),
+        kind,
+        agent_args,
+    };
+    let mut modes = vec![
+        mode("kernel", Kind::Kernel, vec!["--no-fast-path".into()]),
+        mode("hgw", Kind::Hgw, vec!["--attach".into(), "bridge".into()]),
+        // The agent's other attachment: the bridge-side program on each pod veth.
+        mode("hgw-ports", Kind::Hgw, vec!["--attach".into(), "ports".into()]),
+    ];
+    for v in variants {
+        let (name, args) = v
+            .split_once('=')
+            .with_context(|| format!("--variant {v:?}: expected NAME=AGENT ARGS"))?;
+        anyhow::ensure!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && !matches!(name, "kernel" | "hgw" | "hgw-ports" | "direct")
+                && !modes.iter().any(|m| m.name == name),
+            "--variant {v:?}: the name must be new and made of letters, digits, - and _"
+        );
+        modes.push(mode(
+            name,
+            Kind::Hgw,
+            args.split_whitespace().map(str::to_owned).collect(),
+        ));
+    }
+    modes.push(mode("direct", Kind::Direct, Vec::new()));
+    Ok(modes)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Test {
+    Udp,
+    RrSame,
+    RrDiff,
+    Tcp1,
+    Tcp4,
+}
+
+impl Test {
+    const ALL: [Test; 5] = [
+        Test::Udp,
+        Test::RrSame,
+        Test::RrDiff,
+        Test::Tcp1,
+        Test::Tcp4,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Test::Udp => "udp64",
+            Test::RrSame => "rr-same-cpu",
+            Test::RrDiff => "rr-diff-cpu",
+            Test::Tcp1 => "tcp-1",
+            Test::Tcp4 => "tcp-4",
+        }
+    }
+}
+
+/// A metric the report shows.
+pub struct Metric {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+    pub higher_is_better: bool,
+}
+
+pub const METRICS: &[Metric] = &[
+    Metric {
+        key: "udp_mpps",
+        label: "UDP 64 B received",
+        unit: "Mpps",
+        higher_is_better: true,
+    },
+    Metric {
+        key: "udp_cpu_ns",
+        label: "CPU per UDP packet",
+        unit: "ns",
+        higher_is_better: false,
+    },
+    Metric {
+        key: "udp_softirq_ns",
+        label: "softirq per UDP packet",
+        unit: "ns",
+        higher_is_better: false,
+    },
+    Metric {
+        key: "rr_same_p50",
+        label: "TCP RR p50, same CPU",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Metric {
+        key: "rr_same_p99",
+        label: "TCP RR p99, same CPU",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Metric {
+        key: "rr_diff_p50",
+        label: "TCP RR p50, other CPU",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Metric {
+        key: "rr_diff_p99",
+        label: "TCP RR p99, other CPU",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Metric {
+        key: "tcp1_gbps",
+        label: "TCP, 1 stream",
+        unit: "Gbit/s",
+        higher_is_better: true,
+    },
+    Metric {
+        key: "tcp4_gbps",
+        label: "TCP, 4 streams",
+        unit: "Gbit/s",
+        higher_is_better: true,
+    },
+];
+
+/// One measured value.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub round: usize,
+    /// Index into the report's modes.
+    pub mode: usize,
+    pub metric: &'static str,
+    pub value: f64,
+}
+
+/// A measurement whose path check failed: its numbers are not reported.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub round: usize,
+    /// Index into the report's modes.
+    pub mode: usize,
+    pub test: &'static str,
+    pub reason: String,
+}
+
+/// One lab per routed mode (same index as the modes), and the direct pair (inside the
+/// first lab, so it is deleted with it).
+struct Setup {
+    labs: Vec<Lab>,
+    direct: (Pod, Pod),
+}
+
+impl Setup {
+    fn ends(&self, mode: usize, kind: Kind) -> Ends {
+        let (from, to) = match kind {
+            Kind::Direct => (&self.direct.0, &self.direct.1),
+            Kind::Kernel | Kind::Hgw => (
+                &self.labs[mode].nodes[0].pods[0],
+                &self.labs[mode].nodes[1].pods[0],
+            ),
+        };
+        Ends {
+            client_ns: from.ns.clone(),
+            server_ns: to.ns.clone(),
+            server_ip: to.ip,
+        }
+    }
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&interrupted);
+    ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: stopping the current measurement and removing the labs");
+        flag.store(true, Ordering::SeqCst);
+    })
+    .context("installing the Ctrl-C handler")?;
+    let check = || -> anyhow::Result<()> {
+        if interrupted.load(Ordering::SeqCst) {
+            return Err(Interrupted.into());
+        }
+        Ok(())
+    };
+    let (rounds, duration, trials) = if args.smoke {
+        (1, Duration::from_secs(1), 300)
+    } else {
+        anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
+        anyhow::ensure!(
+            args.duration >= 0.1,
+            "--duration must be at least 0.1 seconds"
+        );
+        (args.rounds, Duration::from_secs_f64(args.duration), 3000)
+    };
+
+    let modes = modes(&args.variants)?;
+    for t in &args.tests {
+        anyhow::ensure!(
+            Test::ALL.iter().any(|k| k.name() == t),
+            "unknown test {t:?}: expected one of udp64, rr-same-cpu, rr-diff-cpu, tcp-1, tcp-4"
+        );
+    }
+    crate::build()?;
+    check()?;
+
+    println!("bench: in-kernel program cost (BPF_PROG_TEST_RUN, {trials} trials per case)");
+    let agent = crate::util::agent_path();
+    // On its own thread: it pins itself to CPU 0.
+    let costs: Vec<ProgCost> = std::thread::spawn(move || program_costs(&agent, trials))
+        .join()
+        .map_err(|_| anyhow::anyhow!("program cost thread panicked"))??;
+    for c in &costs {
+        println!(
+            "  {:<22} {:<34} {:>6} entries  {:>6.1} ns/run  {:>5.2}x empty",
+            c.program, c.case, c.entries, c.ns_per_run, c.vs_empty
+        );
+    }
+    check()?;
+
+    let setup = set_up(&modes, &check)?;
+    for (mode, lab) in modes.iter().zip(&setup.labs) {
+        println!("bench: {}: lab {}", mode.name, lab.id);
+    }
+    println!(
+        "bench: direct: {} <-> {}",
+        setup.direct.0.ns, setup.direct.1.ns
+    );
+    let mut samples = Vec::new();
+    let mut refusals = Vec::new();
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..modes.len()).collect();
+        order.rotate_left(round % modes.len());
+        let order_names: Vec<_> = order.iter().map(|&m| modes[m].name.as_str()).collect();
+        println!(
+            "round {}/{rounds}: order {}",
+            round + 1,
+            order_names.join(", ")
+        );
+        for test in Test::ALL {
+            if !args.tests.is_empty() && !args.tests.iter().any(|t| t == test.name()) {
+                continue;
+            }
+            for &mode in &order {
+                check()?;
+                let window = Window {
+                    warmup: WARMUP,
+                    duration,
+                    interrupted: &interrupted,
+                };
+                match measure(&setup, &modes, mode, test, window) {
+                    Ok((values, path)) => {
+                        let shown: Vec<String> = values
+                            .iter()
+                            .map(|(k, v)| format!("{k} {}", fmt_value(*v)))
+                            .collect();
+                        println!(
+                            "  {:<12} {:<7} {}  [{path}]",
+                            test.name(),
+                            modes[mode].name,
+                            shown.join("  ")
+                        );
+                        samples.extend(values.into_iter().map(|(metric, value)| Sample {
+                            round,
+                            mode,
+                            metric,
+                            value,
+                        }));
+                    }
+                    Err(e) if e.is::<Interrupted>() => return Err(e),
+                    Err(e) => {
+                        println!(
+                            "  {:<12} {:<7} REFUSED: {e:#}",
+                            test.name(),
+                            modes[mode].name
+                        );
+                        refusals.push(Refusal {
+                            round,
+                            mode,
+                            test: test.name(),
+                            reason: format!("{e:#}"),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    drop(setup);
+    println!("bench: labs removed");
+
+    let report = Report {
+        modes,
+        rounds,
+        duration,
+        smoke: args.smoke,
+        samples,
+        refusals,
+        costs,
+    };
+    let out = crate::util::root().join(&args.out);
+    let written = write_report(&report, &out)?;
+    println!();
+    println!("{}", report.markdown_tables());
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    if !report.refusals.is_empty() {
+        println!(
+            "bench: {} measurement(s) refused (path check failed): see above",
+            report.refusals.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fmt_value(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// A lab per routed mode with its agents ready, and the direct pair.
+fn set_up(modes: &[Mode], check: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<Setup> {
+    let mut labs: Vec<Lab> = Vec::new();
+    let mut direct = None;
+    for mode in modes.iter().filter(|m| m.kind != Kind::Direct) {
+        check()?;
+        let mut lab = Lab::up(2, 1)?;
+        if direct.is_none() {
+            direct = Some(lab.add_direct_pair()?);
+        }
+        let args: Vec<&str> = mode.agent_args.iter().map(String::as_str).collect();
+        for node in 0..2 {
+            lab.start_agent(node, &args)?;
+        }
+        labs.push(lab);
+    }
+    for agent in labs.iter().flat_map(Lab::agents) {
+        check()?;
+        agent.wait_ready(READY_TIMEOUT)?;
+    }
+    let direct = direct.context("no routed mode to build the direct pair in")?;
+    Ok(Setup { labs, direct })
+}
+
+/// Runs `test` in `mode` with its path check; returns (metric, value) pairs and a note
+/// on the check.
+fn measure(
+    setup: &Setup,
+    modes: &[Mode],
+    mode: usize,
+    test: Test,
+    w: Window<'_>,
+) -> anyhow::Result<(Vec<(&'static str, f64)>, String)> {
+    let kind = modes[mode].kind;
+    let ends = setup.ends(mode, kind);
+    if kind == Kind::Kernel {
+        // Plain host-gw: no program may sit on any interface of either node.
+        for node in &setup.labs[mode].nodes {
+            let progs = tcx_programs(&node.ns)?;
+            if !progs.is_empty() {
+                bail!(
+                    "kernel mode, but programs are attached in {}: {}",
+                    node.ns,
+                    progs.join("; ")
+                );
+            }
+        }
+    }
+    let before = if kind == Kind::Hgw {
+        Some(setup.labs[mode].statuses()?)
+    } else {
+        None
+    };
+    // `min_fwd`: how many packets must have taken the fast path in each direction's
+    // program for the numbers to be hgw's.
+    let mut udp_loss = None;
+    let (values, min_fwd) = match test {
+        Test::Udp => {
+            let r = udp_flood(&ends, w)?;
+            udp_loss = Some(
+                100.0 * r.sent_total.saturating_sub(r.received_total) as f64
+                    / r.sent_total.max(1) as f64,
+            );
+            (
+                vec![
+                    ("udp_mpps", r.pps / 1e6),
+                    ("udp_cpu_ns", r.cpu_ns_per_pkt),
+                    ("udp_softirq_ns", r.softirq_ns_per_pkt),
+                ],
+                r.received_total,
+            )
+        }
+        Test::RrSame | Test::RrDiff => {
+            let server_cpu = if test == Test::RrSame { 0 } else { other_cpu() };
+            let r = tcp_rr(&ends, 0, server_cpu, w)?;
+            let (p50, p99) = if test == Test::RrSame {
+                ("rr_same_p50", "rr_same_p99")
+            } else {
+                ("rr_diff_p50", "rr_diff_p99")
+            };
+            // Each transaction is a request one way and a response the other.
+            (vec![(p50, r.p50_us), (p99, r.p99_us)], r.transactions)
+        }
+        Test::Tcp1 | Test::Tcp4 => {
+            let streams = if test == Test::Tcp1 { 1 } else { 4 };
+            let r = tcp_streams(&ends, streams, w)?;
+            let key = if streams == 1 {
+                "tcp1_gbps"
+            } else {
+                "tcp4_gbps"
+            };
+            // Segments are coalesced (GSO), so only "many" can be asked for: at least
+            // one packet per 64 KiB that arrived.
+            (vec![(key, r.gbit_s)], r.bytes_total / 65536)
+        }
+    };
+    let mut note = match (kind, before) {
+        (Kind::Hgw, Some(before)) => {
+            let after = setup.labs[mode].statuses()?;
+            let grown = |name: &str| counter_sum(&after, name) - counter_sum(&before, name);
+            let (peer, pod) = (grown("fwd_to_peer"), grown("fwd_to_pod"));
+            if peer < min_fwd.max(1) || pod < min_fwd.max(1) {
+                bail!(
+                    "{} mode, but the fast path did not carry the traffic: fwd_to_peer +{peer}, fwd_to_pod +{pod}, expected at least {min_fwd} each",
+                    modes[mode].name
+                );
+            }
+            let direct = grown("fwd_to_pod_direct");
+            let direct = if direct > 0 {
+                format!(" (of which straight into the pod +{direct})")
+            } else {
+                String::new()
+            };
+            format!("fast path: fwd_to_peer +{peer}, fwd_to_pod +{pod}{direct}")
+        }
+        (Kind::Kernel, _) => "no programs attached".to_owned(),
+        _ => "one veth pair".to_owned(),
+    };
+    if let Some(loss) = udp_loss {
+        note.push_str(&format!("; {loss:.1}% of datagrams lost"));
+    }
+    Ok((values, note))
+}
+
+/// Median, min, max.
+pub fn summary(values: &[f64]) -> Option<(f64, f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some((median, v[0], v[n - 1]))
+}
+
+/// The machine, for the report: kernel release, CPUs, CPU model.
+pub fn machine() -> Value {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    serde_json::json!({ "kernel": kernel, "cpus": cpus, "cpu_model": model })
+}

@@ -1,0 +1,520 @@
+//! The in-kernel cost of hgw's programs per packet, without a lab: BPF_PROG_TEST_RUN
+//! runs a program on one crafted frame `repeat` times in a kernel loop. Compared with an
+//! empty SchedClassifier program (`r0 = 0; exit`) run the same way.
+//!
+//! The programs measured are the ones the built agent ships: the eBPF ELF object is
+//! taken out of `target/release/hgw-agent`, which embeds it.
+//!
+//! How a run is timed: the wall-clock time of one BPF_PROG_TEST_RUN call with repeat R
+//! is the fixed cost (copying the frame in, building the skb, syscall) plus R times the
+//! per-run cost (the program and the kernel's loop around it). The per-run cost is
+//! (median time at R = 250 - median time at R = 1) / 249, which cancels the fixed cost
+//! and has sub-nanosecond resolution (the kernel's own `duration` is whole
+//! nanoseconds). R is 250 because the skb is reused between runs: a hit decrements the
+//! TTL each time, so a frame starting at TTL 255 stays a hit for 250 runs. Every hit and
+//! miss is checked with the programs' own counters (each run must count as a hit, or as
+//! the miss reason).
+
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail, ensure};
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
+use aya::programs::SchedClassifier;
+use hgw_common::{
+    Counter, Endpoint, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ROUTES_V4,
+    MAP_ROUTES_V4_HASH, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
+    ROUTES_V4_MAX_ENTRIES,
+};
+
+const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb1, 0x01];
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xe1, 0x01];
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x0b];
+const REPEAT: u32 = 250;
+/// A local pod with an endpoint entry (delivered with bpf_redirect_peer).
+const ENDPOINT_IP: [u8; 4] = [10, 244, 1, 11];
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// Map sizes measured. The issue asks for 100,000, but the routes map holds at most
+/// ROUTES_V4_MAX_ENTRIES (16,384), so the largest size is 16,000.
+pub const ENTRIES: [u32; 3] = [10, 1_000, 16_000];
+const _: () = assert!(ENTRIES[2] <= ROUTES_V4_MAX_ENTRIES);
+
+/// One measured case.
+#[derive(Debug, Clone)]
+pub struct ProgCost {
+    pub program: &'static str,
+    pub case: String,
+    /// Routes in the LPM map (0 for the empty program).
+    pub entries: u32,
+    pub ns_per_run: f64,
+    /// `ns_per_run` / the empty program's.
+    pub vs_empty: f64,
+}
+
+struct Case {
+    program: &'static str,
+    case: String,
+    entries: u32,
+    fd: RawFd,
+    frame: Vec<u8>,
+    expect_verdict: u32,
+    /// (instance index, counter): must grow by exactly the number of runs.
+    counter: Option<(usize, Counter)>,
+    t1: Vec<u64>,
+    tr: Vec<u64>,
+}
+
+/// Measures every case, `trials` calls at each repeat count per case, interleaved.
+pub fn program_costs(agent_bin: &Path, trials: usize) -> anyhow::Result<Vec<ProgCost>> {
+    let binary = std::fs::read(agent_bin)
+        .with_context(|| format!("reading {} (run `cargo xtask build`)", agent_bin.display()))?;
+    let elf = bpf_object(&binary)
+        .with_context(|| format!("no eBPF object found inside {}", agent_bin.display()))?;
+    // The ELF parser wants the object 8-byte aligned, as include_bytes_aligned! gives it.
+    let mut aligned = vec![0u64; elf.len().div_ceil(8)];
+    // SAFETY: `aligned` owns at least elf.len() bytes; u64 has no invalid bit patterns
+    // and any byte view of it is valid.
+    let bytes: &mut [u8] =
+        unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast(), elf.len()) };
+    bytes.copy_from_slice(elf);
+
+    // Everything runs on one CPU, so per-CPU state and caches stay put.
+    crate::bench_traffic::pin_to_cpu(0)?;
+    let empty = load_empty_program()?;
+    let mut instances = Vec::new();
+    let mut cases = vec![Case {
+        program: "empty (r0 = 0; exit)",
+        case: "-".into(),
+        entries: 0,
+        fd: empty.as_raw_fd(),
+        frame: to_peer_frame([10, 0, 0, 11]),
+        expect_verdict: TC_ACT_OK,
+        counter: None,
+        t1: Vec::new(),
+        tr: Vec::new(),
+    }];
+    // Route lookups: the LPM trie, and the hash the programs use while every peer CIDR
+    // has the same length (all /24 here).
+    let lookups = [("LPM", false), ("hash", true)];
+    for entries in ENTRIES {
+        for (_, hash) in lookups {
+            instances.push(load_hgw(bytes, entries, hash)?);
+        }
+    }
+    for (i, (entries, (lookup, _))) in ENTRIES
+        .into_iter()
+        .flat_map(|e| lookups.into_iter().map(move |l| (e, l)))
+        .enumerate()
+    {
+        let fd = |name: &str| -> anyhow::Result<RawFd> {
+            let prog: &SchedClassifier = instances[i]
+                .0
+                .program(name)
+                .with_context(|| format!("program {name}"))?
+                .try_into()?;
+            Ok(prog.fd()?.as_fd().as_raw_fd())
+        };
+        let last = entries - 1;
+        let hit = [10, (last >> 8) as u8, (last & 0xff) as u8, 11];
+        let mut list = vec![
+            (
+                PROG_TO_PEER,
+                format!("hit ({lookup})"),
+                to_peer_frame(hit),
+                TC_ACT_REDIRECT,
+                Counter::FwdToPeer,
+            ),
+            (
+                PROG_TO_PEER,
+                format!("miss ({lookup})"),
+                to_peer_frame([10, 250, 0, 11]),
+                TC_ACT_OK,
+                Counter::PassNoRoute,
+            ),
+        ];
+        // The uplink side does no route lookup: measured once.
+        if i == 0 {
+            list.extend([
+                (
+                    PROG_TO_POD,
+                    "hit, known pod (redirect_peer)".to_owned(),
+                    to_pod_frame(ENDPOINT_IP),
+                    TC_ACT_REDIRECT,
+                    Counter::FwdToPodDirect,
+                ),
+                (
+                    PROG_TO_POD,
+                    "hit, unknown pod (redirect_neigh)".to_owned(),
+                    to_pod_frame([10, 244, 1, 99]),
+                    TC_ACT_REDIRECT,
+                    Counter::FwdToPod,
+                ),
+                (
+                    PROG_TO_POD,
+                    "miss (not a local pod)".to_owned(),
+                    to_pod_frame([10, 244, 2, 11]),
+                    TC_ACT_OK,
+                    Counter::PassNotPod,
+                ),
+            ]);
+        }
+        for (program, case, frame, verdict, counter) in list {
+            cases.push(Case {
+                program,
+                case,
+                entries: if program == PROG_TO_POD { 0 } else { entries },
+                fd: fd(program)?,
+                frame,
+                expect_verdict: verdict,
+                counter: Some((i, counter)),
+                t1: Vec::new(),
+                tr: Vec::new(),
+            });
+        }
+    }
+
+    // A first pass checks verdicts and counters (and warms caches).
+    for c in &cases {
+        let before = c
+            .counter
+            .map(|(i, k)| instances[i].counter(k))
+            .transpose()?;
+        let (verdict, _) = test_run(c.fd, &c.frame, REPEAT)?;
+        ensure!(
+            verdict == c.expect_verdict,
+            "{} {} ({} entries): verdict {verdict}, expected {}",
+            c.program,
+            c.case,
+            c.entries,
+            c.expect_verdict
+        );
+        if let (Some((i, k)), Some(before)) = (c.counter, before) {
+            let grown = instances[i].counter(k)? - before;
+            ensure!(
+                grown == u64::from(REPEAT),
+                "{} {} ({} entries): counter {} grew by {grown} in {REPEAT} runs: not every run took the measured branch",
+                c.program,
+                c.case,
+                c.entries,
+                k.name()
+            );
+        }
+    }
+    for _ in 0..trials {
+        for c in &mut cases {
+            c.t1.push(test_run(c.fd, &c.frame, 1)?.1);
+            c.tr.push(test_run(c.fd, &c.frame, REPEAT)?.1);
+        }
+    }
+    let per_run = |c: &mut Case| {
+        let d = median(&mut c.tr) - median(&mut c.t1);
+        d / f64::from(REPEAT - 1)
+    };
+    let base = per_run(&mut cases[0]);
+    Ok(cases
+        .iter_mut()
+        .map(|c| {
+            let ns = per_run(c);
+            ProgCost {
+                program: c.program,
+                case: c.case.clone(),
+                entries: c.entries,
+                ns_per_run: ns,
+                vs_empty: ns / base,
+            }
+        })
+        .collect())
+}
+
+fn median(v: &mut [u64]) -> f64 {
+    v.sort_unstable();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[v.len() / 2] as f64
+}
+
+struct Hgw(Ebpf, PerCpuArray<MapData, u64>);
+
+impl Hgw {
+    fn counter(&self, c: Counter) -> anyhow::Result<u64> {
+        Ok(self.1.get(&(c as u32), 0)?.iter().sum())
+    }
+}
+
+/// Node n1 (10.244.1.0/24) with `entries` peer routes 10.X.Y.0/24 (X.Y = 0.0, 0.1, ...).
+/// Each next hop's MAC is the bridge's own: the frame is reused between runs, and the
+/// program only takes frames sent to the bridge, so this keeps a hit a hit. The work
+/// done (both MACs written, TTL and checksum updated) is the same as with a real peer.
+fn load_hgw(object: &[u8], entries: u32, hash: bool) -> anyhow::Result<Hgw> {
+    let mut ebpf = Ebpf::load(object).context("loading the eBPF object")?;
+    let mut config: Array<MapData, NodeConfig> = ebpf
+        .take_map(MAP_CONFIG)
+        .context("config map")?
+        .try_into()?;
+    config.set(
+        0,
+        NodeConfig {
+            pod_net_v4: [10, 244, 1, 0],
+            pod_mask_v4: [255, 255, 255, 0],
+            bridge_ifindex: 1,
+            bridge_mtu: 1500,
+            bridge_mac: BRIDGE_MAC,
+            uplink_mac: UPLINK_MAC,
+            peer_mask_v4: if hash { [255, 255, 255, 0] } else { [0; 4] },
+        },
+        0,
+    )?;
+    let mut routes: LpmTrie<MapData, [u8; 4], NextHop> = ebpf
+        .take_map(MAP_ROUTES_V4)
+        .context("routes map")?
+        .try_into()?;
+    let hop = NextHop {
+        ifindex: 1,
+        mtu: 1500,
+        dst_mac: BRIDGE_MAC,
+        src_mac: UPLINK_MAC,
+        flags: NEXT_HOP_MAC_KNOWN,
+    };
+    for k in 0..entries {
+        let addr = [10, (k >> 8) as u8, (k & 0xff) as u8, 0];
+        routes
+            .insert(&Key::new(24, addr), hop, 0)
+            .with_context(|| format!("inserting route {k} of {entries}"))?;
+    }
+    let mut routes_hash: HashMap<MapData, [u8; 4], NextHop> = ebpf
+        .take_map(MAP_ROUTES_V4_HASH)
+        .context("routes hash map")?
+        .try_into()?;
+    if hash {
+        for k in 0..entries {
+            let addr = [10, (k >> 8) as u8, (k & 0xff) as u8, 0];
+            routes_hash
+                .insert(addr, hop, 0)
+                .with_context(|| format!("inserting hashed route {k} of {entries}"))?;
+        }
+    }
+    let mut endpoints: HashMap<MapData, [u8; 4], Endpoint> = ebpf
+        .take_map(MAP_ENDPOINTS_V4)
+        .context("endpoints map")?
+        .try_into()?;
+    endpoints.insert(
+        ENDPOINT_IP,
+        // The uplink's MAC as the pod's, for the same reason as the next hops' MACs.
+        Endpoint {
+            ifindex: 1,
+            mac: UPLINK_MAC,
+            _pad: [0; 2],
+        },
+        0,
+    )?;
+    let counters = ebpf
+        .take_map(MAP_COUNTERS)
+        .context("counters map")?
+        .try_into()?;
+    for name in [PROG_TO_PEER, PROG_TO_POD] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name}"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {name}"))?;
+    }
+    // The maps taken out must outlive the programs' use of them: the kernel holds its
+    // own references once the programs are loaded, so dropping these is fine.
+    drop((config, routes, routes_hash, endpoints));
+    Ok(Hgw(ebpf, counters))
+}
+
+fn frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let payload = [0x42u8; UDP_PAYLOAD_LEN];
+    let total = 20 + 8 + payload.len();
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&POD_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&(total as u16).to_be_bytes());
+    f.extend_from_slice(&[0x12, 0x34, 0x40, 0]);
+    f.extend_from_slice(&[255, 17, 0, 0]); // TTL 255: stays a hit for REPEAT runs
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&[0x30, 0x39, 0x00, 0x35]);
+    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&payload);
+    let mut sum: u32 = f[14..34]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f
+}
+const UDP_PAYLOAD_LEN: usize = crate::bench_traffic::UDP_PAYLOAD;
+
+fn to_peer_frame(dst: [u8; 4]) -> Vec<u8> {
+    frame(BRIDGE_MAC, [10, 244, 1, 11], dst)
+}
+
+fn to_pod_frame(dst: [u8; 4]) -> Vec<u8> {
+    frame(UPLINK_MAC, [10, 244, 2, 11], dst)
+}
+
+/// Finds the eBPF ELF object (64-bit little-endian, e_machine EM_BPF) inside `binary`
+/// and returns exactly its bytes (up to the end of its last section or section header).
+fn bpf_object(binary: &[u8]) -> anyhow::Result<&[u8]> {
+    const EM_BPF: u16 = 247;
+    const SHT_NOBITS: u32 = 8;
+    let u16_at = |b: &[u8], o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+    let u32_at = |b: &[u8], o: usize| {
+        b.get(o..o + 4)
+            .and_then(|s| s.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |b: &[u8], o: usize| {
+        b.get(o..o + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let mut start = 0;
+    while let Some(pos) = binary[start..]
+        .windows(4)
+        .position(|w| w == b"\x7fELF")
+        .map(|p| p + start)
+    {
+        start = pos + 1;
+        let b = &binary[pos..];
+        if b.get(4..6) != Some(&[2, 1]) || u16_at(b, 18) != Some(EM_BPF) {
+            continue;
+        }
+        let (Some(shoff), Some(shentsize), Some(shnum)) =
+            (u64_at(b, 0x28), u16_at(b, 0x3a), u16_at(b, 0x3c))
+        else {
+            continue;
+        };
+        let shoff = usize::try_from(shoff)?;
+        let mut end = shoff + usize::from(shentsize) * usize::from(shnum);
+        for i in 0..usize::from(shnum) {
+            let h = shoff + i * usize::from(shentsize);
+            let (Some(kind), Some(off), Some(size)) =
+                (u32_at(b, h + 4), u64_at(b, h + 0x18), u64_at(b, h + 0x20))
+            else {
+                bail!("section header {i} of the eBPF object is cut off");
+            };
+            if kind != SHT_NOBITS {
+                end = end.max(usize::try_from(off + size)?);
+            }
+        }
+        ensure!(end <= b.len(), "the eBPF object runs past the binary's end");
+        return Ok(&b[..end]);
+    }
+    bail!("no ELF object with e_machine EM_BPF")
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// `r0 = 0; exit` as a SCHED_CLS program, loaded with the bpf() syscall directly (it
+/// cannot come from the agent's object, which holds only hgw's programs).
+fn load_empty_program() -> anyhow::Result<OwnedFd> {
+    // mov64 r0, 0 (opcode 0xb7); exit (0x95): each instruction is 8 bytes, opcode first.
+    let insns: [u64; 2] = [0xb7, 0x95];
+    let license = c"GPL";
+    let mut name = [0u8; 16];
+    name[..9].copy_from_slice(b"hgw_empty");
+    let attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name,
+        ..Default::default()
+    };
+    // SAFETY: bpf(BPF_PROG_LOAD) reads `attr` (size passed) and the instruction and
+    // license buffers it points at, all alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &raw const attr,
+            size_of::<ProgLoadAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_PROG_LOAD of the empty program");
+    }
+    // SAFETY: a fresh fd the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd)?) })
+}
+
+/// One BPF_PROG_TEST_RUN call: the verdict and the call's wall-clock time in ns.
+fn test_run(fd: RawFd, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, u64)> {
+    let mut attr = TestRunAttr {
+        prog_fd: u32::try_from(fd)?,
+        data_size_in: u32::try_from(frame.len())?,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    // SAFETY: bpf(BPF_PROG_TEST_RUN) reads the frame (length given) and writes only
+    // into `attr` (no output buffer is passed).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            size_of::<TestRunAttr>(),
+        )
+    };
+    let elapsed = t0.elapsed();
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN");
+    }
+    Ok((attr.retval, u64::try_from(elapsed.as_nanos())?))
+}

@@ -1,0 +1,518 @@
+//! The benchmark's traffic, pod to pod, from sockets made inside the lab's namespaces
+//! (a socket stays in the namespace it was created in, so the threads that drive it can
+//! run anywhere): a 64-byte UDP flood, TCP request/response, TCP bulk streams; and the
+//! machine's CPU time from /proc/stat around each measurement window.
+
+use std::io::{ErrorKind, Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use hgw_tests::in_netns;
+
+use crate::demo::Interrupted;
+
+/// UDP payload size: the packets the forwarding cost shows in.
+pub const UDP_PAYLOAD: usize = 64;
+/// Request and response size of the TCP request/response test.
+pub const RR_SIZE: usize = 64;
+const UDP_BATCH: usize = 32;
+const STREAM_CHUNK: usize = 128 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The sender's CPU; the receiver runs on the other one (when there is one).
+const SENDER_CPU: usize = 0;
+
+/// Where the traffic goes: a client namespace, a server namespace and address.
+#[derive(Clone, Debug)]
+pub struct Ends {
+    pub client_ns: String,
+    pub server_ns: String,
+    pub server_ip: Ipv4Addr,
+}
+
+/// The measurement window and the Ctrl-C flag.
+#[derive(Clone, Copy)]
+pub struct Window<'a> {
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub interrupted: &'a AtomicBool,
+}
+
+impl Window<'_> {
+    /// Sleeps `d` in small steps; fails when Ctrl-C was pressed.
+    fn sleep(&self, d: Duration) -> anyhow::Result<()> {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            if self.interrupted.load(Ordering::SeqCst) {
+                return Err(Interrupted.into());
+            }
+            thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
+        }
+        Ok(())
+    }
+}
+
+/// The other CPU than the sender's, or the same one on a 1-CPU machine.
+pub fn other_cpu() -> usize {
+    if thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        1
+    } else {
+        0
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit of `set`; CPU_SET ignores a cpu beyond its size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        bail!(
+            "sched_setaffinity(cpu {cpu}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Machine-wide CPU time from the `cpu` line of /proc/stat, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuTime {
+    /// user + nice + system + irq + softirq + steal.
+    pub busy_ns: u64,
+    pub softirq_ns: u64,
+}
+
+impl CpuTime {
+    pub fn now() -> anyhow::Result<CpuTime> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .context("/proc/stat has no `cpu` line")?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let field = |i: usize| f.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+        // SAFETY: sysconf has no preconditions.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .ok()
+            .filter(|&hz| hz > 0)
+            .unwrap_or(100);
+        let ns = |ticks: u64| ticks * 1_000_000_000 / hz;
+        Ok(CpuTime {
+            busy_ns: ns(busy),
+            softirq_ns: ns(field(6)),
+        })
+    }
+}
+
+/// A UDP flood's result.
+#[derive(Debug)]
+pub struct UdpResult {
+    /// Datagrams received per second in the window.
+    pub pps: f64,
+    /// Busy CPU time (all CPUs) per received datagram in the window.
+    pub cpu_ns_per_pkt: f64,
+    /// Softirq time (all CPUs) per received datagram in the window.
+    pub softirq_ns_per_pkt: f64,
+    /// Datagrams received over the whole run, warm-up included (for the path check).
+    pub received_total: u64,
+    /// Datagrams sent over the whole run.
+    pub sent_total: u64,
+}
+
+/// 64-byte UDP datagrams as fast as one sender thread (pinned to CPU 0, `sendmmsg` in
+/// batches) can send them; a receiver on the other CPU counts them (`recvmmsg`). On
+/// veth, the whole forwarding path runs in the sender's softirq, so the rate is the
+/// inverse of the path's per-packet cost on one CPU.
+pub fn udp_flood(ends: &Ends, w: Window<'_>) -> anyhow::Result<UdpResult> {
+    let server = in_netns(&ends.server_ns, || UdpSocket::bind((ends.server_ip, 0)))?
+        .with_context(|| format!("binding UDP on {} in {}", ends.server_ip, ends.server_ns))?;
+    set_buffer(&server, libc::SO_RCVBUFFORCE, 16 << 20);
+    server
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .context("UDP read timeout")?;
+    let addr = server.local_addr().context("UDP server address")?;
+    let client = in_netns(&ends.client_ns, || {
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+    })?
+    .with_context(|| format!("binding UDP in {}", ends.client_ns))?;
+    client
+        .connect(addr)
+        .with_context(|| format!("connecting UDP to {addr}"))?;
+
+    let done = AtomicBool::new(false);
+    let received = AtomicU64::new(0);
+    thread::scope(|s| -> anyhow::Result<UdpResult> {
+        let rx = s.spawn(|| receive_udp(&server, &done, &received));
+        let tx = s.spawn(|| send_udp(&client, &done));
+        let measured = (|| -> anyhow::Result<(u64, CpuTime, CpuTime, Duration)> {
+            w.sleep(w.warmup)?;
+            let (n0, c0, t0) = (
+                received.load(Ordering::SeqCst),
+                CpuTime::now()?,
+                Instant::now(),
+            );
+            w.sleep(w.duration)?;
+            let (n1, c1, t1) = (
+                received.load(Ordering::SeqCst),
+                CpuTime::now()?,
+                Instant::now(),
+            );
+            Ok((n1 - n0, c0, c1, t1 - t0))
+        })();
+        done.store(true, Ordering::SeqCst);
+        let sent = tx
+            .join()
+            .map_err(|_| anyhow::anyhow!("UDP sender panicked"))?;
+        rx.join()
+            .map_err(|_| anyhow::anyhow!("UDP receiver panicked"))??;
+        let sent_total = sent?;
+        let (n, c0, c1, elapsed) = measured?;
+        if n == 0 {
+            bail!("no UDP datagram arrived at {addr} in {}", ends.server_ns);
+        }
+        let n_f = n as f64;
+        Ok(UdpResult {
+            pps: n_f / elapsed.as_secs_f64(),
+            cpu_ns_per_pkt: c1.busy_ns.saturating_sub(c0.busy_ns) as f64 / n_f,
+            softirq_ns_per_pkt: c1.softirq_ns.saturating_sub(c0.softirq_ns) as f64 / n_f,
+            received_total: received.load(Ordering::SeqCst),
+            sent_total,
+        })
+    })
+}
+
+fn set_buffer(socket: &UdpSocket, option: libc::c_int, bytes: libc::c_int) {
+    // SAFETY: a valid socket fd and a c_int option value of the size passed. A failure
+    // only leaves the default buffer size, so it is ignored.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&raw const bytes).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+fn send_udp(client: &UdpSocket, done: &AtomicBool) -> anyhow::Result<u64> {
+    pin_to_cpu(SENDER_CPU)?;
+    let mut payload = [0u8; UDP_PAYLOAD];
+    payload[..8].copy_from_slice(b"hgwbench");
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: mmsghdr is plain data; zero is a valid (empty) value for every field.
+    let mut msgs: Vec<libc::mmsghdr> = (0..UDP_BATCH)
+        .map(|_| unsafe { std::mem::zeroed() })
+        .collect();
+    for m in &mut msgs {
+        m.msg_hdr.msg_iov = &raw mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut sent = 0u64;
+    while !done.load(Ordering::Relaxed) {
+        // SAFETY: `msgs` holds UDP_BATCH valid headers, each pointing at `iov`, which
+        // points at `payload`; all outlive the call. The socket is connected.
+        let n = unsafe {
+            libc::sendmmsg(
+                client.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                UDP_BATCH as libc::c_uint,
+                0,
+            )
+        };
+        if n > 0 {
+            sent += n as u64;
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        // A full queue, or an ICMP error reported back: keep going.
+        if !matches!(
+            err.raw_os_error(),
+            Some(libc::ENOBUFS | libc::EAGAIN | libc::ECONNREFUSED | libc::EINTR)
+        ) {
+            return Err(err).context("sendmmsg");
+        }
+    }
+    Ok(sent)
+}
+
+fn receive_udp(server: &UdpSocket, done: &AtomicBool, received: &AtomicU64) -> anyhow::Result<()> {
+    pin_to_cpu(other_cpu())?;
+    const BATCH: usize = 64;
+    let mut bufs = vec![[0u8; 2048]; BATCH];
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    // SAFETY: mmsghdr is plain data; zero is a valid (empty) value for every field.
+    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (m, iov) in msgs.iter_mut().zip(&mut iovs) {
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    while !done.load(Ordering::Relaxed) {
+        // SAFETY: BATCH headers, each with one iovec into its own buffer; all outlive
+        // the call. SO_RCVTIMEO bounds the wait for the first datagram.
+        let n = unsafe {
+            libc::recvmmsg(
+                server.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n > 0 {
+            let good = msgs[..n as usize]
+                .iter()
+                .filter(|m| m.msg_len as usize == UDP_PAYLOAD)
+                .count();
+            received.fetch_add(good as u64, Ordering::Relaxed);
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        if !matches!(
+            err.raw_os_error(),
+            Some(libc::EAGAIN | libc::EINTR | libc::ETIMEDOUT)
+        ) {
+            return Err(err).context("recvmmsg");
+        }
+    }
+    Ok(())
+}
+
+/// Request/response latency percentiles.
+#[derive(Debug)]
+pub struct RrResult {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Transactions over the whole run, warm-up included (for the path check).
+    pub transactions: u64,
+}
+
+/// One TCP connection, TCP_NODELAY: the client writes RR_SIZE bytes, the server echoes
+/// them, the client times each round trip. Client pinned to `client_cpu`, server to
+/// `server_cpu`.
+pub fn tcp_rr(
+    ends: &Ends,
+    client_cpu: usize,
+    server_cpu: usize,
+    w: Window<'_>,
+) -> anyhow::Result<RrResult> {
+    let listener = listen(ends)?;
+    let addr = listener.local_addr().context("listener address")?;
+    thread::scope(|s| -> anyhow::Result<RrResult> {
+        let server = s.spawn(|| -> anyhow::Result<()> {
+            pin_to_cpu(server_cpu)?;
+            let mut stream = accept(&listener)?;
+            let mut buf = [0u8; RR_SIZE];
+            loop {
+                match stream.read_exact(&mut buf) {
+                    Ok(()) => stream.write_all(&buf).context("echoing")?,
+                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e).context("reading a request"),
+                }
+            }
+        });
+        let client = s.spawn(|| -> anyhow::Result<(Vec<u32>, u64)> {
+            let mut stream = connect(ends, addr)?;
+            pin_to_cpu(client_cpu)?;
+            let mut buf = [7u8; RR_SIZE];
+            let start = Instant::now();
+            let (measure_from, end) = (w.warmup, w.warmup + w.duration);
+            let mut samples = Vec::with_capacity(1 << 20);
+            let mut transactions = 0u64;
+            loop {
+                let elapsed = start.elapsed();
+                if elapsed >= end || w.interrupted.load(Ordering::Relaxed) {
+                    break;
+                }
+                let t0 = Instant::now();
+                stream.write_all(&buf).context("writing a request")?;
+                stream.read_exact(&mut buf).context("reading a response")?;
+                let rtt = t0.elapsed();
+                transactions += 1;
+                if elapsed >= measure_from {
+                    samples.push(u32::try_from(rtt.as_nanos()).unwrap_or(u32::MAX));
+                }
+            }
+            Ok((samples, transactions))
+        });
+        let client = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("RR client panicked"))?;
+        let server = server
+            .join()
+            .map_err(|_| anyhow::anyhow!("RR server panicked"))?;
+        let (mut samples, transactions) = client?;
+        server?;
+        if w.interrupted.load(Ordering::SeqCst) {
+            return Err(Interrupted.into());
+        }
+        if samples.is_empty() {
+            bail!("no TCP request/response completed to {addr}");
+        }
+        samples.sort_unstable();
+        let pct = |p: f64| {
+            let i = ((samples.len() - 1) as f64 * p).round() as usize;
+            f64::from(samples[i]) / 1000.0
+        };
+        Ok(RrResult {
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            transactions,
+        })
+    })
+}
+
+/// TCP bulk throughput.
+#[derive(Debug)]
+pub struct StreamResult {
+    pub gbit_s: f64,
+    /// Bytes over the whole run, warm-up included.
+    pub bytes_total: u64,
+}
+
+/// `streams` TCP connections, each written as fast as possible in 128 KiB chunks; the
+/// server counts bytes in the window. Not pinned: the scheduler places them (as iperf3).
+pub fn tcp_streams(ends: &Ends, streams: usize, w: Window<'_>) -> anyhow::Result<StreamResult> {
+    let listener = listen(ends)?;
+    let addr = listener.local_addr().context("listener address")?;
+    let done = AtomicBool::new(false);
+    let bytes = AtomicU64::new(0);
+    let clients: Vec<TcpStream> = (0..streams)
+        .map(|_| connect(ends, addr))
+        .collect::<anyhow::Result<_>>()?;
+    let servers: Vec<TcpStream> = (0..streams)
+        .map(|_| accept(&listener))
+        .collect::<anyhow::Result<_>>()?;
+    thread::scope(|s| -> anyhow::Result<StreamResult> {
+        let readers: Vec<_> = servers
+            .into_iter()
+            .map(|mut stream| {
+                let bytes = &bytes;
+                s.spawn(move || -> anyhow::Result<()> {
+                    stream
+                        .set_read_timeout(Some(IO_TIMEOUT))
+                        .context("read timeout")?;
+                    let mut buf = vec![0u8; STREAM_CHUNK * 2];
+                    loop {
+                        let n = stream.read(&mut buf).context("reading a stream")?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let writers: Vec<_> = clients
+            .into_iter()
+            .map(|mut stream| {
+                let done = &done;
+                s.spawn(move || -> anyhow::Result<()> {
+                    stream
+                        .set_write_timeout(Some(Duration::from_millis(200)))
+                        .context("write timeout")?;
+                    let buf = vec![0x5au8; STREAM_CHUNK];
+                    while !done.load(Ordering::Relaxed) {
+                        match stream.write(&buf) {
+                            Ok(_) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                ) => {}
+                            Err(e) => return Err(e).context("writing a stream"),
+                        }
+                    }
+                    // Closing the connection ends its reader.
+                    Ok(())
+                })
+            })
+            .collect();
+        let measured = (|| -> anyhow::Result<(u64, Duration)> {
+            w.sleep(w.warmup)?;
+            let (b0, t0) = (bytes.load(Ordering::SeqCst), Instant::now());
+            w.sleep(w.duration)?;
+            let (b1, t1) = (bytes.load(Ordering::SeqCst), Instant::now());
+            Ok((b1 - b0, t1 - t0))
+        })();
+        done.store(true, Ordering::SeqCst);
+        let mut first_err = None;
+        for h in writers.into_iter().chain(readers) {
+            let r = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("stream thread panicked"))
+                .and_then(|r| r);
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        let (b, elapsed) = measured?;
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        Ok(StreamResult {
+            gbit_s: b as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
+            bytes_total: bytes.load(Ordering::SeqCst),
+        })
+    })
+}
+
+fn listen(ends: &Ends) -> anyhow::Result<TcpListener> {
+    in_netns(&ends.server_ns, || TcpListener::bind((ends.server_ip, 0)))?
+        .with_context(|| format!("TCP listener on {} in {}", ends.server_ip, ends.server_ns))
+}
+
+fn connect(ends: &Ends, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = in_netns(&ends.client_ns, || {
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+    })?
+    .with_context(|| format!("connecting to {addr} from {}", ends.client_ns))?;
+    stream.set_nodelay(true).context("TCP_NODELAY")?;
+    Ok(stream)
+}
+
+/// `accept` with a deadline: poll a non-blocking listener.
+fn accept(listener: &TcpListener) -> anyhow::Result<TcpStream> {
+    listener
+        .set_nonblocking(true)
+        .context("non-blocking listener")?;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).context("blocking stream")?;
+                stream.set_nodelay(true).context("TCP_NODELAY")?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    bail!("no connection within {IO_TIMEOUT:?}");
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e).context("accepting"),
+        }
+    }
+}
