@@ -125,7 +125,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             .ok_or_else(|| ConfigError::invalid("bridge", &config.bridge, "no such interface"))?
     };
     let datapath = if config.fast_path {
-        let node = node_config(&network, &bridge, &uplink, [0; 4]);
+        let node = node_config(&network, &bridge, &uplink);
         let datapath = Datapath::attach(&config.bridge, &config.uplink, node, config.attach)?;
         let to_peer = match config.attach {
             Attach::Bridge => format!("{} ingress", config.bridge),
@@ -218,28 +218,14 @@ fn watch_file(path: PathBuf, reload: Reload, running: Config) -> mpsc::Receiver<
 }
 
 /// What the programs need to know of this node.
-fn node_config(network: &Network, bridge: &Link, uplink: &Link, peer_mask: [u8; 4]) -> NodeConfig {
+fn node_config(network: &Network, bridge: &Link, uplink: &Link) -> NodeConfig {
     NodeConfig {
-        peer_mask_v4: peer_mask,
         pod_net_v4: network.pod_cidr.network().octets(),
         pod_mask_v4: network.pod_cidr.netmask().octets(),
         bridge_ifindex: bridge.index,
         bridge_mtu: bridge.mtu,
         bridge_mac: bridge.mac,
         uplink_mac: uplink.mac,
-    }
-}
-
-/// The netmask all fast-path routes share (the hash table can then serve them), or
-/// zero (longest prefix match in the trie) when they differ or there are none.
-fn peer_mask<'a>(cidrs: impl Iterator<Item = &'a Ipv4Net>) -> [u8; 4] {
-    let mut lens = cidrs.map(|c| c.prefix_len());
-    match lens.next() {
-        Some(first) if lens.all(|l| l == first) => {
-            Ipv4Net::new(std::net::Ipv4Addr::UNSPECIFIED, first)
-                .map_or([0; 4], |n| n.netmask().octets())
-        }
-        _ => [0; 4],
     }
 }
 
@@ -640,6 +626,12 @@ impl Agent {
             Ok(None) => warn!("bridge {} is gone", self.config.bridge),
             Err(e) => warn!("{e}"),
         }
+        if let Some(datapath) = &mut self.datapath {
+            let node = node_config(&self.network, &self.bridge, &self.uplink);
+            if let Err(e) = datapath.set_config(node) {
+                warn!("{e}");
+            }
+        }
         self.attach_ports().await;
         self.sync_endpoints().await;
         self.remove_unwanted_routes().await;
@@ -659,18 +651,6 @@ impl Agent {
         self.remove_unwanted_map_entries();
         for i in 0..self.peers.len() {
             self.write_map_entry(i);
-        }
-        // After the entries: a table is only chosen once it holds every route.
-        if let Some(datapath) = &mut self.datapath {
-            let node = node_config(
-                &self.network,
-                &self.bridge,
-                &self.uplink,
-                peer_mask(self.map.keys()),
-            );
-            if let Err(e) = datapath.set_config(node) {
-                warn!("{e}");
-            }
         }
         self.resolve_unresolved().await;
     }

@@ -8,8 +8,8 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use hgw_common::{
-    Counter, Endpoint, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ROUTES_V4,
-    MAP_ROUTES_V4_HASH, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
+    Counter, Endpoint, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ROUTES_V4, NextHop,
+    NodeConfig, PROG_TO_PEER, PROG_TO_POD,
 };
 use std::{collections::HashMap, net::Ipv4Addr};
 
@@ -58,7 +58,6 @@ pub struct Datapath {
     routes: LpmTrie<MapData, [u8; 4], NextHop>,
     counters: PerCpuArray<MapData, u64>,
     endpoints: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
-    routes_hash: aya::maps::HashMap<MapData, [u8; 4], NextHop>,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
     ports: HashMap<u32, SchedClassifierLinkId>,
 }
@@ -108,14 +107,12 @@ impl Datapath {
         let routes = take_map(&mut ebpf, MAP_ROUTES_V4)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
         let endpoints = take_map(&mut ebpf, MAP_ENDPOINTS_V4)?;
-        let routes_hash = take_map(&mut ebpf, MAP_ROUTES_V4_HASH)?;
         let mut datapath = Self {
             ebpf,
             config,
             routes,
             counters,
             endpoints,
-            routes_hash,
             ports: HashMap::new(),
         };
         datapath.set_config(node)?;
@@ -208,39 +205,24 @@ impl Datapath {
         }
     }
 
-    /// Writes a next hop into both route tables (the programs use the hash while all
-    /// peer CIDRs have one length, see `NodeConfig::peer_mask_v4`, else the trie).
     pub fn set_route(&mut self, cidr: Ipv4Net, next_hop: NextHop) -> Result<(), DatapathError> {
-        let error = |map| {
-            move |source| DatapathError::Map {
-                operation: "updating",
-                map,
-                source,
-            }
-        };
         self.routes
             .insert(&route_key(cidr), next_hop, 0)
-            .map_err(error(MAP_ROUTES_V4))?;
-        self.routes_hash
-            .insert(cidr.network().octets(), next_hop, 0)
-            .map_err(error(MAP_ROUTES_V4_HASH))
+            .map_err(|source| DatapathError::Map {
+                operation: "updating",
+                map: MAP_ROUTES_V4,
+                source,
+            })
     }
 
     pub fn remove_route(&mut self, cidr: Ipv4Net) -> Result<(), DatapathError> {
-        let error = |map| {
-            move |source| DatapathError::Map {
-                operation: "deleting from",
-                map,
-                source,
-            }
-        };
         match self.routes.remove(&route_key(cidr)) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(error(MAP_ROUTES_V4)(source)),
-        }
-        match self.routes_hash.remove(&cidr.network().octets()) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(error(MAP_ROUTES_V4_HASH)(source)),
+            Err(source) => Err(DatapathError::Map {
+                operation: "deleting from",
+                map: MAP_ROUTES_V4,
+                source,
+            }),
         }
     }
 

@@ -11,10 +11,6 @@ use bytemuck::{Pod, Zeroable};
 pub const MAP_ROUTES_V4: &str = "HGW_ROUTES_V4";
 /// Array with one [`NodeConfig`] at index 0.
 pub const MAP_CONFIG: &str = "HGW_CONFIG";
-/// Hash: peer pod CIDR network address (octets) -> [`NextHop`], used instead of the
-/// LPM trie while every peer CIDR has the same length ([`NodeConfig::peer_mask_v4`]):
-/// one hash lookup costs less than a trie walk.
-pub const MAP_ROUTES_V4_HASH: &str = "HGW_ROUTES_H4";
 /// Hash: local pod IPv4 (octets) -> [`Endpoint`], for delivery straight into the pod.
 pub const MAP_ENDPOINTS_V4: &str = "HGW_ENDPOINTS";
 /// Per-CPU `u64` packet counters, indexed by [`Counter`].
@@ -84,11 +80,8 @@ pub struct NodeConfig {
     pub bridge_mac: [u8; 6],
     /// The uplink's MAC: only frames sent to it are for this node.
     pub uplink_mac: [u8; 6],
-    /// When every peer CIDR has this netmask (network byte order), routes are looked up
-    /// in [`MAP_ROUTES_V4_HASH`] by `destination & mask`; all zero: in the LPM trie.
-    pub peer_mask_v4: [u8; 4],
 }
-const _: () = assert!(size_of::<NodeConfig>() == 32);
+const _: () = assert!(size_of::<NodeConfig>() == 28);
 
 impl NodeConfig {
     /// Whether `addr` (network byte order) lies in this node's pod CIDR. An unset

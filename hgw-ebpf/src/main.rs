@@ -31,10 +31,6 @@ static HGW_ROUTES_V4: LpmTrie<[u8; 4], NextHop> =
     LpmTrie::with_max_entries(ROUTES_V4_MAX_ENTRIES, 0);
 
 #[map]
-static HGW_ROUTES_H4: HashMap<[u8; 4], NextHop> =
-    HashMap::with_max_entries(ROUTES_V4_MAX_ENTRIES, 0);
-
-#[map]
 static HGW_ENDPOINTS: HashMap<[u8; 4], Endpoint> =
     HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
 
@@ -89,7 +85,9 @@ fn try_to_peer(ctx: &TcContext) -> Result<(), Counter> {
     if config.owns_v4(dst) {
         return Err(Counter::PassLocal);
     }
-    let next_hop = route(config, dst).ok_or(Counter::PassNoRoute)?;
+    let next_hop = HGW_ROUTES_V4
+        .get(Key::new(32, dst))
+        .ok_or(Counter::PassNoRoute)?;
     if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
         return Err(Counter::PassNoMac);
     }
@@ -139,19 +137,6 @@ fn try_to_pod(ctx: &TcContext) -> Result<(), Counter> {
     // SAFETY: a null params pointer asks the kernel to use the packet's destination.
     let action = unsafe { bpf_redirect_neigh(config.bridge_ifindex, core::ptr::null_mut(), 0, 0) };
     redirected(action)
-}
-
-/// The next hop for `dst`: a hash lookup when all peer CIDRs share one length (the
-/// usual host-gw layout), else the longest prefix match.
-#[inline(always)]
-fn route(config: &NodeConfig, dst: [u8; 4]) -> Option<&NextHop> {
-    let mask = u32::from_ne_bytes(config.peer_mask_v4);
-    if mask != 0 {
-        let network = (u32::from_ne_bytes(dst) & mask).to_ne_bytes();
-        // SAFETY: a plain lookup; the entry is only read.
-        return unsafe { HGW_ROUTES_H4.get(network) };
-    }
-    HGW_ROUTES_V4.get(Key::new(32, dst))
 }
 
 #[inline(always)]
