@@ -67,10 +67,11 @@ pub struct Datapath {
 #[serde(rename_all = "lowercase")]
 pub enum Attach {
     /// The bridge's ingress (cni0): pod traffic has been through the bridge first.
-    #[default]
     Bridge,
     /// Each bridge port's ingress (the pods' host-side veths), followed as pods come
-    /// and go: the bridge is skipped for forwarded traffic.
+    /// and go: the bridge is skipped for forwarded traffic. The default: the bench
+    /// measured it faster on every metric (1.42x kernel pps against 1.31x on cni0).
+    #[default]
     Ports,
 }
 

@@ -75,7 +75,7 @@ struct RunArgs {
     #[arg(long)]
     no_fast_path: bool,
     /// Where the bridge-side program runs: on the bridge, or on each of its ports
-    /// (the pods' veths, skipping the bridge) [default: bridge].
+    /// (the pods' veths, skipping the bridge) [default: ports].
     #[arg(long, value_enum)]
     attach: Option<hgw_agent::datapath::Attach>,
     /// Where `hgw-agent status` reaches this agent [default: /run/hgw/hgw.sock].

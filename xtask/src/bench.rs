@@ -40,7 +40,7 @@ pub struct BenchArgs {
     /// Run only these tests (udp64, rr-same-cpu, rr-diff-cpu, tcp-1, tcp-4).
     #[arg(long, value_delimiter = ',')]
     tests: Vec<String>,
-    /// An extra hgw mode, NAME=AGENT ARGS (e.g. `hgw-ports=--attach ports`): its own
+    /// An extra hgw mode, NAME=AGENT ARGS (e.g. `hgw-bridge=--attach bridge`): its own
     /// lab with agents started with those arguments. Repeatable.
     #[arg(long = "variant", value_name = "NAME=ARGS")]
     variants: Vec<String>,
@@ -78,9 +78,13 @@ fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
     };
     let mut modes = vec![
         mode("kernel", Kind::Kernel, vec!["--no-fast-path".into()]),
-        mode("hgw", Kind::Hgw, vec!["--attach".into(), "bridge".into()]),
-        // The agent's other attachment: the bridge-side program on each pod veth.
-        mode("hgw-ports", Kind::Hgw, vec!["--attach".into(), "ports".into()]),
+        mode("hgw", Kind::Hgw, vec!["--attach".into(), "ports".into()]),
+        // The agent's other attachment: the bridge-side program on cni0.
+        mode(
+            "hgw-bridge",
+            Kind::Hgw,
+            vec!["--attach".into(), "bridge".into()],
+        ),
     ];
     for v in variants {
         let (name, args) = v
@@ -91,7 +95,7 @@ fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
                 && name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                && !matches!(name, "kernel" | "hgw" | "hgw-ports" | "direct")
+                && !matches!(name, "kernel" | "hgw" | "hgw-bridge" | "direct")
                 && !modes.iter().any(|m| m.name == name),
             "--variant {v:?}: the name must be new and made of letters, digits, - and _"
         );
