@@ -822,6 +822,7 @@ impl Agent {
                 .collect(),
             counters,
             endpoints: self.endpoints.len(),
+            map_entries: self.map.len(),
         }
     }
 }

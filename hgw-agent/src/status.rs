@@ -38,6 +38,9 @@ pub struct Status {
     /// Local pods the uplink program delivers to directly.
     #[serde(default)]
     pub endpoints: usize,
+    /// Next hops in the fast-path route table.
+    #[serde(default)]
+    pub map_entries: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

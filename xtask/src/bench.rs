@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// lab with agents started with those arguments. Repeatable.
     #[arg(long = "variant", value_name = "NAME=ARGS")]
     variants: Vec<String>,
+    /// Instead of the traffic tests: the agent applying 1,000 and 5,000 static peers,
+    /// against `ip -batch` installing the same routes; one peer change; peak RSS.
+    #[arg(long)]
+    control_plane: bool,
     /// Where the results go (relative to the workspace root).
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -247,6 +251,11 @@ impl Setup {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.control_plane {
+        crate::build()?;
+        crate::bench_cp::control_plane(&args.out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&interrupted);
     ctrlc::set_handler(move || {

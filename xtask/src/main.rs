@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: set-up of the eBPF toolchain, build, run, namespace lab, demo, tests.
 
 mod bench;
+mod bench_cp;
 mod bench_prog;
 mod bench_report;
 mod bench_traffic;
