@@ -146,6 +146,23 @@ impl Etcd {
         )
     }
 
+    /// A lab of `nodes` x `pods` with etcd holding flannel's network config, and ready
+    /// etcd-mode agents on the first `agents` nodes.
+    pub fn lab_with_agents(
+        nodes: usize,
+        pods: usize,
+        agents: usize,
+    ) -> anyhow::Result<(Lab, Etcd)> {
+        let mut lab = Lab::up(nodes, pods)?;
+        let etcd = Etcd::start(&lab)?;
+        etcd.put_network_config()?;
+        etcd.start_agents(&mut lab, 0..agents)?;
+        for agent in lab.agents() {
+            agent.wait_ready(TIMEOUT)?;
+        }
+        Ok((lab, etcd))
+    }
+
     /// Starts etcd-mode agents on `nodes`, one after the other, each waiting until it
     /// holds its subnet, so node nK gets 10.244.K.0/24: the addresses the lab gave its
     /// pods (the lab plays the CNI plugin, which would read the subnet from the agent).

@@ -6,17 +6,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hgw_tests::{Etcd, Lab, hgw_routes, udp_exchange};
+use hgw_tests::{Etcd, hgw_routes, udp_exchange};
 
 #[test]
 fn a_joining_node_is_everywhere_within_a_second() -> anyhow::Result<()> {
-    let mut lab = Lab::up(4, 1)?;
-    let etcd = Etcd::start(&lab)?;
-    etcd.put_network_config()?;
-    etcd.start_agents(&mut lab, 0..3)?;
-    for agent in lab.agents() {
-        agent.wait_ready(Duration::from_secs(10))?;
-    }
+    let (mut lab, etcd) = Etcd::lab_with_agents(4, 1, 3)?;
     let (from, to) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
     const BATCH: usize = 100;
     let done = AtomicBool::new(false);

@@ -3,17 +3,11 @@
 
 use std::time::Duration;
 
-use hgw_tests::{Etcd, Lab, hgw_routes};
+use hgw_tests::{Etcd, hgw_routes};
 
 #[test]
 fn a_leaving_node_is_removed_everywhere_within_a_second() -> anyhow::Result<()> {
-    let mut lab = Lab::up(3, 1)?;
-    let etcd = Etcd::start(&lab)?;
-    etcd.put_network_config()?;
-    etcd.start_agents(&mut lab, 0..3)?;
-    for agent in lab.agents() {
-        agent.wait_ready(Duration::from_secs(10))?;
-    }
+    let (mut lab, etcd) = Etcd::lab_with_agents(3, 1, 3)?;
     let gone = lab.nodes[2].pod_cidr.clone();
     let status = lab.agent(0).expect("agent").status()?;
     let lease = status["peers"]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hgw_tests::{Etcd, Lab, hgw_routes, ping};
+use hgw_tests::{Etcd, hgw_routes, ping};
 
 const BAD: &[(&str, &str, &str)] = &[
     (
@@ -40,13 +40,7 @@ const BAD: &[(&str, &str, &str)] = &[
 
 #[test]
 fn malformed_subnet_entries_are_ignored_and_named() -> anyhow::Result<()> {
-    let mut lab = Lab::up(2, 1)?;
-    let etcd = Etcd::start(&lab)?;
-    etcd.put_network_config()?;
-    etcd.start_agents(&mut lab, 0..2)?;
-    for agent in lab.agents() {
-        agent.wait_ready(Duration::from_secs(10))?;
-    }
+    let (lab, etcd) = Etcd::lab_with_agents(2, 1, 2)?;
     for (key, value, _) in BAD {
         etcd.put(key, value)?;
     }

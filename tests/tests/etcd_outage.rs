@@ -3,17 +3,11 @@
 
 use std::time::Duration;
 
-use hgw_tests::{Etcd, Lab, counter, ping};
+use hgw_tests::{Etcd, counter, ping};
 
 #[test]
 fn forwarding_survives_etcd_and_the_watch_resumes() -> anyhow::Result<()> {
-    let mut lab = Lab::up(2, 1)?;
-    let mut etcd = Etcd::start(&lab)?;
-    etcd.put_network_config()?;
-    etcd.start_agents(&mut lab, 0..2)?;
-    for agent in lab.agents() {
-        agent.wait_ready(Duration::from_secs(10))?;
-    }
+    let (lab, mut etcd) = Etcd::lab_with_agents(2, 1, 2)?;
     let (from, to) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
 
     etcd.pause()?;

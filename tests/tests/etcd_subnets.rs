@@ -2,19 +2,11 @@
 //! in flannel's schema, learns the others, and pods talk across nodes through the fast
 //! path.
 
-use std::time::Duration;
-
-use hgw_tests::{Etcd, Lab, counter_sum, ping};
+use hgw_tests::{Etcd, counter_sum, ping};
 
 #[test]
 fn nodes_acquire_subnets_and_find_each_other_through_etcd() -> anyhow::Result<()> {
-    let mut lab = Lab::up(3, 1)?;
-    let etcd = Etcd::start(&lab)?;
-    etcd.put_network_config()?;
-    etcd.start_agents(&mut lab, 0..3)?;
-    for agent in lab.agents() {
-        agent.wait_ready(Duration::from_secs(10))?;
-    }
+    let (lab, etcd) = Etcd::lab_with_agents(3, 1, 3)?;
 
     // Written as flannel writes it, so flannel could read it.
     let subnets = etcd.ctl(&["get", "--prefix", "/coreos.com/network/subnets/"])?;
