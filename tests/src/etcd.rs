@@ -123,6 +123,39 @@ impl Etcd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Writes many keys, in transactions of 100 (etcd's default limit is 128 ops).
+    pub fn put_many(&self, entries: &[(String, String)]) -> anyhow::Result<()> {
+        for chunk in entries.chunks(100) {
+            let mut script = String::from("\n");
+            for (key, value) in chunk {
+                let quoted = value.replace('\\', "\\\\").replace('"', "\\\"");
+                script.push_str(&format!("put {key} \"{quoted}\"\n"));
+            }
+            script.push_str("\n\n");
+            let mut child =
+                netns_command(&self.ns, "etcdctl", &["--endpoints", &self.endpoint, "txn"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("starting etcdctl txn")?;
+            let mut stdin = child.stdin.take().context("etcdctl stdin")?;
+            std::io::Write::write_all(&mut stdin, script.as_bytes())
+                .context("writing the transaction")?;
+            drop(stdin);
+            let out = child.wait_with_output().context("etcdctl txn")?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() || !stdout.starts_with("SUCCESS") {
+                bail!(
+                    "etcdctl txn: {}{}",
+                    stdout,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn put(&self, key: &str, value: &str) -> anyhow::Result<()> {
         self.ctl(&["put", key, value]).map(drop)
     }

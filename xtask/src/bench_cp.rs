@@ -1,6 +1,6 @@
 //! `cargo xtask bench --control-plane`: how fast the agent applies many peers from its
-//! static file, against `ip -batch` installing the same routes, how fast it applies one
-//! changed peer, and its peak memory.
+//! static file and from etcd, against `ip -batch` installing the same routes, how fast
+//! it applies one changed peer, and its peak memory.
 //!
 //! One lab node with an extra /16 on its uplink, so thousands of peers are on-link; the
 //! peers do not exist (their next hops stay unresolved), which costs the agent the same
@@ -13,12 +13,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use hgw_tests::{Lab, run_in_ok};
+use hgw_tests::{Etcd, Lab, run_in_ok};
 
 const SIZES: [usize; 2] = [1_000, 5_000];
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 struct Sample {
+    source: &'static str,
     peers: usize,
     ip_batch: Duration,
     agent: Duration,
@@ -109,15 +110,9 @@ fn measure(peers: usize) -> anyhow::Result<Sample> {
         Ok(String::from_utf8_lossy(&out.stdout).contains("via 172.30.255.254"))
     })?;
 
-    let agent = lab.agent(0).context("agent")?;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
-        .context("agent's /proc status")?;
-    let peak_rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
+    let peak_rss_kib = peak_rss(lab.agent(0).context("agent")?.pid())?;
     Ok(Sample {
+        source: "static file",
         peers,
         ip_batch,
         agent: applied,
@@ -126,28 +121,96 @@ fn measure(peers: usize) -> anyhow::Result<Sample> {
     })
 }
 
+/// The agent's peak resident set (VmHWM), in KiB.
+fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).context("agent's /proc status")?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// The same peers as flannel-style subnet entries in a real etcd; the agent lists them
+/// at start, and a changed entry reaches it through its watch.
+fn measure_etcd(peers: usize, ip_batch: Duration) -> anyhow::Result<Sample> {
+    let mut lab = Lab::up(1, 0)?;
+    let etcd = Etcd::start(&lab)?;
+    let ns = lab.nodes[0].ns.clone();
+    run_in_ok(&ns, "ip", &["addr", "add", "172.30.0.1/16", "dev", "eth0"])?;
+    etcd.put(
+        "/coreos.com/network/config",
+        r#"{"Network":"10.0.0.0/8","SubnetLen":24}"#,
+    )?;
+    let entry = |i: usize, ip: &str| {
+        let (_, cidr) = peer(i);
+        (
+            format!("/coreos.com/network/subnets/{}", cidr.replace('/', "-")),
+            format!(r#"{{"PublicIP":"{ip}","BackendType":"host-gw"}}"#),
+        )
+    };
+    let entries: Vec<(String, String)> = (0..peers).map(|i| entry(i, &peer(i).0)).collect();
+    etcd.put_many(&entries)?;
+
+    let start = Instant::now();
+    let config = etcd.agent_config(&lab, 0, "");
+    let agent = lab.start_agent_with_config(0, &config, &[])?;
+    agent.wait_for(TIMEOUT, |s| s["map_entries"].as_u64() == Some(peers as u64))?;
+    wait("agent routes", || Ok(hgw_route_count(&ns)? == peers))?;
+    let applied = start.elapsed();
+
+    let changed = peers / 2;
+    let (_, cidr) = peer(changed);
+    let (key, value) = entry(changed, "172.30.255.254");
+    etcd.put(&key, &value)?;
+    let change = wait("the changed peer's route", || {
+        let out = run_in_ok(&ns, "ip", &["route", "show", &cidr])?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains("via 172.30.255.254"))
+    })?;
+    let peak_rss_kib = peak_rss(lab.agent(0).context("agent")?.pid())?;
+    Ok(Sample {
+        source: "etcd",
+        peers,
+        ip_batch,
+        agent: applied,
+        change,
+        peak_rss_kib,
+    })
+}
+
+fn report(sample: &Sample) {
+    println!(
+        "  ip -batch {:?}, agent {:?} ({:.1}x), one change {:?}, peak RSS {} KiB",
+        sample.ip_batch,
+        sample.agent,
+        sample.agent.as_secs_f64() / sample.ip_batch.as_secs_f64(),
+        sample.change,
+        sample.peak_rss_kib
+    );
+}
+
 pub fn control_plane(out: &Path) -> anyhow::Result<()> {
     let mut samples = Vec::new();
     for peers in SIZES {
         println!("control plane: {peers} static peers ...");
         let sample = measure(peers)?;
-        println!(
-            "  ip -batch {:?}, agent {:?} ({:.1}x), one change {:?}, peak RSS {} KiB",
-            sample.ip_batch,
-            sample.agent,
-            sample.agent.as_secs_f64() / sample.ip_batch.as_secs_f64(),
-            sample.change,
-            sample.peak_rss_kib
-        );
+        let ip_batch = sample.ip_batch;
+        report(&sample);
+        samples.push(sample);
+        println!("control plane: {peers} peers from etcd ...");
+        let sample = measure_etcd(peers, ip_batch)?;
+        report(&sample);
         samples.push(sample);
     }
     let mut md = String::from(
-        "# hgw control-plane bench\n\nOne lab node, static peer file (on-link peers that do not answer ARP). `agent` = agent start until every route and fast-path entry is in place; `ip -batch` = the same routes installed by `ip -batch`; `one change` = a peer's node IP edited in the file until its route follows (file checked every second, so up to 1 s of it is the check interval).\n\n| peers | ip -batch | agent | agent / ip -batch | one change | peak RSS |\n|---|---|---|---|---|---|\n",
+        "# hgw control-plane bench\n\nOne lab node; its peers are on-link but do not exist (their next hops stay unresolved, costing the agent the same route and map work). Sources: a static peer file, or flannel-style subnet entries in a real etcd (Debian's etcd-server in the lab). `agent` = agent start until every route and fast-path entry is in place; `ip -batch` = the same routes installed by `ip -batch`; `one change` = a peer's node IP changed (file edit: checked every second, so up to 1 s of it is that interval; etcd: one put, seen through the watch) until its kernel route follows.\n\n| source | peers | ip -batch | agent | agent / ip -batch | one change | peak RSS |\n|---|---|---|---|---|---|---|\n",
     );
     for s in &samples {
         let _ = writeln!(
             md,
-            "| {} | {:.0} ms | {:.0} ms | {:.1}x | {:.0} ms | {:.1} MiB |",
+            "| {} | {} | {:.0} ms | {:.0} ms | {:.1}x | {:.0} ms | {:.1} MiB |",
+            s.source,
             s.peers,
             s.ip_batch.as_secs_f64() * 1e3,
             s.agent.as_secs_f64() * 1e3,
