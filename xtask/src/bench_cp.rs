@@ -40,7 +40,7 @@ fn config(peers: usize, changed: Option<usize>) -> String {
     for i in 0..peers {
         let (mut ip, cidr) = peer(i);
         if changed == Some(i) {
-            ip = "172.30.255.254".into();
+            ip = MOVED_TO.into();
         }
         let _ = write!(
             toml,
@@ -48,6 +48,17 @@ fn config(peers: usize, changed: Option<usize>) -> String {
         );
     }
     toml
+}
+
+/// The node IP the changed peer moves to.
+const MOVED_TO: &str = "172.30.255.254";
+
+/// How long until the route to `cidr` goes via [`MOVED_TO`].
+fn wait_moved(ns: &str, cidr: &str) -> anyhow::Result<Duration> {
+    wait("the changed peer's route", || {
+        let out = run_in_ok(ns, "ip", &["route", "show", cidr])?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains(&format!("via {MOVED_TO}")))
+    })
 }
 
 fn hgw_route_count(ns: &str) -> anyhow::Result<usize> {
@@ -105,10 +116,7 @@ fn measure(peers: usize) -> anyhow::Result<Sample> {
     let changed = peers / 2;
     let (_, cidr) = peer(changed);
     std::fs::write(&path, config(peers, Some(changed))).context("rewriting the config")?;
-    let change = wait("the changed peer's route", || {
-        let out = run_in_ok(&ns, "ip", &["route", "show", &cidr])?;
-        Ok(String::from_utf8_lossy(&out.stdout).contains("via 172.30.255.254"))
-    })?;
+    let change = wait_moved(&ns, &cidr)?;
 
     let peak_rss_kib = peak_rss(lab.agent(0).context("agent")?.pid())?;
     Ok(Sample {
@@ -162,12 +170,9 @@ fn measure_etcd(peers: usize, ip_batch: Duration) -> anyhow::Result<Sample> {
 
     let changed = peers / 2;
     let (_, cidr) = peer(changed);
-    let (key, value) = entry(changed, "172.30.255.254");
+    let (key, value) = entry(changed, MOVED_TO);
     etcd.put(&key, &value)?;
-    let change = wait("the changed peer's route", || {
-        let out = run_in_ok(&ns, "ip", &["route", "show", &cidr])?;
-        Ok(String::from_utf8_lossy(&out.stdout).contains("via 172.30.255.254"))
-    })?;
+    let change = wait_moved(&ns, &cidr)?;
     let peak_rss_kib = peak_rss(lab.agent(0).context("agent")?.pid())?;
     Ok(Sample {
         source: "etcd",
