@@ -6,8 +6,8 @@ use aya::programs::tc::TcAttachType;
 
 use crate::netns::{in_netns, run_in_ok};
 
-/// The route protocol number hgw-agent tags its routes with (`proto 104`).
-pub const HGW_ROUTE_PROTOCOL: u8 = 104;
+/// The route protocol number hgw-agent tags its routes with: the agent's own constant.
+pub use hgw_common::ROUTE_PROTOCOL as HGW_ROUTE_PROTOCOL;
 /// nftables table the lab uses to drop forwarded packets ([`drop_all_forwarding`]).
 const FORWARD_DROP_TABLE: &str = "hgw_lab_forward_drop";
 /// nftables table the lab uses to drop ARP ([`block_arp`]).

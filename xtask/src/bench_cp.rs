@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use hgw_tests::{Etcd, Lab, run_in_ok};
+use hgw_tests::{Etcd, HGW_ROUTE_PROTOCOL, Lab, hgw_routes, run_in_ok};
 
 const SIZES: [usize; 2] = [1_000, 5_000];
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -62,12 +62,7 @@ fn wait_moved(ns: &str, cidr: &str) -> anyhow::Result<Duration> {
 }
 
 fn hgw_route_count(ns: &str) -> anyhow::Result<usize> {
-    let out = run_in_ok(ns, "ip", &["-4", "route", "show", "proto", "104"])?;
-    Ok(out
-        .stdout
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .count())
+    Ok(hgw_routes(ns)?.len())
 }
 
 fn wait(what: &str, mut done: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<Duration> {
@@ -92,7 +87,7 @@ fn measure(peers: usize) -> anyhow::Result<Sample> {
     let lines: String = (0..peers)
         .map(|i| {
             let (ip, cidr) = peer(i);
-            format!("route replace {cidr} via {ip} dev eth0 onlink proto 104\n")
+            format!("route replace {cidr} via {ip} dev eth0 onlink proto {HGW_ROUTE_PROTOCOL}\n")
         })
         .collect();
     std::fs::write(&batch, lines).context("writing the ip batch file")?;
@@ -103,7 +98,11 @@ fn measure(peers: usize) -> anyhow::Result<Sample> {
         hgw_route_count(&ns)? == peers,
         "ip -batch did not install {peers} routes"
     );
-    run_in_ok(&ns, "ip", &["route", "flush", "proto", "104"])?;
+    run_in_ok(
+        &ns,
+        "ip",
+        &["route", "flush", "proto", &HGW_ROUTE_PROTOCOL.to_string()],
+    )?;
 
     let start = Instant::now();
     let agent = lab.start_agent_with_config(0, &config(peers, None), &[])?;
