@@ -30,9 +30,11 @@ fn a_joining_node_is_everywhere_within_a_second() -> anyhow::Result<()> {
             etcd.start_agents(&mut lab, [3])?;
             let new_cidr = lab.nodes[3].pod_cidr.clone();
             let new_ip = lab.nodes[3].uplink_ip.to_string();
+            // One second for all three together, from the moment n4 holds its subnet.
+            let deadline = Instant::now() + Duration::from_secs(1);
             for node in 0..3 {
                 let agent = lab.agent(node).expect("agent started");
-                agent.wait_for(Duration::from_secs(1), |s| {
+                agent.wait_for(deadline.saturating_duration_since(Instant::now()), |s| {
                     s["peers"].as_array().into_iter().flatten().any(|p| {
                         p["pod_cidr"] == new_cidr.as_str()
                             && p["route"] == true

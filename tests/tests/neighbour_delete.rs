@@ -32,5 +32,17 @@ fn deleting_the_next_hops_neighbour_entry_loses_no_connection() -> anyhow::Resul
         }
         Ok(())
     })?;
+    // The MAC being in the map again proves nothing if the agent never took it out:
+    // each deletion must have been followed there and back.
+    let log = agent.log();
+    let mac = mac.as_str().unwrap_or_default();
+    let (out, back) = (
+        log.matches(&format!("{mac} -> unresolved")).count(),
+        log.matches(&format!("unresolved -> {mac}")).count(),
+    );
+    assert!(
+        out >= 3 && back >= 4,
+        "the agent did not follow the deletions ({out} out, {back} back):\n{log}"
+    );
     Ok(())
 }
