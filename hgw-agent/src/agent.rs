@@ -3,11 +3,16 @@
 //! state, reacting to netlink events (a deleted route, a changed neighbour, the uplink
 //! changing) rather than polling; a slow periodic resync is the backstop.
 
-use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use hgw_common::{Endpoint, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use log::{debug, info, warn};
 use rtnetlink::{
     MulticastGroup,
@@ -54,8 +59,11 @@ pub enum AgentError {
     Signal(#[source] std::io::Error),
 }
 
+/// One route of a peer: a dual-stack peer has one per family.
 struct PeerState {
     peer: Peer,
+    pod_cidr: IpNet,
+    node_ip: IpAddr,
     mac: Option<[u8; 6]>,
     /// The kernel's entry is STALE: not confirmed lately.
     stale: bool,
@@ -68,16 +76,16 @@ pub struct Agent {
     kernel: Kernel,
     uplink: Link,
     bridge: Link,
-    /// The uplink's IPv4 networks: a peer must be on one of them (host-gw is one hop).
-    uplink_networks: Vec<Ipv4Net>,
+    /// The uplink's networks: a peer must be on one of them (host-gw is one hop).
+    uplink_networks: Vec<IpNet>,
     datapath: Option<Datapath>,
     peers: Vec<PeerState>,
-    /// Peers left out because host-gw cannot reach them (warned about once).
-    skipped: Vec<Peer>,
+    /// Peer routes left out because host-gw cannot reach them (warned about once).
+    skipped: Vec<(IpNet, IpAddr)>,
     /// What the fast-path map holds, to write only what changed.
-    map: HashMap<Ipv4Net, NextHop>,
+    map: HashMap<IpNet, NextHop>,
     /// What the endpoint map holds: local pods for direct delivery.
-    endpoints: HashMap<Ipv4Addr, Endpoint>,
+    endpoints: HashMap<IpAddr, Endpoint>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
@@ -92,7 +100,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     let kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
-    let uplink_networks = kernel.ipv4_networks(uplink.index).await?;
+    let uplink_networks = kernel.networks(uplink.index).await?;
     let (network, peers, updates) = match &config.source {
         Source::Static { network, peers } => {
             check_static_peers(&config, peers, &uplink_networks)?;
@@ -102,7 +110,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         Source::Etcd(etcd) => {
             let public_ip = match etcd.public_ip {
                 Some(ip) => ip,
-                None => uplink_networks.first().map(|n| n.addr()).ok_or_else(|| {
+                None => first_ipv4(&uplink_networks).ok_or_else(|| {
                     ConfigError::invalid(
                         "etcd.public_ip",
                         "",
@@ -217,11 +225,26 @@ fn watch_file(path: PathBuf, reload: Reload, running: Config) -> mpsc::Receiver<
     rx
 }
 
+fn first_ipv4(networks: &[IpNet]) -> Option<Ipv4Addr> {
+    networks.iter().find_map(|n| match n.addr() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    })
+}
+
 /// What the programs need to know of this node.
 fn node_config(network: &Network, bridge: &Link, uplink: &Link) -> NodeConfig {
     NodeConfig {
         pod_net_v4: network.pod_cidr.network().octets(),
         pod_mask_v4: network.pod_cidr.netmask().octets(),
+        pod_net_v6: network
+            .v6
+            .map(|v6| v6.pod_cidr.network().octets())
+            .unwrap_or_default(),
+        pod_mask_v6: network
+            .v6
+            .map(|v6| v6.pod_cidr.netmask().octets())
+            .unwrap_or_default(),
         bridge_ifindex: bridge.index,
         bridge_mtu: bridge.mtu,
         bridge_mac: bridge.mac,
@@ -246,19 +269,25 @@ async fn check_interfaces(kernel: &Kernel, config: &Config) -> Result<Link, Agen
     Ok(uplink)
 }
 
-/// Why a peer cannot be reached the host-gw way from this uplink, if it cannot.
-fn off_link(peer: &Peer, uplink: &str, networks: &[Ipv4Net]) -> Option<String> {
-    if networks.iter().any(|n| n.addr() == peer.node_ip) {
+/// Why a peer's node IP cannot be reached the host-gw way from this uplink, if it
+/// cannot.
+fn off_link(node_ip: IpAddr, uplink: &str, networks: &[IpNet]) -> Option<String> {
+    if networks.iter().any(|n| n.addr() == node_ip) {
         return Some("is this node's own uplink address".into());
     }
-    if networks.iter().any(|n| n.contains(&peer.node_ip)) {
+    if networks.iter().any(|n| n.contains(&node_ip)) {
         return None;
     }
-    let have: Vec<String> = networks.iter().map(|n| n.to_string()).collect();
+    let have: Vec<String> = networks
+        .iter()
+        .filter(|n| n.addr().is_ipv4() == node_ip.is_ipv4())
+        .map(|n| n.to_string())
+        .collect();
+    let family = if node_ip.is_ipv4() { "IPv4" } else { "IPv6" };
     Some(format!(
         "not on the subnet of uplink {uplink} ({}): host-gw needs every peer on the same L2 segment",
         if have.is_empty() {
-            "no IPv4 address".to_owned()
+            format!("no {family} address")
         } else {
             have.join(", ")
         }
@@ -269,15 +298,22 @@ fn off_link(peer: &Peer, uplink: &str, networks: &[Ipv4Net]) -> Option<String> {
 fn check_static_peers(
     config: &Config,
     peers: &[Peer],
-    networks: &[Ipv4Net],
+    networks: &[IpNet],
 ) -> Result<(), ConfigError> {
     for (i, peer) in peers.iter().enumerate() {
-        if let Some(reason) = off_link(peer, &config.uplink, networks) {
-            return Err(ConfigError::invalid(
-                format!("peers[{i}].node_ip"),
-                peer.node_ip,
-                reason,
-            ));
+        for (_, node_ip) in peer.hops() {
+            if let Some(reason) = off_link(node_ip, &config.uplink, networks) {
+                let field = if node_ip.is_ipv4() {
+                    "node_ip"
+                } else {
+                    "node_ip_v6"
+                };
+                return Err(ConfigError::invalid(
+                    format!("peers[{i}].{field}"),
+                    node_ip,
+                    reason,
+                ));
+            }
         }
     }
     Ok(())
@@ -317,6 +353,7 @@ impl Agent {
         let (connection, _, mut events) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Neigh,
             MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv6Route,
             MulticastGroup::Link,
         ])
         .map_err(AgentError::Events)?;
@@ -355,51 +392,56 @@ impl Agent {
         }
     }
 
-    /// Makes `peers` the desired set: keeps what is known of unchanged peers, leaves
-    /// out (with a warning) peers host-gw cannot reach, and applies the difference.
+    /// Makes `peers` the desired set: keeps what is known of unchanged peer routes,
+    /// leaves out (with a warning) routes host-gw cannot reach, and applies the
+    /// difference.
     async fn set_peers(&mut self, peers: Vec<Peer>) {
         let mut next = Vec::with_capacity(peers.len());
+        let mut skipped = Vec::new();
         for peer in peers {
-            if let Some(reason) = off_link(&peer, &self.config.uplink, &self.uplink_networks) {
-                let known =
-                    self.peers.iter().any(|p| p.peer == peer) || self.skipped.contains(&peer);
-                if !known {
-                    warn!(
-                        "peer {} ({}): node IP {} {reason}; no route or map entry for it",
-                        peer.name, peer.source, peer.node_ip
-                    );
-                    self.skipped.push(peer);
+            for (pod_cidr, node_ip) in peer.hops() {
+                if let Some(reason) = off_link(node_ip, &self.config.uplink, &self.uplink_networks)
+                {
+                    if !self.skipped.contains(&(pod_cidr, node_ip)) {
+                        warn!(
+                            "peer {} ({}): node IP {node_ip} {reason}; no route or map entry for {pod_cidr}",
+                            peer.name, peer.source
+                        );
+                    }
+                    skipped.push((pod_cidr, node_ip));
+                    continue;
                 }
-                continue;
+                let old = self
+                    .peers
+                    .iter()
+                    .find(|p| p.pod_cidr == pod_cidr && p.node_ip == node_ip);
+                if old.is_none() {
+                    info!(
+                        "peer {} ({}): {pod_cidr} via {node_ip}",
+                        peer.name, peer.source
+                    );
+                }
+                next.push(PeerState {
+                    mac: old.and_then(|o| o.mac),
+                    stale: old.is_some_and(|o| o.stale),
+                    route: old.is_some_and(|o| o.route),
+                    peer: peer.clone(),
+                    pod_cidr,
+                    node_ip,
+                });
             }
-            let old = self
-                .peers
-                .iter()
-                .find(|p| p.peer.pod_cidr == peer.pod_cidr && p.peer.node_ip == peer.node_ip);
-            if old.is_none() {
-                info!(
-                    "peer {} ({}): {} via {}",
-                    peer.name, peer.source, peer.pod_cidr, peer.node_ip
-                );
-            }
-            next.push(PeerState {
-                mac: old.and_then(|o| o.mac),
-                stale: old.is_some_and(|o| o.stale),
-                route: old.is_some_and(|o| o.route),
-                peer,
-            });
         }
         for gone in self.peers.iter().filter(|p| {
             !next
                 .iter()
-                .any(|n| n.peer.pod_cidr == p.peer.pod_cidr && n.peer.node_ip == p.peer.node_ip)
+                .any(|n| n.pod_cidr == p.pod_cidr && n.node_ip == p.node_ip)
         }) {
             info!(
                 "peer {} ({}) is gone: removing {} via {}",
-                gone.peer.name, gone.peer.source, gone.peer.pod_cidr, gone.peer.node_ip
+                gone.peer.name, gone.peer.source, gone.pod_cidr, gone.node_ip
             );
         }
-        self.skipped.retain(|s| !next.iter().any(|n| n.peer == *s));
+        self.skipped = skipped;
         self.peers = next;
         self.resync().await;
     }
@@ -438,7 +480,7 @@ impl Agent {
                 if let Some(i) = self
                     .peers
                     .iter()
-                    .position(|p| p.peer.pod_cidr == route.destination)
+                    .position(|p| p.pod_cidr == route.destination)
                 {
                     warn!(
                         "route to {} ({}) was deleted; reinstalling it",
@@ -510,7 +552,7 @@ impl Agent {
         let mut desired = HashMap::new();
         for n in neighbours.values() {
             let Some(mac) = n.mac else { continue };
-            if !self.network.pod_cidr.contains(&n.ip) {
+            if !self.network.pod_cidrs().any(|cidr| cidr.contains(&n.ip)) {
                 continue;
             }
             let port = learned
@@ -586,11 +628,7 @@ impl Agent {
         if neighbour.ifindex != self.uplink.index {
             return;
         }
-        let Some(i) = self
-            .peers
-            .iter()
-            .position(|p| p.peer.node_ip == neighbour.ip)
-        else {
+        let Some(i) = self.peers.iter().position(|p| p.node_ip == neighbour.ip) else {
             return;
         };
         self.peers[i].stale = neighbour.stale;
@@ -641,7 +679,7 @@ impl Agent {
         match self.kernel.neighbours(self.uplink.index).await {
             Ok(neighbours) => {
                 for peer in &mut self.peers {
-                    let neighbour = neighbours.get(&peer.peer.node_ip);
+                    let neighbour = neighbours.get(&peer.node_ip);
                     peer.mac = neighbour.and_then(|n| n.mac);
                     peer.stale = neighbour.is_some_and(|n| n.stale);
                 }
@@ -656,17 +694,17 @@ impl Agent {
     }
 
     async fn install_route(&mut self, i: usize) {
-        let peer = &self.peers[i].peer;
+        let state = &self.peers[i];
         match self
             .kernel
-            .replace_route(peer.pod_cidr, peer.node_ip, self.uplink.index)
+            .replace_route(state.pod_cidr, state.node_ip, self.uplink.index)
             .await
         {
             Ok(()) => {
-                if !self.peers[i].route {
+                if !state.route {
                     info!(
                         "route {} via {} dev {} ({})",
-                        peer.pod_cidr, peer.node_ip, self.config.uplink, peer.name
+                        state.pod_cidr, state.node_ip, self.config.uplink, state.peer.name
                     );
                 }
                 self.peers[i].route = true;
@@ -686,8 +724,8 @@ impl Agent {
         };
         for route in routes {
             let wanted = self.peers.iter().any(|p| {
-                p.peer.pod_cidr == route.destination
-                    && route.gateway == Some(p.peer.node_ip)
+                p.pod_cidr == route.destination
+                    && route.gateway == Some(p.node_ip)
                     && route.oif == Some(self.uplink.index)
             });
             if !wanted {
@@ -703,10 +741,10 @@ impl Agent {
         let Some(datapath) = &mut self.datapath else {
             return;
         };
-        let unwanted: Vec<Ipv4Net> = self
+        let unwanted: Vec<IpNet> = self
             .map
             .keys()
-            .filter(|cidr| !self.peers.iter().any(|p| p.peer.pod_cidr == **cidr))
+            .filter(|cidr| !self.peers.iter().any(|p| p.pod_cidr == **cidr))
             .copied()
             .collect();
         for cidr in unwanted {
@@ -735,23 +773,23 @@ impl Agent {
                 0
             },
         };
-        if self.map.get(&peer.peer.pod_cidr) == Some(&next_hop) {
+        if self.map.get(&peer.pod_cidr) == Some(&next_hop) {
             return;
         }
-        match datapath.set_route(peer.peer.pod_cidr, next_hop) {
+        match datapath.set_route(peer.pod_cidr, next_hop) {
             Ok(()) => {
-                self.map.insert(peer.peer.pod_cidr, next_hop);
+                self.map.insert(peer.pod_cidr, next_hop);
             }
             Err(e) => warn!("{e}"),
         }
     }
 
     async fn resolve_unresolved(&mut self) {
-        let unresolved: Vec<Ipv4Addr> = self
+        let unresolved: Vec<IpAddr> = self
             .peers
             .iter()
             .filter(|p| p.mac.is_none())
-            .map(|p| p.peer.node_ip)
+            .map(|p| p.node_ip)
             .collect();
         for ip in unresolved {
             self.resolve(ip).await;
@@ -764,11 +802,11 @@ impl Agent {
     /// without announcing it then fails the probe, its entry is re-resolved, and the
     /// neighbour event brings the new MAC into the map.
     async fn refresh_neighbours(&mut self) {
-        let stale: Vec<Ipv4Addr> = self
+        let stale: Vec<IpAddr> = self
             .peers
             .iter()
             .filter(|p| p.stale)
-            .map(|p| p.peer.node_ip)
+            .map(|p| p.node_ip)
             .collect();
         for ip in stale {
             self.resolve(ip).await;
@@ -776,7 +814,7 @@ impl Agent {
         self.resolve_unresolved().await;
     }
 
-    async fn resolve(&self, ip: Ipv4Addr) {
+    async fn resolve(&self, ip: IpAddr) {
         if let Err(e) = self.kernel.resolve_neighbour(self.uplink.index, ip).await {
             warn!("{e}");
         }
@@ -785,10 +823,7 @@ impl Agent {
     fn status(&self) -> Status {
         let counters = match &self.datapath {
             Some(datapath) => match datapath.counters() {
-                Ok(counters) => counters
-                    .into_iter()
-                    .map(|(c, v)| (c.name().to_owned(), v))
-                    .collect(),
+                Ok(counters) => status::counters_by_name(&counters),
                 Err(e) => {
                     warn!("{e}");
                     Default::default()
@@ -803,6 +838,7 @@ impl Agent {
         Status {
             node: self.config.node_name.clone(),
             pod_cidr: self.network.pod_cidr.to_string(),
+            pod_cidr_v6: self.network.v6.map(|v6| v6.pod_cidr.to_string()),
             uplink: self.config.uplink.clone(),
             bridge: self.config.bridge.clone(),
             ready,
@@ -812,8 +848,8 @@ impl Agent {
                 .iter()
                 .map(|p| PeerStatus {
                     name: p.peer.name.clone(),
-                    node_ip: p.peer.node_ip.to_string(),
-                    pod_cidr: p.peer.pod_cidr.to_string(),
+                    node_ip: p.node_ip.to_string(),
+                    pod_cidr: p.pod_cidr.to_string(),
                     source: p.peer.source.clone(),
                     lease: p.peer.lease.map(|l| format!("{l:x}")),
                     mac: p.mac.map(format_mac),

@@ -1,9 +1,13 @@
 //! The agent's configuration: a TOML file, every field also a flag, validated as a
 //! whole before the agent touches anything. Errors name the field and the value.
 
-use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 pub use crate::datapath::Attach;
@@ -59,6 +63,9 @@ pub struct RawConfig {
     pub bridge: Option<String>,
     pub pod_cidr: Option<String>,
     pub cluster_cidr: Option<String>,
+    /// IPv6 (dual stack): this node's IPv6 pod CIDR and the cluster's; both or neither.
+    pub pod_cidr_v6: Option<String>,
+    pub cluster_cidr_v6: Option<String>,
     pub setup_node: Option<bool>,
     pub fast_path: Option<bool>,
     pub attach: Option<Attach>,
@@ -75,6 +82,9 @@ pub struct RawPeer {
     pub name: String,
     pub node_ip: String,
     pub pod_cidr: String,
+    /// The peer's IPv6 node address and pod CIDR (dual stack): both or neither.
+    pub node_ip_v6: Option<String>,
+    pub pod_cidr_v6: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -112,10 +122,29 @@ pub struct Peer {
     pub name: String,
     pub node_ip: Ipv4Addr,
     pub pod_cidr: Ipv4Net,
+    /// Dual stack: its IPv6 node address and pod CIDR.
+    pub v6: Option<PeerV6>,
     /// Where it came from: "static", or its etcd key.
     pub source: String,
     /// The etcd lease that keeps it (none for static peers and etcd reservations).
     pub lease: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerV6 {
+    pub node_ip: Ipv6Addr,
+    pub pod_cidr: Ipv6Net,
+}
+
+impl Peer {
+    /// Its routes, one per family (IPv4 first): pod CIDR via node IP.
+    pub fn hops(&self) -> impl Iterator<Item = (IpNet, IpAddr)> {
+        let v4 = (IpNet::V4(self.pod_cidr), IpAddr::V4(self.node_ip));
+        let v6 = self
+            .v6
+            .map(|v6| (IpNet::V6(v6.pod_cidr), IpAddr::V6(v6.node_ip)));
+        std::iter::once(v4).chain(v6)
+    }
 }
 
 /// This node's place in the cluster.
@@ -123,12 +152,37 @@ pub struct Peer {
 pub struct Network {
     pub pod_cidr: Ipv4Net,
     pub cluster_cidr: Ipv4Net,
+    /// Dual stack: the IPv6 pod CIDR and cluster CIDR.
+    pub v6: Option<NetworkV6>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkV6 {
+    pub pod_cidr: Ipv6Net,
+    pub cluster_cidr: Ipv6Net,
 }
 
 impl Network {
     /// The bridge's address: the first host of the pod CIDR, as flannel's CNI uses.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.pod_cidr.network()) + 1)
+    }
+
+    /// The bridge's IPv6 address (the first host of the IPv6 pod CIDR), with IPv6 on.
+    pub fn gateway_v6(&self) -> Option<Ipv6Addr> {
+        self.v6
+            .map(|v6| Ipv6Addr::from(u128::from(v6.pod_cidr.network()) + 1))
+    }
+
+    /// This node's pod CIDRs, IPv4 first.
+    pub fn pod_cidrs(&self) -> impl Iterator<Item = IpNet> {
+        std::iter::once(IpNet::V4(self.pod_cidr)).chain(self.v6.map(|v6| IpNet::V6(v6.pod_cidr)))
+    }
+
+    /// The cluster CIDRs, IPv4 first.
+    pub fn cluster_cidrs(&self) -> impl Iterator<Item = IpNet> {
+        std::iter::once(IpNet::V4(self.cluster_cidr))
+            .chain(self.v6.map(|v6| IpNet::V6(v6.cluster_cidr)))
     }
 }
 
@@ -192,6 +246,8 @@ impl Config {
                 for (given, field) in [
                     (raw.pod_cidr.is_some(), "pod_cidr"),
                     (raw.cluster_cidr.is_some(), "cluster_cidr"),
+                    (raw.pod_cidr_v6.is_some(), "pod_cidr_v6"),
+                    (raw.cluster_cidr_v6.is_some(), "cluster_cidr_v6"),
                     (!raw.peers.is_empty(), "peers"),
                 ] {
                     if given {
@@ -204,7 +260,12 @@ impl Config {
                 }
                 Source::Etcd(etcd_config(etcd)?)
             }
-            None => static_source(&node_name, raw.pod_cidr, raw.cluster_cidr, raw.peers)?,
+            None => static_source(
+                &node_name,
+                [raw.pod_cidr, raw.cluster_cidr],
+                [raw.pod_cidr_v6, raw.cluster_cidr_v6],
+                raw.peers,
+            )?,
         };
         Ok(Self {
             node_name,
@@ -287,31 +348,32 @@ fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
     })
 }
 
+/// The static network and peers: `v4` and `v6` are [pod CIDR, cluster CIDR].
 fn static_source(
     node_name: &str,
-    pod_cidr: Option<String>,
-    cluster_cidr: Option<String>,
+    [pod_cidr, cluster_cidr]: [Option<String>; 2],
+    [pod_cidr_v6, cluster_cidr_v6]: [Option<String>; 2],
     raw_peers: Vec<RawPeer>,
 ) -> Result<Source, ConfigError> {
-    let cluster_cidr = cidr(
-        &required(cluster_cidr, "cluster_cidr", "cluster-cidr")?,
-        "cluster_cidr",
+    let (pod_cidr, cluster_cidr) = pod_and_cluster_cidr(
+        Some(required(pod_cidr, "pod_cidr", "pod-cidr")?),
+        Some(required(cluster_cidr, "cluster_cidr", "cluster-cidr")?),
+        ("pod_cidr", "cluster_cidr"),
+    )?
+    .expect("both given");
+    let v6 = pod_and_cluster_cidr(
+        pod_cidr_v6,
+        cluster_cidr_v6,
+        ("pod_cidr_v6", "cluster_cidr_v6"),
     )?;
-    let pod_cidr = cidr(&required(pod_cidr, "pod_cidr", "pod-cidr")?, "pod_cidr")?;
-    if !cluster_cidr.contains(&pod_cidr) {
-        return Err(ConfigError::invalid(
-            "pod_cidr",
-            pod_cidr,
-            format!("not inside cluster_cidr {cluster_cidr}"),
-        ));
-    }
-    if pod_cidr.prefix_len() >= 31 {
-        return Err(ConfigError::invalid(
-            "pod_cidr",
-            pod_cidr,
-            "too small to hold a gateway and pods",
-        ));
-    }
+    let network = Network {
+        pod_cidr: v4_net(pod_cidr),
+        cluster_cidr: v4_net(cluster_cidr),
+        v6: v6.map(|(pod_cidr, cluster_cidr)| NetworkV6 {
+            pod_cidr: v6_net(pod_cidr),
+            cluster_cidr: v6_net(cluster_cidr),
+        }),
+    };
 
     let mut peers: Vec<Peer> = Vec::with_capacity(raw_peers.len());
     let mut names = HashSet::new();
@@ -330,56 +392,146 @@ fn static_source(
         let node_ip: Ipv4Addr = raw_peer.node_ip.parse().map_err(|_| {
             ConfigError::invalid(field("node_ip"), &raw_peer.node_ip, "not an IPv4 address")
         })?;
-        let peer_cidr = cidr(&raw_peer.pod_cidr, &field("pod_cidr"))?;
-        if !cluster_cidr.contains(&peer_cidr) {
-            return Err(ConfigError::invalid(
-                field("pod_cidr"),
-                peer_cidr,
-                format!("not inside cluster_cidr {cluster_cidr}"),
-            ));
-        }
-        if overlaps(peer_cidr, pod_cidr) {
-            return Err(ConfigError::invalid(
-                field("pod_cidr"),
-                peer_cidr,
-                format!("overlaps this node's pod_cidr {pod_cidr}"),
-            ));
-        }
-        if let Some(other) = peers.iter().position(|p| overlaps(p.pod_cidr, peer_cidr)) {
-            return Err(ConfigError::invalid(
-                field("pod_cidr"),
-                peer_cidr,
-                format!(
-                    "overlaps peers[{other}].pod_cidr {} ({})",
-                    peers[other].pod_cidr, peers[other].name
-                ),
-            ));
-        }
-        if let Some(other) = peers.iter().position(|p| p.node_ip == node_ip) {
-            return Err(ConfigError::invalid(
-                field("node_ip"),
-                node_ip,
-                format!(
-                    "is also the node_ip of peers[{other}] ({})",
-                    peers[other].name
-                ),
-            ));
-        }
-        peers.push(Peer {
+        let peer_cidr = cidr(&raw_peer.pod_cidr, &field("pod_cidr"), Family::V4)?;
+        let v6 = match (raw_peer.node_ip_v6, raw_peer.pod_cidr_v6) {
+            (None, None) => None,
+            (Some(ip), Some(cidr_v6)) => {
+                if network.v6.is_none() {
+                    return Err(ConfigError::invalid(
+                        field("pod_cidr_v6"),
+                        cidr_v6,
+                        "this node has no pod_cidr_v6 (IPv6 is off); set it, or drop the peer's IPv6 fields",
+                    ));
+                }
+                let node_ip: Ipv6Addr = ip.parse().map_err(|_| {
+                    ConfigError::invalid(field("node_ip_v6"), &ip, "not an IPv6 address")
+                })?;
+                let pod_cidr = v6_net(cidr(&cidr_v6, &field("pod_cidr_v6"), Family::V6)?);
+                Some(PeerV6 { node_ip, pod_cidr })
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    field("pod_cidr_v6"),
+                    "",
+                    "missing: node_ip_v6 and pod_cidr_v6 go together",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    field("node_ip_v6"),
+                    "",
+                    "missing: node_ip_v6 and pod_cidr_v6 go together",
+                ));
+            }
+        };
+        let peer = Peer {
             name: raw_peer.name,
             node_ip,
-            pod_cidr: peer_cidr,
+            pod_cidr: v4_net(peer_cidr),
+            v6,
             source: "static".into(),
             lease: None,
-        });
+        };
+        for (j, (hop_cidr, hop_ip)) in peer.hops().enumerate() {
+            let suffix = if j == 0 { "" } else { "_v6" };
+            let cidr_field = field(&format!("pod_cidr{suffix}"));
+            let ip_field = field(&format!("node_ip{suffix}"));
+            let (own, cluster) = network
+                .pod_cidrs()
+                .zip(network.cluster_cidrs())
+                .find(|(own, _)| own.addr().is_ipv4() == hop_cidr.addr().is_ipv4())
+                .expect("a node network per peer family");
+            if !cluster.contains(&hop_cidr) {
+                return Err(ConfigError::invalid(
+                    cidr_field,
+                    hop_cidr,
+                    format!("not inside cluster_cidr{suffix} {cluster}"),
+                ));
+            }
+            if overlaps(hop_cidr, own) {
+                return Err(ConfigError::invalid(
+                    cidr_field,
+                    hop_cidr,
+                    format!("overlaps this node's pod_cidr{suffix} {own}"),
+                ));
+            }
+            for (other, known) in peers.iter().enumerate() {
+                for (known_cidr, known_ip) in known.hops() {
+                    if overlaps(known_cidr, hop_cidr) {
+                        return Err(ConfigError::invalid(
+                            cidr_field,
+                            hop_cidr,
+                            format!(
+                                "overlaps peers[{other}].pod_cidr{suffix} {known_cidr} ({})",
+                                known.name
+                            ),
+                        ));
+                    }
+                    if known_ip == hop_ip {
+                        return Err(ConfigError::invalid(
+                            ip_field,
+                            hop_ip,
+                            format!(
+                                "is also the node_ip{suffix} of peers[{other}] ({})",
+                                known.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        peers.push(peer);
     }
-    Ok(Source::Static {
-        network: Network {
+    Ok(Source::Static { network, peers })
+}
+
+/// A node's pod CIDR and the cluster CIDR it must lie in: both or neither.
+fn pod_and_cluster_cidr(
+    pod_cidr: Option<String>,
+    cluster_cidr: Option<String>,
+    (pod_field, cluster_field): (&str, &str),
+) -> Result<Option<(IpNet, IpNet)>, ConfigError> {
+    let family = if pod_field.ends_with("_v6") {
+        Family::V6
+    } else {
+        Family::V4
+    };
+    let (pod_cidr, cluster_cidr) = match (pod_cidr, cluster_cidr) {
+        (None, None) => return Ok(None),
+        (Some(pod), Some(cluster)) => (
+            cidr(&pod, pod_field, family)?,
+            cidr(&cluster, cluster_field, family)?,
+        ),
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                cluster_field,
+                "",
+                format!("missing: {pod_field} needs it"),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                pod_field,
+                "",
+                format!("missing: {cluster_field} needs it"),
+            ));
+        }
+    };
+    if !cluster_cidr.contains(&pod_cidr) {
+        return Err(ConfigError::invalid(
+            pod_field,
             pod_cidr,
-            cluster_cidr,
-        },
-        peers,
-    })
+            format!("not inside {cluster_field} {cluster_cidr}"),
+        ));
+    }
+    if pod_cidr.max_prefix_len() - pod_cidr.prefix_len() < 2 {
+        return Err(ConfigError::invalid(
+            pod_field,
+            pod_cidr,
+            "too small to hold a gateway and pods",
+        ));
+    }
+    Ok(Some((pod_cidr, cluster_cidr)))
 }
 
 fn required(
@@ -403,10 +555,23 @@ fn interface_name(name: String, field: &str) -> Result<String, ConfigError> {
     Ok(name)
 }
 
-fn cidr(value: &str, field: &str) -> Result<Ipv4Net, ConfigError> {
-    let net: Ipv4Net = value
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+fn cidr(value: &str, field: &str, family: Family) -> Result<IpNet, ConfigError> {
+    let example = match family {
+        Family::V4 => "not an IPv4 CIDR (like 10.244.1.0/24)",
+        Family::V6 => "not an IPv6 CIDR (like fd00:244:1::/64)",
+    };
+    let net: IpNet = value
         .parse()
-        .map_err(|_| ConfigError::invalid(field, value, "not an IPv4 CIDR (like 10.244.1.0/24)"))?;
+        .map_err(|_| ConfigError::invalid(field, value, example))?;
+    if net.addr().is_ipv4() != (family == Family::V4) {
+        return Err(ConfigError::invalid(field, value, example));
+    }
     if net.trunc() != net {
         return Err(ConfigError::invalid(
             field,
@@ -417,7 +582,21 @@ fn cidr(value: &str, field: &str) -> Result<Ipv4Net, ConfigError> {
     Ok(net)
 }
 
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+fn v4_net(net: IpNet) -> Ipv4Net {
+    match net {
+        IpNet::V4(net) => net,
+        IpNet::V6(_) => unreachable!("checked by cidr()"),
+    }
+}
+
+fn v6_net(net: IpNet) -> Ipv6Net {
+    match net {
+        IpNet::V6(net) => net,
+        IpNet::V4(_) => unreachable!("checked by cidr()"),
+    }
+}
+
+fn overlaps(a: IpNet, b: IpNet) -> bool {
     a.contains(&b) || b.contains(&a)
 }
 
@@ -437,6 +616,8 @@ mod tests {
                     name: (*name).into(),
                     node_ip: (*ip).into(),
                     pod_cidr: (*cidr).into(),
+                    node_ip_v6: None,
+                    pod_cidr_v6: None,
                 })
                 .collect(),
             ..RawConfig::default()

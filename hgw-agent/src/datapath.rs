@@ -8,12 +8,13 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use hgw_common::{
-    Counter, Endpoint, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ROUTES_V4, NextHop,
-    NodeConfig, PROG_TO_PEER, PROG_TO_POD,
+    COUNTER_NOT_IP, Counter, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4,
+    MAP_ENDPOINTS_V6, MAP_ROUTES_V4, MAP_ROUTES_V6, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
+    counter_index,
 };
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{collections::HashMap, net::IpAddr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use log::warn;
 
 /// The programs, built by build.rs from hgw-ebpf.
@@ -55,9 +56,11 @@ pub struct Datapath {
     /// Owns the programs and their links: dropping it detaches them.
     ebpf: Ebpf,
     config: Array<MapData, NodeConfig>,
-    routes: LpmTrie<MapData, [u8; 4], NextHop>,
+    routes_v4: LpmTrie<MapData, [u8; 4], NextHop>,
+    routes_v6: LpmTrie<MapData, [u8; 16], NextHop>,
     counters: PerCpuArray<MapData, u64>,
-    endpoints: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
+    endpoints_v4: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
+    endpoints_v6: aya::maps::HashMap<MapData, [u8; 16], Endpoint>,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
     ports: HashMap<u32, SchedClassifierLinkId>,
 }
@@ -105,15 +108,19 @@ impl Datapath {
         }
 
         let config = take_map(&mut ebpf, MAP_CONFIG)?;
-        let routes = take_map(&mut ebpf, MAP_ROUTES_V4)?;
+        let routes_v4 = take_map(&mut ebpf, MAP_ROUTES_V4)?;
+        let routes_v6 = take_map(&mut ebpf, MAP_ROUTES_V6)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
-        let endpoints = take_map(&mut ebpf, MAP_ENDPOINTS_V4)?;
+        let endpoints_v4 = take_map(&mut ebpf, MAP_ENDPOINTS_V4)?;
+        let endpoints_v6 = take_map(&mut ebpf, MAP_ENDPOINTS_V6)?;
         let mut datapath = Self {
             ebpf,
             config,
-            routes,
+            routes_v4,
+            routes_v6,
             counters,
-            endpoints,
+            endpoints_v4,
+            endpoints_v6,
             ports: HashMap::new(),
         };
         datapath.set_config(node)?;
@@ -178,75 +185,111 @@ impl Datapath {
     pub fn set_config(&mut self, node: NodeConfig) -> Result<(), DatapathError> {
         self.config
             .set(0, node, 0)
-            .map_err(|source| DatapathError::Map {
-                operation: "writing",
-                map: MAP_CONFIG,
-                source,
-            })
+            .map_err(map_error("writing", MAP_CONFIG))
     }
 
-    pub fn set_endpoint(&mut self, ip: Ipv4Addr, endpoint: Endpoint) -> Result<(), DatapathError> {
-        self.endpoints
-            .insert(ip.octets(), endpoint, 0)
-            .map_err(|source| DatapathError::Map {
-                operation: "updating",
-                map: MAP_ENDPOINTS_V4,
-                source,
-            })
+    pub fn set_endpoint(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<(), DatapathError> {
+        let (result, map) = match ip {
+            IpAddr::V4(ip) => (
+                self.endpoints_v4.insert(ip.octets(), endpoint, 0),
+                MAP_ENDPOINTS_V4,
+            ),
+            IpAddr::V6(ip) => (
+                self.endpoints_v6.insert(ip.octets(), endpoint, 0),
+                MAP_ENDPOINTS_V6,
+            ),
+        };
+        result.map_err(map_error("updating", map))
     }
 
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        match self.endpoints.remove(&ip.octets()) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DatapathError::Map {
-                operation: "deleting from",
-                map: MAP_ENDPOINTS_V4,
-                source,
-            }),
-        }
+    pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        let (result, map) = match ip {
+            IpAddr::V4(ip) => (self.endpoints_v4.remove(&ip.octets()), MAP_ENDPOINTS_V4),
+            IpAddr::V6(ip) => (self.endpoints_v6.remove(&ip.octets()), MAP_ENDPOINTS_V6),
+        };
+        absent_is_fine(result).map_err(map_error("deleting from", map))
     }
 
-    pub fn set_route(&mut self, cidr: Ipv4Net, next_hop: NextHop) -> Result<(), DatapathError> {
-        self.routes
-            .insert(&route_key(cidr), next_hop, 0)
-            .map_err(|source| DatapathError::Map {
-                operation: "updating",
-                map: MAP_ROUTES_V4,
-                source,
-            })
+    pub fn set_route(&mut self, cidr: IpNet, next_hop: NextHop) -> Result<(), DatapathError> {
+        let prefix = u32::from(cidr.prefix_len());
+        let (result, map) = match cidr {
+            IpNet::V4(net) => (
+                self.routes_v4
+                    .insert(&Key::new(prefix, net.network().octets()), next_hop, 0),
+                MAP_ROUTES_V4,
+            ),
+            IpNet::V6(net) => (
+                self.routes_v6
+                    .insert(&Key::new(prefix, net.network().octets()), next_hop, 0),
+                MAP_ROUTES_V6,
+            ),
+        };
+        result.map_err(map_error("updating", map))
     }
 
-    pub fn remove_route(&mut self, cidr: Ipv4Net) -> Result<(), DatapathError> {
-        match self.routes.remove(&route_key(cidr)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DatapathError::Map {
-                operation: "deleting from",
-                map: MAP_ROUTES_V4,
-                source,
-            }),
-        }
+    pub fn remove_route(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
+        let prefix = u32::from(cidr.prefix_len());
+        let (result, map) = match cidr {
+            IpNet::V4(net) => (
+                self.routes_v4
+                    .remove(&Key::new(prefix, net.network().octets())),
+                MAP_ROUTES_V4,
+            ),
+            IpNet::V6(net) => (
+                self.routes_v6
+                    .remove(&Key::new(prefix, net.network().octets())),
+                MAP_ROUTES_V6,
+            ),
+        };
+        absent_is_fine(result).map_err(map_error("deleting from", map))
     }
 
     /// Every counter, summed over the CPUs.
-    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
-        Counter::ALL
-            .iter()
-            .map(|&counter| {
-                let values = self.counters.get(&(counter as u32), 0).map_err(|source| {
-                    DatapathError::Map {
-                        operation: "reading",
-                        map: MAP_COUNTERS,
-                        source,
-                    }
-                })?;
-                Ok((counter, values.iter().sum()))
-            })
-            .collect()
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let read = |slot: u32| -> Result<u64, DatapathError> {
+            let values = self
+                .counters
+                .get(&slot, 0)
+                .map_err(map_error("reading", MAP_COUNTERS))?;
+            Ok(values.iter().sum())
+        };
+        let mut families = Vec::with_capacity(Family::ALL.len());
+        for &family in Family::ALL {
+            let counters = Counter::ALL
+                .iter()
+                .map(|&counter| Ok((counter, read(counter_index(family, counter))?)))
+                .collect::<Result<_, DatapathError>>()?;
+            families.push((family, counters));
+        }
+        Ok(Counters {
+            families,
+            not_ip: read(COUNTER_NOT_IP)?,
+        })
     }
 }
 
-fn route_key(cidr: Ipv4Net) -> Key<[u8; 4]> {
-    Key::new(u32::from(cidr.prefix_len()), cidr.network().octets())
+/// The fast path's packet counters, per family.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub families: Vec<(Family, Vec<(Counter, u64)>)>,
+    /// Frames that were neither IPv4 nor IPv6.
+    pub not_ip: u64,
+}
+
+fn map_error(operation: &'static str, map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        operation,
+        map,
+        source,
+    }
+}
+
+/// Deleting what is not there is done.
+fn absent_is_fine(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -254,11 +297,7 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
     name: &'static str,
 ) -> Result<T, DatapathError> {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
-    T::try_from(map).map_err(|source| DatapathError::Map {
-        operation: "opening",
-        map: name,
-        source,
-    })
+    T::try_from(map).map_err(map_error("opening", name))
 }
 
 /// tcx stacks programs: a second agent would run behind the first one and see nothing,

@@ -248,6 +248,7 @@ fn peers_from_entries(
             name: format!("{}-{}", subnet.network(), subnet.prefix_len()),
             node_ip,
             pod_cidr: subnet,
+            v6: None,
             source: key.clone(),
             lease: (entry.lease != 0).then_some(entry.lease),
         });
@@ -327,6 +328,7 @@ pub async fn start(config: EtcdConfig, public_ip: Ipv4Addr) -> Result<EtcdSource
     let network = Network {
         pod_cidr: subnet,
         cluster_cidr: space.network,
+        v6: None,
     };
     tokio::spawn(run(client, shared, space, subnet, lease, tx));
     Ok(EtcdSource {

@@ -1,11 +1,14 @@
 //! What the agent asks of the kernel over rtnetlink: links, addresses, hgw's routes and
 //! neighbour entries. Routes carry hgw's protocol tag; only routes with it are deleted.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use futures::TryStreamExt as _;
 use hgw_common::ROUTE_PROTOCOL;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::{
     Handle, LinkBridge, LinkUnspec, RouteMessageBuilder,
     packet_route::{
@@ -32,6 +35,12 @@ pub enum KernelError {
     },
     #[error("interface {0} has no MAC address")]
     NoMac(String),
+    #[error("route to {destination} via {gateway}: {reason}")]
+    InvalidRoute {
+        destination: IpNet,
+        gateway: IpAddr,
+        reason: String,
+    },
 }
 
 fn netlink(
@@ -78,7 +87,7 @@ impl Link {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Neighbour {
     pub ifindex: u32,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub mac: Option<[u8; 6]>,
     /// NUD_STALE: the MAC is usable but has not been confirmed lately.
     pub stale: bool,
@@ -90,7 +99,12 @@ impl Neighbour {
         let mut lladdr = None;
         for attr in &msg.attributes {
             match attr {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(*a),
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                    ip = Some(IpAddr::V4(*a))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                    ip = Some(IpAddr::V6(*a))
+                }
                 NeighbourAttribute::LinkLayerAddress(a) => {
                     lladdr = <[u8; 6]>::try_from(a.as_slice()).ok()
                 }
@@ -116,17 +130,17 @@ impl Neighbour {
     }
 }
 
-/// An IPv4 route carrying hgw's protocol tag, as found in the main table.
+/// A route carrying hgw's protocol tag, as found in the main table.
 #[derive(Debug, Clone)]
 pub struct HgwRoute {
-    pub destination: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
+    pub destination: IpNet,
+    pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
     message: RouteMessage,
 }
 
 impl HgwRoute {
-    /// `Some` for an IPv4 unicast route of the main table tagged with hgw's protocol.
+    /// `Some` for a unicast route of the main table tagged with hgw's protocol.
     pub fn from_message(msg: &RouteMessage) -> Option<Self> {
         if msg.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
             || msg.header.kind != RouteType::Unicast
@@ -139,13 +153,19 @@ impl HgwRoute {
         let mut oif = None;
         for attr in &msg.attributes {
             match attr {
-                RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = Some(*a),
-                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+                RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                    destination = Some(IpAddr::V4(*a))
+                }
+                RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                    destination = Some(IpAddr::V6(*a))
+                }
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
                 RouteAttribute::Oif(i) => oif = Some(*i),
                 _ => {}
             }
         }
-        let destination = Ipv4Net::new(destination?, msg.header.destination_prefix_length).ok()?;
+        let destination = IpNet::new(destination?, msg.header.destination_prefix_length).ok()?;
         Some(Self {
             destination,
             gateway,
@@ -205,8 +225,9 @@ impl Kernel {
             .collect())
     }
 
-    /// The IPv4 networks assigned to interface `index` (address + prefix).
-    pub async fn ipv4_networks(&self, index: u32) -> Result<Vec<Ipv4Net>, KernelError> {
+    /// The networks assigned to interface `index` (address + prefix), IPv4 and IPv6;
+    /// IPv6 link-local ones left out (no pod route goes through them).
+    pub async fn networks(&self, index: u32) -> Result<Vec<IpNet>, KernelError> {
         let messages: Vec<_> = self
             .handle
             .address()
@@ -220,12 +241,18 @@ impl Kernel {
             .iter()
             .filter(|m| m.header.index == index)
             .flat_map(|m| {
+                // IPv4 addresses come as IFA_LOCAL, IPv6 ones only as IFA_ADDRESS.
                 m.attributes.iter().filter_map(move |a| match a {
-                    AddressAttribute::Local(std::net::IpAddr::V4(ip)) => {
-                        Ipv4Net::new(*ip, m.header.prefix_len).ok()
+                    AddressAttribute::Local(ip @ IpAddr::V4(_))
+                    | AddressAttribute::Address(ip @ IpAddr::V6(_)) => {
+                        IpNet::new(*ip, m.header.prefix_len).ok()
                     }
                     _ => None,
                 })
+            })
+            .filter(|net| match net {
+                IpNet::V6(v6) => !v6.addr().is_unicast_link_local(),
+                IpNet::V4(_) => true,
             })
             .collect())
     }
@@ -254,13 +281,13 @@ impl Kernel {
     }
 
     /// Adds `net` (address/prefix) to interface `index`, keeping it if present.
-    pub async fn ensure_address(&self, index: u32, net: Ipv4Net) -> Result<(), KernelError> {
-        if self.ipv4_networks(index).await?.contains(&net) {
+    pub async fn ensure_address(&self, index: u32, net: IpNet) -> Result<(), KernelError> {
+        if self.networks(index).await?.contains(&net) {
             return Ok(());
         }
         self.handle
             .address()
-            .add(index, net.addr().into(), net.prefix_len())
+            .add(index, net.addr(), net.prefix_len())
             .replace()
             .execute()
             .await
@@ -270,17 +297,39 @@ impl Kernel {
     /// `ip route replace DEST via GATEWAY dev OIF onlink proto hgw`.
     pub async fn replace_route(
         &self,
-        destination: Ipv4Net,
-        gateway: Ipv4Addr,
+        destination: IpNet,
+        gateway: IpAddr,
         oif: u32,
     ) -> Result<(), KernelError> {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(destination.network(), destination.prefix_len())
-            .gateway(gateway)
-            .output_interface(oif)
-            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-            .onlink()
-            .build();
+        // The same route for either family, tagged and on-link.
+        fn tagged<T>(route: RouteMessageBuilder<T>, oif: u32) -> RouteMessage {
+            route
+                .output_interface(oif)
+                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+                .onlink()
+                .build()
+        }
+        let route = match (destination, gateway) {
+            (IpNet::V4(net), IpAddr::V4(gateway)) => tagged(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(net.network(), net.prefix_len())
+                    .gateway(gateway),
+                oif,
+            ),
+            (IpNet::V6(net), IpAddr::V6(gateway)) => tagged(
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(net.network(), net.prefix_len())
+                    .gateway(gateway),
+                oif,
+            ),
+            _ => {
+                return Err(KernelError::InvalidRoute {
+                    destination,
+                    gateway,
+                    reason: "destination and gateway are of different families".into(),
+                });
+            }
+        };
         self.handle
             .route()
             .add(route)
@@ -290,18 +339,24 @@ impl Kernel {
             .map_err(netlink("installing route to", destination))
     }
 
-    /// Every IPv4 route in the main table that carries hgw's tag.
+    /// Every route in the main table (IPv4 and IPv6) that carries hgw's tag.
     pub async fn hgw_routes(&self) -> Result<Vec<HgwRoute>, KernelError> {
-        let request = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let messages: Vec<_> = self
-            .handle
-            .route()
-            .get(request)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(netlink("listing routes", "ipv4"))?;
-        Ok(messages.iter().filter_map(HgwRoute::from_message).collect())
+        let mut routes = Vec::new();
+        for (request, family) in [
+            (RouteMessageBuilder::<Ipv4Addr>::new().build(), "ipv4"),
+            (RouteMessageBuilder::<Ipv6Addr>::new().build(), "ipv6"),
+        ] {
+            let messages: Vec<_> = self
+                .handle
+                .route()
+                .get(request)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(netlink("listing routes", family))?;
+            routes.extend(messages.iter().filter_map(HgwRoute::from_message));
+        }
+        Ok(routes)
     }
 
     /// Deletes a route hgw installed (the type guarantees it carries hgw's tag).
@@ -314,26 +369,28 @@ impl Kernel {
             .map_err(netlink("deleting route to", route.destination))
     }
 
-    /// The IPv4 neighbour entries of interface `index`, by IP.
-    pub async fn neighbours(
-        &self,
-        index: u32,
-    ) -> Result<HashMap<Ipv4Addr, Neighbour>, KernelError> {
-        let messages: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(netlink("listing neighbours of interface", index))?;
-        Ok(messages
-            .iter()
-            .filter_map(Neighbour::from_message)
-            .filter(|n| n.ifindex == index)
-            .map(|n| (n.ip, n))
-            .collect())
+    /// The neighbour entries (ARP and NDP) of interface `index`, by IP.
+    pub async fn neighbours(&self, index: u32) -> Result<HashMap<IpAddr, Neighbour>, KernelError> {
+        let mut neighbours = HashMap::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let messages: Vec<_> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(netlink("listing neighbours of interface", index))?;
+            neighbours.extend(
+                messages
+                    .iter()
+                    .filter_map(Neighbour::from_message)
+                    .filter(|n| n.ifindex == index)
+                    .map(|n| (n.ip, n)),
+            );
+        }
+        Ok(neighbours)
     }
 
     /// The bridge's learned forwarding entries: MAC -> port ifindex (the ports' own
@@ -368,11 +425,12 @@ impl Kernel {
     }
 
     /// Asks the kernel to resolve `ip` on interface `index` (NTF_USE: it sends an ARP
-    /// request as if a packet were waiting), without sending any packet ourselves.
-    pub async fn resolve_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), KernelError> {
+    /// request or a neighbour solicitation as if a packet were waiting), without
+    /// sending any packet ourselves.
+    pub async fn resolve_neighbour(&self, index: u32, ip: IpAddr) -> Result<(), KernelError> {
         self.handle
             .neighbours()
-            .add(index, ip.into())
+            .add(index, ip)
             .state(NeighbourState::None)
             .flags(NeighbourFlags::Use)
             .replace()

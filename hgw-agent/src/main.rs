@@ -46,7 +46,8 @@ enum Command {
 #[derive(Args, Clone)]
 struct RunArgs {
     /// TOML config file (fields: node_name, uplink, bridge, pod_cidr, cluster_cidr,
-    /// setup_node, fast_path, status_socket, [[peers]] name/node_ip/pod_cidr).
+    /// pod_cidr_v6, cluster_cidr_v6, setup_node, fast_path, attach, status_socket,
+    /// [[peers]] name/node_ip/pod_cidr/node_ip_v6/pod_cidr_v6, [etcd]).
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// This node's name.
@@ -64,8 +65,18 @@ struct RunArgs {
     /// The whole cluster's pod CIDR, e.g. 10.244.0.0/16.
     #[arg(long)]
     cluster_cidr: Option<String>,
-    /// A peer node as NAME=NODE_IP,POD_CIDR (repeatable; added to the file's peers).
-    #[arg(long = "peer", value_name = "NAME=NODE_IP,POD_CIDR")]
+    /// Dual stack: this node's IPv6 pod CIDR, e.g. fd00:244:1::/64.
+    #[arg(long)]
+    pod_cidr_v6: Option<String>,
+    /// Dual stack: the whole cluster's IPv6 pod CIDR, e.g. fd00:244::/32.
+    #[arg(long)]
+    cluster_cidr_v6: Option<String>,
+    /// A peer node as NAME=NODE_IP,POD_CIDR, dual stack NAME=NODE_IP,POD_CIDR,NODE_IPV6,
+    /// POD_CIDR_V6 (repeatable; added to the file's peers).
+    #[arg(
+        long = "peer",
+        value_name = "NAME=NODE_IP,POD_CIDR[,NODE_IPV6,POD_CIDR_V6]"
+    )]
     peers: Vec<String>,
     /// Set the node up: bridge with the gateway address, ip_forward, FORWARD accept
     /// for the cluster CIDR. Off by default.
@@ -126,6 +137,8 @@ impl RunArgs {
             bridge,
             pod_cidr,
             cluster_cidr,
+            pod_cidr_v6,
+            cluster_cidr_v6,
             status_socket
         );
         if self.setup_node {
@@ -165,7 +178,7 @@ impl RunArgs {
                 ConfigError::invalid(
                     format!("--peer #{}", i + 1),
                     spec,
-                    "expected NAME=NODE_IP,POD_CIDR",
+                    "expected NAME=NODE_IP,POD_CIDR or NAME=NODE_IP,POD_CIDR,NODE_IPV6,POD_CIDR_V6",
                 )
             })?);
         }
@@ -175,11 +188,18 @@ impl RunArgs {
 
 fn parse_peer_flag(spec: &str) -> Option<RawPeer> {
     let (name, rest) = spec.split_once('=')?;
-    let (node_ip, pod_cidr) = rest.split_once(',')?;
+    let fields: Vec<&str> = rest.split(',').collect();
+    let (v4, v6) = match fields.as_slice() {
+        [ip, cidr] => ((ip, cidr), None),
+        [ip, cidr, ip6, cidr6] => ((ip, cidr), Some((ip6, cidr6))),
+        _ => return None,
+    };
     Some(RawPeer {
         name: name.into(),
-        node_ip: node_ip.into(),
-        pod_cidr: pod_cidr.into(),
+        node_ip: v4.0.to_string(),
+        pod_cidr: v4.1.to_string(),
+        node_ip_v6: v6.map(|v6| v6.0.to_string()),
+        pod_cidr_v6: v6.map(|v6| v6.1.to_string()),
     })
 }
 

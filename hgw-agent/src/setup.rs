@@ -1,10 +1,10 @@
 //! Node set-up that flannel users do by hand (see the seeds): the bridge with the
-//! gateway address, IPv4 forwarding, and FORWARD accept for the cluster CIDR.
-//! Only with `setup_node`; every step is idempotent.
+//! gateway address, forwarding, and FORWARD accept for the cluster CIDR, for each family
+//! the node has. Only with `setup_node`; every step is idempotent.
 
 use std::process::Command;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use log::info;
 
 use crate::{
@@ -13,15 +13,24 @@ use crate::{
 };
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const IPV6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
-    #[error("enabling IPv4 forwarding ({IP_FORWARD}): {0}")]
-    IpForward(#[source] std::io::Error),
-    #[error("running iptables {args}: {reason}")]
-    Iptables { args: String, reason: String },
+    #[error("enabling forwarding ({path}): {source}")]
+    Forwarding {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("running {tool} {args}: {reason}")]
+    Iptables {
+        tool: &'static str,
+        args: String,
+        reason: String,
+    },
 }
 
 /// Brings the node to what host-gw needs; returns the bridge.
@@ -31,30 +40,62 @@ pub async fn apply(
     network: &Network,
 ) -> Result<Link, SetupError> {
     let bridge = kernel.ensure_bridge(&config.bridge).await?;
-    let gateway = Ipv4Net::new(network.gateway(), network.pod_cidr.prefix_len())
-        .expect("the prefix comes from a valid CIDR");
-    kernel.ensure_address(bridge.index, gateway).await?;
-    if std::fs::read_to_string(IP_FORWARD)
-        .map_err(SetupError::IpForward)?
-        .trim()
-        != "1"
-    {
-        std::fs::write(IP_FORWARD, "1").map_err(SetupError::IpForward)?;
-        info!("enabled IPv4 forwarding");
+    let mut gateways = vec![IpNet::V4(
+        Ipv4Net::new(network.gateway(), network.pod_cidr.prefix_len())
+            .expect("the prefix comes from a valid CIDR"),
+    )];
+    if let (Some(v6), Some(gateway)) = (network.v6, network.gateway_v6()) {
+        gateways.push(IpNet::V6(
+            Ipv6Net::new(gateway, v6.pod_cidr.prefix_len())
+                .expect("the prefix comes from a valid CIDR"),
+        ));
     }
-    let cluster = network.cluster_cidr.to_string();
-    for direction in ["-s", "-d"] {
-        ensure_forward_accept(direction, &cluster)?;
+    for gateway in &gateways {
+        kernel.ensure_address(bridge.index, *gateway).await?;
     }
+    let mut sysctls = vec![IP_FORWARD];
+    if network.v6.is_some() {
+        sysctls.push(IPV6_FORWARDING);
+    }
+    for path in sysctls {
+        let error = |source| SetupError::Forwarding { path, source };
+        if std::fs::read_to_string(path).map_err(error)?.trim() != "1" {
+            std::fs::write(path, "1").map_err(error)?;
+            info!("enabled forwarding ({path})");
+        }
+    }
+    let clusters: Vec<IpNet> = network.cluster_cidrs().collect();
+    for cluster in &clusters {
+        let tool = if cluster.addr().is_ipv4() {
+            "iptables"
+        } else {
+            "ip6tables"
+        };
+        for direction in ["-s", "-d"] {
+            ensure_forward_accept(tool, direction, &cluster.to_string())?;
+        }
+    }
+    let list = |nets: &[IpNet]| {
+        nets.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
     info!(
-        "node set up: bridge {} with {gateway}, forwarding on, FORWARD accepts {cluster}",
-        config.bridge
+        "node set up: bridge {} with {}, forwarding on, FORWARD accepts {}",
+        config.bridge,
+        list(&gateways),
+        list(&clusters)
     );
     Ok(bridge)
 }
 
 /// Appends `-A FORWARD <direction> <cidr> -j ACCEPT` unless the rule is there.
-fn ensure_forward_accept(direction: &str, cidr: &str) -> Result<(), SetupError> {
+fn ensure_forward_accept(
+    tool: &'static str,
+    direction: &str,
+    cidr: &str,
+) -> Result<(), SetupError> {
     let rule = [
         direction,
         cidr,
@@ -65,18 +106,19 @@ fn ensure_forward_accept(direction: &str, cidr: &str) -> Result<(), SetupError> 
         "-j",
         "ACCEPT",
     ];
-    if iptables(&[&["-w", "-C", "FORWARD"], &rule[..]].concat()).is_ok() {
+    if iptables(tool, &[&["-w", "-C", "FORWARD"], &rule[..]].concat()).is_ok() {
         return Ok(());
     }
-    iptables(&[&["-w", "-A", "FORWARD"], &rule[..]].concat())
+    iptables(tool, &[&["-w", "-A", "FORWARD"], &rule[..]].concat())
 }
 
-fn iptables(args: &[&str]) -> Result<(), SetupError> {
+fn iptables(tool: &'static str, args: &[&str]) -> Result<(), SetupError> {
     let error = |reason: String| SetupError::Iptables {
+        tool,
         args: args.join(" "),
         reason,
     };
-    let output = Command::new("iptables")
+    let output = Command::new(tool)
         .args(args)
         .output()
         .map_err(|e| error(e.to_string()))?;

@@ -3,8 +3,11 @@
 
 use std::{collections::BTreeMap, path::Path};
 
+use hgw_common::COUNTER_NOT_IP_NAME;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::datapath::Counters;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -28,13 +31,19 @@ pub enum StatusError {
 pub struct Status {
     pub node: String,
     pub pod_cidr: String,
+    /// Dual stack: the IPv6 pod CIDR.
+    #[serde(default)]
+    pub pod_cidr_v6: Option<String>,
     pub uplink: String,
     pub bridge: String,
     /// Every route is installed and, with the fast path, every next hop's MAC is known.
     pub ready: bool,
     pub fast_path: bool,
+    /// One entry per peer route: a dual-stack peer has two, IPv4 first.
     pub peers: Vec<PeerStatus>,
-    pub counters: BTreeMap<String, u64>,
+    /// Packet counters by family ("ipv4", "ipv6"; "other" for frames of neither), then
+    /// by name.
+    pub counters: BTreeMap<String, BTreeMap<String, u64>>,
     /// Local pods the uplink program delivers to directly.
     #[serde(default)]
     pub endpoints: usize,
@@ -56,6 +65,26 @@ pub struct PeerStatus {
     pub source: String,
     /// The etcd lease (hex) that keeps it, if any.
     pub lease: Option<String>,
+}
+
+/// The datapath's counters as the status shows them: family -> name -> packets.
+pub fn counters_by_name(counters: &Counters) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut by_name: BTreeMap<String, BTreeMap<String, u64>> = counters
+        .families
+        .iter()
+        .map(|(family, values)| {
+            let values = values
+                .iter()
+                .map(|(counter, value)| (counter.name().to_owned(), *value))
+                .collect();
+            (family.name().to_owned(), values)
+        })
+        .collect();
+    by_name.insert(
+        "other".into(),
+        BTreeMap::from([(COUNTER_NOT_IP_NAME.to_owned(), counters.not_ip)]),
+    );
+    by_name
 }
 
 /// Sends `status` to one client and closes the connection.
@@ -126,9 +155,23 @@ impl std::fmt::Display for Status {
         }
         if !self.counters.is_empty() {
             writeln!(f)?;
-            writeln!(f, "{:<22} {:>12}", "COUNTER", "PACKETS")?;
-            for (name, value) in &self.counters {
-                writeln!(f, "{name:<22} {value:>12}")?;
+            write!(f, "{:<22}", "COUNTER")?;
+            for family in self.counters.keys() {
+                write!(f, " {:>12}", family.to_uppercase())?;
+            }
+            writeln!(f)?;
+            let mut names: Vec<&String> = self.counters.values().flat_map(|c| c.keys()).collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                write!(f, "{name:<22}")?;
+                for counters in self.counters.values() {
+                    match counters.get(name) {
+                        Some(value) => write!(f, " {value:>12}")?,
+                        None => write!(f, " {:>12}", "-")?,
+                    }
+                }
+                writeln!(f)?;
             }
         }
         Ok(())

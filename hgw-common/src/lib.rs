@@ -11,9 +11,13 @@ use bytemuck::{Pod, Zeroable};
 pub const MAP_ROUTES_V4: &str = "HGW_ROUTES_V4";
 /// Array with one [`NodeConfig`] at index 0.
 pub const MAP_CONFIG: &str = "HGW_CONFIG";
+/// LPM trie: peer pod CIDR (IPv6, key data = address octets) -> [`NextHop`].
+pub const MAP_ROUTES_V6: &str = "HGW_ROUTES_V6";
 /// Hash: local pod IPv4 (octets) -> [`Endpoint`], for delivery straight into the pod.
 pub const MAP_ENDPOINTS_V4: &str = "HGW_ENDPOINTS";
-/// Per-CPU `u64` packet counters, indexed by [`Counter`].
+/// Hash: local pod IPv6 (octets) -> [`Endpoint`].
+pub const MAP_ENDPOINTS_V6: &str = "HGW_ENDPOINTS6";
+/// Per-CPU `u64` packet counters, indexed by [`counter_index`] and [`COUNTER_NOT_IP`].
 pub const MAP_COUNTERS: &str = "HGW_COUNTERS";
 
 /// Most local pods one node can deliver to directly.
@@ -21,6 +25,8 @@ pub const ENDPOINTS_MAX_ENTRIES: u32 = 4_096;
 
 /// Most peer pod CIDRs one node can hold in its fast-path table.
 pub const ROUTES_V4_MAX_ENTRIES: u32 = 16_384;
+/// The same for IPv6 pod CIDRs.
+pub const ROUTES_V6_MAX_ENTRIES: u32 = 16_384;
 
 /// Program that runs on the bridge (cni0) ingress: local pod -> peer node.
 pub const PROG_TO_PEER: &str = "hgw_to_peer";
@@ -72,6 +78,11 @@ pub struct NodeConfig {
     pub pod_net_v4: [u8; 4],
     /// This node's pod CIDR: netmask, network byte order.
     pub pod_mask_v4: [u8; 4],
+    /// This node's IPv6 pod CIDR: network address. All zero with the mask when the
+    /// node has no IPv6 pod CIDR (IPv6 off).
+    pub pod_net_v6: [u8; 16],
+    /// This node's IPv6 pod CIDR: netmask.
+    pub pod_mask_v6: [u8; 16],
     /// The bridge the local pods hang off (cni0): where packets to local pods go.
     pub bridge_ifindex: u32,
     /// The bridge's MTU.
@@ -81,7 +92,7 @@ pub struct NodeConfig {
     /// The uplink's MAC: only frames sent to it are for this node.
     pub uplink_mac: [u8; 6],
 }
-const _: () = assert!(size_of::<NodeConfig>() == 28);
+const _: () = assert!(size_of::<NodeConfig>() == 60);
 
 impl NodeConfig {
     /// Whether `addr` (network byte order) lies in this node's pod CIDR. An unset
@@ -93,12 +104,31 @@ impl NodeConfig {
         let mask = u32::from_ne_bytes(self.pod_mask_v4);
         mask != 0 && addr & mask == net
     }
+
+    /// Whether this node forwards IPv6 at all (it has an IPv6 pod CIDR).
+    #[inline(always)]
+    pub fn has_v6(&self) -> bool {
+        self.pod_mask_v6[0] != 0
+    }
+
+    /// Whether `addr` lies in this node's IPv6 pod CIDR (compared as two 64-bit halves).
+    #[inline(always)]
+    pub fn owns_v6(&self, addr: [u8; 16]) -> bool {
+        let half = |bytes: &[u8; 16], i: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(word)
+        };
+        self.has_v6()
+            && half(&addr, 0) & half(&self.pod_mask_v6, 0) == half(&self.pod_net_v6, 0)
+            && half(&addr, 1) & half(&self.pod_mask_v6, 1) == half(&self.pod_net_v6, 1)
+    }
 }
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
-        /// Index into [`MAP_COUNTERS`]. `fwd_*` count packets the fast path took,
-        /// `pass_*` packets it handed to the kernel unchanged, by reason.
+        /// A packet counter, kept once per [`Family`]. `fwd_*` count packets the fast
+        /// path took, `pass_*` packets it handed to the kernel unchanged, by reason.
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Counter { $($(#[$doc])* $variant,)* }
@@ -123,24 +153,27 @@ counters! {
     /// Of `fwd_to_pod`: delivered straight into the pod's veth (bpf_redirect_peer),
     /// skipping the bridge.
     FwdToPodDirect = "fwd_to_pod_direct",
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...).
-    PassNotIpv4 = "pass_not_ipv4",
+    /// This node has no pod CIDR of the packet's family (IPv6 while IPv6 is off).
+    PassFamilyOff = "pass_family_off",
     /// Not unicast to this node: broadcast or multicast, or not sent to the
     /// gateway's (bridge side) or the uplink's (uplink side) MAC.
     PassNotUnicast = "pass_not_unicast",
-    /// Truncated frame or an IPv4 header the fast path will not trust.
+    /// A source the kernel would drop or not forward: IPv4 0/8, 127/8, multicast,
+    /// class E; IPv6 multicast, loopback, unspecified, link-local.
+    PassMartian = "pass_martian",
+    /// Truncated frame or an IP header the fast path will not trust.
     PassMalformed = "pass_malformed",
-    /// IPv4 options present.
+    /// IPv4 options, or IPv6 extension headers other than a fragment header.
     PassIpOptions = "pass_ip_options",
-    /// A fragment (MF set or offset != 0).
+    /// A fragment (IPv4: MF set or offset != 0; IPv6: a fragment header).
     PassFragment = "pass_fragment",
     /// Destination in no peer's pod CIDR (bridge side).
     PassNoRoute = "pass_no_route",
     /// The next hop's MAC is not known yet.
     PassNoMac = "pass_no_mac",
-    /// TTL <= 1: the kernel sends ICMP time exceeded.
+    /// TTL (hop limit) <= 1: the kernel sends ICMP time exceeded.
     PassTtl = "pass_ttl",
-    /// Larger than the egress MTU: the kernel sends frag-needed.
+    /// Larger than the egress MTU: the kernel sends frag-needed / packet too big.
     PassMtu = "pass_mtu",
     /// Bridge side: destination in this node's own pod CIDR (the bridge's job).
     PassLocal = "pass_local",
@@ -150,8 +183,44 @@ counters! {
     PassRedirectFailed = "pass_redirect_failed",
 }
 
+/// The address family a counter block belongs to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    /// Both families, in counter-block order.
+    pub const ALL: &[Family] = &[Family::Ipv4, Family::Ipv6];
+
+    /// The name the agent shows (`hgw-agent status`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// Counters per family.
+pub const COUNTERS_PER_FAMILY: u32 = Counter::ALL.len() as u32;
+
+/// Where `counter` of `family` lives in [`MAP_COUNTERS`].
+#[inline(always)]
+pub const fn counter_index(family: Family, counter: Counter) -> u32 {
+    family as u32 * COUNTERS_PER_FAMILY + counter as u32
+}
+
+/// Slot in [`MAP_COUNTERS`] for frames that are neither IPv4 nor IPv6 (ARP, VLAN-tagged,
+/// runts): they have no family. Shown as `pass_not_ip`.
+pub const COUNTER_NOT_IP: u32 = Family::ALL.len() as u32 * COUNTERS_PER_FAMILY;
+/// The name of [`COUNTER_NOT_IP`].
+pub const COUNTER_NOT_IP_NAME: &str = "pass_not_ip";
+
 /// Number of entries in [`MAP_COUNTERS`].
-pub const COUNTERS_LEN: u32 = Counter::ALL.len() as u32;
+pub const COUNTERS_LEN: u32 = COUNTER_NOT_IP + 1;
 
 #[cfg(feature = "user")]
 mod user {

@@ -2,9 +2,13 @@
 //! without the kernel's routing and netfilter FORWARD path.
 //!
 //! - `hgw_to_peer` (bridge ingress): a local pod's packet to a peer's pod CIDR gets the
-//!   next hop's MACs, TTL - 1, and is redirected out of the uplink.
+//!   next hop's MACs, TTL (hop limit) - 1, and is redirected out of the uplink.
 //! - `hgw_to_pod` (uplink ingress): a packet to this node's pod CIDR gets TTL - 1 and is
-//!   redirected into the bridge, whose neighbour entry supplies the pod's MAC.
+//!   redirected into the pod's veth, or into the bridge, whose neighbour entry supplies
+//!   the pod's MAC.
+//!
+//! Both take IPv4 and IPv6 alike (one generic path over [`IpHeader`]); counters are kept
+//! per family.
 //!
 //! Every packet the fast path is not sure of goes to the kernel unchanged (`TC_ACT_OK`),
 //! where the routes the agent installed do the same job more slowly. All checks come
@@ -21,17 +25,29 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use hgw_common::{
-    COUNTERS_LEN, Counter, ENDPOINTS_MAX_ENTRIES, Endpoint, NEXT_HOP_MAC_KNOWN, NextHop,
-    NodeConfig, ROUTES_V4_MAX_ENTRIES,
+    COUNTER_NOT_IP, COUNTERS_LEN, Counter, ENDPOINTS_MAX_ENTRIES, Endpoint, Family,
+    NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES, ROUTES_V6_MAX_ENTRIES,
+    counter_index,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 #[map]
 static HGW_ROUTES_V4: LpmTrie<[u8; 4], NextHop> =
     LpmTrie::with_max_entries(ROUTES_V4_MAX_ENTRIES, 0);
 
 #[map]
+static HGW_ROUTES_V6: LpmTrie<[u8; 16], NextHop> =
+    LpmTrie::with_max_entries(ROUTES_V6_MAX_ENTRIES, 0);
+
+#[map]
 static HGW_ENDPOINTS: HashMap<[u8; 4], Endpoint> =
+    HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
+
+#[map]
+static HGW_ENDPOINTS6: HashMap<[u8; 16], Endpoint> =
     HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
 
 #[map]
@@ -41,87 +57,109 @@ static HGW_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 static HGW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-/// Offset of the IPv4 header: no VLAN tags (a tagged frame is not IPv4 to us).
+/// Offset of the IP header: no VLAN tags (a tagged frame is not IP to us).
 const L3: usize = EthHdr::LEN;
-const L4: usize = L3 + Ipv4Hdr::LEN;
 
 #[classifier]
 fn hgw_to_peer(ctx: TcContext) -> i32 {
-    verdict(&ctx, try_to_peer(&ctx), Counter::FwdToPeer)
+    match ether_type(&ctx) {
+        ETH_P_IPV4 => verdict::<Ipv4Hdr>(&ctx, try_to_peer::<Ipv4Hdr>(&ctx), Counter::FwdToPeer),
+        ETH_P_IPV6 => verdict::<Ipv6Hdr>(&ctx, try_to_peer::<Ipv6Hdr>(&ctx), Counter::FwdToPeer),
+        _ => not_ip(),
+    }
 }
 
 #[classifier]
 fn hgw_to_pod(ctx: TcContext) -> i32 {
-    verdict(&ctx, try_to_pod(&ctx), Counter::FwdToPod)
+    match ether_type(&ctx) {
+        ETH_P_IPV4 => verdict::<Ipv4Hdr>(&ctx, try_to_pod::<Ipv4Hdr>(&ctx), Counter::FwdToPod),
+        ETH_P_IPV6 => verdict::<Ipv6Hdr>(&ctx, try_to_pod::<Ipv6Hdr>(&ctx), Counter::FwdToPod),
+        _ => not_ip(),
+    }
+}
+
+/// The frame's ethertype; 0 for a runt without a whole Ethernet header.
+#[inline(always)]
+fn ether_type(ctx: &TcContext) -> u16 {
+    match ptr_at::<EthHdr>(ctx, 0) {
+        // SAFETY: ptr_at checked the bounds.
+        Ok(eth) => u16::from_be(unsafe { (*eth).ether_type }),
+        Err(_) => 0,
+    }
+}
+
+/// ARP, VLAN-tagged frames, runts: the kernel's.
+#[inline(always)]
+fn not_ip() -> i32 {
+    count_slot(COUNTER_NOT_IP);
+    TC_ACT_OK
 }
 
 /// Counts the outcome; anything but a successful redirect goes to the kernel.
 #[inline(always)]
-fn verdict(ctx: &TcContext, result: Result<(), Counter>, forwarded: Counter) -> i32 {
+fn verdict<H: IpHeader>(ctx: &TcContext, result: Result<(), Counter>, forwarded: Counter) -> i32 {
     match result {
         Ok(()) => {
-            count(forwarded);
+            count(H::FAMILY, forwarded);
             TC_ACT_REDIRECT
         }
         Err(Counter::PassRedirectFailed) => {
             warn!(ctx, "hgw: redirect failed, packet left to the kernel");
-            count(Counter::PassRedirectFailed);
+            count(H::FAMILY, Counter::PassRedirectFailed);
             TC_ACT_OK
         }
         Err(reason) => {
-            count(reason);
+            count(H::FAMILY, reason);
             TC_ACT_OK
         }
     }
 }
 
-fn try_to_peer(ctx: &TcContext) -> Result<(), Counter> {
-    let config = HGW_CONFIG.get(0).ok_or(Counter::PassNoRoute)?;
-    let (eth, ip) = parse_ipv4(ctx, config.bridge_mac)?;
-    // SAFETY: parse_ipv4 checked that the whole IPv4 header is inside the packet.
-    let dst = unsafe { (*ip).dst_addr };
-    if config.owns_v4(dst) {
+fn try_to_peer<H: IpHeader>(ctx: &TcContext) -> Result<(), Counter> {
+    let config = HGW_CONFIG.get(0).ok_or(Counter::PassFamilyOff)?;
+    let (eth, ip) = parse::<H>(ctx, config.bridge_mac)?;
+    // SAFETY: parse checked that the whole IP header is inside the packet.
+    let dst = unsafe { (*ip).dst() };
+    if H::owns(config, dst)? {
         return Err(Counter::PassLocal);
     }
-    let next_hop = HGW_ROUTES_V4
-        .get(Key::new(32, dst))
-        .ok_or(Counter::PassNoRoute)?;
+    let next_hop = H::route(dst).ok_or(Counter::PassNoRoute)?;
     if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
         return Err(Counter::PassNoMac);
     }
     check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
 
-    // SAFETY: eth and ip point into the packet (bounds checked by parse_ipv4).
+    // SAFETY: eth and ip point into the packet (bounds checked by parse).
     unsafe {
         (*eth).dst_addr = next_hop.dst_mac;
         (*eth).src_addr = next_hop.src_mac;
-        decrement_ttl(ip);
+        H::decrement_ttl(ip);
     }
     // SAFETY: plain helper call; flags 0 = egress of `ifindex`.
     let action = unsafe { bpf_redirect(next_hop.ifindex, 0) };
     redirected(action)
 }
 
-fn try_to_pod(ctx: &TcContext) -> Result<(), Counter> {
-    let config = HGW_CONFIG.get(0).ok_or(Counter::PassNotPod)?;
-    let (eth, ip) = parse_ipv4(ctx, config.uplink_mac)?;
-    // SAFETY: parse_ipv4 checked that the whole IPv4 header is inside the packet.
-    let dst = unsafe { (*ip).dst_addr };
-    if !config.owns_v4(dst) {
+fn try_to_pod<H: IpHeader>(ctx: &TcContext) -> Result<(), Counter> {
+    let config = HGW_CONFIG.get(0).ok_or(Counter::PassFamilyOff)?;
+    let (eth, ip) = parse::<H>(ctx, config.uplink_mac)?;
+    // SAFETY: parse checked that the whole IP header is inside the packet.
+    let dst = unsafe { (*ip).dst() };
+    if !H::owns(config, dst)? {
         return Err(Counter::PassNotPod);
     }
     check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
 
-    // SAFETY: a plain lookup; the value is copied out at once.
-    let endpoint = unsafe { HGW_ENDPOINTS.get(dst) }.copied();
-    // SAFETY: ip points into the packet (bounds checked by parse_ipv4).
-    unsafe { decrement_ttl(ip) };
+    let endpoint = H::endpoint(dst);
+    // SAFETY: ip points into the packet (bounds checked by parse).
+    unsafe { H::decrement_ttl(ip) };
     if let Some(endpoint) = endpoint {
         // A known pod: straight into its namespace, past the bridge, as the gateway
         // would have sent it.
-        // SAFETY: eth points into the packet (bounds checked by parse_ipv4).
+        // SAFETY: eth points into the packet (bounds checked by parse).
         unsafe {
             (*eth).dst_addr = endpoint.mac;
             (*eth).src_addr = config.bridge_mac;
@@ -129,11 +167,11 @@ fn try_to_pod(ctx: &TcContext) -> Result<(), Counter> {
         // SAFETY: plain helper call; flags must be 0.
         let action = unsafe { bpf_redirect_peer(endpoint.ifindex, 0) };
         redirected(action)?;
-        count(Counter::FwdToPodDirect);
+        count(H::FAMILY, Counter::FwdToPodDirect);
         return Ok(());
     }
-    // Otherwise the bridge's neighbour table knows the pod's MAC (or resolves it,
-    // queueing the packet): the kernel fills in both MACs.
+    // Otherwise the bridge's neighbour table (ARP or NDP) knows the pod's MAC, or
+    // resolves it while the packet waits: the kernel fills in both MACs.
     // SAFETY: a null params pointer asks the kernel to use the packet's destination.
     let action = unsafe { bpf_redirect_neigh(config.bridge_ifindex, core::ptr::null_mut(), 0, 0) };
     redirected(action)
@@ -148,47 +186,214 @@ fn redirected(action: i64) -> Result<(), Counter> {
     }
 }
 
-/// A unicast IPv4 packet sent to `our_mac` with a plain header (no options, not a
-/// fragment) that lies wholly inside the frame. Comparing the MAC (rather than
-/// skb->pkt_type) also holds where the program runs on a device that does not own the
-/// MAC, like a bridge port.
+/// What forwarding needs from an IP header, per family.
+trait IpHeader: Sized {
+    type Addr: Copy;
+    const FAMILY: Family;
+    /// The fixed header, all the fast path ever forwards (no options, no extension
+    /// headers).
+    const LEN: usize;
+
+    /// The family's own header checks, after the frame was found to hold `Self::LEN`
+    /// bytes of it: anything the kernel would drop or must see is an error.
+    fn check(&self, ctx: &TcContext) -> Result<(), Counter>;
+    fn dst(&self) -> Self::Addr;
+    fn ttl(&self) -> u8;
+    /// The whole packet: header + payload.
+    fn packet_len(&self) -> u32;
+    /// The transport protocol right after the fixed header, if any.
+    fn transport(&self) -> u8;
+    /// Whether `addr` is in this node's pod CIDR; `PassFamilyOff` when the node has none
+    /// of this family.
+    fn owns(config: &NodeConfig, addr: Self::Addr) -> Result<bool, Counter>;
+    fn route(addr: Self::Addr) -> Option<&'static NextHop>;
+    fn endpoint(addr: Self::Addr) -> Option<Endpoint>;
+    /// TTL (hop limit) - 1, and whatever the header needs to stay valid.
+    ///
+    /// # Safety
+    /// `ip` must point to a whole, writable header inside the packet.
+    unsafe fn decrement_ttl(ip: *mut Self);
+}
+
+impl IpHeader for Ipv4Hdr {
+    type Addr = [u8; 4];
+    const FAMILY: Family = Family::Ipv4;
+    const LEN: usize = Ipv4Hdr::LEN;
+
+    fn check(&self, ctx: &TcContext) -> Result<(), Counter> {
+        if self.version() != 4 || self.ihl() < Ipv4Hdr::LEN as u8 {
+            return Err(Counter::PassMalformed);
+        }
+        if self.ihl() != Ipv4Hdr::LEN as u8 {
+            return Err(Counter::PassIpOptions);
+        }
+        let tot_len = usize::from(self.tot_len());
+        if tot_len < Ipv4Hdr::LEN || L3 + tot_len > ctx.len() as usize {
+            return Err(Counter::PassMalformed);
+        }
+        // The kernel drops a header with a bad checksum (ip_rcv); so must we, by leaving
+        // it to the kernel rather than forwarding it.
+        if !header_checksum_ok(self) {
+            return Err(Counter::PassMalformed);
+        }
+        // MF set or a non-zero offset: reassembly and fragment tracking are the kernel's.
+        if u16::from_be_bytes(self.frags) & 0x3fff != 0 {
+            return Err(Counter::PassFragment);
+        }
+        let dst = self.dst_addr;
+        if dst[0] & 0xf0 == 0xe0 || dst == [255; 4] {
+            return Err(Counter::PassNotUnicast);
+        }
+        // Martian sources the kernel drops rather than routes (ip_route_input_slow).
+        let src = self.src_addr;
+        if src[0] == 0 || src[0] == 127 || src[0] & 0xf0 >= 0xe0 {
+            return Err(Counter::PassMartian);
+        }
+        Ok(())
+    }
+
+    fn dst(&self) -> [u8; 4] {
+        self.dst_addr
+    }
+
+    fn ttl(&self) -> u8 {
+        self.ttl
+    }
+
+    fn packet_len(&self) -> u32 {
+        u32::from(self.tot_len())
+    }
+
+    fn transport(&self) -> u8 {
+        self.proto
+    }
+
+    fn owns(config: &NodeConfig, addr: [u8; 4]) -> Result<bool, Counter> {
+        Ok(config.owns_v4(addr))
+    }
+
+    fn route(addr: [u8; 4]) -> Option<&'static NextHop> {
+        HGW_ROUTES_V4.get(Key::new(32, addr))
+    }
+
+    fn endpoint(addr: [u8; 4]) -> Option<Endpoint> {
+        // SAFETY: a plain lookup; the value is copied out at once.
+        unsafe { HGW_ENDPOINTS.get(addr) }.copied()
+    }
+
+    unsafe fn decrement_ttl(ip: *mut Self) {
+        // SAFETY: guaranteed by the caller.
+        let hdr = unsafe { &mut *ip };
+        // ip_decrease_ttl(): the TTL is the high byte of its 16-bit checksum word, so
+        // TTL - 1 adds 0x0100 to the one's complement sum, with the end-around carry.
+        let check = u32::from(u16::from_ne_bytes(hdr.check)) + u32::from(0x0100u16.to_be());
+        let check = check + u32::from(check >= 0xffff);
+        hdr.check = (check as u16).to_ne_bytes();
+        hdr.ttl -= 1;
+    }
+}
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+const NEXTHDR_MOBILITY: u8 = 135;
+const NEXTHDR_HIP: u8 = 139;
+const NEXTHDR_SHIM6: u8 = 140;
+const NEXTHDR_EXPERIMENT1: u8 = 253;
+const NEXTHDR_EXPERIMENT2: u8 = 254;
+
+impl IpHeader for Ipv6Hdr {
+    type Addr = [u8; 16];
+    const FAMILY: Family = Family::Ipv6;
+    const LEN: usize = Ipv6Hdr::LEN;
+
+    fn check(&self, ctx: &TcContext) -> Result<(), Counter> {
+        if self.version() != 6 {
+            return Err(Counter::PassMalformed);
+        }
+        // A zero payload length means a jumbogram (hop-by-hop option): the kernel's.
+        let payload_len = usize::from(u16::from_be_bytes(self.payload_len));
+        if L3 + Ipv6Hdr::LEN + payload_len > ctx.len() as usize {
+            return Err(Counter::PassMalformed);
+        }
+        // Extension headers (RFC 8200 and IANA's list): hop-by-hop must be processed
+        // by every router, and none is worth parsing here. ESP is opaque payload to a
+        // router, like any upper-layer protocol, so it is forwarded.
+        match self.next_hdr {
+            NEXTHDR_FRAGMENT => return Err(Counter::PassFragment),
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_AUTH | NEXTHDR_DEST | NEXTHDR_MOBILITY
+            | NEXTHDR_HIP | NEXTHDR_SHIM6 | NEXTHDR_EXPERIMENT1 | NEXTHDR_EXPERIMENT2 => {
+                return Err(Counter::PassIpOptions);
+            }
+            _ => {}
+        }
+        if self.dst_addr[0] == 0xff {
+            return Err(Counter::PassNotUnicast);
+        }
+        // Sources the kernel drops (multicast, loopback: ip6_rcv_core) or will not
+        // forward off their link (link-local, unspecified: ip6_forward).
+        let src = self.src_addr;
+        let unspecified_or_loopback = src[..15] == [0; 15] && src[15] <= 1;
+        let link_local = src[0] == 0xfe && src[1] & 0xc0 == 0x80;
+        if src[0] == 0xff || unspecified_or_loopback || link_local {
+            return Err(Counter::PassMartian);
+        }
+        Ok(())
+    }
+
+    fn dst(&self) -> [u8; 16] {
+        self.dst_addr
+    }
+
+    fn ttl(&self) -> u8 {
+        self.hop_limit
+    }
+
+    fn packet_len(&self) -> u32 {
+        Ipv6Hdr::LEN as u32 + u32::from(u16::from_be_bytes(self.payload_len))
+    }
+
+    fn transport(&self) -> u8 {
+        self.next_hdr
+    }
+
+    fn owns(config: &NodeConfig, addr: [u8; 16]) -> Result<bool, Counter> {
+        if !config.has_v6() {
+            return Err(Counter::PassFamilyOff);
+        }
+        Ok(config.owns_v6(addr))
+    }
+
+    fn route(addr: [u8; 16]) -> Option<&'static NextHop> {
+        HGW_ROUTES_V6.get(Key::new(128, addr))
+    }
+
+    fn endpoint(addr: [u8; 16]) -> Option<Endpoint> {
+        // SAFETY: a plain lookup; the value is copied out at once.
+        unsafe { HGW_ENDPOINTS6.get(addr) }.copied()
+    }
+
+    unsafe fn decrement_ttl(ip: *mut Self) {
+        // SAFETY: guaranteed by the caller. IPv6 has no header checksum.
+        unsafe { (*ip).hop_limit -= 1 };
+    }
+}
+
+/// A unicast IP packet sent to `our_mac` with a plain header that lies wholly inside
+/// the frame. Comparing the MAC (rather than skb->pkt_type) also holds where the program
+/// runs on a device that does not own the MAC, like a bridge port.
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, our_mac: [u8; 6]) -> Result<(*mut EthHdr, *mut Ipv4Hdr), Counter> {
+fn parse<H: IpHeader>(ctx: &TcContext, our_mac: [u8; 6]) -> Result<(*mut EthHdr, *mut H), Counter> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked the bounds.
-    let (ether_type, dst_mac) = unsafe { ((*eth).ether_type, (*eth).dst_addr) };
-    if u16::from_be(ether_type) != ETH_P_IPV4 {
-        return Err(Counter::PassNotIpv4);
-    }
-    if dst_mac != our_mac {
+    if unsafe { (*eth).dst_addr } != our_mac {
         return Err(Counter::PassNotUnicast);
     }
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, L3)?;
+    let ip: *mut H = ptr_at(ctx, L3)?;
     // SAFETY: ptr_at checked the bounds.
-    let hdr = unsafe { &*ip };
-    if hdr.version() != 4 || hdr.ihl() < Ipv4Hdr::LEN as u8 {
-        return Err(Counter::PassMalformed);
-    }
-    if hdr.ihl() != Ipv4Hdr::LEN as u8 {
-        return Err(Counter::PassIpOptions);
-    }
-    let tot_len = usize::from(hdr.tot_len());
-    if tot_len < Ipv4Hdr::LEN || L3 + tot_len > ctx.len() as usize {
-        return Err(Counter::PassMalformed);
-    }
-    // The kernel drops a header with a bad checksum (ip_rcv); so must we, by leaving it
-    // to the kernel rather than forwarding it.
-    if !header_checksum_ok(ip) {
-        return Err(Counter::PassMalformed);
-    }
-    // MF set or a non-zero offset: reassembly and fragment tracking are the kernel's.
-    if u16::from_be_bytes(hdr.frags) & 0x3fff != 0 {
-        return Err(Counter::PassFragment);
-    }
-    let dst = hdr.dst_addr;
-    if dst[0] & 0xf0 == 0xe0 || dst == [255; 4] {
-        return Err(Counter::PassNotUnicast);
-    }
+    unsafe { &*ip }.check(ctx)?;
     Ok((eth, ip))
 }
 
@@ -207,15 +412,15 @@ fn header_checksum_ok(ip: *const Ipv4Hdr) -> bool {
 }
 
 /// TTL <= 1 and packets too large for the egress go to the kernel, which answers with
-/// ICMP time exceeded / fragmentation needed as a router must.
+/// ICMP time exceeded / fragmentation needed (ICMPv6 packet too big) as a router must.
 #[inline(always)]
-fn check_ttl_and_mtu(ctx: &TcContext, ip: *const Ipv4Hdr, mtu: u32) -> Result<(), Counter> {
-    // SAFETY: the caller got ip from parse_ipv4.
+fn check_ttl_and_mtu<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Result<(), Counter> {
+    // SAFETY: the caller got ip from parse.
     let hdr = unsafe { &*ip };
-    if hdr.ttl <= 1 {
+    if hdr.ttl() <= 1 {
         return Err(Counter::PassTtl);
     }
-    if u32::from(hdr.tot_len()) > mtu && !gso_segments_fit(ctx, hdr.proto, mtu) {
+    if hdr.packet_len() > mtu && !gso_segments_fit::<H>(ctx, hdr.transport(), mtu) {
         return Err(Counter::PassMtu);
     }
     Ok(())
@@ -224,14 +429,14 @@ fn check_ttl_and_mtu(ctx: &TcContext, ip: *const Ipv4Hdr, mtu: u32) -> Result<()
 /// A GSO packet (TCP/UDP from a pod's veth) is larger than the MTU as a whole but
 /// leaves as segments: they fit when headers + gso_size do.
 #[inline(always)]
-fn gso_segments_fit(ctx: &TcContext, proto: u8, mtu: u32) -> bool {
+fn gso_segments_fit<H: IpHeader>(ctx: &TcContext, proto: u8, mtu: u32) -> bool {
     // SAFETY: the context is a valid __sk_buff for the program's lifetime.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0 {
         return false;
     }
     let l4_header = match proto {
-        IPPROTO_TCP => match ptr_at::<[u8; 13]>(ctx, L4) {
+        IPPROTO_TCP => match ptr_at::<[u8; 13]>(ctx, L3 + H::LEN) {
             // Data offset: high nibble of byte 12, in 32-bit words.
             // SAFETY: ptr_at checked the bounds.
             Ok(tcp) => u32::from(unsafe { (*tcp)[12] } >> 4) * 4,
@@ -240,28 +445,17 @@ fn gso_segments_fit(ctx: &TcContext, proto: u8, mtu: u32) -> bool {
         IPPROTO_UDP => 8,
         _ => return false,
     };
-    Ipv4Hdr::LEN as u32 + l4_header + gso_size <= mtu
-}
-
-/// TTL - 1 with the incremental checksum update the kernel's ip_decrease_ttl() does.
-///
-/// # Safety
-/// `ip` must point to a whole, writable IPv4 header inside the packet.
-#[inline(always)]
-unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
-    // SAFETY: guaranteed by the caller.
-    let hdr = unsafe { &mut *ip };
-    // The TTL is the high byte of its 16-bit checksum word: TTL - 1 adds 0x0100 to the
-    // one's complement sum, with the end-around carry.
-    let check = u32::from(u16::from_ne_bytes(hdr.check)) + u32::from(0x0100u16.to_be());
-    let check = check + u32::from(check >= 0xffff);
-    hdr.check = (check as u16).to_ne_bytes();
-    hdr.ttl -= 1;
+    H::LEN as u32 + l4_header + gso_size <= mtu
 }
 
 #[inline(always)]
-fn count(counter: Counter) {
-    if let Some(value) = HGW_COUNTERS.get_ptr_mut(counter as u32) {
+fn count(family: Family, counter: Counter) {
+    count_slot(counter_index(family, counter));
+}
+
+#[inline(always)]
+fn count_slot(slot: u32) {
+    if let Some(value) = HGW_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
         unsafe { *value += 1 };
     }

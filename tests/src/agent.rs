@@ -245,9 +245,13 @@ impl Agent {
     }
 }
 
-/// A counter from one agent status (`counters.NAME`), 0 if absent.
+/// A counter from one agent status, as `FAMILY.NAME` (`ipv4.fwd_to_peer`,
+/// `ipv6.pass_ttl`, `other.pass_not_ip`), 0 if absent.
 pub fn counter(status: &Value, name: &str) -> u64 {
-    status["counters"][name].as_u64().unwrap_or(0)
+    let (family, name) = name
+        .split_once('.')
+        .unwrap_or_else(|| panic!("counter {name:?}: expected FAMILY.NAME"));
+    status["counters"][family][name].as_u64().unwrap_or(0)
 }
 
 /// A counter summed over several agents' statuses.

@@ -6,12 +6,16 @@
 //!  default via 10.244.i.1          (bridge: the CNI's part)  (uplink)              (the L2 segment)
 //! ```
 //!
+//! Dual stack: every address above has an IPv6 twin (pods fd00:244:i::(10+j)/64 via
+//! fd00:244:i::1, uplinks fd00:172:31::i/64), and the agent configs carry both families.
+//! Duplicate address detection is off in every lab namespace, so addresses work at once.
+//!
 //! Everything lives in namespaces named `<id>-...` (id = `hgw` + hex), deleted by name when
 //! the [`Lab`] is dropped, also when a test fails or panics.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher as _, Hasher as _};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,10 +26,12 @@ use serde_json::Value;
 
 use crate::agent::Agent;
 use crate::cmd::{ip, kill_and_reap, netns_command, wait_timeout};
-use crate::netns::{delete_namespace_quietly, list_namespaces};
+use crate::netns::{delete_namespace_quietly, in_netns, list_namespaces};
 
 /// The cluster CIDR that every node's pod CIDR is cut from.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The IPv6 cluster CIDR; node i has fd00:244:i::/64 (i in hex).
+pub const CLUSTER_CIDR_V6: &str = "fd00:244::/32";
 /// How long [`Lab::run_agent_to_exit`] lets an agent run before calling it hung.
 const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -42,6 +48,12 @@ pub struct Node {
     pub pod_cidr: String,
     /// The pods' gateway: cni0's address, 10.244.i.1.
     pub gateway: Ipv4Addr,
+    /// Its uplink's IPv6 address, fd00:172:31::i.
+    pub uplink_ip6: Ipv6Addr,
+    /// Its IPv6 pod CIDR, `fd00:244:i::/64`.
+    pub pod_cidr6: String,
+    /// The pods' IPv6 gateway, fd00:244:i::1.
+    pub gateway6: Ipv6Addr,
     /// Its pods.
     pub pods: Vec<Pod>,
 }
@@ -53,6 +65,8 @@ pub struct Pod {
     pub ns: String,
     /// Its address, 10.244.i.(10+j).
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, fd00:244:i::(10+j).
+    pub ip6: Ipv6Addr,
 }
 
 /// A running lab. Dropping it stops its agents and deletes its namespaces and temp dir.
@@ -149,18 +163,18 @@ impl Lab {
         &self.dir
     }
 
-    /// The agent config (TOML) for node index `node` (0-based): static peers are all
-    /// the other nodes.
+    /// The agent config (TOML) for node index `node` (0-based), dual stack: static peers
+    /// are all the other nodes.
     pub fn agent_config(&self, node: usize) -> String {
         let me = &self.nodes[node];
         let mut toml = format!(
-            "node_name = \"{}\"\nuplink = \"eth0\"\nbridge = \"cni0\"\npod_cidr = \"{}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\n",
-            me.name, me.pod_cidr
+            "node_name = \"{}\"\nuplink = \"eth0\"\nbridge = \"cni0\"\npod_cidr = \"{}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\npod_cidr_v6 = \"{}\"\ncluster_cidr_v6 = \"{CLUSTER_CIDR_V6}\"\n",
+            me.name, me.pod_cidr, me.pod_cidr6
         );
         for peer in self.nodes.iter().filter(|n| n.name != me.name) {
             toml.push_str(&format!(
-                "\n[[peers]]\nname = \"{}\"\nnode_ip = \"{}\"\npod_cidr = \"{}\"\n",
-                peer.name, peer.uplink_ip, peer.pod_cidr
+                "\n[[peers]]\nname = \"{}\"\nnode_ip = \"{}\"\npod_cidr = \"{}\"\nnode_ip_v6 = \"{}\"\npod_cidr_v6 = \"{}\"\n",
+                peer.name, peer.uplink_ip, peer.pod_cidr, peer.uplink_ip6, peer.pod_cidr6
             ));
         }
         toml
@@ -350,34 +364,29 @@ impl Lab {
     fn build_node(&mut self, sw: &str, i: usize) -> anyhow::Result<Node> {
         let name = format!("n{i}");
         let ns = self.add_namespace(&name)?;
-        let uplink_ip = Ipv4Addr::new(172, 31, 0, octet(i)?);
-        let gateway = Ipv4Addr::new(10, 244, octet(i)?, 1);
+        let n = octet(i)?;
+        let uplink_ip = Ipv4Addr::new(172, 31, 0, n);
+        let gateway = Ipv4Addr::new(10, 244, n, 1);
+        let uplink_ip6 = Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, n.into());
+        let gateway6 = Ipv6Addr::new(0xfd00, 0x244, n.into(), 0, 0, 0, 0, 1);
         // The veth is created inside the node ns with its peer moved straight into the
         // switch ns: nothing ever appears in the root namespace.
         ip(&[
             "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &name, "netns", sw,
         ])?;
-        ip(&[
-            "-n",
+        add_addresses(
             &ns,
-            "addr",
-            "add",
-            &format!("{uplink_ip}/24"),
-            "dev",
             "eth0",
-        ])?;
+            &[&format!("{uplink_ip}/24"), &format!("{uplink_ip6}/64")],
+        )?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", sw, "link", "set", &name, "master", "br0", "up"])?;
         ip(&["-n", &ns, "link", "add", "cni0", "type", "bridge"])?;
-        ip(&[
-            "-n",
+        add_addresses(
             &ns,
-            "addr",
-            "add",
-            &format!("{gateway}/24"),
-            "dev",
             "cni0",
-        ])?;
+            &[&format!("{gateway}/24"), &format!("{gateway6}/64")],
+        )?;
         ip(&["-n", &ns, "link", "set", "cni0", "up"])?;
         Ok(Node {
             name,
@@ -385,6 +394,9 @@ impl Lab {
             uplink_ip,
             pod_cidr: format!("10.244.{i}.0/24"),
             gateway,
+            uplink_ip6,
+            pod_cidr6: format!("fd00:244:{i:x}::/64"),
+            gateway6,
             pods: Vec::new(),
         })
     }
@@ -407,22 +419,21 @@ impl Lab {
     fn build_pod(&mut self, i: usize, j: usize) -> anyhow::Result<Pod> {
         let node_ns = format!("{}-n{i}", self.id);
         let ns = self.add_namespace(&format!("n{i}p{j}"))?;
-        let pod_ip = Ipv4Addr::new(10, 244, octet(i)?, octet(10 + j)?);
-        let gateway = Ipv4Addr::new(10, 244, octet(i)?, 1);
+        let (n, host) = (octet(i)?, octet(10 + j)?);
+        let pod_ip = Ipv4Addr::new(10, 244, n, host);
+        let gateway = Ipv4Addr::new(10, 244, n, 1);
+        let pod_ip6 = Ipv6Addr::new(0xfd00, 0x244, n.into(), 0, 0, 0, 0, host.into());
+        let gateway6 = Ipv6Addr::new(0xfd00, 0x244, n.into(), 0, 0, 0, 0, 1);
         let host_end = format!("veth{j}");
         ip(&[
             "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_end, "netns",
             &node_ns,
         ])?;
-        ip(&[
-            "-n",
+        add_addresses(
             &ns,
-            "addr",
-            "add",
-            &format!("{pod_ip}/24"),
-            "dev",
             "eth0",
-        ])?;
+            &[&format!("{pod_ip}/24"), &format!("{pod_ip6}/64")],
+        )?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&[
             "-n",
@@ -434,9 +445,23 @@ impl Lab {
             &gateway.to_string(),
         ])?;
         ip(&[
+            "-n",
+            &ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway6.to_string(),
+        ])?;
+        ip(&[
             "-n", &node_ns, "link", "set", &host_end, "master", "cni0", "up",
         ])?;
-        Ok(Pod { ns, ip: pod_ip })
+        Ok(Pod {
+            ns,
+            ip: pod_ip,
+            ip6: pod_ip6,
+        })
     }
 
     /// Two more namespaces, `<id>-d1` and `<id>-d2`, joined by a single veth pair (`eth0`
@@ -450,26 +475,42 @@ impl Lab {
             "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b,
         ])?;
         let ips = [Ipv4Addr::new(10, 99, 0, 1), Ipv4Addr::new(10, 99, 0, 2)];
-        for (ns, addr) in [(&a, ips[0]), (&b, ips[1])] {
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
+        let ips6 = [
+            Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1),
+            Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2),
+        ];
+        for (ns, addr, addr6) in [(&a, ips[0], ips6[0]), (&b, ips[1], ips6[1])] {
+            add_addresses(ns, "eth0", &[&format!("{addr}/24"), &format!("{addr6}/64")])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         }
-        Ok((Pod { ns: a, ip: ips[0] }, Pod { ns: b, ip: ips[1] }))
+        Ok((
+            Pod {
+                ns: a,
+                ip: ips[0],
+                ip6: ips6[0],
+            },
+            Pod {
+                ns: b,
+                ip: ips[1],
+                ip6: ips6[1],
+            },
+        ))
     }
 
-    /// `ip netns add <id>-<suffix>` with lo up; recorded for cleanup as soon as it exists.
+    /// `ip netns add <id>-<suffix>` with lo up and IPv6 duplicate address detection off
+    /// (for interfaces made later); recorded for cleanup as soon as it exists.
     fn add_namespace(&mut self, suffix: &str) -> anyhow::Result<String> {
         let ns = format!("{}-{suffix}", self.id);
         ip(&["netns", "add", &ns])?;
         self.namespaces.push(ns.clone());
+        in_netns(&ns, || -> anyhow::Result<()> {
+            // The kernel skips DAD only when both `all` and the device's value are 0.
+            for conf in ["all", "default"] {
+                let path = format!("/proc/sys/net/ipv6/conf/{conf}/accept_dad");
+                std::fs::write(&path, "0").with_context(|| format!("writing {path}"))?;
+            }
+            Ok(())
+        })??;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -535,6 +576,14 @@ fn fresh_id() -> anyhow::Result<String> {
             "no free lab id found"
         );
     }
+}
+
+/// `ip -n NS addr add ADDR dev DEV` for each address.
+fn add_addresses(ns: &str, dev: &str, addrs: &[&str]) -> anyhow::Result<()> {
+    for addr in addrs {
+        ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+    }
+    Ok(())
 }
 
 /// `n` as an address octet, for node and pod numbers.

@@ -30,7 +30,7 @@ pub use kernel::{
     HGW_ROUTE_PROTOCOL, allow_forwarding, block_arp, drop_all_forwarding, hgw_programs, hgw_routes,
     tcx_programs, unblock_arp,
 };
-pub use lab::{CLUSTER_CIDR, Lab, Node, Pod, is_lab_id};
+pub use lab::{CLUSTER_CIDR, CLUSTER_CIDR_V6, Lab, Node, Pod, is_lab_id};
 pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
 pub use stream::paced_tcp_stream;
 pub use traffic::{ping, tcp_transfer, udp_exchange};

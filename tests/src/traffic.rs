@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,9 +25,14 @@ const UDP_PAYLOAD: usize = 64;
 
 /// `ip netns exec NS ping -c COUNT -W 1 -i 0.2 EXTRA TO`. The exit status tells whether
 /// replies came back; the caller decides what it expects.
-pub fn ping(from_ns: &str, to: Ipv4Addr, count: u32, extra: &[&str]) -> anyhow::Result<Output> {
+pub fn ping(
+    from_ns: &str,
+    to: impl Into<IpAddr>,
+    count: u32,
+    extra: &[&str],
+) -> anyhow::Result<Output> {
     let count = count.to_string();
-    let to = to.to_string();
+    let to = to.into().to_string();
     let mut args = vec!["-c", &count, "-W", "1", "-i", "0.2"];
     args.extend_from_slice(extra);
     args.push(&to);
@@ -48,9 +53,10 @@ fn pattern(i: usize) -> u8 {
 pub fn tcp_transfer(
     client_ns: &str,
     server_ns: &str,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     bytes: usize,
 ) -> anyhow::Result<()> {
+    let server_ip = server_ip.into();
     let listener = in_netns(server_ns, || TcpListener::bind((server_ip, 0)))?
         .with_context(|| format!("binding a TCP listener on {server_ip} in {server_ns}"))?;
     let addr = listener.local_addr().context("listener address")?;
@@ -156,16 +162,21 @@ fn accept_before(listener: &TcpListener, deadline: Instant) -> anyhow::Result<Tc
 pub fn udp_exchange(
     client_ns: &str,
     server_ns: &str,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     packets: usize,
 ) -> anyhow::Result<usize> {
+    let server_ip = server_ip.into();
     let server = in_netns(server_ns, || UdpSocket::bind((server_ip, 0)))?
         .with_context(|| format!("binding a UDP socket on {server_ip} in {server_ns}"))?;
     server
         .set_read_timeout(Some(Duration::from_millis(50)))
         .context("setting read timeout")?;
     let addr = server.local_addr().context("UDP server address")?;
-    let client = in_netns(client_ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+    let any: IpAddr = match server_ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let client = in_netns(client_ns, || UdpSocket::bind((any, 0)))?
         .with_context(|| format!("binding a UDP socket in {client_ns}"))?;
     for seq in 0..packets {
         client

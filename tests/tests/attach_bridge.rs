@@ -33,7 +33,7 @@ fn the_program_on_the_bridge_carries_pod_traffic() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stdout)
     );
     let after = lab.statuses()?;
-    let grew = counter_sum(&after, "fwd_to_peer") - counter_sum(&before, "fwd_to_peer");
+    let grew = counter_sum(&after, "ipv4.fwd_to_peer") - counter_sum(&before, "ipv4.fwd_to_peer");
     assert!(
         grew >= 10,
         "fwd_to_peer grew by {grew}, expected at least 10"

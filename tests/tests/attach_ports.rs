@@ -64,7 +64,7 @@ fn the_program_follows_the_bridge_ports() -> anyhow::Result<()> {
         }
     }
     let after = lab.statuses()?;
-    let grew = counter_sum(&after, "fwd_to_peer") - counter_sum(&before, "fwd_to_peer");
+    let grew = counter_sum(&after, "ipv4.fwd_to_peer") - counter_sum(&before, "ipv4.fwd_to_peer");
     assert!(
         grew >= sent,
         "fwd_to_peer grew by {grew}, expected at least {sent}"

@@ -32,8 +32,9 @@ fn pods_on_different_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
     let after = lab.statuses()?;
     // Each echo request and each reply crosses one bridge-side and one uplink-side program.
     let crossing = pairs.len() as u64 * u64::from(PINGS) * 2 + udp_sent;
-    let to_peer = counter_sum(&after, "fwd_to_peer") - counter_sum(&before, "fwd_to_peer");
-    let to_pod = counter_sum(&after, "fwd_to_pod") - counter_sum(&before, "fwd_to_pod");
+    let to_peer =
+        counter_sum(&after, "ipv4.fwd_to_peer") - counter_sum(&before, "ipv4.fwd_to_peer");
+    let to_pod = counter_sum(&after, "ipv4.fwd_to_pod") - counter_sum(&before, "ipv4.fwd_to_pod");
     assert!(
         to_peer >= crossing,
         "fwd_to_peer grew by {to_peer}, expected at least {crossing}"

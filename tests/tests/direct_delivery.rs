@@ -21,14 +21,14 @@ fn known_pods_get_their_packets_straight_into_their_veth() -> anyhow::Result<()>
     let status = agent.wait_for(Duration::from_secs(2), |s| {
         s["endpoints"].as_u64() >= Some(2)
     })?;
-    let before = counter(&status, "fwd_to_pod_direct");
+    let before = counter(&status, "ipv4.fwd_to_pod_direct");
     let out = ping(&n1.pods[0].ns, n2.pods[1].ip, 5, &[])?;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let after = counter(&agent.status()?, "fwd_to_pod_direct");
+    let after = counter(&agent.status()?, "ipv4.fwd_to_pod_direct");
     assert!(after >= before + 5, "fwd_to_pod_direct {before} -> {after}");
 
     // The pod's neighbour entry goes: its endpoint goes, delivery goes via the bridge.
@@ -41,8 +41,8 @@ fn known_pods_get_their_packets_straight_into_their_veth() -> anyhow::Result<()>
         s["endpoints"].as_u64() == Some(1)
     })?;
     let (direct, total) = (
-        counter(&status, "fwd_to_pod_direct"),
-        counter(&status, "fwd_to_pod"),
+        counter(&status, "ipv4.fwd_to_pod_direct"),
+        counter(&status, "ipv4.fwd_to_pod"),
     );
     let out = ping(&n1.pods[0].ns, n2.pods[1].ip, 1, &[])?;
     assert!(
@@ -52,13 +52,14 @@ fn known_pods_get_their_packets_straight_into_their_veth() -> anyhow::Result<()>
     );
     let status = agent.status()?;
     assert!(
-        counter(&status, "fwd_to_pod") > total,
+        counter(&status, "ipv4.fwd_to_pod") > total,
         "not delivered by the fast path at all"
     );
     // That exchange re-resolved the pod, so it may be direct again right away; the
     // first packet, though, went through the bridge.
     assert!(
-        counter(&status, "fwd_to_pod_direct") - direct < counter(&status, "fwd_to_pod") - total,
+        counter(&status, "ipv4.fwd_to_pod_direct") - direct
+            < counter(&status, "ipv4.fwd_to_pod") - total,
         "every packet went direct without an endpoint"
     );
     Ok(())

@@ -11,14 +11,14 @@ fn forwarding_survives_etcd_and_the_watch_resumes() -> anyhow::Result<()> {
     let (from, to) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
 
     etcd.pause()?;
-    let before = counter(&lab.agent(0).expect("agent").status()?, "fwd_to_peer");
+    let before = counter(&lab.agent(0).expect("agent").status()?, "ipv4.fwd_to_peer");
     let out = ping(&from.ns, to.ip, 5, &[])?;
     assert!(
         out.status.success(),
         "ping failed with etcd down:\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let after = counter(&lab.agent(0).expect("agent").status()?, "fwd_to_peer");
+    let after = counter(&lab.agent(0).expect("agent").status()?, "ipv4.fwd_to_peer");
     assert!(
         after >= before + 5,
         "fast path idle with etcd down: {before} -> {after}"

@@ -43,7 +43,7 @@ fn nodes_acquire_subnets_and_find_each_other_through_etcd() -> anyhow::Result<()
         );
     }
     let after = lab.statuses()?;
-    let grew = counter_sum(&after, "fwd_to_peer") - counter_sum(&before, "fwd_to_peer");
+    let grew = counter_sum(&after, "ipv4.fwd_to_peer") - counter_sum(&before, "ipv4.fwd_to_peer");
     let sent = pairs.len() as u64 * 2 * 2;
     assert!(
         grew >= sent,

@@ -36,9 +36,9 @@ fn next_hop_follows_a_peer_mac_change_and_tcp_survives() -> anyhow::Result<()> {
             "n1's next hop for n2 follows the new MAC after {:?}",
             changed.elapsed()
         );
-        Ok(counter(&status, "fwd_to_peer"))
+        Ok(counter(&status, "ipv4.fwd_to_peer"))
     })?;
-    let after = counter(&agent.status()?, "fwd_to_peer");
+    let after = counter(&agent.status()?, "ipv4.fwd_to_peer");
     assert!(
         after > fwd + 100,
         "the fast path did not carry the stream after the change: {fwd} -> {after}"

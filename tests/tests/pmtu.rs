@@ -45,11 +45,11 @@ fn too_big_gets_frag_needed_and_tcp_finds_the_path_mtu() -> anyhow::Result<()> {
     tcp_transfer(&from.ns, &to.ns, to.ip, 4 << 20)?;
     let after = agent.status()?;
     let grew = |name| counter(&after, name) - counter(&before, name);
-    assert!(grew("pass_mtu") >= 1, "pass_mtu did not move");
+    assert!(grew("ipv4.pass_mtu") >= 1, "pass_mtu did not move");
     assert!(
-        grew("fwd_to_peer") >= 3 + 100,
+        grew("ipv4.fwd_to_peer") >= 3 + 100,
         "the transfer did not take the fast path: fwd_to_peer +{}",
-        grew("fwd_to_peer")
+        grew("ipv4.fwd_to_peer")
     );
     Ok(())
 }

@@ -22,7 +22,7 @@ fn traffic_to_an_unresolved_next_hop_still_arrives() -> anyhow::Result<()> {
     );
 
     unblock_arp(&lab.nodes[1].ns)?;
-    let no_mac_before = counter(&status, "pass_no_mac");
+    let no_mac_before = counter(&status, "ipv4.pass_no_mac");
     let (from, to) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
     const PACKETS: usize = 20;
     let arrived = udp_exchange(&from.ns, &to.ns, to.ip, PACKETS)?;
@@ -30,7 +30,7 @@ fn traffic_to_an_unresolved_next_hop_still_arrives() -> anyhow::Result<()> {
         arrived, PACKETS,
         "packets to an unresolved next hop were lost"
     );
-    let no_mac_after = counter(&lab.agents()[0].status()?, "pass_no_mac");
+    let no_mac_after = counter(&lab.agents()[0].status()?, "ipv4.pass_no_mac");
     assert!(
         no_mac_after > no_mac_before,
         "pass_no_mac did not move ({no_mac_before} -> {no_mac_after})"
@@ -39,9 +39,9 @@ fn traffic_to_an_unresolved_next_hop_still_arrives() -> anyhow::Result<()> {
     // The kernel resolved n2 for those packets; the agent follows the neighbour event.
     let status =
         lab.agents()[0].wait_for(Duration::from_secs(5), |s| !s["peers"][0]["mac"].is_null())?;
-    let fwd_before = counter(&status, "fwd_to_peer");
+    let fwd_before = counter(&status, "ipv4.fwd_to_peer");
     assert_eq!(udp_exchange(&from.ns, &to.ns, to.ip, PACKETS)?, PACKETS);
-    let fwd_after = counter(&lab.agents()[0].status()?, "fwd_to_peer");
+    let fwd_after = counter(&lab.agents()[0].status()?, "ipv4.fwd_to_peer");
     assert!(
         fwd_after >= fwd_before + PACKETS as u64,
         "fast path did not take over: fwd_to_peer {fwd_before} -> {fwd_after}"

@@ -510,14 +510,14 @@ fn measure(
         (Kind::Hgw, Some(before)) => {
             let after = setup.labs[mode].statuses()?;
             let grown = |name: &str| counter_sum(&after, name) - counter_sum(&before, name);
-            let (peer, pod) = (grown("fwd_to_peer"), grown("fwd_to_pod"));
+            let (peer, pod) = (grown("ipv4.fwd_to_peer"), grown("ipv4.fwd_to_pod"));
             if peer < min_fwd.max(1) || pod < min_fwd.max(1) {
                 bail!(
                     "{} mode, but the fast path did not carry the traffic: fwd_to_peer +{peer}, fwd_to_pod +{pod}, expected at least {min_fwd} each",
                     modes[mode].name
                 );
             }
-            let direct = grown("fwd_to_pod_direct");
+            let direct = grown("ipv4.fwd_to_pod_direct");
             let direct = if direct > 0 {
                 format!(" (of which straight into the pod +{direct})")
             } else {

@@ -24,8 +24,9 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::SchedClassifier;
 use hgw_common::{
-    Counter, Endpoint, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ROUTES_V4,
+    Counter, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ROUTES_V4,
     NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD, ROUTES_V4_MAX_ENTRIES,
+    counter_index,
 };
 
 const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb1, 0x01];
@@ -234,7 +235,7 @@ struct Hgw(Ebpf, PerCpuArray<MapData, u64>);
 
 impl Hgw {
     fn counter(&self, c: Counter) -> anyhow::Result<u64> {
-        Ok(self.1.get(&(c as u32), 0)?.iter().sum())
+        Ok(self.1.get(&counter_index(Family::Ipv4, c), 0)?.iter().sum())
     }
 }
 
@@ -253,6 +254,9 @@ fn load_hgw(object: &[u8], entries: u32) -> anyhow::Result<Hgw> {
         NodeConfig {
             pod_net_v4: [10, 244, 1, 0],
             pod_mask_v4: [255, 255, 255, 0],
+            // IPv4 frames only here.
+            pod_net_v6: [0; 16],
+            pod_mask_v6: [0; 16],
             bridge_ifindex: 1,
             bridge_mtu: 1500,
             bridge_mac: BRIDGE_MAC,

@@ -1,14 +1,15 @@
-//! `cargo xtask demo`: a 3-node, 2-pods-per-node lab, one agent per node, traffic between
-//! every pair of pods on different nodes, and the agents' counters to show which path the
-//! traffic took. The lab is torn down on every exit: success, failure and Ctrl-C.
+//! `cargo xtask demo`: a 3-node, 2-pods-per-node dual-stack lab, one agent per node,
+//! traffic over IPv4 and IPv6 between every pair of pods on different nodes, and the
+//! agents' counters, per family, to show which path the traffic took. The lab is torn down on every exit: success, failure and Ctrl-C.
 
+use std::net::IpAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use hgw_tests::{Lab, Pod, counter_sum, ping, tcp_transfer, udp_exchange};
+use hgw_tests::{Lab, counter_sum, ping, tcp_transfer, udp_exchange};
 use serde_json::Value;
 
 const NODES: usize = 3;
@@ -23,9 +24,19 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// One line of the results table.
 struct Check {
     what: String,
-    from: Pod,
-    to: Pod,
+    /// "ipv4" or "ipv6", as the agents' counters name the families.
+    family: &'static str,
+    from: IpAddr,
+    to: IpAddr,
     result: anyhow::Result<String>,
+}
+
+/// Both addresses of a pod pair, one family at a time: (family, from, to).
+fn families(from: &hgw_tests::Pod, to: &hgw_tests::Pod) -> [(&'static str, IpAddr, IpAddr); 2] {
+    [
+        ("ipv4", from.ip.into(), to.ip.into()),
+        ("ipv6", from.ip6.into(), to.ip6.into()),
+    ]
 }
 
 /// Set by the SIGINT/SIGTERM handler; the demo checks it between steps and unwinds, so
@@ -116,51 +127,58 @@ fn run_traffic(lab: &Lab, interrupt: &Interrupt) -> anyhow::Result<Vec<Check>> {
     let pairs = lab.cross_node_pod_pairs();
     let mut checks = Vec::new();
     for (from, to) in &pairs {
-        interrupt.check()?;
-        let result = ping(&from.ns, to.ip, PINGS, &[]).and_then(|out| {
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let summary = stdout
-                .lines()
-                .find(|l| l.contains("packets transmitted"))
-                .unwrap_or("")
-                .to_owned();
-            if out.status.success() {
-                Ok(summary)
-            } else {
-                bail!("{summary}")
-            }
-        });
-        checks.push(Check {
-            what: format!("ping x{PINGS}"),
-            from: from.clone(),
-            to: to.clone(),
-            result,
-        });
+        for (family, from_ip, to_ip) in families(from, to) {
+            interrupt.check()?;
+            let result = ping(&from.ns, to_ip, PINGS, &[]).and_then(|out| {
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let summary = stdout
+                    .lines()
+                    .find(|l| l.contains("packets transmitted"))
+                    .unwrap_or("")
+                    .to_owned();
+                if out.status.success() {
+                    Ok(summary)
+                } else {
+                    bail!("{summary}")
+                }
+            });
+            checks.push(Check {
+                what: format!("ping x{PINGS}"),
+                family,
+                from: from_ip,
+                to: to_ip,
+                result,
+            });
+        }
     }
     for (from, to) in pairs.iter().step_by(BULK_STRIDE) {
-        interrupt.check()?;
-        let result = tcp_transfer(&from.ns, &to.ns, to.ip, TCP_BYTES)
-            .map(|()| format!("{TCP_BYTES} bytes intact"));
-        checks.push(Check {
-            what: "tcp 1 MiB".into(),
-            from: from.clone(),
-            to: to.clone(),
-            result,
-        });
-        let result = udp_exchange(&from.ns, &to.ns, to.ip, UDP_PACKETS).and_then(|n| {
-            let line = format!("{n}/{UDP_PACKETS} datagrams");
-            if n == UDP_PACKETS {
-                Ok(line)
-            } else {
-                bail!("{line}")
-            }
-        });
-        checks.push(Check {
-            what: format!("udp x{UDP_PACKETS}"),
-            from: from.clone(),
-            to: to.clone(),
-            result,
-        });
+        for (family, from_ip, to_ip) in families(from, to) {
+            interrupt.check()?;
+            let result = tcp_transfer(&from.ns, &to.ns, to_ip, TCP_BYTES)
+                .map(|()| format!("{TCP_BYTES} bytes intact"));
+            checks.push(Check {
+                what: "tcp 1 MiB".into(),
+                family,
+                from: from_ip,
+                to: to_ip,
+                result,
+            });
+            let result = udp_exchange(&from.ns, &to.ns, to_ip, UDP_PACKETS).and_then(|n| {
+                let line = format!("{n}/{UDP_PACKETS} datagrams");
+                if n == UDP_PACKETS {
+                    Ok(line)
+                } else {
+                    bail!("{line}")
+                }
+            });
+            checks.push(Check {
+                what: format!("udp x{UDP_PACKETS}"),
+                family,
+                from: from_ip,
+                to: to_ip,
+                result,
+            });
+        }
     }
     Ok(checks)
 }
@@ -178,28 +196,35 @@ fn print_checks(checks: &[Check]) {
         println!(
             "{:<10} {:<15} {:<15} {mark:<5} {detail}",
             c.what,
-            c.from.ip.to_string(),
-            c.to.ip.to_string()
+            c.from.to_string(),
+            c.to.to_string()
         );
     }
 }
 
-/// Counter growth per node, for every counter any agent reports.
+/// Counter growth per node, for every counter any agent reports (`FAMILY.NAME`).
 fn print_counters(lab: &Lab, before: &[Value], after: &[Value]) {
     let mut names: Vec<String> = after
         .iter()
         .filter_map(|s| s["counters"].as_object())
-        .flat_map(|c| c.keys().cloned())
+        .flat_map(|families| {
+            families.iter().flat_map(|(family, counters)| {
+                counters
+                    .as_object()
+                    .into_iter()
+                    .flat_map(move |c| c.keys().map(move |name| format!("{family}.{name}")))
+            })
+        })
         .collect();
     names.sort();
     names.dedup();
-    print!("\n{:<22}", "counter (growth)");
+    print!("\n{:<28}", "counter (growth)");
     for agent in lab.agents() {
         print!(" {:>10}", lab.nodes[agent.node].name);
     }
     println!();
     for name in &names {
-        print!("{name:<22}");
+        print!("{name:<28}");
         for (b, a) in before.iter().zip(after) {
             let grown = hgw_tests::counter(a, name).saturating_sub(hgw_tests::counter(b, name));
             print!(" {grown:>10}");
@@ -208,29 +233,31 @@ fn print_counters(lab: &Lab, before: &[Value], after: &[Value]) {
     }
 }
 
-/// Whether the counters show the traffic took the fast path: each echo request and
-/// reply, and each UDP datagram, crosses one bridge-side program (`fwd_to_peer`) and one
-/// uplink-side program (`fwd_to_pod`). TCP is not counted exactly (segments coalesce).
+/// Whether the counters show the traffic took the fast path, per family: each echo
+/// request and reply, and each UDP datagram, crosses one bridge-side program
+/// (`fwd_to_peer`) and one uplink-side program (`fwd_to_pod`). TCP is not counted
+/// exactly (segments coalesce).
 fn judge_counters(checks: &[Check], before: &[Value], after: &[Value]) -> bool {
-    let pings = checks
-        .iter()
-        .filter(|c| c.what.starts_with("ping") && c.result.is_ok())
-        .count() as u64;
-    let udp = checks
-        .iter()
-        .filter(|c| c.what.starts_with("udp") && c.result.is_ok())
-        .count() as u64;
-    let expected = pings * u64::from(PINGS) * 2 + udp * UDP_PACKETS as u64;
     let mut ok = true;
-    for name in ["fwd_to_peer", "fwd_to_pod"] {
-        let grown = counter_sum(after, name).saturating_sub(counter_sum(before, name));
-        let verdict = if grown >= expected && grown > 0 {
-            "ok"
-        } else {
-            "TOO LOW: not the fast path"
+    for family in ["ipv4", "ipv6"] {
+        let passed = |kind: &str| {
+            checks
+                .iter()
+                .filter(|c| c.family == family && c.what.starts_with(kind) && c.result.is_ok())
+                .count() as u64
         };
-        println!("{name}: grew by {grown}, expected at least {expected}: {verdict}");
-        ok &= grown >= expected && grown > 0;
+        let expected = passed("ping") * u64::from(PINGS) * 2 + passed("udp") * UDP_PACKETS as u64;
+        for name in ["fwd_to_peer", "fwd_to_pod"] {
+            let name = format!("{family}.{name}");
+            let grown = counter_sum(after, &name).saturating_sub(counter_sum(before, &name));
+            let verdict = if grown >= expected && grown > 0 {
+                "ok"
+            } else {
+                "TOO LOW: not the fast path"
+            };
+            println!("{name}: grew by {grown}, expected at least {expected}: {verdict}");
+            ok &= grown >= expected && grown > 0;
+        }
     }
     ok
 }
