@@ -727,6 +727,135 @@ mod tests {
         assert!(e.to_string().contains("etcd.endpoints[0]"), "{e}");
     }
 
+    /// A dual-stack node n1 (fd00:244:1::/64) with the given peers, each with both
+    /// families: (name, IPv4, CIDR, IPv6, CIDR).
+    fn raw_v6(peers: &[(&str, &str, &str, &str, &str)]) -> RawConfig {
+        let mut r = raw(&[]);
+        r.pod_cidr_v6 = Some("fd00:244:1::/64".into());
+        r.cluster_cidr_v6 = Some("fd00:244::/32".into());
+        r.peers = peers
+            .iter()
+            .map(|(name, ip, cidr, ip6, cidr6)| RawPeer {
+                name: (*name).into(),
+                node_ip: (*ip).into(),
+                pod_cidr: (*cidr).into(),
+                node_ip_v6: Some((*ip6).into()),
+                pod_cidr_v6: Some((*cidr6).into()),
+            })
+            .collect();
+        r
+    }
+
+    fn error_of(r: RawConfig) -> String {
+        match Config::from_raw(r) {
+            Ok(config) => panic!("accepted {config:?}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn accepts_a_dual_stack_config() {
+        let config = Config::from_raw(raw_v6(&[(
+            "n2",
+            "172.31.0.2",
+            "10.244.2.0/24",
+            "fd00:172:31::2",
+            "fd00:244:2::/64",
+        )]))
+        .expect("valid");
+        let Source::Static { network, peers } = &config.source else {
+            panic!("static config expected")
+        };
+        assert_eq!(
+            network.gateway_v6(),
+            Some("fd00:244:1::1".parse().expect("address"))
+        );
+        let hops: Vec<String> = peers[0]
+            .hops()
+            .map(|(cidr, ip)| format!("{cidr} via {ip}"))
+            .collect();
+        assert_eq!(
+            hops,
+            [
+                "10.244.2.0/24 via 172.31.0.2",
+                "fd00:244:2::/64 via fd00:172:31::2"
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_ipv6_fields_naming_them() {
+        let peer = (
+            "n2",
+            "172.31.0.2",
+            "10.244.2.0/24",
+            "fd00:172:31::2",
+            "fd00:244:2::/64",
+        );
+        let mut r = raw_v6(&[peer]);
+        r.pod_cidr_v6 = None;
+        r.cluster_cidr_v6 = None;
+        let e = error_of(r);
+        assert!(
+            e.contains("peers[0].pod_cidr_v6") && e.contains("IPv6 is off"),
+            "{e}"
+        );
+        let mut r = raw_v6(&[]);
+        r.cluster_cidr_v6 = None;
+        let e = error_of(r);
+        assert!(
+            e.contains("cluster_cidr_v6") && e.contains("missing"),
+            "{e}"
+        );
+        let mut r = raw_v6(&[]);
+        r.pod_cidr_v6 = Some("10.244.1.0/24".into());
+        let e = error_of(r);
+        assert!(
+            e.contains("pod_cidr_v6") && e.contains("not an IPv6 CIDR"),
+            "{e}"
+        );
+        let e = error_of(raw_v6(&[(
+            "n2",
+            "172.31.0.2",
+            "10.244.2.0/24",
+            "fd00:172:31::2",
+            "fd00:244:1::/64",
+        )]));
+        assert!(
+            e.contains("peers[0].pod_cidr_v6") && e.contains("overlaps this node's pod_cidr_v6"),
+            "{e}"
+        );
+        let e = error_of(raw_v6(&[
+            peer,
+            (
+                "n3",
+                "172.31.0.3",
+                "10.244.3.0/24",
+                "fd00:172:31::2",
+                "fd00:244:3::/64",
+            ),
+        ]));
+        assert!(
+            e.contains("peers[1].node_ip_v6") && e.contains("peers[0]"),
+            "{e}"
+        );
+        let e = error_of(raw_v6(&[(
+            "n2",
+            "172.31.0.2",
+            "10.244.2.0/24",
+            "172.31.0.9",
+            "fd00:244:2::/64",
+        )]));
+        assert!(e.contains("peers[0].node_ip_v6"), "{e}");
+        let mut r = raw_v6(&[peer]);
+        r.peers[0].pod_cidr_v6 = None;
+        let e = error_of(r);
+        assert!(
+            e.contains("peers[0].pod_cidr_v6") && e.contains("go together"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn unknown_fields_are_errors() {
         let e = toml::from_str::<RawConfig>("node_name = \"n1\"\npod_cidrs = \"x\"\n")

@@ -13,12 +13,16 @@ const FORWARD_DROP_TABLE: &str = "hgw_lab_forward_drop";
 /// nftables table the lab uses to drop ARP ([`block_arp`]).
 const ARP_BLOCK_TABLE: &str = "hgw_lab_arp_block";
 
-/// IPv4 routes in `ns` carrying hgw's protocol tag, one `ip route` line each, e.g.
-/// `10.244.2.0/24 via 172.31.0.2 dev eth0 onlink`.
+/// Routes in `ns` carrying hgw's protocol tag, IPv4 then IPv6, one `ip route` line
+/// each, e.g. `10.244.2.0/24 via 172.31.0.2 dev eth0 onlink`.
 pub fn hgw_routes(ns: &str) -> anyhow::Result<Vec<String>> {
     let proto = HGW_ROUTE_PROTOCOL.to_string();
-    let out = run_in_ok(ns, "ip", &["-4", "route", "show", "proto", &proto])?;
-    Ok(lines(&out.stdout))
+    let mut routes = Vec::new();
+    for family in ["-4", "-6"] {
+        let out = run_in_ok(ns, "ip", &[family, "route", "show", "proto", &proto])?;
+        routes.extend(lines(&out.stdout));
+    }
+    Ok(routes)
 }
 
 /// tcx programs attached in `ns` whose name starts with `hgw`, as

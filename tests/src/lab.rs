@@ -171,13 +171,19 @@ impl Lab {
             "node_name = \"{}\"\nuplink = \"eth0\"\nbridge = \"cni0\"\npod_cidr = \"{}\"\ncluster_cidr = \"{CLUSTER_CIDR}\"\npod_cidr_v6 = \"{}\"\ncluster_cidr_v6 = \"{CLUSTER_CIDR_V6}\"\n",
             me.name, me.pod_cidr, me.pod_cidr6
         );
-        for peer in self.nodes.iter().filter(|n| n.name != me.name) {
-            toml.push_str(&format!(
-                "\n[[peers]]\nname = \"{}\"\nnode_ip = \"{}\"\npod_cidr = \"{}\"\nnode_ip_v6 = \"{}\"\npod_cidr_v6 = \"{}\"\n",
-                peer.name, peer.uplink_ip, peer.pod_cidr, peer.uplink_ip6, peer.pod_cidr6
-            ));
+        for peer in (0..self.nodes.len()).filter(|&i| i != node) {
+            toml.push_str(&self.peer_entry(peer));
         }
         toml
+    }
+
+    /// The `[[peers]]` entry (TOML, both families) that names node index `node`.
+    pub fn peer_entry(&self, node: usize) -> String {
+        let peer = &self.nodes[node];
+        format!(
+            "\n[[peers]]\nname = \"{}\"\nnode_ip = \"{}\"\npod_cidr = \"{}\"\nnode_ip_v6 = \"{}\"\npod_cidr_v6 = \"{}\"\n",
+            peer.name, peer.uplink_ip, peer.pod_cidr, peer.uplink_ip6, peer.pod_cidr6
+        )
     }
 
     /// A lab with an agent on every node, each ready (routes in, next hops resolved).

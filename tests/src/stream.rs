@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     time::Duration,
 };
 
@@ -22,12 +22,12 @@ const STALL: Duration = Duration::from_secs(20);
 pub fn paced_tcp_stream<T>(
     client_ns: &str,
     server_ns: &str,
-    server_ip: Ipv4Addr,
+    server_ip: impl Into<IpAddr>,
     port: u16,
     chunks: usize,
     during: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let addr = SocketAddr::from((server_ip, port));
+    let addr = SocketAddr::from((server_ip.into(), port));
     let listener = in_netns(server_ns, || TcpListener::bind(addr))?.context("listening")?;
     let client = in_netns(client_ns, || {
         TcpStream::connect_timeout(&addr, Duration::from_secs(3))

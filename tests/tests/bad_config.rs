@@ -34,6 +34,20 @@ const CASES: &[(&str, &str, &[&str])] = &[
             "not on the subnet of uplink",
         ],
     ),
+    (
+        "an IPv6 peer node IP off the uplink's IPv6 subnet",
+        "[[peers]]\nname = \"x\"\nnode_ip = \"172.31.0.9\"\npod_cidr = \"10.244.9.0/24\"\nnode_ip_v6 = \"fd00:99::9\"\npod_cidr_v6 = \"fd00:244:9::/64\"\n",
+        &[
+            "peers[1].node_ip_v6",
+            "fd00:99::9",
+            "not on the subnet of uplink",
+        ],
+    ),
+    (
+        "overlapping IPv6 peer CIDRs",
+        "[[peers]]\nname = \"x\"\nnode_ip = \"172.31.0.9\"\npod_cidr = \"10.244.9.0/24\"\nnode_ip_v6 = \"fd00:172:31::9\"\npod_cidr_v6 = \"fd00:244:2::/80\"\n",
+        &["peers[1].pod_cidr_v6", "overlaps peers[0].pod_cidr_v6"],
+    ),
 ];
 
 #[test]
@@ -75,12 +89,14 @@ fn bad_configs_are_rejected_before_anything_changes() -> anyhow::Result<()> {
             "{what}: a program was left attached"
         );
         assert!(!socket.exists(), "{what}: the status socket was created");
-        let forward = run_in(&ns, "iptables", &["-w", "-S", "FORWARD"])?;
-        let forward = String::from_utf8_lossy(&forward.stdout);
-        assert!(
-            !forward.contains("hgw"),
-            "{what}: a FORWARD rule was added:\n{forward}"
-        );
+        for tool in ["iptables", "ip6tables"] {
+            let forward = run_in(&ns, tool, &["-w", "-S", "FORWARD"])?;
+            let forward = String::from_utf8_lossy(&forward.stdout);
+            assert!(
+                !forward.contains("hgw"),
+                "{what}: a {tool} FORWARD rule was added:\n{forward}"
+            );
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! The agents stop: their programs are detached, the kernel routes they installed stay,
-//! and pods on different nodes still talk over the kernel path.
+//! The agents stop: their programs are detached, the kernel routes they installed (both
+//! families) stay, and pods on different nodes still talk over the kernel path.
 
 use hgw_tests::{Lab, hgw_programs, hgw_routes, ping};
 
@@ -20,15 +20,16 @@ fn kernel_routes_carry_traffic_after_the_agents_stop() -> anyhow::Result<()> {
     for (i, node) in lab.nodes.iter().enumerate() {
         let peer = &lab.nodes[1 - i];
         let routes = hgw_routes(&node.ns)?;
-        assert!(
-            routes.iter().any(|r| r.starts_with(&format!(
-                "{} via {} dev eth0",
-                peer.pod_cidr, peer.uplink_ip
-            ))),
-            "{}: the route to {} is gone after the agent stopped: {routes:?}",
-            node.ns,
-            peer.pod_cidr
-        );
+        for route in [
+            format!("{} via {} dev eth0", peer.pod_cidr, peer.uplink_ip),
+            format!("{} via {} dev eth0", peer.pod_cidr6, peer.uplink_ip6),
+        ] {
+            assert!(
+                routes.iter().any(|r| r.starts_with(&route)),
+                "{}: `{route}` is gone after the agent stopped: {routes:?}",
+                node.ns
+            );
+        }
         let programs = hgw_programs(&node.ns)?;
         assert!(
             programs.is_empty(),
@@ -37,11 +38,13 @@ fn kernel_routes_carry_traffic_after_the_agents_stop() -> anyhow::Result<()> {
         );
     }
     let (from, to) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
-    let out = ping(&from.ns, to.ip, 3, &[])?;
-    assert!(
-        out.status.success(),
-        "kernel path: ping failed:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    for to_ip in [std::net::IpAddr::from(to.ip), to.ip6.into()] {
+        let out = ping(&from.ns, to_ip, 3, &[])?;
+        assert!(
+            out.status.success(),
+            "kernel path: ping {to_ip} failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     Ok(())
 }

@@ -1,7 +1,8 @@
-//! A peer's neighbour entry is deleted while traffic flows: packets go to the kernel
-//! while the MAC is unknown, nothing is blackholed, the TCP connection survives, and
-//! the MAC comes back into the map.
+//! A peer's neighbour entry (ARP, then NDP) is deleted while traffic of that family
+//! flows: packets go to the kernel while the MAC is unknown, nothing is blackholed, the
+//! TCP connection survives, and the MAC comes back into the map.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use hgw_tests::{Lab, paced_tcp_stream, run_in_ok};
@@ -12,37 +13,54 @@ fn deleting_the_next_hops_neighbour_entry_loses_no_connection() -> anyhow::Resul
     let (n1, n2) = (lab.nodes[0].clone(), lab.nodes[1].clone());
     let (from, to) = (&n1.pods[0], &n2.pods[0]);
     let agent = lab.agent(0).expect("agent");
-    let mac = agent.status()?["peers"][0]["mac"].clone();
-    assert!(mac.is_string(), "n2 unresolved before the test");
+    // The status lists one entry per peer route, IPv4 first.
+    let cases: [(usize, IpAddr, IpAddr, u16); 2] = [
+        (0, n2.uplink_ip.into(), to.ip.into(), 7071),
+        (1, n2.uplink_ip6.into(), to.ip6.into(), 7072),
+    ];
+    for (entry, next_hop, to_ip, port) in cases {
+        let status = agent.status()?;
+        assert_eq!(
+            status["peers"][entry]["node_ip"],
+            next_hop.to_string().as_str()
+        );
+        let mac = status["peers"][entry]["mac"].clone();
+        assert!(mac.is_string(), "{next_hop} unresolved before the test");
 
-    paced_tcp_stream(&from.ns, &to.ns, to.ip, 7071, 400, || {
-        for round in 0..3 {
-            std::thread::sleep(Duration::from_millis(700));
-            run_in_ok(
-                &n1.ns,
-                "ip",
-                &["neigh", "del", &n2.uplink_ip.to_string(), "dev", "eth0"],
-            )?;
-            let deleted = Instant::now();
-            agent.wait_for(Duration::from_secs(2), |s| s["peers"][0]["mac"] == mac)?;
-            eprintln!(
-                "round {round}: MAC back in the map after {:?}",
-                deleted.elapsed()
-            );
-        }
-        Ok(())
-    })?;
-    // The MAC being in the map again proves nothing if the agent never took it out:
-    // each deletion must have been followed there and back.
-    let log = agent.log();
-    let mac = mac.as_str().unwrap_or_default();
-    let (out, back) = (
-        log.matches(&format!("{mac} -> unresolved")).count(),
-        log.matches(&format!("unresolved -> {mac}")).count(),
-    );
-    assert!(
-        out >= 3 && back >= 3,
-        "the agent did not follow the deletions ({out} out, {back} back):\n{log}"
-    );
+        paced_tcp_stream(&from.ns, &to.ns, to_ip, port, 400, || {
+            for round in 0..3 {
+                std::thread::sleep(Duration::from_millis(700));
+                run_in_ok(
+                    &n1.ns,
+                    "ip",
+                    &["neigh", "del", &next_hop.to_string(), "dev", "eth0"],
+                )?;
+                let deleted = Instant::now();
+                agent.wait_for(Duration::from_secs(2), |s| s["peers"][entry]["mac"] == mac)?;
+                eprintln!(
+                    "{next_hop} round {round}: MAC back in the map after {:?}",
+                    deleted.elapsed()
+                );
+            }
+            Ok(())
+        })?;
+        // The MAC being in the map again proves nothing if the agent never took it out:
+        // each deletion must have been followed there and back (log lines name the IP).
+        let log = agent.log();
+        let mac = mac.as_str().unwrap_or_default();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&format!("({next_hop})")))
+            .collect();
+        let count = |needle: String| lines.iter().filter(|l| l.contains(&needle)).count();
+        let (out, back) = (
+            count(format!("{mac} -> unresolved")),
+            count(format!("unresolved -> {mac}")),
+        );
+        assert!(
+            out >= 3 && back >= 3,
+            "the agent did not follow the deletions of {next_hop} ({out} out, {back} back):\n{log}"
+        );
+    }
     Ok(())
 }

@@ -1,7 +1,9 @@
-//! The uplink's MTU is smaller than the pods': a DF packet too large for it is left to
-//! the kernel, which answers "fragmentation needed" from the sender's gateway, and TCP
-//! finds the path MTU and completes a transfer, with the fast path loaded.
+//! The uplink's MTU is smaller than the pods': a packet too large for it is left to the
+//! kernel, which answers "fragmentation needed" (IPv4, DF set) or "packet too big"
+//! (IPv6) from the sender's gateway, and TCP finds the path MTU and completes a
+//! transfer, over both families, with the fast path loaded.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use hgw_tests::{Lab, counter, ping, run_in_ok, tcp_transfer};
@@ -23,33 +25,57 @@ fn too_big_gets_frag_needed_and_tcp_finds_the_path_mtu() -> anyhow::Result<()> {
             .wait_ready(Duration::from_secs(15))?;
     }
     let (from, to) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
+    let n1 = &lab.nodes[0];
     let agent = lab.agent(0).expect("agent");
-    let before = agent.status()?;
 
-    // 1472 bytes of ICMP payload = a 1500-byte IP packet, with DF.
-    let out = ping(&from.ns, to.ip, 1, &["-M", "do", "-s", "1472"])?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains(&format!("From {}", lab.nodes[0].gateway))
-            && stdout.contains(&format!("mtu = {UPLINK_MTU}")),
-        "expected frag needed (mtu = {UPLINK_MTU}) from the gateway:\n{stdout}"
-    );
-    // Fitting packets still take the fast path.
-    let out = ping(&from.ns, to.ip, 3, &["-M", "do", "-s", "1372"])?;
-    assert!(
-        out.status.success(),
-        "a packet of exactly the uplink MTU failed:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // ICMP payload sizes that make a 1500-byte packet, and one of exactly the uplink MTU
+    // (IPv4 header 20 + ICMP 8; IPv6 header 40 + ICMPv6 8).
+    let cases: [(&str, IpAddr, IpAddr, u32, String); 2] = [
+        (
+            "ipv4",
+            to.ip.into(),
+            n1.gateway.into(),
+            28,
+            format!("mtu = {UPLINK_MTU}"),
+        ),
+        (
+            "ipv6",
+            to.ip6.into(),
+            n1.gateway6.into(),
+            48,
+            format!("Packet too big: mtu={UPLINK_MTU}"),
+        ),
+    ];
+    for (family, to_ip, gateway, headers, message) in cases {
+        let before = agent.status()?;
+        let too_big = (1500 - headers).to_string();
+        let out = ping(&from.ns, to_ip, 1, &["-M", "do", "-s", &too_big])?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("From {gateway}")) && stdout.contains(&message),
+            "{family}: expected `{message}` from the gateway {gateway}:\n{stdout}"
+        );
+        // Fitting packets still take the fast path.
+        let fits = (UPLINK_MTU - headers).to_string();
+        let out = ping(&from.ns, to_ip, 3, &["-M", "do", "-s", &fits])?;
+        assert!(
+            out.status.success(),
+            "{family}: a packet of exactly the uplink MTU failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
 
-    tcp_transfer(&from.ns, &to.ns, to.ip, 4 << 20)?;
-    let after = agent.status()?;
-    let grew = |name| counter(&after, name) - counter(&before, name);
-    assert!(grew("ipv4.pass_mtu") >= 1, "pass_mtu did not move");
-    assert!(
-        grew("ipv4.fwd_to_peer") >= 3 + 100,
-        "the transfer did not take the fast path: fwd_to_peer +{}",
-        grew("ipv4.fwd_to_peer")
-    );
+        tcp_transfer(&from.ns, &to.ns, to_ip, 4 << 20)?;
+        let after = agent.status()?;
+        let grew = |name: &str| {
+            let name = format!("{family}.{name}");
+            counter(&after, &name) - counter(&before, &name)
+        };
+        assert!(grew("pass_mtu") >= 1, "{family}: pass_mtu did not move");
+        assert!(
+            grew("fwd_to_peer") >= 3 + 100,
+            "{family}: the transfer did not take the fast path: fwd_to_peer +{}",
+            grew("fwd_to_peer")
+        );
+    }
     Ok(())
 }

@@ -27,7 +27,39 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
             &proto,
         ],
     )?;
-    // Someone else's, in the cluster CIDR and outside it.
+    run_in_ok(
+        &ns,
+        "ip",
+        &[
+            "-6",
+            "route",
+            "add",
+            "fd00:244:60::/64",
+            "via",
+            "fd00:172:31::60",
+            "dev",
+            "eth0",
+            "proto",
+            &proto,
+        ],
+    )?;
+    // Someone else's, in the cluster CIDRs and outside them.
+    run_in_ok(
+        &ns,
+        "ip",
+        &[
+            "-6",
+            "route",
+            "add",
+            "fd00:244:50::/64",
+            "via",
+            "fd00:172:31::2",
+            "dev",
+            "eth0",
+            "proto",
+            "static",
+        ],
+    )?;
     run_in_ok(
         &ns,
         "ip",
@@ -60,10 +92,12 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
     lab.start_agent(0, &[])?
         .wait_ready(Duration::from_secs(15))?;
     let routes = hgw_routes(&ns)?;
-    assert!(
-        !routes.iter().any(|r| r.starts_with("10.244.60.0/24")),
-        "stale hgw route kept: {routes:?}"
-    );
+    for stale in ["10.244.60.0/24", "fd00:244:60::/64"] {
+        assert!(
+            !routes.iter().any(|r| r.starts_with(stale)),
+            "stale hgw route {stale} kept: {routes:?}"
+        );
+    }
     assert!(
         routes
             .iter()
@@ -83,6 +117,12 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
     assert!(
         all.contains("192.0.2.0/24 via 172.31.0.2 dev eth0"),
         "foreign route touched:\n{all}"
+    );
+    let all6 = String::from_utf8_lossy(&run_in_ok(&ns, "ip", &["-6", "route", "show"])?.stdout)
+        .into_owned();
+    assert!(
+        all6.contains("fd00:244:50::/64 via fd00:172:31::2 dev eth0 proto static"),
+        "foreign IPv6 pod-CIDR route touched:\n{all6}"
     );
     Ok(())
 }

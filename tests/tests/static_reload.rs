@@ -22,10 +22,7 @@ fn peer_file_changes_apply_without_a_restart() -> anyhow::Result<()> {
     }
     // n1 starts knowing only n2.
     let full = lab.agent_config(0);
-    let n3_entry = format!(
-        "\n[[peers]]\nname = \"n3\"\nnode_ip = \"{}\"\npod_cidr = \"{}\"\n",
-        lab.nodes[2].uplink_ip, lab.nodes[2].pod_cidr
-    );
+    let n3_entry = lab.peer_entry(2);
     let without_n3 = full.replace(&n3_entry, "");
     assert_ne!(
         without_n3, full,
