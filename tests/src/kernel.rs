@@ -10,8 +10,9 @@ use crate::netns::{in_netns, run_in_ok};
 pub use hgw_common::ROUTE_PROTOCOL as HGW_ROUTE_PROTOCOL;
 /// nftables table the lab uses to drop forwarded packets ([`drop_all_forwarding`]).
 const FORWARD_DROP_TABLE: &str = "hgw_lab_forward_drop";
-/// nftables table the lab uses to drop ARP ([`block_arp`]).
-const ARP_BLOCK_TABLE: &str = "hgw_lab_arp_block";
+/// nftables tables (arp and ip6) the lab uses to drop ARP and NDP
+/// ([`block_neighbour_discovery`]).
+const NEIGHBOUR_BLOCK_TABLE: &str = "hgw_lab_nd_block";
 
 /// Routes in `ns` carrying hgw's protocol tag, IPv4 then IPv6, one `ip route` line
 /// each, e.g. `10.244.2.0/24 via 172.31.0.2 dev eth0 onlink`.
@@ -94,28 +95,64 @@ pub fn allow_forwarding(ns: &str) -> anyhow::Result<()> {
     nft(ns, &format!("delete table inet {FORWARD_DROP_TABLE}"))
 }
 
-/// Makes node `ns` deaf and mute to ARP (input and output dropped), so its neighbours
-/// cannot learn its MAC: it answers no request, and sends none either (a request it
-/// sent would carry its MAC, and the receiver learns the sender from it).
-pub fn block_arp(ns: &str) -> anyhow::Result<()> {
-    let chain = |hook: &str| {
+/// Makes node `ns` deaf and mute to neighbour discovery, ARP and NDP (input and output
+/// dropped), so its neighbours cannot learn its MAC: it answers no request, and sends
+/// none either (a request it sent would carry its MAC, and the receiver learns the
+/// sender from it).
+pub fn block_neighbour_discovery(ns: &str) -> anyhow::Result<()> {
+    let chain = |family: &str, hook: &str, rule: &str| {
         format!(
-            "add chain arp {ARP_BLOCK_TABLE} {hook} {{ type filter hook {hook} priority 0; policy drop; }}"
+            "add chain {family} {NEIGHBOUR_BLOCK_TABLE} {hook} {{ type filter hook {hook} priority 0; policy {rule}; }}"
+        )
+    };
+    let ndp = |hook: &str| {
+        format!(
+            "add rule ip6 {NEIGHBOUR_BLOCK_TABLE} {hook} icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} drop"
         )
     };
     nft(
         ns,
-        &format!(
-            "add table arp {ARP_BLOCK_TABLE}; {}; {}",
-            chain("input"),
-            chain("output")
-        ),
+        &[
+            format!("add table arp {NEIGHBOUR_BLOCK_TABLE}"),
+            chain("arp", "input", "drop"),
+            chain("arp", "output", "drop"),
+            format!("add table ip6 {NEIGHBOUR_BLOCK_TABLE}"),
+            chain("ip6", "input", "accept"),
+            chain("ip6", "output", "accept"),
+            ndp("input"),
+            ndp("output"),
+        ]
+        .join("; "),
     )
 }
 
-/// Undoes [`block_arp`].
-pub fn unblock_arp(ns: &str) -> anyhow::Result<()> {
-    nft(ns, &format!("delete table arp {ARP_BLOCK_TABLE}"))
+/// Replaces [`block_neighbour_discovery`] with a block of the requests `ns` sends on
+/// its uplink eth0 only (ARP requests, neighbour solicitations): it answers its
+/// neighbours again, but cannot make them learn its MAC from a request of its own.
+pub fn block_neighbour_requests(ns: &str) -> anyhow::Result<()> {
+    unblock_neighbour_discovery(ns)?;
+    nft(
+        ns,
+        &[
+            format!("add table arp {NEIGHBOUR_BLOCK_TABLE}"),
+            format!("add chain arp {NEIGHBOUR_BLOCK_TABLE} output {{ type filter hook output priority 0; policy accept; }}"),
+            format!("add rule arp {NEIGHBOUR_BLOCK_TABLE} output oifname \"eth0\" arp operation request drop"),
+            format!("add table ip6 {NEIGHBOUR_BLOCK_TABLE}"),
+            format!("add chain ip6 {NEIGHBOUR_BLOCK_TABLE} output {{ type filter hook output priority 0; policy accept; }}"),
+            format!("add rule ip6 {NEIGHBOUR_BLOCK_TABLE} output oifname \"eth0\" icmpv6 type nd-neighbor-solicit drop"),
+        ]
+        .join("; "),
+    )
+}
+
+/// Undoes [`block_neighbour_discovery`] and [`block_neighbour_requests`].
+pub fn unblock_neighbour_discovery(ns: &str) -> anyhow::Result<()> {
+    nft(
+        ns,
+        &format!(
+            "delete table arp {NEIGHBOUR_BLOCK_TABLE}; delete table ip6 {NEIGHBOUR_BLOCK_TABLE}"
+        ),
+    )
 }
 
 /// `nft COMMANDS` inside `ns`: one argument, `;`-separated commands (Debian 12's nft

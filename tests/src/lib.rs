@@ -27,8 +27,8 @@ mod traffic;
 pub use agent::{Agent, agent_bin, counter, counter_sum};
 pub use etcd::{ETCD_IP, Etcd};
 pub use kernel::{
-    HGW_ROUTE_PROTOCOL, allow_forwarding, block_arp, drop_all_forwarding, hgw_programs, hgw_routes,
-    tcx_programs, unblock_arp,
+    HGW_ROUTE_PROTOCOL, allow_forwarding, block_neighbour_discovery, block_neighbour_requests,
+    drop_all_forwarding, hgw_programs, hgw_routes, tcx_programs, unblock_neighbour_discovery,
 };
 pub use lab::{CLUSTER_CIDR, CLUSTER_CIDR_V6, Lab, Node, Pod, is_lab_id};
 pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
