@@ -127,6 +127,10 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext) -> Result<(), Counter> {
         return Err(Counter::PassLocal);
     }
     let next_hop = H::route(dst).ok_or(Counter::PassNoRoute)?;
+    // An unknown (or just deleted) MAC goes to the kernel rather than to
+    // bpf_redirect_neigh with the node IP: the agent's route resolves it and queues the
+    // packet just the same, and the kernel path stays the one place where all of a
+    // router's duties (ICMP errors, netfilter) apply while the fast path cannot act.
     if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
         return Err(Counter::PassNoMac);
     }
