@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// Where the results go (relative to the workspace root).
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// All traffic over IPv6 (the labs are dual stack) instead of IPv4.
+    #[arg(long)]
+    ipv6: bool,
 }
 
 /// What a mode's traffic goes through.
@@ -231,9 +234,15 @@ pub struct Refusal {
 struct Setup {
     labs: Vec<Lab>,
     direct: (Pod, Pod),
+    ipv6: bool,
 }
 
 impl Setup {
+    /// The family the traffic uses, as the agents' counters name it.
+    fn family(&self) -> &'static str {
+        if self.ipv6 { "ipv6" } else { "ipv4" }
+    }
+
     fn ends(&self, mode: usize, kind: Kind) -> Ends {
         let (from, to) = match kind {
             Kind::Direct => (&self.direct.0, &self.direct.1),
@@ -245,7 +254,11 @@ impl Setup {
         Ends {
             client_ns: from.ns.clone(),
             server_ns: to.ns.clone(),
-            server_ip: to.ip,
+            server_ip: if self.ipv6 {
+                to.ip6.into()
+            } else {
+                to.ip.into()
+            },
         }
     }
 }
@@ -304,7 +317,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     check()?;
 
-    let setup = set_up(&modes, &check)?;
+    let setup = set_up(&modes, args.ipv6, &check)?;
     for (mode, lab) in modes.iter().zip(&setup.labs) {
         println!("bench: {}: lab {}", mode.name, lab.id);
     }
@@ -379,6 +392,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         rounds,
         duration,
         smoke: args.smoke,
+        ipv6: args.ipv6,
         samples,
         refusals,
         costs,
@@ -411,7 +425,11 @@ fn fmt_value(v: f64) -> String {
 }
 
 /// A lab per routed mode with its agents ready, and the direct pair.
-fn set_up(modes: &[Mode], check: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<Setup> {
+fn set_up(
+    modes: &[Mode],
+    ipv6: bool,
+    check: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<Setup> {
     let mut labs: Vec<Lab> = Vec::new();
     let mut direct = None;
     for mode in modes.iter().filter(|m| m.kind != Kind::Direct) {
@@ -431,7 +449,7 @@ fn set_up(modes: &[Mode], check: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Res
         agent.wait_ready(READY_TIMEOUT)?;
     }
     let direct = direct.context("no routed mode to build the direct pair in")?;
-    Ok(Setup { labs, direct })
+    Ok(Setup { labs, direct, ipv6 })
 }
 
 /// Runs `test` in `mode` with its path check; returns (metric, value) pairs and a note
@@ -509,15 +527,19 @@ fn measure(
     let mut note = match (kind, before) {
         (Kind::Hgw, Some(before)) => {
             let after = setup.labs[mode].statuses()?;
-            let grown = |name: &str| counter_sum(&after, name) - counter_sum(&before, name);
-            let (peer, pod) = (grown("ipv4.fwd_to_peer"), grown("ipv4.fwd_to_pod"));
+            let family = setup.family();
+            let grown = |name: &str| {
+                let name = format!("{family}.{name}");
+                counter_sum(&after, &name) - counter_sum(&before, &name)
+            };
+            let (peer, pod) = (grown("fwd_to_peer"), grown("fwd_to_pod"));
             if peer < min_fwd.max(1) || pod < min_fwd.max(1) {
                 bail!(
                     "{} mode, but the fast path did not carry the traffic: fwd_to_peer +{peer}, fwd_to_pod +{pod}, expected at least {min_fwd} each",
                     modes[mode].name
                 );
             }
-            let direct = grown("ipv4.fwd_to_pod_direct");
+            let direct = grown("fwd_to_pod_direct");
             let direct = if direct > 0 {
                 format!(" (of which straight into the pod +{direct})")
             } else {

@@ -21,6 +21,8 @@ pub struct Report {
     pub rounds: usize,
     pub duration: Duration,
     pub smoke: bool,
+    /// Traffic over IPv6 rather than IPv4.
+    pub ipv6: bool,
     pub samples: Vec<Sample>,
     pub refusals: Vec<Refusal>,
     pub costs: Vec<ProgCost>,
@@ -290,6 +292,7 @@ impl Report {
             "rounds": self.rounds,
             "duration_s": self.duration.as_secs_f64(),
             "smoke": self.smoke,
+            "family": if self.ipv6 { "ipv6" } else { "ipv4" },
             "metrics": metrics,
             "samples": samples,
             "refusals": refusals,
@@ -509,7 +512,7 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("?")
     );
-    let command = if report.smoke {
+    let mut command = if report.smoke {
         "cargo xtask bench --smoke".to_owned()
     } else {
         format!(
@@ -518,8 +521,14 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
             report.duration.as_secs_f64()
         )
     };
+    let family = if report.ipv6 {
+        command.push_str(" --ipv6");
+        "IPv6"
+    } else {
+        "IPv4"
+    };
     let md = format!(
-        "# hgw bench {stamp} UTC\n\nMachine: {machine_line}. Command: `{command}`.\n\nPod to pod across two nodes of the namespace lab: `kernel` = plain host-gw routing (agents with `--no-fast-path`, no programs attached), `hgw` = the agents' fast path, `direct` = two namespaces joined by one veth pair (the practical limit).\n\n![chart]({stem}.svg)\n\n{}",
+        "# hgw bench {stamp} UTC\n\nMachine: {machine_line}. Command: `{command}`.\n\n{family} pod to pod across two nodes of the (dual-stack) namespace lab: `kernel` = plain host-gw routing (agents with `--no-fast-path`, no programs attached), `hgw` = the agents' fast path, `direct` = two namespaces joined by one veth pair (the practical limit).\n\n![chart]({stem}.svg)\n\n{}",
         report.markdown_tables()
     );
     let paths = [

@@ -4,7 +4,7 @@
 //! machine's CPU time from /proc/stat around each measurement window.
 
 use std::io::{ErrorKind, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -30,7 +30,7 @@ const SENDER_CPU: usize = 0;
 pub struct Ends {
     pub client_ns: String,
     pub server_ns: String,
-    pub server_ip: Ipv4Addr,
+    pub server_ip: IpAddr,
 }
 
 /// The measurement window and the Ctrl-C flag.
@@ -145,7 +145,11 @@ pub fn udp_flood(ends: &Ends, w: Window<'_>) -> anyhow::Result<UdpResult> {
         .context("UDP read timeout")?;
     let addr = server.local_addr().context("UDP server address")?;
     let client = in_netns(&ends.client_ns, || {
-        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        let any: IpAddr = match ends.server_ip {
+            IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        UdpSocket::bind((any, 0))
     })?
     .with_context(|| format!("binding UDP in {}", ends.client_ns))?;
     client
