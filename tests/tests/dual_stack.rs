@@ -17,7 +17,13 @@ fn ipv6_pods_talk_through_the_fast_path_with_routes_and_ndp() -> anyhow::Result<
     let routes = run_in_ok(
         &n1.ns,
         "ip",
-        &["-6", "route", "show", "proto", &HGW_ROUTE_PROTOCOL.to_string()],
+        &[
+            "-6",
+            "route",
+            "show",
+            "proto",
+            &HGW_ROUTE_PROTOCOL.to_string(),
+        ],
     )?;
     let routes = String::from_utf8_lossy(&routes.stdout);
     let want = format!("{} via {} dev eth0", n2.pod_cidr6, n2.uplink_ip6);
@@ -70,10 +76,6 @@ fn ipv6_pods_talk_through_the_fast_path_with_routes_and_ndp() -> anyhow::Result<
         "IPv6 pods are delivered straight into their namespace: fwd_to_pod_direct +{}",
         grew("ipv6.fwd_to_pod_direct")
     );
-    assert_eq!(
-        grew("ipv4.fwd_to_peer"),
-        0,
-        "IPv6 traffic counted as IPv4"
-    );
+    assert_eq!(grew("ipv4.fwd_to_peer"), 0, "IPv6 traffic counted as IPv4");
     Ok(())
 }
