@@ -65,30 +65,39 @@ const L3: usize = EthHdr::LEN;
 
 #[classifier]
 fn hgw_to_peer(ctx: TcContext) -> i32 {
-    match ether_type(&ctx) {
-        ETH_P_IPV4 => verdict::<Ipv4Hdr>(&ctx, try_to_peer::<Ipv4Hdr>(&ctx), Counter::FwdToPeer),
-        ETH_P_IPV6 => verdict::<Ipv6Hdr>(&ctx, try_to_peer::<Ipv6Hdr>(&ctx), Counter::FwdToPeer),
+    match ethernet(&ctx) {
+        Some((eth, ETH_P_IPV4)) => to_peer::<Ipv4Hdr>(&ctx, eth),
+        Some((eth, ETH_P_IPV6)) => to_peer::<Ipv6Hdr>(&ctx, eth),
         _ => not_ip(),
     }
 }
 
 #[classifier]
 fn hgw_to_pod(ctx: TcContext) -> i32 {
-    match ether_type(&ctx) {
-        ETH_P_IPV4 => verdict::<Ipv4Hdr>(&ctx, try_to_pod::<Ipv4Hdr>(&ctx), Counter::FwdToPod),
-        ETH_P_IPV6 => verdict::<Ipv6Hdr>(&ctx, try_to_pod::<Ipv6Hdr>(&ctx), Counter::FwdToPod),
+    match ethernet(&ctx) {
+        Some((eth, ETH_P_IPV4)) => to_pod::<Ipv4Hdr>(&ctx, eth),
+        Some((eth, ETH_P_IPV6)) => to_pod::<Ipv6Hdr>(&ctx, eth),
         _ => not_ip(),
     }
 }
 
-/// The frame's ethertype; 0 for a runt without a whole Ethernet header.
 #[inline(always)]
-fn ether_type(ctx: &TcContext) -> u16 {
-    match ptr_at::<EthHdr>(ctx, 0) {
-        // SAFETY: ptr_at checked the bounds.
-        Ok(eth) => u16::from_be(unsafe { (*eth).ether_type }),
-        Err(_) => 0,
-    }
+fn to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> i32 {
+    verdict::<H>(ctx, try_to_peer::<H>(ctx, eth), Counter::FwdToPeer)
+}
+
+#[inline(always)]
+fn to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> i32 {
+    verdict::<H>(ctx, try_to_pod::<H>(ctx, eth), Counter::FwdToPod)
+}
+
+/// The Ethernet header (bounds checked once, here) and its ethertype; `None` for a
+/// runt.
+#[inline(always)]
+fn ethernet(ctx: &TcContext) -> Option<(*mut EthHdr, u16)> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok()?;
+    // SAFETY: ptr_at checked the bounds.
+    Some((eth, u16::from_be(unsafe { (*eth).ether_type })))
 }
 
 /// ARP, VLAN-tagged frames, runts: the kernel's.
@@ -118,12 +127,12 @@ fn verdict<H: IpHeader>(ctx: &TcContext, result: Result<(), Counter>, forwarded:
     }
 }
 
-fn try_to_peer<H: IpHeader>(ctx: &TcContext) -> Result<(), Counter> {
-    let config = HGW_CONFIG.get(0).ok_or(Counter::PassFamilyOff)?;
-    let (eth, ip) = parse::<H>(ctx, config.bridge_mac)?;
+fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Counter> {
+    let config = enabled::<H>()?;
+    let ip = parse::<H>(ctx, eth, config.bridge_mac)?;
     // SAFETY: parse checked that the whole IP header is inside the packet.
     let dst = unsafe { (*ip).dst() };
-    if H::owns(config, dst)? {
+    if H::owns(config, dst) {
         return Err(Counter::PassLocal);
     }
     let next_hop = H::route(dst).ok_or(Counter::PassNoRoute)?;
@@ -136,7 +145,7 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext) -> Result<(), Counter> {
     }
     check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
 
-    // SAFETY: eth and ip point into the packet (bounds checked by parse).
+    // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and parse).
     unsafe {
         (*eth).dst_addr = next_hop.dst_mac;
         (*eth).src_addr = next_hop.src_mac;
@@ -147,23 +156,23 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext) -> Result<(), Counter> {
     redirected(action)
 }
 
-fn try_to_pod<H: IpHeader>(ctx: &TcContext) -> Result<(), Counter> {
-    let config = HGW_CONFIG.get(0).ok_or(Counter::PassFamilyOff)?;
-    let (eth, ip) = parse::<H>(ctx, config.uplink_mac)?;
+fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Counter> {
+    let config = enabled::<H>()?;
+    let ip = parse::<H>(ctx, eth, config.uplink_mac)?;
     // SAFETY: parse checked that the whole IP header is inside the packet.
     let dst = unsafe { (*ip).dst() };
-    if !H::owns(config, dst)? {
+    if !H::owns(config, dst) {
         return Err(Counter::PassNotPod);
     }
     check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
 
     let endpoint = H::endpoint(dst);
-    // SAFETY: ip points into the packet (bounds checked by parse).
+    // SAFETY: ip points into the packet (bounds checked by ethernet() and parse).
     unsafe { H::decrement_ttl(ip) };
     if let Some(endpoint) = endpoint {
         // A known pod: straight into its namespace, past the bridge, as the gateway
         // would have sent it.
-        // SAFETY: eth points into the packet (bounds checked by parse).
+        // SAFETY: eth points into the packet (bounds checked by ethernet() and parse).
         unsafe {
             (*eth).dst_addr = endpoint.mac;
             (*eth).src_addr = config.bridge_mac;
@@ -207,9 +216,10 @@ trait IpHeader: Sized {
     fn packet_len(&self) -> u32;
     /// The transport protocol right after the fixed header, if any.
     fn transport(&self) -> u8;
-    /// Whether `addr` is in this node's pod CIDR; `PassFamilyOff` when the node has none
-    /// of this family.
-    fn owns(config: &NodeConfig, addr: Self::Addr) -> Result<bool, Counter>;
+    /// Whether this node has a pod CIDR of this family.
+    fn enabled(config: &NodeConfig) -> bool;
+    /// Whether `addr` is in this node's pod CIDR.
+    fn owns(config: &NodeConfig, addr: Self::Addr) -> bool;
     fn route(addr: Self::Addr) -> Option<&'static NextHop>;
     fn endpoint(addr: Self::Addr) -> Option<Endpoint>;
     /// TTL (hop limit) - 1, and whatever the header needs to stay valid.
@@ -272,8 +282,13 @@ impl IpHeader for Ipv4Hdr {
         self.proto
     }
 
-    fn owns(config: &NodeConfig, addr: [u8; 4]) -> Result<bool, Counter> {
-        Ok(config.owns_v4(addr))
+    fn enabled(_config: &NodeConfig) -> bool {
+        // Every node has an IPv4 pod CIDR (the config requires one).
+        true
+    }
+
+    fn owns(config: &NodeConfig, addr: [u8; 4]) -> bool {
+        config.owns_v4(addr)
     }
 
     fn route(addr: [u8; 4]) -> Option<&'static NextHop> {
@@ -317,7 +332,7 @@ impl IpHeader for Ipv6Hdr {
         if self.version() != 6 {
             return Err(Counter::PassMalformed);
         }
-        // A zero payload length means a jumbogram (hop-by-hop option): the kernel's.
+        // (A jumbogram has payload length 0 and a hop-by-hop header: the kernel's, below.)
         let payload_len = usize::from(u16::from_be_bytes(self.payload_len));
         if L3 + Ipv6Hdr::LEN + payload_len > ctx.len() as usize {
             return Err(Counter::PassMalformed);
@@ -363,11 +378,12 @@ impl IpHeader for Ipv6Hdr {
         self.next_hdr
     }
 
-    fn owns(config: &NodeConfig, addr: [u8; 16]) -> Result<bool, Counter> {
-        if !config.has_v6() {
-            return Err(Counter::PassFamilyOff);
-        }
-        Ok(config.owns_v6(addr))
+    fn enabled(config: &NodeConfig) -> bool {
+        config.has_v6()
+    }
+
+    fn owns(config: &NodeConfig, addr: [u8; 16]) -> bool {
+        config.owns_v6(addr)
     }
 
     fn route(addr: [u8; 16]) -> Option<&'static NextHop> {
@@ -385,20 +401,33 @@ impl IpHeader for Ipv6Hdr {
     }
 }
 
+/// The node config, if this node forwards the family at all: checked before any
+/// header is parsed, so an IPv6 frame on an IPv4-only node costs one lookup.
+#[inline(always)]
+fn enabled<H: IpHeader>() -> Result<&'static NodeConfig, Counter> {
+    match HGW_CONFIG.get(0) {
+        Some(config) if H::enabled(config) => Ok(config),
+        _ => Err(Counter::PassFamilyOff),
+    }
+}
+
 /// A unicast IP packet sent to `our_mac` with a plain header that lies wholly inside
 /// the frame. Comparing the MAC (rather than skb->pkt_type) also holds where the program
 /// runs on a device that does not own the MAC, like a bridge port.
 #[inline(always)]
-fn parse<H: IpHeader>(ctx: &TcContext, our_mac: [u8; 6]) -> Result<(*mut EthHdr, *mut H), Counter> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: ptr_at checked the bounds.
+fn parse<H: IpHeader>(
+    ctx: &TcContext,
+    eth: *const EthHdr,
+    our_mac: [u8; 6],
+) -> Result<*mut H, Counter> {
+    // SAFETY: the caller got eth from ethernet(), which checked the bounds.
     if unsafe { (*eth).dst_addr } != our_mac {
         return Err(Counter::PassNotUnicast);
     }
     let ip: *mut H = ptr_at(ctx, L3)?;
     // SAFETY: ptr_at checked the bounds.
     unsafe { &*ip }.check(ctx)?;
-    Ok((eth, ip))
+    Ok(ip)
 }
 
 /// One's complement sum over the 20-byte header (IHL is 5 here) must be 0xffff.
