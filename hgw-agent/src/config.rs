@@ -358,14 +358,10 @@ fn static_source(
     let (pod_cidr, cluster_cidr) = pod_and_cluster_cidr(
         Some(required(pod_cidr, "pod_cidr", "pod-cidr")?),
         Some(required(cluster_cidr, "cluster_cidr", "cluster-cidr")?),
-        ("pod_cidr", "cluster_cidr"),
+        Family::V4,
     )?
     .expect("both given");
-    let v6 = pod_and_cluster_cidr(
-        pod_cidr_v6,
-        cluster_cidr_v6,
-        ("pod_cidr_v6", "cluster_cidr_v6"),
-    )?;
+    let v6 = pod_and_cluster_cidr(pod_cidr_v6, cluster_cidr_v6, Family::V6)?;
     let network = Network {
         pod_cidr: v4_net(pod_cidr),
         cluster_cidr: v4_net(cluster_cidr),
@@ -432,8 +428,8 @@ fn static_source(
             source: "static".into(),
             lease: None,
         };
-        for (j, (hop_cidr, hop_ip)) in peer.hops().enumerate() {
-            let suffix = if j == 0 { "" } else { "_v6" };
+        for (hop_cidr, hop_ip) in peer.hops() {
+            let suffix = Family::of(hop_ip).suffix();
             let cidr_field = field(&format!("pod_cidr{suffix}"));
             let ip_field = field(&format!("node_ip{suffix}"));
             let (own, cluster) = network
@@ -489,13 +485,10 @@ fn static_source(
 fn pod_and_cluster_cidr(
     pod_cidr: Option<String>,
     cluster_cidr: Option<String>,
-    (pod_field, cluster_field): (&str, &str),
+    family: Family,
 ) -> Result<Option<(IpNet, IpNet)>, ConfigError> {
-    let family = if pod_field.ends_with("_v6") {
-        Family::V6
-    } else {
-        Family::V4
-    };
+    let pod_field = &format!("pod_cidr{}", family.suffix());
+    let cluster_field = &format!("cluster_cidr{}", family.suffix());
     let (pod_cidr, cluster_cidr) = match (pod_cidr, cluster_cidr) {
         (None, None) => return Ok(None),
         (Some(pod), Some(cluster)) => (
@@ -559,6 +552,20 @@ fn interface_name(name: String, field: &str) -> Result<String, ConfigError> {
 enum Family {
     V4,
     V6,
+}
+
+impl Family {
+    fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    /// How the family's config fields end: `pod_cidr`, `pod_cidr_v6`.
+    fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "",
+            Family::V6 => "_v6",
+        }
+    }
 }
 
 fn cidr(value: &str, field: &str, family: Family) -> Result<IpNet, ConfigError> {
