@@ -27,6 +27,9 @@ fn deleting_the_next_hops_neighbour_entry_loses_no_connection() -> anyhow::Resul
         let mac = status["peers"][entry]["mac"].clone();
         assert!(mac.is_string(), "{next_hop} unresolved before the test");
 
+        // Only what the agent logs from here on counts: its first resolution of this
+        // next hop ("unresolved -> MAC") must not stand in for a return.
+        let logged_before = agent.log().len();
         paced_tcp_stream(&from.ns, &to.ns, to_ip, port, 400, || {
             for round in 0..3 {
                 std::thread::sleep(Duration::from_millis(700));
@@ -46,7 +49,8 @@ fn deleting_the_next_hops_neighbour_entry_loses_no_connection() -> anyhow::Resul
         })?;
         // The MAC being in the map again proves nothing if the agent never took it out:
         // each deletion must have been followed there and back (log lines name the IP).
-        let log = agent.log();
+        let full_log = agent.log();
+        let log = full_log.get(logged_before..).unwrap_or_default();
         let mac = mac.as_str().unwrap_or_default();
         let lines: Vec<&str> = log
             .lines()

@@ -10,84 +10,18 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
     let mut lab = Lab::up(2, 1)?;
     let ns = lab.nodes[0].ns.clone();
     let proto = HGW_ROUTE_PROTOCOL.to_string();
-    // Left by an earlier run for a peer that no longer exists.
-    run_in_ok(
-        &ns,
-        "ip",
-        &[
-            "route",
-            "add",
-            "10.244.60.0/24",
-            "via",
-            "172.31.0.60",
-            "dev",
-            "eth0",
-            "onlink",
-            "proto",
-            &proto,
-        ],
-    )?;
-    run_in_ok(
-        &ns,
-        "ip",
-        &[
-            "-6",
-            "route",
-            "add",
-            "fd00:244:60::/64",
-            "via",
-            "fd00:172:31::60",
-            "dev",
-            "eth0",
-            "proto",
-            &proto,
-        ],
-    )?;
-    // Someone else's, in the cluster CIDRs and outside them.
-    run_in_ok(
-        &ns,
-        "ip",
-        &[
-            "-6",
-            "route",
-            "add",
-            "fd00:244:50::/64",
-            "via",
-            "fd00:172:31::2",
-            "dev",
-            "eth0",
-            "proto",
-            "static",
-        ],
-    )?;
-    run_in_ok(
-        &ns,
-        "ip",
-        &[
-            "route",
-            "add",
-            "10.244.50.0/24",
-            "via",
-            "172.31.0.2",
-            "dev",
-            "eth0",
-            "proto",
-            "static",
-        ],
-    )?;
-    run_in_ok(
-        &ns,
-        "ip",
-        &[
-            "route",
-            "add",
-            "192.0.2.0/24",
-            "via",
-            "172.31.0.2",
-            "dev",
-            "eth0",
-        ],
-    )?;
+    // Left by an earlier run for peers that no longer exist (tagged), and someone
+    // else's, in the cluster CIDRs and outside them (not tagged).
+    for route in [
+        format!("-4 route add 10.244.60.0/24 via 172.31.0.60 dev eth0 onlink proto {proto}"),
+        format!("-6 route add fd00:244:60::/64 via fd00:172:31::60 dev eth0 proto {proto}"),
+        "-4 route add 10.244.50.0/24 via 172.31.0.2 dev eth0 proto static".into(),
+        "-6 route add fd00:244:50::/64 via fd00:172:31::2 dev eth0 proto static".into(),
+        "-4 route add 192.0.2.0/24 via 172.31.0.2 dev eth0".into(),
+    ] {
+        let args: Vec<&str> = route.split_whitespace().collect();
+        run_in_ok(&ns, "ip", &args)?;
+    }
 
     lab.start_agent(0, &[])?
         .wait_ready(Duration::from_secs(15))?;
