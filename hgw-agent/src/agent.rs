@@ -26,7 +26,8 @@ use tokio::{
 };
 
 use crate::{
-    config::{Attach, Config, ConfigError, Network, Peer, Source},
+    config::{Attach, Config, ConfigError, FastPath, Network, Peer, Source},
+    conntrack::{self, ConntrackError},
     datapath::{Datapath, DatapathError},
     etcd::{self, EtcdError},
     kernel::{HgwRoute, Kernel, KernelError, Link, Neighbour, format_mac, link_name, port_of},
@@ -49,6 +50,8 @@ pub enum AgentError {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Conntrack(#[from] ConntrackError),
     #[error(transparent)]
     Etcd(#[from] EtcdError),
     #[error("status socket {path}: {reason}")]
@@ -132,15 +135,26 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             .await?
             .ok_or_else(|| ConfigError::invalid("bridge", &config.bridge, "no such interface"))?
     };
-    let datapath = if config.fast_path {
-        let node = node_config(&network, &bridge, &uplink);
-        let datapath = Datapath::attach(&config.bridge, &config.uplink, node, config.attach)?;
+    let datapath = if config.fast_path != FastPath::Off {
+        let conntrack = config.fast_path == FastPath::Established;
+        if conntrack {
+            conntrack::ensure_tracking()?;
+        }
+        let node = node_config(&network, &bridge, &uplink)?;
+        let datapath = Datapath::attach(
+            &config.bridge,
+            &config.uplink,
+            node,
+            config.attach,
+            conntrack,
+        )?;
         let to_peer = match config.attach {
             Attach::Bridge => format!("{} ingress", config.bridge),
             Attach::Ports => format!("ingress of each port of {}", config.bridge),
         };
         info!(
-            "fast path attached: {to_peer} -> peers, {} ingress -> pods",
+            "fast path ({}) attached: {to_peer} -> peers, {} ingress -> pods",
+            config.fast_path.name(),
             config.uplink
         );
         Some(datapath)
@@ -232,9 +246,15 @@ fn first_ipv4(networks: &[IpNet]) -> Option<Ipv4Addr> {
     })
 }
 
-/// What the programs need to know of this node.
-fn node_config(network: &Network, bridge: &Link, uplink: &Link) -> NodeConfig {
-    NodeConfig {
+/// What the programs need to know of this node, with the conntrack timeouts as they
+/// are now.
+fn node_config(
+    network: &Network,
+    bridge: &Link,
+    uplink: &Link,
+) -> Result<NodeConfig, ConntrackError> {
+    let v6 = network.v6;
+    Ok(NodeConfig {
         pod_net_v4: network.pod_cidr.network().octets(),
         pod_mask_v4: network.pod_cidr.netmask().octets(),
         pod_net_v6: network
@@ -249,7 +269,18 @@ fn node_config(network: &Network, bridge: &Link, uplink: &Link) -> NodeConfig {
         bridge_mtu: bridge.mtu,
         bridge_mac: bridge.mac,
         uplink_mac: uplink.mac,
-    }
+        gateway_v4: network.gateway().octets(),
+        gateway_v6: network.gateway_v6().map(|g| g.octets()).unwrap_or_default(),
+        cluster_net_v4: network.cluster_cidr.network().octets(),
+        cluster_mask_v4: network.cluster_cidr.netmask().octets(),
+        cluster_net_v6: v6
+            .map(|v6| v6.cluster_cidr.network().octets())
+            .unwrap_or_default(),
+        cluster_mask_v6: v6
+            .map(|v6| v6.cluster_cidr.netmask().octets())
+            .unwrap_or_default(),
+        ct: conntrack::timeouts()?,
+    })
 }
 
 /// The uplink exists, and so does the bridge unless the agent is to create it.
@@ -665,9 +696,13 @@ impl Agent {
             Err(e) => warn!("{e}"),
         }
         if let Some(datapath) = &mut self.datapath {
-            let node = node_config(&self.network, &self.bridge, &self.uplink);
-            if let Err(e) = datapath.set_config(node) {
-                warn!("{e}");
+            match node_config(&self.network, &self.bridge, &self.uplink) {
+                Ok(node) => {
+                    if let Err(e) = datapath.set_config(node) {
+                        warn!("{e}");
+                    }
+                }
+                Err(e) => warn!("{e}"),
             }
         }
         self.attach_ports().await;
@@ -842,7 +877,7 @@ impl Agent {
             uplink: self.config.uplink.clone(),
             bridge: self.config.bridge.clone(),
             ready,
-            fast_path: self.datapath.is_some(),
+            fast_path: self.config.fast_path.name().to_owned(),
             peers: self
                 .peers
                 .iter()

@@ -10,7 +10,7 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
-pub use crate::datapath::Attach;
+pub use crate::datapath::{Attach, FastPath};
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
@@ -67,7 +67,7 @@ pub struct RawConfig {
     pub pod_cidr_v6: Option<String>,
     pub cluster_cidr_v6: Option<String>,
     pub setup_node: Option<bool>,
-    pub fast_path: Option<bool>,
+    pub fast_path: Option<FastPath>,
     pub attach: Option<Attach>,
     pub status_socket: Option<PathBuf>,
     #[serde(default)]
@@ -220,8 +220,9 @@ pub struct Config {
     /// Create the bridge with its gateway address, enable ip_forward, accept the
     /// cluster CIDR in FORWARD. Off by default: on a real host that is the admin's call.
     pub setup_node: bool,
-    /// Load the eBPF fast path (off: kernel routes only, like flannel's host-gw).
-    pub fast_path: bool,
+    /// Which packets the eBPF fast path carries (off: kernel routes only, like
+    /// flannel's host-gw).
+    pub fast_path: FastPath,
     /// Where the bridge-side program runs.
     pub attach: Attach,
     pub status_socket: PathBuf,
@@ -273,7 +274,7 @@ impl Config {
             bridge,
             source,
             setup_node: raw.setup_node.unwrap_or(false),
-            fast_path: raw.fast_path.unwrap_or(true),
+            fast_path: raw.fast_path.unwrap_or_default(),
             attach: raw.attach.unwrap_or_default(),
             status_socket: raw
                 .status_socket
@@ -648,7 +649,7 @@ mod tests {
         assert_eq!(network.gateway(), Ipv4Addr::new(10, 244, 1, 1));
         assert_eq!(config.bridge, "cni0");
         assert!(!config.setup_node);
-        assert!(config.fast_path);
+        assert_eq!(config.fast_path, FastPath::Established);
     }
 
     #[test]

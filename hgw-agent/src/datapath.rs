@@ -17,13 +17,15 @@ use std::{collections::HashMap, net::IpAddr};
 use ipnet::IpNet;
 use log::warn;
 
+use hgw_common::loader::{self, LoaderError};
+
 /// The programs, built by build.rs from hgw-ebpf.
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hgw"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    #[error(transparent)]
+    Load(#[from] LoaderError),
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the eBPF object")]
@@ -65,6 +67,34 @@ pub struct Datapath {
     ports: HashMap<u32, SchedClassifierLinkId>,
 }
 
+/// Which packets the fast path may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPath {
+    /// Only flows the kernel already accepted: conntrack holds them confirmed, replied
+    /// (TCP: assured) and without NAT. The first packets of every flow, NAT'd flows,
+    /// SYNs and ICMP go through the kernel, with all its netfilter rules.
+    #[default]
+    Established,
+    /// Every packet between pod CIDRs that passes the header checks, without asking
+    /// conntrack: skips NAT, FORWARD rules and conntrack for pod-to-pod traffic. Only
+    /// for clusters with neither.
+    All,
+    /// No programs: kernel routes only (plain host-gw).
+    Off,
+}
+
+impl FastPath {
+    /// The name in the config file and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FastPath::Established => "established",
+            FastPath::All => "all",
+            FastPath::Off => "off",
+        }
+    }
+}
+
 /// Where the bridge-side program runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -90,7 +120,7 @@ fn program_error(
 }
 
 impl Datapath {
-    /// Loads the programs, writes the node config, attaches `hgw_to_pod` to the uplink's
+    /// Loads the programs (`conntrack`: in `established` mode), writes the node config, attaches `hgw_to_pod` to the uplink's
     /// ingress and, with [`Attach::Bridge`], `hgw_to_peer` to the bridge's ingress (with
     /// [`Attach::Ports`] the agent attaches it to each port with [`Datapath::attach_port`]).
     pub fn attach(
@@ -98,11 +128,12 @@ impl Datapath {
         uplink: &str,
         node: NodeConfig,
         attach: Attach,
+        conntrack: bool,
     ) -> Result<Self, DatapathError> {
         for interface in [bridge, uplink] {
             refuse_foreign_hgw(interface)?;
         }
-        let mut ebpf = Ebpf::load(PROGRAMS)?;
+        let mut ebpf = loader::load(PROGRAMS, conntrack)?;
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_log_drain) {
             warn!("eBPF logs will not be shown: {e}");
         }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod conntrack;
 pub mod datapath;
 pub mod etcd;
 pub mod kernel;

@@ -82,7 +82,12 @@ struct RunArgs {
     /// for the cluster CIDR. Off by default.
     #[arg(long)]
     setup_node: bool,
-    /// Kernel routes only, no eBPF programs (plain host-gw, for comparison).
+    /// Which packets the fast path carries: established (flows conntrack accepted,
+    /// without NAT), all (every pod-to-pod packet: no NAT or FORWARD policy on pod
+    /// traffic), off (kernel routes only) [default: established].
+    #[arg(long, value_enum, conflicts_with = "no_fast_path")]
+    fast_path: Option<hgw_agent::datapath::FastPath>,
+    /// Same as --fast-path off: kernel routes only, no eBPF programs.
     #[arg(long)]
     no_fast_path: bool,
     /// Where the bridge-side program runs: on the bridge, or on each of its ports
@@ -145,7 +150,10 @@ impl RunArgs {
             raw.setup_node = Some(true);
         }
         if self.no_fast_path {
-            raw.fast_path = Some(false);
+            raw.fast_path = Some(hgw_agent::datapath::FastPath::Off);
+        }
+        if self.fast_path.is_some() {
+            raw.fast_path = self.fast_path;
         }
         if self.attach.is_some() {
             raw.attach = self.attach;

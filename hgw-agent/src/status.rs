@@ -38,7 +38,8 @@ pub struct Status {
     pub bridge: String,
     /// Every route is installed and, with the fast path, every next hop's MAC is known.
     pub ready: bool,
-    pub fast_path: bool,
+    /// The fast path's mode: "established", "all" or "off".
+    pub fast_path: String,
     /// One entry per peer route: a dual-stack peer has two, IPv4 first.
     pub peers: Vec<PeerStatus>,
     /// Packet counters by family ("ipv4", "ipv6"; "other" for frames of neither), then
@@ -121,10 +122,10 @@ impl std::fmt::Display for Status {
             self.node, self.pod_cidr, self.uplink, self.bridge
         )?;
         let state = if self.ready { "ready" } else { "converging" };
-        let path = if self.fast_path {
-            "eBPF fast path + kernel routes"
+        let path = if self.fast_path == "off" {
+            "kernel routes only".to_owned()
         } else {
-            "kernel routes only"
+            format!("eBPF fast path ({}) + kernel routes", self.fast_path)
         };
         writeln!(
             f,

@@ -3,7 +3,13 @@
 //! Everything that crosses the user/kernel boundary is `#[repr(C)]` and
 //! `bytemuck::Pod`, so hidden padding is a compile error; addresses are in network
 //! byte order (stored as byte arrays, so no side has to think about endianness).
-#![no_std]
+// The eBPF side is no_std; the `user` feature adds the loader, which needs std.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+#[cfg(feature = "user")]
+pub mod btf;
+#[cfg(feature = "user")]
+pub mod loader;
 
 use bytemuck::{Pod, Zeroable};
 
@@ -32,6 +38,31 @@ pub const ROUTES_V6_MAX_ENTRIES: u32 = 16_384;
 pub const PROG_TO_PEER: &str = "hgw_to_peer";
 /// Program that runs on the uplink ingress: peer node -> local pod.
 pub const PROG_TO_POD: &str = "hgw_to_pod";
+
+/// Read-only globals (`.rodata`, frozen at load, so the verifier sees constants) the
+/// agent sets before loading the programs.
+///
+/// `u32`: 1 = `established` mode (only flows conntrack accepted take the fast path),
+/// 0 = `all` mode (no conntrack lookup; the lookup code is dead and pruned).
+pub const GLOBAL_CONNTRACK: &str = "HGW_CONNTRACK";
+/// `u32`: offset of `status` in the running kernel's `struct nf_conn` (from vmlinux BTF).
+pub const GLOBAL_CT_STATUS_OFFSET: &str = "HGW_CT_STATUS_OFF";
+/// `u32`: offset of `timeout` (jiffies, `u32`) in `struct nf_conn`.
+pub const GLOBAL_CT_TIMEOUT_OFFSET: &str = "HGW_CT_TIMEOUT_OFF";
+
+/// The conntrack kfuncs the programs call (resolved against vmlinux BTF at load time).
+pub const KFUNCS: &[&str] = &[
+    "bpf_skb_ct_lookup",
+    "bpf_ct_release",
+    "bpf_ct_change_timeout",
+];
+
+/// `nf_conn.status` bits (include/uapi/linux/netfilter/nf_conntrack_common.h).
+pub const IPS_SEEN_REPLY: u64 = 1 << 1;
+pub const IPS_ASSURED: u64 = 1 << 2;
+pub const IPS_CONFIRMED: u64 = 1 << 3;
+pub const IPS_SRC_NAT: u64 = 1 << 4;
+pub const IPS_DST_NAT: u64 = 1 << 5;
 
 /// Route protocol number hgw tags its kernel routes with (`ip route ... proto 104`).
 /// hgw only ever deletes routes that carry it.
@@ -91,18 +122,55 @@ pub struct NodeConfig {
     pub bridge_mac: [u8; 6],
     /// The uplink's MAC: only frames sent to it are for this node.
     pub uplink_mac: [u8; 6],
+    /// The pods' gateway (the bridge's address in the pod CIDR): the node's own, never
+    /// a pod's.
+    pub gateway_v4: [u8; 4],
+    /// The IPv6 gateway; zero without IPv6.
+    pub gateway_v6: [u8; 16],
+    /// The cluster CIDR: only sources inside it are forwarded from the uplink.
+    pub cluster_net_v4: [u8; 4],
+    pub cluster_mask_v4: [u8; 4],
+    /// The IPv6 cluster CIDR; zero without IPv6.
+    pub cluster_net_v6: [u8; 16],
+    pub cluster_mask_v6: [u8; 16],
+    /// How the fast path keeps the conntrack entries of the flows it carries.
+    pub ct: CtTimeouts,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 60);
+const _: () = assert!(size_of::<NodeConfig>() == 148);
+
+/// Conntrack timeouts for `established` mode, from the node's `net.netfilter`
+/// sysctls. Fast-path packets do not pass conntrack, so they do not refresh their
+/// entry: the program does, from these. `*_ms` are what it sets
+/// (`bpf_ct_change_timeout` takes milliseconds), the others are compared with the
+/// entry's remaining time, in jiffies (what `nf_conn.timeout` holds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtTimeouts {
+    /// An established TCP entry's timeout (`nf_conntrack_tcp_timeout_established`).
+    pub tcp_ms: u32,
+    /// Refresh a TCP entry when less than this is left (3/4 of `tcp_ms`).
+    pub tcp_refresh_below: u32,
+    /// A UDP entry's timeout (`nf_conntrack_udp_timeout_stream`).
+    pub udp_ms: u32,
+    /// Refresh a UDP entry when less than this is left.
+    pub udp_refresh_below: u32,
+    /// Set when a FIN passes (`nf_conntrack_tcp_timeout_time_wait`, where conntrack
+    /// would end after the closing handshake).
+    pub fin_ms: u32,
+    /// Set when an RST passes (`nf_conntrack_tcp_timeout_close`).
+    pub rst_ms: u32,
+    /// A TCP entry with at most this long left is closing (a FIN or RST passed): it is
+    /// never refreshed again, and a FIN or RST does not lengthen it.
+    pub closing: u32,
+}
+const _: () = assert!(size_of::<CtTimeouts>() == 28);
 
 impl NodeConfig {
     /// Whether `addr` (network byte order) lies in this node's pod CIDR. An unset
     /// config (all zero) contains nothing.
     #[inline(always)]
     pub fn owns_v4(&self, addr: [u8; 4]) -> bool {
-        let addr = u32::from_ne_bytes(addr);
-        let net = u32::from_ne_bytes(self.pod_net_v4);
-        let mask = u32::from_ne_bytes(self.pod_mask_v4);
-        mask != 0 && addr & mask == net
+        in_net_v4(addr, self.pod_net_v4, self.pod_mask_v4)
     }
 
     /// Whether this node forwards IPv6 at all (it has an IPv6 pod CIDR).
@@ -111,18 +179,42 @@ impl NodeConfig {
         self.pod_mask_v6[0] != 0
     }
 
-    /// Whether `addr` lies in this node's IPv6 pod CIDR (compared as two 64-bit halves).
+    /// Whether `addr` lies in this node's IPv6 pod CIDR.
     #[inline(always)]
     pub fn owns_v6(&self, addr: [u8; 16]) -> bool {
-        let half = |bytes: &[u8; 16], i: usize| {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
-            u64::from_ne_bytes(word)
-        };
-        self.has_v6()
-            && half(&addr, 0) & half(&self.pod_mask_v6, 0) == half(&self.pod_net_v6, 0)
-            && half(&addr, 1) & half(&self.pod_mask_v6, 1) == half(&self.pod_net_v6, 1)
+        self.has_v6() && in_net_v6(addr, self.pod_net_v6, self.pod_mask_v6)
     }
+
+    /// Whether `addr` lies in the IPv4 cluster CIDR.
+    #[inline(always)]
+    pub fn in_cluster_v4(&self, addr: [u8; 4]) -> bool {
+        in_net_v4(addr, self.cluster_net_v4, self.cluster_mask_v4)
+    }
+
+    /// Whether `addr` lies in the IPv6 cluster CIDR.
+    #[inline(always)]
+    pub fn in_cluster_v6(&self, addr: [u8; 16]) -> bool {
+        self.has_v6() && in_net_v6(addr, self.cluster_net_v6, self.cluster_mask_v6)
+    }
+}
+
+/// `addr & mask == net`, with an all-zero mask containing nothing (an unset config).
+#[inline(always)]
+fn in_net_v4(addr: [u8; 4], net: [u8; 4], mask: [u8; 4]) -> bool {
+    let mask = u32::from_ne_bytes(mask);
+    mask != 0 && u32::from_ne_bytes(addr) & mask == u32::from_ne_bytes(net)
+}
+
+/// The same for IPv6, compared as two 64-bit halves.
+#[inline(always)]
+fn in_net_v6(addr: [u8; 16], net: [u8; 16], mask: [u8; 16]) -> bool {
+    let half = |bytes: &[u8; 16], i: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+        u64::from_ne_bytes(word)
+    };
+    half(&addr, 0) & half(&mask, 0) == half(&net, 0)
+        && half(&addr, 1) & half(&mask, 1) == half(&net, 1)
 }
 
 macro_rules! counters {
@@ -176,11 +268,33 @@ counters! {
     /// Larger than the egress MTU: the kernel sends frag-needed / packet too big.
     PassMtu = "pass_mtu",
     /// Bridge side: destination in this node's own pod CIDR (the bridge's job).
+    /// Uplink side: destination is this node's own gateway address (for the node).
     PassLocal = "pass_local",
     /// Uplink side: destination not in this node's pod CIDR.
     PassNotPod = "pass_not_pod",
-    /// The redirect helper refused the packet.
-    PassRedirectFailed = "pass_redirect_failed",
+    /// A source this side does not forward: uplink side, outside the cluster CIDR
+    /// (e.g. a node address after masquerade); bridge side, outside this node's pod
+    /// CIDR, or the gateway's own address.
+    PassSource = "pass_source",
+    /// `established` mode: neither TCP nor UDP (ICMP, SCTP, ...), which the conntrack
+    /// lookup does not cover.
+    PassCtProto = "pass_ct_proto",
+    /// `established` mode: a TCP SYN, always the kernel's (a new connection or a
+    /// reopen).
+    PassTcpSyn = "pass_tcp_syn",
+    /// `established` mode: conntrack holds no entry for the flow, or one not yet
+    /// confirmed, without a reply, or (TCP) not assured: the kernel has not accepted
+    /// the flow yet.
+    PassCtNew = "pass_ct_new",
+    /// `established` mode: the flow is NAT'd (DNAT of a Service or hostPort, SNAT or
+    /// masquerade): the kernel translates it.
+    PassCtNat = "pass_ct_nat",
+    /// Of the forwarded: the packet's conntrack entry was running low and the program
+    /// set it back to the full timeout (one per flow and refresh, not per packet).
+    CtRefresh = "ct_refresh",
+    /// Of the forwarded: a FIN or RST passed and the program shortened the entry's
+    /// timeout, as conntrack would have on seeing it.
+    CtClose = "ct_close",
 }
 
 /// The address family a counter block belongs to.

@@ -10,24 +10,34 @@
 //! Both take IPv4 and IPv6 alike (one generic path over [`IpHeader`]); counters are kept
 //! per family.
 //!
+//! In `established` mode (the default) a packet takes the fast path only when the
+//! kernel has already accepted its flow, as netfilter's own flowtable does: conntrack
+//! holds a confirmed entry that has seen a reply (TCP: assured, the handshake done) and
+//! carries no NAT. Everything else (the first packets of every flow, every NAT'd flow,
+//! every SYN, ICMP) is decided by the kernel, with all its netfilter rules.
+//!
 //! Every packet the fast path is not sure of goes to the kernel unchanged (`TC_ACT_OK`),
 //! where the routes the agent installed do the same job more slowly. All checks come
 //! before the first write, so a packet handed to the kernel is always untouched.
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, __sk_buff},
+    helpers::generated::{
+        bpf_csum_update, bpf_jiffies64, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+    },
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use hgw_common::{
-    COUNTER_NOT_IP, COUNTERS_LEN, Counter, ENDPOINTS_MAX_ENTRIES, Endpoint, Family,
-    NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES, ROUTES_V6_MAX_ENTRIES,
-    counter_index,
+    COUNTER_NOT_IP, COUNTERS_LEN, Counter, CtTimeouts, ENDPOINTS_MAX_ENTRIES, Endpoint, Family,
+    IPS_ASSURED, IPS_CONFIRMED, IPS_DST_NAT, IPS_SEEN_REPLY, IPS_SRC_NAT, NEXT_HOP_MAC_KNOWN,
+    NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES, ROUTES_V6_MAX_ENTRIES, counter_index,
 };
 use network_types::{
     eth::EthHdr,
@@ -56,12 +66,60 @@ static HGW_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 #[map]
 static HGW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
+// Read-only globals (hgw_common::GLOBAL_*), set by the agent at load time. Being frozen,
+// they are constants to the verifier: `all` mode prunes the conntrack code, and the
+// nf_conn offsets are the constant offsets a load from a kernel pointer needs.
+#[unsafe(no_mangle)]
+static HGW_CONNTRACK: u32 = 1;
+#[unsafe(no_mangle)]
+static HGW_CT_STATUS_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static HGW_CT_TIMEOUT_OFF: u32 = 0;
+
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 /// Offset of the IP header: no VLAN tags (a tagged frame is not IP to us).
 const L3: usize = EthHdr::LEN;
+/// `bpf_ct_opts.netns_id`: the netns of the skb's device, the node's.
+const BPF_F_CURRENT_NETNS: i32 = -1;
+const ENOENT: i32 = 2;
+
+/// The kernel's `struct nf_conn`, only ever handled through a pointer.
+#[repr(C)]
+struct NfConn {
+    _opaque: [u8; 0],
+}
+
+/// `struct bpf_ct_opts` (16 bytes, the current layout).
+#[repr(C)]
+struct CtOpts {
+    netns_id: i32,
+    error: i32,
+    l4proto: u8,
+    dir: u8,
+    ct_zone_id: u16,
+    ct_zone_dir: u8,
+    reserved: [u8; 3],
+}
+
+// Conntrack kfuncs: the agent's loader points each call at the function's id in vmlinux
+// BTF (rustc emits no BTF for extern functions, so aya cannot).
+unsafe extern "C" {
+    fn bpf_skb_ct_lookup(
+        skb: *mut __sk_buff,
+        tuple: *mut c_void,
+        tuple_len: u32,
+        opts: *mut CtOpts,
+        opts_len: u32,
+    ) -> *mut NfConn;
+    fn bpf_ct_release(ct: *mut NfConn);
+    fn bpf_ct_change_timeout(ct: *mut NfConn, timeout_ms: u32) -> i32;
+}
 
 #[classifier]
 fn hgw_to_peer(ctx: TcContext) -> i32 {
@@ -83,18 +141,23 @@ fn hgw_to_pod(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> i32 {
-    verdict::<H>(ctx, try_to_peer::<H>(ctx, eth), Counter::FwdToPeer)
+    verdict::<H>(try_to_peer::<H>(ctx, eth), Counter::FwdToPeer)
 }
 
 #[inline(always)]
 fn to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> i32 {
-    verdict::<H>(ctx, try_to_pod::<H>(ctx, eth), Counter::FwdToPod)
+    verdict::<H>(try_to_pod::<H>(ctx, eth), Counter::FwdToPod)
 }
 
 /// The Ethernet header (bounds checked once, here) and its ethertype; `None` for a
-/// runt.
+/// runt, and for a frame whose VLAN tag the kernel already took into the skb (at TC
+/// ingress a tag is metadata, not bytes in the frame): the kernel decides on VLANs.
 #[inline(always)]
 fn ethernet(ctx: &TcContext) -> Option<(*mut EthHdr, u16)> {
+    // SAFETY: the context is a valid __sk_buff for the program's lifetime.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return None;
+    }
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok()?;
     // SAFETY: ptr_at checked the bounds.
     Some((eth, u16::from_be(unsafe { (*eth).ether_type })))
@@ -107,18 +170,18 @@ fn not_ip() -> i32 {
     TC_ACT_OK
 }
 
-/// Counts the outcome; anything but a successful redirect goes to the kernel.
+/// Counts the outcome; anything but a redirect goes to the kernel.
+///
+/// The redirect helpers cannot fail here: with flags 0 they return `TC_ACT_REDIRECT`
+/// and the kernel acts after the program (a device deleted meanwhile drops the packet,
+/// as it would a packet routed to it; the agent removes its entries on the link's
+/// deletion event).
 #[inline(always)]
-fn verdict<H: IpHeader>(ctx: &TcContext, result: Result<(), Counter>, forwarded: Counter) -> i32 {
+fn verdict<H: IpHeader>(result: Result<(), Counter>, forwarded: Counter) -> i32 {
     match result {
         Ok(()) => {
             count(H::FAMILY, forwarded);
             TC_ACT_REDIRECT
-        }
-        Err(Counter::PassRedirectFailed) => {
-            warn!(ctx, "hgw: redirect failed, packet left to the kernel");
-            count(H::FAMILY, Counter::PassRedirectFailed);
-            TC_ACT_OK
         }
         Err(reason) => {
             count(H::FAMILY, reason);
@@ -131,9 +194,14 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
     let config = enabled::<H>()?;
     let ip = parse::<H>(ctx, eth, config.bridge_mac)?;
     // SAFETY: parse checked that the whole IP header is inside the packet.
-    let dst = unsafe { (*ip).dst() };
+    let (src, dst) = unsafe { ((*ip).src(), (*ip).dst()) };
     if H::owns(config, dst) {
         return Err(Counter::PassLocal);
+    }
+    // Only this node's pods are forwarded from the bridge; the gateway address is the
+    // node's own, whoever claims it.
+    if !H::owns(config, src) || H::is_gateway(config, src) {
+        return Err(Counter::PassSource);
     }
     let next_hop = H::route(dst).ok_or(Counter::PassNoRoute)?;
     // An unknown (or just deleted) MAC goes to the kernel rather than to
@@ -144,31 +212,42 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
         return Err(Counter::PassNoMac);
     }
     check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
+    accepted_by_conntrack(ctx, ip, &config.ct)?;
 
     // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and parse).
     unsafe {
         (*eth).dst_addr = next_hop.dst_mac;
         (*eth).src_addr = next_hop.src_mac;
-        H::decrement_ttl(ip);
+        H::decrement_ttl(ctx, ip);
     }
     // SAFETY: plain helper call; flags 0 = egress of `ifindex`.
-    let action = unsafe { bpf_redirect(next_hop.ifindex, 0) };
-    redirected(action)
+    unsafe { bpf_redirect(next_hop.ifindex, 0) };
+    Ok(())
 }
 
 fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Counter> {
     let config = enabled::<H>()?;
     let ip = parse::<H>(ctx, eth, config.uplink_mac)?;
     // SAFETY: parse checked that the whole IP header is inside the packet.
-    let dst = unsafe { (*ip).dst() };
+    let (src, dst) = unsafe { ((*ip).src(), (*ip).dst()) };
     if !H::owns(config, dst) {
         return Err(Counter::PassNotPod);
     }
+    // The gateway address lies in the pod CIDR but belongs to the node itself.
+    if H::is_gateway(config, dst) {
+        return Err(Counter::PassLocal);
+    }
+    // Only pod traffic of the cluster: anything else (a node's address after
+    // masquerade, an outside host) is the kernel's to judge.
+    if !H::in_cluster(config, src) {
+        return Err(Counter::PassSource);
+    }
     check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
+    accepted_by_conntrack(ctx, ip, &config.ct)?;
 
     let endpoint = H::endpoint(dst);
     // SAFETY: ip points into the packet (bounds checked by ethernet() and parse).
-    unsafe { H::decrement_ttl(ip) };
+    unsafe { H::decrement_ttl(ctx, ip) };
     if let Some(endpoint) = endpoint {
         // A known pod: straight into its namespace, past the bridge, as the gateway
         // would have sent it.
@@ -178,30 +257,156 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
             (*eth).src_addr = config.bridge_mac;
         }
         // SAFETY: plain helper call; flags must be 0.
-        let action = unsafe { bpf_redirect_peer(endpoint.ifindex, 0) };
-        redirected(action)?;
+        unsafe { bpf_redirect_peer(endpoint.ifindex, 0) };
         count(H::FAMILY, Counter::FwdToPodDirect);
         return Ok(());
     }
     // Otherwise the bridge's neighbour table (ARP or NDP) knows the pod's MAC, or
     // resolves it while the packet waits: the kernel fills in both MACs.
     // SAFETY: a null params pointer asks the kernel to use the packet's destination.
-    let action = unsafe { bpf_redirect_neigh(config.bridge_ifindex, core::ptr::null_mut(), 0, 0) };
-    redirected(action)
+    unsafe { bpf_redirect_neigh(config.bridge_ifindex, core::ptr::null_mut(), 0, 0) };
+    Ok(())
 }
 
+/// `established` mode: whether conntrack already accepted this packet's flow, as
+/// netfilter's flowtable requires before it takes a flow: a confirmed entry that has
+/// seen a reply, without NAT, and for TCP assured (the handshake done) and not a SYN.
+///
+/// Conntrack judges TCP segments against the window it saw; fast-path segments never
+/// reach it, so once a flow is carried here its closing segments must be carried too
+/// (a FIN or RST handed to the kernel would lie outside that window: INVALID, which
+/// kube-proxy drops). Conntrack would have shortened the entry on seeing them, so the
+/// program does, and it keeps a carried flow's entry alive, which fast-path packets
+/// do not refresh.
 #[inline(always)]
-fn redirected(action: i64) -> Result<(), Counter> {
-    if action == i64::from(TC_ACT_REDIRECT) {
-        Ok(())
+fn accepted_by_conntrack<H: IpHeader>(
+    ctx: &TcContext,
+    ip: *const H,
+    timeouts: &CtTimeouts,
+) -> Result<(), Counter> {
+    // SAFETY: a read-only global, constant after load.
+    if unsafe { core::ptr::read_volatile(&HGW_CONNTRACK) } == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller got ip from parse.
+    let proto = unsafe { (*ip).transport() };
+    let tcp_flags = match proto {
+        IPPROTO_TCP => {
+            // Ports, and the flags in byte 13.
+            let tcp: *const [u8; 14] = ptr_at(ctx, L3 + H::LEN)?;
+            // SAFETY: ptr_at checked the bounds.
+            let flags = unsafe { (*tcp)[13] };
+            if flags & TCP_SYN != 0 {
+                return Err(Counter::PassTcpSyn);
+            }
+            flags
+        }
+        IPPROTO_UDP => 0,
+        _ => return Err(Counter::PassCtProto),
+    };
+    let ports: *const [u8; 4] = ptr_at(ctx, L3 + H::LEN)?;
+    let mut opts = CtOpts {
+        netns_id: BPF_F_CURRENT_NETNS,
+        error: 0,
+        l4proto: proto,
+        dir: 0,
+        ct_zone_id: 0,
+        ct_zone_dir: 0,
+        reserved: [0; 3],
+    };
+    // SAFETY: both point into the packet (checked by parse and ptr_at).
+    let mut tuple = unsafe { H::tuple(ip, *ports) };
+    // SAFETY: the tuple and opts live on the stack for the call; the lengths are
+    // theirs; the skb is the program's context.
+    let ct = unsafe {
+        bpf_skb_ct_lookup(
+            ctx.skb.skb,
+            (&raw mut tuple).cast(),
+            size_of::<H::Tuple>() as u32,
+            &raw mut opts,
+            size_of::<CtOpts>() as u32,
+        )
+    };
+    if ct.is_null() {
+        if opts.error != -ENOENT {
+            warn!(ctx, "hgw: conntrack lookup failed: error {}", opts.error);
+        }
+        return Err(Counter::PassCtNew);
+    }
+    // SAFETY: ct is a referenced nf_conn; the offsets are the running kernel's (from
+    // its BTF) and constant to the verifier.
+    let (status, expires) = unsafe {
+        let base = ct.cast::<u8>();
+        (
+            core::ptr::read(
+                base.add(core::ptr::read_volatile(&HGW_CT_STATUS_OFF) as usize)
+                    .cast::<u64>(),
+            ),
+            core::ptr::read(
+                base.add(core::ptr::read_volatile(&HGW_CT_TIMEOUT_OFF) as usize)
+                    .cast::<u32>(),
+            ),
+        )
+    };
+    let verdict = judge(status, proto);
+    if verdict.is_ok() {
+        // Jiffies left, wrap-safe as nf_ct_is_expired computes it.
+        // SAFETY: plain helper call.
+        let left = expires.wrapping_sub(unsafe { bpf_jiffies64() } as u32) as i32;
+        if let Some((timeout_ms, why)) = new_timeout(timeouts, proto, tcp_flags, left) {
+            // SAFETY: ct is a referenced nf_conn. A failure (a fixed-timeout or dying
+            // entry) leaves it to expire as conntrack decides.
+            unsafe { bpf_ct_change_timeout(ct, timeout_ms) };
+            count(H::FAMILY, why);
+        }
+    }
+    // SAFETY: the reference the lookup took, released once.
+    unsafe { bpf_ct_release(ct) };
+    verdict
+}
+
+/// Whether an entry's status lets its packets take the fast path.
+#[inline(always)]
+fn judge(status: u64, proto: u8) -> Result<(), Counter> {
+    let accepted = IPS_CONFIRMED | IPS_SEEN_REPLY;
+    if status & accepted != accepted || (proto == IPPROTO_TCP && status & IPS_ASSURED == 0) {
+        return Err(Counter::PassCtNew);
+    }
+    // (*_NAT_DONE is set on plain flows too whenever a nat table exists.)
+    if status & (IPS_SRC_NAT | IPS_DST_NAT) != 0 {
+        return Err(Counter::PassCtNat);
+    }
+    Ok(())
+}
+
+/// The timeout to set on an accepted entry with `left` jiffies to go, and the counter
+/// that says why, if any: short when a TCP flow closes, full when a live flow's entry
+/// runs low (at most once per quarter of the timeout, not per packet), never longer for
+/// a closing TCP entry.
+#[inline(always)]
+fn new_timeout(t: &CtTimeouts, proto: u8, tcp_flags: u8, left: i32) -> Option<(u32, Counter)> {
+    let left = left.max(0) as u32;
+    if proto != IPPROTO_TCP {
+        return (left < t.udp_refresh_below).then_some((t.udp_ms, Counter::CtRefresh));
+    }
+    if left <= t.closing {
+        None
+    } else if tcp_flags & TCP_RST != 0 {
+        Some((t.rst_ms, Counter::CtClose))
+    } else if tcp_flags & TCP_FIN != 0 {
+        Some((t.fin_ms, Counter::CtClose))
+    } else if left < t.tcp_refresh_below {
+        Some((t.tcp_ms, Counter::CtRefresh))
     } else {
-        Err(Counter::PassRedirectFailed)
+        None
     }
 }
 
 /// What forwarding needs from an IP header, per family.
 trait IpHeader: Sized {
     type Addr: Copy;
+    /// `struct bpf_sock_tuple` for this family.
+    type Tuple;
     const FAMILY: Family;
     /// The fixed header, all the fast path ever forwards (no options, no extension
     /// headers).
@@ -210,6 +415,7 @@ trait IpHeader: Sized {
     /// The family's own header checks, after the frame was found to hold `Self::LEN`
     /// bytes of it: anything the kernel would drop or must see is an error.
     fn check(&self, ctx: &TcContext) -> Result<(), Counter>;
+    fn src(&self) -> Self::Addr;
     fn dst(&self) -> Self::Addr;
     fn ttl(&self) -> u8;
     /// The whole packet: header + payload.
@@ -220,17 +426,44 @@ trait IpHeader: Sized {
     fn enabled(config: &NodeConfig) -> bool;
     /// Whether `addr` is in this node's pod CIDR.
     fn owns(config: &NodeConfig, addr: Self::Addr) -> bool;
+    /// Whether `addr` is this node's gateway address (the bridge's).
+    fn is_gateway(config: &NodeConfig, addr: Self::Addr) -> bool;
+    /// Whether `addr` is in the cluster CIDR.
+    fn in_cluster(config: &NodeConfig, addr: Self::Addr) -> bool;
     fn route(addr: Self::Addr) -> Option<&'static NextHop>;
     fn endpoint(addr: Self::Addr) -> Option<Endpoint>;
-    /// TTL (hop limit) - 1, and whatever the header needs to stay valid.
+    /// The conntrack lookup key of this packet, from its addresses and the first four
+    /// bytes of its TCP or UDP header (the ports, in network order).
+    ///
+    /// # Safety
+    /// `ip` must point to a whole header inside the packet.
+    unsafe fn tuple(ip: *const Self, ports: [u8; 4]) -> Self::Tuple;
+    /// TTL (hop limit) - 1, and whatever the header and skb need to stay valid.
     ///
     /// # Safety
     /// `ip` must point to a whole, writable header inside the packet.
-    unsafe fn decrement_ttl(ip: *mut Self);
+    unsafe fn decrement_ttl(ctx: &TcContext, ip: *mut Self);
+}
+
+/// `struct bpf_sock_tuple`, IPv4: addresses and ports in network order.
+#[repr(C)]
+struct TupleV4 {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    ports: [u8; 4],
+}
+
+/// `struct bpf_sock_tuple`, IPv6.
+#[repr(C)]
+struct TupleV6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    ports: [u8; 4],
 }
 
 impl IpHeader for Ipv4Hdr {
     type Addr = [u8; 4];
+    type Tuple = TupleV4;
     const FAMILY: Family = Family::Ipv4;
     const LEN: usize = Ipv4Hdr::LEN;
 
@@ -266,6 +499,10 @@ impl IpHeader for Ipv4Hdr {
         Ok(())
     }
 
+    fn src(&self) -> [u8; 4] {
+        self.src_addr
+    }
+
     fn dst(&self) -> [u8; 4] {
         self.dst_addr
     }
@@ -291,6 +528,24 @@ impl IpHeader for Ipv4Hdr {
         config.owns_v4(addr)
     }
 
+    fn is_gateway(config: &NodeConfig, addr: [u8; 4]) -> bool {
+        addr == config.gateway_v4
+    }
+
+    fn in_cluster(config: &NodeConfig, addr: [u8; 4]) -> bool {
+        config.in_cluster_v4(addr)
+    }
+
+    unsafe fn tuple(ip: *const Self, ports: [u8; 4]) -> TupleV4 {
+        // SAFETY: guaranteed by the caller.
+        let hdr = unsafe { &*ip };
+        TupleV4 {
+            saddr: hdr.src_addr,
+            daddr: hdr.dst_addr,
+            ports,
+        }
+    }
+
     fn route(addr: [u8; 4]) -> Option<&'static NextHop> {
         HGW_ROUTES_V4.get(Key::new(32, addr))
     }
@@ -300,11 +555,12 @@ impl IpHeader for Ipv4Hdr {
         unsafe { HGW_ENDPOINTS.get(addr) }.copied()
     }
 
-    unsafe fn decrement_ttl(ip: *mut Self) {
+    unsafe fn decrement_ttl(_ctx: &TcContext, ip: *mut Self) {
         // SAFETY: guaranteed by the caller.
         let hdr = unsafe { &mut *ip };
         // ip_decrease_ttl(): the TTL is the high byte of its 16-bit checksum word, so
         // TTL - 1 adds 0x0100 to the one's complement sum, with the end-around carry.
+        // The header's sum stays the same, so a CHECKSUM_COMPLETE skb->csum stays valid.
         let check = u32::from(u16::from_ne_bytes(hdr.check)) + u32::from(0x0100u16.to_be());
         let check = check + u32::from(check >= 0xffff);
         hdr.check = (check as u16).to_ne_bytes();
@@ -325,6 +581,7 @@ const NEXTHDR_EXPERIMENT2: u8 = 254;
 
 impl IpHeader for Ipv6Hdr {
     type Addr = [u8; 16];
+    type Tuple = TupleV6;
     const FAMILY: Family = Family::Ipv6;
     const LEN: usize = Ipv6Hdr::LEN;
 
@@ -362,6 +619,10 @@ impl IpHeader for Ipv6Hdr {
         Ok(())
     }
 
+    fn src(&self) -> [u8; 16] {
+        self.src_addr
+    }
+
     fn dst(&self) -> [u8; 16] {
         self.dst_addr
     }
@@ -386,6 +647,24 @@ impl IpHeader for Ipv6Hdr {
         config.owns_v6(addr)
     }
 
+    fn is_gateway(config: &NodeConfig, addr: [u8; 16]) -> bool {
+        addr == config.gateway_v6
+    }
+
+    fn in_cluster(config: &NodeConfig, addr: [u8; 16]) -> bool {
+        config.in_cluster_v6(addr)
+    }
+
+    unsafe fn tuple(ip: *const Self, ports: [u8; 4]) -> TupleV6 {
+        // SAFETY: guaranteed by the caller.
+        let hdr = unsafe { &*ip };
+        TupleV6 {
+            saddr: hdr.src_addr,
+            daddr: hdr.dst_addr,
+            ports,
+        }
+    }
+
     fn route(addr: [u8; 16]) -> Option<&'static NextHop> {
         HGW_ROUTES_V6.get(Key::new(128, addr))
     }
@@ -395,9 +674,18 @@ impl IpHeader for Ipv6Hdr {
         unsafe { HGW_ENDPOINTS6.get(addr) }.copied()
     }
 
-    unsafe fn decrement_ttl(ip: *mut Self) {
-        // SAFETY: guaranteed by the caller. IPv6 has no header checksum.
-        unsafe { (*ip).hop_limit -= 1 };
+    unsafe fn decrement_ttl(ctx: &TcContext, ip: *mut Self) {
+        // SAFETY: guaranteed by the caller.
+        let hdr = unsafe { &mut *ip };
+        // IPv6 has no header checksum, but a CHECKSUM_COMPLETE skb->csum covers the
+        // header: add the change of the 16-bit word (next header, hop limit), in the
+        // byte order the sum is taken in, as one's complement (new + !old).
+        let old = u16::from_ne_bytes([hdr.next_hdr, hdr.hop_limit]);
+        hdr.hop_limit -= 1;
+        let new = u16::from_ne_bytes([hdr.next_hdr, hdr.hop_limit]);
+        // SAFETY: plain helper call; it only touches skb->csum, and only for
+        // CHECKSUM_COMPLETE.
+        unsafe { bpf_csum_update(ctx.skb.skb, u32::from(new) + u32::from(!old)) };
     }
 }
 

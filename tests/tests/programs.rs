@@ -9,9 +9,9 @@ use aya::{
     maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use hgw_agent::datapath::PROGRAMS;
 use hgw_common::{
-    COUNTER_NOT_IP, COUNTER_NOT_IP_NAME, COUNTERS_LEN, COUNTERS_PER_FAMILY, Counter, Endpoint,
+    COUNTER_NOT_IP, COUNTER_NOT_IP_NAME, COUNTERS_LEN, COUNTERS_PER_FAMILY, Counter, CtTimeouts,
+    Endpoint,
     Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ENDPOINTS_V6, MAP_ROUTES_V4,
     MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
     counter_index,
@@ -179,7 +179,8 @@ fn load() -> Programs {
 /// Node n1; without `ipv6` it has no IPv6 pod CIDR, though the IPv6 routes and endpoint
 /// are there all the same (so only the missing CIDR can stop the fast path).
 fn load_node(ipv6: bool) -> Programs {
-    let mut ebpf = Ebpf::load(PROGRAMS).expect("load the eBPF object");
+    // `all` mode: these cases are about the header rules, not conntrack.
+    let mut ebpf = hgw_common::loader::load(hgw_agent::datapath::PROGRAMS, false).expect("load the eBPF object");
     let (v4, v6) = (table_v4(), table_v6());
     let mut config: Array<MapData, NodeConfig> = take_map(&mut ebpf, MAP_CONFIG);
     let (pod_net_v6, pod_mask_v6) = if ipv6 {
@@ -202,6 +203,13 @@ fn load_node(ipv6: bool) -> Programs {
                 bridge_mtu: MTU,
                 bridge_mac: BRIDGE_MAC,
                 uplink_mac: UPLINK_MAC,
+                gateway_v4: [10, 244, 1, 1],
+                gateway_v6: ip6("fd00:244:1::1"),
+                cluster_net_v4: [10, 244, 0, 0],
+                cluster_mask_v4: [255, 255, 0, 0],
+                cluster_net_v6: ip6("fd00:244::"),
+                cluster_mask_v6: netmask(32, 16).try_into().expect("16 bytes"),
+                ct: CtTimeouts::default(),
             },
             0,
         )

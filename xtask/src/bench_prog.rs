@@ -24,7 +24,8 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::SchedClassifier;
 use hgw_common::{
-    Counter, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ROUTES_V4,
+    Counter, CtTimeouts, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4,
+    MAP_ROUTES_V4,
     NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD, ROUTES_V4_MAX_ENTRIES,
     counter_index,
 };
@@ -244,7 +245,8 @@ impl Hgw {
 /// program only takes frames sent to the bridge, so this keeps a hit a hit. The work
 /// done (both MACs written, TTL and checksum updated) is the same as with a real peer.
 fn load_hgw(object: &[u8], entries: u32) -> anyhow::Result<Hgw> {
-    let mut ebpf = Ebpf::load(object).context("loading the eBPF object")?;
+    // `all` mode: no conntrack lookup.
+    let mut ebpf = hgw_common::loader::load(object, false).context("loading the eBPF object")?;
     let mut config: Array<MapData, NodeConfig> = ebpf
         .take_map(MAP_CONFIG)
         .context("config map")?
@@ -261,6 +263,13 @@ fn load_hgw(object: &[u8], entries: u32) -> anyhow::Result<Hgw> {
             bridge_mtu: 1500,
             bridge_mac: BRIDGE_MAC,
             uplink_mac: UPLINK_MAC,
+            gateway_v4: [10, 244, 1, 1],
+            gateway_v6: [0; 16],
+            cluster_net_v4: [10, 0, 0, 0],
+            cluster_mask_v4: [255, 0, 0, 0],
+            cluster_net_v6: [0; 16],
+            cluster_mask_v6: [0; 16],
+            ct: CtTimeouts::default(),
         },
         0,
     )?;

@@ -19,6 +19,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-client",
     "protobuf-compiler",
     "bpftool",
+    // Conntrack: inspect and seed entries (program tests, netfilter lab tests).
+    "conntrack",
+    // The CNI plugins kubelet calls (bridge, host-local, portmap) for hostPort tests.
+    "containernetworking-plugins",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -1,0 +1,160 @@
+//! What `established` mode needs from the node's conntrack: that it tracks forwarded
+//! traffic at all, and its timeouts, which the programs apply to the entries of the
+//! flows they carry (fast-path packets do not refresh them).
+
+use std::process::{Command, Stdio};
+
+use hgw_common::CtTimeouts;
+use std::io::Write as _;
+
+const SYSCTLS: &str = "/proc/sys/net/netfilter";
+/// hgw's own nftables table (both families).
+pub const NFT_TABLE: &str = "hgw";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    #[error("reading {path}: {source} (is conntrack built into this kernel or loaded?)")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}: {value:?} is not a number of seconds")]
+    NotSeconds { path: String, value: String },
+    #[error("reading the kernel's tick length (clock_getres): {0}")]
+    Tick(std::io::Error),
+    #[error("installing nftables table inet {NFT_TABLE} (nft -f -): {reason}")]
+    Nft { reason: String },
+}
+
+/// The timeouts, from this network namespace's `net.netfilter` sysctls.
+pub fn timeouts() -> Result<CtTimeouts, ConntrackError> {
+    let hz = u64::from(hz()?);
+    let established = seconds("nf_conntrack_tcp_timeout_established")?;
+    let udp = seconds("nf_conntrack_udp_timeout_stream")?;
+    let time_wait = seconds("nf_conntrack_tcp_timeout_time_wait")?;
+    let close = seconds("nf_conntrack_tcp_timeout_close")?;
+    Ok(timeouts_from(hz, established, udp, time_wait, close))
+}
+
+/// The programs' view of the timeouts (in seconds), with `hz` jiffies a second.
+fn timeouts_from(hz: u64, established: u64, udp: u64, time_wait: u64, close: u64) -> CtTimeouts {
+    let sat = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    let ms = |s: u64| sat(s.saturating_mul(1000));
+    // Refreshed once three quarters are left: one kfunc call per flow and quarter, and
+    // a flow idle for less than that never falls back.
+    let refresh_below = |s: u64| sat(s.saturating_mul(hz).saturating_mul(3) / 4);
+    CtTimeouts {
+        tcp_ms: ms(established),
+        tcp_refresh_below: refresh_below(established),
+        udp_ms: ms(udp),
+        udp_refresh_below: refresh_below(udp),
+        fin_ms: ms(time_wait),
+        rst_ms: ms(close),
+        closing: sat(time_wait.max(close).saturating_mul(hz)),
+    }
+}
+
+fn seconds(name: &str) -> Result<u64, ConntrackError> {
+    let path = format!("{SYSCTLS}/{name}");
+    let text = std::fs::read_to_string(&path).map_err(|source| ConntrackError::Sysctl {
+        path: path.clone(),
+        source,
+    })?;
+    text.trim()
+        .parse()
+        .map_err(|_| ConntrackError::NotSeconds {
+            path,
+            value: text.trim().to_owned(),
+        })
+}
+
+/// CONFIG_HZ: `nf_conn.timeout` counts jiffies. CLOCK_MONOTONIC_COARSE advances once a
+/// tick, so its resolution is the tick's length.
+fn hz() -> Result<u32, ConntrackError> {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec into `res`, which outlives the call.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return Err(ConntrackError::Tick(std::io::Error::last_os_error()));
+    }
+    let tick_ns = u64::try_from(res.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(res.tv_nsec).unwrap_or(0);
+    if tick_ns == 0 {
+        return Err(ConntrackError::Tick(std::io::Error::other(
+            "resolution 0",
+        )));
+    }
+    Ok(u32::try_from(1_000_000_000u64.div_ceil(tick_ns).max(1)).unwrap_or(1000))
+}
+
+/// Makes conntrack track forwarded traffic in this namespace: it only runs once some
+/// rule needs it, and a node with no other rules would give the fast path no entries
+/// to find. A table of hgw's own with one rule that matches on `ct state` and only
+/// counts: it decides nothing. Replaced as a whole, atomically, so it is idempotent.
+pub fn ensure_tracking() -> Result<(), ConntrackError> {
+    let script = format!(
+        "table inet {NFT_TABLE}\n\
+         delete table inet {NFT_TABLE}\n\
+         table inet {NFT_TABLE} {{\n\
+         \tchain conntrack {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tct state established,related counter comment \"hgw: conntrack tracks forwarded flows for the fast path; decides nothing\"\n\
+         \t}}\n\
+         }}\n"
+    );
+    let error = |reason: String| ConntrackError::Nft { reason };
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| error(format!("running nft: {e} (install nftables)")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| error(e.to_string()))?;
+    }
+    let output = child.wait_with_output().map_err(|e| error(e.to_string()))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(error(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_defaults_at_250_hz() {
+        // Linux's defaults: established 5 days, UDP stream 120 s, TIME_WAIT 120 s,
+        // CLOSE 10 s.
+        let t = timeouts_from(250, 432_000, 120, 120, 10);
+        assert_eq!(t.tcp_ms, 432_000_000);
+        assert_eq!(t.tcp_refresh_below, 432_000 * 250 * 3 / 4);
+        assert_eq!(t.udp_ms, 120_000);
+        assert_eq!(t.udp_refresh_below, 120 * 250 * 3 / 4);
+        assert_eq!((t.fin_ms, t.rst_ms), (120_000, 10_000));
+        assert_eq!(t.closing, 120 * 250);
+    }
+
+    #[test]
+    fn huge_timeouts_saturate() {
+        let t = timeouts_from(1000, u64::MAX / 2, 1, 1, 1);
+        assert_eq!(t.tcp_ms, u32::MAX);
+        assert_eq!(t.tcp_refresh_below, u32::MAX);
+    }
+
+    #[test]
+    fn the_tick_is_found() {
+        let hz = hz().expect("clock_getres");
+        assert!((100..=1000).contains(&hz), "HZ {hz}");
+    }
+}

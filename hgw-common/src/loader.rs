@@ -1,0 +1,111 @@
+//! Loads hgw's eBPF object, doing the one step aya 0.14 cannot: calls to the kernel's
+//! conntrack kfuncs. rustc emits no BTF for extern functions, so aya sees each call as
+//! a call to an unknown local function. Before aya parses the object, each call whose
+//! relocation names a kfunc is rewritten into a kfunc call (src_reg =
+//! BPF_PSEUDO_KFUNC_CALL, imm = the function's id in vmlinux BTF), which aya then leaves
+//! alone and the verifier resolves. The offsets the programs read from `struct nf_conn`
+//! come from the same BTF, as read-only globals (see hgw_common::GLOBAL_*).
+
+use aya::{Ebpf, EbpfLoader};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+use crate::btf::{BtfError, KernelBtf};
+use crate::{GLOBAL_CONNTRACK, GLOBAL_CT_STATUS_OFFSET, GLOBAL_CT_TIMEOUT_OFFSET, KFUNCS};
+
+const BPF_JMP_CALL: u8 = 0x85;
+const BPF_PSEUDO_KFUNC_CALL: u8 = 2;
+/// `r0 = 0` (BPF_ALU64 | BPF_MOV | BPF_K).
+const MOV64_R0_IMM: u8 = 0xb7;
+const INSN_LEN: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(
+        "this kernel has no conntrack kfunc {name} (needs CONFIG_NF_CONNTRACK built in, Linux 6.1 or later): fast_path = \"established\" cannot run here; use fast_path = \"all\" (only on clusters without NAT on pod traffic and without FORWARD policy) or \"off\""
+    )]
+    KfuncMissing { name: &'static str },
+    #[error("reading the eBPF object's ELF: {0}")]
+    Elf(#[from] object::Error),
+    #[error("the eBPF object's call to {name} at file offset {offset} is not a call instruction")]
+    NotACall { name: String, offset: u64 },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+}
+
+/// Loads hgw's eBPF object `elf` (as built from hgw-ebpf); with `conntrack`
+/// (`established` mode) its programs look up each packet's conntrack entry, which needs
+/// the kernel's conntrack kfuncs.
+pub fn load(elf: &[u8], conntrack: bool) -> Result<Ebpf, LoaderError> {
+    let btf = KernelBtf::vmlinux()?;
+    let mut kfuncs = Vec::with_capacity(KFUNCS.len());
+    for &name in KFUNCS {
+        match btf.function(name) {
+            Some(id) => kfuncs.push((name, Some(id))),
+            None if conntrack => return Err(LoaderError::KfuncMissing { name }),
+            None => kfuncs.push((name, None)),
+        }
+    }
+    let (status, timeout) = if conntrack {
+        (
+            btf.member_offset("nf_conn", "status")?,
+            btf.member_offset("nf_conn", "timeout")?,
+        )
+    } else {
+        (0, 0)
+    };
+    let object = with_kfunc_calls(elf, &kfuncs)?;
+    let conntrack = u32::from(conntrack);
+    let ebpf = EbpfLoader::new()
+        .override_global(GLOBAL_CONNTRACK, &conntrack, true)
+        .override_global(GLOBAL_CT_STATUS_OFFSET, &status, true)
+        .override_global(GLOBAL_CT_TIMEOUT_OFFSET, &timeout, true)
+        .load(&bytemuck::cast_slice(&object)[..elf.len()])?;
+    Ok(ebpf)
+}
+
+/// A copy of `elf` (in u64 words: the ELF reader wants it aligned) in which every call
+/// to a kfunc in `kfuncs` is a kfunc call to its BTF id, or, for a kfunc this kernel
+/// lacks, `r0 = 0`: only code the verifier prunes as dead (`all` mode) calls them then.
+fn with_kfunc_calls(elf: &[u8], kfuncs: &[(&str, Option<u32>)]) -> Result<Vec<u64>, LoaderError> {
+    let mut patches = Vec::new();
+    let file = object::File::parse(elf)?;
+    for section in file.sections() {
+        let Some((section_start, _)) = section.file_range() else {
+            continue;
+        };
+        for (offset, relocation) in section.relocations() {
+            let RelocationTarget::Symbol(index) = relocation.target() else {
+                continue;
+            };
+            let name = file.symbol_by_index(index)?.name()?;
+            if let Some(&(_, id)) = kfuncs.iter().find(|(kfunc, _)| *kfunc == name) {
+                patches.push((name.to_owned(), section_start + offset, id));
+            }
+        }
+    }
+    let mut words = vec![0u64; elf.len().div_ceil(8)];
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+    bytes[..elf.len()].copy_from_slice(elf);
+    for (name, offset, id) in patches {
+        let at = usize::try_from(offset).unwrap_or(usize::MAX);
+        let insn = bytes
+            .get_mut(at..at.saturating_add(INSN_LEN))
+            .filter(|insn| insn.len() == INSN_LEN && insn[0] == BPF_JMP_CALL)
+            .ok_or(LoaderError::NotACall {
+                name: name.clone(),
+                offset,
+            })?;
+        // code, dst/src registers, 16-bit offset (0: vmlinux), 32-bit immediate.
+        let (code, src_reg, imm) = match id {
+            Some(id) => (BPF_JMP_CALL, BPF_PSEUDO_KFUNC_CALL, id),
+            None => (MOV64_R0_IMM, 0, 0),
+        };
+        insn[0] = code;
+        insn[1] = src_reg << 4;
+        insn[2..4].copy_from_slice(&0u16.to_le_bytes());
+        insn[4..8].copy_from_slice(&imm.to_le_bytes());
+    }
+    Ok(words)
+}
