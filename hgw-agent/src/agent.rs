@@ -142,8 +142,8 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         }
         let node = node_config(&network, &bridge, &uplink)?;
         let datapath = Datapath::attach(
-            &config.bridge,
-            &config.uplink,
+            (&config.bridge, bridge.index),
+            (&config.uplink, uplink.index),
             node,
             config.attach,
             conntrack,
@@ -521,6 +521,16 @@ impl Agent {
                     self.install_route(i).await;
                 }
             }
+            RouteNetlinkMessage::NewLink(msg) if self.is_recreated(&msg) => {
+                // Same name, new device: the programs go onto it and every next hop
+                // takes its ifindex and MAC.
+                info!(
+                    "{} was created again (ifindex {}); attaching to it",
+                    link_name(&msg).unwrap_or_default(),
+                    msg.header.index
+                );
+                self.resync().await;
+            }
             RouteNetlinkMessage::NewLink(msg) | RouteNetlinkMessage::DelLink(msg)
                 if msg.header.index == self.uplink.index
                     || msg.header.index == self.bridge.index =>
@@ -539,6 +549,15 @@ impl Agent {
             }
             _ => {}
         }
+    }
+
+    /// Whether `msg` announces the uplink or the bridge under a new ifindex.
+    fn is_recreated(&self, msg: &LinkMessage) -> bool {
+        let index = msg.header.index;
+        link_name(msg).is_some_and(|name| {
+            (name == self.config.uplink && index != self.uplink.index)
+                || (name == self.config.bridge && index != self.bridge.index)
+        })
     }
 
     /// With Attach::Ports: a pod's veth joined the bridge (attach), or left it or
@@ -703,6 +722,12 @@ impl Agent {
                     }
                 }
                 Err(e) => warn!("{e}"),
+            }
+            if let Err(e) = datapath.attach_node(
+                (&self.config.bridge, self.bridge.index),
+                (&self.config.uplink, self.uplink.index),
+            ) {
+                warn!("{e}");
             }
         }
         self.attach_ports().await;

@@ -61,12 +61,10 @@ fn seconds(name: &str) -> Result<u64, ConntrackError> {
         path: path.clone(),
         source,
     })?;
-    text.trim()
-        .parse()
-        .map_err(|_| ConntrackError::NotSeconds {
-            path,
-            value: text.trim().to_owned(),
-        })
+    text.trim().parse().map_err(|_| ConntrackError::NotSeconds {
+        path,
+        value: text.trim().to_owned(),
+    })
 }
 
 /// CONFIG_HZ: `nf_conn.timeout` counts jiffies. CLOCK_MONOTONIC_COARSE advances once a
@@ -83,9 +81,7 @@ fn hz() -> Result<u32, ConntrackError> {
     let tick_ns = u64::try_from(res.tv_sec).unwrap_or(0) * 1_000_000_000
         + u64::try_from(res.tv_nsec).unwrap_or(0);
     if tick_ns == 0 {
-        return Err(ConntrackError::Tick(std::io::Error::other(
-            "resolution 0",
-        )));
+        return Err(ConntrackError::Tick(std::io::Error::other("resolution 0")));
     }
     Ok(u32::try_from(1_000_000_000u64.div_ceil(tick_ns).max(1)).unwrap_or(1000))
 }

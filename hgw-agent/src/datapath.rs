@@ -65,6 +65,11 @@ pub struct Datapath {
     endpoints_v6: aya::maps::HashMap<MapData, [u8; 16], Endpoint>,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
     ports: HashMap<u32, SchedClassifierLinkId>,
+    attach: Attach,
+    /// The ifindex of the uplink `hgw_to_pod` is attached to.
+    uplink: Option<u32>,
+    /// With Attach::Bridge, the ifindex of the bridge `hgw_to_peer` is attached to.
+    bridge: Option<u32>,
 }
 
 /// Which packets the fast path may carry.
@@ -124,8 +129,8 @@ impl Datapath {
     /// ingress and, with [`Attach::Bridge`], `hgw_to_peer` to the bridge's ingress (with
     /// [`Attach::Ports`] the agent attaches it to each port with [`Datapath::attach_port`]).
     pub fn attach(
-        bridge: &str,
-        uplink: &str,
+        (bridge, bridge_ifindex): (&str, u32),
+        (uplink, uplink_ifindex): (&str, u32),
         node: NodeConfig,
         attach: Attach,
         conntrack: bool,
@@ -153,6 +158,9 @@ impl Datapath {
             endpoints_v4,
             endpoints_v6,
             ports: HashMap::new(),
+            attach,
+            uplink: None,
+            bridge: None,
         };
         datapath.set_config(node)?;
         for program in [PROG_TO_PEER, PROG_TO_POD] {
@@ -161,17 +169,31 @@ impl Datapath {
                 .load()
                 .map_err(program_error("loading", program))?;
         }
-        datapath
-            .program(PROG_TO_POD)?
-            .attach(uplink, TcAttachType::Ingress)
-            .map_err(program_error("attaching", PROG_TO_POD))?;
-        if attach == Attach::Bridge {
-            datapath
-                .program(PROG_TO_PEER)?
+        datapath.attach_node((bridge, bridge_ifindex), (uplink, uplink_ifindex))?;
+        Ok(datapath)
+    }
+
+    /// Attaches `hgw_to_pod` to the uplink's ingress and, with [`Attach::Bridge`],
+    /// `hgw_to_peer` to the bridge's, unless already attached to these very devices: a
+    /// device deleted and made again under its name (a new ifindex) gets them again.
+    pub fn attach_node(
+        &mut self,
+        (bridge, bridge_ifindex): (&str, u32),
+        (uplink, uplink_ifindex): (&str, u32),
+    ) -> Result<(), DatapathError> {
+        if self.uplink != Some(uplink_ifindex) {
+            self.program(PROG_TO_POD)?
+                .attach(uplink, TcAttachType::Ingress)
+                .map_err(program_error("attaching", PROG_TO_POD))?;
+            self.uplink = Some(uplink_ifindex);
+        }
+        if self.attach == Attach::Bridge && self.bridge != Some(bridge_ifindex) {
+            self.program(PROG_TO_PEER)?
                 .attach(bridge, TcAttachType::Ingress)
                 .map_err(program_error("attaching", PROG_TO_PEER))?;
+            self.bridge = Some(bridge_ifindex);
         }
-        Ok(datapath)
+        Ok(())
     }
 
     /// Attaches `hgw_to_peer` to a bridge port's ingress (a pod's host-side veth), so
