@@ -103,6 +103,11 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     let kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
+    if config.fast_path == FastPath::Established {
+        // The kernel can run this mode: its kfuncs and conntrack sysctls are there.
+        hgw_common::loader::check_kernel().map_err(DatapathError::from)?;
+        conntrack::timeouts()?;
+    }
     let uplink_networks = kernel.networks(uplink.index).await?;
     let (network, peers, updates) = match &config.source {
         Source::Static { network, peers } => {

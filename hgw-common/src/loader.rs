@@ -34,11 +34,19 @@ pub enum LoaderError {
     Load(#[from] aya::EbpfError),
 }
 
-/// Loads hgw's eBPF object `elf` (as built from hgw-ebpf); with `conntrack`
-/// (`established` mode) its programs look up each packet's conntrack entry, which needs
-/// the kernel's conntrack kfuncs.
-pub fn load(elf: &[u8], conntrack: bool) -> Result<Ebpf, LoaderError> {
-    let btf = KernelBtf::vmlinux()?;
+/// What loading in `established` mode needs from the running kernel, checked without
+/// loading anything: the agent calls it before it changes anything on the node.
+pub fn check_kernel() -> Result<(), LoaderError> {
+    kernel_facts(&KernelBtf::vmlinux()?, true).map(drop)
+}
+
+/// The kfuncs' BTF ids (`None`: missing, allowed without `conntrack`) and the
+/// `nf_conn` offsets of `status` and `timeout`.
+#[expect(clippy::type_complexity, reason = "a private helper's plain tuple")]
+fn kernel_facts(
+    btf: &KernelBtf,
+    conntrack: bool,
+) -> Result<(Vec<(&'static str, Option<u32>)>, u32, u32), LoaderError> {
     let mut kfuncs = Vec::with_capacity(KFUNCS.len());
     for &name in KFUNCS {
         match btf.function(name) {
@@ -47,14 +55,21 @@ pub fn load(elf: &[u8], conntrack: bool) -> Result<Ebpf, LoaderError> {
             None => kfuncs.push((name, None)),
         }
     }
-    let (status, timeout) = if conntrack {
-        (
-            btf.member_offset("nf_conn", "status")?,
-            btf.member_offset("nf_conn", "timeout")?,
-        )
-    } else {
-        (0, 0)
-    };
+    if !conntrack {
+        return Ok((kfuncs, 0, 0));
+    }
+    Ok((
+        kfuncs,
+        btf.member_offset("nf_conn", "status")?,
+        btf.member_offset("nf_conn", "timeout")?,
+    ))
+}
+
+/// Loads hgw's eBPF object `elf` (as built from hgw-ebpf); with `conntrack`
+/// (`established` mode) its programs look up each packet's conntrack entry, which needs
+/// the kernel's conntrack kfuncs.
+pub fn load(elf: &[u8], conntrack: bool) -> Result<Ebpf, LoaderError> {
+    let (kfuncs, status, timeout) = kernel_facts(&KernelBtf::vmlinux()?, conntrack)?;
     let object = with_kfunc_calls(elf, &kfuncs)?;
     let conntrack = u32::from(conntrack);
     let ebpf = EbpfLoader::new()
