@@ -11,8 +11,7 @@ use aya::{
 };
 use hgw_common::{
     COUNTER_NOT_IP, COUNTER_NOT_IP_NAME, COUNTERS_LEN, COUNTERS_PER_FAMILY, Counter, CtTimeouts,
-    Endpoint,
-    Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ENDPOINTS_V6, MAP_ROUTES_V4,
+    Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ENDPOINTS_V6, MAP_ROUTES_V4,
     MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
     counter_index,
 };
@@ -89,10 +88,15 @@ struct Table {
     routes: Vec<(u32, Vec<u8>, Option<[u8; 6]>)>,
     /// The one local pod with an endpoint entry.
     endpoint: Vec<u8>,
+    /// The node's own address in its pod CIDR (the bridge's): never a pod's.
+    gateway: Vec<u8>,
+    /// The cluster CIDR: network, prefix length.
+    cluster: (Vec<u8>, u32),
 }
 
-/// n1 owns 10.244.1.0/24. Routes: 10.244.0.0/16 (a wide entry), 10.244.2.0/24 (n2),
-/// 10.244.3.0/24 with an unresolved MAC, and the single host 10.244.2.99/32.
+/// n1 owns 10.244.1.0/24, gateway 10.244.1.1, in cluster 10.244.0.0/16. Routes:
+/// 10.244.0.0/16 (a wide entry), 10.244.2.0/24 (n2), 10.244.3.0/24 with an unresolved
+/// MAC, and the single host 10.244.2.99/32.
 fn table_v4() -> Table {
     Table {
         own: (vec![10, 244, 1, 0], 24),
@@ -103,10 +107,13 @@ fn table_v4() -> Table {
             (32, vec![10, 244, 2, 99], Some(PEER_HOST_MAC)),
         ],
         endpoint: vec![10, 244, 1, 12],
+        gateway: vec![10, 244, 1, 1],
+        cluster: (vec![10, 244, 0, 0], 16),
     }
 }
 
-/// The same in IPv6: n1 owns fd00:244:1::/64; routes fd00:244::/48 (a wide entry),
+/// The same in IPv6: n1 owns fd00:244:1::/64, gateway fd00:244:1::1, in cluster
+/// fd00:244::/32; routes fd00:244::/48 (a wide entry),
 /// fd00:244:2::/64 (n2), fd00:244:3::/64 with an unresolved MAC, and the single host
 /// fd00:244:2::99/128. The /48 is fd00:244:0::/48, which holds none of the node /64s
 /// (fd00:244:N::), so n5's fd00:244:0:5::/64 is added for a /64 inside the /48.
@@ -121,6 +128,8 @@ fn table_v6() -> Table {
             (64, ip6("fd00:244:0:5::").to_vec(), Some(PEER5_MAC)),
         ],
         endpoint: ip6("fd00:244:1::12").to_vec(),
+        gateway: ip6("fd00:244:1::1").to_vec(),
+        cluster: (ip6("fd00:244::").to_vec(), 32),
     }
 }
 
@@ -179,8 +188,20 @@ fn load() -> Programs {
 /// Node n1; without `ipv6` it has no IPv6 pod CIDR, though the IPv6 routes and endpoint
 /// are there all the same (so only the missing CIDR can stop the fast path).
 fn load_node(ipv6: bool) -> Programs {
-    // `all` mode: these cases are about the header rules, not conntrack.
-    let mut ebpf = hgw_common::loader::load(hgw_agent::datapath::PROGRAMS, false).expect("load the eBPF object");
+    load_with_cluster(ipv6, table_v4().cluster, table_v6().cluster)
+}
+
+/// Node n1 with other cluster CIDRs (network, prefix length) than [`table_v4`]'s and
+/// [`table_v6`]'s.
+fn load_with_cluster(
+    ipv6: bool,
+    cluster_v4: (Vec<u8>, u32),
+    cluster_v6: (Vec<u8>, u32),
+) -> Programs {
+    // `all` mode: these cases are about the header rules, not conntrack
+    // (programs_conntrack.rs has those).
+    let mut ebpf = hgw_common::loader::load(hgw_agent::datapath::PROGRAMS, false)
+        .expect("load the eBPF object");
     let (v4, v6) = (table_v4(), table_v6());
     let mut config: Array<MapData, NodeConfig> = take_map(&mut ebpf, MAP_CONFIG);
     let (pod_net_v6, pod_mask_v6) = if ipv6 {
@@ -203,12 +224,12 @@ fn load_node(ipv6: bool) -> Programs {
                 bridge_mtu: MTU,
                 bridge_mac: BRIDGE_MAC,
                 uplink_mac: UPLINK_MAC,
-                gateway_v4: [10, 244, 1, 1],
-                gateway_v6: ip6("fd00:244:1::1"),
-                cluster_net_v4: [10, 244, 0, 0],
-                cluster_mask_v4: [255, 255, 0, 0],
-                cluster_net_v6: ip6("fd00:244::"),
-                cluster_mask_v6: netmask(32, 16).try_into().expect("16 bytes"),
+                gateway_v4: v4.gateway.clone().try_into().expect("4 bytes"),
+                gateway_v6: v6.gateway.clone().try_into().expect("16 bytes"),
+                cluster_net_v4: cluster_v4.0.try_into().expect("4 bytes"),
+                cluster_mask_v4: netmask(cluster_v4.1, 4).try_into().expect("4 bytes"),
+                cluster_net_v6: cluster_v6.0.try_into().expect("16 bytes"),
+                cluster_mask_v6: netmask(cluster_v6.1, 16).try_into().expect("16 bytes"),
                 ct: CtTimeouts::default(),
             },
             0,
@@ -710,6 +731,11 @@ fn bridge_side_leaves_what_it_is_not_sure_of_to_the_kernel() {
             Slot::NotIp,
         ),
         (
+            // Not what TC sees of a tagged frame: the kernel moves the tag into
+            // skb->vlan_present/vlan_tci before TC ingress, and the programs leave such
+            // skbs to the kernel (not_ip), but BPF_PROG_TEST_RUN cannot set vlan_present
+            // (it refuses a context with the vlan fields set). An inline 802.1Q header is
+            // still no IP frame to the programs: not_ip as well.
             "VLAN-tagged",
             with(&base, |f| {
                 f[12..14].copy_from_slice(&0x8100u16.to_be_bytes())
@@ -763,22 +789,35 @@ fn bridge_side_leaves_what_it_is_not_sure_of_to_the_kernel() {
 
 #[test]
 fn sources_next_to_the_martian_ranges_are_forwarded() {
-    // The edges of the martian ranges: one address past them is an ordinary source.
-    let mut p = load();
+    // The edges of the martian ranges: one address past them is an ordinary source. Such
+    // sources are outside every pod CIDR, so they are forwarded on the uplink side only,
+    // of a node whose cluster CIDR holds them (half the address space each), and the
+    // bridge side stops them for their source, not as martians.
+    let low = load_with_cluster(true, (vec![0, 0, 0, 0], 1), (ip6("::").to_vec(), 1));
+    let high = load_with_cluster(true, (vec![128, 0, 0, 0], 1), (ip6("8000::").to_vec(), 1));
+    let mut bridge_side = load();
+    let mut nodes = [low, high];
     for src in [
         [1, 0, 0, 0],
         [126, 255, 255, 255],
         [128, 0, 0, 0],
         [223, 255, 255, 255],
     ] {
-        p.expect_redirect(
+        nodes[usize::from(src[0] >= 128)].expect_redirect(
+            PROG_TO_POD,
+            &frame(UPLINK_MAC, src, [10, 244, 1, 11], 64),
+            &[Slot::V4(Counter::FwdToPod)],
+            &format!("uplink side, source {src:?}"),
+        );
+        bridge_side.expect_pass(
             PROG_TO_PEER,
             &frame(BRIDGE_MAC, src, [10, 244, 2, 11], 64),
-            &[Slot::V4(Counter::FwdToPeer)],
-            &format!("source {src:?}"),
+            Slot::V4(Counter::PassSource),
+            &format!("bridge side, source {src:?}"),
         );
     }
-    let base = to_peer6("fd00:244:2::11", 64);
+    let to_pod = to_pod6("fd00:244:1::11", 64);
+    let to_peer = to_peer6("fd00:244:2::11", 64);
     for src in [
         "::2",
         "fe7f:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
@@ -787,12 +826,159 @@ fn sources_next_to_the_martian_ranges_are_forwarded() {
         "fc00::1",
         "2001:db8::1",
     ] {
-        p.expect_redirect(
-            PROG_TO_PEER,
-            &with_src6(&base, src),
-            &[Slot::V6(Counter::FwdToPeer)],
-            &format!("source {src}"),
+        nodes[usize::from(ip6(src)[0] >= 0x80)].expect_redirect(
+            PROG_TO_POD,
+            &with_src6(&to_pod, src),
+            &[Slot::V6(Counter::FwdToPod)],
+            &format!("uplink side, source {src}"),
         );
+        bridge_side.expect_pass(
+            PROG_TO_PEER,
+            &with_src6(&to_peer, src),
+            Slot::V6(Counter::PassSource),
+            &format!("bridge side, source {src}"),
+        );
+    }
+}
+
+#[test]
+fn each_side_forwards_only_its_own_sources() {
+    use Counter::*;
+    let mut p = load();
+    /// Ok: forwarded, counted there; Err: left to the kernel for that reason.
+    type Case = (&'static str, Vec<u8>, Result<Slot, Slot>, String);
+    let mut cases: Vec<Case> = vec![];
+    // Bridge side: only this node's pods (10.244.1.0/24), never the gateway's address.
+    for (src, verdict, what) in [
+        ([10, 244, 1, 11], Ok(FwdToPeer), "a pod of this node"),
+        ([10, 244, 1, 255], Ok(FwdToPeer), "the pod CIDR's far end"),
+        ([10, 244, 1, 1], Err(PassSource), "the gateway"),
+        ([10, 244, 2, 11], Err(PassSource), "a pod of another node"),
+        (
+            [10, 244, 0, 255],
+            Err(PassSource),
+            "just below the pod CIDR",
+        ),
+        ([10, 244, 2, 0], Err(PassSource), "just above the pod CIDR"),
+        (
+            [172, 31, 0, 1],
+            Err(PassSource),
+            "the node's uplink address",
+        ),
+        ([192, 0, 2, 1], Err(PassSource), "outside the cluster"),
+    ] {
+        let f = frame(BRIDGE_MAC, src, [10, 244, 2, 11], 64);
+        let what = format!("bridge side, source {src:?}, {what}");
+        cases.push((
+            PROG_TO_PEER,
+            f,
+            verdict.map(Slot::V4).map_err(Slot::V4),
+            what,
+        ));
+    }
+    for (src, verdict, what) in [
+        ("fd00:244:1::11", Ok(FwdToPeer), "a pod of this node"),
+        (
+            "fd00:244:1:0:ffff:ffff:ffff:ffff",
+            Ok(FwdToPeer),
+            "the pod CIDR's far end",
+        ),
+        ("fd00:244:1::1", Err(PassSource), "the gateway"),
+        ("fd00:244:2::11", Err(PassSource), "a pod of another node"),
+        (
+            "fd00:244:0:ffff:ffff:ffff:ffff:ffff",
+            Err(PassSource),
+            "just below the pod CIDR",
+        ),
+        (
+            "fd00:244:1:1::11",
+            Err(PassSource),
+            "just above the pod CIDR",
+        ),
+        (
+            "fd00:172:31::1",
+            Err(PassSource),
+            "the node's uplink address",
+        ),
+    ] {
+        let f = with_src6(&to_peer6("fd00:244:2::11", 64), src);
+        let what = format!("bridge side, source {src}, {what}");
+        cases.push((
+            PROG_TO_PEER,
+            f,
+            verdict.map(Slot::V6).map_err(Slot::V6),
+            what,
+        ));
+    }
+    // Uplink side: only sources in the cluster CIDR (10.244.0.0/16); a node address
+    // (after masquerade) or an outside host is the kernel's to judge.
+    for (src, verdict, what) in [
+        ([10, 244, 2, 11], Ok(FwdToPod), "a pod of another node"),
+        ([10, 244, 0, 0], Ok(FwdToPod), "the cluster CIDR's near end"),
+        (
+            [10, 244, 255, 255],
+            Ok(FwdToPod),
+            "the cluster CIDR's far end",
+        ),
+        (
+            [172, 31, 0, 2],
+            Err(PassSource),
+            "a masqueraded node address",
+        ),
+        (
+            [10, 243, 255, 255],
+            Err(PassSource),
+            "just below the cluster CIDR",
+        ),
+        (
+            [10, 245, 0, 0],
+            Err(PassSource),
+            "just above the cluster CIDR",
+        ),
+    ] {
+        let f = frame(UPLINK_MAC, src, [10, 244, 1, 11], 64);
+        let what = format!("uplink side, source {src:?}, {what}");
+        cases.push((
+            PROG_TO_POD,
+            f,
+            verdict.map(Slot::V4).map_err(Slot::V4),
+            what,
+        ));
+    }
+    for (src, verdict, what) in [
+        ("fd00:244:2::11", Ok(FwdToPod), "a pod of another node"),
+        (
+            "fd00:244:ffff:ffff:ffff:ffff:ffff:ffff",
+            Ok(FwdToPod),
+            "the cluster CIDR's far end",
+        ),
+        (
+            "fd00:172:31::2",
+            Err(PassSource),
+            "a masqueraded node address",
+        ),
+        (
+            "fd00:243:ffff:ffff:ffff:ffff:ffff:ffff",
+            Err(PassSource),
+            "just below the cluster CIDR",
+        ),
+        ("fd00:245::", Err(PassSource), "just above the cluster CIDR"),
+        ("2001:db8::1", Err(PassSource), "outside the cluster"),
+    ] {
+        let f = with_src6(&to_pod6("fd00:244:1::11", 64), src);
+        let what = format!("uplink side, source {src}, {what}");
+        cases.push((
+            PROG_TO_POD,
+            f,
+            verdict.map(Slot::V6).map_err(Slot::V6),
+            what,
+        ));
+    }
+    for (program, f, verdict, what) in cases {
+        match verdict {
+            Ok(forwarded) => drop(p.expect_redirect(program, &f, &[forwarded], &what)),
+            Err(reason) => p.expect_pass(program, &f, reason, &what),
+        }
     }
 }
 
@@ -888,6 +1074,12 @@ fn uplink_side_delivers_to_local_pods_only() {
             "the node itself",
             to_pod([172, 31, 0, 1], 63),
             Slot::V4(PassNotPod),
+        ),
+        (
+            // In the pod CIDR, but the node's own address: for the node, not a pod.
+            "the gateway",
+            to_pod([10, 244, 1, 1], 63),
+            Slot::V4(PassLocal),
         ),
         ("TTL 1", to_pod([10, 244, 1, 11], 1), Slot::V4(PassTtl)),
         (
@@ -1312,7 +1504,7 @@ fn ipv6_uplink_side_delivers_to_local_pods_only() {
     assert_eq!(out[0..6], POD_MAC, "destination MAC is the pod's");
     assert_eq!(out[6..12], BRIDGE_MAC, "source MAC is the gateway's");
     assert_eq!(out[V6_HOP_LIMIT], 62);
-    for dst in ["fd00:244:1::11", "fd00:244:1::1", "fd00:244:1:0:ffff::1"] {
+    for dst in ["fd00:244:1::11", "fd00:244:1::2", "fd00:244:1:0:ffff::1"] {
         let input = to_pod6(dst, 63);
         let out = p.expect_redirect(
             PROG_TO_POD,
@@ -1342,6 +1534,12 @@ fn ipv6_uplink_side_delivers_to_local_pods_only() {
             "the node itself",
             to_pod6("2001:db8::1", 63),
             Slot::V6(PassNotPod),
+        ),
+        (
+            // In the pod CIDR, but the node's own address: for the node, not a pod.
+            "the gateway",
+            to_pod6("fd00:244:1::1", 63),
+            Slot::V6(PassLocal),
         ),
         (
             "hop limit 1",
@@ -1455,7 +1653,7 @@ fn expected_redirect(program: &str, f: &[u8]) -> Option<[u8; 12]> {
         return None;
     }
     let ip = &f[14..];
-    let (table, dst, ttl, packet_len) = match ether_type(f) {
+    let (table, src, dst, ttl, packet_len) = match ether_type(f) {
         ETH_P_IPV4 if ip.len() >= 20 => {
             let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
             let (src, dst) = (&ip[12..16], &ip[16..20]);
@@ -1468,7 +1666,7 @@ fn expected_redirect(program: &str, f: &[u8]) -> Option<[u8; 12]> {
             if !plain || !unicast || martian {
                 return None;
             }
-            (table_v4(), dst, ip[8], tot_len)
+            (table_v4(), src, dst, ip[8], tot_len)
         }
         ETH_P_IPV6 if ip.len() >= 40 => {
             let packet_len = 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
@@ -1484,17 +1682,19 @@ fn expected_redirect(program: &str, f: &[u8]) -> Option<[u8; 12]> {
             if !plain || !unicast || martian {
                 return None;
             }
-            (table_v6(), dst, ip[7], packet_len)
+            (table_v6(), src, dst, ip[7], packet_len)
         }
         _ => return None,
     };
     if ttl <= 1 || packet_len > MTU as usize {
         return None;
     }
-    let own = prefix_matches(dst, &table.own.0, table.own.1);
+    let owns = |addr| prefix_matches(addr, &table.own.0, table.own.1);
+    let own = owns(dst);
     let mut macs = [0u8; 12];
     if to_peer {
-        if own {
+        // Sent from this node's pods only, the gateway (the node itself) excepted.
+        if own || !owns(src) || src == table.gateway {
             return None;
         }
         let (_, _, mac) = table
@@ -1505,7 +1705,9 @@ fn expected_redirect(program: &str, f: &[u8]) -> Option<[u8; 12]> {
         macs[..6].copy_from_slice(&(*mac)?);
         macs[6..].copy_from_slice(&UPLINK_MAC);
     } else {
-        if !own {
+        // To this node's pods (not to the node's own gateway address), from the cluster.
+        let in_cluster = prefix_matches(src, &table.cluster.0, table.cluster.1);
+        if !own || dst == table.gateway || !in_cluster {
             return None;
         }
         if dst == table.endpoint {
@@ -1528,6 +1730,7 @@ fn interesting_dsts_v4() -> Vec<[u8; 4]> {
         [10, 244, 3, 5],
         [10, 244, 1, 11],
         [10, 244, 1, 12],
+        [10, 244, 1, 1],
         [10, 99, 0, 1],
         [224, 0, 0, 5],
         [255, 255, 255, 255],
@@ -1544,8 +1747,41 @@ fn interesting_dsts_v6() -> Vec<[u8; 16]> {
         "fd00:244:3::5",
         "fd00:244:1::11",
         "fd00:244:1::12",
+        "fd00:244:1::1",
         "fd00:245::1",
         "ff02::1",
+    ]
+    .map(ip6)
+    .to_vec()
+}
+
+/// Sources next to the source rules: this node's pods, its gateway, other nodes' pods,
+/// the edges of the pod and cluster CIDRs, a node address.
+fn interesting_srcs_v4() -> Vec<[u8; 4]> {
+    vec![
+        [10, 244, 1, 11],
+        [10, 244, 1, 1],
+        [10, 244, 1, 0],
+        [10, 244, 2, 11],
+        [10, 244, 0, 255],
+        [10, 244, 255, 255],
+        [10, 245, 0, 0],
+        [10, 243, 255, 255],
+        [172, 31, 0, 2],
+    ]
+}
+
+fn interesting_srcs_v6() -> Vec<[u8; 16]> {
+    [
+        "fd00:244:1::11",
+        "fd00:244:1::1",
+        "fd00:244:1::",
+        "fd00:244:2::11",
+        "fd00:244:1:1::11",
+        "fd00:244:ffff:ffff:ffff:ffff:ffff:ffff",
+        "fd00:245::",
+        "fd00:243:ffff:ffff:ffff:ffff:ffff:ffff",
+        "fd00:172:31::2",
     ]
     .map(ip6)
     .to_vec()
@@ -1554,7 +1790,7 @@ fn interesting_dsts_v6() -> Vec<[u8; 16]> {
 /// Sets one header field to a value at or next to an edge the programs decide on.
 fn poke_edge(f: &mut [u8], rng: &mut Rng) {
     match ether_type(f) {
-        ETH_P_IPV4 if f.len() >= 34 => match rng.below(6) {
+        ETH_P_IPV4 if f.len() >= 34 => match rng.below(7) {
             0 => f[14] = rng.pick(&[0x45, 0x46, 0x4f, 0x44, 0x40, 0x55, 0x65]),
             1 => f[V4_TTL] = rng.pick(&[0, 1, 2, 255]),
             2 => f[20..22].copy_from_slice(&rng.pick::<[u8; 2]>(&[
@@ -1568,9 +1804,10 @@ fn poke_edge(f: &mut [u8], rng: &mut Rng) {
                 f[16..18].copy_from_slice(&len.to_be_bytes());
             }
             4 => f[26] = rng.pick(&[0, 1, 126, 127, 128, 223, 224, 239, 240, 255]),
+            5 => f[26..30].copy_from_slice(&rng.pick(&interesting_srcs_v4())),
             _ => f[30..34].copy_from_slice(&rng.pick(&interesting_dsts_v4())),
         },
-        ETH_P_IPV6 if f.len() >= V6_HEADERS => match rng.below(6) {
+        ETH_P_IPV6 if f.len() >= V6_HEADERS => match rng.below(7) {
             0 => f[14] = rng.pick(&[0x60, 0x6f, 0x40, 0x70, 0x00]),
             1 => {
                 f[V6_NEXT_HEADER] = rng.pick(&[
@@ -1588,6 +1825,7 @@ fn poke_edge(f: &mut [u8], rng: &mut Rng) {
                 ]);
                 f[V6_SRC..V6_SRC + 16].copy_from_slice(&ip6(src));
             }
+            5 => f[V6_SRC..V6_SRC + 16].copy_from_slice(&rng.pick(&interesting_srcs_v6())),
             _ => f[V6_DST..V6_DST + 16].copy_from_slice(&rng.pick(&interesting_dsts_v6())),
         },
         _ => {}
