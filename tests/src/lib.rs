@@ -18,6 +18,7 @@
 mod agent;
 mod cmd;
 mod etcd;
+mod flows;
 mod kernel;
 mod lab;
 mod netns;
@@ -26,6 +27,10 @@ mod traffic;
 
 pub use agent::{Agent, agent_bin, counter, counter_sum};
 pub use etcd::{ETCD_IP, Etcd};
+pub use flows::{
+    CtEntry, add_kube_proxy_invalid_drop, conntrack_entries, count_sent_packets, invalid_drops,
+    sent_packets, set_sysctls,
+};
 pub use kernel::{
     HGW_ROUTE_PROTOCOL, allow_forwarding, block_neighbour_discovery, block_neighbour_requests,
     drop_all_forwarding, hgw_programs, hgw_routes, tcx_programs, unblock_neighbour_discovery,
