@@ -1,12 +1,23 @@
-//! The fast path really bypasses the kernel's FORWARD path: with every forwarded packet
-//! dropped by netfilter in each node, pods on different nodes still talk while the
-//! agents run, and stop as soon as the agents (and so their programs) are gone.
+//! In `fast_path = "all"` mode the fast path really bypasses the kernel's FORWARD path:
+//! with every forwarded packet dropped by netfilter in each node, pods on different
+//! nodes still talk while the agents run, and stop as soon as the agents (and so their
+//! programs) are gone. Only `all` mode: in `established` mode (the default) a flow takes
+//! the fast path only once the kernel accepted it, so a FORWARD drop stops it there
+//! (network_policy.rs), and ping (ICMP) always goes to the kernel.
+
+use std::time::Duration;
 
 use hgw_tests::{Lab, drop_all_forwarding, ping};
 
 #[test]
 fn forward_drop_does_not_stop_the_fast_path() -> anyhow::Result<()> {
-    let mut lab = Lab::up_with_agents(2, 1)?;
+    let mut lab = Lab::up(2, 1)?;
+    for node in 0..lab.nodes.len() {
+        lab.start_agent(node, &["--fast-path", "all"])?;
+    }
+    for agent in lab.agents() {
+        agent.wait_ready(Duration::from_secs(15))?;
+    }
     // An nftables base chain with policy drop on the forward hook: it drops even what
     // the agent's iptables FORWARD accept rules let through.
     for node in &lab.nodes {
