@@ -21,6 +21,7 @@ mod etcd;
 mod flows;
 mod kernel;
 mod lab;
+mod netfilter;
 mod netns;
 mod stream;
 mod traffic;
@@ -36,6 +37,11 @@ pub use kernel::{
     drop_all_forwarding, hgw_programs, hgw_routes, tcx_programs, unblock_neighbour_discovery,
 };
 pub use lab::{CLUSTER_CIDR, CLUSTER_CIDR_V6, Lab, Node, Pod, is_lab_id};
+pub use netfilter::{
+    CNI_PATH, HostPort, KUBE_MARK_MASQ, OutsideHost, Proto, REPLY_BODY, ServicePort, TcpAnswer,
+    UdpAnswer, iptables_restore, is_ok_reply, kube_proxy_iptables, kube_proxy_nftables, nft_apply,
+    restart_agents, run_with_input, tcp_request, udp_requests,
+};
 pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
 pub use stream::paced_tcp_stream;
 pub use traffic::{ping, tcp_transfer, udp_exchange};
