@@ -44,4 +44,4 @@ pub use netfilter::{
 };
 pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
 pub use stream::paced_tcp_stream;
-pub use traffic::{ping, tcp_transfer, udp_exchange};
+pub use traffic::{UdpFlow, ping, tcp_transfer, udp_exchange, udp_replied_exchange};

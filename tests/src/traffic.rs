@@ -1,4 +1,5 @@
-//! Traffic between pods: ping, a verified TCP transfer, a counted UDP exchange.
+//! Traffic between pods: ping, a verified TCP transfer, counted UDP exchanges (one way,
+//! or on a flow the server answered first, which conntrack counts as established).
 //! Every operation is bounded by timeouts, so a broken path fails a test, never hangs it.
 
 use std::collections::HashSet;
@@ -158,33 +159,144 @@ fn accept_before(listener: &TcpListener, deadline: Instant) -> anyhow::Result<Tc
 
 /// Sends `packets` UDP datagrams from `client_ns` to a socket on `server_ip` in
 /// `server_ns` and returns how many distinct, intact ones arrived (one way: the server
-/// does not answer).
+/// does not answer, so conntrack never sees the flow replied; for a flow the
+/// `established` fast path takes, see [`udp_replied_exchange`]).
 pub fn udp_exchange(
     client_ns: &str,
     server_ns: &str,
     server_ip: impl Into<IpAddr>,
     packets: usize,
 ) -> anyhow::Result<usize> {
-    let server_ip = server_ip.into();
-    let server = in_netns(server_ns, || UdpSocket::bind((server_ip, 0)))?
-        .with_context(|| format!("binding a UDP socket on {server_ip} in {server_ns}"))?;
-    server
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .context("setting read timeout")?;
-    let addr = server.local_addr().context("UDP server address")?;
-    let any: IpAddr = match server_ip {
-        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let client = in_netns(client_ns, || UdpSocket::bind((any, 0)))?
-        .with_context(|| format!("binding a UDP socket in {client_ns}"))?;
-    for seq in 0..packets {
-        client
-            .send_to(&datagram(seq), addr)
-            .with_context(|| format!("UDP {client_ns} -> {addr}: sending datagram {seq}"))?;
-        thread::sleep(UDP_GAP);
+    let mut flow = UdpFlow::bind(client_ns, server_ns, server_ip.into())?;
+    flow.send(packets)
+}
+
+/// Like [`udp_exchange`], on a flow conntrack has seen answered: the server replies to
+/// a first datagram before the `packets` counted ones are sent ([`UdpFlow::open`]).
+/// With `fast_path = "established"`, every counted datagram may take the fast path.
+pub fn udp_replied_exchange(
+    client_ns: &str,
+    server_ns: &str,
+    server_ip: impl Into<IpAddr>,
+    packets: usize,
+) -> anyhow::Result<usize> {
+    let mut flow = UdpFlow::open(client_ns, server_ns, server_ip)?;
+    flow.send(packets)
+}
+
+/// What opens a [`UdpFlow`]: not a counted datagram (too short to carry a sequence
+/// number and the pattern), so a duplicate of it is ignored by the counting.
+const HELLO: &[u8] = b"hgw-hello";
+/// Attempts at the opening exchange, each waiting this long for the answer: the first
+/// datagram may wait for a neighbour resolution, or be lost to it.
+const HELLO_ATTEMPTS: usize = 5;
+const HELLO_WAIT: Duration = Duration::from_millis(500);
+
+/// A UDP flow between two pods, kept open so several batches can be sent on it (the
+/// same 5-tuple, so the same conntrack entry on every node it crosses).
+pub struct UdpFlow {
+    client: UdpSocket,
+    server: UdpSocket,
+    addr: SocketAddr,
+    client_ns: String,
+    /// The next datagram's sequence number.
+    next: usize,
+}
+
+impl UdpFlow {
+    /// Binds the server on `server_ip` (an ephemeral port) and the client; sends nothing.
+    fn bind(client_ns: &str, server_ns: &str, server_ip: IpAddr) -> anyhow::Result<UdpFlow> {
+        let server = in_netns(server_ns, || UdpSocket::bind((server_ip, 0)))?
+            .with_context(|| format!("binding a UDP socket on {server_ip} in {server_ns}"))?;
+        server
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .context("setting read timeout")?;
+        let addr = server.local_addr().context("UDP server address")?;
+        let any: IpAddr = match server_ip {
+            IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let client = in_netns(client_ns, || UdpSocket::bind((any, 0)))?
+            .with_context(|| format!("binding a UDP socket in {client_ns}"))?;
+        Ok(UdpFlow {
+            client,
+            server,
+            addr,
+            client_ns: client_ns.to_owned(),
+            next: 0,
+        })
     }
-    count_datagrams(&server, packets, Instant::now() + UDP_GRACE)
+
+    /// A flow conntrack has accepted on every node it crosses: the client sends a
+    /// first datagram, the server answers it, and only once the answer is back (so
+    /// every node's entry is confirmed and has seen a reply) does this return. Fails
+    /// if no answer comes back.
+    pub fn open(
+        client_ns: &str,
+        server_ns: &str,
+        server_ip: impl Into<IpAddr>,
+    ) -> anyhow::Result<UdpFlow> {
+        let flow = UdpFlow::bind(client_ns, server_ns, server_ip.into())?;
+        flow.client
+            .set_read_timeout(Some(HELLO_WAIT))
+            .context("setting read timeout")?;
+        let mut buf = [0u8; 64];
+        for _ in 0..HELLO_ATTEMPTS {
+            flow.client
+                .send_to(HELLO, flow.addr)
+                .with_context(|| format!("UDP {client_ns} -> {}: sending hello", flow.addr))?;
+            let deadline = Instant::now() + HELLO_WAIT;
+            let from = loop {
+                match flow.server.recv_from(&mut buf) {
+                    Ok((n, from)) if buf[..n] == *HELLO => break Some(from),
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        if Instant::now() >= deadline {
+                            break None;
+                        }
+                    }
+                    Err(e) => return Err(e).context("receiving the hello"),
+                }
+            };
+            let Some(from) = from else { continue };
+            flow.server
+                .send_to(HELLO, from)
+                .with_context(|| format!("UDP {} -> {from}: answering", flow.addr))?;
+            match flow.client.recv_from(&mut buf) {
+                Ok((n, src)) if src == flow.addr && buf[..n] == *HELLO => return Ok(flow),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e).context("receiving the answer"),
+            }
+        }
+        bail!(
+            "UDP {client_ns} -> {}: no answer to the opening datagram in {HELLO_ATTEMPTS} attempts",
+            flow.addr
+        )
+    }
+
+    /// Sends `packets` datagrams on the flow and returns how many distinct, intact ones
+    /// arrived (within 2 s of the last one sent).
+    pub fn send(&mut self, packets: usize) -> anyhow::Result<usize> {
+        let first = self.next;
+        for seq in first..first + packets {
+            self.client
+                .send_to(&datagram(seq), self.addr)
+                .with_context(|| {
+                    format!(
+                        "UDP {} -> {}: sending datagram {seq}",
+                        self.client_ns, self.addr
+                    )
+                })?;
+            thread::sleep(UDP_GAP);
+        }
+        self.next += packets;
+        count_datagrams(
+            &self.server,
+            first..first + packets,
+            Instant::now() + UDP_GRACE,
+        )
+    }
 }
 
 /// Datagram `seq`: its sequence number, then the pattern from there.
@@ -194,19 +306,23 @@ fn datagram(seq: usize) -> Vec<u8> {
     d
 }
 
-fn count_datagrams(server: &UdpSocket, packets: usize, deadline: Instant) -> anyhow::Result<usize> {
+fn count_datagrams(
+    server: &UdpSocket,
+    seqs: std::ops::Range<usize>,
+    deadline: Instant,
+) -> anyhow::Result<usize> {
     let mut seen = HashSet::new();
     let mut buf = [0u8; 2048];
-    while seen.len() < packets && Instant::now() < deadline {
+    while seen.len() < seqs.len() && Instant::now() < deadline {
         match server.recv(&mut buf) {
             Ok(n) => {
                 let Some(seq) = buf.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
                     continue;
                 };
                 let seq = u64::from_be_bytes(seq);
-                // Only intact datagrams of this exchange count.
+                // Only intact datagrams of this batch count.
                 if let Ok(seq) = usize::try_from(seq)
-                    && seq < packets
+                    && seqs.contains(&seq)
                     && buf[..n] == datagram(seq)[..]
                 {
                     seen.insert(seq);
