@@ -1,0 +1,746 @@
+//! The real programs in `established` mode, run through BPF_PROG_TEST_RUN against
+//! conntrack entries the test made with the `conntrack` tool: which packets the kernel
+//! keeps (no entry, no reply seen, TCP not assured, NAT'd, SYN, not TCP/UDP), that an
+//! accepted flow takes the fast path in both directions, and what the programs do to
+//! its entry (FIN and RST shorten it, a running-low one is refreshed, once).
+//!
+//! `bpf_skb_ct_lookup` (netns_id -1) looks in the namespace of the skb's device, which
+//! for BPF_PROG_TEST_RUN is the loopback of the caller's namespace: each test makes a
+//! namespace of its own, puts its entries there and runs the programs from a thread
+//! inside it, so the host's conntrack table is neither read nor written. (The lookup
+//! finds entries made through ctnetlink without any netfilter rule in the namespace.)
+//!
+//! Entries made through ctnetlink are always confirmed (the kernel inserts them into
+//! the hash table, which is what confirming is): an unconfirmed entry, which exists
+//! only while its first packet crosses the stack, cannot be made here. The programs
+//! treat one as not accepted with the same status test as an entry without a reply
+//! (IPS_CONFIRMED is in the same mask as IPS_SEEN_REPLY).
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use aya::{
+    Ebpf,
+    maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use hgw_common::{
+    COUNTERS_LEN, Counter, CtTimeouts, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ROUTES_V4,
+    MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
+    counter_index,
+};
+use hgw_tests::{in_netns, run_in_ok};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb1, 0x01];
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xe1, 0x01];
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x0b];
+const PEER2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xe2, 0x02];
+const UPLINK_IFINDEX: u32 = 7;
+const BRIDGE_IFINDEX: u32 = 3;
+const MTU: u32 = 1500;
+
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+
+/// The node's timeouts, in seconds (the sysctls the agent reads). FIN and RST are far
+/// below the established timeouts so that each change shows; entries made with less
+/// than `REFRESH_BELOW` left and more than `FIN_S` are refreshed.
+const ESTABLISHED: u32 = 120;
+const REFRESH_BELOW: u32 = 90;
+const FIN_S: u32 = 6;
+const RST_S: u32 = 3;
+
+/// CONFIG_HZ, as the agent finds it: CLOCK_MONOTONIC_COARSE advances once a tick.
+fn hz() -> u32 {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec into `res`, which outlives the call.
+    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+    assert_eq!(rc, 0, "clock_getres: {}", std::io::Error::last_os_error());
+    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    u32::try_from(1_000_000_000u64.div_ceil(tick_ns)).expect("HZ")
+}
+
+fn timeouts() -> CtTimeouts {
+    let hz = hz();
+    CtTimeouts {
+        tcp_ms: ESTABLISHED * 1000,
+        tcp_refresh_below: REFRESH_BELOW * hz,
+        udp_ms: ESTABLISHED * 1000,
+        udp_refresh_below: REFRESH_BELOW * hz,
+        fin_ms: FIN_S * 1000,
+        rst_ms: RST_S * 1000,
+        closing: FIN_S.max(RST_S) * hz,
+    }
+}
+
+/// A network namespace of this test's own, deleted on drop (also when the test fails).
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "hgwpt{:x}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let status = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip netns add");
+        assert!(status.success(), "ip netns add {name}");
+        Netns(name)
+    }
+
+    /// `conntrack ARGS` in the namespace; its stdout.
+    fn conntrack(&self, args: &[&str]) -> String {
+        let out = run_in_ok(&self.0, "conntrack", args).expect("conntrack");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// A flow between a pod of this node (n1) and a pod of n2, on ports of its own.
+#[derive(Clone, Copy, Debug)]
+struct Flow {
+    proto: Proto,
+    local: (IpAddr, u16),
+    remote: (IpAddr, u16),
+}
+
+impl Flow {
+    fn family(&self) -> Family {
+        if self.local.0.is_ipv6() {
+            Family::Ipv6
+        } else {
+            Family::Ipv4
+        }
+    }
+
+    /// `conntrack` arguments naming the flow as opened by the local pod (or the remote).
+    fn tuple(&self, opened_locally: bool) -> Vec<String> {
+        let (from, to) = if opened_locally {
+            (self.local, self.remote)
+        } else {
+            (self.remote, self.local)
+        };
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        [
+            "-p",
+            proto,
+            "-s",
+            &from.0.to_string(),
+            "-d",
+            &to.0.to_string(),
+            "--sport",
+            &from.1.to_string(),
+            "--dport",
+            &to.1.to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// The local pod's packet to the remote: what `hgw_to_peer` sees.
+    fn to_peer(self, tcp_flags: u8) -> Vec<u8> {
+        frame(BRIDGE_MAC, self.local, self.remote, self.l4(tcp_flags))
+    }
+
+    /// The remote pod's packet to the local one: what `hgw_to_pod` sees.
+    fn to_pod(self, tcp_flags: u8) -> Vec<u8> {
+        frame(UPLINK_MAC, self.remote, self.local, self.l4(tcp_flags))
+    }
+
+    fn l4(&self, tcp_flags: u8) -> (u8, Vec<u8>) {
+        let mut l4 = match self.proto {
+            // Ports, sequence and acknowledgement numbers, offset 5, flags, window.
+            Proto::Tcp => {
+                let mut h = vec![0; 20];
+                h[12] = 5 << 4;
+                h[13] = tcp_flags;
+                h[14] = 0x40;
+                (6, h)
+            }
+            Proto::Udp => (17, vec![0, 0, 0, 0, 0, 8 + 16, 0, 0]),
+        };
+        l4.1.extend_from_slice(b"hgw test payload");
+        l4
+    }
+}
+
+/// Ethernet + IP (TTL 64, valid IPv4 checksum) + `l4` (protocol, header and payload),
+/// whose first four bytes become the ports of `src` and `dst`.
+fn frame(dst_mac: [u8; 6], src: (IpAddr, u16), dst: (IpAddr, u16), l4: (u8, Vec<u8>)) -> Vec<u8> {
+    let (proto, mut l4) = l4;
+    if l4.len() >= 4 {
+        l4[0..2].copy_from_slice(&src.1.to_be_bytes());
+        l4[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    }
+    let mut f = [dst_mac, POD_MAC].concat();
+    match (src.0, dst.0) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+            f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+            f.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, proto, 0, 0]);
+            f.extend_from_slice(&s.octets());
+            f.extend_from_slice(&d.octets());
+            let check = !ipv4_sum(&f[14..34]);
+            f[24..26].copy_from_slice(&check.to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+            f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            f.extend_from_slice(&[proto, 64]);
+            f.extend_from_slice(&s.octets());
+            f.extend_from_slice(&d.octets());
+        }
+        _ => panic!("mixed families"),
+    }
+    f.extend_from_slice(&l4);
+    f
+}
+
+/// One's complement sum of an IPv4 header: 0xffff when its checksum is right.
+fn ipv4_sum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// An ICMP echo request (ICMPv6 for IPv6) between the flow's pods.
+fn ping(flow: &Flow, to_peer: bool) -> Vec<u8> {
+    let proto = if flow.family() == Family::Ipv6 { 58 } else { 1 };
+    let l4 = (
+        proto,
+        vec![if proto == 1 { 8 } else { 128 }, 0, 0, 0, 0, 1, 0, 1],
+    );
+    if to_peer {
+        frame(BRIDGE_MAC, flow.local, flow.remote, l4)
+    } else {
+        frame(UPLINK_MAC, flow.remote, flow.local, l4)
+    }
+}
+
+/// Node n1 (10.244.1.0/24, fd00:244:1::/64; cluster 10.244.0.0/16, fd00:244::/32) with
+/// n2's pod CIDRs routed, in `established` mode, with its own namespace for conntrack.
+struct Node {
+    ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    ns: Netns,
+    next_port: u16,
+}
+
+fn take_map<T: TryFrom<Map, Error: std::fmt::Debug>>(ebpf: &mut Ebpf, name: &str) -> T {
+    let map = ebpf.take_map(name).unwrap_or_else(|| panic!("map {name}"));
+    map.try_into()
+        .unwrap_or_else(|e| panic!("map {name}: {e:?}"))
+}
+
+fn v4(s: &str) -> [u8; 4] {
+    s.parse::<std::net::Ipv4Addr>().expect("IPv4").octets()
+}
+
+fn v6(s: &str) -> [u8; 16] {
+    s.parse::<std::net::Ipv6Addr>().expect("IPv6").octets()
+}
+
+impl Node {
+    fn new() -> Node {
+        let mut ebpf = hgw_common::loader::load(hgw_agent::datapath::PROGRAMS, true)
+            .expect("load the eBPF object in established mode");
+        let mask6 = |bits: usize| -> [u8; 16] {
+            std::array::from_fn(|i| (0xff00u16 >> (bits.saturating_sub(i * 8).min(8))) as u8)
+        };
+        let mut config: Array<MapData, NodeConfig> = take_map(&mut ebpf, MAP_CONFIG);
+        let node = NodeConfig {
+            pod_net_v4: v4("10.244.1.0"),
+            pod_mask_v4: v4("255.255.255.0"),
+            pod_net_v6: v6("fd00:244:1::"),
+            pod_mask_v6: mask6(64),
+            bridge_ifindex: BRIDGE_IFINDEX,
+            bridge_mtu: MTU,
+            bridge_mac: BRIDGE_MAC,
+            uplink_mac: UPLINK_MAC,
+            gateway_v4: v4("10.244.1.1"),
+            gateway_v6: v6("fd00:244:1::1"),
+            cluster_net_v4: v4("10.244.0.0"),
+            cluster_mask_v4: v4("255.255.0.0"),
+            cluster_net_v6: v6("fd00:244::"),
+            cluster_mask_v6: mask6(32),
+            ct: timeouts(),
+        };
+        config.set(0, node, 0).expect("write config");
+        let hop = NextHop {
+            ifindex: UPLINK_IFINDEX,
+            mtu: MTU,
+            dst_mac: PEER2_MAC,
+            src_mac: UPLINK_MAC,
+            flags: NEXT_HOP_MAC_KNOWN,
+        };
+        let mut routes: LpmTrie<MapData, [u8; 4], NextHop> = take_map(&mut ebpf, MAP_ROUTES_V4);
+        routes
+            .insert(&Key::new(24, v4("10.244.2.0")), hop, 0)
+            .expect("route");
+        let mut routes: LpmTrie<MapData, [u8; 16], NextHop> = take_map(&mut ebpf, MAP_ROUTES_V6);
+        routes
+            .insert(&Key::new(64, v6("fd00:244:2::")), hop, 0)
+            .expect("IPv6 route");
+        let counters = take_map(&mut ebpf, MAP_COUNTERS);
+        for name in [PROG_TO_PEER, PROG_TO_POD] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program")
+                .try_into()
+                .expect("classifier");
+            prog.load().expect("the verifier accepts the program");
+        }
+        Node {
+            ebpf,
+            counters,
+            ns: Netns::new(),
+            next_port: 20_000,
+        }
+    }
+
+    /// A new flow (ports no other flow of this node uses): local pod 10.244.1.11
+    /// (fd00:244:1::11), remote 10.244.2.11 (fd00:244:2::11).
+    fn flow(&mut self, ipv6: bool, proto: Proto) -> Flow {
+        self.next_port += 1;
+        let (local, remote): (IpAddr, IpAddr) = if ipv6 {
+            (v6("fd00:244:1::11").into(), v6("fd00:244:2::11").into())
+        } else {
+            (v4("10.244.1.11").into(), v4("10.244.2.11").into())
+        };
+        Flow {
+            proto,
+            local: (local, self.next_port),
+            remote: (remote, 8080),
+        }
+    }
+
+    /// Inserts the flow's entry (opened by the local pod, or the remote one) with
+    /// `timeout` seconds to go and `extra` arguments (status, state, NAT).
+    fn insert(&self, flow: &Flow, opened_locally: bool, timeout: u32, extra: &[&str]) {
+        let mut args = vec!["-I".to_owned()];
+        args.extend(flow.tuple(opened_locally));
+        args.extend(["-t".to_owned(), timeout.to_string()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ns.conntrack(&args);
+    }
+
+    /// Inserts an entry conntrack has accepted ([`accepted`]).
+    fn insert_established(&self, flow: &Flow, opened_locally: bool, timeout: u32) {
+        self.insert(flow, opened_locally, timeout, accepted(flow.proto));
+    }
+
+    /// Seconds left on the flow's entry, as `conntrack -G` shows them (it finds the
+    /// entry by its original tuple: who opened the flow).
+    fn seconds_left(&self, flow: &Flow, opened_locally: bool) -> u32 {
+        let mut args = vec!["-G".to_owned()];
+        args.extend(flow.tuple(opened_locally));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.ns.conntrack(&args);
+        // "tcp      6 119 ESTABLISHED src=..."
+        let field = out.split_whitespace().nth(2);
+        field
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{flow:?}: no timeout in {out:?}"))
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        (0..COUNTERS_LEN)
+            .map(|i| {
+                let per_cpu = self.counters.get(&i, 0).expect("read counter");
+                per_cpu.iter().sum()
+            })
+            .collect()
+    }
+
+    /// Runs `frame` through `program` from inside the node's namespace (where the
+    /// lookup looks): the verdict and the output frame.
+    fn run(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .expect("program")
+            .try_into()
+            .expect("classifier");
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = in_netns(&self.ns.0, || {
+            prog.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+        })
+        .expect("enter the namespace")
+        .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Expects `frame` left to the kernel unchanged with `reason` counted, and no other
+    /// counter moved.
+    fn expect_pass(
+        &self,
+        program: &str,
+        frame: &[u8],
+        family: Family,
+        reason: Counter,
+        what: &str,
+    ) {
+        let before = self.counters();
+        let (verdict, out) = self.run(program, frame);
+        assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+        assert_eq!(
+            out, frame,
+            "{what}: a packet left to the kernel must be unchanged"
+        );
+        assert_counted(&before, &self.counters(), family, &[reason], what);
+    }
+
+    /// Expects `frame` forwarded (MACs as the program sets them, TTL - 1, nothing else
+    /// changed) with the program's fwd counter and each of `also` counted, nothing else.
+    fn expect_forward(
+        &self,
+        program: &str,
+        frame: &[u8],
+        family: Family,
+        also: &[Counter],
+        what: &str,
+    ) {
+        let before = self.counters();
+        let (verdict, out) = self.run(program, frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: verdict");
+        let mut expected = frame.to_vec();
+        let forwarded = if program == PROG_TO_PEER {
+            expected[0..12].copy_from_slice(&[PEER2_MAC, UPLINK_MAC].concat());
+            Counter::FwdToPeer
+        } else {
+            // No endpoint entry: bpf_redirect_neigh, the kernel fills in the MACs.
+            Counter::FwdToPod
+        };
+        if family == Family::Ipv4 {
+            expected[22] -= 1;
+            expected[24..26].fill(0);
+            let check = !ipv4_sum(&expected[14..34]);
+            expected[24..26].copy_from_slice(&check.to_be_bytes());
+        } else {
+            expected[21] -= 1;
+        }
+        assert_eq!(out, expected, "{what}: output frame");
+        let counted = [&[forwarded], also].concat();
+        assert_counted(&before, &self.counters(), family, &counted, what);
+    }
+}
+
+/// `conntrack -I` arguments of an entry conntrack has accepted: UDP with a reply seen,
+/// TCP established and assured.
+fn accepted(proto: Proto) -> &'static [&'static str] {
+    match proto {
+        Proto::Tcp => &["--state", "ESTABLISHED", "-u", "SEEN_REPLY,ASSURED"],
+        Proto::Udp => &["-u", "SEEN_REPLY"],
+    }
+}
+
+/// Every counter slot is where `before` had it but `moved`, up by one each.
+fn assert_counted(before: &[u64], after: &[u64], family: Family, moved: &[Counter], what: &str) {
+    for (index, (was, is)) in (0u32..).zip(before.iter().zip(after)) {
+        let up = moved
+            .iter()
+            .filter(|&&c| counter_index(family, c) == index)
+            .count() as u64;
+        assert_eq!(*is, was + up, "{what}: counter slot {index}");
+    }
+}
+
+fn both_sides(flow: &Flow, tcp_flags: u8) -> [(&'static str, Vec<u8>); 2] {
+    [
+        (PROG_TO_PEER, flow.to_peer(tcp_flags)),
+        (PROG_TO_POD, flow.to_pod(tcp_flags)),
+    ]
+}
+
+#[test]
+fn flows_conntrack_has_not_accepted_go_to_the_kernel() {
+    let mut node = Node::new();
+    for ipv6 in [false, true] {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let flow = node.flow(ipv6, proto);
+            let family = flow.family();
+            let what = |case: &str| format!("{proto:?}, {family:?}: {case}");
+            for (program, frame) in both_sides(&flow, ACK) {
+                node.expect_pass(
+                    program,
+                    &frame,
+                    family,
+                    Counter::PassCtNew,
+                    &what("no entry"),
+                );
+            }
+            // Opened, no reply seen.
+            let unreplied: &[&str] = match proto {
+                Proto::Tcp => &["--state", "SYN_SENT"],
+                Proto::Udp => &[],
+            };
+            node.insert(&flow, true, 60, unreplied);
+            for (program, frame) in both_sides(&flow, ACK) {
+                node.expect_pass(
+                    program,
+                    &frame,
+                    family,
+                    Counter::PassCtNew,
+                    &what("no reply"),
+                );
+            }
+        }
+        // TCP: a reply seen, but the handshake not done (not assured).
+        let flow = node.flow(ipv6, Proto::Tcp);
+        let family = flow.family();
+        node.insert(
+            &flow,
+            true,
+            60,
+            &["--state", "SYN_RECV", "-u", "SEEN_REPLY"],
+        );
+        for (program, frame) in both_sides(&flow, ACK) {
+            let what = format!("TCP, {family:?}: not assured");
+            node.expect_pass(program, &frame, family, Counter::PassCtNew, &what);
+        }
+    }
+}
+
+#[test]
+fn nated_flows_go_to_the_kernel_both_ways() {
+    // Accepted as the established entries that take the fast path elsewhere, and NAT'd;
+    // pass_ct_nat (not pass_ct_new) also shows that each packet found its entry.
+    let mut node = Node::new();
+    for ipv6 in [false, true] {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let accepted = accepted(proto);
+            let addr = |v4: &str, v6: &str| -> IpAddr {
+                (if ipv6 { v6 } else { v4 }).parse().expect("address")
+            };
+            // DNAT (a Service, hostPort): the local pod asked for a virtual address and
+            // the remote pod answers from its own; each packet carries its side's view.
+            let dnat = node.flow(ipv6, proto);
+            let asked = Flow {
+                remote: (addr("10.244.2.99", "fd00:244:2::99"), dnat.remote.1),
+                ..dnat
+            };
+            let backend = dnat.remote.0.to_string();
+            node.insert(
+                &asked,
+                true,
+                60,
+                &[accepted, &["--dst-nat", &backend]].concat(),
+            );
+            // SNAT on this node: the local pod's flow leaves from another source, and
+            // the reply comes back to that one (a pod-CIDR address, not the node's, so
+            // that the reply gets past the uplink side's address checks to the lookup).
+            let snat = node.flow(ipv6, proto);
+            let source = addr("10.244.1.77", "fd00:244:1::77");
+            let translated = source.to_string();
+            node.insert(
+                &snat,
+                true,
+                60,
+                &[accepted, &["--src-nat", &translated]].concat(),
+            );
+            let reply = Flow {
+                local: (source, snat.local.1),
+                ..snat
+            };
+            for (what, program, frame) in [
+                ("DNAT, original", PROG_TO_PEER, asked.to_peer(ACK)),
+                ("DNAT, reply", PROG_TO_POD, dnat.to_pod(ACK)),
+                ("SNAT, original", PROG_TO_PEER, snat.to_peer(ACK)),
+                ("SNAT, reply", PROG_TO_POD, reply.to_pod(ACK)),
+            ] {
+                let family = snat.family();
+                let what = format!("{proto:?}, {family:?}: {what}");
+                node.expect_pass(program, &frame, family, Counter::PassCtNat, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn syns_and_icmp_go_to_the_kernel_even_on_an_established_entry() {
+    let mut node = Node::new();
+    for ipv6 in [false, true] {
+        let flow = node.flow(ipv6, Proto::Tcp);
+        let family = flow.family();
+        node.insert_established(&flow, true, ESTABLISHED);
+        for (flags, name) in [(SYN, "SYN"), (SYN | ACK, "SYN-ACK")] {
+            for (program, frame) in both_sides(&flow, flags) {
+                let what = format!("{family:?}, {name}, {program}");
+                node.expect_pass(program, &frame, family, Counter::PassTcpSyn, &what);
+            }
+        }
+        // The same entry takes ACKs: only the SYN flag sent those to the kernel.
+        for (program, frame) in both_sides(&flow, ACK) {
+            node.expect_forward(program, &frame, family, &[], &format!("{family:?}, ACK"));
+        }
+        for to_peer in [true, false] {
+            let what = format!("{family:?}, ICMP echo, to_peer {to_peer}");
+            let program = if to_peer { PROG_TO_PEER } else { PROG_TO_POD };
+            node.expect_pass(
+                program,
+                &ping(&flow, to_peer),
+                family,
+                Counter::PassCtProto,
+                &what,
+            );
+        }
+    }
+}
+
+#[test]
+fn established_flows_take_the_fast_path_both_ways_and_keep_their_entry() {
+    let mut node = Node::new();
+    for ipv6 in [false, true] {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            // Opened from either side: each packet matches the entry's original tuple
+            // or its reply tuple.
+            for opened_locally in [true, false] {
+                let flow = node.flow(ipv6, proto);
+                let family = flow.family();
+                node.insert_established(&flow, opened_locally, ESTABLISHED);
+                for (program, frame) in both_sides(&flow, ACK) {
+                    let what = format!(
+                        "{proto:?}, {family:?}, opened locally {opened_locally}, {program}"
+                    );
+                    // Plenty left: the entry is not touched.
+                    node.expect_forward(program, &frame, family, &[], &what);
+                }
+                let left = node.seconds_left(&flow, opened_locally);
+                assert!(
+                    (ESTABLISHED - 5..=ESTABLISHED).contains(&left),
+                    "{flow:?}: {left} s left, the program changed the entry"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fin_and_rst_shorten_the_entry_once() {
+    let mut node = Node::new();
+    for ipv6 in [false, true] {
+        for (flag, name, short) in [(FIN | ACK, "FIN", FIN_S), (RST, "RST", RST_S)] {
+            for to_peer in [true, false] {
+                let flow = node.flow(ipv6, Proto::Tcp);
+                let family = flow.family();
+                let (program, frame) = if to_peer {
+                    (PROG_TO_PEER, flow.to_peer(flag))
+                } else {
+                    (PROG_TO_POD, flow.to_pod(flag))
+                };
+                let what = format!("{family:?}, {name}, {program}");
+                node.insert_established(&flow, true, ESTABLISHED);
+                node.expect_forward(program, &frame, family, &[Counter::CtClose], &what);
+                let left = node.seconds_left(&flow, true);
+                assert!(
+                    (short - 2..=short).contains(&left),
+                    "{what}: {left} s left, expected the {name} timeout, {short} s"
+                );
+                // A second FIN (or a FIN after the RST, or another RST) leaves the
+                // closing entry as it is: no ct_close, not lengthened.
+                for (again, again_name) in [(FIN | ACK, "FIN"), (RST, "RST")] {
+                    let (program, frame) = if to_peer {
+                        (PROG_TO_POD, flow.to_pod(again))
+                    } else {
+                        (PROG_TO_PEER, flow.to_peer(again))
+                    };
+                    let what = format!("{what}, then {again_name}");
+                    node.expect_forward(program, &frame, family, &[], &what);
+                    let now = node.seconds_left(&flow, true);
+                    assert!(now <= left, "{what}: {now} s left, was {left}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn running_low_entries_are_refreshed_once_and_closing_ones_never() {
+    let mut node = Node::new();
+    for ipv6 in [false, true] {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            for to_peer in [true, false] {
+                let flow = node.flow(ipv6, proto);
+                let family = flow.family();
+                let frame = |flow: &Flow| {
+                    if to_peer {
+                        flow.to_peer(ACK)
+                    } else {
+                        flow.to_pod(ACK)
+                    }
+                };
+                let program = if to_peer { PROG_TO_PEER } else { PROG_TO_POD };
+                let what = format!("{proto:?}, {family:?}, {program}");
+                // Below REFRESH_BELOW, above the closing timeouts.
+                node.insert_established(&flow, true, 20);
+                node.expect_forward(program, &frame(&flow), family, &[Counter::CtRefresh], &what);
+                let left = node.seconds_left(&flow, true);
+                assert!(
+                    (ESTABLISHED - 5..=ESTABLISHED).contains(&left),
+                    "{what}: {left} s left after the refresh, expected {ESTABLISHED}"
+                );
+                // Full again: the next packet does not refresh it.
+                node.expect_forward(
+                    program,
+                    &frame(&flow),
+                    family,
+                    &[],
+                    &format!("{what}, again"),
+                );
+                if proto == Proto::Tcp {
+                    // As little left as a closing entry (a FIN or RST passed): never
+                    // refreshed, so a closed connection's entry still goes.
+                    let closing = node.flow(ipv6, proto);
+                    node.insert_established(&closing, true, FIN_S - 1);
+                    let what = format!("{what}, closing");
+                    node.expect_forward(program, &frame(&closing), family, &[], &what);
+                    let left = node.seconds_left(&closing, true);
+                    assert!(
+                        left < FIN_S,
+                        "{what}: {left} s left, the entry was lengthened"
+                    );
+                }
+            }
+        }
+    }
+}
