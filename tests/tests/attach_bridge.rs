@@ -1,9 +1,10 @@
 //! With `--attach bridge` the bridge-side program runs on cni0 only (pod traffic is
-//! bridged first) and still carries pod traffic across nodes.
+//! bridged first) and still carries pod traffic across nodes (in the default
+//! `established` mode: a UDP flow conntrack has seen answered; pings go to the kernel).
 
 use std::time::Duration;
 
-use hgw_tests::{Lab, counter_sum, hgw_programs, ping};
+use hgw_tests::{Lab, counter_sum, hgw_programs, ping, udp_replied_exchange};
 
 #[test]
 fn the_program_on_the_bridge_carries_pod_traffic() -> anyhow::Result<()> {
@@ -32,11 +33,16 @@ fn the_program_on_the_bridge_carries_pod_traffic() -> anyhow::Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    const PACKETS: usize = 20;
+    assert_eq!(
+        udp_replied_exchange(&from.ns, &to.ns, to.ip, PACKETS)?,
+        PACKETS
+    );
     let after = lab.statuses()?;
     let grew = counter_sum(&after, "ipv4.fwd_to_peer") - counter_sum(&before, "ipv4.fwd_to_peer");
     assert!(
-        grew >= 10,
-        "fwd_to_peer grew by {grew}, expected at least 10"
+        grew >= PACKETS as u64,
+        "fwd_to_peer grew by {grew}, expected at least {PACKETS}"
     );
     Ok(())
 }

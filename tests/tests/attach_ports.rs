@@ -1,10 +1,11 @@
 //! With `--attach ports` the bridge-side program runs on each bridge port (the pods'
 //! host-side veths) instead of cni0, follows pods as they come and go, and carries
-//! their traffic.
+//! their traffic (in the default `established` mode: UDP flows conntrack has seen
+//! answered; pings go to the kernel).
 
 use std::time::{Duration, Instant};
 
-use hgw_tests::{Lab, counter_sum, hgw_programs, ping};
+use hgw_tests::{Lab, counter_sum, hgw_programs, ping, udp_replied_exchange};
 
 fn port_programs(ns: &str) -> anyhow::Result<Vec<String>> {
     Ok(hgw_programs(ns)?
@@ -52,7 +53,7 @@ fn the_program_follows_the_bridge_ports() -> anyhow::Result<()> {
     let mut sent = 0;
     for from in lab.nodes[0].pods.clone() {
         for to in &targets {
-            let out = ping(&from.ns, to.ip, 2, &[])?;
+            let out = ping(&from.ns, to.ip, 1, &[])?;
             assert!(
                 out.status.success(),
                 "ping {} -> {}:\n{}",
@@ -60,7 +61,16 @@ fn the_program_follows_the_bridge_ports() -> anyhow::Result<()> {
                 to.ip,
                 String::from_utf8_lossy(&out.stdout)
             );
-            sent += 4;
+            // Each datagram after the answer leaves through the sender's port program.
+            const PACKETS: usize = 10;
+            assert_eq!(
+                udp_replied_exchange(&from.ns, &to.ns, to.ip, PACKETS)?,
+                PACKETS,
+                "UDP {} -> {}",
+                from.ip,
+                to.ip
+            );
+            sent += PACKETS as u64;
         }
     }
     let after = lab.statuses()?;

@@ -1,10 +1,14 @@
 //! Traffic from a peer to a local pod the agent knows (IP -> MAC -> port learned from
 //! the bridge) goes straight into the pod's veth with bpf_redirect_peer, skipping the
 //! bridge; when the pod's entry goes, delivery falls back to the bridge, losing nothing.
+//! The default `established` mode: the counted traffic is a UDP flow conntrack has seen
+//! answered (pings only teach the bridge where the pods are; they go to the kernel).
 
 use std::time::Duration;
 
-use hgw_tests::{Lab, counter, ping, run_in_ok};
+use hgw_tests::{Lab, UdpFlow, counter, ping, run_in_ok};
+
+const PACKETS: usize = 20;
 
 #[test]
 fn known_pods_get_their_packets_straight_into_their_veth() -> anyhow::Result<()> {
@@ -21,15 +25,14 @@ fn known_pods_get_their_packets_straight_into_their_veth() -> anyhow::Result<()>
     let status = agent.wait_for(Duration::from_secs(2), |s| {
         s["endpoints"].as_u64() >= Some(2)
     })?;
+    let mut flow = UdpFlow::open(&n1.pods[0].ns, &n2.pods[1].ns, n2.pods[1].ip)?;
     let before = counter(&status, "ipv4.fwd_to_pod_direct");
-    let out = ping(&n1.pods[0].ns, n2.pods[1].ip, 5, &[])?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_eq!(flow.send(PACKETS)?, PACKETS);
     let after = counter(&agent.status()?, "ipv4.fwd_to_pod_direct");
-    assert!(after >= before + 5, "fwd_to_pod_direct {before} -> {after}");
+    assert!(
+        after >= before + PACKETS as u64,
+        "fwd_to_pod_direct {before} -> {after}"
+    );
 
     // The pod's neighbour entry goes: its endpoint goes, delivery goes via the bridge.
     run_in_ok(
@@ -44,19 +47,20 @@ fn known_pods_get_their_packets_straight_into_their_veth() -> anyhow::Result<()>
         counter(&status, "ipv4.fwd_to_pod_direct"),
         counter(&status, "ipv4.fwd_to_pod"),
     );
-    let out = ping(&n1.pods[0].ns, n2.pods[1].ip, 1, &[])?;
-    assert!(
-        out.status.success(),
-        "delivery through the bridge failed:\n{}",
-        String::from_utf8_lossy(&out.stdout)
+    // The same accepted flow: its datagrams stay on the fast path.
+    assert_eq!(
+        flow.send(PACKETS)?,
+        PACKETS,
+        "delivery through the bridge lost datagrams"
     );
     let status = agent.status()?;
     assert!(
-        counter(&status, "ipv4.fwd_to_pod") > total,
-        "not delivered by the fast path at all"
+        counter(&status, "ipv4.fwd_to_pod") >= total + PACKETS as u64,
+        "not delivered by the fast path: fwd_to_pod {total} -> {}",
+        counter(&status, "ipv4.fwd_to_pod")
     );
-    // That exchange re-resolved the pod, so it may be direct again right away; the
-    // first packet, though, went through the bridge.
+    // Those datagrams re-resolved the pod, so it may be direct again right away; the
+    // first one, though, went through the bridge.
     assert!(
         counter(&status, "ipv4.fwd_to_pod_direct") - direct
             < counter(&status, "ipv4.fwd_to_pod") - total,

@@ -1,9 +1,11 @@
 //! etcd goes away: forwarding is unaffected. etcd comes back: the agents' watches
-//! resume, and a change made right after is applied.
+//! resume, and a change made right after is applied. (Default `established` mode: the
+//! fast path is shown carrying a UDP flow conntrack has seen answered; pings go to the
+//! kernel.)
 
 use std::time::Duration;
 
-use hgw_tests::{Etcd, counter, ping};
+use hgw_tests::{Etcd, counter, ping, udp_replied_exchange};
 
 #[test]
 fn forwarding_survives_etcd_and_the_watch_resumes() -> anyhow::Result<()> {
@@ -18,9 +20,15 @@ fn forwarding_survives_etcd_and_the_watch_resumes() -> anyhow::Result<()> {
         "ping failed with etcd down:\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    const PACKETS: usize = 20;
+    assert_eq!(
+        udp_replied_exchange(&from.ns, &to.ns, to.ip, PACKETS)?,
+        PACKETS,
+        "UDP lost with etcd down"
+    );
     let after = counter(&lab.agent(0).expect("agent").status()?, "ipv4.fwd_to_peer");
     assert!(
-        after >= before + 5,
+        after >= before + PACKETS as u64,
         "fast path idle with etcd down: {before} -> {after}"
     );
 

@@ -1,8 +1,9 @@
 //! Three nodes start with nothing but the etcd endpoint: each acquires a distinct subnet
 //! in flannel's schema, learns the others, and pods talk across nodes through the fast
-//! path.
+//! path (the default `established` mode: UDP flows conntrack has seen answered; pings
+//! go to the kernel).
 
-use hgw_tests::{Etcd, counter_sum, ping};
+use hgw_tests::{Etcd, counter_sum, ping, udp_replied_exchange};
 
 #[test]
 fn nodes_acquire_subnets_and_find_each_other_through_etcd() -> anyhow::Result<()> {
@@ -32,8 +33,9 @@ fn nodes_acquire_subnets_and_find_each_other_through_etcd() -> anyhow::Result<()
 
     let before = lab.statuses()?;
     let pairs = lab.cross_node_pod_pairs();
+    const PACKETS: usize = 10;
     for (from, to) in &pairs {
-        let out = ping(&from.ns, to.ip, 2, &[])?;
+        let out = ping(&from.ns, to.ip, 1, &[])?;
         assert!(
             out.status.success(),
             "ping {} -> {}:\n{}",
@@ -41,10 +43,17 @@ fn nodes_acquire_subnets_and_find_each_other_through_etcd() -> anyhow::Result<()
             to.ip,
             String::from_utf8_lossy(&out.stdout)
         );
+        assert_eq!(
+            udp_replied_exchange(&from.ns, &to.ns, to.ip, PACKETS)?,
+            PACKETS,
+            "UDP {} -> {}",
+            from.ip,
+            to.ip
+        );
     }
     let after = lab.statuses()?;
     let grew = counter_sum(&after, "ipv4.fwd_to_peer") - counter_sum(&before, "ipv4.fwd_to_peer");
-    let sent = pairs.len() as u64 * 2 * 2;
+    let sent = (pairs.len() * PACKETS) as u64;
     assert!(
         grew >= sent,
         "fwd_to_peer grew by {grew}, expected at least {sent}"
