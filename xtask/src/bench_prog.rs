@@ -14,7 +14,14 @@
 //! TTL each time, so a frame starting at TTL 255 stays a hit for 250 runs. Every hit and
 //! miss is checked with the programs' own counters (each run must count as a hit, or as
 //! the miss reason).
+//!
+//! The cases without a mode in their name are `all` mode (no conntrack lookup). The
+//! `established` cases run the same hit frames with the conntrack lookup, which finds
+//! an accepted entry (a UDP flow with a reply seen) that the bench puts into a network
+//! namespace of its own; everything is measured from inside that namespace, since the
+//! lookup looks in the caller's (BPF_PROG_TEST_RUN's skb is on its loopback).
 
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Instant;
@@ -25,9 +32,8 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::SchedClassifier;
 use hgw_common::{
     Counter, CtTimeouts, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4,
-    MAP_ROUTES_V4,
-    NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD, ROUTES_V4_MAX_ENTRIES,
-    counter_index,
+    MAP_ROUTES_V4, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
+    ROUTES_V4_MAX_ENTRIES, counter_index,
 };
 
 const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb1, 0x01];
@@ -36,6 +42,16 @@ const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x0b];
 const REPEAT: u32 = 250;
 /// A local pod with an endpoint entry (delivered with bpf_redirect_peer).
 const ENDPOINT_IP: [u8; 4] = [10, 244, 1, 11];
+/// The sender on the bridge side (a local pod) and on the uplink side (a peer's pod).
+const POD_IP: [u8; 4] = [10, 244, 1, 11];
+const PEER_POD_IP: [u8; 4] = [10, 244, 2, 11];
+/// Bridge-side destinations (in the 10.0.0.0/24 route, there with every size) with and
+/// without an accepted conntrack entry.
+const CT_PEER_IP: [u8; 4] = [10, 0, 0, 11];
+const NO_CT_PEER_IP: [u8; 4] = [10, 0, 0, 12];
+/// The frames' UDP ports.
+const SPORT: u16 = 12345;
+const DPORT: u16 = 53;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -71,6 +87,50 @@ struct Case {
 
 /// Measures every case, `trials` calls at each repeat count per case, interleaved.
 pub fn program_costs(agent_bin: &Path, trials: usize) -> anyhow::Result<Vec<ProgCost>> {
+    let ns = CtNamespace::new()?;
+    hgw_tests::in_netns(&ns.0, || costs_in_namespace(agent_bin, trials))?
+}
+
+/// A network namespace whose conntrack table holds accepted entries for the
+/// established-mode hit frames; deleted on drop.
+struct CtNamespace(String);
+
+impl CtNamespace {
+    fn new() -> anyhow::Result<CtNamespace> {
+        // Named like a lab's namespaces (`hgw<hex>-...`), so that `cargo xtask lab down`
+        // finds it should a killed run leave it behind.
+        let ns = CtNamespace(format!(
+            "hgw{:06x}-bench-ct",
+            std::process::id() & 0xff_ffff
+        ));
+        let status = std::process::Command::new("ip")
+            .args(["netns", "add", &ns.0])
+            .status()
+            .context("running ip netns add")?;
+        ensure!(status.success(), "ip netns add {} failed", ns.0);
+        for (src, dst) in [(POD_IP, CT_PEER_IP), (PEER_POD_IP, ENDPOINT_IP)] {
+            let (src, dst) = (Ipv4Addr::from(src), Ipv4Addr::from(dst));
+            // A reply seen: what conntrack accepts of a UDP flow. An hour: no expiry or
+            // refresh within the run.
+            let args = format!(
+                "-I -p udp -s {src} -d {dst} --sport {SPORT} --dport {DPORT} -u SEEN_REPLY -t 3600"
+            );
+            let args: Vec<&str> = args.split(' ').collect();
+            hgw_tests::run_in_ok(&ns.0, "conntrack", &args)?;
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for CtNamespace {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+fn costs_in_namespace(agent_bin: &Path, trials: usize) -> anyhow::Result<Vec<ProgCost>> {
     let binary = std::fs::read(agent_bin)
         .with_context(|| format!("reading {} (run `cargo xtask build`)", agent_bin.display()))?;
     let elf = bpf_object(&binary)
@@ -92,7 +152,7 @@ pub fn program_costs(agent_bin: &Path, trials: usize) -> anyhow::Result<Vec<Prog
         case: "-".into(),
         entries: 0,
         fd: empty.as_raw_fd(),
-        frame: to_peer_frame([10, 0, 0, 11]),
+        frame: to_peer_frame(CT_PEER_IP),
         expect_verdict: TC_ACT_OK,
         counter: None,
         t1: Vec::new(),
@@ -101,8 +161,10 @@ pub fn program_costs(agent_bin: &Path, trials: usize) -> anyhow::Result<Vec<Prog
     // (A hash table keyed by /24 next to the LPM trie was tried and measured no cheaper
     // below 16,000 routes; see the git history.)
     for entries in ENTRIES {
-        instances.push(load_hgw(bytes, entries)?);
+        instances.push(load_hgw(bytes, entries, false)?);
     }
+    // Established mode, after the `all` instances (index ENTRIES.len()).
+    instances.push(load_hgw(bytes, ENTRIES[0], true)?);
     for (i, entries) in ENTRIES.into_iter().enumerate() {
         let fd = |name: &str| -> anyhow::Result<RawFd> {
             let prog: &SchedClassifier = instances[i]
@@ -169,6 +231,51 @@ pub fn program_costs(agent_bin: &Path, trials: usize) -> anyhow::Result<Vec<Prog
                 tr: Vec::new(),
             });
         }
+    }
+    let established = ENTRIES.len();
+    for (program, case, frame, verdict, counter) in [
+        (
+            PROG_TO_PEER,
+            "hit, established (ct lookup hit)",
+            to_peer_frame(CT_PEER_IP),
+            TC_ACT_REDIRECT,
+            Counter::FwdToPeer,
+        ),
+        (
+            PROG_TO_PEER,
+            "miss, established (no ct entry)",
+            to_peer_frame(NO_CT_PEER_IP),
+            TC_ACT_OK,
+            Counter::PassCtNew,
+        ),
+        (
+            PROG_TO_POD,
+            "hit, redirect_peer, established",
+            to_pod_frame(ENDPOINT_IP),
+            TC_ACT_REDIRECT,
+            Counter::FwdToPodDirect,
+        ),
+    ] {
+        let prog: &SchedClassifier = instances[established]
+            .0
+            .program(program)
+            .with_context(|| format!("program {program}"))?
+            .try_into()?;
+        cases.push(Case {
+            program,
+            case: case.to_owned(),
+            entries: if program == PROG_TO_POD {
+                0
+            } else {
+                ENTRIES[0]
+            },
+            fd: prog.fd()?.as_fd().as_raw_fd(),
+            frame,
+            expect_verdict: verdict,
+            counter: Some((established, counter)),
+            t1: Vec::new(),
+            tr: Vec::new(),
+        });
     }
 
     // A first pass checks verdicts and counters (and warms caches).
@@ -244,9 +351,10 @@ impl Hgw {
 /// Each next hop's MAC is the bridge's own: the frame is reused between runs, and the
 /// program only takes frames sent to the bridge, so this keeps a hit a hit. The work
 /// done (both MACs written, TTL and checksum updated) is the same as with a real peer.
-fn load_hgw(object: &[u8], entries: u32) -> anyhow::Result<Hgw> {
-    // `all` mode: no conntrack lookup.
-    let mut ebpf = hgw_common::loader::load(object, false).context("loading the eBPF object")?;
+/// `conntrack`: `established` mode, else `all` (no conntrack lookup).
+fn load_hgw(object: &[u8], entries: u32, conntrack: bool) -> anyhow::Result<Hgw> {
+    let mut ebpf =
+        hgw_common::loader::load(object, conntrack).context("loading the eBPF object")?;
     let mut config: Array<MapData, NodeConfig> = ebpf
         .take_map(MAP_CONFIG)
         .context("config map")?
@@ -269,7 +377,13 @@ fn load_hgw(object: &[u8], entries: u32) -> anyhow::Result<Hgw> {
             cluster_mask_v4: [255, 0, 0, 0],
             cluster_net_v6: [0; 16],
             cluster_mask_v6: [0; 16],
-            ct: CtTimeouts::default(),
+            // Never refreshed (nothing is below 0 left), never closing: each run of an
+            // established hit is the lookup and the forward, no timeout change.
+            ct: CtTimeouts {
+                tcp_ms: 3_600_000,
+                udp_ms: 3_600_000,
+                ..CtTimeouts::default()
+            },
         },
         0,
     )?;
@@ -334,7 +448,8 @@ fn frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     f.extend_from_slice(&[255, 17, 0, 0]); // TTL 255: stays a hit for REPEAT runs
     f.extend_from_slice(&src);
     f.extend_from_slice(&dst);
-    f.extend_from_slice(&[0x30, 0x39, 0x00, 0x35]);
+    f.extend_from_slice(&SPORT.to_be_bytes());
+    f.extend_from_slice(&DPORT.to_be_bytes());
     f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     f.extend_from_slice(&[0, 0]);
     f.extend_from_slice(&payload);
@@ -351,11 +466,11 @@ fn frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
 const UDP_PAYLOAD_LEN: usize = crate::bench_traffic::UDP_PAYLOAD;
 
 fn to_peer_frame(dst: [u8; 4]) -> Vec<u8> {
-    frame(BRIDGE_MAC, [10, 244, 1, 11], dst)
+    frame(BRIDGE_MAC, POD_IP, dst)
 }
 
 fn to_pod_frame(dst: [u8; 4]) -> Vec<u8> {
-    frame(UPLINK_MAC, [10, 244, 2, 11], dst)
+    frame(UPLINK_MAC, PEER_POD_IP, dst)
 }
 
 /// Finds the eBPF ELF object (64-bit little-endian, e_machine EM_BPF) inside `binary`
