@@ -2,8 +2,10 @@
 //! side, and the in-kernel cost of the programs.
 //!
 //! Modes: `kernel` (agents with --no-fast-path: flannel's host-gw, kernel routes only),
-//! `hgw` (agents with the fast path), `direct` (two namespaces joined by one veth pair:
-//! the practical limit). Two labs exist at once (one per routed mode) plus the direct
+//! `hgw` (agents with the fast path in its default `established` mode: flows conntrack
+//! accepted), `hgw-all` (`--fast-path all`: no conntrack lookup), `hgw-bridge` (the
+//! bridge-side program on cni0), `direct` (two namespaces joined by one veth pair: the
+//! practical limit). Two labs exist at once (one per routed mode) plus the direct
 //! pair, so the modes can be interleaved without restarting agents: every round runs
 //! each test in each mode, the modes in a rotated order, and ratios are taken within a
 //! round. A mode whose path check fails is not reported.
@@ -67,7 +69,8 @@ pub enum Kind {
     Direct,
 }
 
-/// A mode: `kernel`, `hgw`, any `--variant`, `direct`, in that order.
+/// A mode: `kernel`, `hgw`, `hgw-all`, `hgw-bridge`, any `--variant`, `direct`, in that
+/// order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mode {
     pub name: String,
@@ -76,22 +79,41 @@ pub struct Mode {
     pub agent_args: Vec<String>,
 }
 
-/// The modes for `variants` (`NAME=AGENT ARGS`): kernel, hgw, the variants, direct.
+impl Mode {
+    /// The `fast_path` the agents of an hgw mode must report: the value of its
+    /// `--fast-path` argument, else the default, `established`.
+    pub fn fast_path(&self) -> &str {
+        self.agent_args
+            .iter()
+            .position(|a| a == "--fast-path")
+            .and_then(|i| self.agent_args.get(i + 1))
+            .map_or("established", String::as_str)
+    }
+}
+
+/// Names `--variant` may not take.
+const BUILT_IN: &[&str] = &["kernel", "hgw", "hgw-all", "hgw-bridge", "direct"];
+
+/// The modes for `variants` (`NAME=AGENT ARGS`): kernel, hgw, hgw-all, hgw-bridge, the
+/// variants, direct.
 fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
-    let mode = |name: &str, kind, agent_args: Vec<String>| Mode {
+    let mode = |name: &str, kind, agent_args: &[&str]| Mode {
         name: name.to_owned(),
         kind,
-        agent_args,
+        agent_args: agent_args.iter().map(|&a| a.to_owned()).collect(),
     };
     let mut modes = vec![
-        mode("kernel", Kind::Kernel, vec!["--no-fast-path".into()]),
-        mode("hgw", Kind::Hgw, vec!["--attach".into(), "ports".into()]),
-        // The agent's other attachment: the bridge-side program on cni0.
+        mode("kernel", Kind::Kernel, &["--no-fast-path"]),
+        // The default: only flows conntrack accepted.
+        mode("hgw", Kind::Hgw, &["--attach", "ports"]),
+        // Every flow, no conntrack lookup: what the lookup costs.
         mode(
-            "hgw-bridge",
+            "hgw-all",
             Kind::Hgw,
-            vec!["--attach".into(), "bridge".into()],
+            &["--fast-path", "all", "--attach", "ports"],
         ),
+        // The agent's other attachment: the bridge-side program on cni0.
+        mode("hgw-bridge", Kind::Hgw, &["--attach", "bridge"]),
     ];
     for v in variants {
         let (name, args) = v
@@ -102,17 +124,17 @@ fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
                 && name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                && !matches!(name, "kernel" | "hgw" | "hgw-bridge" | "direct")
+                && !BUILT_IN.contains(&name)
                 && !modes.iter().any(|m| m.name == name),
             "--variant {v:?}: the name must be new and made of letters, digits, - and _"
         );
-        modes.push(mode(
-            name,
-            Kind::Hgw,
-            args.split_whitespace().map(str::to_owned).collect(),
-        ));
+        modes.push(Mode {
+            name: name.to_owned(),
+            kind: Kind::Hgw,
+            agent_args: args.split_whitespace().map(str::to_owned).collect(),
+        });
     }
-    modes.push(mode("direct", Kind::Direct, Vec::new()));
+    modes.push(mode("direct", Kind::Direct, &[]));
     Ok(modes)
 }
 
@@ -527,6 +549,16 @@ fn measure(
     let mut note = match (kind, before) {
         (Kind::Hgw, Some(before)) => {
             let after = setup.labs[mode].statuses()?;
+            let name = &modes[mode].name;
+            let want = modes[mode].fast_path();
+            for status in &after {
+                if status["fast_path"] != want {
+                    bail!(
+                        "{name} mode, but an agent runs with fast_path {} (expected {want})",
+                        status["fast_path"]
+                    );
+                }
+            }
             let family = setup.family();
             let grown = |name: &str| {
                 let name = format!("{family}.{name}");
@@ -535,9 +567,39 @@ fn measure(
             let (peer, pod) = (grown("fwd_to_peer"), grown("fwd_to_pod"));
             if peer < min_fwd.max(1) || pod < min_fwd.max(1) {
                 bail!(
-                    "{} mode, but the fast path did not carry the traffic: fwd_to_peer +{peer}, fwd_to_pod +{pod}, expected at least {min_fwd} each",
-                    modes[mode].name
+                    "{name} mode, but the fast path did not carry the traffic: fwd_to_peer +{peer}, fwd_to_pod +{pod}, expected at least {min_fwd} each",
                 );
+            }
+            // Every test opens its flows while measured (a TCP handshake, the UDP
+            // exchange's answer): in `established` mode those packets must have gone to
+            // the kernel, on both nodes; in `all` mode no packet meets a conntrack rule.
+            let to_kernel = [
+                "pass_tcp_syn",
+                "pass_ct_new",
+                "pass_ct_proto",
+                "pass_ct_nat",
+            ]
+            .map(|c| (c, grown(c)));
+            let opened: u64 = to_kernel.iter().map(|(_, n)| n).sum();
+            let opened_note = to_kernel
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(c, n)| format!("{c} +{n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            match want {
+                "established" if opened < 2 => bail!(
+                    "{name} mode (established), but the flows' opening packets did not go to the kernel: {}",
+                    if opened_note.is_empty() {
+                        "no conntrack counter moved"
+                    } else {
+                        &opened_note
+                    }
+                ),
+                "all" if opened > 0 => {
+                    bail!("{name} mode (all), but packets met the conntrack rules: {opened_note}")
+                }
+                _ => {}
             }
             let direct = grown("fwd_to_pod_direct");
             let direct = if direct > 0 {
@@ -545,7 +607,14 @@ fn measure(
             } else {
                 String::new()
             };
-            format!("fast path: fwd_to_peer +{peer}, fwd_to_pod +{pod}{direct}")
+            let opened_note = if opened_note.is_empty() {
+                String::new()
+            } else {
+                format!("; to the kernel: {opened_note}")
+            };
+            format!(
+                "fast path ({want}): fwd_to_peer +{peer}, fwd_to_pod +{pod}{direct}{opened_note}"
+            )
         }
         (Kind::Kernel, _) => "no programs attached".to_owned(),
         _ => "one veth pair".to_owned(),

@@ -1,7 +1,8 @@
 //! The benchmark's traffic, pod to pod, from sockets made inside the lab's namespaces
 //! (a socket stays in the namespace it was created in, so the threads that drive it can
-//! run anywhere): a 64-byte UDP flood, TCP request/response, TCP bulk streams; and the
-//! machine's CPU time from /proc/stat around each measurement window.
+//! run anywhere): a 64-byte UDP flood on a flow the server answered first, TCP
+//! request/response, TCP bulk streams; and the machine's CPU time from /proc/stat
+//! around each measurement window.
 
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -20,6 +21,10 @@ pub const UDP_PAYLOAD: usize = 64;
 /// Request and response size of the TCP request/response test.
 pub const RR_SIZE: usize = 64;
 const UDP_BATCH: usize = 32;
+/// The datagram that opens a UDP flood, and its answer: not UDP_PAYLOAD long, so never
+/// counted as a flood datagram.
+const UDP_HELLO: &[u8] = b"hgwbench-hello";
+const UDP_HELLO_ATTEMPTS: usize = 5;
 const STREAM_CHUNK: usize = 128 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The sender's CPU; the receiver runs on the other one (when there is one).
@@ -136,6 +141,11 @@ pub struct UdpResult {
 /// batches) can send them; a receiver on the other CPU counts them (`recvmmsg`). On
 /// veth, the whole forwarding path runs in the sender's softirq, so the rate is the
 /// inverse of the path's per-packet cost on one CPU.
+///
+/// The flow is one conntrack has seen established before the flood starts: the server
+/// answers a first datagram, and the client waits for that answer ([`open_udp_flow`]),
+/// as a real request/stream protocol would. Every mode measures the same flow; in
+/// hgw's `established` mode it is what lets the flood take the fast path.
 pub fn udp_flood(ends: &Ends, w: Window<'_>) -> anyhow::Result<UdpResult> {
     let server = in_netns(&ends.server_ns, || UdpSocket::bind((ends.server_ip, 0)))?
         .with_context(|| format!("binding UDP on {} in {}", ends.server_ip, ends.server_ns))?;
@@ -155,6 +165,8 @@ pub fn udp_flood(ends: &Ends, w: Window<'_>) -> anyhow::Result<UdpResult> {
     client
         .connect(addr)
         .with_context(|| format!("connecting UDP to {addr}"))?;
+    open_udp_flow(&client, &server)
+        .with_context(|| format!("UDP {} -> {addr}: opening the flow", ends.client_ns))?;
 
     let done = AtomicBool::new(false);
     let received = AtomicU64::new(0);
@@ -196,6 +208,48 @@ pub fn udp_flood(ends: &Ends, w: Window<'_>) -> anyhow::Result<UdpResult> {
             sent_total,
         })
     })
+}
+
+/// The client (connected) sends [`UDP_HELLO`], the server answers it, and this returns
+/// once the answer is back: every node on the way has seen the flow answered.
+fn open_udp_flow(client: &UdpSocket, server: &UdpSocket) -> anyhow::Result<()> {
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .context("UDP read timeout")?;
+    let mut buf = [0u8; 64];
+    for _ in 0..UDP_HELLO_ATTEMPTS {
+        client
+            .send(UDP_HELLO)
+            .context("sending the opening datagram")?;
+        // The server's read timeout is 50 ms: give the datagram up to 500 ms.
+        let mut from = None;
+        for _ in 0..10 {
+            match server.recv_from(&mut buf) {
+                Ok((n, src)) if buf[..n] == *UDP_HELLO => {
+                    from = Some(src);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e).context("receiving the opening datagram"),
+            }
+        }
+        let Some(from) = from else { continue };
+        server
+            .send_to(UDP_HELLO, from)
+            .context("answering the opening datagram")?;
+        match client.recv(&mut buf) {
+            Ok(n) if buf[..n] == *UDP_HELLO => {
+                // The flood's sender never reads: no timeout needed any more.
+                client.set_read_timeout(None).context("UDP read timeout")?;
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e).context("receiving the answer"),
+        }
+    }
+    bail!("no answer to the opening datagram in {UDP_HELLO_ATTEMPTS} attempts")
 }
 
 fn set_buffer(socket: &UdpSocket, option: libc::c_int, bytes: libc::c_int) {
