@@ -16,7 +16,7 @@ use crate::bench_prog::ProgCost;
 type Stats = (f64, f64, f64);
 
 pub struct Report {
-    /// kernel, hgw, variants, direct.
+    /// kernel, hgw, hgw-all, hgw-bridge, variants, direct.
     pub modes: Vec<Mode>,
     pub rounds: usize,
     pub duration: Duration,
@@ -101,6 +101,11 @@ impl Report {
             cols.push((h, d));
         }
         cols.push((k, d));
+        // What established mode's conntrack lookup costs against no lookup.
+        let named = |name: &str| self.modes.iter().position(|m| m.name == name);
+        if let (Some(e), Some(a)) = (named("hgw"), named("hgw-all")) {
+            cols.push((e, a));
+        }
         cols
     }
 
@@ -284,7 +289,14 @@ impl Report {
         let modes: Vec<Value> = self
             .modes
             .iter()
-            .map(|m| json!({ "name": m.name, "kind": format!("{:?}", m.kind).to_lowercase(), "agent_args": m.agent_args }))
+            .map(|m| {
+                let fast_path = match m.kind {
+                    Kind::Hgw => Value::from(m.fast_path()),
+                    Kind::Kernel => Value::from("off"),
+                    Kind::Direct => Value::Null,
+                };
+                json!({ "name": m.name, "kind": format!("{:?}", m.kind).to_lowercase(), "fast_path": fast_path, "agent_args": m.agent_args })
+            })
             .collect();
         json!({
             "machine": machine,
@@ -528,7 +540,7 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
         "IPv4"
     };
     let md = format!(
-        "# hgw bench {stamp} UTC\n\nMachine: {machine_line}. Command: `{command}`.\n\n{family} pod to pod across two nodes of the (dual-stack) namespace lab: `kernel` = plain host-gw routing (agents with `--no-fast-path`, no programs attached), `hgw` = the agents' fast path, `direct` = two namespaces joined by one veth pair (the practical limit).\n\n![chart]({stem}.svg)\n\n{}",
+        "# hgw bench {stamp} UTC\n\nMachine: {machine_line}. Command: `{command}`.\n\n{family} pod to pod across two nodes of the (dual-stack) namespace lab: `kernel` = plain host-gw routing (agents with `--no-fast-path`, no programs attached), `hgw` = the agents' fast path in its default mode, `established` (only flows conntrack accepted: each TCP connection's handshake and the UDP flow's opening go through the kernel), `hgw-all` = `--fast-path all` (no conntrack lookup), `hgw-bridge` = established mode with the bridge-side program on cni0, `direct` = two namespaces joined by one veth pair (the practical limit). The UDP packet-rate test is a flow conntrack sees as established in every mode: the server answers one datagram before the stream starts. A measurement counts only if its traffic took the mode's path: the agents report the mode, the fast-path counters carried at least the packets that arrived, and in established mode the flows' opening packets went to the kernel (in all mode none met a conntrack rule).\n\n![chart]({stem}.svg)\n\n{}",
         report.markdown_tables()
     );
     let paths = [
