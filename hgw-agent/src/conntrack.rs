@@ -44,14 +44,17 @@ fn timeouts_from(hz: u64, established: u64, udp: u64, time_wait: u64, close: u64
     // Refreshed once three quarters are left: one kfunc call per flow and quarter, and
     // a flow idle for less than that never falls back.
     let refresh_below = |s: u64| sat(s.saturating_mul(hz).saturating_mul(3) / 4);
+    let tcp_refresh_below = refresh_below(established);
     CtTimeouts {
         tcp_ms: ms(established),
-        tcp_refresh_below: refresh_below(established),
+        tcp_refresh_below,
         udp_ms: ms(udp),
         udp_refresh_below: refresh_below(udp),
         fin_ms: ms(time_wait),
         rst_ms: ms(close),
-        closing: sat(time_wait.max(close).saturating_mul(hz)),
+        // Below the refresh threshold, or with a short established timeout (below
+        // TIME_WAIT's) every live entry would count as closing and never be refreshed.
+        closing: sat(time_wait.max(close).saturating_mul(hz)).min(tcp_refresh_below / 2),
     }
 }
 
@@ -69,7 +72,7 @@ fn seconds(name: &str) -> Result<u64, ConntrackError> {
 
 /// CONFIG_HZ: `nf_conn.timeout` counts jiffies. CLOCK_MONOTONIC_COARSE advances once a
 /// tick, so its resolution is the tick's length.
-fn hz() -> Result<u32, ConntrackError> {
+pub fn hz() -> Result<u32, ConntrackError> {
     let mut res = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -139,6 +142,15 @@ mod tests {
         assert_eq!(t.udp_refresh_below, 120 * 250 * 3 / 4);
         assert_eq!((t.fin_ms, t.rst_ms), (120_000, 10_000));
         assert_eq!(t.closing, 120 * 250);
+    }
+
+    #[test]
+    fn a_short_established_timeout_still_leaves_room_to_refresh() {
+        // Established 8 s, TIME_WAIT 120 s: live entries (up to 8 s left) must not all
+        // look closing.
+        let t = timeouts_from(250, 8, 8, 120, 10);
+        assert_eq!(t.tcp_refresh_below, 8 * 250 * 3 / 4);
+        assert!(t.closing < t.tcp_refresh_below, "{t:?}");
     }
 
     #[test]

@@ -56,21 +56,8 @@ const REFRESH_BELOW: u32 = 90;
 const FIN_S: u32 = 6;
 const RST_S: u32 = 3;
 
-/// CONFIG_HZ, as the agent finds it: CLOCK_MONOTONIC_COARSE advances once a tick.
-fn hz() -> u32 {
-    let mut res = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_getres writes one timespec into `res`, which outlives the call.
-    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
-    assert_eq!(rc, 0, "clock_getres: {}", std::io::Error::last_os_error());
-    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
-    u32::try_from(1_000_000_000u64.div_ceil(tick_ns)).expect("HZ")
-}
-
 fn timeouts() -> CtTimeouts {
-    let hz = hz();
+    let hz = hgw_agent::conntrack::hz().expect("the kernel tick");
     CtTimeouts {
         tcp_ms: ESTABLISHED * 1000,
         tcp_refresh_below: REFRESH_BELOW * hz,
