@@ -13,13 +13,16 @@
 //!   10.244.1.11:80), so the client never sees its SYN-ACK: timeout. Asserted.
 //! - `off` (kernel routes alone): the same answer as `established`.
 //! - After portmap DEL the port is closed again: the mapping was the plugin's.
+//!
+//! Checked by hand with the agent of c0e6b27 (before `established` mode existed): the
+//! first request timed out.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hgw_tests::{
-    CLUSTER_CIDR, HostPort, Lab, counter, iptables_restore, is_ok_reply, kube_proxy_iptables,
-    restart_agents, run_in_ok, tcp_request, udp_requests,
+    CLUSTER_CIDR, HostPort, Lab, counter, invalid_drops, iptables_restore, is_ok_reply,
+    kube_proxy_iptables, restart_agents, run_in_ok, tcp_request, udp_requests,
 };
 
 const HOST_PORT: u16 = 8081;
@@ -113,6 +116,15 @@ fn hostport_from_another_node_with_cni_portmap() -> anyhow::Result<()> {
         "n2 fwd_to_peer grew by {}, expected at least {fast_min}: plain pod traffic left the fast path",
         delta(1, "ipv4.fwd_to_peer")
     );
+
+    for node in &lab.nodes {
+        assert_eq!(
+            invalid_drops(&node.ns)?,
+            0,
+            "{}: kube-proxy's INVALID rule dropped packets",
+            node.name
+        );
+    }
 
     // all: no conntrack lookup, the replies skip n1's un-DNAT.
     restart_agents(&mut lab, "all")?;

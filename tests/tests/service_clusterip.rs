@@ -13,6 +13,9 @@
 //!   conntrack, so they reach the client untranslated: TCP times out, UDP replies come
 //!   from 10.244.2.11:80 instead of the Service. Asserted, so the test shows it can fail.
 //! - `off` (kernel routes alone): the same answers as `established`.
+//!
+//! Checked by hand with the agent of c0e6b27 (before `established` mode existed): the
+//! first TCP request timed out, in both rule variants.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
