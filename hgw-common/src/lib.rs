@@ -55,6 +55,7 @@ pub const KFUNCS: &[&str] = &[
     "bpf_skb_ct_lookup",
     "bpf_ct_release",
     "bpf_ct_change_timeout",
+    "bpf_ct_change_status",
 ];
 
 /// `nf_conn.status` bits (include/uapi/linux/netfilter/nf_conntrack_common.h).

@@ -25,7 +25,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, __sk_buff},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_REDIRECT},
     helpers::generated::{
         bpf_csum_update, bpf_jiffies64, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
     },
@@ -119,6 +119,7 @@ unsafe extern "C" {
     ) -> *mut NfConn;
     fn bpf_ct_release(ct: *mut NfConn);
     fn bpf_ct_change_timeout(ct: *mut NfConn, timeout_ms: u32) -> i32;
+    fn bpf_ct_change_status(ct: *mut NfConn, status: u32) -> i32;
 }
 
 #[classifier]
@@ -358,6 +359,15 @@ fn accepted_by_conntrack<H: IpHeader>(
             // entry) leaves it to expire as conntrack decides.
             unsafe { bpf_ct_change_timeout(ct, timeout_ms) };
             count(H::FAMILY, why);
+        }
+        // Conntrack marks a UDP entry assured when it sees the flow go on after the
+        // reply; it sees no more of a carried flow, so the program does, once. Assured
+        // entries are the last conntrack evicts when its table is full, as the
+        // kernel path would keep them.
+        if proto == IPPROTO_UDP && status & IPS_ASSURED == 0 {
+            // SAFETY: ct is a referenced nf_conn; only the ASSURED bit changes (the
+            // kernel keeps the bits a program may not change).
+            unsafe { bpf_ct_change_status(ct, (status | IPS_ASSURED) as u32) };
         }
     }
     // SAFETY: the reference the lookup took, released once.

@@ -354,15 +354,20 @@ impl Node {
     /// Seconds left on the flow's entry, as `conntrack -G` shows them (it finds the
     /// entry by its original tuple: who opened the flow).
     fn seconds_left(&self, flow: &Flow, opened_locally: bool) -> u32 {
-        let mut args = vec!["-G".to_owned()];
-        args.extend(flow.tuple(opened_locally));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.ns.conntrack(&args);
+        let out = self.entry(flow, opened_locally);
         // "tcp      6 119 ESTABLISHED src=..."
         let field = out.split_whitespace().nth(2);
         field
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("{flow:?}: no timeout in {out:?}"))
+    }
+
+    /// The flow's entry as `conntrack -G` prints it.
+    fn entry(&self, flow: &Flow, opened_locally: bool) -> String {
+        let mut args = vec!["-G".to_owned()];
+        args.extend(flow.tuple(opened_locally));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ns.conntrack(&args)
     }
 
     fn counters(&self) -> Vec<u64> {
@@ -639,6 +644,27 @@ fn established_flows_take_the_fast_path_both_ways_and_keep_their_entry() {
                 );
             }
         }
+    }
+}
+
+/// Conntrack would have marked a two-way UDP flow assured on seeing it go on; it sees
+/// nothing of a carried flow, so the program sets the bit (once).
+#[test]
+fn carried_udp_entries_become_assured() {
+    let mut node = Node::new();
+    for ipv6 in [false, true] {
+        let flow = node.flow(ipv6, Proto::Udp);
+        let family = flow.family();
+        node.insert_established(&flow, true, ESTABLISHED);
+        let before = node.entry(&flow, true);
+        assert!(!before.contains("ASSURED"), "{family:?}: {before}");
+        let (program, frame) = both_sides(&flow, 0)[0].clone();
+        node.expect_forward(program, &frame, family, &[], &format!("{family:?} UDP"));
+        let after = node.entry(&flow, true);
+        assert!(
+            after.contains("[ASSURED]"),
+            "{family:?}: a carried UDP flow's entry is not assured: {after}"
+        );
     }
 }
 
