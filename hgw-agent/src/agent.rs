@@ -30,7 +30,7 @@ use crate::{
     conntrack::{self, ConntrackError},
     datapath::{Datapath, DatapathError},
     etcd::{self, EtcdError},
-    kernel::{HgwRoute, Kernel, KernelError, Link, Neighbour, format_mac, link_name, port_of},
+    kernel::{Kernel, KernelError, Link, Neighbour, format_mac, link_name, main_route, port_of},
     setup::{self, SetupError},
     status::{self, PeerStatus, Status},
 };
@@ -71,6 +71,9 @@ struct PeerState {
     /// The kernel's entry is STALE: not confirmed lately.
     stale: bool,
     route: bool,
+    /// Someone else's route holds the prefix (its protocol): hgw leaves it, and keeps
+    /// the prefix out of the fast path, which must not contradict the kernel's route.
+    foreign: Option<String>,
 }
 
 pub struct Agent {
@@ -130,6 +133,13 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             (source.network, Vec::new(), Some(source.peers))
         }
     };
+    let addresses = kernel.addresses(None).await?;
+    let bridge_index = kernel.link(&config.bridge).await?.map(|l| l.index);
+    let from = match config.source {
+        Source::Static { .. } => "",
+        Source::Etcd(_) => "etcd network: ",
+    };
+    check_network(&network, &uplink_networks, &addresses, bridge_index, from)?;
     let listener = bind_status_socket(&config)?;
 
     let bridge = if config.setup_node {
@@ -355,6 +365,51 @@ fn check_static_peers(
     Ok(())
 }
 
+/// This node's CIDRs must never take the node's own traffic (SSH included) for pods:
+/// no default route, no overlap with the uplink's networks, no address of the node's
+/// inside them but the bridge's (the gateway).
+fn check_network(
+    network: &Network,
+    uplink_networks: &[IpNet],
+    addresses: &[(u32, IpNet)],
+    bridge: Option<u32>,
+    from: &str,
+) -> Result<(), ConfigError> {
+    let mut cidrs = vec![
+        ("pod_cidr", IpNet::V4(network.pod_cidr)),
+        ("cluster_cidr", IpNet::V4(network.cluster_cidr)),
+    ];
+    if let Some(v6) = network.v6 {
+        cidrs.push(("pod_cidr_v6", IpNet::V6(v6.pod_cidr)));
+        cidrs.push(("cluster_cidr_v6", IpNet::V6(v6.cluster_cidr)));
+    }
+    for (field, cidr) in cidrs {
+        let invalid = |reason: String| ConfigError::invalid(format!("{from}{field}"), cidr, reason);
+        if cidr.prefix_len() == 0 {
+            return Err(invalid(
+                "a default route: it would take all of the node's traffic for pods".into(),
+            ));
+        }
+        let overlaps = |net: &IpNet| cidr.contains(&net.network()) || net.contains(&cidr.network());
+        if let Some(net) = uplink_networks.iter().find(|net| overlaps(&net.trunc())) {
+            return Err(invalid(format!(
+                "overlaps the uplink's network {}",
+                net.trunc()
+            )));
+        }
+        if let Some((_, addr)) = addresses
+            .iter()
+            .find(|(index, addr)| Some(*index) != bridge && cidr.contains(&addr.addr()))
+        {
+            return Err(invalid(format!(
+                "contains the node's own address {}",
+                addr.addr()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The next peer set from a dynamic source; never ready without one.
 async fn next_update(updates: &mut Option<mpsc::Receiver<Vec<Peer>>>) -> Option<Vec<Peer>> {
     match updates {
@@ -461,6 +516,7 @@ impl Agent {
                     mac: old.and_then(|o| o.mac),
                     stale: old.is_some_and(|o| o.stale),
                     route: old.is_some_and(|o| o.route),
+                    foreign: old.and_then(|o| o.foreign.clone()),
                     peer: peer.clone(),
                     pod_cidr,
                     node_ip,
@@ -510,19 +566,39 @@ impl Agent {
                 }
             }
             RouteNetlinkMessage::DelRoute(msg) => {
-                let Some(route) = HgwRoute::from_message(&msg) else {
+                let Some((destination, ours)) = main_route(&msg) else {
+                    return;
+                };
+                let Some(i) = self.peers.iter().position(|p| p.pod_cidr == destination) else {
+                    return;
+                };
+                if ours {
+                    warn!(
+                        "route to {destination} ({}) was deleted; reinstalling it",
+                        self.peers[i].peer.name
+                    );
+                } else if self.peers[i].foreign.is_some() {
+                    info!(
+                        "the foreign route to {destination} is gone; installing hgw's ({})",
+                        self.peers[i].peer.name
+                    );
+                } else {
+                    return;
+                }
+                self.peers[i].route = false;
+                self.install_route(i).await;
+            }
+            RouteNetlinkMessage::NewRoute(msg) => {
+                // Someone else's route put on a peer's prefix (e.g. `ip route replace`
+                // over hgw's): find out whose it is now, and keep the fast path out.
+                let Some((destination, false)) = main_route(&msg) else {
                     return;
                 };
                 if let Some(i) = self
                     .peers
                     .iter()
-                    .position(|p| p.pod_cidr == route.destination)
+                    .position(|p| p.pod_cidr == destination && p.foreign.is_none())
                 {
-                    warn!(
-                        "route to {} ({}) was deleted; reinstalling it",
-                        route.destination, self.peers[i].peer.name
-                    );
-                    self.peers[i].route = false;
                     self.install_route(i).await;
                 }
             }
@@ -762,7 +838,7 @@ impl Agent {
         let state = &self.peers[i];
         match self
             .kernel
-            .replace_route(state.pod_cidr, state.node_ip, self.uplink.index)
+            .install_route(state.pod_cidr, state.node_ip, self.uplink.index)
             .await
         {
             Ok(()) => {
@@ -773,6 +849,26 @@ impl Agent {
                     );
                 }
                 self.peers[i].route = true;
+                self.peers[i].foreign = None;
+                self.write_map_entry(i);
+            }
+            Err(KernelError::ForeignRoute {
+                destination,
+                protocol,
+            }) => {
+                if state.foreign.is_none() {
+                    warn!(
+                        "peer {}: {}",
+                        state.peer.name,
+                        KernelError::ForeignRoute {
+                            destination,
+                            protocol: protocol.clone()
+                        }
+                    );
+                }
+                self.peers[i].route = false;
+                self.peers[i].foreign = Some(protocol);
+                self.remove_unwanted_map_entries();
             }
             Err(e) => {
                 warn!("{e}");
@@ -809,7 +905,12 @@ impl Agent {
         let unwanted: Vec<IpNet> = self
             .map
             .keys()
-            .filter(|cidr| !self.peers.iter().any(|p| p.pod_cidr == **cidr))
+            .filter(|cidr| {
+                !self
+                    .peers
+                    .iter()
+                    .any(|p| p.pod_cidr == **cidr && p.foreign.is_none())
+            })
             .copied()
             .collect();
         for cidr in unwanted {
@@ -827,6 +928,9 @@ impl Agent {
             return;
         };
         let peer = &self.peers[i];
+        if peer.foreign.is_some() {
+            return;
+        }
         let next_hop = NextHop {
             ifindex: self.uplink.index,
             mtu: self.uplink.mtu,
@@ -899,6 +1003,7 @@ impl Agent {
         let ready = self
             .peers
             .iter()
+            .filter(|p| p.foreign.is_none())
             .all(|p| p.route && (self.datapath.is_none() || p.mac.is_some()));
         Status {
             node: self.config.node_name.clone(),
@@ -919,6 +1024,7 @@ impl Agent {
                     lease: p.peer.lease.map(|l| format!("{l:x}")),
                     mac: p.mac.map(format_mac),
                     route: p.route,
+                    foreign_route: p.foreign.clone(),
                 })
                 .collect(),
             counters,

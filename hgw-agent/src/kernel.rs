@@ -18,7 +18,9 @@ use rtnetlink::{
         neighbour::{
             NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
         },
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+        route::{
+            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+        },
     },
 };
 
@@ -35,6 +37,13 @@ pub enum KernelError {
     },
     #[error("interface {0} has no MAC address")]
     NoMac(String),
+    #[error(
+        "a route to {destination} exists and is not hgw's (proto {protocol}): left as it is, and the fast path does not take {destination}"
+    )]
+    ForeignRoute {
+        destination: IpNet,
+        protocol: String,
+    },
     #[error("route to {destination} via {gateway}: {reason}")]
     InvalidRoute {
         destination: IpNet,
@@ -144,35 +153,48 @@ impl HgwRoute {
     pub fn from_message(msg: &RouteMessage) -> Option<Self> {
         if msg.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
             || msg.header.kind != RouteType::Unicast
-            || msg.header.table != rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN
+            || msg.header.table != RouteHeader::RT_TABLE_MAIN
         {
             return None;
         }
-        let mut destination = None;
         let mut gateway = None;
         let mut oif = None;
         for attr in &msg.attributes {
             match attr {
-                RouteAttribute::Destination(RouteAddress::Inet(a)) => {
-                    destination = Some(IpAddr::V4(*a))
-                }
-                RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
-                    destination = Some(IpAddr::V6(*a))
-                }
                 RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
                 RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
                 RouteAttribute::Oif(i) => oif = Some(*i),
                 _ => {}
             }
         }
-        let destination = IpNet::new(destination?, msg.header.destination_prefix_length).ok()?;
         Some(Self {
-            destination,
+            destination: route_destination(msg)?,
             gateway,
             oif,
             message: msg.clone(),
         })
     }
+}
+
+/// The destination of a main-table route and whether it carries hgw's tag:
+/// what the agent needs of any route event.
+pub fn main_route(msg: &RouteMessage) -> Option<(IpNet, bool)> {
+    // Any kind: a blackhole or unreachable route on a prefix is someone's decision too.
+    if msg.header.table != RouteHeader::RT_TABLE_MAIN {
+        return None;
+    }
+    let ours = msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL);
+    Some((route_destination(msg)?, ours))
+}
+
+/// A route message's destination prefix.
+fn route_destination(msg: &RouteMessage) -> Option<IpNet> {
+    let addr = msg.attributes.iter().find_map(|attr| match attr {
+        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    })?;
+    IpNet::new(addr, msg.header.destination_prefix_length).ok()
 }
 
 /// A handle on the kernel's routing netlink, in the network namespace the agent runs in.
@@ -228,29 +250,41 @@ impl Kernel {
     /// The networks assigned to interface `index` (address + prefix), IPv4 and IPv6;
     /// IPv6 link-local ones left out (no pod route goes through them).
     pub async fn networks(&self, index: u32) -> Result<Vec<IpNet>, KernelError> {
-        let messages: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(netlink("listing addresses of interface", index))?;
+        Ok(self
+            .addresses(Some(index))
+            .await?
+            .into_iter()
+            .map(|(_, net)| net)
+            .collect())
+    }
+
+    /// Every address of interface `index`, or of every interface, with its interface
+    /// index; IPv6 link-local addresses left out.
+    pub async fn addresses(&self, index: Option<u32>) -> Result<Vec<(u32, IpNet)>, KernelError> {
+        let mut request = self.handle.address().get();
+        if let Some(index) = index {
+            request = request.set_link_index_filter(index);
+        }
+        let messages: Vec<_> = request.execute().try_collect().await.map_err(netlink(
+            "listing addresses of interface",
+            index.unwrap_or(0),
+        ))?;
         Ok(messages
             .iter()
-            .filter(|m| m.header.index == index)
+            .filter(|m| index.is_none_or(|i| m.header.index == i))
             .flat_map(|m| {
                 // IPv4 addresses come as IFA_LOCAL, IPv6 ones only as IFA_ADDRESS.
                 m.attributes.iter().filter_map(move |a| match a {
                     AddressAttribute::Local(ip @ IpAddr::V4(_))
                     | AddressAttribute::Address(ip @ IpAddr::V6(_)) => {
-                        IpNet::new(*ip, m.header.prefix_len).ok()
+                        IpNet::new(*ip, m.header.prefix_len)
+                            .ok()
+                            .map(|net| (m.header.index, net))
                     }
                     _ => None,
                 })
             })
-            .filter(|net| match net {
+            .filter(|(_, net)| match net {
                 IpNet::V6(v6) => !v6.addr().is_unicast_link_local(),
                 IpNet::V4(_) => true,
             })
@@ -294,8 +328,11 @@ impl Kernel {
             .map_err(netlink("adding address", net))
     }
 
-    /// `ip route replace DEST via GATEWAY dev OIF onlink proto hgw`.
-    pub async fn replace_route(
+    /// `ip route add DEST via GATEWAY dev OIF onlink proto hgw`, created exclusively:
+    /// a route already on the prefix is replaced only if it carries hgw's tag
+    /// (NLM_F_REPLACE alone would take over anyone's route); otherwise
+    /// [`KernelError::ForeignRoute`].
+    pub async fn install_route(
         &self,
         destination: IpNet,
         gateway: IpAddr,
@@ -330,13 +367,49 @@ impl Kernel {
                 });
             }
         };
+        match self.handle.route().add(route.clone()).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            other => return other.map_err(netlink("installing route to", destination)),
+        }
+        // A route is on the prefix already: ours (a changed next hop) is replaced;
+        // without ours, the one there belongs to someone else.
+        let owners = self.route_owners(destination).await?;
+        if !owners.contains(&RouteProtocol::Other(ROUTE_PROTOCOL)) {
+            return Err(KernelError::ForeignRoute {
+                destination,
+                protocol: owners
+                    .first()
+                    .map_or_else(|| "unknown".into(), |p| format!("{p:?}").to_lowercase()),
+            });
+        }
         self.handle
             .route()
             .add(route)
             .replace()
             .execute()
             .await
-            .map_err(netlink("installing route to", destination))
+            .map_err(netlink("replacing route to", destination))
+    }
+
+    /// The protocols of the main table's routes to exactly `destination`.
+    async fn route_owners(&self, destination: IpNet) -> Result<Vec<RouteProtocol>, KernelError> {
+        let request = match destination {
+            IpNet::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            IpNet::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        };
+        let messages: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(request)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing routes to", destination))?;
+        Ok(messages
+            .iter()
+            .filter(|m| main_route(m).is_some_and(|(d, _)| d == destination))
+            .map(|m| m.header.protocol)
+            .collect())
     }
 
     /// Every route in the main table (IPv4 and IPv6) that carries hgw's tag.

@@ -62,6 +62,10 @@ pub struct PeerStatus {
     pub mac: Option<String>,
     /// The kernel route (the fallback) is installed.
     pub route: bool,
+    /// Another owner's route holds the prefix (its protocol): hgw leaves it alone and
+    /// the fast path does not take the prefix.
+    #[serde(default)]
+    pub foreign_route: Option<String>,
     /// "static", or the etcd key it came from.
     pub source: String,
     /// The etcd lease (hex) that keeps it, if any.
@@ -146,7 +150,11 @@ impl std::fmt::Display for Status {
                 p.node_ip,
                 p.pod_cidr,
                 p.mac.as_deref().unwrap_or("unresolved"),
-                if p.route { "installed" } else { "missing" },
+                match (&p.foreign_route, p.route) {
+                    (Some(_), _) => "foreign",
+                    (None, true) => "installed",
+                    (None, false) => "missing",
+                },
                 p.source,
                 p.lease
                     .as_ref()

@@ -71,6 +71,46 @@ fn bad_configs_are_rejected_before_anything_changes() -> anyhow::Result<()> {
         vec!["uplink", "nosuch0", "no such interface"],
     ));
 
+    // This node's own CIDRs taking the node's traffic: a default route, the uplink's
+    // own network (both would hand SSH to the node to the uplink program as "a pod").
+    let n1 = &lab.nodes[0];
+    let bare = |pod: &str, cluster: &str, v6: &str| {
+        format!(
+            "node_name = \"{}\"\nuplink = \"eth0\"\nbridge = \"cni0\"\npod_cidr = \"{pod}\"\ncluster_cidr = \"{cluster}\"\n{v6}",
+            n1.name
+        )
+    };
+    cases.push((
+        "a default route as the pod and cluster CIDR".into(),
+        bare("0.0.0.0/0", "0.0.0.0/0", ""),
+        vec!["pod_cidr", "0.0.0.0/0", "default route"],
+    ));
+    cases.push((
+        "the uplink's network as the pod CIDR".into(),
+        bare("172.31.0.0/24", "172.31.0.0/16", ""),
+        vec!["pod_cidr", "overlaps the uplink's network 172.31.0.0/24"],
+    ));
+    cases.push((
+        "a cluster CIDR holding the uplink's network".into(),
+        bare("172.16.1.0/24", "172.16.0.0/12", ""),
+        vec![
+            "cluster_cidr",
+            "overlaps the uplink's network 172.31.0.0/24",
+        ],
+    ));
+    cases.push((
+        "the uplink's IPv6 network as the IPv6 pod CIDR".into(),
+        bare(
+            "10.244.1.0/24",
+            "10.244.0.0/16",
+            "pod_cidr_v6 = \"fd00:172:31::/64\"\ncluster_cidr_v6 = \"fd00:172::/32\"\n",
+        ),
+        vec![
+            "pod_cidr_v6",
+            "overlaps the uplink's network fd00:172:31::/64",
+        ],
+    ));
+
     for (what, config, expect) in cases {
         let (status, stderr, socket) = lab.run_agent_to_exit(0, &config)?;
         assert!(!status.success(), "{what}: the agent accepted it");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, hgw_routes, run_in_ok};
+use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, hgw_routes, ping, run_in_ok};
 
 #[test]
 fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
@@ -58,5 +58,124 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
         all6.contains("fd00:244:50::/64 via fd00:172:31::2 dev eth0 proto static"),
         "foreign IPv6 pod-CIDR route touched:\n{all6}"
     );
+    Ok(())
+}
+
+/// Someone else's route on a peer's prefix: hgw never takes it over (no NLM_F_REPLACE
+/// over a route it does not own) and keeps the prefix out of the fast path, so packets
+/// get the kernel's answer (here a blackhole) in every mode; once that route goes, hgw
+/// installs its own; when someone replaces hgw's route, hgw lets go again.
+#[test]
+fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> anyhow::Result<()> {
+    let mut lab = Lab::up(2, 1)?;
+    let (n1, n2) = (lab.nodes[0].clone(), lab.nodes[1].clone());
+    let peer_cidrs = [n2.pod_cidr.clone(), n2.pod_cidr6.clone()];
+    for cidr in &peer_cidrs {
+        run_in_ok(
+            &n1.ns,
+            "ip",
+            &["route", "add", "blackhole", cidr, "proto", "static"],
+        )?;
+    }
+    // `all` mode: without the conntrack gate, a map entry for the prefix would carry
+    // the pings past the blackhole.
+    lab.start_agent(0, &["--fast-path", "all"])?
+        .wait_ready(Duration::from_secs(15))?;
+    lab.start_agent(1, &[])?
+        .wait_ready(Duration::from_secs(15))?;
+    let agent = lab.agent(0).expect("agent on n1");
+
+    let status = agent.status()?;
+    for cidr in &peer_cidrs {
+        let shown = route_of(&n1.ns, cidr)?;
+        assert!(
+            shown.starts_with(&format!("blackhole {cidr} ")) && shown.contains("proto static"),
+            "the foreign route to {cidr} was touched: {shown:?}"
+        );
+        let peer = peer_status(&status, cidr);
+        assert_eq!(peer["foreign_route"], "static", "{cidr}: {peer}");
+    }
+    assert_eq!(
+        status["map_entries"], 0,
+        "foreign prefixes in the fast-path map"
+    );
+    let (from, to) = (&n1.pods[0], &n2.pods[0]);
+    assert!(
+        !ping(&from.ns, to.ip, 2, &[])?.status.success(),
+        "pings got past the kernel's blackhole"
+    );
+
+    // The foreign route goes: hgw's own comes, and the fast path takes the prefix.
+    run_in_ok(&n1.ns, "ip", &["route", "del", "blackhole", &n2.pod_cidr])?;
+    wait_until(|| {
+        let status = agent.status()?;
+        Ok(
+            route_of(&n1.ns, &n2.pod_cidr)?.contains(&format!("proto {HGW_ROUTE_PROTOCOL}"))
+                && peer_status(&status, &n2.pod_cidr)["foreign_route"].is_null()
+                && status["map_entries"] == 1,
+        )
+    })?;
+    let out = ping(&from.ns, to.ip, 2, &[])?;
+    assert!(
+        out.status.success(),
+        "no answer over hgw's route:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Someone replaces hgw's route: hgw lets go of the prefix.
+    run_in_ok(
+        &n1.ns,
+        "ip",
+        &[
+            "route",
+            "replace",
+            "blackhole",
+            &n2.pod_cidr,
+            "proto",
+            "static",
+        ],
+    )?;
+    wait_until(|| {
+        let status = agent.status()?;
+        Ok(
+            peer_status(&status, &n2.pod_cidr)["foreign_route"] == "static"
+                && status["map_entries"] == 0,
+        )
+    })?;
+    assert!(
+        route_of(&n1.ns, &n2.pod_cidr)?.starts_with("blackhole"),
+        "hgw took the route back"
+    );
+    assert!(
+        !ping(&from.ns, to.ip, 2, &[])?.status.success(),
+        "pings got past the kernel's blackhole"
+    );
+    Ok(())
+}
+
+/// `ip route show exact CIDR` (either family), trimmed.
+fn route_of(ns: &str, cidr: &str) -> anyhow::Result<String> {
+    let family = if cidr.contains(':') { "-6" } else { "-4" };
+    let out = run_in_ok(ns, "ip", &[family, "route", "show", "exact", cidr])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn peer_status<'a>(status: &'a serde_json::Value, cidr: &str) -> &'a serde_json::Value {
+    status["peers"]
+        .as_array()
+        .and_then(|peers| peers.iter().find(|p| p["pod_cidr"] == cidr))
+        .unwrap_or_else(|| panic!("no peer entry for {cidr} in {status}"))
+}
+
+/// Polls `done` for up to 2 s (the agent follows route events in milliseconds).
+fn wait_until(mut done: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    while !done()? {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(2),
+            "not converged after 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(())
 }
