@@ -86,6 +86,10 @@ pub struct Agent {
     uplink_networks: Vec<IpNet>,
     datapath: Option<Datapath>,
     peers: Vec<PeerState>,
+    /// The source has given its first whole peer set (static: at start; etcd: its
+    /// first listing). Until then nothing is swept: an empty set is not yet the truth,
+    /// and a restart must not delete the routes traffic is using.
+    peers_known: bool,
     /// Peer routes left out because host-gw cannot reach them (warned about once).
     skipped: Vec<(IpNet, IpAddr)>,
     /// What the fast-path map holds, to write only what changed.
@@ -187,11 +191,14 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         uplink_networks,
         datapath,
         peers: Vec::new(),
+        peers_known: false,
         skipped: Vec::new(),
         map: HashMap::new(),
         endpoints: HashMap::new(),
     };
-    agent.set_peers(peers).await;
+    if matches!(agent.config.source, Source::Static { .. }) {
+        agent.set_peers(peers).await;
+    }
     agent.event_loop(listener, updates).await?;
     info!("shutting down: kernel routes stay, fast path detached");
     Ok(())
@@ -487,6 +494,7 @@ impl Agent {
     /// leaves out (with a warning) routes host-gw cannot reach, and applies the
     /// difference.
     async fn set_peers(&mut self, peers: Vec<Peer>) {
+        self.peers_known = true;
         let mut next = Vec::with_capacity(peers.len());
         let mut skipped = Vec::new();
         for peer in peers {
@@ -879,6 +887,9 @@ impl Agent {
 
     /// Routes with hgw's tag that no peer wants: left by an earlier run or a removed peer.
     async fn remove_unwanted_routes(&mut self) {
+        if !self.peers_known {
+            return;
+        }
         let routes = match self.kernel.hgw_routes().await {
             Ok(routes) => routes,
             Err(e) => return warn!("{e}"),
@@ -899,6 +910,9 @@ impl Agent {
     }
 
     fn remove_unwanted_map_entries(&mut self) {
+        if !self.peers_known {
+            return;
+        }
         let Some(datapath) = &mut self.datapath else {
             return;
         };
@@ -1000,11 +1014,12 @@ impl Agent {
             },
             None => Default::default(),
         };
-        let ready = self
-            .peers
-            .iter()
-            .filter(|p| p.foreign.is_none())
-            .all(|p| p.route && (self.datapath.is_none() || p.mac.is_some()));
+        let ready = self.peers_known
+            && self
+                .peers
+                .iter()
+                .filter(|p| p.foreign.is_none())
+                .all(|p| p.route && (self.datapath.is_none() || p.mac.is_some()));
         Status {
             node: self.config.node_name.clone(),
             pod_cidr: self.network.pod_cidr.to_string(),
