@@ -6,6 +6,10 @@
 //!  default via 10.244.i.1          (bridge: the CNI's part)  (uplink)              (the L2 segment)
 //! ```
 //!
+//! [`Lab::up_pair`] builds the other wiring, two nodes and no switch: n1's eth0 and n2's
+//! eth0 are the two ends of one veth pair (same addresses), as seed 000 had it. The
+//! benchmark uses it, so a routed path crosses the pod veths and that one pair only.
+//!
 //! Dual stack: every address above has an IPv6 twin (pods fd00:244:i::(10+j)/64 via
 //! fd00:244:i::1, uplinks fd00:172:31::i/64), and the agent configs carry both families.
 //! Duplicate address detection is off in every lab namespace, so addresses work at once.
@@ -94,6 +98,16 @@ impl Lab {
             (1..=250).contains(&nodes),
             "nodes must be 1..=250, got {nodes}"
         );
+        Lab::up_wired(nodes, pods, Wiring::Switch)
+    }
+
+    /// Two nodes with `pods` pods each whose uplinks are the two ends of one veth pair
+    /// (n1 eth0 <-> n2 eth0, the same addresses as [`Lab::up`]), no switch namespace.
+    pub fn up_pair(pods: usize) -> anyhow::Result<Lab> {
+        Lab::up_wired(2, pods, Wiring::Pair)
+    }
+
+    fn up_wired(nodes: usize, pods: usize, wiring: Wiring) -> anyhow::Result<Lab> {
         ensure!(pods <= 200, "pods per node must be at most 200, got {pods}");
         let id = fresh_id()?;
         let dir = std::env::temp_dir().join(&id);
@@ -107,7 +121,7 @@ impl Lab {
             namespaces: Vec::new(),
             kept: false,
         };
-        lab.build(nodes, pods)
+        lab.build(nodes, pods, wiring)
             .with_context(|| format!("building lab {}", lab.id))?;
         Ok(lab)
     }
@@ -153,7 +167,7 @@ impl Lab {
         Ok(ids)
     }
 
-    /// Every namespace of this lab, switch first.
+    /// Every namespace of this lab, switch (if any) first.
     pub fn namespaces(&self) -> &[String] {
         &self.namespaces
     }
@@ -351,23 +365,41 @@ impl Lab {
         Ok(path)
     }
 
-    fn build(&mut self, nodes: usize, pods: usize) -> anyhow::Result<()> {
-        let sw = self.add_namespace("sw")?;
-        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+    fn build(&mut self, nodes: usize, pods: usize, wiring: Wiring) -> anyhow::Result<()> {
+        let sw = match wiring {
+            Wiring::Switch => {
+                let sw = self.add_namespace("sw")?;
+                ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+                ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+                Some(sw)
+            }
+            Wiring::Pair => None,
+        };
         for i in 1..=nodes {
-            let node = self.build_node(&sw, i)?;
+            let node = self.build_node(sw.as_deref(), i)?;
             self.nodes.push(node);
             for j in 1..=pods {
                 let pod = self.build_pod(i, j)?;
                 self.nodes[i - 1].pods.push(pod);
             }
         }
+        if wiring == Wiring::Pair {
+            let (a, b) = (&self.nodes[0], &self.nodes[1]);
+            // Made in n2 with its peer moved straight into n1, as the switch ports are.
+            ip(&[
+                "-n", &b.ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+                "netns", &a.ns,
+            ])?;
+            for node in &self.nodes {
+                add_uplink_addresses(node)?;
+            }
+        }
         Ok(())
     }
 
-    /// Node `i`: uplink eth0 on the switch's br0, and the pods' bridge cni0.
-    fn build_node(&mut self, sw: &str, i: usize) -> anyhow::Result<Node> {
+    /// Node `i`: uplink eth0 on the switch's br0 (with `sw`; without, the caller wires
+    /// the uplink), and the pods' bridge cni0.
+    fn build_node(&mut self, sw: Option<&str>, i: usize) -> anyhow::Result<Node> {
         let name = format!("n{i}");
         let ns = self.add_namespace(&name)?;
         let n = octet(i)?;
@@ -375,26 +407,7 @@ impl Lab {
         let gateway = Ipv4Addr::new(10, 244, n, 1);
         let uplink_ip6 = Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, n.into());
         let gateway6 = Ipv6Addr::new(0xfd00, 0x244, n.into(), 0, 0, 0, 0, 1);
-        // The veth is created inside the node ns with its peer moved straight into the
-        // switch ns: nothing ever appears in the root namespace.
-        ip(&[
-            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &name, "netns", sw,
-        ])?;
-        add_addresses(
-            &ns,
-            "eth0",
-            &[&format!("{uplink_ip}/24"), &format!("{uplink_ip6}/64")],
-        )?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", sw, "link", "set", &name, "master", "br0", "up"])?;
-        ip(&["-n", &ns, "link", "add", "cni0", "type", "bridge"])?;
-        add_addresses(
-            &ns,
-            "cni0",
-            &[&format!("{gateway}/24"), &format!("{gateway6}/64")],
-        )?;
-        ip(&["-n", &ns, "link", "set", "cni0", "up"])?;
-        Ok(Node {
+        let node = Node {
             name,
             ns,
             uplink_ip,
@@ -404,7 +417,25 @@ impl Lab {
             pod_cidr6: format!("fd00:244:{i:x}::/64"),
             gateway6,
             pods: Vec::new(),
-        })
+        };
+        let (name, ns) = (&node.name, &node.ns);
+        if let Some(sw) = sw {
+            // The veth is created inside the node ns with its peer moved straight into the
+            // switch ns: nothing ever appears in the root namespace.
+            ip(&[
+                "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", name, "netns", sw,
+            ])?;
+            add_uplink_addresses(&node)?;
+            ip(&["-n", sw, "link", "set", name, "master", "br0", "up"])?;
+        }
+        ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
+        add_addresses(
+            ns,
+            "cni0",
+            &[&format!("{gateway}/24"), &format!("{gateway6}/64")],
+        )?;
+        ip(&["-n", ns, "link", "set", "cni0", "up"])?;
+        Ok(node)
     }
 
     /// Pod `j` of node `i`: eth0 in the pod ns, veth<j> on the node's cni0.
@@ -582,6 +613,28 @@ fn fresh_id() -> anyhow::Result<String> {
             "no free lab id found"
         );
     }
+}
+
+/// How the nodes' uplinks are joined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wiring {
+    /// Each uplink is a veth whose other end is a port of br0 in `<id>-sw`.
+    Switch,
+    /// Two nodes only: their uplinks are the two ends of one veth pair.
+    Pair,
+}
+
+/// The node's uplink addresses on its `eth0`, which is then set up.
+fn add_uplink_addresses(node: &Node) -> anyhow::Result<()> {
+    add_addresses(
+        &node.ns,
+        "eth0",
+        &[
+            &format!("{}/24", node.uplink_ip),
+            &format!("{}/64", node.uplink_ip6),
+        ],
+    )?;
+    ip(&["-n", &node.ns, "link", "set", "eth0", "up"]).map(drop)
 }
 
 /// `ip -n NS addr add ADDR dev DEV` for each address.
