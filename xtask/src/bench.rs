@@ -1,14 +1,18 @@
-//! `cargo xtask bench`: pod-to-pod traffic across two lab nodes in three modes, side by
-//! side, and the in-kernel cost of the programs.
+//! `cargo xtask bench`: pod-to-pod traffic across two lab nodes in several modes, side
+//! by side, and the in-kernel cost of the programs.
 //!
-//! Modes: `kernel` (agents with --no-fast-path: flannel's host-gw, kernel routes only),
-//! `hgw` (agents with the fast path in its default `established` mode: flows conntrack
-//! accepted), `hgw-all` (`--fast-path all`: no conntrack lookup), `hgw-bridge` (the
-//! bridge-side program on cni0), `direct` (two namespaces joined by one veth pair: the
-//! practical limit). Two labs exist at once (one per routed mode) plus the direct
-//! pair, so the modes can be interleaved without restarting agents: every round runs
-//! each test in each mode, the modes in a rotated order, and ratios are taken within a
-//! round. A mode whose path check fails is not reported.
+//! The labs are wired as seed 000 was: two nodes whose uplinks are the two ends of one
+//! veth pair ([`Lab::up_pair`]), no switch. Modes: `kernel` (agents with
+//! --no-fast-path: flannel's host-gw, kernel routes only), `hgw` (agents with the fast
+//! path in its default `established` mode: flows conntrack accepted), `hgw-all`
+//! (`--fast-path all`: no conntrack lookup), `hgw-bridge` (the bridge-side program on
+//! cni0), `floor` (kernel routes, plus the cheapest TC programs that can forward on
+//! this wiring: the practical limit of any program here, see bench_floor.rs), `direct`
+//! (two namespaces joined by one veth pair: a reference, fewer wires than any routed
+//! path). One lab exists per routed mode at once, plus the direct pair, so the modes
+//! can be interleaved without restarting agents: every round runs each test in each
+//! mode, the modes in a rotated order, and ratios are taken within a round. A mode
+//! whose path check fails is not reported.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +24,7 @@ use anyhow::{Context as _, bail};
 use hgw_tests::{Lab, Pod, counter_sum, tcx_programs};
 use serde_json::Value;
 
+use crate::bench_floor::{Floor, Object};
 use crate::bench_prog::{ProgCost, program_costs};
 use crate::bench_report::{Report, write_report};
 use crate::bench_traffic::{Ends, Window, other_cpu, tcp_rr, tcp_streams, udp_flood};
@@ -65,12 +70,14 @@ pub enum Kind {
     Kernel,
     /// Agents with the fast path (and the mode's extra agent arguments).
     Hgw,
+    /// Agents with --no-fast-path, the floor programs attached, forwarding off.
+    Floor,
     /// One veth pair.
     Direct,
 }
 
-/// A mode: `kernel`, `hgw`, `hgw-all`, `hgw-bridge`, any `--variant`, `direct`, in that
-/// order.
+/// A mode: `kernel`, `hgw`, `hgw-all`, `hgw-bridge`, any `--variant`, `floor`, `direct`,
+/// in that order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mode {
     pub name: String,
@@ -92,10 +99,10 @@ impl Mode {
 }
 
 /// Names `--variant` may not take.
-const BUILT_IN: &[&str] = &["kernel", "hgw", "hgw-all", "hgw-bridge", "direct"];
+const BUILT_IN: &[&str] = &["kernel", "hgw", "hgw-all", "hgw-bridge", "floor", "direct"];
 
 /// The modes for `variants` (`NAME=AGENT ARGS`): kernel, hgw, hgw-all, hgw-bridge, the
-/// variants, direct.
+/// variants, floor, direct.
 fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
     let mode = |name: &str, kind, agent_args: &[&str]| Mode {
         name: name.to_owned(),
@@ -134,6 +141,7 @@ fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
             agent_args: args.split_whitespace().map(str::to_owned).collect(),
         });
     }
+    modes.push(mode("floor", Kind::Floor, &["--no-fast-path"]));
     modes.push(mode("direct", Kind::Direct, &[]));
     Ok(modes)
 }
@@ -251,9 +259,12 @@ pub struct Refusal {
     pub reason: String,
 }
 
-/// One lab per routed mode (same index as the modes), and the direct pair (inside the
-/// first lab, so it is deleted with it).
+/// One lab per routed mode (same index as the modes), the floor programs attached to
+/// the floor mode's lab, and the direct pair (inside the first lab, so it is deleted
+/// with it).
 struct Setup {
+    /// Before the labs: detached first.
+    _floor: Option<Floor>,
     labs: Vec<Lab>,
     direct: (Pod, Pod),
     ipv6: bool,
@@ -268,7 +279,7 @@ impl Setup {
     fn ends(&self, mode: usize, kind: Kind) -> Ends {
         let (from, to) = match kind {
             Kind::Direct => (&self.direct.0, &self.direct.1),
-            Kind::Kernel | Kind::Hgw => (
+            Kind::Kernel | Kind::Hgw | Kind::Floor => (
                 &self.labs[mode].nodes[0].pods[0],
                 &self.labs[mode].nodes[1].pods[0],
             ),
@@ -323,6 +334,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     crate::build()?;
+    let floor_object = Object::read(&crate::bench_floor::build()?)?;
     check()?;
 
     println!("bench: in-kernel program cost (BPF_PROG_TEST_RUN, {trials} trials per case)");
@@ -339,7 +351,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     check()?;
 
-    let setup = set_up(&modes, args.ipv6, &check)?;
+    let setup = set_up(&modes, args.ipv6, &floor_object, &check)?;
     for (mode, lab) in modes.iter().zip(&setup.labs) {
         println!("bench: {}: lab {}", mode.name, lab.id);
     }
@@ -450,13 +462,14 @@ fn fmt_value(v: f64) -> String {
 fn set_up(
     modes: &[Mode],
     ipv6: bool,
+    floor_object: &Object,
     check: &dyn Fn() -> anyhow::Result<()>,
 ) -> anyhow::Result<Setup> {
     let mut labs: Vec<Lab> = Vec::new();
     let mut direct = None;
     for mode in modes.iter().filter(|m| m.kind != Kind::Direct) {
         check()?;
-        let mut lab = Lab::up(2, 1)?;
+        let mut lab = Lab::up_pair(1)?;
         if direct.is_none() {
             direct = Some(lab.add_direct_pair()?);
         }
@@ -471,7 +484,17 @@ fn set_up(
         agent.wait_ready(READY_TIMEOUT)?;
     }
     let direct = direct.context("no routed mode to build the direct pair in")?;
-    Ok(Setup { labs, direct, ipv6 })
+    // Once the agents are ready (next hops resolved): the floor turns forwarding off.
+    let floor = match modes.iter().position(|m| m.kind == Kind::Floor) {
+        Some(m) => Some(crate::bench_floor::attach(&labs[m], floor_object.bytes())?),
+        None => None,
+    };
+    Ok(Setup {
+        _floor: floor,
+        labs,
+        direct,
+        ipv6,
+    })
 }
 
 /// Runs `test` in `mode` with its path check; returns (metric, value) pairs and a note
@@ -498,6 +521,11 @@ fn measure(
             }
         }
     }
+    let floor_note = if kind == Kind::Floor {
+        Some(crate::bench_floor::check(&setup.labs[mode])?)
+    } else {
+        None
+    };
     let before = if kind == Kind::Hgw {
         Some(setup.labs[mode].statuses()?)
     } else {
@@ -617,6 +645,13 @@ fn measure(
             )
         }
         (Kind::Kernel, _) => "no programs attached".to_owned(),
+        (Kind::Floor, _) => {
+            // The kernel cannot forward here: whatever arrived, the floor carried.
+            if min_fwd == 0 {
+                bail!("floor mode, but nothing arrived");
+            }
+            floor_note.unwrap_or_default()
+        }
         _ => "one veth pair".to_owned(),
     };
     if let Some(loss) = udp_loss {
