@@ -27,7 +27,9 @@ use serde_json::Value;
 use crate::bench_floor::{Floor, Object};
 use crate::bench_prog::{ProgCost, program_costs};
 use crate::bench_report::{Report, write_report};
-use crate::bench_traffic::{Ends, Window, other_cpu, tcp_rr, tcp_streams, udp_flood};
+use crate::bench_traffic::{
+    Ends, Window, other_cpu, tcp_crr, tcp_rr, tcp_streams, udp_flood, udp_flows,
+};
 use crate::demo::Interrupted;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -44,7 +46,8 @@ pub struct BenchArgs {
     /// CI variant: 1 round, 1 s per test, fewer program-cost trials.
     #[arg(long)]
     smoke: bool,
-    /// Run only these tests (udp64, rr-same-cpu, rr-diff-cpu, tcp-1, tcp-4).
+    /// Run only these tests (udp64, udp64-flows, rr-same-cpu, rr-diff-cpu, crr, tcp-1,
+    /// tcp-4).
     #[arg(long, value_delimiter = ',')]
     tests: Vec<String>,
     /// An extra hgw mode, NAME=AGENT ARGS (e.g. `hgw-bridge=--attach bridge`): its own
@@ -149,23 +152,32 @@ fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Test {
     Udp,
+    UdpFlows,
     RrSame,
     RrDiff,
+    Crr,
     Tcp1,
     Tcp4,
 }
 
+/// Concurrent flows of the udp64-flows test.
+pub const FLOWS: usize = 1000;
+
 impl Test {
-    const ALL: [Test; 5] = [
+    const ALL: [Test; 7] = [
         Test::Udp,
+        Test::UdpFlows,
         Test::RrSame,
         Test::RrDiff,
+        Test::Crr,
         Test::Tcp1,
         Test::Tcp4,
     ];
     fn name(self) -> &'static str {
         match self {
             Test::Udp => "udp64",
+            Test::UdpFlows => "udp64-flows",
+            Test::Crr => "crr",
             Test::RrSame => "rr-same-cpu",
             Test::RrDiff => "rr-diff-cpu",
             Test::Tcp1 => "tcp-1",
@@ -202,6 +214,18 @@ pub const METRICS: &[Metric] = &[
         higher_is_better: false,
     },
     Metric {
+        key: "flows_mpps",
+        label: "UDP 64 B received, 1,000 flows",
+        unit: "Mpps",
+        higher_is_better: true,
+    },
+    Metric {
+        key: "flows_softirq_ns",
+        label: "softirq per UDP packet, 1,000 flows",
+        unit: "ns",
+        higher_is_better: false,
+    },
+    Metric {
         key: "rr_same_p50",
         label: "TCP RR p50, same CPU",
         unit: "µs",
@@ -224,6 +248,12 @@ pub const METRICS: &[Metric] = &[
         label: "TCP RR p99, other CPU",
         unit: "µs",
         higher_is_better: false,
+    },
+    Metric {
+        key: "crr_cps",
+        label: "TCP connections (connect, RR, close)",
+        unit: "1/s",
+        higher_is_better: true,
     },
     Metric {
         key: "tcp1_gbps",
@@ -330,7 +360,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     for t in &args.tests {
         anyhow::ensure!(
             Test::ALL.iter().any(|k| k.name() == t),
-            "unknown test {t:?}: expected one of udp64, rr-same-cpu, rr-diff-cpu, tcp-1, tcp-4"
+            "unknown test {t:?}: expected one of {}",
+            Test::ALL.map(Test::name).join(", ")
         );
     }
     crate::build()?;
@@ -549,6 +580,26 @@ fn measure(
                 ],
                 r.received_total,
             )
+        }
+        Test::UdpFlows => {
+            let r = udp_flows(&ends, FLOWS, w)?;
+            udp_loss = Some(
+                100.0 * r.sent_total.saturating_sub(r.received_total) as f64
+                    / r.sent_total.max(1) as f64,
+            );
+            (
+                vec![
+                    ("flows_mpps", r.pps / 1e6),
+                    ("flows_softirq_ns", r.softirq_ns_per_pkt),
+                ],
+                r.received_total,
+            )
+        }
+        Test::Crr => {
+            let r = tcp_crr(&ends, w)?;
+            // Each connection's request one way and response the other ride the fast
+            // path once its handshake is through.
+            (vec![("crr_cps", r.per_s)], r.total)
         }
         Test::RrSame | Test::RrDiff => {
             let server_cpu = if test == Test::RrSame { 0 } else { other_cpu() };

@@ -574,3 +574,289 @@ fn accept(listener: &TcpListener) -> anyhow::Result<TcpStream> {
         }
     }
 }
+
+/// A connection-rate (TCP_CRR-style) result.
+#[derive(Debug)]
+pub struct CrrResult {
+    /// Connections completed per second in the window.
+    pub per_s: f64,
+    /// Connections completed over the whole run, warm-up included.
+    pub total: u64,
+}
+
+/// New TCP connections one after another for the window, each: connect, a RR_SIZE
+/// request, the echoed response, close (the client closes first, as netperf's
+/// TCP_CRR does). Client and server both on CPU 0: the rate is the inverse of the
+/// whole cost of a connection on one CPU, handshake and teardown included. The
+/// client's namespace gets the full ephemeral port range and `tcp_tw_reuse`, so its
+/// TIME_WAIT sockets do not run it out of ports.
+pub fn tcp_crr(ends: &Ends, w: Window<'_>) -> anyhow::Result<CrrResult> {
+    let listener = listen(ends)?;
+    let addr = listener.local_addr().context("listener address")?;
+    // accept() honours SO_RCVTIMEO: the server wakes up to see the end of the run.
+    set_timeout(listener.as_raw_fd(), Duration::from_millis(100));
+    in_netns(&ends.client_ns, || -> anyhow::Result<()> {
+        for (path, value) in [
+            ("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535"),
+            ("/proc/sys/net/ipv4/tcp_tw_reuse", "1"),
+        ] {
+            std::fs::write(path, value).with_context(|| format!("writing {path}"))?;
+        }
+        Ok(())
+    })??;
+    let done = AtomicBool::new(false);
+    let count = AtomicU64::new(0);
+    thread::scope(|s| -> anyhow::Result<CrrResult> {
+        let server = s.spawn(|| -> anyhow::Result<()> {
+            pin_to_cpu(0)?;
+            let mut buf = [0u8; RR_SIZE];
+            while !done.load(Ordering::Relaxed) {
+                let mut stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        continue;
+                    }
+                    Err(e) => return Err(e).context("accepting"),
+                };
+                stream.set_nodelay(true).context("TCP_NODELAY")?;
+                stream
+                    .set_read_timeout(Some(IO_TIMEOUT))
+                    .context("read timeout")?;
+                stream.read_exact(&mut buf).context("reading a request")?;
+                stream.write_all(&buf).context("answering")?;
+                // Until the client's FIN: the client closes first.
+                let _ = stream.read(&mut buf).context("waiting for the close")?;
+            }
+            Ok(())
+        });
+        let client = s.spawn(|| {
+            in_netns(&ends.client_ns, || -> anyhow::Result<()> {
+                pin_to_cpu(0)?;
+                let mut buf = [7u8; RR_SIZE];
+                while !done.load(Ordering::Relaxed) {
+                    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                        .with_context(|| format!("connecting to {addr}"))?;
+                    stream.set_nodelay(true).context("TCP_NODELAY")?;
+                    stream
+                        .set_read_timeout(Some(IO_TIMEOUT))
+                        .context("read timeout")?;
+                    stream.write_all(&buf).context("writing a request")?;
+                    stream.read_exact(&mut buf).context("reading a response")?;
+                    drop(stream);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        });
+        let measured = (|| -> anyhow::Result<(u64, Duration)> {
+            w.sleep(w.warmup)?;
+            let (n0, t0) = (count.load(Ordering::SeqCst), Instant::now());
+            w.sleep(w.duration)?;
+            let (n1, t1) = (count.load(Ordering::SeqCst), Instant::now());
+            Ok((n1 - n0, t1 - t0))
+        })();
+        done.store(true, Ordering::SeqCst);
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("CRR client panicked"))???;
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("CRR server panicked"))??;
+        let (n, elapsed) = measured?;
+        if n == 0 {
+            bail!("no TCP connection completed to {addr}");
+        }
+        Ok(CrrResult {
+            per_s: n as f64 / elapsed.as_secs_f64(),
+            total: count.load(Ordering::SeqCst),
+        })
+    })
+}
+
+fn set_timeout(fd: libc::c_int, d: Duration) {
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(d.subsec_micros()),
+    };
+    // SAFETY: a valid fd and a timeval of the size passed. A failure only leaves the
+    // socket without a timeout, which the caller's loop tolerates less well but safely.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Flows of [`udp_flows`] sent back to back from one socket before the next.
+const FLOW_BATCH: usize = 8;
+
+/// `flows` UDP flows at once, each its own client socket (a distinct source port) to
+/// one server socket, each answered once first (conntrack sees every one established),
+/// then 64-byte datagrams from all of them: one sender thread on CPU 0 takes the
+/// sockets in turn, FLOW_BATCH datagrams each (`sendmmsg`); the receiver counts.
+pub fn udp_flows(ends: &Ends, flows: usize, w: Window<'_>) -> anyhow::Result<UdpResult> {
+    let server = in_netns(&ends.server_ns, || UdpSocket::bind((ends.server_ip, 0)))?
+        .with_context(|| format!("binding UDP on {} in {}", ends.server_ip, ends.server_ns))?;
+    set_buffer(&server, libc::SO_RCVBUFFORCE, 16 << 20);
+    server
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .context("UDP read timeout")?;
+    let addr = server.local_addr().context("UDP server address")?;
+    let clients: Vec<UdpSocket> = in_netns(&ends.client_ns, || {
+        let any: IpAddr = match ends.server_ip {
+            IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        (0..flows)
+            .map(|_| {
+                let s = UdpSocket::bind((any, 0))?;
+                s.connect(addr)?;
+                s.set_nonblocking(true)?;
+                Ok(s)
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+    })?
+    .with_context(|| format!("{flows} UDP sockets in {}", ends.client_ns))?;
+    open_udp_flows(&clients, &server)
+        .with_context(|| format!("UDP {} -> {addr}: opening {flows} flows", ends.client_ns))?;
+
+    let done = AtomicBool::new(false);
+    let received = AtomicU64::new(0);
+    thread::scope(|s| -> anyhow::Result<UdpResult> {
+        let rx = s.spawn(|| receive_udp(&server, &done, &received));
+        let tx = s.spawn(|| send_udp_flows(&clients, &done));
+        let measured = (|| -> anyhow::Result<(u64, CpuTime, CpuTime, Duration)> {
+            w.sleep(w.warmup)?;
+            let (n0, c0, t0) = (
+                received.load(Ordering::SeqCst),
+                CpuTime::now()?,
+                Instant::now(),
+            );
+            w.sleep(w.duration)?;
+            let (n1, c1, t1) = (
+                received.load(Ordering::SeqCst),
+                CpuTime::now()?,
+                Instant::now(),
+            );
+            Ok((n1 - n0, c0, c1, t1 - t0))
+        })();
+        done.store(true, Ordering::SeqCst);
+        let sent = tx
+            .join()
+            .map_err(|_| anyhow::anyhow!("UDP sender panicked"))?;
+        rx.join()
+            .map_err(|_| anyhow::anyhow!("UDP receiver panicked"))??;
+        let sent_total = sent?;
+        let (n, c0, c1, elapsed) = measured?;
+        if n == 0 {
+            bail!("no UDP datagram arrived at {addr} in {}", ends.server_ns);
+        }
+        let n_f = n as f64;
+        Ok(UdpResult {
+            pps: n_f / elapsed.as_secs_f64(),
+            cpu_ns_per_pkt: c1.busy_ns.saturating_sub(c0.busy_ns) as f64 / n_f,
+            softirq_ns_per_pkt: c1.softirq_ns.saturating_sub(c0.softirq_ns) as f64 / n_f,
+            received_total: received.load(Ordering::SeqCst),
+            sent_total,
+        })
+    })
+}
+
+/// Every client (connected, non-blocking) sends [`UDP_HELLO`] until the server has
+/// answered it and the answer is back: each flow seen answered on every node.
+fn open_udp_flows(clients: &[UdpSocket], server: &UdpSocket) -> anyhow::Result<()> {
+    let mut open = vec![false; clients.len()];
+    let mut buf = [0u8; 64];
+    for _ in 0..UDP_HELLO_ATTEMPTS {
+        for (c, _) in clients.iter().zip(&open).filter(|(_, o)| !**o) {
+            match c.send(UDP_HELLO) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e).context("sending an opening datagram"),
+            }
+        }
+        // Answer what arrives until 50 ms pass without a datagram.
+        loop {
+            match server.recv_from(&mut buf) {
+                Ok((n, src)) if buf[..n] == *UDP_HELLO => {
+                    server
+                        .send_to(UDP_HELLO, src)
+                        .context("answering an opening datagram")?;
+                }
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    break;
+                }
+                Err(e) => return Err(e).context("receiving the opening datagrams"),
+            }
+        }
+        for (c, o) in clients.iter().zip(&mut open) {
+            while let Ok(n) = c.recv(&mut buf) {
+                if buf[..n] == *UDP_HELLO {
+                    *o = true;
+                }
+            }
+        }
+        if open.iter().all(|&o| o) {
+            return Ok(());
+        }
+    }
+    let missing = open.iter().filter(|&&o| !o).count();
+    bail!(
+        "{missing} of {} flows had no answer after {UDP_HELLO_ATTEMPTS} attempts",
+        clients.len()
+    )
+}
+
+fn send_udp_flows(clients: &[UdpSocket], done: &AtomicBool) -> anyhow::Result<u64> {
+    pin_to_cpu(SENDER_CPU)?;
+    let mut payload = [0u8; UDP_PAYLOAD];
+    payload[..8].copy_from_slice(b"hgwbench");
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: mmsghdr is plain data; zero is a valid (empty) value for every field.
+    let mut msgs: Vec<libc::mmsghdr> = (0..FLOW_BATCH)
+        .map(|_| unsafe { std::mem::zeroed() })
+        .collect();
+    for m in &mut msgs {
+        m.msg_hdr.msg_iov = &raw mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut sent = 0u64;
+    'run: loop {
+        for c in clients {
+            if done.load(Ordering::Relaxed) {
+                break 'run;
+            }
+            // SAFETY: as in send_udp: FLOW_BATCH valid headers pointing at `iov` and
+            // `payload`, alive for the call; the socket is connected.
+            let n = unsafe {
+                libc::sendmmsg(
+                    c.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    FLOW_BATCH as libc::c_uint,
+                    0,
+                )
+            };
+            if n > 0 {
+                sent += n as u64;
+                continue;
+            }
+            let err = std::io::Error::last_os_error();
+            // A full queue (the sockets are non-blocking), or an ICMP error: go on.
+            if !matches!(
+                err.raw_os_error(),
+                Some(libc::ENOBUFS | libc::EAGAIN | libc::ECONNREFUSED | libc::EINTR)
+            ) {
+                return Err(err).context("sendmmsg");
+            }
+        }
+    }
+    Ok(sent)
+}
