@@ -365,15 +365,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     crate::build()?;
-    let floor_object = Object::read(&crate::bench_floor::build()?)?;
+    let floor_path = crate::bench_floor::build()?;
+    let floor_object = Object::read(&floor_path)?;
     check()?;
 
     println!("bench: in-kernel program cost (BPF_PROG_TEST_RUN, {trials} trials per case)");
     let agent = crate::util::agent_path();
     // On its own thread: it pins itself to CPU 0.
-    let costs: Vec<ProgCost> = std::thread::spawn(move || program_costs(&agent, trials))
-        .join()
-        .map_err(|_| anyhow::anyhow!("program cost thread panicked"))??;
+    let costs: Vec<ProgCost> =
+        std::thread::spawn(move || program_costs(&agent, &floor_path, trials))
+            .join()
+            .map_err(|_| anyhow::anyhow!("program cost thread panicked"))??;
     for c in &costs {
         println!(
             "  {:<22} {:<34} {:>6} entries  {:>6.1} ns/run  {:>5.2}x empty",

@@ -1,6 +1,9 @@
 //! The in-kernel cost of hgw's programs per packet, without a lab: BPF_PROG_TEST_RUN
 //! runs a program on one crafted frame `repeat` times in a kernel loop. Compared with an
-//! empty SchedClassifier program (`r0 = 0; exit`) run the same way.
+//! empty SchedClassifier program (`r0 = 0; exit`) run the same way, and with the
+//! bench's floor programs (hgw-ebpf/src/bin/floor.rs: fixed MACs and a redirect, nothing
+//! parsed past the ethertype), so the table shows what hgw's parsing, checks, route
+//! lookup and conntrack lookup add to the least a forwarding program does.
 //!
 //! The programs measured are the ones the built agent ships: the eBPF ELF object is
 //! taken out of `target/release/hgw-agent`, which embeds it.
@@ -86,9 +89,15 @@ struct Case {
 }
 
 /// Measures every case, `trials` calls at each repeat count per case, interleaved.
-pub fn program_costs(agent_bin: &Path, trials: usize) -> anyhow::Result<Vec<ProgCost>> {
+pub fn program_costs(
+    agent_bin: &Path,
+    floor_object: &Path,
+    trials: usize,
+) -> anyhow::Result<Vec<ProgCost>> {
     let ns = CtNamespace::new()?;
-    hgw_tests::in_netns(&ns.0, || costs_in_namespace(agent_bin, trials))?
+    hgw_tests::in_netns(&ns.0, || {
+        costs_in_namespace(agent_bin, floor_object, trials)
+    })?
 }
 
 /// A network namespace whose conntrack table holds accepted entries for the
@@ -130,7 +139,11 @@ impl Drop for CtNamespace {
     }
 }
 
-fn costs_in_namespace(agent_bin: &Path, trials: usize) -> anyhow::Result<Vec<ProgCost>> {
+fn costs_in_namespace(
+    agent_bin: &Path,
+    floor_object: &Path,
+    trials: usize,
+) -> anyhow::Result<Vec<ProgCost>> {
     let binary = std::fs::read(agent_bin)
         .with_context(|| format!("reading {} (run `cargo xtask build`)", agent_bin.display()))?;
     let elf = bpf_object(&binary)
@@ -158,6 +171,40 @@ fn costs_in_namespace(agent_bin: &Path, trials: usize) -> anyhow::Result<Vec<Pro
         t1: Vec::new(),
         tr: Vec::new(),
     }];
+    // The floor: its MACs written, then the redirect (in a test run: the verdict only).
+    let floor = crate::bench_floor::load(
+        crate::bench_floor::Object::read(floor_object)?.bytes(),
+        crate::bench_floor::hop(1, BRIDGE_MAC, UPLINK_MAC),
+        crate::bench_floor::hop(1, UPLINK_MAC, BRIDGE_MAC),
+    )?;
+    for (program, case, frame) in [
+        (
+            crate::bench_floor::PROG_TO_UPLINK,
+            "floor: MACs, bpf_redirect",
+            to_peer_frame(CT_PEER_IP),
+        ),
+        (
+            crate::bench_floor::PROG_TO_POD,
+            "floor: MACs, bpf_redirect_peer",
+            to_pod_frame(ENDPOINT_IP),
+        ),
+    ] {
+        let prog: &SchedClassifier = floor
+            .program(program)
+            .with_context(|| format!("program {program}"))?
+            .try_into()?;
+        cases.push(Case {
+            program,
+            case: case.to_owned(),
+            entries: 0,
+            fd: prog.fd()?.as_fd().as_raw_fd(),
+            frame,
+            expect_verdict: TC_ACT_REDIRECT,
+            counter: None,
+            t1: Vec::new(),
+            tr: Vec::new(),
+        });
+    }
     // (A hash table keyed by /24 next to the LPM trie was tried and measured no cheaper
     // below 16,000 routes; see the git history.)
     for entries in ENTRIES {
