@@ -587,54 +587,68 @@ pub struct CrrResult {
 /// New TCP connections one after another for the window, each: connect, a RR_SIZE
 /// request, the echoed response, close (the client closes first, as netperf's
 /// TCP_CRR does). Client and server both on CPU 0: the rate is the inverse of the
-/// whole cost of a connection on one CPU, handshake and teardown included. The
-/// client's namespace gets the full ephemeral port range and `tcp_tw_reuse`, so its
-/// TIME_WAIT sockets do not run it out of ports.
+/// whole cost of a connection on one CPU, handshake and teardown included. The client
+/// leaves its ports in TIME_WAIT (no reuse), so it takes CRR_LISTENERS server ports
+/// in turn: each gives it a fresh set of 28,000 source ports.
 pub fn tcp_crr(ends: &Ends, w: Window<'_>) -> anyhow::Result<CrrResult> {
-    let listener = listen(ends)?;
-    let addr = listener.local_addr().context("listener address")?;
-    // accept() honours SO_RCVTIMEO: the server wakes up to see the end of the run.
-    set_timeout(listener.as_raw_fd(), Duration::from_millis(100));
-    in_netns(&ends.client_ns, || -> anyhow::Result<()> {
-        for (path, value) in [
-            ("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535"),
-            ("/proc/sys/net/ipv4/tcp_tw_reuse", "1"),
-        ] {
-            std::fs::write(path, value).with_context(|| format!("writing {path}"))?;
-        }
-        Ok(())
-    })??;
+    let listeners: Vec<TcpListener> = (0..CRR_LISTENERS)
+        .map(|_| listen(ends))
+        .collect::<anyhow::Result<_>>()?;
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<std::io::Result<_>>()
+        .context("listener address")?;
+    let addr = addrs[0];
+    for l in &listeners {
+        // accept() honours SO_RCVTIMEO: the server wakes up to see the end of the run.
+        set_timeout(l.as_raw_fd(), Duration::from_millis(100));
+    }
     let done = AtomicBool::new(false);
     let count = AtomicU64::new(0);
     thread::scope(|s| -> anyhow::Result<CrrResult> {
-        let server = s.spawn(|| -> anyhow::Result<()> {
-            pin_to_cpu(0)?;
-            let mut buf = [0u8; RR_SIZE];
-            while !done.load(Ordering::Relaxed) {
-                let mut stream = match listener.accept() {
-                    Ok((stream, _)) => stream,
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                        continue;
+        let done = &done;
+        let servers: Vec<_> = listeners
+            .iter()
+            .map(|listener| {
+                s.spawn(move || -> anyhow::Result<()> {
+                    pin_to_cpu(0)?;
+                    let mut buf = [0u8; RR_SIZE];
+                    while !done.load(Ordering::Relaxed) {
+                        let mut stream = match listener.accept() {
+                            Ok((stream, _)) => stream,
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                ) =>
+                            {
+                                continue;
+                            }
+                            Err(e) => return Err(e).context("accepting"),
+                        };
+                        stream.set_nodelay(true).context("TCP_NODELAY")?;
+                        stream
+                            .set_read_timeout(Some(IO_TIMEOUT))
+                            .context("read timeout")?;
+                        stream.read_exact(&mut buf).context("reading a request")?;
+                        stream.write_all(&buf).context("answering")?;
+                        // Until the client's FIN: the client closes first.
+                        let _ = stream.read(&mut buf).context("waiting for the close")?;
                     }
-                    Err(e) => return Err(e).context("accepting"),
-                };
-                stream.set_nodelay(true).context("TCP_NODELAY")?;
-                stream
-                    .set_read_timeout(Some(IO_TIMEOUT))
-                    .context("read timeout")?;
-                stream.read_exact(&mut buf).context("reading a request")?;
-                stream.write_all(&buf).context("answering")?;
-                // Until the client's FIN: the client closes first.
-                let _ = stream.read(&mut buf).context("waiting for the close")?;
-            }
-            Ok(())
-        });
+                    Ok(())
+                })
+            })
+            .collect();
         let client = s.spawn(|| {
             in_netns(&ends.client_ns, || -> anyhow::Result<()> {
                 pin_to_cpu(0)?;
                 let mut buf = [7u8; RR_SIZE];
-                while !done.load(Ordering::Relaxed) {
-                    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                for addr in addrs.iter().cycle() {
+                    if done.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let mut stream = TcpStream::connect_timeout(addr, IO_TIMEOUT)
                         .with_context(|| format!("connecting to {addr}"))?;
                     stream.set_nodelay(true).context("TCP_NODELAY")?;
                     stream
@@ -659,9 +673,11 @@ pub fn tcp_crr(ends: &Ends, w: Window<'_>) -> anyhow::Result<CrrResult> {
         client
             .join()
             .map_err(|_| anyhow::anyhow!("CRR client panicked"))???;
-        server
-            .join()
-            .map_err(|_| anyhow::anyhow!("CRR server panicked"))??;
+        for server in servers {
+            server
+                .join()
+                .map_err(|_| anyhow::anyhow!("CRR server panicked"))??;
+        }
         let (n, elapsed) = measured?;
         if n == 0 {
             bail!("no TCP connection completed to {addr}");
@@ -690,6 +706,9 @@ fn set_timeout(fd: libc::c_int, d: Duration) {
         );
     }
 }
+
+/// Server ports of [`tcp_crr`].
+const CRR_LISTENERS: usize = 8;
 
 /// Flows of [`udp_flows`] sent back to back from one socket before the next.
 const FLOW_BATCH: usize = 8;
