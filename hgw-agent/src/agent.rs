@@ -114,6 +114,19 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         // The kernel can run this mode: its kfuncs and conntrack sysctls are there.
         hgw_common::loader::check_kernel().map_err(DatapathError::from)?;
         conntrack::timeouts()?;
+        // IPVS (kube-proxy's ipvs mode) rewrites a flow's reply tuple without setting
+        // conntrack's NAT bits, which is all the programs can see of NAT.
+        if conntrack::ipvs_in_use() {
+            return Err(ConfigError::invalid(
+                "fast_path",
+                FastPath::Established.name(),
+                format!(
+                    "IPVS is active in this network namespace ({}: kube-proxy's ipvs mode?); its NAT is invisible to the conntrack checks of this mode; use \"off\", or kube-proxy's iptables or nftables mode",
+                    conntrack::IPVS
+                ),
+            )
+            .into());
+        }
     }
     let uplink_networks = kernel.networks(uplink.index).await?;
     let (network, peers, updates) = match &config.source {
@@ -159,7 +172,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         if conntrack {
             conntrack::ensure_tracking()?;
         }
-        let node = node_config(&network, &bridge, &uplink)?;
+        let node = node_config(&network, &bridge, &uplink, config.fast_path)?;
         let datapath = Datapath::attach(
             (&config.bridge, bridge.index),
             (&config.uplink, uplink.index),
@@ -274,6 +287,7 @@ fn node_config(
     network: &Network,
     bridge: &Link,
     uplink: &Link,
+    fast_path: FastPath,
 ) -> Result<NodeConfig, ConntrackError> {
     let v6 = network.v6;
     Ok(NodeConfig {
@@ -301,7 +315,12 @@ fn node_config(
         cluster_mask_v6: v6
             .map(|v6| v6.cluster_cidr.netmask().octets())
             .unwrap_or_default(),
-        ct: conntrack::timeouts()?,
+        // Only `established` mode uses them (and only it needs conntrack at all).
+        ct: if fast_path == FastPath::Established {
+            conntrack::timeouts()?
+        } else {
+            Default::default()
+        },
     })
 }
 
@@ -804,7 +823,12 @@ impl Agent {
             Err(e) => warn!("{e}"),
         }
         if let Some(datapath) = &mut self.datapath {
-            match node_config(&self.network, &self.bridge, &self.uplink) {
+            match node_config(
+                &self.network,
+                &self.bridge,
+                &self.uplink,
+                self.config.fast_path,
+            ) {
                 Ok(node) => {
                     if let Err(e) = datapath.set_config(node) {
                         warn!("{e}");

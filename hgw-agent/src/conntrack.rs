@@ -8,6 +8,8 @@ use hgw_common::CtTimeouts;
 use std::io::Write as _;
 
 const SYSCTLS: &str = "/proc/sys/net/netfilter";
+/// IPVS's table of virtual services, when the module is loaded.
+pub const IPVS: &str = "/proc/net/ip_vs";
 /// hgw's own nftables table (both families).
 pub const NFT_TABLE: &str = "hgw";
 
@@ -55,6 +57,8 @@ fn timeouts_from(hz: u64, established: u64, udp: u64, time_wait: u64, close: u64
         // Below the refresh threshold, or with a short established timeout (below
         // TIME_WAIT's) every live entry would count as closing and never be refreshed.
         closing: sat(time_wait.max(close).saturating_mul(hz)).min(tcp_refresh_below / 2),
+        fin_refresh_below: sat(time_wait.saturating_mul(hz) / 2),
+        rst_closing: sat(close.saturating_mul(hz)),
     }
 }
 
@@ -87,6 +91,18 @@ pub fn hz() -> Result<u32, ConntrackError> {
         return Err(ConntrackError::Tick(std::io::Error::other("resolution 0")));
     }
     Ok(u32::try_from(1_000_000_000u64.div_ceil(tick_ns).max(1)).unwrap_or(1000))
+}
+
+/// Whether IPVS has virtual services in this network namespace (the module merely
+/// loaded lists none).
+pub fn ipvs_in_use() -> bool {
+    std::fs::read_to_string(IPVS).is_ok_and(|table| {
+        table.lines().any(|line| {
+            ["TCP ", "UDP ", "SCTP ", "FWM "]
+                .iter()
+                .any(|proto| line.starts_with(proto))
+        })
+    })
 }
 
 /// Makes conntrack track forwarded traffic in this namespace: it only runs once some
@@ -142,6 +158,7 @@ mod tests {
         assert_eq!(t.udp_refresh_below, 120 * 250 * 3 / 4);
         assert_eq!((t.fin_ms, t.rst_ms), (120_000, 10_000));
         assert_eq!(t.closing, 120 * 250);
+        assert_eq!((t.fin_refresh_below, t.rst_closing), (60 * 250, 10 * 250));
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub const IPS_ASSURED: u64 = 1 << 2;
 pub const IPS_CONFIRMED: u64 = 1 << 3;
 pub const IPS_SRC_NAT: u64 = 1 << 4;
 pub const IPS_DST_NAT: u64 = 1 << 5;
+pub const IPS_SEQ_ADJUST: u64 = 1 << 6;
+pub const IPS_HELPER: u64 = 1 << 13;
 
 /// Route protocol number hgw tags its kernel routes with (`ip route ... proto 104`).
 /// hgw only ever deletes routes that carry it.
@@ -137,7 +139,7 @@ pub struct NodeConfig {
     /// How the fast path keeps the conntrack entries of the flows it carries.
     pub ct: CtTimeouts,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 148);
+const _: () = assert!(size_of::<NodeConfig>() == 156);
 
 /// Conntrack timeouts for `established` mode, from the node's `net.netfilter`
 /// sysctls. Fast-path packets do not pass conntrack, so they do not refresh their
@@ -161,10 +163,16 @@ pub struct CtTimeouts {
     /// Set when an RST passes (`nf_conntrack_tcp_timeout_close`).
     pub rst_ms: u32,
     /// A TCP entry with at most this long left is closing (a FIN or RST passed): it is
-    /// never refreshed again, and a FIN or RST does not lengthen it.
+    /// never set back to the established timeout, and a SYN on its 4-tuple expires it
+    /// (a reopen).
     pub closing: u32,
+    /// A closing entry that a packet still uses is set back to `fin_ms` when less than
+    /// this is left (half of it): a half-closed connection lives on.
+    pub fin_refresh_below: u32,
+    /// ... unless at most this is left (`rst_ms`): an entry an RST closed stays short.
+    pub rst_closing: u32,
 }
-const _: () = assert!(size_of::<CtTimeouts>() == 28);
+const _: () = assert!(size_of::<CtTimeouts>() == 36);
 
 impl NodeConfig {
     /// Whether `addr` (network byte order) lies in this node's pod CIDR. An unset
@@ -275,7 +283,8 @@ counters! {
     PassNotPod = "pass_not_pod",
     /// A source this side does not forward: uplink side, outside the cluster CIDR
     /// (e.g. a node address after masquerade); bridge side, outside this node's pod
-    /// CIDR, or the gateway's own address.
+    /// CIDR, or the gateway's own address; uplink side, also a source in this node's
+    /// own pod CIDR.
     PassSource = "pass_source",
     /// `established` mode: neither TCP nor UDP (ICMP, SCTP, ...), which the conntrack
     /// lookup does not cover.
@@ -288,7 +297,8 @@ counters! {
     /// the flow yet.
     PassCtNew = "pass_ct_new",
     /// `established` mode: the flow is NAT'd (DNAT of a Service or hostPort, SNAT or
-    /// masquerade): the kernel translates it.
+    /// masquerade), or its packets are rewritten by a helper or sequence adjustment:
+    /// the kernel translates it.
     PassCtNat = "pass_ct_nat",
     /// Of the forwarded: the packet's conntrack entry was running low and the program
     /// set it back to the full timeout (one per flow and refresh, not per packet).
@@ -296,6 +306,9 @@ counters! {
     /// Of the forwarded: a FIN or RST passed and the program shortened the entry's
     /// timeout, as conntrack would have on seeing it.
     CtClose = "ct_close",
+    /// Of `pass_tcp_syn`: a SYN on the 4-tuple of a connection whose FIN or RST the
+    /// fast path carried; its entry was expired so the kernel starts a new one.
+    CtReopen = "ct_reopen",
 }
 
 /// The address family a counter block belongs to.

@@ -36,8 +36,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use hgw_common::{
     COUNTER_NOT_IP, COUNTERS_LEN, Counter, CtTimeouts, ENDPOINTS_MAX_ENTRIES, Endpoint, Family,
-    IPS_ASSURED, IPS_CONFIRMED, IPS_DST_NAT, IPS_SEEN_REPLY, IPS_SRC_NAT, NEXT_HOP_MAC_KNOWN,
-    NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES, ROUTES_V6_MAX_ENTRIES, counter_index,
+    IPS_ASSURED, IPS_CONFIRMED, IPS_DST_NAT, IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST,
+    IPS_SRC_NAT, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES,
+    ROUTES_V6_MAX_ENTRIES, counter_index,
 };
 use network_types::{
     eth::EthHdr,
@@ -239,8 +240,9 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
         return Err(Counter::PassLocal);
     }
     // Only pod traffic of the cluster: anything else (a node's address after
-    // masquerade, an outside host) is the kernel's to judge.
-    if !H::in_cluster(config, src) {
+    // masquerade, an outside host) is the kernel's to judge; and never this node's own
+    // pods' addresses, which cannot come from the uplink (rp_filter's business).
+    if !H::in_cluster(config, src) || H::owns(config, src) {
         return Err(Counter::PassSource);
     }
     check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
@@ -296,15 +298,13 @@ fn accepted_by_conntrack<H: IpHeader>(
             // Ports, and the flags in byte 13.
             let tcp: *const [u8; 14] = ptr_at(ctx, L3 + H::LEN)?;
             // SAFETY: ptr_at checked the bounds.
-            let flags = unsafe { (*tcp)[13] };
-            if flags & TCP_SYN != 0 {
-                return Err(Counter::PassTcpSyn);
-            }
-            flags
+            unsafe { (*tcp)[13] }
         }
         IPPROTO_UDP => 0,
         _ => return Err(Counter::PassCtProto),
     };
+    // A SYN always goes to the kernel; it is looked up only for the reopen below.
+    let syn = tcp_flags & TCP_SYN != 0;
     let ports: *const [u8; 4] = ptr_at(ctx, L3 + H::LEN)?;
     let mut opts = CtOpts {
         netns_id: BPF_F_CURRENT_NETNS,
@@ -332,7 +332,11 @@ fn accepted_by_conntrack<H: IpHeader>(
         if opts.error != -ENOENT {
             warn!(ctx, "hgw: conntrack lookup failed: error {}", opts.error);
         }
-        return Err(Counter::PassCtNew);
+        return Err(if syn {
+            Counter::PassTcpSyn
+        } else {
+            Counter::PassCtNew
+        });
     }
     // SAFETY: ct is a referenced nf_conn; the offsets are the running kernel's (from
     // its BTF) and constant to the verifier.
@@ -349,16 +353,32 @@ fn accepted_by_conntrack<H: IpHeader>(
             ),
         )
     };
-    let verdict = judge(status, proto);
+    // Jiffies left, wrap-safe as nf_ct_is_expired computes it.
+    // SAFETY: plain helper call.
+    let left = expires.wrapping_sub(unsafe { bpf_jiffies64() } as u32) as i32;
+    let verdict = if syn {
+        // A SYN on the 4-tuple of a connection whose FIN or RST the fast path
+        // carried: conntrack never saw the close, its entry still says ESTABLISHED,
+        // where a SYN is ignored instead of starting over (and FORWARD would take the
+        // new connection as established). The kernel path would have the entry in
+        // TIME_WAIT or CLOSE and start a new one; expiring it now lets it do so.
+        if status & IPS_ASSURED != 0 && (left.max(0) as u32) <= timeouts.closing {
+            // SAFETY: ct is a referenced nf_conn.
+            if unsafe { bpf_ct_change_timeout(ct, 0) } == 0 {
+                count(H::FAMILY, Counter::CtReopen);
+            }
+        }
+        Err(Counter::PassTcpSyn)
+    } else {
+        judge(status, proto)
+    };
     if verdict.is_ok() {
-        // Jiffies left, wrap-safe as nf_ct_is_expired computes it.
-        // SAFETY: plain helper call.
-        let left = expires.wrapping_sub(unsafe { bpf_jiffies64() } as u32) as i32;
         if let Some((timeout_ms, why)) = new_timeout(timeouts, proto, tcp_flags, left) {
             // SAFETY: ct is a referenced nf_conn. A failure (a fixed-timeout or dying
-            // entry) leaves it to expire as conntrack decides.
-            unsafe { bpf_ct_change_timeout(ct, timeout_ms) };
-            count(H::FAMILY, why);
+            // entry) leaves it to expire as conntrack decides, and is not counted.
+            if unsafe { bpf_ct_change_timeout(ct, timeout_ms) } == 0 {
+                count(H::FAMILY, why);
+            }
         }
         // Conntrack marks a UDP entry assured when it sees the flow go on after the
         // reply; it sees no more of a carried flow, so the program does, once. Assured
@@ -382,27 +402,32 @@ fn judge(status: u64, proto: u8) -> Result<(), Counter> {
     if status & accepted != accepted || (proto == IPPROTO_TCP && status & IPS_ASSURED == 0) {
         return Err(Counter::PassCtNew);
     }
-    // (*_NAT_DONE is set on plain flows too whenever a nat table exists.)
-    if status & (IPS_SRC_NAT | IPS_DST_NAT) != 0 {
+    // (*_NAT_DONE is set on plain flows too whenever a nat table exists.) Sequence
+    // adjustment and helpers rewrite packets too, as the flowtable also refuses them.
+    if status & (IPS_SRC_NAT | IPS_DST_NAT | IPS_SEQ_ADJUST | IPS_HELPER) != 0 {
         return Err(Counter::PassCtNat);
     }
     Ok(())
 }
 
 /// The timeout to set on an accepted entry with `left` jiffies to go, and the counter
-/// that says why, if any: short when a TCP flow closes, full when a live flow's entry
-/// runs low (at most once per quarter of the timeout, not per packet), never longer for
-/// a closing TCP entry.
+/// that says why, if any, as conntrack would have set it on seeing the packet: short
+/// when a TCP flow closes (RST: CLOSE's timeout, as conntrack sets on every RST; FIN:
+/// TIME_WAIT's, once), full when a live flow's entry runs low (at most once per
+/// quarter of the timeout, not per packet). A closing TCP entry (a FIN or RST passed)
+/// is never set back to the established timeout, but a half-closed connection that
+/// goes on keeps it at TIME_WAIT's, so it expires only after that long of silence.
 #[inline(always)]
 fn new_timeout(t: &CtTimeouts, proto: u8, tcp_flags: u8, left: i32) -> Option<(u32, Counter)> {
     let left = left.max(0) as u32;
     if proto != IPPROTO_TCP {
         return (left < t.udp_refresh_below).then_some((t.udp_ms, Counter::CtRefresh));
     }
-    if left <= t.closing {
-        None
-    } else if tcp_flags & TCP_RST != 0 {
+    if tcp_flags & TCP_RST != 0 {
         Some((t.rst_ms, Counter::CtClose))
+    } else if left <= t.closing {
+        (left > t.rst_closing && left < t.fin_refresh_below)
+            .then_some((t.fin_ms, Counter::CtRefresh))
     } else if tcp_flags & TCP_FIN != 0 {
         Some((t.fin_ms, Counter::CtClose))
     } else if left < t.tcp_refresh_below {

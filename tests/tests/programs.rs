@@ -926,6 +926,11 @@ fn each_side_forwards_only_its_own_sources() {
             "a masqueraded node address",
         ),
         (
+            [10, 244, 1, 12],
+            Err(PassSource),
+            "this node's own pod (it is behind the bridge)",
+        ),
+        (
             [10, 243, 255, 255],
             Err(PassSource),
             "just below the cluster CIDR",
@@ -956,6 +961,11 @@ fn each_side_forwards_only_its_own_sources() {
             "fd00:172:31::2",
             Err(PassSource),
             "a masqueraded node address",
+        ),
+        (
+            "fd00:244:1::12",
+            Err(PassSource),
+            "this node's own pod (it is behind the bridge)",
         ),
         (
             "fd00:243:ffff:ffff:ffff:ffff:ffff:ffff",
@@ -1705,9 +1715,11 @@ fn expected_redirect(program: &str, f: &[u8]) -> Option<[u8; 12]> {
         macs[..6].copy_from_slice(&(*mac)?);
         macs[6..].copy_from_slice(&UPLINK_MAC);
     } else {
-        // To this node's pods (not to the node's own gateway address), from the cluster.
+        // To this node's pods (not to the node's own gateway address), from the cluster
+        // but not from this node's own pod CIDR (which is behind the bridge).
         let in_cluster = prefix_matches(src, &table.cluster.0, table.cluster.1);
-        if !own || dst == table.gateway || !in_cluster {
+        let src_own = owns(src);
+        if !own || dst == table.gateway || !in_cluster || src_own {
             return None;
         }
         if dst == table.endpoint {

@@ -53,7 +53,7 @@ const RST: u8 = 0x04;
 /// than `REFRESH_BELOW` left and more than `FIN_S` are refreshed.
 const ESTABLISHED: u32 = 120;
 const REFRESH_BELOW: u32 = 90;
-const FIN_S: u32 = 6;
+const FIN_S: u32 = 10;
 const RST_S: u32 = 3;
 
 fn timeouts() -> CtTimeouts {
@@ -66,6 +66,8 @@ fn timeouts() -> CtTimeouts {
         fin_ms: FIN_S * 1000,
         rst_ms: RST_S * 1000,
         closing: FIN_S.max(RST_S) * hz,
+        fin_refresh_below: FIN_S * hz / 2,
+        rst_closing: RST_S * hz,
     }
 }
 
@@ -360,6 +362,17 @@ impl Node {
         field
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("{flow:?}: no timeout in {out:?}"))
+    }
+
+    /// The flow's entry, or `None` when conntrack has none (or only an expired one).
+    fn entry_if_any(&self, flow: &Flow, opened_locally: bool) -> Option<String> {
+        let mut args = vec!["-G".to_owned()];
+        args.extend(flow.tuple(opened_locally));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = hgw_tests::run_in(&self.ns.0, "conntrack", &args).expect("conntrack");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The flow's entry as `conntrack -G` prints it.
@@ -689,8 +702,9 @@ fn fin_and_rst_shorten_the_entry_once() {
                     (short - 2..=short).contains(&left),
                     "{what}: {left} s left, expected the {name} timeout, {short} s"
                 );
-                // A second FIN (or a FIN after the RST, or another RST) leaves the
-                // closing entry as it is: no ct_close, not lengthened.
+                // A second FIN (or a FIN after the RST) leaves the closing entry as
+                // it is: no ct_close, not lengthened; every RST sets CLOSE's timeout,
+                // as conntrack does on each RST.
                 for (again, again_name) in [(FIN | ACK, "FIN"), (RST, "RST")] {
                     let (program, frame) = if to_peer {
                         (PROG_TO_POD, flow.to_pod(again))
@@ -698,12 +712,104 @@ fn fin_and_rst_shorten_the_entry_once() {
                         (PROG_TO_PEER, flow.to_peer(again))
                     };
                     let what = format!("{what}, then {again_name}");
-                    node.expect_forward(program, &frame, family, &[], &what);
+                    let moved: &[Counter] = if again == RST {
+                        &[Counter::CtClose]
+                    } else {
+                        &[]
+                    };
+                    node.expect_forward(program, &frame, family, moved, &what);
                     let now = node.seconds_left(&flow, true);
-                    assert!(now <= left, "{what}: {now} s left, was {left}");
+                    assert!(now <= left.max(RST_S), "{what}: {now} s left, was {left}");
                 }
             }
         }
+    }
+}
+
+/// A half-closed connection goes on after its first FIN: its closing entry is kept at
+/// TIME_WAIT's timeout while packets use it (set back when half is gone), so it
+/// expires only after that long of silence, as in the kernel path.
+#[test]
+fn a_half_closed_connection_keeps_its_entry() {
+    let mut node = Node::new();
+    for ipv6 in [false, true] {
+        let flow = node.flow(ipv6, Proto::Tcp);
+        let family = flow.family();
+        let what = format!("{family:?}");
+        // Closing (a FIN passed), less than half of FIN_S left, more than RST_S.
+        node.insert_established(&flow, true, FIN_S / 2 - 1);
+        node.expect_forward(
+            PROG_TO_PEER,
+            &flow.to_peer(ACK),
+            family,
+            &[Counter::CtRefresh],
+            &what,
+        );
+        let left = node.seconds_left(&flow, true);
+        assert!(
+            (FIN_S - 2..=FIN_S).contains(&left),
+            "{what}: {left} s left, expected TIME_WAIT's {FIN_S} s"
+        );
+        // An entry an RST closed is not lengthened.
+        let reset = node.flow(ipv6, Proto::Tcp);
+        node.insert_established(&reset, true, RST_S);
+        node.expect_forward(PROG_TO_PEER, &reset.to_peer(ACK), family, &[], &what);
+        assert!(
+            node.seconds_left(&reset, true) <= RST_S,
+            "{what}: RST'd entry lengthened"
+        );
+    }
+}
+
+/// A SYN on the 4-tuple of a connection the fast path closed (its FIN carried, so
+/// conntrack still says ESTABLISHED) expires the entry, so the kernel starts a new one,
+/// as it would after TIME_WAIT; a SYN on a live connection leaves its entry alone.
+#[test]
+fn a_syn_reopening_a_closed_connection_expires_its_entry() {
+    let mut node = Node::new();
+    for ipv6 in [false, true] {
+        let flow = node.flow(ipv6, Proto::Tcp);
+        let family = flow.family();
+        let what = format!("{family:?}");
+        node.insert_established(&flow, true, ESTABLISHED);
+        node.expect_pass(
+            PROG_TO_PEER,
+            &flow.to_peer(SYN),
+            family,
+            Counter::PassTcpSyn,
+            &format!("{what}, live"),
+        );
+        let left = node.seconds_left(&flow, true);
+        assert!(
+            left > ESTABLISHED - 5,
+            "{what}: a live entry was touched: {left} s"
+        );
+
+        node.expect_forward(
+            PROG_TO_PEER,
+            &flow.to_peer(FIN | ACK),
+            family,
+            &[Counter::CtClose],
+            &what,
+        );
+        let before = node.counters();
+        let frame = flow.to_peer(SYN);
+        let (verdict, out) = node.run(PROG_TO_PEER, &frame);
+        assert_eq!((verdict, &out), (TC_ACT_OK, &frame), "{what}: SYN verdict");
+        assert_counted(
+            &before,
+            &node.counters(),
+            family,
+            &[Counter::PassTcpSyn, Counter::CtReopen],
+            &format!("{what}, reopen"),
+        );
+        let entry = node.entry_if_any(&flow, true);
+        assert!(
+            entry
+                .as_deref()
+                .is_none_or(|e| e.split_whitespace().nth(2) == Some("0")),
+            "{what}: the closed connection's entry is still alive: {entry:?}"
+        );
     }
 }
 
