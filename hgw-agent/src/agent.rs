@@ -30,7 +30,10 @@ use crate::{
     conntrack::{self, ConntrackError},
     datapath::{Datapath, DatapathError},
     etcd::{self, EtcdError},
-    kernel::{Kernel, KernelError, Link, Neighbour, format_mac, link_name, main_route, port_of},
+    kernel::{
+        Kernel, KernelError, Link, Neighbour, PrefixOwners, format_mac, link_name, main_route,
+        port_of,
+    },
     setup::{self, SetupError},
     status::{self, PeerStatus, Status},
 };
@@ -846,9 +849,7 @@ impl Agent {
         self.attach_ports().await;
         self.sync_endpoints().await;
         self.remove_unwanted_routes().await;
-        for i in 0..self.peers.len() {
-            self.install_route(i).await;
-        }
+        self.install_routes().await;
         match self.kernel.neighbours(self.uplink.index).await {
             Ok(neighbours) => {
                 for peer in &mut self.peers {
@@ -866,13 +867,53 @@ impl Agent {
         self.resolve_unresolved().await;
     }
 
+    /// Every peer's route as it should be, from one dump of the routing table: a route
+    /// of hgw's already right costs no request, someone else's on the prefix is noted
+    /// as foreign, and only the rest is installed.
+    async fn install_routes(&mut self) {
+        let owners = match self.kernel.prefix_owners().await {
+            Ok(owners) => owners,
+            Err(e) => {
+                warn!("{e}");
+                HashMap::new()
+            }
+        };
+        for i in 0..self.peers.len() {
+            let peer = &self.peers[i];
+            let want = (Some(peer.node_ip), Some(self.uplink.index));
+            match owners.get(&peer.pod_cidr) {
+                Some(PrefixOwners {
+                    ours: Some(ours), ..
+                }) if *ours == want => self.route_installed(i, Ok(())),
+                Some(PrefixOwners {
+                    ours: None,
+                    foreign: Some(protocol),
+                }) => {
+                    let error = KernelError::ForeignRoute {
+                        destination: peer.pod_cidr,
+                        protocol: protocol.clone(),
+                    };
+                    self.route_installed(i, Err(error));
+                }
+                _ => self.install_route(i).await,
+            }
+        }
+    }
+
     async fn install_route(&mut self, i: usize) {
         let state = &self.peers[i];
-        match self
+        let result = self
             .kernel
             .install_route(state.pod_cidr, state.node_ip, self.uplink.index)
-            .await
-        {
+            .await;
+        self.route_installed(i, result);
+    }
+
+    /// Takes note of peer `i`'s route: in place, on a prefix someone else holds, or
+    /// failed.
+    fn route_installed(&mut self, i: usize, result: Result<(), KernelError>) {
+        let state = &self.peers[i];
+        match result {
             Ok(()) => {
                 if !state.route {
                     info!(

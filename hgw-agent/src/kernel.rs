@@ -139,6 +139,14 @@ impl Neighbour {
     }
 }
 
+/// Who holds a prefix of the main table: hgw (its route's gateway and interface) and/or
+/// someone else (the protocol of their route).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PrefixOwners {
+    pub ours: Option<(Option<IpAddr>, Option<u32>)>,
+    pub foreign: Option<String>,
+}
+
 /// A route carrying hgw's protocol tag, as found in the main table.
 #[derive(Debug, Clone)]
 pub struct HgwRoute {
@@ -391,21 +399,33 @@ impl Kernel {
             .map_err(netlink("replacing route to", destination))
     }
 
+    /// Who holds each prefix of the main table (both families): one dump, so a
+    /// resync over thousands of peers asks the kernel once, not once per peer.
+    pub async fn prefix_owners(&self) -> Result<HashMap<IpNet, PrefixOwners>, KernelError> {
+        let mut owners: HashMap<IpNet, PrefixOwners> = HashMap::new();
+        for message in self.main_table().await? {
+            let Some((destination, ours)) = main_route(&message) else {
+                continue;
+            };
+            let entry = owners.entry(destination).or_default();
+            if ours {
+                let route = HgwRoute::from_message(&message);
+                entry.ours = Some((
+                    route.as_ref().and_then(|r| r.gateway),
+                    route.as_ref().and_then(|r| r.oif),
+                ));
+            } else if entry.foreign.is_none() {
+                entry.foreign = Some(format!("{:?}", message.header.protocol).to_lowercase());
+            }
+        }
+        Ok(owners)
+    }
+
     /// The protocols of the main table's routes to exactly `destination`.
     async fn route_owners(&self, destination: IpNet) -> Result<Vec<RouteProtocol>, KernelError> {
-        let request = match destination {
-            IpNet::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            IpNet::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        };
-        let messages: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(request)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(netlink("listing routes to", destination))?;
-        Ok(messages
+        Ok(self
+            .main_table()
+            .await?
             .iter()
             .filter(|m| main_route(m).is_some_and(|(d, _)| d == destination))
             .map(|m| m.header.protocol)
@@ -414,12 +434,22 @@ impl Kernel {
 
     /// Every route in the main table (IPv4 and IPv6) that carries hgw's tag.
     pub async fn hgw_routes(&self) -> Result<Vec<HgwRoute>, KernelError> {
+        Ok(self
+            .main_table()
+            .await?
+            .iter()
+            .filter_map(HgwRoute::from_message)
+            .collect())
+    }
+
+    /// Every route the kernel lists, IPv4 then IPv6 (the callers keep the main table's).
+    async fn main_table(&self) -> Result<Vec<RouteMessage>, KernelError> {
         let mut routes = Vec::new();
         for (request, family) in [
             (RouteMessageBuilder::<Ipv4Addr>::new().build(), "ipv4"),
             (RouteMessageBuilder::<Ipv6Addr>::new().build(), "ipv6"),
         ] {
-            let messages: Vec<_> = self
+            let messages: Vec<RouteMessage> = self
                 .handle
                 .route()
                 .get(request)
@@ -427,7 +457,7 @@ impl Kernel {
                 .try_collect()
                 .await
                 .map_err(netlink("listing routes", family))?;
-            routes.extend(messages.iter().filter_map(HgwRoute::from_message));
+            routes.extend(messages);
         }
         Ok(routes)
     }
