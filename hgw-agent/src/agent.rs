@@ -26,10 +26,10 @@ use tokio::{
 };
 
 use crate::{
-    config::{Attach, Config, ConfigError, FastPath, Network, Peer, Source},
+    config::{Attach, Config, ConfigError, EtcdConfig, FastPath, Network, Peer, Source},
     conntrack::{self, ConntrackError},
     datapath::{Datapath, DatapathError},
-    etcd::{self, EtcdError},
+    etcd::{self, EtcdError, EtcdSource},
     kernel::{
         Kernel, KernelError, Link, Neighbour, PrefixOwners, format_mac, link_name, main_route,
         port_of,
@@ -39,6 +39,9 @@ use crate::{
 };
 
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// How soon an unreachable etcd is asked again at start, doubling up to the maximum.
+const ETCD_RETRY_FIRST: Duration = Duration::from_secs(1);
+const ETCD_RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often unresolved next hops are asked for again; meanwhile the kernel path
 /// carries their traffic (and resolves them itself when a packet needs it).
 const RESOLVE_RETRY_EVERY: Duration = Duration::from_secs(10);
@@ -132,6 +135,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         }
     }
     let uplink_networks = kernel.networks(uplink.index).await?;
+    let mut early_listener = None;
     let (network, peers, updates) = match &config.source {
         Source::Static { network, peers } => {
             check_static_peers(&config, peers, &uplink_networks)?;
@@ -149,7 +153,14 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
                     )
                 })?,
             };
-            let source = etcd::start(etcd.clone(), public_ip).await?;
+            // Bound now, so that status can say the agent waits for etcd.
+            let listener = bind_status_socket(&config)?;
+            let Some(source) = wait_for_etcd(&config, etcd, public_ip, &listener).await? else {
+                let _ = std::fs::remove_file(&config.status_socket);
+                info!("stopped while waiting for etcd: routes left as they were");
+                return Ok(());
+            };
+            early_listener = Some(listener);
             (source.network, Vec::new(), Some(source.peers))
         }
     };
@@ -159,8 +170,16 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         Source::Static { .. } => "",
         Source::Etcd(_) => "etcd network: ",
     };
-    check_network(&network, &uplink_networks, &addresses, bridge_index, from)?;
-    let listener = bind_status_socket(&config)?;
+    if let Err(e) = check_network(&network, &uplink_networks, &addresses, bridge_index, from) {
+        if early_listener.is_some() {
+            let _ = std::fs::remove_file(&config.status_socket);
+        }
+        return Err(e.into());
+    }
+    let listener = match early_listener {
+        Some(listener) => listener,
+        None => bind_status_socket(&config)?,
+    };
 
     let bridge = if config.setup_node {
         setup::apply(&kernel, &config, &network).await?
@@ -439,6 +458,83 @@ fn check_network(
     Ok(())
 }
 
+/// `etcd::start`, retried while etcd cannot be reached, as flanneld does (backoff from
+/// 1 s, doubling, up to 30 s): meanwhile the node keeps the routes it has (nothing is
+/// swept and no program attached before etcd answers) and the status socket says what
+/// the agent waits for. `None` when SIGTERM or SIGINT came first.
+async fn wait_for_etcd(
+    config: &Config,
+    etcd: &EtcdConfig,
+    public_ip: Ipv4Addr,
+    listener: &UnixListener,
+) -> Result<Option<EtcdSource>, AgentError> {
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut backoff = ETCD_RETRY_FIRST;
+    let mut waiting = waiting_status(config, "waiting for etcd: connecting".into());
+    loop {
+        let attempt = etcd::start(etcd.clone(), public_ip);
+        tokio::pin!(attempt);
+        let error = loop {
+            tokio::select! {
+                result = &mut attempt => match result {
+                    Ok(source) => return Ok(Some(source)),
+                    Err(error @ EtcdError::Client { .. }) => break error,
+                    Err(error) => return Err(error.into()),
+                },
+                _ = sigterm.recv() => return Ok(None),
+                _ = sigint.recv() => return Ok(None),
+                accepted = listener.accept() => serve_status(accepted, &waiting).await,
+            }
+        };
+        warn!("{error}; retrying in {backoff:?}, routes left as they are");
+        waiting = waiting_status(config, format!("waiting for etcd: {error}"));
+        let retry = tokio::time::sleep(backoff);
+        tokio::pin!(retry);
+        loop {
+            tokio::select! {
+                _ = &mut retry => break,
+                _ = sigterm.recv() => return Ok(None),
+                _ = sigint.recv() => return Ok(None),
+                accepted = listener.accept() => serve_status(accepted, &waiting).await,
+            }
+        }
+        backoff = (backoff * 2).min(ETCD_RETRY_MAX);
+    }
+}
+
+/// What status says before the agent knows its network: not ready, and why.
+fn waiting_status(config: &Config, waiting: String) -> Status {
+    Status {
+        node: config.node_name.clone(),
+        pod_cidr: String::new(),
+        pod_cidr_v6: None,
+        uplink: config.uplink.clone(),
+        bridge: config.bridge.clone(),
+        ready: false,
+        fast_path: config.fast_path.name().to_owned(),
+        peers: Vec::new(),
+        counters: Default::default(),
+        endpoints: 0,
+        map_entries: 0,
+        waiting: Some(waiting),
+    }
+}
+
+async fn serve_status(
+    accepted: std::io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)>,
+    status: &Status,
+) {
+    match accepted {
+        Ok((stream, _)) => {
+            if let Err(e) = status::serve(stream, status).await {
+                debug!("status client went away: {e}");
+            }
+        }
+        Err(e) => warn!("status socket: {e}"),
+    }
+}
+
 /// The next peer set from a dynamic source; never ready without one.
 async fn next_update(updates: &mut Option<mpsc::Receiver<Vec<Peer>>>) -> Option<Vec<Peer>> {
     match updates {
@@ -496,15 +592,7 @@ impl Agent {
                         self.on_event(message).await;
                     }
                 }
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let status = self.status();
-                        if let Err(e) = status::serve(stream, &status).await {
-                            debug!("status client went away: {e}");
-                        }
-                    }
-                    Err(e) => warn!("status socket: {e}"),
-                },
+                accepted = listener.accept() => serve_status(accepted, &self.status()).await,
                 _ = resync.tick() => self.resync().await,
                 _ = retry.tick() => self.refresh_neighbours().await,
                 Some(peers) = next_update(&mut updates) => self.set_peers(peers).await,
@@ -1110,6 +1198,7 @@ impl Agent {
             counters,
             endpoints: self.endpoints.len(),
             map_entries: self.map.len(),
+            waiting: (!self.peers_known).then(|| "waiting for the first peer set".to_owned()),
         }
     }
 }

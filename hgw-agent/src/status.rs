@@ -51,6 +51,9 @@ pub struct Status {
     /// Next hops in the fast-path route table.
     #[serde(default)]
     pub map_entries: usize,
+    /// What the agent waits for before it can be ready (etcd, the first peer set).
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,7 +128,11 @@ impl std::fmt::Display for Status {
             "node {}  pod CIDR {}  uplink {}  bridge {}",
             self.node, self.pod_cidr, self.uplink, self.bridge
         )?;
-        let state = if self.ready { "ready" } else { "converging" };
+        let state = match (&self.waiting, self.ready) {
+            (Some(waiting), _) => waiting.as_str(),
+            (None, true) => "ready",
+            (None, false) => "converging",
+        };
         let path = if self.fast_path == "off" {
             "kernel routes only".to_owned()
         } else {
