@@ -168,11 +168,25 @@ pub fn udp_flood(ends: &Ends, w: Window<'_>) -> anyhow::Result<UdpResult> {
     open_udp_flow(&client, &server)
         .with_context(|| format!("UDP {} -> {addr}: opening the flow", ends.client_ns))?;
 
+    measure_udp(&server, addr, &ends.server_ns, &w, |done| {
+        send_udp(&client, done)
+    })
+}
+
+/// Runs `send` (it sends until `done`, returning how many it sent) against a receiver on
+/// `server` for the window, and measures what arrived and the CPU it took.
+fn measure_udp(
+    server: &UdpSocket,
+    addr: SocketAddr,
+    server_ns: &str,
+    w: &Window<'_>,
+    send: impl FnOnce(&AtomicBool) -> anyhow::Result<u64> + Send,
+) -> anyhow::Result<UdpResult> {
     let done = AtomicBool::new(false);
     let received = AtomicU64::new(0);
     thread::scope(|s| -> anyhow::Result<UdpResult> {
-        let rx = s.spawn(|| receive_udp(&server, &done, &received));
-        let tx = s.spawn(|| send_udp(&client, &done));
+        let rx = s.spawn(|| receive_udp(server, &done, &received));
+        let tx = s.spawn(|| send(&done));
         let measured = (|| -> anyhow::Result<(u64, CpuTime, CpuTime, Duration)> {
             w.sleep(w.warmup)?;
             let (n0, c0, t0) = (
@@ -197,7 +211,7 @@ pub fn udp_flood(ends: &Ends, w: Window<'_>) -> anyhow::Result<UdpResult> {
         let sent_total = sent?;
         let (n, c0, c1, elapsed) = measured?;
         if n == 0 {
-            bail!("no UDP datagram arrived at {addr} in {}", ends.server_ns);
+            bail!("no UDP datagram arrived at {addr} in {server_ns}");
         }
         let n_f = n as f64;
         Ok(UdpResult {
@@ -743,45 +757,8 @@ pub fn udp_flows(ends: &Ends, flows: usize, w: Window<'_>) -> anyhow::Result<Udp
     open_udp_flows(&clients, &server)
         .with_context(|| format!("UDP {} -> {addr}: opening {flows} flows", ends.client_ns))?;
 
-    let done = AtomicBool::new(false);
-    let received = AtomicU64::new(0);
-    thread::scope(|s| -> anyhow::Result<UdpResult> {
-        let rx = s.spawn(|| receive_udp(&server, &done, &received));
-        let tx = s.spawn(|| send_udp_flows(&clients, &done));
-        let measured = (|| -> anyhow::Result<(u64, CpuTime, CpuTime, Duration)> {
-            w.sleep(w.warmup)?;
-            let (n0, c0, t0) = (
-                received.load(Ordering::SeqCst),
-                CpuTime::now()?,
-                Instant::now(),
-            );
-            w.sleep(w.duration)?;
-            let (n1, c1, t1) = (
-                received.load(Ordering::SeqCst),
-                CpuTime::now()?,
-                Instant::now(),
-            );
-            Ok((n1 - n0, c0, c1, t1 - t0))
-        })();
-        done.store(true, Ordering::SeqCst);
-        let sent = tx
-            .join()
-            .map_err(|_| anyhow::anyhow!("UDP sender panicked"))?;
-        rx.join()
-            .map_err(|_| anyhow::anyhow!("UDP receiver panicked"))??;
-        let sent_total = sent?;
-        let (n, c0, c1, elapsed) = measured?;
-        if n == 0 {
-            bail!("no UDP datagram arrived at {addr} in {}", ends.server_ns);
-        }
-        let n_f = n as f64;
-        Ok(UdpResult {
-            pps: n_f / elapsed.as_secs_f64(),
-            cpu_ns_per_pkt: c1.busy_ns.saturating_sub(c0.busy_ns) as f64 / n_f,
-            softirq_ns_per_pkt: c1.softirq_ns.saturating_sub(c0.softirq_ns) as f64 / n_f,
-            received_total: received.load(Ordering::SeqCst),
-            sent_total,
-        })
+    measure_udp(&server, addr, &ends.server_ns, &w, |done| {
+        send_udp_flows(&clients, done)
     })
 }
 
