@@ -293,19 +293,24 @@ fn accepted_by_conntrack<H: IpHeader>(
     }
     // SAFETY: the caller got ip from parse.
     let proto = unsafe { (*ip).transport() };
-    let tcp_flags = match proto {
+    // The ports (the first four bytes of either header) and, for TCP, the flags in
+    // byte 13: one bounds check per packet.
+    let (ports, tcp_flags) = match proto {
         IPPROTO_TCP => {
-            // Ports, and the flags in byte 13.
             let tcp: *const [u8; 14] = ptr_at(ctx, L3 + H::LEN)?;
             // SAFETY: ptr_at checked the bounds.
-            unsafe { (*tcp)[13] }
+            let tcp = unsafe { &*tcp };
+            ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[13])
         }
-        IPPROTO_UDP => 0,
+        IPPROTO_UDP => {
+            let udp: *const [u8; 4] = ptr_at(ctx, L3 + H::LEN)?;
+            // SAFETY: ptr_at checked the bounds.
+            (unsafe { *udp }, 0)
+        }
         _ => return Err(Counter::PassCtProto),
     };
     // A SYN always goes to the kernel; it is looked up only for the reopen below.
     let syn = tcp_flags & TCP_SYN != 0;
-    let ports: *const [u8; 4] = ptr_at(ctx, L3 + H::LEN)?;
     let mut opts = CtOpts {
         netns_id: BPF_F_CURRENT_NETNS,
         error: 0,
@@ -315,8 +320,8 @@ fn accepted_by_conntrack<H: IpHeader>(
         ct_zone_dir: 0,
         reserved: [0; 3],
     };
-    // SAFETY: both point into the packet (checked by parse and ptr_at).
-    let mut tuple = unsafe { H::tuple(ip, *ports) };
+    // SAFETY: ip points into the packet (checked by parse).
+    let mut tuple = unsafe { H::tuple(ip, ports) };
     // SAFETY: the tuple and opts live on the stack for the call; the lengths are
     // theirs; the skb is the program's context.
     let ct = unsafe {
