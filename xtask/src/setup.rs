@@ -23,6 +23,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "conntrack",
     // The CNI plugins kubelet calls (bridge, host-local, portmap) for hostPort tests.
     "containernetworking-plugins",
+    // tcp_reopen.rs binds a TCP client to a fixed port, which std cannot.
+    "python3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
