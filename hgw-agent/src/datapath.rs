@@ -61,6 +61,8 @@ pub struct Datapath {
     routes_v4: LpmTrie<MapData, [u8; 4], NextHop>,
     routes_v6: LpmTrie<MapData, [u8; 16], NextHop>,
     counters: PerCpuArray<MapData, u64>,
+    /// The counters map's id, to open a second handle on it.
+    counters_id: Option<u32>,
     endpoints_v4: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
     endpoints_v6: aya::maps::HashMap<MapData, [u8; 16], Endpoint>,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
@@ -146,6 +148,10 @@ impl Datapath {
         let config = take_map(&mut ebpf, MAP_CONFIG)?;
         let routes_v4 = take_map(&mut ebpf, MAP_ROUTES_V4)?;
         let routes_v6 = take_map(&mut ebpf, MAP_ROUTES_V6)?;
+        let counters_id = match ebpf.map(MAP_COUNTERS) {
+            Some(aya::maps::Map::PerCpuArray(data)) => data.info().ok().map(|info| info.id()),
+            _ => None,
+        };
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
         let endpoints_v4 = take_map(&mut ebpf, MAP_ENDPOINTS_V4)?;
         let endpoints_v6 = take_map(&mut ebpf, MAP_ENDPOINTS_V6)?;
@@ -155,6 +161,7 @@ impl Datapath {
             routes_v4,
             routes_v6,
             counters,
+            counters_id,
             endpoints_v4,
             endpoints_v6,
             ports: HashMap::new(),
@@ -299,26 +306,50 @@ impl Datapath {
 
     /// Every counter, summed over the CPUs.
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        let read = |slot: u32| -> Result<u64, DatapathError> {
-            let values = self
-                .counters
-                .get(&slot, 0)
-                .map_err(map_error("reading", MAP_COUNTERS))?;
-            Ok(values.iter().sum())
-        };
-        let mut families = Vec::with_capacity(Family::ALL.len());
-        for &family in Family::ALL {
-            let counters = Counter::ALL
-                .iter()
-                .map(|&counter| Ok((counter, read(counter_index(family, counter))?)))
-                .collect::<Result<_, DatapathError>>()?;
-            families.push((family, counters));
-        }
-        Ok(Counters {
-            families,
-            not_ip: read(COUNTER_NOT_IP)?,
-        })
+        read_counters(&self.counters)
     }
+
+    /// A second handle on the counters, for readers outside the agent's loop (status,
+    /// metrics): reading it never waits for the loop.
+    pub fn counter_reader(&self) -> Result<CounterReader, DatapathError> {
+        let id = self
+            .counters_id
+            .ok_or(DatapathError::MissingMap(MAP_COUNTERS))?;
+        let data = MapData::from_id(id).map_err(map_error("opening", MAP_COUNTERS))?;
+        let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(map_error("opening", MAP_COUNTERS))?;
+        Ok(CounterReader(map))
+    }
+}
+
+/// Reads the fast path's counters, from any task.
+pub struct CounterReader(PerCpuArray<MapData, u64>);
+
+impl CounterReader {
+    pub fn read(&self) -> Result<Counters, DatapathError> {
+        read_counters(&self.0)
+    }
+}
+
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Counters, DatapathError> {
+    let read = |slot: u32| -> Result<u64, DatapathError> {
+        let values = map
+            .get(&slot, 0)
+            .map_err(map_error("reading", MAP_COUNTERS))?;
+        Ok(values.iter().sum())
+    };
+    let mut families = Vec::with_capacity(Family::ALL.len());
+    for &family in Family::ALL {
+        let counters = Counter::ALL
+            .iter()
+            .map(|&counter| Ok((counter, read(counter_index(family, counter))?)))
+            .collect::<Result<_, DatapathError>>()?;
+        families.push((family, counters));
+    }
+    Ok(Counters {
+        families,
+        not_ip: read(COUNTER_NOT_IP)?,
+    })
 }
 
 /// The fast path's packet counters, per family.

@@ -6,12 +6,14 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use hgw_common::ROUTE_PROTOCOL;
 use ipnet::IpNet;
 use rtnetlink::{
-    Handle, LinkBridge, LinkUnspec, RouteMessageBuilder,
+    Handle, LinkBridge, LinkUnspec, MulticastGroup, RouteMessageBuilder,
+    packet_core::NetlinkPayload,
     packet_route::{
+        RouteNetlinkMessage,
         AddressFamily,
         address::AddressAttribute,
         link::{LinkAttribute, LinkFlags, LinkMessage},
@@ -148,12 +150,11 @@ pub struct PrefixOwners {
 }
 
 /// A route carrying hgw's protocol tag, as found in the main table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HgwRoute {
     pub destination: IpNet,
     pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
-    message: RouteMessage,
 }
 
 impl HgwRoute {
@@ -179,7 +180,6 @@ impl HgwRoute {
             destination: route_destination(msg)?,
             gateway,
             oif,
-            message: msg.clone(),
         })
     }
 }
@@ -340,11 +340,15 @@ impl Kernel {
     /// a route already on the prefix is replaced only if it carries hgw's tag
     /// (NLM_F_REPLACE alone would take over anyone's route); otherwise
     /// [`KernelError::ForeignRoute`].
+    ///
+    /// `ours_there`: the caller's view says hgw's route holds the prefix (a changed next
+    /// hop), so it is replaced in one request, without asking who owns the prefix.
     pub async fn install_route(
         &self,
         destination: IpNet,
         gateway: IpAddr,
         oif: u32,
+        ours_there: bool,
     ) -> Result<(), KernelError> {
         // The same route for either family, tagged and on-link.
         fn tagged<T>(route: RouteMessageBuilder<T>, oif: u32) -> RouteMessage {
@@ -375,13 +379,19 @@ impl Kernel {
                 });
             }
         };
-        match self.handle.route().add(route.clone()).execute().await {
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
-            other => return other.map_err(netlink("installing route to", destination)),
+        if !ours_there {
+            match self.handle.route().add(route.clone()).execute().await {
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                other => return other.map_err(netlink("installing route to", destination)),
+            }
         }
         // A route is on the prefix already: ours (a changed next hop) is replaced;
         // without ours, the one there belongs to someone else.
-        let owners = self.route_owners(destination).await?;
+        let owners = if ours_there {
+            vec![RouteProtocol::Other(ROUTE_PROTOCOL)]
+        } else {
+            self.route_owners(destination).await?
+        };
         if !owners.contains(&RouteProtocol::Other(ROUTE_PROTOCOL)) {
             return Err(KernelError::ForeignRoute {
                 destination,
@@ -462,14 +472,40 @@ impl Kernel {
         Ok(routes)
     }
 
-    /// Deletes a route hgw installed (the type guarantees it carries hgw's tag).
+    /// Deletes a route hgw installed: the request carries hgw's tag, and the kernel
+    /// deletes only a route with the same protocol, so someone else's route on the
+    /// prefix is never taken.
     pub async fn delete_route(&self, route: &HgwRoute) -> Result<(), KernelError> {
-        self.handle
-            .route()
-            .del(route.message.clone())
-            .execute()
-            .await
-            .map_err(netlink("deleting route to", route.destination))
+        fn tagged<T>(route: RouteMessageBuilder<T>, oif: Option<u32>) -> RouteMessage {
+            let route = route.protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+            match oif {
+                Some(oif) => route.output_interface(oif).build(),
+                None => route.build(),
+            }
+        }
+        let message = match (route.destination, route.gateway) {
+            (IpNet::V4(net), gateway) => {
+                let builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(net.network(), net.prefix_len());
+                match gateway {
+                    Some(IpAddr::V4(gateway)) => tagged(builder.gateway(gateway), route.oif),
+                    _ => tagged(builder, route.oif),
+                }
+            }
+            (IpNet::V6(net), gateway) => {
+                let builder = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(net.network(), net.prefix_len());
+                match gateway {
+                    Some(IpAddr::V6(gateway)) => tagged(builder.gateway(gateway), route.oif),
+                    _ => tagged(builder, route.oif),
+                }
+            }
+        };
+        match self.handle.route().del(message).execute().await {
+            // Gone already: done.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            other => other.map_err(netlink("deleting route to", route.destination)),
+        }
     }
 
     /// The neighbour entries (ARP and NDP) of interface `index`, by IP.
@@ -508,23 +544,7 @@ impl Kernel {
             .try_collect()
             .await
             .map_err(netlink("listing", "bridge forwarding entries"))?;
-        Ok(messages
-            .iter()
-            .filter(|m| {
-                !matches!(
-                    m.header.state,
-                    NeighbourState::Permanent | NeighbourState::Noarp
-                )
-            })
-            .filter_map(|m| {
-                m.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::LinkLayerAddress(mac) => {
-                        Some((<[u8; 6]>::try_from(mac.as_slice()).ok()?, m.header.ifindex))
-                    }
-                    _ => None,
-                })
-            })
-            .collect())
+        Ok(messages.iter().filter_map(fdb_entry).collect())
     }
 
     /// Asks the kernel to resolve `ip` on interface `index` (NTF_USE: it sends an ARP
@@ -561,4 +581,174 @@ pub fn link_name(msg: &LinkMessage) -> Option<String> {
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// What happened in the kernel, as the agent needs it: the typed form of rtnetlink's
+/// multicast messages (their types stop at this module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelEvent {
+    /// An ARP/NDP entry changed (`mac: None`: unusable) or was deleted.
+    Neighbour { neighbour: Neighbour, deleted: bool },
+    /// A bridge forwarding entry: `mac` is behind port `port`.
+    Fdb {
+        mac: [u8; 6],
+        port: u32,
+        deleted: bool,
+    },
+    /// A main-table route was added or deleted.
+    Route {
+        destination: IpNet,
+        owner: RouteOwner,
+        deleted: bool,
+    },
+    /// An interface was added, changed or deleted.
+    Link {
+        index: u32,
+        name: Option<String>,
+        /// The bridge it is a port of.
+        controller: Option<u32>,
+        /// Its MAC and MTU (`None` for a link without a MAC).
+        link: Option<Link>,
+        deleted: bool,
+    },
+}
+
+/// Whose a main-table route is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteOwner {
+    Hgw {
+        gateway: Option<IpAddr>,
+        oif: Option<u32>,
+    },
+    /// Someone else's (its protocol).
+    Foreign(String),
+}
+
+impl KernelEvent {
+    /// The event a multicast message announces, if the agent cares about its kind.
+    pub fn from_message(message: RouteNetlinkMessage) -> Option<Self> {
+        use RouteNetlinkMessage as M;
+        let (message, deleted) = match message {
+            M::DelNeighbour(msg) => (M::NewNeighbour(msg), true),
+            M::DelRoute(msg) => (M::NewRoute(msg), true),
+            M::DelLink(msg) => (M::NewLink(msg), true),
+            other => (other, false),
+        };
+        match message {
+            M::NewNeighbour(msg) if msg.header.family == AddressFamily::Bridge => {
+                let (mac, port) = fdb_entry(&msg)?;
+                Some(Self::Fdb { mac, port, deleted })
+            }
+            M::NewNeighbour(msg) => {
+                let neighbour = Neighbour::from_message(&msg)?;
+                Some(Self::Neighbour {
+                    neighbour: if deleted {
+                        Neighbour {
+                            mac: None,
+                            stale: false,
+                            ..neighbour
+                        }
+                    } else {
+                        neighbour
+                    },
+                    deleted,
+                })
+            }
+            M::NewRoute(msg) => {
+                let (destination, ours) = main_route(&msg)?;
+                Some(Self::Route {
+                    destination,
+                    owner: route_owner(&msg, ours),
+                    deleted,
+                })
+            }
+            M::NewLink(msg) => Some(Self::Link {
+                index: msg.header.index,
+                name: link_name(&msg),
+                controller: port_of(&msg),
+                link: Link::from_message(&msg),
+                deleted,
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn route_owner(msg: &RouteMessage, ours: bool) -> RouteOwner {
+    if ours {
+        let route = HgwRoute::from_message(msg);
+        RouteOwner::Hgw {
+            gateway: route.and_then(|r| r.gateway),
+            oif: route.and_then(|r| r.oif),
+        }
+    } else {
+        RouteOwner::Foreign(format!("{:?}", msg.header.protocol).to_lowercase())
+    }
+}
+
+/// A learned bridge forwarding entry (MAC, port); the ports' own addresses, which the
+/// bridge keeps as permanent entries, are not learned ones.
+fn fdb_entry(msg: &NeighbourMessage) -> Option<([u8; 6], u32)> {
+    if matches!(
+        msg.header.state,
+        NeighbourState::Permanent | NeighbourState::Noarp
+    ) {
+        return None;
+    }
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(mac) => {
+            Some((<[u8; 6]>::try_from(mac.as_slice()).ok()?, msg.header.ifindex))
+        }
+        _ => None,
+    })
+}
+
+/// How many kernel events may wait for the agent; past that they are dropped and the
+/// agent is told to resync from dumps (bounded memory under an event flood).
+const EVENT_QUEUE: usize = 4096;
+/// The multicast socket's receive buffer: a burst of events waits there, not lost.
+const EVENT_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Kernel events as they come, from a multicast connection read by its own task.
+pub struct KernelEvents {
+    pub events: tokio::sync::mpsc::Receiver<KernelEvent>,
+    /// Set when events were dropped: the receiver's view must be rebuilt from dumps.
+    pub overflowed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Subscribes to neighbour, route and link events.
+pub fn subscribe() -> Result<KernelEvents, KernelError> {
+    use std::sync::atomic::Ordering;
+    let (mut connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Neigh,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+        MulticastGroup::Link,
+    ])
+    .map_err(KernelError::Connect)?;
+    // Best effort: a smaller buffer only makes an overflow (and a resync) likelier.
+    let _ = rtnetlink::sys::AsyncSocket::socket_mut(connection.socket_mut())
+        .set_rx_buf_sz(EVENT_SOCKET_BUFFER);
+    tokio::spawn(connection);
+    let (tx, events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+    let overflowed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = overflowed.clone();
+    tokio::spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            let NetlinkPayload::InnerMessage(message) = message.payload else {
+                continue;
+            };
+            let Some(event) = KernelEvent::from_message(message) else {
+                continue;
+            };
+            match tx.try_send(event) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    });
+    Ok(KernelEvents { events, overflowed })
 }

@@ -7,7 +7,7 @@ use hgw_common::COUNTER_NOT_IP_NAME;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::datapath::Counters;
+use crate::datapath::{CounterReader, Counters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -100,6 +100,45 @@ pub async fn serve(mut stream: tokio::net::UnixStream, status: &Status) -> std::
     let body = serde_json::to_vec(status).map_err(std::io::Error::other)?;
     stream.write_all(&body).await?;
     stream.shutdown().await
+}
+
+/// A client that does not read its answer within this is dropped.
+const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Answers status clients from the latest snapshot the agent's loop published, with
+/// the counters read at request time, on tasks of their own: a slow or stuck client
+/// never holds up the loop.
+pub fn spawn_server(
+    listener: tokio::net::UnixListener,
+    snapshot: tokio::sync::watch::Receiver<std::sync::Arc<Status>>,
+    counters: std::sync::Arc<std::sync::OnceLock<CounterReader>>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    log::warn!("status socket: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let mut status = Status::clone(&snapshot.borrow());
+            if let Some(reader) = counters.get() {
+                match reader.read() {
+                    Ok(values) => status.counters = counters_by_name(&values),
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
+            tokio::spawn(async move {
+                match tokio::time::timeout(CLIENT_TIMEOUT, serve(stream, &status)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => log::debug!("status client went away: {e}"),
+                    Err(_) => log::debug!("status client too slow; dropped"),
+                }
+            });
+        }
+    });
 }
 
 pub async fn fetch(path: &Path) -> Result<Status, StatusError> {

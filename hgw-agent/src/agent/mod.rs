@@ -1,0 +1,743 @@
+//! The node agent. Data flows one way:
+//!
+//! ```text
+//! peer sources (file, etcd) --> desired state --> reconciler --> kernel routes, BPF maps
+//!                                    kernel events --> observed --^      status snapshot
+//! ```
+//!
+//! Sources publish whole peer sets ([`sources`]); the desired state is a pure function
+//! of the network, the peers and the node ([`desired`]); what the kernel holds is
+//! observed from dumps and typed events ([`observed`]); the [`reconcile::Reconciler`] is
+//! the only writer, and writes only differences. Status is served from a snapshot the
+//! loop publishes, on tasks of its own.
+
+pub mod desired;
+pub mod observed;
+pub mod reconcile;
+pub mod sources;
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{Arc, OnceLock, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use hgw_common::{Endpoint, NextHop, NodeConfig};
+use ipnet::IpNet;
+use log::{info, warn};
+use tokio::{
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    config::{Attach, Config, ConfigError, EtcdConfig, FastPath, Network, Peer, Source},
+    conntrack::{self, ConntrackError},
+    datapath::{Datapath, DatapathError},
+    etcd::{self, EtcdError, EtcdSource},
+    kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link, PrefixOwners},
+    setup::{self, SetupError},
+    status::{self, Status},
+};
+use desired::{NodeFacts, off_link};
+use observed::{Change, Observed};
+use reconcile::{FastPathMaps, Reconciler, RouteTable};
+use sources::PeerSet;
+pub use sources::Reload;
+
+/// The backstop: everything is compared with the kernel this often.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// How soon an unreachable etcd is asked again at start, doubling up to the maximum.
+const ETCD_RETRY_FIRST: Duration = Duration::from_secs(1);
+const ETCD_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often unresolved and stale next hops are asked for again; meanwhile the kernel
+/// path carries their traffic (and resolves them itself when a packet needs it).
+const RESOLVE_RETRY_EVERY: Duration = Duration::from_secs(10);
+/// At most one forwarding-table dump this often, for pods whose port is not known.
+const FDB_DUMP_EVERY: Duration = Duration::from_secs(1);
+/// Events taken in one go before the loop looks at anything else.
+const EVENT_BATCH: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Conntrack(#[from] ConntrackError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("status socket {path}: {reason}")]
+    StatusSocket { path: String, reason: String },
+    #[error("installing a signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// SIGTERM and SIGINT, as one future.
+struct Shutdown {
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn new() -> Result<Self, AgentError> {
+        Ok(Self {
+            sigterm: signal(SignalKind::terminate()).map_err(AgentError::Signal)?,
+            sigint: signal(SignalKind::interrupt()).map_err(AgentError::Signal)?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.sigterm.recv() => {}
+            _ = self.sigint.recv() => {}
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
+/// programs are detached (their tcx links close with the process).
+pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
+    let kernel = Kernel::connect()?;
+    // Everything is checked before anything is changed on the node.
+    let uplink = check_interfaces(&kernel, &config).await?;
+    if config.fast_path == FastPath::Established {
+        check_established()?;
+    }
+    let uplink_networks = kernel.networks(uplink.index).await?;
+    let mut shutdown = Shutdown::new()?;
+    let listener = bind_status_socket(&config)?;
+    // The status socket is removed whenever the agent stops before its loop.
+    let socket = SocketGuard(config.status_socket.clone());
+    let (snapshot, snapshot_rx) = watch::channel(Arc::new(waiting_status(
+        &config,
+        "starting".into(),
+    )));
+    let counters = Arc::new(OnceLock::new());
+    status::spawn_server(listener, snapshot_rx, counters.clone());
+
+    let (network, peers) = match &config.source {
+        Source::Static { network, peers } => {
+            check_static_peers(&config, peers, &uplink_networks)?;
+            (*network, sources::static_peers(peers.clone(), reload, config.clone()))
+        }
+        Source::Etcd(etcd) => {
+            let public_ip = match etcd.public_ip {
+                Some(ip) => ip,
+                None => first_ipv4(&uplink_networks).ok_or_else(|| {
+                    ConfigError::invalid(
+                        "etcd.public_ip",
+                        "",
+                        format!("not set, and uplink {} has no IPv4 address", config.uplink),
+                    )
+                })?,
+            };
+            let Some(source) =
+                wait_for_etcd(&config, etcd, public_ip, &snapshot, &mut shutdown).await?
+            else {
+                info!("stopped while waiting for etcd: routes left as they were");
+                return Ok(());
+            };
+            (source.network, sources::etcd_peers(source.peers))
+        }
+    };
+    let addresses = kernel.addresses(None).await?;
+    let bridge_index = kernel.link(&config.bridge).await?.map(|l| l.index);
+    let from = match config.source {
+        Source::Static { .. } => "",
+        Source::Etcd(_) => "etcd network: ",
+    };
+    check_network(&network, &uplink_networks, &addresses, bridge_index, from)?;
+
+    let bridge = if config.setup_node {
+        setup::apply(&kernel, &config, &network).await?
+    } else {
+        kernel
+            .link(&config.bridge)
+            .await?
+            .ok_or_else(|| ConfigError::invalid("bridge", &config.bridge, "no such interface"))?
+    };
+    let datapath = attach_datapath(&config, &network, &bridge, &uplink)?;
+    if let Some(datapath) = &datapath {
+        match datapath.counter_reader() {
+            Ok(reader) => {
+                let _ = counters.set(reader);
+            }
+            Err(e) => warn!("status will show no counters: {e}"),
+        }
+    }
+    let node = NodeFacts {
+        uplink_name: config.uplink.clone(),
+        uplink_networks,
+        addresses: other_addresses(&addresses, bridge.index),
+    };
+    let events = crate::kernel::subscribe()?;
+    let mut agent = Agent {
+        observed: Observed::new(
+            (&config.uplink, uplink),
+            (&config.bridge, bridge),
+            network.pod_cidrs().collect(),
+        ),
+        reconciler: Reconciler::new(
+            kernel.clone(),
+            datapath,
+            config.attach == Attach::Ports,
+        ),
+        config,
+        network,
+        kernel,
+        node,
+        snapshot,
+        last_fdb_dump: None,
+    };
+    std::mem::forget(socket);
+    agent.event_loop(events, peers, shutdown).await;
+    info!("shutting down: kernel routes stay, fast path detached");
+    Ok(())
+}
+
+/// Removes the status socket when the agent stops before it runs.
+struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The kernel can run `established` mode: its kfuncs and conntrack sysctls are there,
+/// and IPVS (kube-proxy's ipvs mode), whose NAT sets no conntrack NAT bits, is not in
+/// use.
+fn check_established() -> Result<(), AgentError> {
+    hgw_common::loader::check_kernel().map_err(DatapathError::from)?;
+    conntrack::timeouts()?;
+    if conntrack::ipvs_in_use() {
+        return Err(ConfigError::invalid(
+            "fast_path",
+            FastPath::Established.name(),
+            format!(
+                "IPVS is active in this network namespace ({}: kube-proxy's ipvs mode?); its NAT is invisible to the conntrack checks of this mode; use \"off\", or kube-proxy's iptables or nftables mode",
+                conntrack::IPVS
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn attach_datapath(
+    config: &Config,
+    network: &Network,
+    bridge: &Link,
+    uplink: &Link,
+) -> Result<Option<Datapath>, AgentError> {
+    if config.fast_path == FastPath::Off {
+        info!("fast path off: kernel routes only");
+        return Ok(None);
+    }
+    let conntrack = config.fast_path == FastPath::Established;
+    if conntrack {
+        conntrack::ensure_tracking()?;
+    }
+    let node = node_config(network, bridge, uplink, config.fast_path)?;
+    let datapath = Datapath::attach(
+        (&config.bridge, bridge.index),
+        (&config.uplink, uplink.index),
+        node,
+        config.attach,
+        conntrack,
+    )?;
+    let to_peer = match config.attach {
+        Attach::Bridge => format!("{} ingress", config.bridge),
+        Attach::Ports => format!("ingress of each port of {}", config.bridge),
+    };
+    info!(
+        "fast path ({}) attached: {to_peer} -> peers, {} ingress -> pods",
+        config.fast_path.name(),
+        config.uplink
+    );
+    Ok(Some(datapath))
+}
+
+struct Agent {
+    config: Config,
+    network: Network,
+    kernel: Kernel,
+    node: NodeFacts,
+    observed: Observed,
+    reconciler: Reconciler<Kernel, Datapath>,
+    snapshot: watch::Sender<Arc<Status>>,
+    last_fdb_dump: Option<Instant>,
+}
+
+impl Agent {
+    async fn event_loop(
+        &mut self,
+        mut events: crate::kernel::KernelEvents,
+        mut peers: watch::Receiver<PeerSet>,
+        mut shutdown: Shutdown,
+    ) {
+        // Subscribed first, then dumped: nothing falls between the two.
+        self.resync().await;
+        if let Some(set) = peers.borrow_and_update().clone() {
+            self.set_peers(&set).await;
+        }
+        self.publish();
+        let mut resync = tokio::time::interval(RESYNC_EVERY);
+        let mut retry = tokio::time::interval(RESOLVE_RETRY_EVERY);
+        resync.tick().await;
+        retry.tick().await;
+        let mut peers_open = true;
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => return,
+                Some(event) = events.events.recv() => {
+                    self.on_event(event).await;
+                    // Take what is waiting, up to a batch, before publishing once.
+                    for _ in 1..EVENT_BATCH {
+                        let Ok(event) = events.events.try_recv() else { break };
+                        self.on_event(event).await;
+                    }
+                    if events.overflowed.swap(false, Ordering::Relaxed) {
+                        warn!("kernel events came faster than the agent took them; resyncing");
+                        self.resync().await;
+                    }
+                    self.dump_fdb_if_needed().await;
+                }
+                changed = peers.changed(), if peers_open => match changed {
+                    Ok(()) => {
+                        let set = peers.borrow_and_update().clone();
+                        if let Some(set) = set {
+                            self.set_peers(&set).await;
+                        }
+                    }
+                    Err(_) => peers_open = false,
+                },
+                _ = resync.tick() => self.resync().await,
+                _ = retry.tick() => {
+                    self.reconciler.refresh_next_hops(&self.observed).await;
+                    self.dump_fdb_if_needed().await;
+                }
+            }
+            self.publish();
+        }
+    }
+
+    async fn set_peers(&mut self, peers: &[Peer]) {
+        let desired = desired::desired(&self.network, peers, &self.node);
+        self.reconciler.set_desired(desired, &self.observed).await;
+    }
+
+    async fn on_event(&mut self, event: KernelEvent) {
+        let Some(change) = self.observed.apply(event) else {
+            return;
+        };
+        match change {
+            Change::Links => self.write_node_config(),
+            Change::Recreated => {
+                info!("the uplink or the bridge was created again; attaching to it");
+                self.resync().await;
+            }
+            change => self.reconciler.on_change(change, &self.observed).await,
+        }
+    }
+
+    fn write_node_config(&mut self) {
+        match node_config(
+            &self.network,
+            &self.observed.bridge,
+            &self.observed.uplink,
+            self.config.fast_path,
+        ) {
+            Ok(node) => self.reconciler.set_node(node, &self.observed),
+            Err(e) => warn!("{e}"),
+        }
+    }
+
+    /// Rebuilds the observed state from dumps, then lets the reconciler compare
+    /// everything and write the differences.
+    async fn resync(&mut self) {
+        let kernel = &self.kernel;
+        match kernel.link(&self.config.uplink).await {
+            Ok(Some(uplink)) => self.observed.uplink = uplink,
+            Ok(None) => warn!(
+                "uplink {} is gone; keeping the last known next hops",
+                self.config.uplink
+            ),
+            Err(e) => warn!("{e}"),
+        }
+        match kernel.link(&self.config.bridge).await {
+            Ok(Some(bridge)) => self.observed.bridge = bridge,
+            Ok(None) => warn!("bridge {} is gone", self.config.bridge),
+            Err(e) => warn!("{e}"),
+        }
+        match kernel.prefix_owners().await {
+            Ok(prefixes) => self.observed.prefixes = prefixes,
+            Err(e) => warn!("{e}"),
+        }
+        match kernel.neighbours(self.observed.uplink.index).await {
+            Ok(neighbours) => self.observed.set_next_hops(neighbours.into_values()),
+            Err(e) => warn!("{e}"),
+        }
+        let bridge = self.observed.bridge.index;
+        match (
+            kernel.neighbours(bridge).await,
+            kernel.learned_macs().await,
+            kernel.bridge_ports(bridge).await,
+        ) {
+            (Ok(neighbours), Ok(learned), Ok(ports)) => {
+                self.observed
+                    .set_bridge(neighbours.into_values(), learned, ports);
+                self.last_fdb_dump = Some(Instant::now());
+            }
+            (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => warn!("{e}"),
+        }
+        self.reconciler.attach(&self.observed);
+        self.write_node_config();
+        self.reconciler.resync(&self.observed).await;
+    }
+
+    /// A pod the bridge knows but whose port is not known (its forwarding entry was
+    /// learned before its neighbour entry appeared): one forwarding dump, at most
+    /// every [`FDB_DUMP_EVERY`], whatever the event rate.
+    async fn dump_fdb_if_needed(&mut self) {
+        if !self.reconciler.pods_without_port(&self.observed)
+            || self
+                .last_fdb_dump
+                .is_some_and(|at| at.elapsed() < FDB_DUMP_EVERY)
+        {
+            return;
+        }
+        self.last_fdb_dump = Some(Instant::now());
+        match self.kernel.learned_macs().await {
+            Ok(learned) => {
+                let macs: Vec<[u8; 6]> = self.observed.pods.values().copied().collect();
+                let mut changed = Vec::new();
+                for (mac, port) in learned {
+                    if macs.contains(&mac) && self.observed.fdb.insert(mac, port) != Some(port) {
+                        changed.extend(
+                            self.observed
+                                .pods
+                                .iter()
+                                .filter(|(_, m)| **m == mac)
+                                .map(|(ip, _)| *ip),
+                        );
+                    }
+                }
+                if !changed.is_empty() {
+                    self.reconciler
+                        .on_change(Change::Pods(changed), &self.observed)
+                        .await;
+                }
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
+
+    /// Publishes what status shows. Never waits: readers take the latest snapshot.
+    fn publish(&self) {
+        let peers_known = self.reconciler.peers_known();
+        let status = Status {
+            node: self.config.node_name.clone(),
+            pod_cidr: self.network.pod_cidr.to_string(),
+            pod_cidr_v6: self.network.v6.map(|v6| v6.pod_cidr.to_string()),
+            uplink: self.config.uplink.clone(),
+            bridge: self.config.bridge.clone(),
+            ready: self.reconciler.ready(&self.observed),
+            fast_path: self.config.fast_path.name().to_owned(),
+            peers: self.reconciler.peer_status(&self.observed),
+            counters: Default::default(),
+            endpoints: self.reconciler.endpoints(),
+            map_entries: self.reconciler.map_entries(),
+            waiting: (!peers_known).then(|| "waiting for the first peer set".to_owned()),
+        };
+        self.snapshot.send_replace(Arc::new(status));
+    }
+}
+
+impl RouteTable for Kernel {
+    async fn list(&self) -> Result<std::collections::HashMap<IpNet, PrefixOwners>, KernelError> {
+        self.prefix_owners().await
+    }
+
+    async fn install(
+        &self,
+        destination: IpNet,
+        gateway: IpAddr,
+        oif: u32,
+        ours_there: bool,
+    ) -> Result<(), KernelError> {
+        self.install_route(destination, gateway, oif, ours_there)
+            .await
+    }
+
+    async fn delete(&self, route: HgwRoute) -> Result<(), KernelError> {
+        self.delete_route(&route).await
+    }
+
+    async fn resolve(&self, oif: u32, ip: IpAddr) -> Result<(), KernelError> {
+        self.resolve_neighbour(oif, ip).await
+    }
+}
+
+impl FastPathMaps for Datapath {
+    fn set_config(&mut self, node: NodeConfig) -> Result<(), DatapathError> {
+        Datapath::set_config(self, node)
+    }
+
+    fn set_route(&mut self, cidr: IpNet, next_hop: NextHop) -> Result<(), DatapathError> {
+        Datapath::set_route(self, cidr, next_hop)
+    }
+
+    fn remove_route(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
+        Datapath::remove_route(self, cidr)
+    }
+
+    fn set_endpoint(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<(), DatapathError> {
+        Datapath::set_endpoint(self, ip, endpoint)
+    }
+
+    fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        Datapath::remove_endpoint(self, ip)
+    }
+
+    fn attach_node(
+        &mut self,
+        bridge: (&str, u32),
+        uplink: (&str, u32),
+    ) -> Result<(), DatapathError> {
+        Datapath::attach_node(self, bridge, uplink)
+    }
+
+    fn attach_port(&mut self, name: &str, index: u32) -> Result<(), DatapathError> {
+        Datapath::attach_port(self, name, index)
+    }
+
+    fn detach_port(&mut self, index: u32) {
+        Datapath::detach_port(self, index);
+    }
+}
+
+fn first_ipv4(networks: &[IpNet]) -> Option<Ipv4Addr> {
+    networks.iter().find_map(|n| match n.addr() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// The node's addresses on interfaces other than the bridge (whose gateway address
+/// is inside the pod CIDR by design).
+fn other_addresses(addresses: &[(u32, IpNet)], bridge: u32) -> Vec<IpNet> {
+    addresses
+        .iter()
+        .filter(|(index, _)| *index != bridge)
+        .map(|(_, net)| *net)
+        .collect()
+}
+
+/// What the programs need to know of this node, with the conntrack timeouts as they
+/// are now.
+fn node_config(
+    network: &Network,
+    bridge: &Link,
+    uplink: &Link,
+    fast_path: FastPath,
+) -> Result<NodeConfig, ConntrackError> {
+    let v6 = network.v6;
+    Ok(NodeConfig {
+        pod_net_v4: network.pod_cidr.network().octets(),
+        pod_mask_v4: network.pod_cidr.netmask().octets(),
+        pod_net_v6: v6
+            .map(|v6| v6.pod_cidr.network().octets())
+            .unwrap_or_default(),
+        pod_mask_v6: v6
+            .map(|v6| v6.pod_cidr.netmask().octets())
+            .unwrap_or_default(),
+        bridge_ifindex: bridge.index,
+        bridge_mtu: bridge.mtu,
+        bridge_mac: bridge.mac,
+        uplink_mac: uplink.mac,
+        gateway_v4: network.gateway().octets(),
+        gateway_v6: network.gateway_v6().map(|g| g.octets()).unwrap_or_default(),
+        cluster_net_v4: network.cluster_cidr.network().octets(),
+        cluster_mask_v4: network.cluster_cidr.netmask().octets(),
+        cluster_net_v6: v6
+            .map(|v6| v6.cluster_cidr.network().octets())
+            .unwrap_or_default(),
+        cluster_mask_v6: v6
+            .map(|v6| v6.cluster_cidr.netmask().octets())
+            .unwrap_or_default(),
+        // Only `established` mode uses them (and only it needs conntrack at all).
+        ct: if fast_path == FastPath::Established {
+            conntrack::timeouts()?
+        } else {
+            Default::default()
+        },
+    })
+}
+
+/// The uplink exists, and so does the bridge unless the agent is to create it.
+async fn check_interfaces(kernel: &Kernel, config: &Config) -> Result<Link, AgentError> {
+    let uplink = kernel
+        .link(&config.uplink)
+        .await?
+        .ok_or_else(|| ConfigError::invalid("uplink", &config.uplink, "no such interface"))?;
+    if !config.setup_node && kernel.link(&config.bridge).await?.is_none() {
+        return Err(ConfigError::invalid(
+            "bridge",
+            &config.bridge,
+            "no such interface (create it, or let the agent do so with --setup-node)",
+        )
+        .into());
+    }
+    Ok(uplink)
+}
+
+/// Static peers are the admin's word: one that cannot be reached is a config error.
+fn check_static_peers(
+    config: &Config,
+    peers: &[Peer],
+    networks: &[IpNet],
+) -> Result<(), ConfigError> {
+    for (i, peer) in peers.iter().enumerate() {
+        for (_, node_ip) in peer.hops() {
+            if let Some(reason) = off_link(node_ip, &config.uplink, networks) {
+                let field = if node_ip.is_ipv4() {
+                    "node_ip"
+                } else {
+                    "node_ip_v6"
+                };
+                return Err(ConfigError::invalid(
+                    format!("peers[{i}].{field}"),
+                    node_ip,
+                    reason,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+/// This node's CIDRs must never take the node's own traffic (SSH included) for pods:
+/// no default route, no overlap with the uplink's networks, no address of the node's
+/// inside them but the bridge's (the gateway).
+fn check_network(
+    network: &Network,
+    uplink_networks: &[IpNet],
+    addresses: &[(u32, IpNet)],
+    bridge: Option<u32>,
+    from: &str,
+) -> Result<(), ConfigError> {
+    let mut cidrs = vec![
+        ("pod_cidr", IpNet::V4(network.pod_cidr)),
+        ("cluster_cidr", IpNet::V4(network.cluster_cidr)),
+    ];
+    if let Some(v6) = network.v6 {
+        cidrs.push(("pod_cidr_v6", IpNet::V6(v6.pod_cidr)));
+        cidrs.push(("cluster_cidr_v6", IpNet::V6(v6.cluster_cidr)));
+    }
+    for (field, cidr) in cidrs {
+        let invalid = |reason: String| ConfigError::invalid(format!("{from}{field}"), cidr, reason);
+        if cidr.prefix_len() == 0 {
+            return Err(invalid(
+                "a default route: it would take all of the node's traffic for pods".into(),
+            ));
+        }
+        let overlaps = |net: &IpNet| cidr.contains(&net.network()) || net.contains(&cidr.network());
+        if let Some(net) = uplink_networks.iter().find(|net| overlaps(&net.trunc())) {
+            return Err(invalid(format!(
+                "overlaps the uplink's network {}",
+                net.trunc()
+            )));
+        }
+        if let Some((_, addr)) = addresses
+            .iter()
+            .find(|(index, addr)| Some(*index) != bridge && cidr.contains(&addr.addr()))
+        {
+            return Err(invalid(format!(
+                "contains the node's own address {}",
+                addr.addr()
+            )));
+        }
+    }
+    Ok(())
+}
+/// What status says before the agent knows its network: not ready, and why.
+fn waiting_status(config: &Config, waiting: String) -> Status {
+    Status {
+        node: config.node_name.clone(),
+        pod_cidr: String::new(),
+        pod_cidr_v6: None,
+        uplink: config.uplink.clone(),
+        bridge: config.bridge.clone(),
+        ready: false,
+        fast_path: config.fast_path.name().to_owned(),
+        peers: Vec::new(),
+        counters: Default::default(),
+        endpoints: 0,
+        map_entries: 0,
+        waiting: Some(waiting),
+    }
+}
+
+
+fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
+    let path = &config.status_socket;
+    let error = |reason: String| AgentError::StatusSocket {
+        path: path.display().to_string(),
+        reason,
+    };
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(error("another agent is answering on it".into()));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| error(e.to_string()))?;
+    }
+    // A socket file left by an agent that is gone.
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|e| error(e.to_string()))
+}
+
+/// `etcd::start`, retried while etcd cannot be reached, as flanneld does (backoff from
+/// 1 s, doubling, up to 30 s): meanwhile the node keeps the routes it has (nothing is
+/// swept and no program attached before etcd answers) and status says what the agent
+/// waits for. `None` when SIGTERM or SIGINT came first.
+async fn wait_for_etcd(
+    config: &Config,
+    etcd: &EtcdConfig,
+    public_ip: Ipv4Addr,
+    snapshot: &watch::Sender<Arc<Status>>,
+    shutdown: &mut Shutdown,
+) -> Result<Option<EtcdSource>, AgentError> {
+    let mut backoff = ETCD_RETRY_FIRST;
+    snapshot.send_replace(Arc::new(waiting_status(
+        config,
+        "waiting for etcd: connecting".into(),
+    )));
+    loop {
+        let error = tokio::select! {
+            result = etcd::start(etcd.clone(), public_ip) => match result {
+                Ok(source) => return Ok(Some(source)),
+                Err(error @ EtcdError::Client { .. }) => error,
+                Err(error) => return Err(error.into()),
+            },
+            () = shutdown.recv() => return Ok(None),
+        };
+        warn!("{error}; retrying in {backoff:?}, routes left as they are");
+        snapshot.send_replace(Arc::new(waiting_status(
+            config,
+            format!("waiting for etcd: {error}"),
+        )));
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.recv() => return Ok(None),
+        }
+        backoff = (backoff * 2).min(ETCD_RETRY_MAX);
+    }
+}

@@ -1,0 +1,405 @@
+//! What the kernel holds, as far as the agent needs it: the uplink's and the bridge's
+//! links, the next hops' neighbour entries, the main table's owners per prefix, and the
+//! bridge's pods (IP -> MAC, MAC -> port). Fed by dumps at a resync and by typed kernel
+//! events in between; never by the sources, and never written to the kernel.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use hgw_common::Endpoint;
+use ipnet::IpNet;
+
+use crate::kernel::{KernelEvent, Link, Neighbour, PrefixOwners, RouteOwner};
+
+/// A next hop's neighbour entry on the uplink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NextHopEntry {
+    pub mac: Option<[u8; 6]>,
+    /// NUD_STALE: usable, not confirmed lately.
+    pub stale: bool,
+}
+
+/// What an event changed, for the reconciler to act on that and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A next hop's MAC (or staleness) changed; `deleted`: its entry went away.
+    NextHop { ip: IpAddr, deleted: bool },
+    /// Who holds a prefix of the main table changed.
+    Prefix(IpNet),
+    /// These local pods' endpoints may have changed.
+    Pods(Vec<IpAddr>),
+    /// A port joined the bridge (`true`) or left it.
+    Port { index: u32, name: String, joined: bool },
+    /// The uplink's or the bridge's MAC or MTU changed.
+    Links,
+    /// The uplink or the bridge was made again under its name: everything is redone.
+    Recreated,
+}
+
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub uplink_name: String,
+    pub bridge_name: String,
+    pub uplink: Link,
+    pub bridge: Link,
+    /// The uplink's neighbour entries, by IP.
+    pub next_hops: HashMap<IpAddr, NextHopEntry>,
+    /// The main table's prefixes and who holds them.
+    pub prefixes: HashMap<IpNet, PrefixOwners>,
+    /// The bridge's neighbour entries inside this node's pod CIDRs: pod IP -> MAC.
+    pub pods: HashMap<IpAddr, [u8; 6]>,
+    /// Learned forwarding entries for the pods' MACs only (a flood of other MACs costs
+    /// nothing): MAC -> port.
+    pub fdb: HashMap<[u8; 6], u32>,
+    /// The bridge's ports: ifindex -> name.
+    pub ports: HashMap<u32, String>,
+    /// This node's pod CIDRs (only neighbours inside them are pods).
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl Observed {
+    pub fn new(
+        (uplink_name, uplink): (&str, Link),
+        (bridge_name, bridge): (&str, Link),
+        pod_cidrs: Vec<IpNet>,
+    ) -> Self {
+        Self {
+            uplink_name: uplink_name.to_owned(),
+            bridge_name: bridge_name.to_owned(),
+            uplink,
+            bridge,
+            next_hops: HashMap::new(),
+            prefixes: HashMap::new(),
+            pods: HashMap::new(),
+            fdb: HashMap::new(),
+            ports: HashMap::new(),
+            pod_cidrs,
+        }
+    }
+
+    /// The uplink's neighbour table, from a dump.
+    pub fn set_next_hops(&mut self, neighbours: impl IntoIterator<Item = Neighbour>) {
+        self.next_hops = neighbours
+            .into_iter()
+            .map(|n| {
+                (
+                    n.ip,
+                    NextHopEntry {
+                        mac: n.mac,
+                        stale: n.stale,
+                    },
+                )
+            })
+            .collect();
+    }
+
+    /// The bridge's pods and forwarding entries and its ports, from dumps.
+    pub fn set_bridge(
+        &mut self,
+        neighbours: impl IntoIterator<Item = Neighbour>,
+        learned: HashMap<[u8; 6], u32>,
+        ports: impl IntoIterator<Item = (u32, String)>,
+    ) {
+        self.pods = neighbours
+            .into_iter()
+            .filter(|n| self.is_pod(n.ip))
+            .filter_map(|n| Some((n.ip, n.mac?)))
+            .collect();
+        let macs: HashSet<[u8; 6]> = self.pods.values().copied().collect();
+        self.fdb = learned
+            .into_iter()
+            .filter(|(mac, _)| macs.contains(mac))
+            .collect();
+        self.ports = ports.into_iter().collect();
+    }
+
+    fn is_pod(&self, ip: IpAddr) -> bool {
+        self.pod_cidrs.iter().any(|cidr| cidr.contains(&ip))
+    }
+
+    /// Takes in one event; says what it changed, if anything the agent acts on.
+    pub fn apply(&mut self, event: KernelEvent) -> Option<Change> {
+        match event {
+            KernelEvent::Neighbour {
+                neighbour,
+                deleted,
+            } if neighbour.ifindex == self.uplink.index => {
+                let entry = NextHopEntry {
+                    mac: neighbour.mac,
+                    stale: neighbour.stale,
+                };
+                let old = if deleted {
+                    self.next_hops.remove(&neighbour.ip)
+                } else {
+                    self.next_hops.insert(neighbour.ip, entry)
+                };
+                (old.unwrap_or_default() != entry || deleted).then_some(Change::NextHop {
+                    ip: neighbour.ip,
+                    deleted,
+                })
+            }
+            KernelEvent::Neighbour {
+                neighbour,
+                deleted,
+            } if neighbour.ifindex == self.bridge.index && self.is_pod(neighbour.ip) => {
+                let old = match neighbour.mac.filter(|_| !deleted) {
+                    Some(mac) => self.pods.insert(neighbour.ip, mac),
+                    None => self.pods.remove(&neighbour.ip),
+                };
+                (old != neighbour.mac.filter(|_| !deleted))
+                    .then(|| Change::Pods(vec![neighbour.ip]))
+            }
+            KernelEvent::Neighbour { .. } => None,
+            KernelEvent::Fdb { mac, port, deleted } => {
+                // Only pods' MACs matter; a pod keeps its port after its forwarding
+                // entry ages out (pods do not move between veths).
+                if deleted || !self.pods.values().any(|m| *m == mac) {
+                    return None;
+                }
+                (self.fdb.insert(mac, port) != Some(port)).then(|| Change::Pods(self.pods_with(mac)))
+            }
+            KernelEvent::Route {
+                destination,
+                owner,
+                deleted,
+            } => {
+                let entry = self.prefixes.entry(destination).or_default();
+                let before = entry.clone();
+                match (owner, deleted) {
+                    (RouteOwner::Hgw { gateway, oif }, false) => entry.ours = Some((gateway, oif)),
+                    (RouteOwner::Hgw { .. }, true) => entry.ours = None,
+                    (RouteOwner::Foreign(protocol), false) => entry.foreign = Some(protocol),
+                    (RouteOwner::Foreign(_), true) => entry.foreign = None,
+                }
+                let changed = *entry != before;
+                if *entry == PrefixOwners::default() {
+                    self.prefixes.remove(&destination);
+                }
+                changed.then_some(Change::Prefix(destination))
+            }
+            KernelEvent::Link {
+                index,
+                name,
+                controller,
+                link,
+                deleted,
+            } => self.on_link(index, name, controller, link, deleted),
+        }
+    }
+
+    fn on_link(
+        &mut self,
+        index: u32,
+        name: Option<String>,
+        controller: Option<u32>,
+        link: Option<Link>,
+        deleted: bool,
+    ) -> Option<Change> {
+        let named = |wanted: &str| name.as_deref() == Some(wanted);
+        if !deleted
+            && ((named(&self.uplink_name) && index != self.uplink.index)
+                || (named(&self.bridge_name) && index != self.bridge.index))
+        {
+            return Some(Change::Recreated);
+        }
+        if index == self.uplink.index || index == self.bridge.index {
+            let current = if index == self.uplink.index {
+                &mut self.uplink
+            } else {
+                &mut self.bridge
+            };
+            let link = link.filter(|_| !deleted)?;
+            let changed = (link.mac, link.mtu) != (current.mac, current.mtu);
+            *current = link;
+            return changed.then_some(Change::Links);
+        }
+        let is_port = !deleted && controller == Some(self.bridge.index);
+        let was_port = self.ports.contains_key(&index);
+        match (is_port, was_port) {
+            (true, false) => {
+                let name = name?;
+                self.ports.insert(index, name.clone());
+                Some(Change::Port {
+                    index,
+                    name,
+                    joined: true,
+                })
+            }
+            (false, true) => {
+                let name = self.ports.remove(&index).unwrap_or_default();
+                Some(Change::Port {
+                    index,
+                    name,
+                    joined: false,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The pods whose MAC is `mac`.
+    fn pods_with(&self, mac: [u8; 6]) -> Vec<IpAddr> {
+        self.pods
+            .iter()
+            .filter(|(_, m)| **m == mac)
+            .map(|(ip, _)| *ip)
+            .collect()
+    }
+
+    /// Where the uplink program delivers to pod `ip` directly: its MAC from the bridge's
+    /// neighbour table, its port from the forwarding table, or from `previous` when
+    /// that entry aged out and the MAC is the same. `None`: the bridge delivers.
+    pub fn endpoint(&self, ip: IpAddr, previous: Option<&Endpoint>) -> Option<Endpoint> {
+        let mac = *self.pods.get(&ip)?;
+        let ifindex = self
+            .fdb
+            .get(&mac)
+            .copied()
+            .or_else(|| previous.filter(|e| e.mac == mac).map(|e| e.ifindex))
+            .filter(|port| self.ports.contains_key(port))?;
+        Some(Endpoint {
+            ifindex,
+            mac,
+            _pad: [0; 2],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPLINK: u32 = 2;
+    const BRIDGE: u32 = 3;
+
+    fn observed() -> Observed {
+        let link = |index| Link {
+            index,
+            mac: [2, 0, 0, 0, 0, index as u8],
+            mtu: 1500,
+            up: true,
+        };
+        Observed::new(
+            ("eth0", link(UPLINK)),
+            ("cni0", link(BRIDGE)),
+            vec!["10.244.1.0/24".parse().unwrap()],
+        )
+    }
+
+    fn neighbour(ifindex: u32, ip: &str, mac: Option<u8>) -> KernelEvent {
+        KernelEvent::Neighbour {
+            neighbour: Neighbour {
+                ifindex,
+                ip: ip.parse().unwrap(),
+                mac: mac.map(|m| [2, 0, 0, 0, 1, m]),
+                stale: false,
+            },
+            deleted: false,
+        }
+    }
+
+    fn port(index: u32, controller: Option<u32>) -> KernelEvent {
+        KernelEvent::Link {
+            index,
+            name: Some(format!("veth{index}")),
+            controller,
+            link: None,
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn a_next_hop_change_is_reported_once() {
+        let mut o = observed();
+        let ip: IpAddr = "172.31.0.2".parse().unwrap();
+        let change = Some(Change::NextHop { ip, deleted: false });
+        assert_eq!(o.apply(neighbour(UPLINK, "172.31.0.2", Some(1))), change);
+        assert_eq!(o.apply(neighbour(UPLINK, "172.31.0.2", Some(1))), None);
+        assert_eq!(o.apply(neighbour(UPLINK, "172.31.0.2", Some(2))), change);
+        assert_eq!(o.next_hops[&ip].mac, Some([2, 0, 0, 0, 1, 2]));
+    }
+
+    #[test]
+    fn a_pod_becomes_an_endpoint_with_its_mac_and_port() {
+        let mut o = observed();
+        let ip: IpAddr = "10.244.1.5".parse().unwrap();
+        o.apply(port(10, Some(BRIDGE)));
+        assert_eq!(
+            o.apply(neighbour(BRIDGE, "10.244.1.5", Some(5))),
+            Some(Change::Pods(vec![ip]))
+        );
+        assert_eq!(o.endpoint(ip, None), None, "no port known yet");
+        let fdb = KernelEvent::Fdb {
+            mac: [2, 0, 0, 0, 1, 5],
+            port: 10,
+            deleted: false,
+        };
+        assert_eq!(o.apply(fdb), Some(Change::Pods(vec![ip])));
+        let endpoint = o.endpoint(ip, None).expect("endpoint");
+        assert_eq!(endpoint.ifindex, 10);
+        // The forwarding entry ages out: the pod keeps its port.
+        o.fdb.clear();
+        assert_eq!(o.endpoint(ip, Some(&endpoint)), Some(endpoint));
+        // The port leaves the bridge: no endpoint.
+        assert!(matches!(
+            o.apply(KernelEvent::Link {
+                index: 10,
+                name: None,
+                controller: None,
+                link: None,
+                deleted: true
+            }),
+            Some(Change::Port { joined: false, .. })
+        ));
+        assert_eq!(o.endpoint(ip, Some(&endpoint)), None);
+    }
+
+    #[test]
+    fn a_flood_of_unknown_macs_is_not_kept() {
+        let mut o = observed();
+        for i in 0..10_000u32 {
+            let b = i.to_be_bytes();
+            let event = KernelEvent::Fdb {
+                mac: [2, 9, b[0], b[1], b[2], b[3]],
+                port: 10,
+                deleted: false,
+            };
+            assert_eq!(o.apply(event), None);
+        }
+        assert!(o.fdb.is_empty());
+        // Neighbours outside the pod CIDR are not pods either.
+        assert_eq!(o.apply(neighbour(BRIDGE, "192.168.5.5", Some(1))), None);
+        assert!(o.pods.is_empty());
+    }
+
+    #[test]
+    fn route_owners_follow_events() {
+        let mut o = observed();
+        let prefix: IpNet = "10.244.2.0/24".parse().unwrap();
+        let event = |owner, deleted| KernelEvent::Route {
+            destination: prefix,
+            owner,
+            deleted,
+        };
+        let foreign = RouteOwner::Foreign("static".into());
+        assert_eq!(o.apply(event(foreign.clone(), false)), Some(Change::Prefix(prefix)));
+        assert_eq!(o.prefixes[&prefix].foreign.as_deref(), Some("static"));
+        assert_eq!(o.apply(event(foreign, true)), Some(Change::Prefix(prefix)));
+        assert!(!o.prefixes.contains_key(&prefix));
+    }
+
+    #[test]
+    fn the_uplink_made_again_is_noticed() {
+        let mut o = observed();
+        let event = KernelEvent::Link {
+            index: 99,
+            name: Some("eth0".into()),
+            controller: None,
+            link: None,
+            deleted: false,
+        };
+        assert_eq!(o.apply(event), Some(Change::Recreated));
+    }
+}

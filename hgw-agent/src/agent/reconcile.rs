@@ -1,0 +1,929 @@
+//! The reconciler: the only writer to kernel routes and fast-path maps. It brings them
+//! to the desired state, given what is observed, touching only what differs: a peer
+//! change writes that peer's route and map entry, an event the entries it concerns,
+//! and the periodic resync compares everything and writes the differences.
+//!
+//! It works against two small traits, [`RouteTable`] and [`FastPathMaps`], so its logic
+//! is unit-tested without root.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    net::IpAddr,
+};
+
+use futures::StreamExt as _;
+use hgw_common::{Endpoint, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig};
+use ipnet::IpNet;
+use log::{debug, info, warn};
+
+use super::{
+    desired::{DesiredState, Hop},
+    observed::{Change, Observed},
+};
+use crate::{
+    datapath::DatapathError,
+    kernel::{HgwRoute, KernelError, PrefixOwners, format_mac},
+    status::PeerStatus,
+};
+
+/// How many route requests are in flight at once: the kernel answers them in order,
+/// and waiting for each before sending the next is what makes one-by-one slow.
+const IN_FLIGHT: usize = 64;
+
+/// The kernel's main routing table, and its neighbour resolution.
+pub trait RouteTable {
+    /// Who holds each prefix (one dump).
+    fn list(&self) -> impl Future<Output = Result<HashMap<IpNet, PrefixOwners>, KernelError>>;
+    /// Installs hgw's route, exclusively unless `ours_there` (see `Kernel::install_route`).
+    fn install(
+        &self,
+        destination: IpNet,
+        gateway: IpAddr,
+        oif: u32,
+        ours_there: bool,
+    ) -> impl Future<Output = Result<(), KernelError>>;
+    /// Deletes hgw's route (only a route with hgw's tag can match).
+    fn delete(&self, route: HgwRoute) -> impl Future<Output = Result<(), KernelError>>;
+    /// Asks the kernel to resolve (or re-confirm) a next hop.
+    fn resolve(&self, oif: u32, ip: IpAddr) -> impl Future<Output = Result<(), KernelError>>;
+}
+
+/// The fast path's maps and attachments.
+pub trait FastPathMaps {
+    fn set_config(&mut self, node: NodeConfig) -> Result<(), DatapathError>;
+    fn set_route(&mut self, cidr: IpNet, next_hop: NextHop) -> Result<(), DatapathError>;
+    fn remove_route(&mut self, cidr: IpNet) -> Result<(), DatapathError>;
+    fn set_endpoint(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<(), DatapathError>;
+    fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError>;
+    /// Puts the programs on the bridge and the uplink (again, if they were made again).
+    fn attach_node(&mut self, bridge: (&str, u32), uplink: (&str, u32))
+    -> Result<(), DatapathError>;
+    /// With `--attach ports`: the program on a bridge port, or off it.
+    fn attach_port(&mut self, name: &str, index: u32) -> Result<(), DatapathError>;
+    fn detach_port(&mut self, index: u32);
+}
+
+/// What is known of one desired route in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RouteState {
+    Installed,
+    /// Someone else's route holds the prefix (its protocol): left alone, and kept out
+    /// of the fast path, which must not contradict the kernel's route.
+    Foreign(String),
+    Failed,
+}
+
+pub struct Reconciler<R, M> {
+    routes: R,
+    maps: Option<M>,
+    /// Ports mode: the programs follow the bridge's ports.
+    follow_ports: bool,
+    desired: DesiredState,
+    /// Desired prefixes by next hop, for neighbour events.
+    by_hop: HashMap<IpAddr, Vec<IpNet>>,
+    /// The source has given its first whole peer set: until then nothing is swept (an
+    /// empty set is not yet the truth, and a restart must not delete routes in use).
+    peers_known: bool,
+    state: HashMap<IpNet, RouteState>,
+    /// What the fast path's route map holds.
+    map: HashMap<IpNet, NextHop>,
+    /// What the endpoint map holds: local pods for direct delivery.
+    endpoints: HashMap<IpAddr, Endpoint>,
+    /// Skipped peer routes already warned about.
+    warned: HashSet<(IpNet, IpAddr)>,
+}
+
+impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
+    pub fn new(routes: R, maps: Option<M>, follow_ports: bool) -> Self {
+        Self {
+            routes,
+            maps,
+            follow_ports,
+            desired: DesiredState::default(),
+            by_hop: HashMap::new(),
+            peers_known: false,
+            state: HashMap::new(),
+            map: HashMap::new(),
+            endpoints: HashMap::new(),
+            warned: HashSet::new(),
+        }
+    }
+
+    pub fn peers_known(&self) -> bool {
+        self.peers_known
+    }
+
+    pub fn map_entries(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn endpoints(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn routes_installed(&self) -> usize {
+        self.state
+            .values()
+            .filter(|s| **s == RouteState::Installed)
+            .count()
+    }
+
+    /// Makes `next` the desired state and applies the difference: only routes that
+    /// are new, changed or gone are written.
+    pub async fn set_desired(&mut self, next: DesiredState, observed: &Observed) {
+        for skipped in &next.skipped {
+            if !self.warned.contains(&(skipped.pod_cidr, skipped.node_ip)) {
+                warn!(
+                    "peer {} ({}): {}; no route or map entry for {}",
+                    skipped.peer, skipped.source, skipped.reason, skipped.pod_cidr
+                );
+            }
+        }
+        self.warned = next
+            .skipped
+            .iter()
+            .map(|s| (s.pod_cidr, s.node_ip))
+            .collect();
+        let mut changed = Vec::new();
+        for (cidr, hop) in &next.routes {
+            match self.desired.routes.get(cidr) {
+                Some(old) if old.node_ip == hop.node_ip => {}
+                old => {
+                    if old.is_none() {
+                        info!("peer {} ({}): {cidr} via {}", hop.peer, hop.source, hop.node_ip);
+                    }
+                    changed.push(*cidr);
+                }
+            }
+        }
+        let gone: Vec<(IpNet, Hop)> = self
+            .desired
+            .routes
+            .iter()
+            .filter(|(cidr, _)| !next.routes.contains_key(cidr))
+            .map(|(cidr, hop)| (*cidr, hop.clone()))
+            .collect();
+        for (cidr, hop) in &gone {
+            info!(
+                "peer {} ({}) is gone: removing {cidr} via {}",
+                hop.peer, hop.source, hop.node_ip
+            );
+            self.state.remove(cidr);
+        }
+        self.desired = next;
+        self.by_hop = self.desired.by_next_hop();
+        let first = !self.peers_known;
+        self.peers_known = true;
+        self.install(changed, observed).await;
+        self.remove_unwanted(observed).await;
+        if first {
+            // Before the first set nothing was written to the map: write every entry.
+            self.write_all_map_entries(observed);
+        }
+    }
+
+    /// Compares everything with what the kernel holds now (`observed`, fresh from
+    /// dumps) and writes only the differences.
+    pub async fn resync(&mut self, observed: &Observed) {
+        let mut install = Vec::new();
+        let mut foreign = Vec::new();
+        for (cidr, hop) in &self.desired.routes {
+            let want = (Some(hop.node_ip), Some(observed.uplink.index));
+            match observed.prefixes.get(cidr) {
+                Some(PrefixOwners {
+                    ours: Some(ours), ..
+                }) if *ours == want => {
+                    self.state.insert(*cidr, RouteState::Installed);
+                }
+                Some(PrefixOwners {
+                    ours: None,
+                    foreign: Some(protocol),
+                }) => foreign.push((*cidr, protocol.clone())),
+                _ => install.push(*cidr),
+            }
+        }
+        for (cidr, protocol) in foreign {
+            self.note_foreign(cidr, protocol);
+        }
+        self.install(install, observed).await;
+        self.remove_unwanted(observed).await;
+        self.write_all_map_entries(observed);
+        self.sync_all_endpoints(observed);
+    }
+
+    /// Acts on what one kernel event changed.
+    pub async fn on_change(&mut self, change: Change, observed: &Observed) {
+        match change {
+            Change::NextHop { ip, deleted } => {
+                for cidr in self.by_hop.get(&ip).cloned().unwrap_or_default() {
+                    self.write_map_entry(cidr, observed);
+                }
+                if deleted && self.by_hop.contains_key(&ip) {
+                    self.resolve(vec![ip], observed).await;
+                }
+            }
+            Change::Prefix(cidr) => self.on_prefix(cidr, observed).await,
+            Change::Pods(ips) => {
+                for ip in ips {
+                    self.sync_endpoint(ip, observed);
+                }
+            }
+            Change::Port {
+                index,
+                name,
+                joined,
+            } => {
+                if self.follow_ports
+                    && let Some(maps) = &mut self.maps
+                {
+                    if joined {
+                        match maps.attach_port(&name, index) {
+                            Ok(()) => debug!("fast path on bridge port {name}"),
+                            Err(e) => warn!("bridge port {name}: {e}"),
+                        }
+                    } else {
+                        maps.detach_port(index);
+                    }
+                }
+                let on_port: Vec<IpAddr> = self
+                    .endpoints
+                    .iter()
+                    .filter(|(_, e)| e.ifindex == index)
+                    .map(|(ip, _)| *ip)
+                    .chain(observed.pods.keys().copied())
+                    .collect();
+                for ip in on_port {
+                    self.sync_endpoint(ip, observed);
+                }
+            }
+            // The caller writes the node config and redoes the rest.
+            Change::Links | Change::Recreated => {}
+        }
+    }
+
+    /// A prefix's owners changed: hgw's route deleted (reinstall), someone else's put
+    /// on it (step aside), someone else's gone (take it).
+    async fn on_prefix(&mut self, cidr: IpNet, observed: &Observed) {
+        let Some(hop) = self.desired.routes.get(&cidr) else {
+            return;
+        };
+        let owners = observed.prefixes.get(&cidr).cloned().unwrap_or_default();
+        let want = (Some(hop.node_ip), Some(observed.uplink.index));
+        match (&owners.ours, &owners.foreign, self.state.get(&cidr)) {
+            (Some(ours), _, _) if *ours == want => {
+                self.state.insert(cidr, RouteState::Installed);
+            }
+            (None, Some(protocol), _) => self.note_foreign(cidr, protocol.clone()),
+            (None, None, Some(RouteState::Foreign(_))) => {
+                info!(
+                    "the foreign route to {cidr} is gone; installing hgw's ({})",
+                    hop.peer
+                );
+                self.install(vec![cidr], observed).await;
+            }
+            (None, None, _) => {
+                warn!(
+                    "route to {cidr} ({}) was deleted; reinstalling it",
+                    hop.peer
+                );
+                self.install(vec![cidr], observed).await;
+            }
+            (Some(_), _, _) => self.install(vec![cidr], observed).await,
+        }
+    }
+
+    fn note_foreign(&mut self, cidr: IpNet, protocol: String) {
+        let previous = self.state.insert(cidr, RouteState::Foreign(protocol.clone()));
+        if !matches!(previous, Some(RouteState::Foreign(_))) {
+            let peer = self.desired.routes.get(&cidr).map(|h| h.peer.as_str());
+            warn!(
+                "peer {}: {}",
+                peer.unwrap_or_default(),
+                KernelError::ForeignRoute {
+                    destination: cidr,
+                    protocol,
+                }
+            );
+        }
+        self.remove_map_entry(cidr);
+    }
+
+    /// Installs the routes to `cidrs`, many requests in flight at once.
+    async fn install(&mut self, cidrs: Vec<IpNet>, observed: &Observed) {
+        let oif = observed.uplink.index;
+        let jobs: Vec<(IpNet, IpAddr, bool)> = cidrs
+            .into_iter()
+            .filter_map(|cidr| {
+                let hop = self.desired.routes.get(&cidr)?;
+                let ours_there = observed
+                    .prefixes
+                    .get(&cidr)
+                    .is_some_and(|o| o.ours.is_some() && o.foreign.is_none());
+                Some((cidr, hop.node_ip, ours_there))
+            })
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let routes = &self.routes;
+        let results: Vec<(IpNet, IpAddr, Result<(), KernelError>)> = futures::stream::iter(jobs)
+            .map(|(cidr, gateway, ours_there)| async move {
+                (
+                    cidr,
+                    gateway,
+                    routes.install(cidr, gateway, oif, ours_there).await,
+                )
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        for (cidr, gateway, result) in results {
+            match result {
+                Ok(()) => {
+                    let peer = self.desired.routes.get(&cidr).map(|h| h.peer.clone());
+                    if self.state.get(&cidr) != Some(&RouteState::Installed) {
+                        info!(
+                            "route {cidr} via {gateway} dev {} ({})",
+                            observed.uplink_name,
+                            peer.unwrap_or_default()
+                        );
+                    }
+                    self.state.insert(cidr, RouteState::Installed);
+                    self.write_map_entry(cidr, observed);
+                }
+                Err(KernelError::ForeignRoute { protocol, .. }) => {
+                    self.note_foreign(cidr, protocol)
+                }
+                Err(e) => {
+                    warn!("{e}");
+                    self.state.insert(cidr, RouteState::Failed);
+                }
+            }
+        }
+    }
+
+    /// hgw's routes and map entries no desired route wants: left by an earlier run or
+    /// a removed peer. Nothing goes before the first whole peer set.
+    async fn remove_unwanted(&mut self, observed: &Observed) {
+        if !self.peers_known {
+            return;
+        }
+        let uplink = observed.uplink.index;
+        let unwanted: Vec<HgwRoute> = observed
+            .prefixes
+            .iter()
+            .filter_map(|(cidr, owners)| {
+                let (gateway, oif) = owners.ours?;
+                let wanted = self
+                    .desired
+                    .routes
+                    .get(cidr)
+                    .is_some_and(|hop| gateway == Some(hop.node_ip) && oif == Some(uplink));
+                (!wanted && !self.desired.routes.contains_key(cidr)).then_some(HgwRoute {
+                    destination: *cidr,
+                    gateway,
+                    oif,
+                })
+            })
+            .collect();
+        let routes = &self.routes;
+        let results: Vec<(IpNet, Result<(), KernelError>)> = futures::stream::iter(unwanted)
+            .map(|route| async move { (route.destination, routes.delete(route).await) })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        for (cidr, result) in results {
+            match result {
+                Ok(()) => info!("removed stale hgw route to {cidr}"),
+                Err(e) => warn!("{e}"),
+            }
+        }
+        let stale: Vec<IpNet> = self
+            .map
+            .keys()
+            .filter(|cidr| !self.takes(**cidr))
+            .copied()
+            .collect();
+        for cidr in stale {
+            self.remove_map_entry(cidr);
+        }
+    }
+
+    /// Whether the fast path carries `cidr`: desired, and not held by someone else.
+    fn takes(&self, cidr: IpNet) -> bool {
+        self.desired.routes.contains_key(&cidr)
+            && !matches!(self.state.get(&cidr), Some(RouteState::Foreign(_)))
+    }
+
+    fn next_hop(&self, cidr: IpNet, observed: &Observed) -> Option<NextHop> {
+        let hop = self.desired.routes.get(&cidr)?;
+        let mac = observed.next_hops.get(&hop.node_ip).and_then(|n| n.mac);
+        Some(NextHop {
+            ifindex: observed.uplink.index,
+            mtu: observed.uplink.mtu,
+            dst_mac: mac.unwrap_or_default(),
+            src_mac: observed.uplink.mac,
+            flags: if mac.is_some() { NEXT_HOP_MAC_KNOWN } else { 0 },
+        })
+    }
+
+    fn write_map_entry(&mut self, cidr: IpNet, observed: &Observed) {
+        if !self.takes(cidr) {
+            return;
+        }
+        let Some(next_hop) = self.next_hop(cidr, observed) else {
+            return;
+        };
+        let Some(maps) = &mut self.maps else { return };
+        if self.map.get(&cidr) == Some(&next_hop) {
+            return;
+        }
+        let old = self.map.get(&cidr).map(|h| h.dst_mac);
+        match maps.set_route(cidr, next_hop) {
+            Ok(()) => {
+                if old.is_some_and(|mac| mac != next_hop.dst_mac) {
+                    info!(
+                        "next hop of {cidr}: {}",
+                        if next_hop.flags & NEXT_HOP_MAC_KNOWN != 0 {
+                            format_mac(next_hop.dst_mac)
+                        } else {
+                            "unresolved".into()
+                        }
+                    );
+                }
+                self.map.insert(cidr, next_hop);
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
+
+    fn remove_map_entry(&mut self, cidr: IpNet) {
+        let Some(maps) = &mut self.maps else { return };
+        if !self.map.contains_key(&cidr) {
+            return;
+        }
+        match maps.remove_route(cidr) {
+            Ok(()) => {
+                self.map.remove(&cidr);
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
+
+    fn write_all_map_entries(&mut self, observed: &Observed) {
+        if !self.peers_known {
+            return;
+        }
+        let cidrs: Vec<IpNet> = self.desired.routes.keys().copied().collect();
+        for cidr in cidrs {
+            self.write_map_entry(cidr, observed);
+        }
+    }
+
+    /// The node's MACs or MTU changed: the programs' config and every next hop carry
+    /// them.
+    pub fn set_node(&mut self, node: NodeConfig, observed: &Observed) {
+        let Some(maps) = &mut self.maps else { return };
+        if let Err(e) = maps.set_config(node) {
+            warn!("{e}");
+        }
+        self.write_all_map_entries(observed);
+    }
+
+    /// The programs back on the uplink and the bridge, and on every port.
+    pub fn attach(&mut self, observed: &Observed) {
+        let Some(maps) = &mut self.maps else { return };
+        if let Err(e) = maps.attach_node(
+            (&observed.bridge_name, observed.bridge.index),
+            (&observed.uplink_name, observed.uplink.index),
+        ) {
+            warn!("{e}");
+        }
+        if self.follow_ports {
+            for (index, name) in &observed.ports {
+                if let Err(e) = maps.attach_port(name, *index) {
+                    warn!("bridge port {name}: {e}");
+                }
+            }
+        }
+    }
+
+    fn sync_endpoint(&mut self, ip: IpAddr, observed: &Observed) {
+        let Some(maps) = &mut self.maps else { return };
+        let previous = self.endpoints.get(&ip);
+        let endpoint = observed.endpoint(ip, previous);
+        if endpoint.as_ref() == previous {
+            return;
+        }
+        let result = match endpoint {
+            Some(endpoint) => maps.set_endpoint(ip, endpoint).map(|()| {
+                debug!(
+                    "pod {ip}: {} on port {}",
+                    format_mac(endpoint.mac),
+                    endpoint.ifindex
+                );
+                self.endpoints.insert(ip, endpoint);
+            }),
+            None => maps.remove_endpoint(ip).map(|()| {
+                self.endpoints.remove(&ip);
+            }),
+        };
+        if let Err(e) = result {
+            warn!("{e}");
+        }
+    }
+
+    fn sync_all_endpoints(&mut self, observed: &Observed) {
+        let ips: HashSet<IpAddr> = self
+            .endpoints
+            .keys()
+            .chain(observed.pods.keys())
+            .copied()
+            .collect();
+        for ip in ips {
+            self.sync_endpoint(ip, observed);
+        }
+    }
+
+    /// Pods the bridge knows whose port is not known yet: a forwarding dump would tell.
+    pub fn pods_without_port(&self, observed: &Observed) -> bool {
+        self.maps.is_some()
+            && observed
+                .pods
+                .keys()
+                .any(|ip| !self.endpoints.contains_key(ip))
+    }
+
+    /// The fast path hides its traffic from the kernel's neighbour confirmation, so a
+    /// next hop's entry would sit in STALE with a MAC nobody checks. Asking the kernel
+    /// to use STALE and unresolved entries makes it probe them: a peer whose MAC
+    /// changed without announcing it fails the probe, and the neighbour event brings
+    /// the new MAC.
+    pub async fn refresh_next_hops(&mut self, observed: &Observed) {
+        let ips: Vec<IpAddr> = self
+            .by_hop
+            .keys()
+            .filter(|ip| observed.next_hops.get(ip).is_none_or(|n| n.stale || n.mac.is_none()))
+            .copied()
+            .collect();
+        self.resolve(ips, observed).await;
+    }
+
+    async fn resolve(&self, ips: Vec<IpAddr>, observed: &Observed) {
+        let oif = observed.uplink.index;
+        let routes = &self.routes;
+        let errors: Vec<KernelError> = futures::stream::iter(ips)
+            .map(|ip| async move { routes.resolve(oif, ip).await.err() })
+            .buffer_unordered(IN_FLIGHT)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        if let Some(e) = errors.first() {
+            warn!("{e} (and {} more)", errors.len() - 1);
+        }
+    }
+
+    /// Every route installed (or left to its foreign owner) and, with the fast path,
+    /// every next hop's MAC known, once the source has spoken.
+    pub fn ready(&self, observed: &Observed) -> bool {
+        self.peers_known
+            && self.desired.routes.iter().all(|(cidr, hop)| match self.state.get(cidr) {
+                Some(RouteState::Installed) => {
+                    self.maps.is_none()
+                        || observed.next_hops.get(&hop.node_ip).is_some_and(|n| n.mac.is_some())
+                }
+                Some(RouteState::Foreign(_)) => true,
+                _ => false,
+            })
+    }
+
+    pub fn peer_status(&self, observed: &Observed) -> Vec<PeerStatus> {
+        self.desired
+            .routes
+            .iter()
+            .map(|(cidr, hop)| PeerStatus {
+                name: hop.peer.clone(),
+                node_ip: hop.node_ip.to_string(),
+                pod_cidr: cidr.to_string(),
+                source: hop.source.clone(),
+                lease: hop.lease.map(|l| format!("{l:x}")),
+                mac: observed
+                    .next_hops
+                    .get(&hop.node_ip)
+                    .and_then(|n| n.mac)
+                    .map(format_mac),
+                route: self.state.get(cidr) == Some(&RouteState::Installed),
+                foreign_route: match self.state.get(cidr) {
+                    Some(RouteState::Foreign(protocol)) => Some(protocol.clone()),
+                    _ => None,
+                },
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, collections::BTreeMap};
+
+    use super::*;
+    use crate::{
+        agent::desired::{NodeFacts, desired},
+        config::{Network, Peer},
+        kernel::{KernelEvent, Link, Neighbour, RouteOwner},
+    };
+
+    const UPLINK: u32 = 2;
+
+    /// A main table: prefix -> (hgw's next hop, or someone else's protocol).
+    #[derive(Default)]
+    struct FakeRoutes {
+        table: RefCell<BTreeMap<IpNet, Result<IpAddr, String>>>,
+        writes: RefCell<Vec<String>>,
+    }
+
+    impl RouteTable for &FakeRoutes {
+        async fn list(&self) -> Result<HashMap<IpNet, PrefixOwners>, KernelError> {
+            unimplemented!("the reconciler reads prefixes from Observed")
+        }
+
+        async fn install(
+            &self,
+            destination: IpNet,
+            gateway: IpAddr,
+            oif: u32,
+            ours_there: bool,
+        ) -> Result<(), KernelError> {
+            let mut table = self.table.borrow_mut();
+            if let Some(Err(protocol)) = table.get(&destination) {
+                return Err(KernelError::ForeignRoute {
+                    destination,
+                    protocol: protocol.clone(),
+                });
+            }
+            assert_eq!(oif, UPLINK);
+            self.writes.borrow_mut().push(format!(
+                "{} {destination} via {gateway}",
+                if ours_there { "replace" } else { "add" }
+            ));
+            table.insert(destination, Ok(gateway));
+            Ok(())
+        }
+
+        async fn delete(&self, route: HgwRoute) -> Result<(), KernelError> {
+            let mut table = self.table.borrow_mut();
+            if matches!(table.get(&route.destination), Some(Ok(_))) {
+                table.remove(&route.destination);
+                self.writes
+                    .borrow_mut()
+                    .push(format!("del {}", route.destination));
+            }
+            Ok(())
+        }
+
+        async fn resolve(&self, _oif: u32, ip: IpAddr) -> Result<(), KernelError> {
+            self.writes.borrow_mut().push(format!("resolve {ip}"));
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeMaps {
+        routes: BTreeMap<IpNet, NextHop>,
+        writes: usize,
+    }
+
+    impl FastPathMaps for FakeMaps {
+        fn set_config(&mut self, _: NodeConfig) -> Result<(), DatapathError> {
+            Ok(())
+        }
+        fn set_route(&mut self, cidr: IpNet, next_hop: NextHop) -> Result<(), DatapathError> {
+            self.writes += 1;
+            self.routes.insert(cidr, next_hop);
+            Ok(())
+        }
+        fn remove_route(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
+            self.writes += 1;
+            self.routes.remove(&cidr);
+            Ok(())
+        }
+        fn set_endpoint(&mut self, _: IpAddr, _: Endpoint) -> Result<(), DatapathError> {
+            Ok(())
+        }
+        fn remove_endpoint(&mut self, _: IpAddr) -> Result<(), DatapathError> {
+            Ok(())
+        }
+        fn attach_node(&mut self, _: (&str, u32), _: (&str, u32)) -> Result<(), DatapathError> {
+            Ok(())
+        }
+        fn attach_port(&mut self, _: &str, _: u32) -> Result<(), DatapathError> {
+            Ok(())
+        }
+        fn detach_port(&mut self, _: u32) {}
+    }
+
+    fn network() -> Network {
+        Network {
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            v6: None,
+        }
+    }
+
+    fn node() -> NodeFacts {
+        NodeFacts {
+            uplink_name: "eth0".into(),
+            uplink_networks: vec!["172.31.0.1/16".parse().unwrap()],
+            addresses: Vec::new(),
+        }
+    }
+
+    fn observed() -> Observed {
+        let link = |index| Link {
+            index,
+            mac: [2, 0, 0, 0, 0, index as u8],
+            mtu: 1500,
+            up: true,
+        };
+        Observed::new(
+            ("eth0", link(UPLINK)),
+            ("cni0", link(3)),
+            vec!["10.244.1.0/24".parse().unwrap()],
+        )
+    }
+
+    fn peers(n: u16) -> Vec<Peer> {
+        (2..2 + n)
+            .map(|i| Peer {
+                name: format!("n{i}"),
+                node_ip: format!("172.31.{}.{}", i / 250, i % 250 + 2).parse().unwrap(),
+                pod_cidr: format!("10.{}.{}.0/24", 100 + i / 250, i % 250).parse().unwrap(),
+                v6: None,
+                source: "static".into(),
+                lease: None,
+            })
+            .collect()
+    }
+
+    /// Feeds the fake table's state back as route events, as the kernel would.
+    fn observe_routes(observed: &mut Observed, routes: &FakeRoutes) {
+        observed.prefixes.clear();
+        for (destination, owner) in routes.table.borrow().iter() {
+            let owner = match owner {
+                Ok(gateway) => RouteOwner::Hgw {
+                    gateway: Some(*gateway),
+                    oif: Some(UPLINK),
+                },
+                Err(protocol) => RouteOwner::Foreign(protocol.clone()),
+            };
+            observed.apply(KernelEvent::Route {
+                destination: *destination,
+                owner,
+                deleted: false,
+            });
+        }
+    }
+
+    fn block_on<F: Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    #[test]
+    fn one_changed_peer_writes_one_route_and_one_map_entry() {
+        let routes = FakeRoutes::default();
+        let mut observed = observed();
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
+        let mut set = peers(1000);
+        block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
+        assert_eq!(routes.table.borrow().len(), 1000);
+        assert_eq!(r.maps.as_ref().unwrap().routes.len(), 1000);
+        assert_eq!(r.routes_installed(), 1000);
+        observe_routes(&mut observed, &routes);
+
+        routes.writes.borrow_mut().clear();
+        r.maps.as_mut().unwrap().writes = 0;
+        set[500].node_ip = "172.31.9.9".parse().unwrap();
+        // The new next hop is resolved: its map entry differs from the old one.
+        observed.apply(KernelEvent::Neighbour {
+            neighbour: Neighbour {
+                ifindex: UPLINK,
+                ip: IpAddr::V4(set[500].node_ip),
+                mac: Some([2, 9, 9, 9, 9, 9]),
+                stale: false,
+            },
+            deleted: false,
+        });
+        block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
+        let writes = routes.writes.borrow().clone();
+        assert_eq!(
+            writes,
+            vec![format!("replace {} via 172.31.9.9", set[500].pod_cidr)]
+        );
+        assert_eq!(r.maps.as_ref().unwrap().writes, 1);
+    }
+
+    #[test]
+    fn a_resync_with_nothing_changed_writes_nothing() {
+        let routes = FakeRoutes::default();
+        let mut observed = observed();
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
+        block_on(r.set_desired(desired(&network(), &peers(50), &node()), &observed));
+        observe_routes(&mut observed, &routes);
+        routes.writes.borrow_mut().clear();
+        r.maps.as_mut().unwrap().writes = 0;
+        block_on(r.resync(&observed));
+        assert!(routes.writes.borrow().is_empty(), "{:?}", routes.writes);
+        assert_eq!(r.maps.as_ref().unwrap().writes, 0);
+        // One route deleted behind hgw's back: the resync puts back that one only.
+        let gone = *routes.table.borrow().keys().next().unwrap();
+        routes.table.borrow_mut().remove(&gone);
+        observe_routes(&mut observed, &routes);
+        block_on(r.resync(&observed));
+        assert_eq!(routes.writes.borrow().len(), 1, "{:?}", routes.writes);
+    }
+
+    #[test]
+    fn nothing_is_swept_before_the_first_peer_set() {
+        let routes = FakeRoutes::default();
+        let left: IpNet = "10.200.0.0/24".parse().unwrap();
+        routes
+            .table
+            .borrow_mut()
+            .insert(left, Ok("172.31.0.9".parse().unwrap()));
+        let mut observed = observed();
+        observe_routes(&mut observed, &routes);
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
+        block_on(r.resync(&observed));
+        assert!(routes.table.borrow().contains_key(&left), "kept until the source speaks");
+        block_on(r.set_desired(desired(&network(), &peers(1), &node()), &observed));
+        assert!(!routes.table.borrow().contains_key(&left), "swept once it has");
+    }
+
+    #[test]
+    fn a_foreign_route_is_left_alone_and_kept_out_of_the_map() {
+        let routes = FakeRoutes::default();
+        let set = peers(2);
+        let foreign = IpNet::V4(set[0].pod_cidr);
+        routes
+            .table
+            .borrow_mut()
+            .insert(foreign, Err("static".into()));
+        let mut observed = observed();
+        observe_routes(&mut observed, &routes);
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
+        block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
+        assert_eq!(routes.table.borrow()[&foreign], Err("static".into()));
+        let maps = r.maps.as_ref().unwrap();
+        assert!(!maps.routes.contains_key(&foreign));
+        assert_eq!(maps.routes.len(), 1);
+        let status = r.peer_status(&observed);
+        assert_eq!(
+            status
+                .iter()
+                .find(|p| p.pod_cidr == foreign.to_string())
+                .and_then(|p| p.foreign_route.clone()),
+            Some("static".into())
+        );
+        // Its owner removes it: hgw takes the prefix.
+        routes.table.borrow_mut().remove(&foreign);
+        observed.apply(KernelEvent::Route {
+            destination: foreign,
+            owner: RouteOwner::Foreign("static".into()),
+            deleted: true,
+        });
+        block_on(r.on_change(Change::Prefix(foreign), &observed));
+        assert!(matches!(routes.table.borrow()[&foreign], Ok(_)));
+        assert!(r.maps.as_ref().unwrap().routes.contains_key(&foreign));
+    }
+
+    #[test]
+    fn a_next_hop_mac_updates_only_its_map_entries() {
+        let routes = FakeRoutes::default();
+        let mut observed = observed();
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
+        let set = peers(10);
+        block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
+        assert!(!r.ready(&observed), "no MAC known yet");
+        r.maps.as_mut().unwrap().writes = 0;
+        let ip = IpAddr::V4(set[3].node_ip);
+        let change = observed.apply(KernelEvent::Neighbour {
+            neighbour: Neighbour {
+                ifindex: UPLINK,
+                ip,
+                mac: Some([2, 1, 1, 1, 1, 1]),
+                stale: false,
+            },
+            deleted: false,
+        });
+        block_on(r.on_change(change.expect("a change"), &observed));
+        let maps = r.maps.as_ref().unwrap();
+        assert_eq!(maps.writes, 1);
+        let entry = maps.routes[&IpNet::V4(set[3].pod_cidr)];
+        assert_eq!(entry.dst_mac, [2, 1, 1, 1, 1, 1]);
+        assert_eq!(entry.flags & NEXT_HOP_MAC_KNOWN, NEXT_HOP_MAC_KNOWN);
+    }
+}
