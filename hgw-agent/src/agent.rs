@@ -262,7 +262,7 @@ fn watch_file(path: PathBuf, reload: Reload, running: Config) -> mpsc::Receiver<
                     continue;
                 }
             };
-            let (Source::Static { network, peers }, Source::Static { network: old, .. }) =
+            let (Source::Static { peers, .. }, Source::Static { .. }) =
                 (&config.source, &running.source)
             else {
                 warn!(
@@ -271,16 +271,12 @@ fn watch_file(path: PathBuf, reload: Reload, running: Config) -> mpsc::Receiver<
                 );
                 continue;
             };
-            if network != old
-                || config.uplink != running.uplink
-                || config.bridge != running.bridge
-                || config.node_name != running.node_name
-                || config.fast_path != running.fast_path
-                || config.setup_node != running.setup_node
-            {
+            let changed = config.restart_needed(&running);
+            if !changed.is_empty() {
                 warn!(
-                    "{}: only peers are applied without a restart; the rest waits for one",
-                    path.display()
+                    "{}: only peers are applied without a restart; restart to apply {}",
+                    path.display(),
+                    changed.join(", ")
                 );
             }
             info!(
