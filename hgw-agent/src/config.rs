@@ -858,6 +858,8 @@ fn overlaps(a: IpNet, b: IpNet) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
     use super::*;
 
     fn raw(peers: &[(&str, &str, &str)]) -> RawConfig {
@@ -1112,10 +1114,182 @@ mod tests {
         );
     }
 
+    /// `hgw-agent run`'s flags, without the file.
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        flags: RawConfig,
+    }
+
+    fn flags(args: &[&str]) -> RawConfig {
+        Flags::try_parse_from(std::iter::once("hgw-agent").chain(args.iter().copied()))
+            .expect("flags parse")
+            .flags
+    }
+
+    fn file(text: &str) -> RawConfig {
+        toml::from_str(text).expect("file parses")
+    }
+
+    const FILE: &str = r#"
+node_name = "n1"
+uplink = "eth0"
+pod_cidr = "10.244.1.0/24"
+cluster_cidr = "10.244.0.0/16"
+setup_node = true
+fast_path = "all"
+
+[[peers]]
+name = "n2"
+node_ip = "172.31.0.2"
+pod_cidr = "10.244.2.0/24"
+"#;
+
+    fn static_peers(config: &Config) -> Vec<&str> {
+        let Source::Static { peers, .. } = &config.source else {
+            panic!("static config expected: {config:?}")
+        };
+        peers.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    #[test]
+    fn file_only() {
+        let config = Config::from_raw(file(FILE).with_flags(flags(&[]))).expect("valid");
+        assert_eq!(config.node_name, "n1");
+        assert_eq!(config.bridge, "cni0");
+        assert!(config.setup_node);
+        assert_eq!(config.fast_path, FastPath::All);
+        assert_eq!(config.attach, Attach::Ports);
+        assert_eq!(static_peers(&config), ["n2"]);
+    }
+
+    #[test]
+    fn flags_only() {
+        let raw = RawConfig::default().with_flags(flags(&[
+            "--node-name=n1",
+            "--uplink=eth0",
+            "--pod-cidr=10.244.1.0/24",
+            "--cluster-cidr=10.244.0.0/16",
+            "--setup-node",
+            "--attach=bridge",
+            "--status-socket=/tmp/hgw.sock",
+            "--peer=n2=172.31.0.2,10.244.2.0/24",
+            "--peer=n3=172.31.0.3,10.244.3.0/24,fd00:172:31::3,fd00:244:3::/64",
+        ]));
+        assert_eq!(raw.peers[1].pod_cidr_v6.as_deref(), Some("fd00:244:3::/64"));
+        // No IPv6 on this node: n3's IPv6 fields are refused, naming the flag's peer.
+        let e = Config::from_raw(raw.clone())
+            .map(|_| ())
+            .expect_err("v6 peer");
+        assert!(e.to_string().contains("peers[1].pod_cidr_v6"), "{e}");
+        let mut raw = raw;
+        raw.peers[1].node_ip_v6 = None;
+        raw.peers[1].pod_cidr_v6 = None;
+        let config = Config::from_raw(raw).expect("valid");
+        assert!(config.setup_node);
+        assert_eq!(config.attach, Attach::Bridge);
+        assert_eq!(config.fast_path, FastPath::Established);
+        assert_eq!(config.status_socket, PathBuf::from("/tmp/hgw.sock"));
+        assert_eq!(static_peers(&config), ["n2", "n3"]);
+    }
+
+    #[test]
+    fn a_flag_overrides_the_file() {
+        let raw = file(FILE).with_flags(flags(&["--fast-path", "off", "--bridge", "br0"]));
+        let config = Config::from_raw(raw).expect("valid");
+        assert_eq!(config.fast_path, FastPath::Off);
+        assert_eq!(config.bridge, "br0");
+        // Fields without a flag keep the file's value; an absent --setup-node is no
+        // `setup_node = false`.
+        assert_eq!(config.uplink, "eth0");
+        assert!(config.setup_node);
+    }
+
+    #[test]
+    fn an_etcd_flag_overrides_one_field_of_the_files_etcd() {
+        let text = "node_name = \"n1\"\nuplink = \"eth0\"\n[etcd]\nendpoints = [\"http://10.0.0.5:2379\"]\nprefix = \"/a\"\nusername = \"u\"\n";
+        let raw = file(text).with_flags(flags(&[
+            "--etcd-prefix=/b",
+            "--public-ipv6=fd00:172:31::1",
+            "--etcd-password=p",
+        ]));
+        let config = Config::from_raw(raw).expect("valid");
+        let Source::Etcd(etcd) = &config.source else {
+            panic!("etcd config expected")
+        };
+        assert_eq!(etcd.endpoints, ["http://10.0.0.5:2379"]);
+        assert_eq!(etcd.prefix, "/b");
+        assert_eq!(
+            etcd.public_ipv6,
+            Some("fd00:172:31::1".parse().expect("ip"))
+        );
+        assert_eq!(etcd.password.as_deref(), Some("p"));
+    }
+
+    #[test]
+    fn an_etcd_password_alone_does_not_turn_etcd_on() {
+        let raw = file(FILE).with_flags(flags(&["--etcd-password=p"]));
+        assert!(raw.etcd.is_none());
+        let raw = file(FILE).with_flags(flags(&["--etcd-prefix=/p"]));
+        assert!(raw.etcd.is_some());
+    }
+
+    #[test]
+    fn rejects_a_bad_public_ipv6() {
+        let raw = file(
+            "node_name = \"n1\"\nuplink = \"eth0\"\n[etcd]\nendpoints = [\"http://10.0.0.5:2379\"]\npublic_ipv6 = \"172.31.0.1\"\n",
+        );
+        let e = error_of(raw);
+        assert!(
+            e.contains("etcd.public_ipv6") && e.contains("not an IPv6 address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn peer_flags_add_to_the_files_peers() {
+        let raw = file(FILE).with_flags(flags(&["--peer", "n3=172.31.0.3,10.244.3.0/24"]));
+        let config = Config::from_raw(raw).expect("valid");
+        assert_eq!(static_peers(&config), ["n2", "n3"]);
+        assert!(
+            Flags::try_parse_from(["hgw-agent", "--peer", "n3=172.31.0.3"]).is_err(),
+            "a --peer without a pod CIDR parsed"
+        );
+    }
+
+    #[test]
+    fn restart_needed_names_the_changed_fields_but_not_peers() {
+        let running = Config::from_raw(file(FILE)).expect("valid");
+        let peers_only = format!(
+            "{FILE}\n[[peers]]\nname = \"n3\"\nnode_ip = \"172.31.0.3\"\npod_cidr = \"10.244.3.0/24\"\n"
+        );
+        let reread = Config::from_raw(file(&peers_only)).expect("valid");
+        assert_eq!(static_peers(&reread), ["n2", "n3"]);
+        assert!(reread.restart_needed(&running).is_empty());
+        // A default written out is no change.
+        let explicit = format!("bridge = \"cni0\"\nattach = \"ports\"\n{FILE}");
+        let reread = Config::from_raw(file(&explicit)).expect("valid");
+        assert!(reread.restart_needed(&running).is_empty());
+
+        let changed = FILE
+            .replace("fast_path = \"all\"", "fast_path = \"off\"")
+            .replace("10.244.1.0/24", "10.244.4.0/24");
+        let reread = Config::from_raw(file(&changed)).expect("valid");
+        assert_eq!(reread.restart_needed(&running), ["pod_cidr", "fast_path"]);
+    }
+
     #[test]
     fn unknown_fields_are_errors() {
         let e = toml::from_str::<RawConfig>("node_name = \"n1\"\npod_cidrs = \"x\"\n")
             .expect_err("unknown");
         assert!(e.to_string().contains("pod_cidrs"), "{e}");
+        let e = toml::from_str::<RawConfig>("[etcd]\nendpoint = [\"http://a:1\"]\n")
+            .expect_err("unknown in [etcd]");
+        assert!(e.to_string().contains("endpoint"), "{e}");
+        let e = toml::from_str::<RawConfig>(
+            "[[peers]]\nname = \"n2\"\nnode_ip = \"172.31.0.2\"\npod_cidr = \"10.244.2.0/24\"\nnode_ipv6 = \"x\"\n",
+        )
+        .expect_err("unknown in [[peers]]");
+        assert!(e.to_string().contains("node_ipv6"), "{e}");
     }
 }
