@@ -10,8 +10,6 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
-pub use crate::datapath::{Attach, FastPath};
-
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 
@@ -54,29 +52,224 @@ impl ConfigError {
     }
 }
 
-/// The config file as written: strings, checked by [`Config::from_raw`].
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    pub node_name: Option<String>,
-    pub uplink: Option<String>,
-    pub bridge: Option<String>,
-    pub pod_cidr: Option<String>,
-    pub cluster_cidr: Option<String>,
-    /// IPv6 (dual stack): this node's IPv6 pod CIDR and the cluster's; both or neither.
-    pub pod_cidr_v6: Option<String>,
-    pub cluster_cidr_v6: Option<String>,
-    pub setup_node: Option<bool>,
-    pub fast_path: Option<FastPath>,
-    pub attach: Option<Attach>,
-    pub status_socket: Option<PathBuf>,
-    #[serde(default)]
-    pub peers: Vec<RawPeer>,
-    /// Learn the network, this node's subnet and the peers from etcd (flannel's schema).
-    pub etcd: Option<RawEtcd>,
+/// Which packets the fast path may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPath {
+    /// Only flows the kernel already accepted: conntrack holds them confirmed, replied
+    /// (TCP: assured) and without NAT. The first packets of every flow, NAT'd flows,
+    /// SYNs and ICMP go through the kernel, with all its netfilter rules.
+    #[default]
+    Established,
+    /// Every packet between pod CIDRs that passes the header checks, without asking
+    /// conntrack: skips NAT, FORWARD rules and conntrack for pod-to-pod traffic. Only
+    /// for clusters with neither.
+    All,
+    /// No programs: kernel routes only (plain host-gw).
+    Off,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl FastPath {
+    /// The name in the config file and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FastPath::Established => "established",
+            FastPath::All => "all",
+            FastPath::Off => "off",
+        }
+    }
+}
+
+/// Where the bridge-side program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Attach {
+    /// The bridge's ingress (cni0): pod traffic has been through the bridge first.
+    Bridge,
+    /// Each bridge port's ingress (the pods' host-side veths), followed as pods come
+    /// and go: the bridge is skipped for forwarded traffic. The default: the bench
+    /// measured it faster on every metric (1.42x kernel pps against 1.31x on cni0).
+    #[default]
+    Ports,
+}
+
+/// How a field given twice combines: `over` (the flags) on `self` (the file).
+trait Merge {
+    fn merge(self, over: Self) -> Self;
+}
+
+/// A nested section merges field by field; a plain value given as a flag replaces the
+/// file's.
+impl<T: Merge> Merge for Option<T> {
+    fn merge(self, over: Self) -> Self {
+        match (self, over) {
+            (Some(file), Some(flag)) => Some(file.merge(flag)),
+            (file, flag) => flag.or(file),
+        }
+    }
+}
+
+macro_rules! flag_replaces_file {
+    ($($ty:ty),*) => { $(impl Merge for $ty { fn merge(self, over: Self) -> Self { over } })* };
+}
+flag_replaces_file!(String, PathBuf, bool, i64, FastPath, Attach, Vec<String>);
+
+/// `--peer` flags add to the file's `[[peers]]`.
+impl Merge for Vec<RawPeer> {
+    fn merge(mut self, over: Self) -> Self {
+        self.extend(over);
+        self
+    }
+}
+
+/// Declares a config section once: the struct (its fields are both flags and file
+/// fields), [`Merge`] field by field, and the names of the fields that differ.
+macro_rules! section {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            $($(#[$field_attr:meta])* pub $field:ident: $ty:ty,)*
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            $($(#[$field_attr])* pub $field: $ty,)*
+        }
+
+        impl Merge for $name {
+            fn merge(self, over: Self) -> Self {
+                Self { $($field: self.$field.merge(over.$field),)* }
+            }
+        }
+
+        impl $name {
+            /// The names of the fields whose values differ from `other`'s.
+            pub fn differing(&self, other: &Self) -> Vec<&'static str> {
+                let mut names = Vec::new();
+                $(if self.$field != other.$field {
+                    names.push(stringify!($field));
+                })*
+                names
+            }
+        }
+    };
+}
+
+section! {
+    /// The configuration as given (the file, then the flags over it): every field is a
+    /// TOML field and a flag of the same name, checked by [`Config::from_raw`].
+    #[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawConfig {
+        /// This node's name.
+        #[arg(long)]
+        pub node_name: Option<String>,
+        /// Interface facing the other nodes (they must share its L2 segment).
+        #[arg(long)]
+        pub uplink: Option<String>,
+        /// Bridge the local pods are attached to [default: cni0].
+        #[arg(long)]
+        pub bridge: Option<String>,
+        /// This node's pod CIDR, e.g. 10.244.1.0/24.
+        #[arg(long)]
+        pub pod_cidr: Option<String>,
+        /// The whole cluster's pod CIDR, e.g. 10.244.0.0/16.
+        #[arg(long)]
+        pub cluster_cidr: Option<String>,
+        /// Dual stack: this node's IPv6 pod CIDR, e.g. fd00:244:1::/64.
+        #[arg(long)]
+        pub pod_cidr_v6: Option<String>,
+        /// Dual stack: the whole cluster's IPv6 pod CIDR, e.g. fd00:244::/32.
+        #[arg(long)]
+        pub cluster_cidr_v6: Option<String>,
+        /// Set the node up: bridge with the gateway address, ip_forward, FORWARD accept
+        /// for the cluster CIDR. Off by default.
+        #[arg(long, num_args = 0, default_missing_value = "true")]
+        pub setup_node: Option<bool>,
+        /// Which packets the fast path carries: established (flows conntrack accepted,
+        /// without NAT), all (every pod-to-pod packet: no NAT or FORWARD policy on pod
+        /// traffic), off (kernel routes only) [default: established].
+        #[arg(long, value_enum)]
+        pub fast_path: Option<FastPath>,
+        /// Where the bridge-side program runs: on the bridge, or on each of its ports
+        /// (the pods' veths, skipping the bridge) [default: ports].
+        #[arg(long, value_enum)]
+        pub attach: Option<Attach>,
+        /// Where `hgw-agent status` reaches this agent [default: /run/hgw/hgw.sock].
+        #[arg(long)]
+        pub status_socket: Option<PathBuf>,
+        /// A peer node as NAME=NODE_IP,POD_CIDR, or dual stack
+        /// NAME=NODE_IP,POD_CIDR,NODE_IPV6,POD_CIDR_V6 (repeatable; added to the file's
+        /// [[peers]]).
+        #[arg(
+            long = "peer",
+            value_name = "NAME=NODE_IP,POD_CIDR[,NODE_IPV6,POD_CIDR_V6]",
+            value_parser = RawPeer::from_flag,
+        )]
+        #[serde(default)]
+        pub peers: Vec<RawPeer>,
+        /// Learn the network, this node's subnet and the peers from etcd (flannel's
+        /// schema): the file's [etcd] section.
+        #[command(flatten)]
+        pub etcd: Option<RawEtcd>,
+    }
+}
+
+section! {
+    /// `[etcd]` in the file; the flags are `--etcd-<field>` (but `--public-ip`,
+    /// `--public-ipv6`).
+    #[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawEtcd {
+        /// Learn the network, this node's subnet and the peers from etcd (flannel's
+        /// schema), e.g. http://10.0.0.5:2379 (comma-separated for several).
+        #[arg(long = "etcd-endpoints", value_delimiter = ',')]
+        pub endpoints: Option<Vec<String>>,
+        /// etcd key prefix [default: /coreos.com/network].
+        #[arg(long = "etcd-prefix")]
+        pub prefix: Option<String>,
+        /// TTL of this node's subnet lease, in seconds [default: 60].
+        #[arg(long = "etcd-lease-ttl")]
+        pub lease_ttl: Option<i64>,
+        /// This node's PublicIP in etcd [default: the uplink's first IPv4 address].
+        #[arg(long)]
+        pub public_ip: Option<String>,
+        /// This node's PublicIPv6 in etcd, for a dual-stack network [default: the
+        /// uplink's first global IPv6 address].
+        #[arg(long)]
+        pub public_ipv6: Option<String>,
+        /// CA certificate (PEM) for etcd over TLS.
+        #[arg(long = "etcd-ca-file")]
+        pub ca_file: Option<PathBuf>,
+        /// Client certificate (PEM) for etcd.
+        #[arg(long = "etcd-cert-file")]
+        pub cert_file: Option<PathBuf>,
+        /// Client key (PEM) for etcd.
+        #[arg(long = "etcd-key-file")]
+        pub key_file: Option<PathBuf>,
+        /// etcd user name.
+        #[arg(long = "etcd-username")]
+        pub username: Option<String>,
+        /// etcd password (better: the HGW_ETCD_PASSWORD environment variable).
+        #[arg(long = "etcd-password", env = "HGW_ETCD_PASSWORD", hide_env_values = true)]
+        pub password: Option<String>,
+    }
+}
+
+impl RawEtcd {
+    /// Nothing but a password: what HGW_ETCD_PASSWORD alone gives, which does not
+    /// turn etcd on.
+    fn only_password(&self) -> bool {
+        let without = RawEtcd {
+            password: None,
+            ..self.clone()
+        };
+        without == RawEtcd::default()
+    }
+}
+
+/// A `[[peers]]` entry, or a `--peer` flag.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPeer {
     pub name: String,
@@ -87,20 +280,29 @@ pub struct RawPeer {
     pub pod_cidr_v6: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawEtcd {
-    pub endpoints: Vec<String>,
-    pub prefix: Option<String>,
-    /// Seconds; the lease is kept alive while the agent runs.
-    pub lease_ttl: Option<i64>,
-    /// This node's address in its lease (flannel's PublicIP) [default: the uplink's].
-    pub public_ip: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password: Option<String>,
+impl RawPeer {
+    /// `NAME=NODE_IP,POD_CIDR[,NODE_IPV6,POD_CIDR_V6]`; the values are checked with
+    /// the file's.
+    fn from_flag(spec: &str) -> Result<Self, String> {
+        let expected = || {
+            "expected NAME=NODE_IP,POD_CIDR or NAME=NODE_IP,POD_CIDR,NODE_IPV6,POD_CIDR_V6"
+                .to_string()
+        };
+        let (name, rest) = spec.split_once('=').ok_or_else(expected)?;
+        let fields: Vec<&str> = rest.split(',').collect();
+        let (v4, v6) = match fields.as_slice() {
+            [ip, cidr] => ((ip, cidr), None),
+            [ip, cidr, ip6, cidr6] => ((ip, cidr), Some((ip6, cidr6))),
+            _ => return Err(expected()),
+        };
+        Ok(RawPeer {
+            name: name.into(),
+            node_ip: v4.0.to_string(),
+            pod_cidr: v4.1.to_string(),
+            node_ip_v6: v6.map(|v6| v6.0.to_string()),
+            pod_cidr_v6: v6.map(|v6| v6.1.to_string()),
+        })
+    }
 }
 
 impl RawConfig {
@@ -113,6 +315,15 @@ impl RawConfig {
             path: path.to_owned(),
             source: Box::new(source),
         })
+    }
+
+    /// The flags over the file: a flag replaces the file's field, `--peer` adds a peer,
+    /// and an etcd password alone (HGW_ETCD_PASSWORD) only joins a configured `[etcd]`.
+    pub fn with_flags(self, mut flags: RawConfig) -> RawConfig {
+        if self.etcd.is_none() && flags.etcd.as_ref().is_some_and(RawEtcd::only_password) {
+            flags.etcd = None;
+        }
+        self.merge(flags)
     }
 }
 
@@ -199,6 +410,8 @@ pub struct EtcdConfig {
     pub prefix: String,
     pub lease_ttl: i64,
     pub public_ip: Option<Ipv4Addr>,
+    /// For a dual-stack network (none: the uplink's first global IPv6 address).
+    pub public_ipv6: Option<Ipv6Addr>,
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
@@ -226,15 +439,21 @@ pub struct Config {
     /// Where the bridge-side program runs.
     pub attach: Attach,
     pub status_socket: PathBuf,
+    /// The fields as given, with the defaults filled in: what
+    /// [`Config::restart_needed`] compares.
+    given: RawConfig,
 }
 
 impl Config {
     /// Checks every field and every relation between the CIDRs; the first problem
     /// found is returned, naming the field and the value.
-    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
-        let node_name = required(raw.node_name, "node_name", "node-name")?;
-        let uplink = interface_name(required(raw.uplink, "uplink", "uplink")?, "uplink")?;
-        let bridge = interface_name(raw.bridge.unwrap_or_else(|| "cni0".into()), "bridge")?;
+    pub fn from_raw(mut raw: RawConfig) -> Result<Self, ConfigError> {
+        let node_name = required(raw.node_name.clone(), "node_name", "node-name")?;
+        let uplink = interface_name(required(raw.uplink.clone(), "uplink", "uplink")?, "uplink")?;
+        let bridge = interface_name(
+            raw.bridge.get_or_insert_with(|| "cni0".into()).clone(),
+            "bridge",
+        )?;
         if uplink == bridge {
             return Err(ConfigError::invalid(
                 "bridge",
@@ -242,7 +461,7 @@ impl Config {
                 "the bridge cannot be the uplink",
             ));
         }
-        let source = match raw.etcd {
+        let source = match raw.etcd.clone() {
             Some(etcd) => {
                 for (given, field) in [
                     (raw.pod_cidr.is_some(), "pod_cidr"),
@@ -263,9 +482,9 @@ impl Config {
             }
             None => static_source(
                 &node_name,
-                [raw.pod_cidr, raw.cluster_cidr],
-                [raw.pod_cidr_v6, raw.cluster_cidr_v6],
-                raw.peers,
+                [raw.pod_cidr.clone(), raw.cluster_cidr.clone()],
+                [raw.pod_cidr_v6.clone(), raw.cluster_cidr_v6.clone()],
+                raw.peers.clone(),
             )?,
         };
         Ok(Self {
@@ -273,24 +492,45 @@ impl Config {
             uplink,
             bridge,
             source,
-            setup_node: raw.setup_node.unwrap_or(false),
-            fast_path: raw.fast_path.unwrap_or_default(),
-            attach: raw.attach.unwrap_or_default(),
+            setup_node: *raw.setup_node.get_or_insert(false),
+            fast_path: *raw.fast_path.get_or_insert_default(),
+            attach: *raw.attach.get_or_insert_default(),
             status_socket: raw
                 .status_socket
-                .unwrap_or_else(|| DEFAULT_STATUS_SOCKET.into()),
+                .get_or_insert_with(|| DEFAULT_STATUS_SOCKET.into())
+                .clone(),
+            given: raw,
         })
+    }
+
+    /// Reads the file (if any) and lays the flags over it, then checks the result.
+    pub fn load(file: Option<&std::path::Path>, flags: RawConfig) -> Result<Self, ConfigError> {
+        let raw = match file {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        Self::from_raw(raw.with_flags(flags))
+    }
+
+    /// The fields whose values differ from the `running` config's, other than the
+    /// static peers (applied while running): these wait for a restart. A field newly
+    /// written with its default value is no change.
+    pub fn restart_needed(&self, running: &Config) -> Vec<&'static str> {
+        let mut names = self.given.differing(&running.given);
+        names.retain(|name| *name != "peers");
+        names
     }
 }
 
 fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
-    if raw.endpoints.is_empty() {
+    let endpoints = raw.endpoints.unwrap_or_default();
+    if endpoints.is_empty() {
         return Err(ConfigError::Missing {
             field: "etcd.endpoints",
             flag: "etcd-endpoints",
         });
     }
-    for (i, endpoint) in raw.endpoints.iter().enumerate() {
+    for (i, endpoint) in endpoints.iter().enumerate() {
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             return Err(ConfigError::invalid(
                 format!("etcd.endpoints[{i}]"),
@@ -322,6 +562,13 @@ fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
                 .map_err(|_| ConfigError::invalid("etcd.public_ip", &ip, "not an IPv4 address"))
         })
         .transpose()?;
+    let public_ipv6 = raw
+        .public_ipv6
+        .map(|ip| {
+            ip.parse::<Ipv6Addr>()
+                .map_err(|_| ConfigError::invalid("etcd.public_ipv6", &ip, "not an IPv6 address"))
+        })
+        .transpose()?;
     if raw.cert_file.is_some() != raw.key_file.is_some() {
         return Err(ConfigError::invalid(
             "etcd.key_file",
@@ -337,10 +584,11 @@ fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
         ));
     }
     Ok(EtcdConfig {
-        endpoints: raw.endpoints,
+        endpoints,
         prefix,
         lease_ttl,
         public_ip,
+        public_ipv6,
         ca_file: raw.ca_file,
         cert_file: raw.cert_file,
         key_file: raw.key_file,
@@ -610,6 +858,8 @@ fn overlaps(a: IpNet, b: IpNet) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
     use super::*;
 
     fn raw(peers: &[(&str, &str, &str)]) -> RawConfig {
@@ -712,7 +962,7 @@ mod tests {
     fn etcd_excludes_static_network_fields() {
         let mut r = raw(&[]);
         r.etcd = Some(RawEtcd {
-            endpoints: vec!["http://127.0.0.1:2379".into()],
+            endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
             ..RawEtcd::default()
         });
         let e = Config::from_raw(r)
@@ -726,7 +976,7 @@ mod tests {
         r.pod_cidr = None;
         r.cluster_cidr = None;
         r.etcd = Some(RawEtcd {
-            endpoints: vec!["127.0.0.1:2379".into()],
+            endpoints: Some(vec!["127.0.0.1:2379".into()]),
             ..RawEtcd::default()
         });
         let e = Config::from_raw(r)
@@ -864,10 +1114,182 @@ mod tests {
         );
     }
 
+    /// `hgw-agent run`'s flags, without the file.
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        flags: RawConfig,
+    }
+
+    fn flags(args: &[&str]) -> RawConfig {
+        Flags::try_parse_from(std::iter::once("hgw-agent").chain(args.iter().copied()))
+            .expect("flags parse")
+            .flags
+    }
+
+    fn file(text: &str) -> RawConfig {
+        toml::from_str(text).expect("file parses")
+    }
+
+    const FILE: &str = r#"
+node_name = "n1"
+uplink = "eth0"
+pod_cidr = "10.244.1.0/24"
+cluster_cidr = "10.244.0.0/16"
+setup_node = true
+fast_path = "all"
+
+[[peers]]
+name = "n2"
+node_ip = "172.31.0.2"
+pod_cidr = "10.244.2.0/24"
+"#;
+
+    fn static_peers(config: &Config) -> Vec<&str> {
+        let Source::Static { peers, .. } = &config.source else {
+            panic!("static config expected: {config:?}")
+        };
+        peers.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    #[test]
+    fn file_only() {
+        let config = Config::from_raw(file(FILE).with_flags(flags(&[]))).expect("valid");
+        assert_eq!(config.node_name, "n1");
+        assert_eq!(config.bridge, "cni0");
+        assert!(config.setup_node);
+        assert_eq!(config.fast_path, FastPath::All);
+        assert_eq!(config.attach, Attach::Ports);
+        assert_eq!(static_peers(&config), ["n2"]);
+    }
+
+    #[test]
+    fn flags_only() {
+        let raw = RawConfig::default().with_flags(flags(&[
+            "--node-name=n1",
+            "--uplink=eth0",
+            "--pod-cidr=10.244.1.0/24",
+            "--cluster-cidr=10.244.0.0/16",
+            "--setup-node",
+            "--attach=bridge",
+            "--status-socket=/tmp/hgw.sock",
+            "--peer=n2=172.31.0.2,10.244.2.0/24",
+            "--peer=n3=172.31.0.3,10.244.3.0/24,fd00:172:31::3,fd00:244:3::/64",
+        ]));
+        assert_eq!(raw.peers[1].pod_cidr_v6.as_deref(), Some("fd00:244:3::/64"));
+        // No IPv6 on this node: n3's IPv6 fields are refused, naming the flag's peer.
+        let e = Config::from_raw(raw.clone())
+            .map(|_| ())
+            .expect_err("v6 peer");
+        assert!(e.to_string().contains("peers[1].pod_cidr_v6"), "{e}");
+        let mut raw = raw;
+        raw.peers[1].node_ip_v6 = None;
+        raw.peers[1].pod_cidr_v6 = None;
+        let config = Config::from_raw(raw).expect("valid");
+        assert!(config.setup_node);
+        assert_eq!(config.attach, Attach::Bridge);
+        assert_eq!(config.fast_path, FastPath::Established);
+        assert_eq!(config.status_socket, PathBuf::from("/tmp/hgw.sock"));
+        assert_eq!(static_peers(&config), ["n2", "n3"]);
+    }
+
+    #[test]
+    fn a_flag_overrides_the_file() {
+        let raw = file(FILE).with_flags(flags(&["--fast-path", "off", "--bridge", "br0"]));
+        let config = Config::from_raw(raw).expect("valid");
+        assert_eq!(config.fast_path, FastPath::Off);
+        assert_eq!(config.bridge, "br0");
+        // Fields without a flag keep the file's value; an absent --setup-node is no
+        // `setup_node = false`.
+        assert_eq!(config.uplink, "eth0");
+        assert!(config.setup_node);
+    }
+
+    #[test]
+    fn an_etcd_flag_overrides_one_field_of_the_files_etcd() {
+        let text = "node_name = \"n1\"\nuplink = \"eth0\"\n[etcd]\nendpoints = [\"http://10.0.0.5:2379\"]\nprefix = \"/a\"\nusername = \"u\"\n";
+        let raw = file(text).with_flags(flags(&[
+            "--etcd-prefix=/b",
+            "--public-ipv6=fd00:172:31::1",
+            "--etcd-password=p",
+        ]));
+        let config = Config::from_raw(raw).expect("valid");
+        let Source::Etcd(etcd) = &config.source else {
+            panic!("etcd config expected")
+        };
+        assert_eq!(etcd.endpoints, ["http://10.0.0.5:2379"]);
+        assert_eq!(etcd.prefix, "/b");
+        assert_eq!(
+            etcd.public_ipv6,
+            Some("fd00:172:31::1".parse().expect("ip"))
+        );
+        assert_eq!(etcd.password.as_deref(), Some("p"));
+    }
+
+    #[test]
+    fn an_etcd_password_alone_does_not_turn_etcd_on() {
+        let raw = file(FILE).with_flags(flags(&["--etcd-password=p"]));
+        assert!(raw.etcd.is_none());
+        let raw = file(FILE).with_flags(flags(&["--etcd-prefix=/p"]));
+        assert!(raw.etcd.is_some());
+    }
+
+    #[test]
+    fn rejects_a_bad_public_ipv6() {
+        let raw = file(
+            "node_name = \"n1\"\nuplink = \"eth0\"\n[etcd]\nendpoints = [\"http://10.0.0.5:2379\"]\npublic_ipv6 = \"172.31.0.1\"\n",
+        );
+        let e = error_of(raw);
+        assert!(
+            e.contains("etcd.public_ipv6") && e.contains("not an IPv6 address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn peer_flags_add_to_the_files_peers() {
+        let raw = file(FILE).with_flags(flags(&["--peer", "n3=172.31.0.3,10.244.3.0/24"]));
+        let config = Config::from_raw(raw).expect("valid");
+        assert_eq!(static_peers(&config), ["n2", "n3"]);
+        assert!(
+            Flags::try_parse_from(["hgw-agent", "--peer", "n3=172.31.0.3"]).is_err(),
+            "a --peer without a pod CIDR parsed"
+        );
+    }
+
+    #[test]
+    fn restart_needed_names_the_changed_fields_but_not_peers() {
+        let running = Config::from_raw(file(FILE)).expect("valid");
+        let peers_only = format!(
+            "{FILE}\n[[peers]]\nname = \"n3\"\nnode_ip = \"172.31.0.3\"\npod_cidr = \"10.244.3.0/24\"\n"
+        );
+        let reread = Config::from_raw(file(&peers_only)).expect("valid");
+        assert_eq!(static_peers(&reread), ["n2", "n3"]);
+        assert!(reread.restart_needed(&running).is_empty());
+        // A default written out is no change.
+        let explicit = format!("bridge = \"cni0\"\nattach = \"ports\"\n{FILE}");
+        let reread = Config::from_raw(file(&explicit)).expect("valid");
+        assert!(reread.restart_needed(&running).is_empty());
+
+        let changed = FILE
+            .replace("fast_path = \"all\"", "fast_path = \"off\"")
+            .replace("10.244.1.0/24", "10.244.4.0/24");
+        let reread = Config::from_raw(file(&changed)).expect("valid");
+        assert_eq!(reread.restart_needed(&running), ["pod_cidr", "fast_path"]);
+    }
+
     #[test]
     fn unknown_fields_are_errors() {
         let e = toml::from_str::<RawConfig>("node_name = \"n1\"\npod_cidrs = \"x\"\n")
             .expect_err("unknown");
         assert!(e.to_string().contains("pod_cidrs"), "{e}");
+        let e = toml::from_str::<RawConfig>("[etcd]\nendpoint = [\"http://a:1\"]\n")
+            .expect_err("unknown in [etcd]");
+        assert!(e.to_string().contains("endpoint"), "{e}");
+        let e = toml::from_str::<RawConfig>(
+            "[[peers]]\nname = \"n2\"\nnode_ip = \"172.31.0.2\"\npod_cidr = \"10.244.2.0/24\"\nnode_ipv6 = \"x\"\n",
+        )
+        .expect_err("unknown in [[peers]]");
+        assert!(e.to_string().contains("node_ipv6"), "{e}");
     }
 }

@@ -19,6 +19,8 @@ use log::warn;
 
 use hgw_common::loader::{self, LoaderError};
 
+use crate::config::Attach;
+
 /// The programs, built by build.rs from hgw-ebpf.
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hgw"));
 
@@ -72,47 +74,6 @@ pub struct Datapath {
     uplink: Option<u32>,
     /// With Attach::Bridge, the ifindex of the bridge `hgw_to_peer` is attached to.
     bridge: Option<u32>,
-}
-
-/// Which packets the fast path may carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum FastPath {
-    /// Only flows the kernel already accepted: conntrack holds them confirmed, replied
-    /// (TCP: assured) and without NAT. The first packets of every flow, NAT'd flows,
-    /// SYNs and ICMP go through the kernel, with all its netfilter rules.
-    #[default]
-    Established,
-    /// Every packet between pod CIDRs that passes the header checks, without asking
-    /// conntrack: skips NAT, FORWARD rules and conntrack for pod-to-pod traffic. Only
-    /// for clusters with neither.
-    All,
-    /// No programs: kernel routes only (plain host-gw).
-    Off,
-}
-
-impl FastPath {
-    /// The name in the config file and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            FastPath::Established => "established",
-            FastPath::All => "all",
-            FastPath::Off => "off",
-        }
-    }
-}
-
-/// Where the bridge-side program runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Attach {
-    /// The bridge's ingress (cni0): pod traffic has been through the bridge first.
-    Bridge,
-    /// Each bridge port's ingress (the pods' host-side veths), followed as pods come
-    /// and go: the bridge is skipped for forwarded traffic. The default: the bench
-    /// measured it faster on every metric (1.42x kernel pps against 1.31x on cni0).
-    #[default]
-    Ports,
 }
 
 fn program_error(

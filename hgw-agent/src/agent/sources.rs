@@ -60,7 +60,7 @@ async fn watch_file(path: PathBuf, reload: Reload, running: Config, tx: watch::S
         let restart = config.restart_needed(&running);
         if !restart.is_empty() {
             warn!(
-                "{}: only peers are applied without a restart; {} wait(s) for one",
+                "{}: only peers are applied without a restart; restart to apply {}",
                 path.display(),
                 restart.join(", ")
             );
