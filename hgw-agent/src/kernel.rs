@@ -600,6 +600,9 @@ pub enum KernelEvent {
         destination: IpNet,
         owner: RouteOwner,
         deleted: bool,
+        /// Added in place of the route that was there (`ip route replace`): the
+        /// kernel sends no deletion for the one replaced.
+        replaced: bool,
     },
     /// An interface was added, changed or deleted.
     Link {
@@ -611,6 +614,9 @@ pub enum KernelEvent {
         link: Option<Link>,
         deleted: bool,
     },
+    /// Events were lost (the socket's buffer overran): what is known must be rebuilt
+    /// from dumps.
+    Lost,
 }
 
 /// Whose a main-table route is.
@@ -626,7 +632,7 @@ pub enum RouteOwner {
 
 impl KernelEvent {
     /// The event a multicast message announces, if the agent cares about its kind.
-    pub fn from_message(message: RouteNetlinkMessage) -> Option<Self> {
+    pub fn from_message(message: RouteNetlinkMessage, flags: u16) -> Option<Self> {
         use RouteNetlinkMessage as M;
         let (message, deleted) = match message {
             M::DelNeighbour(msg) => (M::NewNeighbour(msg), true),
@@ -660,6 +666,8 @@ impl KernelEvent {
                     destination,
                     owner: route_owner(&msg, ours),
                     deleted,
+                    replaced: !deleted
+                        && flags & rtnetlink::packet_core::NLM_F_REPLACE != 0,
                 })
             }
             M::NewLink(msg) => Some(Self::Link {
@@ -735,11 +743,16 @@ pub fn subscribe() -> Result<KernelEvents, KernelError> {
     let flag = overflowed.clone();
     tokio::spawn(async move {
         while let Some((message, _)) = messages.next().await {
-            let NetlinkPayload::InnerMessage(message) = message.payload else {
-                continue;
-            };
-            let Some(event) = KernelEvent::from_message(message) else {
-                continue;
+            let flags = message.header.flags;
+            let event = match message.payload {
+                NetlinkPayload::InnerMessage(message) => {
+                    let Some(event) = KernelEvent::from_message(message, flags) else {
+                        continue;
+                    };
+                    event
+                }
+                NetlinkPayload::Overrun(_) => KernelEvent::Lost,
+                _ => continue,
             };
             match tx.try_send(event) {
                 Ok(()) => {}

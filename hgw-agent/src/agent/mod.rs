@@ -196,11 +196,18 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         node,
         snapshot,
         last_fdb_dump: None,
+        fdb_due: None,
     };
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
     info!("shutting down: kernel routes stay, fast path detached");
     Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
 }
 
 /// Removes the status socket when the agent stops before it runs.
@@ -275,6 +282,8 @@ struct Agent {
     reconciler: Reconciler<Kernel, Datapath>,
     snapshot: watch::Sender<Arc<Status>>,
     last_fdb_dump: Option<Instant>,
+    /// When the next forwarding dump may run, if one is wanted.
+    fdb_due: Option<Instant>,
 }
 
 impl Agent {
@@ -298,7 +307,19 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = shutdown.recv() => return,
-                Some(event) = events.events.recv() => {
+                event = events.events.recv() => {
+                    let Some(event) = event else {
+                        warn!("the kernel event subscription ended; subscribing again");
+                        match crate::kernel::subscribe() {
+                            Ok(again) => events = again,
+                            Err(e) => {
+                                warn!("{e}");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                        self.resync().await;
+                        continue;
+                    };
                     self.on_event(event).await;
                     // Take what is waiting, up to a batch, before publishing once.
                     for _ in 1..EVENT_BATCH {
@@ -320,6 +341,9 @@ impl Agent {
                     }
                     Err(_) => peers_open = false,
                 },
+                () = sleep_until(self.fdb_due), if self.fdb_due.is_some() => {
+                    self.dump_fdb_if_needed().await;
+                }
                 _ = resync.tick() => self.resync().await,
                 _ = retry.tick() => {
                     self.reconciler.refresh_next_hops(&self.observed).await;
@@ -341,8 +365,8 @@ impl Agent {
         };
         match change {
             Change::Links => self.write_node_config(),
-            Change::Recreated => {
-                info!("the uplink or the bridge was created again; attaching to it");
+            Change::Resync => {
+                info!("the uplink or the bridge was created again or came up, or events were lost; resyncing");
                 self.resync().await;
             }
             change => self.reconciler.on_change(change, &self.observed).await,
@@ -408,13 +432,18 @@ impl Agent {
     /// learned before its neighbour entry appeared): one forwarding dump, at most
     /// every [`FDB_DUMP_EVERY`], whatever the event rate.
     async fn dump_fdb_if_needed(&mut self) {
-        if !self.reconciler.pods_without_port(&self.observed)
-            || self
-                .last_fdb_dump
-                .is_some_and(|at| at.elapsed() < FDB_DUMP_EVERY)
-        {
+        if !self.reconciler.pods_without_port(&self.observed) {
+            self.fdb_due = None;
             return;
         }
+        if let Some(at) = self.last_fdb_dump
+            && at.elapsed() < FDB_DUMP_EVERY
+        {
+            // Too soon: once the interval is over (the loop waits for it).
+            self.fdb_due = Some(at + FDB_DUMP_EVERY);
+            return;
+        }
+        self.fdb_due = None;
         self.last_fdb_dump = Some(Instant::now());
         match self.kernel.learned_macs().await {
             Ok(learned) => {

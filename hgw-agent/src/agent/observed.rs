@@ -34,8 +34,10 @@ pub enum Change {
     Port { index: u32, name: String, joined: bool },
     /// The uplink's or the bridge's MAC or MTU changed.
     Links,
-    /// The uplink or the bridge was made again under its name: everything is redone.
-    Recreated,
+    /// The uplink or the bridge was made again under its name or came up (the kernel
+    /// drops routes through a device that goes, without telling), or events were lost:
+    /// everything is looked at again.
+    Resync,
 }
 
 #[derive(Debug, Clone)]
@@ -164,9 +166,13 @@ impl Observed {
                 destination,
                 owner,
                 deleted,
+                replaced,
             } => {
                 let entry = self.prefixes.entry(destination).or_default();
                 let before = entry.clone();
+                if replaced {
+                    *entry = PrefixOwners::default();
+                }
                 match (owner, deleted) {
                     (RouteOwner::Hgw { gateway, oif }, false) => entry.ours = Some((gateway, oif)),
                     (RouteOwner::Hgw { .. }, true) => entry.ours = None,
@@ -186,6 +192,7 @@ impl Observed {
                 link,
                 deleted,
             } => self.on_link(index, name, controller, link, deleted),
+            KernelEvent::Lost => Some(Change::Resync),
         }
     }
 
@@ -202,7 +209,7 @@ impl Observed {
             && ((named(&self.uplink_name) && index != self.uplink.index)
                 || (named(&self.bridge_name) && index != self.bridge.index))
         {
-            return Some(Change::Recreated);
+            return Some(Change::Resync);
         }
         if index == self.uplink.index || index == self.bridge.index {
             let current = if index == self.uplink.index {
@@ -211,9 +218,14 @@ impl Observed {
                 &mut self.bridge
             };
             let link = link.filter(|_| !deleted)?;
+            let came_up = link.up && !current.up;
             let changed = (link.mac, link.mtu) != (current.mac, current.mtu);
             *current = link;
-            return changed.then_some(Change::Links);
+            return if came_up {
+                Some(Change::Resync)
+            } else {
+                changed.then_some(Change::Links)
+            };
         }
         let is_port = !deleted && controller == Some(self.bridge.index);
         let was_port = self.ports.contains_key(&index);
@@ -382,6 +394,7 @@ mod tests {
             destination: prefix,
             owner,
             deleted,
+            replaced: false,
         };
         let foreign = RouteOwner::Foreign("static".into());
         assert_eq!(o.apply(event(foreign.clone(), false)), Some(Change::Prefix(prefix)));
@@ -400,6 +413,6 @@ mod tests {
             link: None,
             deleted: false,
         };
-        assert_eq!(o.apply(event), Some(Change::Recreated));
+        assert_eq!(o.apply(event), Some(Change::Resync));
     }
 }

@@ -181,6 +181,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             // Before the first set nothing was written to the map: write every entry.
             self.write_all_map_entries(observed);
         }
+        self.resolve_unresolved(observed).await;
     }
 
     /// Compares everything with what the kernel holds now (`observed`, fresh from
@@ -210,6 +211,18 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         self.remove_unwanted(observed).await;
         self.write_all_map_entries(observed);
         self.sync_all_endpoints(observed);
+        self.resolve_unresolved(observed).await;
+    }
+
+    /// Next hops without a MAC: the kernel is asked to resolve them.
+    async fn resolve_unresolved(&self, observed: &Observed) {
+        let ips: Vec<IpAddr> = self
+            .by_hop
+            .keys()
+            .filter(|ip| observed.next_hops.get(ip).is_none_or(|n| n.mac.is_none()))
+            .copied()
+            .collect();
+        self.resolve(ips, observed).await;
     }
 
     /// Acts on what one kernel event changed.
@@ -258,7 +271,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 }
             }
             // The caller writes the node config and redoes the rest.
-            Change::Links | Change::Recreated => {}
+            Change::Links | Change::Resync => {}
         }
     }
 
@@ -781,6 +794,7 @@ mod tests {
                 destination: *destination,
                 owner,
                 deleted: false,
+                replaced: false,
             });
         }
     }
@@ -894,6 +908,7 @@ mod tests {
             destination: foreign,
             owner: RouteOwner::Foreign("static".into()),
             deleted: true,
+            replaced: false,
         });
         block_on(r.on_change(Change::Prefix(foreign), &observed));
         assert!(matches!(routes.table.borrow()[&foreign], Ok(_)));
