@@ -64,7 +64,7 @@ pub const ENTRIES: [u32; 3] = [10, 1_000, 16_000];
 const _: () = assert!(ENTRIES[2] <= ROUTES_V4_MAX_ENTRIES);
 
 /// One measured case.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ProgCost {
     pub program: &'static str,
     pub case: String,
