@@ -26,7 +26,7 @@ mod netns;
 mod stream;
 mod traffic;
 
-pub use agent::{Agent, agent_bin, counter, counter_sum};
+pub use agent::{Agent, agent_bin, built_agent_bin, counter, counter_sum};
 pub use etcd::{ETCD_IP, Etcd};
 pub use flows::{
     CtEntry, add_kube_proxy_invalid_drop, conntrack_entries, count_sent_packets, invalid_drops,

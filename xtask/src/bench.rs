@@ -16,8 +16,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -31,7 +29,7 @@ use crate::bench_report::{Report, write_report};
 use crate::bench_traffic::{
     Ends, Window, other_cpu, tcp_crr, tcp_rr, tcp_streams, udp_flood, udp_flows,
 };
-use crate::demo::Interrupted;
+use crate::util::{Interrupt, Interrupted};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const WARMUP: Duration = Duration::from_millis(300);
@@ -197,19 +195,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         crate::bench_cp::control_plane(&args.out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&interrupted);
-    ctrlc::set_handler(move || {
-        eprintln!("\ninterrupted: stopping the current measurement and removing the labs");
-        flag.store(true, Ordering::SeqCst);
-    })
-    .context("installing the Ctrl-C handler")?;
-    let check = || -> anyhow::Result<()> {
-        if interrupted.load(Ordering::SeqCst) {
-            return Err(Interrupted.into());
-        }
-        Ok(())
-    };
+    let interrupt = Interrupt::install("stopping the current measurement and removing the labs")?;
+    let check = || interrupt.check();
     let (rounds, duration, trials) = if args.smoke {
         (1, Duration::from_secs(1), 300)
     } else {
@@ -228,7 +215,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     check()?;
 
     println!("bench: in-kernel program cost (BPF_PROG_TEST_RUN, {trials} trials per case)");
-    let agent = crate::util::agent_path();
+    let agent = hgw_tests::built_agent_bin();
     // On its own thread: it pins itself to CPU 0.
     let costs: Vec<ProgCost> =
         std::thread::spawn(move || program_costs(&agent, &floor_path, trials))
@@ -270,7 +257,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 let window = Window {
                     warmup: WARMUP,
                     duration,
-                    interrupted: &interrupted,
+                    interrupt: &interrupt,
                 };
                 match measure(&setup, &modes, mode, test, window) {
                     Ok((values, path)) => {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use hgw_tests::in_netns;
 
-use crate::demo::Interrupted;
+use crate::util::Interrupt;
 
 /// UDP payload size: the packets the forwarding cost shows in.
 pub const UDP_PAYLOAD: usize = 64;
@@ -43,7 +43,7 @@ pub struct Ends {
 pub struct Window<'a> {
     pub warmup: Duration,
     pub duration: Duration,
-    pub interrupted: &'a AtomicBool,
+    pub interrupt: &'a Interrupt,
 }
 
 impl Window<'_> {
@@ -51,9 +51,7 @@ impl Window<'_> {
     fn sleep(&self, d: Duration) -> anyhow::Result<()> {
         let end = Instant::now() + d;
         while Instant::now() < end {
-            if self.interrupted.load(Ordering::SeqCst) {
-                return Err(Interrupted.into());
-            }
+            self.interrupt.check()?;
             thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
         }
         Ok(())
@@ -415,7 +413,7 @@ pub fn tcp_rr(
             let mut transactions = 0u64;
             loop {
                 let elapsed = start.elapsed();
-                if elapsed >= end || w.interrupted.load(Ordering::Relaxed) {
+                if elapsed >= end || w.interrupt.is_set() {
                     break;
                 }
                 let t0 = Instant::now();
@@ -437,9 +435,7 @@ pub fn tcp_rr(
             .map_err(|_| anyhow::anyhow!("RR server panicked"))?;
         let (mut samples, transactions) = client?;
         server?;
-        if w.interrupted.load(Ordering::SeqCst) {
-            return Err(Interrupted.into());
-        }
+        w.interrupt.check()?;
         if samples.is_empty() {
             bail!("no TCP request/response completed to {addr}");
         }
