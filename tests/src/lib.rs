@@ -19,6 +19,7 @@ mod agent;
 mod cmd;
 mod etcd;
 mod flows;
+pub mod frames;
 mod kernel;
 mod lab;
 mod netfilter;
