@@ -17,7 +17,9 @@
 
 mod agent;
 mod cmd;
+pub mod cost;
 mod etcd;
+pub mod floor;
 mod flows;
 pub mod frames;
 mod kernel;

@@ -14,17 +14,18 @@
 //! mode, the modes in a rotated order, and ratios are taken within a round. A mode
 //! whose path check fails is not reported.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::ValueEnum as _;
+use hgw_tests::cost::ProgCost;
+use hgw_tests::floor::Object;
 use hgw_tests::{Lab, Pod, counter_sum, tcx_programs};
 
-use crate::bench_floor::{Floor, Object};
+use crate::bench_floor::Floor;
 use crate::bench_model::{Kind, METRICS, Machine, Mode, Refusal, Sample, TrafficFamily};
-use crate::bench_prog::{ProgCost, program_costs};
 use crate::bench_report::{Report, write_report};
 use crate::bench_traffic::{
     Ends, Window, other_cpu, tcp_crr, tcp_rr, tcp_streams, udp_flood, udp_flows,
@@ -215,12 +216,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     check()?;
 
     println!("bench: in-kernel program cost (BPF_PROG_TEST_RUN, {trials} trials per case)");
-    let agent = hgw_tests::built_agent_bin();
-    // On its own thread: it pins itself to CPU 0.
-    let costs: Vec<ProgCost> =
-        std::thread::spawn(move || program_costs(&agent, &floor_path, trials))
-            .join()
-            .map_err(|_| anyhow::anyhow!("program cost thread panicked"))??;
+    let costs = program_costs(&floor_path, trials)?;
     for c in &costs {
         println!(
             "  {:<22} {:<34} {:>6} entries  {:>6.1} ns/run  {:>5.2}x empty",
@@ -330,6 +326,37 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The programs' in-kernel cost ([`hgw_tests::cost`]), measured by the tests crate's
+/// `prog_cost` example: it holds the agent's embedded object, which xtask cannot
+/// depend on (xtask builds before the eBPF toolchain is set up).
+fn program_costs(floor_object: &Path, trials: usize) -> anyhow::Result<Vec<ProgCost>> {
+    let mut cmd = crate::util::cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "hgw-tests",
+        "--example",
+        "prog_cost",
+        "--",
+    ])
+    .arg(floor_object)
+    .arg(trials.to_string())
+    .stderr(std::process::Stdio::inherit());
+    let out = crate::util::capture(&mut cmd)?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", crate::util::describe(&cmd), out.status);
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "`{}` printed no program costs: {}",
+            crate::util::describe(&cmd),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 fn fmt_value(v: f64) -> String {

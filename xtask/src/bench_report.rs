@@ -12,7 +12,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
 
 use crate::bench_model::{Kind, Machine, Metric, Mode, Refusal, Sample, TrafficFamily, summary};
-use crate::bench_prog::ProgCost;
+use hgw_tests::cost::{ENTRIES, ProgCost};
 
 /// Median, min, max.
 type Stats = (f64, f64, f64);
@@ -283,10 +283,7 @@ impl Report {
                 })
                 .map(|c| c.ns_per_run)
         };
-        let (small, large) = (
-            crate::bench_prog::ENTRIES[0],
-            crate::bench_prog::ENTRIES[crate::bench_prog::ENTRIES.len() - 1],
-        );
+        let (small, large) = (ENTRIES[0], ENTRIES[ENTRIES.len() - 1]);
         rows.push((
             format!(
                 "in-kernel {} hit at {large} routes <= 1.1x at {small}",

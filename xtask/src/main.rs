@@ -4,7 +4,6 @@ mod bench;
 mod bench_cp;
 mod bench_floor;
 mod bench_model;
-mod bench_prog;
 mod bench_report;
 mod bench_traffic;
 mod demo;
