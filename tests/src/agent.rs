@@ -16,17 +16,21 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an agent gets to exit after SIGTERM before it counts as hung.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The agent binary: `$HGW_AGENT_BIN`, else `release/hgw-agent` in `$CARGO_TARGET_DIR`
-/// or `<workspace>/target`, where `cargo xtask build` puts it.
-pub fn agent_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("HGW_AGENT_BIN") {
-        return PathBuf::from(path);
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    // A relative CARGO_TARGET_DIR is relative to the workspace; join keeps an absolute one.
+/// Where `cargo build --release -p hgw-agent` (so `cargo xtask build`) puts the agent:
+/// `release/hgw-agent` in `$CARGO_TARGET_DIR` (relative to the workspace, as cargo takes
+/// it) or in `<workspace>/target`.
+pub fn built_agent_bin() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace = manifest.parent().unwrap_or(manifest);
+    // join keeps an absolute CARGO_TARGET_DIR as it is.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace.join("target"), |d| workspace.join(d));
     target.join("release/hgw-agent")
+}
+
+/// The agent the lab runs: `$HGW_AGENT_BIN`, else [`built_agent_bin`].
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("HGW_AGENT_BIN").map_or_else(built_agent_bin, PathBuf::from)
 }
 
 /// Fails with a hint when the agent binary has not been built.
@@ -93,11 +97,6 @@ impl Agent {
     /// Its status socket.
     pub fn socket(&self) -> &Path {
         &self.socket
-    }
-
-    /// The file that receives its stdout and stderr.
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     /// Everything it has logged so far.

@@ -17,8 +17,11 @@
 
 mod agent;
 mod cmd;
+pub mod cost;
 mod etcd;
+pub mod floor;
 mod flows;
+pub mod frames;
 mod kernel;
 mod lab;
 mod netfilter;
@@ -26,7 +29,7 @@ mod netns;
 mod stream;
 mod traffic;
 
-pub use agent::{Agent, agent_bin, counter, counter_sum};
+pub use agent::{Agent, agent_bin, built_agent_bin, counter, counter_sum};
 pub use etcd::{ETCD_IP, Etcd};
 pub use flows::{
     CtEntry, add_kube_proxy_invalid_drop, conntrack_entries, count_sent_packets, invalid_drops,

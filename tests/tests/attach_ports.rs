@@ -80,7 +80,8 @@ fn the_program_follows_the_bridge_ports() -> anyhow::Result<()> {
         "fwd_to_peer grew by {grew}, expected at least {sent}"
     );
 
-    // A pod that goes away takes its port's program with it; the agent notices.
+    // A pod that goes away takes its port's program with it (the kernel drops a deleted
+    // veth's programs); the agent notices and keeps running.
     hgw_tests::run_in_ok(&ns, "ip", &["link", "del", "veth3"])?;
     drop(pod);
     std::thread::sleep(Duration::from_millis(200));
@@ -90,5 +91,39 @@ fn the_program_follows_the_bridge_ports() -> anyhow::Result<()> {
         lab.agent(0).expect("agent").is_running(),
         "agent died when a port went away"
     );
+
+    // A port taken out of the bridge keeps its veth: only the agent can take the program
+    // off it. Put back, it gets the program again.
+    hgw_tests::run_in_ok(&ns, "ip", &["link", "set", "veth2", "nomaster"])?;
+    wait_for_port(&ns, "veth2", false)?;
+    hgw_tests::run_in_ok(&ns, "ip", &["link", "show", "dev", "veth2"])?;
+    hgw_tests::run_in_ok(&ns, "ip", &["link", "set", "veth2", "master", "cni0"])?;
+    wait_for_port(&ns, "veth2", true)?;
     Ok(())
+}
+
+/// Waits up to a second until `dev`'s ingress has the port program (or has none).
+fn wait_for_port(ns: &str, dev: &str, attached: bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let on = |programs: &[String]| {
+        programs
+            .iter()
+            .any(|p| p.starts_with(&format!("{dev} ingress")))
+    };
+    loop {
+        let programs = port_programs(ns)?;
+        if on(&programs) == attached {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(1),
+            "{dev}: the port program is {} after a second: {programs:?}",
+            if attached {
+                "still missing"
+            } else {
+                "still there"
+            }
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

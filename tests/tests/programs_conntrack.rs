@@ -30,23 +30,19 @@ use hgw_common::{
     MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
     counter_index,
 };
+use hgw_tests::frames::{
+    ACK, BRIDGE_MAC, FIN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RST, SYN,
+    UPLINK_MAC, V4_TTL, V6_HOP_LIMIT, fix_checksum, ip, tcp_segment, udp_segment,
+};
 use hgw_tests::{in_netns, run_in_ok};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
 
-const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb1, 0x01];
-const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xe1, 0x01];
-const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x0b];
 const PEER2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xe2, 0x02];
 const UPLINK_IFINDEX: u32 = 7;
 const BRIDGE_IFINDEX: u32 = 3;
 const MTU: u32 = 1500;
-
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
 
 /// The node's timeouts, in seconds (the sysctls the agent reads). FIN and RST are far
 /// below the established timeouts so that each change shows; entries made with less
@@ -157,86 +153,46 @@ impl Flow {
 
     /// The local pod's packet to the remote: what `hgw_to_peer` sees.
     fn to_peer(self, tcp_flags: u8) -> Vec<u8> {
-        frame(BRIDGE_MAC, self.local, self.remote, self.l4(tcp_flags))
+        self.frame(BRIDGE_MAC, self.local, self.remote, tcp_flags)
     }
 
     /// The remote pod's packet to the local one: what `hgw_to_pod` sees.
     fn to_pod(self, tcp_flags: u8) -> Vec<u8> {
-        frame(UPLINK_MAC, self.remote, self.local, self.l4(tcp_flags))
+        self.frame(UPLINK_MAC, self.remote, self.local, tcp_flags)
     }
 
-    fn l4(&self, tcp_flags: u8) -> (u8, Vec<u8>) {
-        let mut l4 = match self.proto {
-            // Ports, sequence and acknowledgement numbers, offset 5, flags, window.
-            Proto::Tcp => {
-                let mut h = vec![0; 20];
-                h[12] = 5 << 4;
-                h[13] = tcp_flags;
-                h[14] = 0x40;
-                (6, h)
-            }
-            Proto::Udp => (17, vec![0, 0, 0, 0, 0, 8 + 16, 0, 0]),
+    /// A packet of the flow (TTL 64) from `src` to `dst`.
+    fn frame(
+        &self,
+        dst_mac: [u8; 6],
+        src: (IpAddr, u16),
+        dst: (IpAddr, u16),
+        tcp_flags: u8,
+    ) -> Vec<u8> {
+        const PAYLOAD: &[u8] = b"hgw test payload";
+        let (proto, l4) = match self.proto {
+            Proto::Tcp => (
+                IPPROTO_TCP,
+                tcp_segment(src.1, dst.1, tcp_flags, 20, PAYLOAD),
+            ),
+            Proto::Udp => (IPPROTO_UDP, udp_segment(src.1, dst.1, PAYLOAD)),
         };
-        l4.1.extend_from_slice(b"hgw test payload");
-        l4
+        ip(dst_mac, src.0, dst.0, 64, proto, &l4)
     }
-}
-
-/// Ethernet + IP (TTL 64, valid IPv4 checksum) + `l4` (protocol, header and payload),
-/// whose first four bytes become the ports of `src` and `dst`.
-fn frame(dst_mac: [u8; 6], src: (IpAddr, u16), dst: (IpAddr, u16), l4: (u8, Vec<u8>)) -> Vec<u8> {
-    let (proto, mut l4) = l4;
-    if l4.len() >= 4 {
-        l4[0..2].copy_from_slice(&src.1.to_be_bytes());
-        l4[2..4].copy_from_slice(&dst.1.to_be_bytes());
-    }
-    let mut f = [dst_mac, POD_MAC].concat();
-    match (src.0, dst.0) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
-            f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-            f.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, proto, 0, 0]);
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
-            let check = !ipv4_sum(&f[14..34]);
-            f[24..26].copy_from_slice(&check.to_be_bytes());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
-            f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-            f.extend_from_slice(&[proto, 64]);
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
-        }
-        _ => panic!("mixed families"),
-    }
-    f.extend_from_slice(&l4);
-    f
-}
-
-/// One's complement sum of an IPv4 header: 0xffff when its checksum is right.
-fn ipv4_sum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 /// An ICMP echo request (ICMPv6 for IPv6) between the flow's pods.
 fn ping(flow: &Flow, to_peer: bool) -> Vec<u8> {
-    let proto = if flow.family() == Family::Ipv6 { 58 } else { 1 };
-    let l4 = (
-        proto,
-        vec![if proto == 1 { 8 } else { 128 }, 0, 0, 0, 0, 1, 0, 1],
-    );
-    if to_peer {
-        frame(BRIDGE_MAC, flow.local, flow.remote, l4)
+    let (proto, echo) = if flow.family() == Family::Ipv6 {
+        (IPPROTO_ICMPV6, 128)
     } else {
-        frame(UPLINK_MAC, flow.remote, flow.local, l4)
+        (IPPROTO_ICMP, 8)
+    };
+    let l4 = [echo, 0, 0, 0, 0, 1, 0, 1];
+    if to_peer {
+        ip(BRIDGE_MAC, flow.local.0, flow.remote.0, 64, proto, &l4)
+    } else {
+        ip(UPLINK_MAC, flow.remote.0, flow.local.0, 64, proto, &l4)
     }
 }
 
@@ -457,12 +413,10 @@ impl Node {
             Counter::FwdToPod
         };
         if family == Family::Ipv4 {
-            expected[22] -= 1;
-            expected[24..26].fill(0);
-            let check = !ipv4_sum(&expected[14..34]);
-            expected[24..26].copy_from_slice(&check.to_be_bytes());
+            expected[V4_TTL] -= 1;
+            fix_checksum(&mut expected);
         } else {
-            expected[21] -= 1;
+            expected[V6_HOP_LIMIT] -= 1;
         }
         assert_eq!(out, expected, "{what}: output frame");
         let counted = [&[forwarded], also].concat();

@@ -14,23 +14,23 @@
 //! mode, the modes in a rotated order, and ratios are taken within a round. A mode
 //! whose path check fails is not reported.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use clap::ValueEnum as _;
+use hgw_tests::cost::ProgCost;
+use hgw_tests::floor::Object;
 use hgw_tests::{Lab, Pod, counter_sum, tcx_programs};
-use serde_json::Value;
 
-use crate::bench_floor::{Floor, Object};
-use crate::bench_prog::{ProgCost, program_costs};
+use crate::bench_floor::Floor;
+use crate::bench_model::{Kind, METRICS, Machine, Mode, Refusal, Sample, TrafficFamily};
 use crate::bench_report::{Report, write_report};
 use crate::bench_traffic::{
     Ends, Window, other_cpu, tcp_crr, tcp_rr, tcp_streams, udp_flood, udp_flows,
 };
-use crate::demo::Interrupted;
+use crate::util::{Interrupt, Interrupted};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const WARMUP: Duration = Duration::from_millis(300);
@@ -46,10 +46,9 @@ pub struct BenchArgs {
     /// CI variant: 1 round, 1 s per test, fewer program-cost trials.
     #[arg(long)]
     smoke: bool,
-    /// Run only these tests (udp64, udp64-flows, rr-same-cpu, rr-diff-cpu, crr, tcp-1,
-    /// tcp-4).
+    /// Run only these tests.
     #[arg(long, value_delimiter = ',')]
-    tests: Vec<String>,
+    tests: Vec<Test>,
     /// An extra hgw mode, NAME=AGENT ARGS (e.g. `hgw-bridge=--attach bridge`): its own
     /// lab with agents started with those arguments. Repeatable.
     #[arg(long = "variant", value_name = "NAME=ARGS")]
@@ -66,51 +65,18 @@ pub struct BenchArgs {
     ipv6: bool,
 }
 
-/// What a mode's traffic goes through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// Agents with --no-fast-path: kernel routes only.
-    Kernel,
-    /// Agents with the fast path (and the mode's extra agent arguments).
-    Hgw,
-    /// Agents with --no-fast-path, the floor programs attached, forwarding off.
-    Floor,
-    /// One veth pair.
-    Direct,
-}
-
-/// A mode: `kernel`, `hgw`, `hgw-all`, `hgw-bridge`, any `--variant`, `floor`, `direct`,
-/// in that order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Mode {
-    pub name: String,
-    pub kind: Kind,
-    /// Extra agent arguments (hgw variants).
-    pub agent_args: Vec<String>,
-}
-
-impl Mode {
-    /// The `fast_path` the agents of an hgw mode must report: the value of its
-    /// `--fast-path` argument, else the default, `established`.
-    pub fn fast_path(&self) -> &str {
-        self.agent_args
-            .iter()
-            .position(|a| a == "--fast-path")
-            .and_then(|i| self.agent_args.get(i + 1))
-            .map_or("established", String::as_str)
-    }
-}
-
 /// Names `--variant` may not take.
 const BUILT_IN: &[&str] = &["kernel", "hgw", "hgw-all", "hgw-bridge", "floor", "direct"];
 
 /// The modes for `variants` (`NAME=AGENT ARGS`): kernel, hgw, hgw-all, hgw-bridge, the
 /// variants, floor, direct.
-fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
-    let mode = |name: &str, kind, agent_args: &[&str]| Mode {
-        name: name.to_owned(),
-        kind,
-        agent_args: agent_args.iter().map(|&a| a.to_owned()).collect(),
+pub fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
+    let mode = |name: &str, kind, agent_args: &[&str]| {
+        Mode::new(
+            name,
+            kind,
+            agent_args.iter().map(|&a| a.to_owned()).collect(),
+        )
     };
     let mut modes = vec![
         mode("kernel", Kind::Kernel, &["--no-fast-path"]),
@@ -138,25 +104,40 @@ fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
                 && !modes.iter().any(|m| m.name == name),
             "--variant {v:?}: the name must be new and made of letters, digits, - and _"
         );
-        modes.push(Mode {
-            name: name.to_owned(),
-            kind: Kind::Hgw,
-            agent_args: args.split_whitespace().map(str::to_owned).collect(),
-        });
+        modes.push(Mode::new(
+            name,
+            Kind::Hgw,
+            args.split_whitespace().map(str::to_owned).collect(),
+        ));
     }
     modes.push(mode("floor", Kind::Floor, &["--no-fast-path"]));
     modes.push(mode("direct", Kind::Direct, &[]));
     Ok(modes)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Test {
+/// The traffic tests, in the order a round runs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Test {
+    /// UDP 64 B packet rate, one flow.
+    #[value(name = "udp64")]
     Udp,
+    /// UDP 64 B packet rate, 1,000 flows.
+    #[value(name = "udp64-flows")]
     UdpFlows,
+    /// TCP request/response latency, client and server on one CPU.
+    #[value(name = "rr-same-cpu")]
     RrSame,
+    /// TCP request/response latency, client and server on different CPUs.
+    #[value(name = "rr-diff-cpu")]
     RrDiff,
+    /// TCP connections per second (connect, request/response, close).
+    #[value(name = "crr")]
     Crr,
+    /// TCP throughput, one stream.
+    #[value(name = "tcp-1")]
     Tcp1,
+    /// TCP throughput, four streams.
+    #[value(name = "tcp-4")]
     Tcp4,
 }
 
@@ -164,129 +145,12 @@ enum Test {
 pub const FLOWS: usize = 1000;
 
 impl Test {
-    const ALL: [Test; 7] = [
-        Test::Udp,
-        Test::UdpFlows,
-        Test::RrSame,
-        Test::RrDiff,
-        Test::Crr,
-        Test::Tcp1,
-        Test::Tcp4,
-    ];
-    fn name(self) -> &'static str {
-        match self {
-            Test::Udp => "udp64",
-            Test::UdpFlows => "udp64-flows",
-            Test::Crr => "crr",
-            Test::RrSame => "rr-same-cpu",
-            Test::RrDiff => "rr-diff-cpu",
-            Test::Tcp1 => "tcp-1",
-            Test::Tcp4 => "tcp-4",
-        }
+    /// The name `--tests` takes.
+    fn name(self) -> String {
+        use clap::ValueEnum as _;
+        self.to_possible_value()
+            .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_owned())
     }
-}
-
-/// A metric the report shows.
-pub struct Metric {
-    pub key: &'static str,
-    pub label: &'static str,
-    pub unit: &'static str,
-    pub higher_is_better: bool,
-}
-
-pub const METRICS: &[Metric] = &[
-    Metric {
-        key: "udp_mpps",
-        label: "UDP 64 B received",
-        unit: "Mpps",
-        higher_is_better: true,
-    },
-    Metric {
-        key: "udp_cpu_ns",
-        label: "CPU per UDP packet",
-        unit: "ns",
-        higher_is_better: false,
-    },
-    Metric {
-        key: "udp_softirq_ns",
-        label: "softirq per UDP packet",
-        unit: "ns",
-        higher_is_better: false,
-    },
-    Metric {
-        key: "flows_mpps",
-        label: "UDP 64 B received, 1,000 flows",
-        unit: "Mpps",
-        higher_is_better: true,
-    },
-    Metric {
-        key: "flows_softirq_ns",
-        label: "softirq per UDP packet, 1,000 flows",
-        unit: "ns",
-        higher_is_better: false,
-    },
-    Metric {
-        key: "rr_same_p50",
-        label: "TCP RR p50, same CPU",
-        unit: "µs",
-        higher_is_better: false,
-    },
-    Metric {
-        key: "rr_same_p99",
-        label: "TCP RR p99, same CPU",
-        unit: "µs",
-        higher_is_better: false,
-    },
-    Metric {
-        key: "rr_diff_p50",
-        label: "TCP RR p50, other CPU",
-        unit: "µs",
-        higher_is_better: false,
-    },
-    Metric {
-        key: "rr_diff_p99",
-        label: "TCP RR p99, other CPU",
-        unit: "µs",
-        higher_is_better: false,
-    },
-    Metric {
-        key: "crr_cps",
-        label: "TCP connections (connect, RR, close)",
-        unit: "1/s",
-        higher_is_better: true,
-    },
-    Metric {
-        key: "tcp1_gbps",
-        label: "TCP, 1 stream",
-        unit: "Gbit/s",
-        higher_is_better: true,
-    },
-    Metric {
-        key: "tcp4_gbps",
-        label: "TCP, 4 streams",
-        unit: "Gbit/s",
-        higher_is_better: true,
-    },
-];
-
-/// One measured value.
-#[derive(Clone, Debug)]
-pub struct Sample {
-    pub round: usize,
-    /// Index into the report's modes.
-    pub mode: usize,
-    pub metric: &'static str,
-    pub value: f64,
-}
-
-/// A measurement whose path check failed: its numbers are not reported.
-#[derive(Clone, Debug)]
-pub struct Refusal {
-    pub round: usize,
-    /// Index into the report's modes.
-    pub mode: usize,
-    pub test: &'static str,
-    pub reason: String,
 }
 
 /// One lab per routed mode (same index as the modes), the floor programs attached to
@@ -332,19 +196,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         crate::bench_cp::control_plane(&args.out)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&interrupted);
-    ctrlc::set_handler(move || {
-        eprintln!("\ninterrupted: stopping the current measurement and removing the labs");
-        flag.store(true, Ordering::SeqCst);
-    })
-    .context("installing the Ctrl-C handler")?;
-    let check = || -> anyhow::Result<()> {
-        if interrupted.load(Ordering::SeqCst) {
-            return Err(Interrupted.into());
-        }
-        Ok(())
-    };
+    let interrupt = Interrupt::install("stopping the current measurement and removing the labs")?;
+    let check = || interrupt.check();
     let (rounds, duration, trials) = if args.smoke {
         (1, Duration::from_secs(1), 300)
     } else {
@@ -357,25 +210,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
 
     let modes = modes(&args.variants)?;
-    for t in &args.tests {
-        anyhow::ensure!(
-            Test::ALL.iter().any(|k| k.name() == t),
-            "unknown test {t:?}: expected one of {}",
-            Test::ALL.map(Test::name).join(", ")
-        );
-    }
     crate::build()?;
     let floor_path = crate::bench_floor::build()?;
     let floor_object = Object::read(&floor_path)?;
     check()?;
 
     println!("bench: in-kernel program cost (BPF_PROG_TEST_RUN, {trials} trials per case)");
-    let agent = crate::util::agent_path();
-    // On its own thread: it pins itself to CPU 0.
-    let costs: Vec<ProgCost> =
-        std::thread::spawn(move || program_costs(&agent, &floor_path, trials))
-            .join()
-            .map_err(|_| anyhow::anyhow!("program cost thread panicked"))??;
+    let costs = program_costs(&floor_path, trials)?;
     for c in &costs {
         println!(
             "  {:<22} {:<34} {:>6} entries  {:>6.1} ns/run  {:>5.2}x empty",
@@ -403,8 +244,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             round + 1,
             order_names.join(", ")
         );
-        for test in Test::ALL {
-            if !args.tests.is_empty() && !args.tests.iter().any(|t| t == test.name()) {
+        for &test in Test::value_variants() {
+            if !args.tests.is_empty() && !args.tests.contains(&test) {
                 continue;
             }
             for &mode in &order {
@@ -412,7 +253,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 let window = Window {
                     warmup: WARMUP,
                     duration,
-                    interrupted: &interrupted,
+                    interrupt: &interrupt,
                 };
                 match measure(&setup, &modes, mode, test, window) {
                     Ok((values, path)) => {
@@ -427,8 +268,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                             shown.join("  ")
                         );
                         samples.extend(values.into_iter().map(|(metric, value)| Sample {
-                            round,
-                            mode,
+                            round: round + 1,
+                            mode: modes[mode].name.clone(),
                             metric,
                             value,
                         }));
@@ -441,8 +282,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                             modes[mode].name
                         );
                         refusals.push(Refusal {
-                            round,
-                            mode,
+                            round: round + 1,
+                            mode: modes[mode].name.clone(),
                             test: test.name(),
                             reason: format!("{e:#}"),
                         });
@@ -455,11 +296,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     println!("bench: labs removed");
 
     let report = Report {
+        machine: Machine::this(),
         modes,
         rounds,
-        duration,
+        duration_s: duration.as_secs_f64(),
         smoke: args.smoke,
-        ipv6: args.ipv6,
+        family: if args.ipv6 {
+            TrafficFamily::Ipv6
+        } else {
+            TrafficFamily::Ipv4
+        },
+        metrics: METRICS,
         samples,
         refusals,
         costs,
@@ -479,6 +326,37 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The programs' in-kernel cost ([`hgw_tests::cost`]), measured by the tests crate's
+/// `prog_cost` example: it holds the agent's embedded object, which xtask cannot
+/// depend on (xtask builds before the eBPF toolchain is set up).
+fn program_costs(floor_object: &Path, trials: usize) -> anyhow::Result<Vec<ProgCost>> {
+    let mut cmd = crate::util::cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "hgw-tests",
+        "--example",
+        "prog_cost",
+        "--",
+    ])
+    .arg(floor_object)
+    .arg(trials.to_string())
+    .stderr(std::process::Stdio::inherit());
+    let out = crate::util::capture(&mut cmd)?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", crate::util::describe(&cmd), out.status);
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "`{}` printed no program costs: {}",
+            crate::util::describe(&cmd),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 fn fmt_value(v: f64) -> String {
@@ -711,38 +589,4 @@ fn measure(
         note.push_str(&format!("; {loss:.1}% of datagrams lost"));
     }
     Ok((values, note))
-}
-
-/// Median, min, max.
-pub fn summary(values: &[f64]) -> Option<(f64, f64, f64)> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    Some((median, v[0], v[n - 1]))
-}
-
-/// The machine, for the report: kernel release, CPUs, CPU model.
-pub fn machine() -> Value {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_default();
-    serde_json::json!({ "kernel": kernel, "cpus": cpus, "cpu_model": model })
 }

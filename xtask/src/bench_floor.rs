@@ -9,20 +9,17 @@
 //! kernel cannot carry a packet between the pods, so every one that arrives was
 //! carried by the floor programs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, bail, ensure};
+use aya::Ebpf;
 use aya::programs::{SchedClassifier, TcAttachType};
-use aya::{Ebpf, EbpfLoader};
+use hgw_tests::floor::{PROG_TO_POD, PROG_TO_UPLINK, hop, load};
 use hgw_tests::{Lab, in_netns, run_in_ok, tcx_programs};
 use serde_json::Value;
 
 use crate::util::{root, run};
 
-pub const PROG_TO_UPLINK: &str = "floor_to_uplink";
-pub const PROG_TO_POD: &str = "floor_to_pod";
-const GLOBAL_TO_UPLINK: &str = "FLOOR_TO_UPLINK";
-const GLOBAL_TO_POD: &str = "FLOOR_TO_POD";
 /// The bench's labs have one pod per node: its host end on the node's cni0.
 const POD_HOST_VETH: &str = "veth1";
 const UPLINK: &str = "eth0";
@@ -46,60 +43,6 @@ pub fn build() -> anyhow::Result<PathBuf> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER"))?;
     Ok(target_dir.join("bpfel-unknown-none/release/floor"))
-}
-
-/// An ELF object, 8-byte aligned as aya's ELF parser wants it.
-pub struct Object {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl Object {
-    pub fn read(path: &Path) -> anyhow::Result<Object> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut words = vec![0u64; bytes.len().div_ceil(8)];
-        // SAFETY: `words` owns at least bytes.len() bytes; any byte pattern is a valid
-        // u64.
-        let dst: &mut [u8] =
-            unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), bytes.len()) };
-        dst.copy_from_slice(&bytes);
-        Ok(Object {
-            words,
-            len: bytes.len(),
-        })
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `words` owns at least `len` initialised bytes.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len) }
-    }
-}
-
-/// A program's global: the ifindex, then destination and source MAC (frame order) as
-/// native-endian words, the layout floor.rs reads.
-pub fn hop(ifindex: u32, dst: [u8; 6], src: [u8; 6]) -> [u32; 4] {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&dst);
-    macs[6..].copy_from_slice(&src);
-    let word = |i: usize| u32::from_ne_bytes([macs[i], macs[i + 1], macs[i + 2], macs[i + 3]]);
-    [ifindex, word(0), word(4), word(8)]
-}
-
-/// Loads the object with both programs' globals set; the programs are loaded too.
-pub fn load(object: &[u8], to_uplink: [u32; 4], to_pod: [u32; 4]) -> anyhow::Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new()
-        .override_global(GLOBAL_TO_UPLINK, &to_uplink, true)
-        .override_global(GLOBAL_TO_POD, &to_pod, true)
-        .load(object)
-        .context("loading the floor object")?;
-    for name in [PROG_TO_UPLINK, PROG_TO_POD] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name}"))?
-            .try_into()?;
-        prog.load().with_context(|| format!("loading {name}"))?;
-    }
-    Ok(ebpf)
 }
 
 /// The floor programs attached to both nodes of a two-node lab; detached on drop.

@@ -4,35 +4,44 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use serde_json::{Value, json};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use serde::Serialize;
 
-use crate::bench::{Kind, METRICS, Metric, Mode, Refusal, Sample, machine, summary};
-use crate::bench_prog::ProgCost;
+use crate::bench_model::{Kind, Machine, Metric, Mode, Refusal, Sample, TrafficFamily, summary};
+use hgw_tests::cost::{ENTRIES, ProgCost};
 
 /// Median, min, max.
 type Stats = (f64, f64, f64);
 
+/// Everything a run measured; serialized as the run's JSON file.
+#[derive(Serialize)]
 pub struct Report {
+    pub machine: Machine,
     /// kernel, hgw, hgw-all, hgw-bridge, variants, floor, direct.
     pub modes: Vec<Mode>,
     pub rounds: usize,
-    pub duration: Duration,
+    /// Seconds measured per test and mode.
+    pub duration_s: f64,
     pub smoke: bool,
-    /// Traffic over IPv6 rather than IPv4.
-    pub ipv6: bool,
+    pub family: TrafficFamily,
+    /// What the samples' metric keys mean.
+    pub metrics: &'static [Metric],
     pub samples: Vec<Sample>,
     pub refusals: Vec<Refusal>,
+    #[serde(rename = "program_cost")]
     pub costs: Vec<ProgCost>,
 }
 
 impl Report {
     fn values(&self, mode: usize, metric: &str) -> Vec<f64> {
+        let mode = &self.modes[mode].name;
         self.samples
             .iter()
-            .filter(|s| s.mode == mode && s.metric == metric)
+            .filter(|s| &s.mode == mode && s.metric == metric)
             .map(|s| s.value)
             .collect()
     }
@@ -42,10 +51,10 @@ impl Report {
         let get = |mode: usize, round: usize| {
             self.samples
                 .iter()
-                .find(|s| s.mode == mode && s.metric == metric && s.round == round)
+                .find(|s| s.mode == self.modes[mode].name && s.metric == metric && s.round == round)
                 .map(|s| s.value)
         };
-        (0..self.rounds)
+        (1..=self.rounds)
             .filter_map(|r| Some(get(a, r)? / get(b, r)?))
             .filter(|r| r.is_finite())
             .collect()
@@ -54,7 +63,9 @@ impl Report {
     /// Whether every measurement of `mode` passed its path check: a mode with a failed
     /// check is not reported at all.
     fn refused(&self, mode: usize) -> bool {
-        self.refusals.iter().any(|r| r.mode == mode)
+        self.refusals
+            .iter()
+            .any(|r| r.mode == self.modes[mode].name)
     }
 
     fn cell(&self, mode: usize, metric: &str) -> String {
@@ -131,7 +142,7 @@ impl Report {
             let _ = write!(s, " {}/{} |", self.modes[a].name, self.modes[b].name);
         }
         let _ = writeln!(s, "\n|---|{}", "---|".repeat(self.modes.len() + cols.len()));
-        for m in METRICS {
+        for m in self.metrics {
             let better = if m.higher_is_better {
                 "higher is better"
             } else {
@@ -161,8 +172,7 @@ impl Report {
         let _ = writeln!(
             s,
             "\nValues: median (min–max) over {} round(s) of {:.1} s each; ratios are taken within a round, then summarised the same way.",
-            self.rounds,
-            self.duration.as_secs_f64()
+            self.rounds, self.duration_s
         );
         let _ = writeln!(
             s,
@@ -187,10 +197,7 @@ impl Report {
                 let _ = writeln!(
                     s,
                     "- round {}, {} in {}: {}",
-                    r.round + 1,
-                    r.test,
-                    self.modes[r.mode].name,
-                    r.reason
+                    r.round, r.test, r.mode, r.reason
                 );
             }
         }
@@ -276,10 +283,7 @@ impl Report {
                 })
                 .map(|c| c.ns_per_run)
         };
-        let (small, large) = (
-            crate::bench_prog::ENTRIES[0],
-            crate::bench_prog::ENTRIES[crate::bench_prog::ENTRIES.len() - 1],
-        );
+        let (small, large) = (ENTRIES[0], ENTRIES[ENTRIES.len() - 1]);
         rows.push((
             format!(
                 "in-kernel {} hit at {large} routes <= 1.1x at {small}",
@@ -307,244 +311,185 @@ impl Report {
         s
     }
 
-    fn json(&self, machine: &Value) -> Value {
-        let samples: Vec<Value> = self
-            .samples
-            .iter()
-            .map(|s| {
-                json!({ "round": s.round + 1, "mode": self.modes[s.mode].name, "metric": s.metric, "value": s.value })
-            })
-            .collect();
-        let refusals: Vec<Value> = self
-            .refusals
-            .iter()
-            .map(|r| json!({ "round": r.round + 1, "mode": self.modes[r.mode].name, "test": r.test, "reason": r.reason }))
-            .collect();
-        let costs: Vec<Value> = self
-            .costs
-            .iter()
-            .map(|c| {
-                json!({ "program": c.program, "case": c.case, "entries": c.entries, "ns_per_run": c.ns_per_run, "vs_empty": c.vs_empty })
-            })
-            .collect();
-        let metrics: Vec<Value> = METRICS
-            .iter()
-            .map(|m| json!({ "key": m.key, "label": m.label, "unit": m.unit, "higher_is_better": m.higher_is_better }))
-            .collect();
-        let modes: Vec<Value> = self
-            .modes
-            .iter()
-            .map(|m| {
-                let fast_path = match m.kind {
-                    Kind::Hgw => Value::from(m.fast_path()),
-                    Kind::Kernel | Kind::Floor => Value::from("off"),
-                    Kind::Direct => Value::Null,
-                };
-                json!({ "name": m.name, "kind": format!("{:?}", m.kind).to_lowercase(), "fast_path": fast_path, "agent_args": m.agent_args })
-            })
-            .collect();
-        json!({
-            "machine": machine,
-            "modes": modes,
-            "rounds": self.rounds,
-            "duration_s": self.duration.as_secs_f64(),
-            "smoke": self.smoke,
-            "family": if self.ipv6 { "ipv6" } else { "ipv4" },
-            "metrics": metrics,
-            "samples": samples,
-            "refusals": refusals,
-            "program_cost": costs,
-        })
-    }
-
-    fn svg(&self, title: &str) -> String {
+    /// The SVG chart: a title and a legend, then one panel per metric, three to a row.
+    fn chart(&self, title: &str) -> anyhow::Result<String> {
         const COLS: usize = 3;
-        const PW: f64 = 300.0;
-        const TOP: f64 = 50.0;
-        const HGW_COLORS: [&str; 4] = ["#1f77b4", "#ff7f0e", "#9467bd", "#d62728"];
-        let colors: Vec<(usize, &str)> = self
-            .modes
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let color = match m.kind {
-                    Kind::Kernel => "#9e9e9e",
-                    Kind::Direct => "#2ca02c",
-                    Kind::Floor => "#17becf",
-                    Kind::Hgw => HGW_COLORS[(i - 1) % HGW_COLORS.len()],
-                };
-                (i, color)
-            })
-            .collect();
+        const PANEL_W: u32 = 300;
+        const TOP: u32 = 50;
+        let colors = self.colors();
         // Room for the axes (170) and one ratio line per fast-path mode.
-        let ph = 215.0 + 12.0 * self.hgw_modes().len() as f64;
-        let rows = METRICS.len().div_ceil(COLS);
-        let (w, h) = (PW * COLS as f64, TOP + ph * rows as f64);
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">"#
-        );
-        let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-        let _ = writeln!(
-            s,
-            r#"<text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#,
-            xml(title)
-        );
-        let mut x = 10.0;
-        for &(mode, color) in &colors {
-            let _ = writeln!(
-                s,
-                r#"<rect x="{x}" y="30" width="10" height="10" fill="{color}"/><text x="{}" y="39">{}</text>"#,
-                x + 14.0,
-                xml(&self.modes[mode].name)
-            );
-            x += 30.0 + 7.0 * self.modes[mode].name.len() as f64;
+        let panel_h = 215 + 12 * self.hgw_modes().len() as u32;
+        let rows = self.metrics.len().div_ceil(COLS);
+        let size = (PANEL_W * COLS as u32, TOP + panel_h * rows as u32);
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+            root.fill(&WHITE)?;
+            let (header, body) = root.split_vertically(TOP);
+            header.draw(&Text::new(
+                title.to_owned(),
+                (10, 6),
+                font(14.0).style(FontStyle::Bold),
+            ))?;
+            let mut x = 10;
+            for (mode, color) in self.modes.iter().zip(&colors) {
+                header.draw(&Rectangle::new([(x, 30), (x + 10, 40)], color.filled()))?;
+                header.draw(&Text::new(mode.name.clone(), (x + 14, 29), font(11.0)))?;
+                x += 30 + 7 * mode.name.len() as i32;
+            }
+            header.draw(&Text::new(
+                "bar: median, whisker: min–max",
+                (x + 10, 29),
+                font(11.0).color(&RGBColor(0x55, 0x55, 0x55)),
+            ))?;
+            let panels = body.split_evenly((rows, COLS));
+            for (m, area) in self.metrics.iter().zip(&panels) {
+                self.panel(area, m, &colors)?;
+            }
+            root.present()?;
         }
-        let _ = writeln!(
-            s,
-            r##"<text x="{}" y="39" fill="#555">bar: median, whisker: min–max</text>"##,
-            x + 10.0
-        );
-        for (i, m) in METRICS.iter().enumerate() {
-            let (px, py) = ((i % COLS) as f64 * PW, TOP + (i / COLS) as f64 * ph);
-            self.panel(&mut s, m, px, py, PW, &colors);
-        }
-        s.push_str("</svg>\n");
-        s
+        Ok(svg)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A color per mode: grey for kernel, green for direct, cyan for the floor, and the
+    /// fast-path modes in turn from four more.
+    fn colors(&self) -> Vec<RGBColor> {
+        const HGW: [RGBColor; 4] = [
+            RGBColor(0x1f, 0x77, 0xb4),
+            RGBColor(0xff, 0x7f, 0x0e),
+            RGBColor(0x94, 0x67, 0xbd),
+            RGBColor(0xd6, 0x27, 0x28),
+        ];
+        (0..self.modes.len())
+            .map(|i| match self.modes[i].kind {
+                Kind::Kernel => RGBColor(0x9e, 0x9e, 0x9e),
+                Kind::Direct => RGBColor(0x2c, 0xa0, 0x2c),
+                Kind::Floor => RGBColor(0x17, 0xbe, 0xcf),
+                Kind::Hgw => HGW[(i - 1) % HGW.len()],
+            })
+            .collect()
+    }
+
+    /// One metric: a bar per mode at the median, a whisker from min to max, the median
+    /// above it; under the axes, each fast-path mode against kernel and floor.
     fn panel(
         &self,
-        s: &mut String,
+        area: &DrawingArea<SVGBackend<'_>, Shift>,
         m: &Metric,
-        px: f64,
-        py: f64,
-        pw: f64,
-        colors: &[(usize, &str)],
-    ) {
-        let better = if m.higher_is_better { "↑" } else { "↓" };
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" font-weight="bold">{} ({}) {better}</text>"#,
-            px + 15.0,
-            py + 18.0,
-            xml(m.label),
-            xml(m.unit)
-        );
-        let stats: Vec<(usize, &str, Option<Stats>)> = colors
-            .iter()
-            .map(|&(mode, color)| {
-                let st = if self.refused(mode) {
+        colors: &[RGBColor],
+    ) -> anyhow::Result<()> {
+        let hgw = self.hgw_modes();
+        let ratio_h = 16 + 12 * hgw.len() as u32;
+        let (plot, ratios) = area.split_vertically(area.dim_in_pixel().1 - ratio_h);
+        let stats: Vec<Option<Stats>> = (0..self.modes.len())
+            .map(|mode| {
+                if self.refused(mode) {
                     None
                 } else {
                     summary(&self.values(mode, m.key))
-                };
-                (mode, color, st)
+                }
             })
             .collect();
         let top = stats
             .iter()
-            .filter_map(|(_, _, st)| st.map(|(_, _, max)| max))
+            .filter_map(|st| st.map(|(_, _, max)| max))
             .fold(0.0_f64, f64::max)
             .max(1e-9)
             * 1.15;
-        let (ax, ay, aw, ah) = (px + 40.0, py + 30.0, pw - 60.0, 140.0);
-        let base = ay + ah;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{ax}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"#333\"/>",
-            ax + aw
-        );
-        let _ = writeln!(
-            s,
-            "<line x1=\"{ax}\" y1=\"{ay}\" x2=\"{ax}\" y2=\"{base}\" stroke=\"#333\"/>"
-        );
-        for k in 0..=4 {
-            let v = top * f64::from(k) / 4.0;
-            let y = base - ah * f64::from(k) / 4.0;
-            let _ = writeln!(
-                s,
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#555\" font-size=\"9\">{}</text>",
-                ax - 3.0,
-                y + 3.0,
-                num(v)
-            );
-            if k > 0 {
-                let _ = writeln!(
-                    s,
-                    "<line x1=\"{ax}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"#eee\"/>",
-                    ax + aw
-                );
-            }
-        }
-        let slot = aw / stats.len() as f64;
-        for (i, (mode, color, st)) in stats.iter().enumerate() {
-            let cx = ax + slot * (i as f64 + 0.5);
-            let bw = slot * 0.55;
-            let y_of = |v: f64| base - ah * (v / top);
+        // x in hundredths of a mode's slot: a bar is 55% of it, a whisker's caps 20%.
+        const SLOT: i32 = 100;
+        const BAR: i32 = 55;
+        const CAP: i32 = 20;
+        let n = self.modes.len();
+        let better = if m.higher_is_better { "↑" } else { "↓" };
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(
+                format!("{} ({}) {better}", m.label, m.unit),
+                font(11.0).style(FontStyle::Bold),
+            )
+            .margin_left(5)
+            .margin_right(15)
+            .x_label_area_size(18)
+            .y_label_area_size(38)
+            .build_cartesian_2d(
+                // A slot of SLOT units per mode, a tick at its middle for the mode's name.
+                (0..n as i32 * SLOT)
+                    .with_key_points((0..n as i32).map(|i| i * SLOT + SLOT / 2).collect()),
+                0.0..top,
+            )?;
+        let name_at = |x: &i32| {
+            self.modes
+                .get(usize::try_from(x / SLOT).unwrap_or(usize::MAX))
+                .map_or_else(String::new, |mode| mode.name.clone())
+        };
+        let grey = RGBColor(0x55, 0x55, 0x55);
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .y_labels(5)
+            .x_label_formatter(&name_at)
+            .y_label_formatter(&|v| num(*v))
+            .x_label_style(font(11.0))
+            .y_label_style(font(9.0).color(&grey))
+            .bold_line_style(RGBColor(0xee, 0xee, 0xee))
+            .light_line_style(TRANSPARENT)
+            .axis_style(RGBColor(0x33, 0x33, 0x33))
+            .draw()?;
+        for (i, (st, color)) in stats.iter().zip(colors).enumerate() {
+            let x = i as i32 * SLOT + SLOT / 2;
             match st {
                 Some((med, min, max)) => {
-                    let _ = writeln!(
-                        s,
-                        r#"<rect x="{}" y="{}" width="{bw}" height="{}" fill="{color}"/>"#,
-                        cx - bw / 2.0,
-                        y_of(*med),
-                        base - y_of(*med)
-                    );
-                    let (y0, y1) = (y_of(*min), y_of(*max));
-                    let _ = writeln!(
-                        s,
-                        "<path d=\"M{cx} {y0}V{y1}M{} {y0}H{}M{} {y1}H{}\" stroke=\"#000\" fill=\"none\"/>",
-                        cx - 6.0,
-                        cx + 6.0,
-                        cx - 6.0,
-                        cx + 6.0
-                    );
-                    let _ = writeln!(
-                        s,
-                        r#"<text x="{cx}" y="{}" text-anchor="middle" font-size="10">{}</text>"#,
-                        y1 - 4.0,
-                        num(*med)
-                    );
+                    chart.draw_series([Rectangle::new(
+                        [(x - BAR / 2, 0.0), (x + BAR / 2, *med)],
+                        color.filled(),
+                    )])?;
+                    let whisker =
+                        |y: f64| PathElement::new([(x - CAP / 2, y), (x + CAP / 2, y)], BLACK);
+                    chart.draw_series([
+                        PathElement::new([(x, *min), (x, *max)], BLACK),
+                        whisker(*min),
+                        whisker(*max),
+                    ])?;
+                    chart.draw_series([EmptyElement::at((x, *max))
+                        + Text::new(
+                            num(*med),
+                            (0, -4),
+                            font(10.0)
+                                .color(&BLACK)
+                                .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                        )])?;
                 }
                 None => {
-                    let _ = writeln!(
-                        s,
-                        "<text x=\"{cx}\" y=\"{}\" text-anchor=\"middle\" fill=\"#a00\" font-size=\"10\">{}</text>",
-                        base - 10.0,
-                        if self.refused(*mode) {
-                            "refused"
-                        } else {
-                            "n/a"
-                        }
-                    );
+                    let why = if self.refused(i) { "refused" } else { "n/a" };
+                    chart.draw_series([EmptyElement::at((x, 0.0))
+                        + Text::new(
+                            why,
+                            (0, -10),
+                            font(10.0)
+                                .color(&RGBColor(0xaa, 0, 0))
+                                .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                        )])?;
                 }
             }
-            let _ = writeln!(
-                s,
-                r#"<text x="{cx}" y="{}" text-anchor="middle">{}</text>"#,
-                base + 14.0,
-                xml(&self.modes[*mode].name)
-            );
         }
         let ratio = |a: usize, b: usize| {
             summary(&self.ratios(a, b, m.key))
                 .filter(|_| !self.refused(a) && !self.refused(b))
                 .map_or("–".to_owned(), |(med, _, _)| format!("{med:.2}x"))
         };
-        for (line, h) in self.hgw_modes().into_iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "<text x=\"{}\" y=\"{}\" fill=\"#333\" font-size=\"10\">{n}/kernel {}   {n}/floor {}</text>",
-                ax,
-                base + 28.0 + 12.0 * line as f64,
-                ratio(h, self.kernel()),
-                ratio(h, self.floor()),
-                n = xml(&self.modes[h].name),
-            );
+        for (line, h) in hgw.into_iter().enumerate() {
+            let name = &self.modes[h].name;
+            ratios.draw(&Text::new(
+                format!(
+                    "{name}/kernel {}   {name}/floor {}",
+                    ratio(h, self.kernel()),
+                    ratio(h, self.floor())
+                ),
+                (40, 4 + 12 * line as i32),
+                font(10.0).color(&RGBColor(0x33, 0x33, 0x33)),
+            ))?;
         }
+        Ok(())
     }
 }
 
@@ -563,27 +508,25 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
     } else {
         stamp.clone()
     };
-    let machine = machine();
+    let machine = &report.machine;
     let machine_line = format!(
         "Linux {}, {} CPUs, {}",
-        machine["kernel"].as_str().unwrap_or("?"),
-        machine["cpus"],
-        machine["cpu_model"].as_str().unwrap_or("?")
+        machine.kernel, machine.cpus, machine.cpu_model
     );
     let mut command = if report.smoke {
         "cargo xtask bench --smoke".to_owned()
     } else {
         format!(
             "cargo xtask bench --rounds {} --duration {}",
-            report.rounds,
-            report.duration.as_secs_f64()
+            report.rounds, report.duration_s
         )
     };
-    let family = if report.ipv6 {
-        command.push_str(" --ipv6");
-        "IPv6"
-    } else {
-        "IPv4"
+    let family = match report.family {
+        TrafficFamily::Ipv6 => {
+            command.push_str(" --ipv6");
+            "IPv6"
+        }
+        TrafficFamily::Ipv4 => "IPv4",
     };
     let md = format!(
         "# hgw bench {stamp} UTC\n\nMachine: {machine_line}. Command: `{command}`.\n\n{family} pod to pod across two nodes of the (dual-stack) namespace lab, wired as seed 000: the nodes' uplinks are the two ends of one veth pair, no switch; a routed path crosses the client pod's veth, that pair and the server pod's veth. Modes: `kernel` = plain host-gw routing (agents with `--no-fast-path`, no programs attached); `hgw` = the agents' fast path in its default mode, `established` (only flows conntrack accepted: each TCP connection's handshake and the UDP flow's opening go through the kernel); `hgw-all` = `--fast-path all` (no conntrack lookup); `hgw-bridge` = established mode with the bridge-side program on cni0; `floor` = kernel mode's agents plus the cheapest TC programs that can forward on this wiring (fixed MACs and `bpf_redirect` to the uplink on the pod's host veth, fixed MACs and `bpf_redirect_peer` into the pod on the uplink, no parsing past the ethertype, no lookup, no checks): the practical limit of any program here; `direct` = two namespaces joined by one veth pair, a reference with fewer wires than any routed path. The UDP packet-rate test is a flow conntrack sees as established in every mode: the server answers one datagram before the stream starts. The 1,000-flow UDP test does the same for 1,000 flows at once, which differ in source port only (each node's conntrack table holds 1,000 entries; the route lookup sees one destination), the sender taking them in turn, 8 datagrams each. The connection-rate test opens TCP connections one after another (connect, a 64 B request and its response, the client closes), client and server on one CPU: every SYN and FIN goes through the kernel in established mode. A measurement counts only if its traffic took the mode's path: the agents report the mode, the fast-path counters carried at least the packets that arrived, and in established mode the flows' opening packets went to the kernel (in all mode none met a conntrack rule); in floor mode only the floor programs are attached and forwarding is off in both nodes, so the kernel could not have carried what arrived (the floor's pods have permanent gateway neighbour entries, since the floor redirects IPv6 neighbour discovery too).\n\n![chart]({stem}.svg)\n\n{}",
@@ -594,12 +537,17 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
         dir.join(format!("{stem}.json")),
         dir.join(format!("{stem}.svg")),
     ];
-    let json = serde_json::to_string_pretty(&report.json(&machine))?;
-    let svg = report.svg(&format!("hgw bench {stamp} UTC — {machine_line}"));
+    let json = serde_json::to_string_pretty(report)?;
+    let svg = report.chart(&format!("hgw bench {stamp} UTC — {machine_line}"))?;
     for (path, text) in paths.iter().zip([md, json + "\n", svg]) {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(paths.to_vec())
+}
+
+/// plotters draws a font of size S at S / 1.24 pixels: the font for `px` pixels.
+fn font(px: f64) -> FontDesc<'static> {
+    ("sans-serif", px * 1.24).into_font()
 }
 
 fn num(v: f64) -> String {
@@ -615,8 +563,99 @@ fn num(v: f64) -> String {
     }
 }
 
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench_model::METRICS;
+
+    /// Two rounds of made-up numbers for every mode and metric, one refused mode.
+    fn report() -> Report {
+        let modes = crate::bench::modes(&["mine=--fast-path all".to_owned()]).expect("modes");
+        let mut samples = Vec::new();
+        for round in 1..=2 {
+            for (i, mode) in modes.iter().enumerate() {
+                for m in METRICS {
+                    samples.push(Sample {
+                        round,
+                        mode: mode.name.clone(),
+                        metric: m.key,
+                        value: (i + round) as f64 * 1.5,
+                    });
+                }
+            }
+        }
+        Report {
+            machine: Machine {
+                kernel: "6.12.0".into(),
+                cpus: 2,
+                cpu_model: "a CPU".into(),
+            },
+            refusals: vec![Refusal {
+                round: 2,
+                mode: "hgw-bridge".into(),
+                test: "udp64".into(),
+                reason: "the fast path did not carry the traffic".into(),
+            }],
+            modes,
+            rounds: 2,
+            duration_s: 1.0,
+            smoke: true,
+            family: TrafficFamily::Ipv6,
+            metrics: METRICS,
+            samples,
+            costs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn json_names_modes_and_rounds_as_the_run_prints_them() {
+        let json = serde_json::to_value(report()).expect("serialize");
+        assert_eq!(json["family"], "ipv6");
+        assert_eq!(json["modes"][0]["name"], "kernel");
+        assert_eq!(json["modes"][0]["kind"], "kernel");
+        assert_eq!(json["modes"][0]["fast_path"], "off");
+        assert_eq!(json["modes"][2]["fast_path"], "all");
+        assert_eq!(
+            json["modes"][4]["fast_path"], "all",
+            "the variant's own argument"
+        );
+        assert_eq!(json["modes"].as_array().map(Vec::len), Some(7));
+        assert!(
+            json["modes"][6]["fast_path"].is_null(),
+            "direct has no agents"
+        );
+        assert_eq!(json["samples"][0]["round"], 1);
+        assert_eq!(json["samples"][0]["mode"], "kernel");
+        assert_eq!(json["refusals"][0]["mode"], "hgw-bridge");
+        assert_eq!(json["metrics"][0]["key"], "udp_mpps");
+        assert!(json["program_cost"].is_array());
+    }
+
+    #[test]
+    fn chart_has_a_panel_per_metric_and_a_bar_per_measured_mode() {
+        let report = report();
+        let svg = report.chart("title").expect("chart");
+        if let Some(path) = std::env::var_os("HGW_CHART_OUT") {
+            std::fs::write(path, &svg).expect("write the chart");
+        }
+        assert!(svg.starts_with("<svg"), "{svg}");
+        for m in METRICS {
+            assert!(svg.contains(m.label), "no panel for {}", m.key);
+        }
+        for mode in &report.modes {
+            assert!(svg.contains(&mode.name), "no {} in the chart", mode.name);
+        }
+        // hgw-bridge is refused: every panel says so instead of drawing its bar.
+        assert_eq!(svg.matches("refused").count(), METRICS.len());
+    }
+
+    #[test]
+    fn ratios_pair_rounds_by_number() {
+        let report = report();
+        // kernel is mode 0 (values 1.5 (r+0)), hgw mode 1: (1 + r) / r per round.
+        let r = report.ratios(1, 0, "udp_mpps");
+        assert_eq!(r, vec![2.0, 1.5]);
+        assert!(report.refused(3));
+        assert!(report.markdown_tables().contains("| refused |"));
+    }
 }

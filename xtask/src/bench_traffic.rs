@@ -12,12 +12,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use hgw_tests::cost::pin_to_cpu;
 use hgw_tests::in_netns;
 
-use crate::demo::Interrupted;
+use crate::util::Interrupt;
 
 /// UDP payload size: the packets the forwarding cost shows in.
-pub const UDP_PAYLOAD: usize = 64;
+pub const UDP_PAYLOAD: usize = hgw_tests::cost::UDP_PAYLOAD;
 /// Request and response size of the TCP request/response test.
 pub const RR_SIZE: usize = 64;
 const UDP_BATCH: usize = 32;
@@ -43,7 +44,7 @@ pub struct Ends {
 pub struct Window<'a> {
     pub warmup: Duration,
     pub duration: Duration,
-    pub interrupted: &'a AtomicBool,
+    pub interrupt: &'a Interrupt,
 }
 
 impl Window<'_> {
@@ -51,9 +52,7 @@ impl Window<'_> {
     fn sleep(&self, d: Duration) -> anyhow::Result<()> {
         let end = Instant::now() + d;
         while Instant::now() < end {
-            if self.interrupted.load(Ordering::SeqCst) {
-                return Err(Interrupted.into());
-            }
+            self.interrupt.check()?;
             thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
         }
         Ok(())
@@ -67,23 +66,6 @@ pub fn other_cpu() -> usize {
     } else {
         0
     }
-}
-
-/// Pins the calling thread to `cpu`.
-pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes one bit of `set`; CPU_SET ignores a cpu beyond its size.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
-    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        bail!(
-            "sched_setaffinity(cpu {cpu}): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
 
 /// Machine-wide CPU time from the `cpu` line of /proc/stat, in nanoseconds.
@@ -415,7 +397,7 @@ pub fn tcp_rr(
             let mut transactions = 0u64;
             loop {
                 let elapsed = start.elapsed();
-                if elapsed >= end || w.interrupted.load(Ordering::Relaxed) {
+                if elapsed >= end || w.interrupt.is_set() {
                     break;
                 }
                 let t0 = Instant::now();
@@ -437,9 +419,7 @@ pub fn tcp_rr(
             .map_err(|_| anyhow::anyhow!("RR server panicked"))?;
         let (mut samples, transactions) = client?;
         server?;
-        if w.interrupted.load(Ordering::SeqCst) {
-            return Err(Interrupted.into());
-        }
+        w.interrupt.check()?;
         if samples.is_empty() {
             bail!("no TCP request/response completed to {addr}");
         }

@@ -8,13 +8,13 @@
 
 use std::net::IpAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use hgw_tests::{Lab, counter_sum, ping, tcp_transfer, udp_replied_exchange};
 use serde_json::Value;
+
+use crate::util::Interrupt;
 
 const NODES: usize = 3;
 const PODS: usize = 2;
@@ -43,45 +43,9 @@ fn families(from: &hgw_tests::Pod, to: &hgw_tests::Pod) -> [(&'static str, IpAdd
     ]
 }
 
-/// Set by the SIGINT/SIGTERM handler; the demo checks it between steps and unwinds, so
-/// the lab's Drop stops the agents and deletes the namespaces.
-struct Interrupt(Arc<AtomicBool>);
-
-impl Interrupt {
-    fn install() -> anyhow::Result<Interrupt> {
-        let flag = Arc::new(AtomicBool::new(false));
-        let handler_flag = Arc::clone(&flag);
-        ctrlc::set_handler(move || {
-            eprintln!("\ninterrupted: cleaning up after the current step");
-            handler_flag.store(true, Ordering::SeqCst);
-        })
-        .context("installing the Ctrl-C handler")?;
-        Ok(Interrupt(flag))
-    }
-
-    fn check(&self) -> anyhow::Result<()> {
-        if self.0.load(Ordering::SeqCst) {
-            return Err(Interrupted.into());
-        }
-        Ok(())
-    }
-}
-
-/// The error the demo unwinds with after Ctrl-C; `main` maps it to exit code 130.
-#[derive(Debug)]
-pub struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted (lab removed)")
-    }
-}
-
-impl std::error::Error for Interrupted {}
-
 pub fn demo() -> anyhow::Result<ExitCode> {
     // Before anything is built, so an interrupt during the build is noticed too.
-    let interrupt = Interrupt::install()?;
+    let interrupt = Interrupt::install("cleaning up after the current step")?;
     crate::build()?;
     interrupt.check()?;
 

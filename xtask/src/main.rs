@@ -3,7 +3,7 @@
 mod bench;
 mod bench_cp;
 mod bench_floor;
-mod bench_prog;
+mod bench_model;
 mod bench_report;
 mod bench_traffic;
 mod demo;
@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use hgw_tests::Lab;
 
-use crate::util::{agent_path, cargo, run};
+use crate::util::{cargo, run};
 
 #[derive(Parser)]
 #[command(about = "hgw's developer tasks")]
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("xtask: error: {e:#}");
             // 128 + SIGINT, as a shell reports a command stopped by Ctrl-C.
-            if e.is::<demo::Interrupted>() {
+            if e.is::<util::Interrupted>() {
                 ExitCode::from(130)
             } else {
                 ExitCode::FAILURE
@@ -87,7 +87,7 @@ fn dispatch(task: Task) -> anyhow::Result<ExitCode> {
         Task::Build => build()?,
         Task::Run { args } => {
             build()?;
-            let agent = agent_path();
+            let agent = hgw_tests::built_agent_bin();
             // exec: the agent takes this process's place, so signals reach it directly.
             let err = std::process::Command::new(&agent).args(&args).exec();
             return Err(err).with_context(|| format!("executing {}", agent.display()));
@@ -108,7 +108,7 @@ fn build() -> anyhow::Result<()> {
 
 fn test() -> anyhow::Result<()> {
     build()?;
-    let agent = agent_path();
+    let agent = hgw_tests::built_agent_bin();
     println!("test: cargo test (HGW_AGENT_BIN={})", agent.display());
     // The lab tests share the machine's netns list and CPU; one at a time keeps them
     // independent and their timing meaningful.

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, bail};
 
@@ -10,14 +12,6 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
-/// The release agent binary that `cargo xtask build` produces (in `$CARGO_TARGET_DIR`
-/// when that is set, as cargo does).
-pub fn agent_path() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root().join("target"), |d| root().join(d));
-    target.join("release/hgw-agent")
 }
 
 /// `cargo` (the one running us, when there is one) in the workspace root.
@@ -49,3 +43,46 @@ pub fn capture(cmd: &mut Command) -> anyhow::Result<Output> {
     let what = describe(cmd);
     cmd.output().with_context(|| format!("starting `{what}`"))
 }
+
+/// Set by the SIGINT/SIGTERM handler: the demo and the bench check it between steps and
+/// unwind, so that the labs' Drop stops the agents and deletes the namespaces.
+#[derive(Clone)]
+pub struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    /// Installs the handler (once per process); it prints `what` when Ctrl-C comes.
+    pub fn install(what: &'static str) -> anyhow::Result<Interrupt> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let handler_flag = Arc::clone(&flag);
+        ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: {what}");
+            handler_flag.store(true, Ordering::SeqCst);
+        })
+        .context("installing the Ctrl-C handler")?;
+        Ok(Interrupt(flag))
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Fails with [`Interrupted`] once Ctrl-C was pressed.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.is_set() {
+            return Err(Interrupted.into());
+        }
+        Ok(())
+    }
+}
+
+/// The error a task unwinds with after Ctrl-C; `main` maps it to exit code 130.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted (lab removed)")
+    }
+}
+
+impl std::error::Error for Interrupted {}

@@ -9,6 +9,9 @@
 //!   as destination, its host veth's as source) and is redirected into the pod
 //!   (`bpf_redirect_peer`).
 //!
+//! - `floor_empty`: returns TC_ACT_OK, nothing else; the cost bench's reference for
+//!   what running any program costs (never attached).
+//!
 //! No parsing past the ethertype, no lookup, no checks (not even the TTL): whatever
 //! a forwarder must do on top of this is its own cost. Anything not IP (ARP) goes to
 //! the kernel. The interface and MACs are read-only globals set at load time.
@@ -55,6 +58,11 @@ fn floor_to_pod(ctx: TcContext) -> i32 {
     }
     // SAFETY: a helper call with plain integer arguments.
     unsafe { bpf_redirect_peer(hop[0], 0) as i32 }
+}
+
+#[classifier]
+fn floor_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 /// A hop global's words. Volatile: the compiler would otherwise fold in the zeroes it
