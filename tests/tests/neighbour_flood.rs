@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hgw_tests::{Lab, hgw_routes, run_in_ok};
+use hgw_tests::{Lab, hgw_routes, ping, run_in_ok};
 
 const EVENTS: u32 = 10_000;
 
@@ -30,6 +30,9 @@ fn ten_thousand_neighbour_events_leave_the_agent_responsive() -> anyhow::Result<
     let lab = Lab::up_with_agents(2, 1)?;
     let (node, peer) = (&lab.nodes[0], &lab.nodes[1]);
     let agent = lab.agent(0).expect("agent on n1");
+    // A pod the agent delivers to directly, before the flood and after it.
+    assert!(ping(&node.pods[0].ns, peer.pods[0].ip, 1, &[])?.status.success());
+    agent.wait_for(Duration::from_secs(5), |s| s["endpoints"] == 1)?;
     let (rss_before, _) = memory_kib(agent.pid())?;
 
     // A port of the bridge, for forwarding entries as a flooding pod makes them.
@@ -87,7 +90,7 @@ fn ten_thousand_neighbour_events_leave_the_agent_responsive() -> anyhow::Result<
         "the agent's memory grew by {} KiB for {EVENTS} events",
         peak - rss_before
     );
-    // Nothing of the flood is taken for a pod or a peer.
+    // Nothing of the flood is taken for a pod or a peer, and the pod is still known.
     let status = agent.status()?;
     assert_eq!(status["endpoints"], 1, "{status}");
     assert_eq!(status["map_entries"], 2, "{status}");
