@@ -13,8 +13,7 @@ use rtnetlink::{
     Handle, LinkBridge, LinkUnspec, MulticastGroup, RouteMessageBuilder,
     packet_core::NetlinkPayload,
     packet_route::{
-        RouteNetlinkMessage,
-        AddressFamily,
+        AddressFamily, RouteNetlinkMessage,
         address::AddressAttribute,
         link::{LinkAttribute, LinkFlags, LinkMessage},
         neighbour::{
@@ -666,8 +665,7 @@ impl KernelEvent {
                     destination,
                     owner: route_owner(&msg, ours),
                     deleted,
-                    replaced: !deleted
-                        && flags & rtnetlink::packet_core::NLM_F_REPLACE != 0,
+                    replaced: !deleted && flags & rtnetlink::packet_core::NLM_F_REPLACE != 0,
                 })
             }
             M::NewLink(msg) => Some(Self::Link {
@@ -704,9 +702,10 @@ fn fdb_entry(msg: &NeighbourMessage) -> Option<([u8; 6], u32)> {
         return None;
     }
     msg.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::LinkLayerAddress(mac) => {
-            Some((<[u8; 6]>::try_from(mac.as_slice()).ok()?, msg.header.ifindex))
-        }
+        NeighbourAttribute::LinkLayerAddress(mac) => Some((
+            <[u8; 6]>::try_from(mac.as_slice()).ok()?,
+            msg.header.ifindex,
+        )),
         _ => None,
     })
 }

@@ -31,7 +31,11 @@ fn ten_thousand_neighbour_events_leave_the_agent_responsive() -> anyhow::Result<
     let (node, peer) = (&lab.nodes[0], &lab.nodes[1]);
     let agent = lab.agent(0).expect("agent on n1");
     // A pod the agent delivers to directly, before the flood and after it.
-    assert!(ping(&node.pods[0].ns, peer.pods[0].ip, 1, &[])?.status.success());
+    assert!(
+        ping(&node.pods[0].ns, peer.pods[0].ip, 1, &[])?
+            .status
+            .success()
+    );
     agent.wait_for(Duration::from_secs(5), |s| s["endpoints"] == 1)?;
     let (rss_before, _) = memory_kib(agent.pid())?;
 
@@ -49,7 +53,10 @@ fn ten_thousand_neighbour_events_leave_the_agent_responsive() -> anyhow::Result<
     let mut neigh = tempfile_in(lab.dir(), "neigh.batch")?;
     for i in 0..EVENTS / 2 {
         let [_, a, b, c] = i.to_be_bytes();
-        writeln!(fdb.1, "fdb add 02:f1:00:{a:02x}:{b:02x}:{c:02x} dev {port} master static")?;
+        writeln!(
+            fdb.1,
+            "fdb add 02:f1:00:{a:02x}:{b:02x}:{c:02x} dev {port} master static"
+        )?;
         writeln!(
             neigh.1,
             "neigh add 10.99.{b}.{c} lladdr 02:f2:00:{a:02x}:{b:02x}:{c:02x} dev eth0"

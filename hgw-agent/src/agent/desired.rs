@@ -168,8 +168,8 @@ mod tests {
 
     fn network() -> Network {
         Network {
-            pod_cidr: "10.244.1.0/24".parse().unwrap(),
-            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            pod_cidr: "10.244.1.0/24".parse().expect("a valid literal"),
+            cluster_cidr: "10.244.0.0/16".parse().expect("a valid literal"),
             v6: None,
         }
     }
@@ -177,16 +177,16 @@ mod tests {
     fn node() -> NodeFacts {
         NodeFacts {
             uplink_name: "eth0".into(),
-            uplink_networks: vec!["172.31.0.1/24".parse().unwrap()],
-            addresses: vec!["192.168.9.1/24".parse().unwrap()],
+            uplink_networks: vec!["172.31.0.1/24".parse().expect("a valid literal")],
+            addresses: vec!["192.168.9.1/24".parse().expect("a valid literal")],
         }
     }
 
     fn peer(name: &str, node_ip: &str, pod_cidr: &str) -> Peer {
         Peer {
             name: name.into(),
-            node_ip: node_ip.parse().unwrap(),
-            pod_cidr: pod_cidr.parse().unwrap(),
+            node_ip: node_ip.parse().expect("a valid literal"),
+            pod_cidr: pod_cidr.parse().expect("a valid literal"),
             v6: None,
             source: "static".into(),
             lease: None,
@@ -205,19 +205,37 @@ mod tests {
         );
         assert_eq!(state.routes.len(), 2);
         assert!(state.skipped.is_empty());
-        let hop = &state.routes[&"10.244.3.0/24".parse().unwrap()];
-        assert_eq!(hop.node_ip, "172.31.0.3".parse::<IpAddr>().unwrap());
+        let hop = &state.routes[&"10.244.3.0/24".parse().expect("a valid literal")];
+        assert_eq!(
+            hop.node_ip,
+            "172.31.0.3".parse::<IpAddr>().expect("present")
+        );
         assert_eq!(hop.peer, "n3");
     }
 
     #[test]
     fn routes_that_would_take_the_nodes_own_traffic_are_skipped() {
         let cases = [
-            (peer("off", "192.168.200.2", "10.244.2.0/24"), "not on the subnet"),
-            (peer("self", "172.31.0.1", "10.244.2.0/24"), "own uplink address"),
-            (peer("own", "172.31.0.2", "10.244.1.0/25"), "this node's pod CIDR"),
-            (peer("uplink", "172.31.0.2", "172.31.0.0/24"), "uplink's network"),
-            (peer("addr", "172.31.0.2", "192.168.9.0/24"), "node's own address"),
+            (
+                peer("off", "192.168.200.2", "10.244.2.0/24"),
+                "not on the subnet",
+            ),
+            (
+                peer("self", "172.31.0.1", "10.244.2.0/24"),
+                "own uplink address",
+            ),
+            (
+                peer("own", "172.31.0.2", "10.244.1.0/25"),
+                "this node's pod CIDR",
+            ),
+            (
+                peer("uplink", "172.31.0.2", "172.31.0.0/24"),
+                "uplink's network",
+            ),
+            (
+                peer("addr", "172.31.0.2", "192.168.9.0/24"),
+                "node's own address",
+            ),
             (peer("default", "172.31.0.2", "0.0.0.0/0"), "default route"),
         ];
         for (peer, reason) in cases {
@@ -244,7 +262,7 @@ mod tests {
             &node(),
         );
         assert_eq!(state.routes.len(), 1);
-        assert_eq!(state.routes.values().next().unwrap().peer, "n2");
+        assert_eq!(state.routes.values().next().expect("present").peer, "n2");
         assert!(state.skipped[0].reason.contains("of peer n2"));
     }
 
@@ -252,15 +270,16 @@ mod tests {
     fn dual_stack_peers_get_one_route_per_family() {
         let mut network = network();
         network.v6 = Some(NetworkV6 {
-            pod_cidr: "fd00:244:1::/64".parse().unwrap(),
-            cluster_cidr: "fd00:244::/48".parse().unwrap(),
+            pod_cidr: "fd00:244:1::/64".parse().expect("a valid literal"),
+            cluster_cidr: "fd00:244::/48".parse().expect("a valid literal"),
         });
         let mut node = node();
-        node.uplink_networks.push("fd00:31::1/64".parse().unwrap());
+        node.uplink_networks
+            .push("fd00:31::1/64".parse().expect("a valid literal"));
         let mut n2 = peer("n2", "172.31.0.2", "10.244.2.0/24");
         n2.v6 = Some(PeerV6 {
-            node_ip: "fd00:31::2".parse().unwrap(),
-            pod_cidr: "fd00:244:2::/64".parse().unwrap(),
+            node_ip: "fd00:31::2".parse().expect("a valid literal"),
+            pod_cidr: "fd00:244:2::/64".parse().expect("a valid literal"),
         });
         let state = desired(&network, &[n2], &node);
         assert_eq!(state.routes.len(), 2);

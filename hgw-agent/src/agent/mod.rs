@@ -116,17 +116,18 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     let listener = bind_status_socket(&config)?;
     // The status socket is removed whenever the agent stops before its loop.
     let socket = SocketGuard(config.status_socket.clone());
-    let (snapshot, snapshot_rx) = watch::channel(Arc::new(waiting_status(
-        &config,
-        "starting".into(),
-    )));
+    let (snapshot, snapshot_rx) =
+        watch::channel(Arc::new(waiting_status(&config, "starting".into())));
     let counters = Arc::new(OnceLock::new());
     status::spawn_server(listener, snapshot_rx, counters.clone());
 
     let (network, peers) = match &config.source {
         Source::Static { network, peers } => {
             check_static_peers(&config, peers, &uplink_networks)?;
-            (*network, sources::static_peers(peers.clone(), reload, config.clone()))
+            (
+                *network,
+                sources::static_peers(peers.clone(), reload, config.clone()),
+            )
         }
         Source::Etcd(etcd) => {
             let public_ip = match etcd.public_ip {
@@ -185,11 +186,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             (&config.bridge, bridge),
             network.pod_cidrs().collect(),
         ),
-        reconciler: Reconciler::new(
-            kernel.clone(),
-            datapath,
-            config.attach == Attach::Ports,
-        ),
+        reconciler: Reconciler::new(kernel.clone(), datapath, config.attach == Attach::Ports),
         config,
         network,
         kernel,
@@ -366,7 +363,9 @@ impl Agent {
         match change {
             Change::Links => self.write_node_config(),
             Change::Resync => {
-                info!("the uplink or the bridge was created again or came up, or events were lost; resyncing");
+                info!(
+                    "the uplink or the bridge was created again or came up, or events were lost; resyncing"
+                );
                 self.resync().await;
             }
             change => self.reconciler.on_change(change, &self.observed).await,
@@ -714,7 +713,6 @@ fn waiting_status(config: &Config, waiting: String) -> Status {
         waiting: Some(waiting),
     }
 }
-
 
 fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
     let path = &config.status_socket;

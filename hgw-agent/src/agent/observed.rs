@@ -31,7 +31,11 @@ pub enum Change {
     /// These local pods' endpoints may have changed.
     Pods(Vec<IpAddr>),
     /// A port joined the bridge (`true`) or left it.
-    Port { index: u32, name: String, joined: bool },
+    Port {
+        index: u32,
+        name: String,
+        joined: bool,
+    },
     /// The uplink's or the bridge's MAC or MTU changed.
     Links,
     /// The uplink or the bridge was made again under its name or came up (the kernel
@@ -124,10 +128,9 @@ impl Observed {
     /// Takes in one event; says what it changed, if anything the agent acts on.
     pub fn apply(&mut self, event: KernelEvent) -> Option<Change> {
         match event {
-            KernelEvent::Neighbour {
-                neighbour,
-                deleted,
-            } if neighbour.ifindex == self.uplink.index => {
+            KernelEvent::Neighbour { neighbour, deleted }
+                if neighbour.ifindex == self.uplink.index =>
+            {
                 let entry = NextHopEntry {
                     mac: neighbour.mac,
                     stale: neighbour.stale,
@@ -142,10 +145,9 @@ impl Observed {
                     deleted,
                 })
             }
-            KernelEvent::Neighbour {
-                neighbour,
-                deleted,
-            } if neighbour.ifindex == self.bridge.index && self.is_pod(neighbour.ip) => {
+            KernelEvent::Neighbour { neighbour, deleted }
+                if neighbour.ifindex == self.bridge.index && self.is_pod(neighbour.ip) =>
+            {
                 let old = match neighbour.mac.filter(|_| !deleted) {
                     Some(mac) => self.pods.insert(neighbour.ip, mac),
                     None => self.pods.remove(&neighbour.ip),
@@ -160,7 +162,8 @@ impl Observed {
                 if deleted || !self.pods.values().any(|m| *m == mac) {
                     return None;
                 }
-                (self.fdb.insert(mac, port) != Some(port)).then(|| Change::Pods(self.pods_with(mac)))
+                (self.fdb.insert(mac, port) != Some(port))
+                    .then(|| Change::Pods(self.pods_with(mac)))
             }
             KernelEvent::Route {
                 destination,
@@ -296,7 +299,7 @@ mod tests {
         Observed::new(
             ("eth0", link(UPLINK)),
             ("cni0", link(BRIDGE)),
-            vec!["10.244.1.0/24".parse().unwrap()],
+            vec!["10.244.1.0/24".parse().expect("a valid literal")],
         )
     }
 
@@ -304,7 +307,7 @@ mod tests {
         KernelEvent::Neighbour {
             neighbour: Neighbour {
                 ifindex,
-                ip: ip.parse().unwrap(),
+                ip: ip.parse().expect("a valid literal"),
                 mac: mac.map(|m| [2, 0, 0, 0, 1, m]),
                 stale: false,
             },
@@ -325,7 +328,7 @@ mod tests {
     #[test]
     fn a_next_hop_change_is_reported_once() {
         let mut o = observed();
-        let ip: IpAddr = "172.31.0.2".parse().unwrap();
+        let ip: IpAddr = "172.31.0.2".parse().expect("a valid literal");
         let change = Some(Change::NextHop { ip, deleted: false });
         assert_eq!(o.apply(neighbour(UPLINK, "172.31.0.2", Some(1))), change);
         assert_eq!(o.apply(neighbour(UPLINK, "172.31.0.2", Some(1))), None);
@@ -336,7 +339,7 @@ mod tests {
     #[test]
     fn a_pod_becomes_an_endpoint_with_its_mac_and_port() {
         let mut o = observed();
-        let ip: IpAddr = "10.244.1.5".parse().unwrap();
+        let ip: IpAddr = "10.244.1.5".parse().expect("a valid literal");
         o.apply(port(10, Some(BRIDGE)));
         assert_eq!(
             o.apply(neighbour(BRIDGE, "10.244.1.5", Some(5))),
@@ -389,7 +392,7 @@ mod tests {
     #[test]
     fn route_owners_follow_events() {
         let mut o = observed();
-        let prefix: IpNet = "10.244.2.0/24".parse().unwrap();
+        let prefix: IpNet = "10.244.2.0/24".parse().expect("a valid literal");
         let event = |owner, deleted| KernelEvent::Route {
             destination: prefix,
             owner,
@@ -397,7 +400,10 @@ mod tests {
             replaced: false,
         };
         let foreign = RouteOwner::Foreign("static".into());
-        assert_eq!(o.apply(event(foreign.clone(), false)), Some(Change::Prefix(prefix)));
+        assert_eq!(
+            o.apply(event(foreign.clone(), false)),
+            Some(Change::Prefix(prefix))
+        );
         assert_eq!(o.prefixes[&prefix].foreign.as_deref(), Some("static"));
         assert_eq!(o.apply(event(foreign, true)), Some(Change::Prefix(prefix)));
         assert!(!o.prefixes.contains_key(&prefix));

@@ -57,8 +57,11 @@ pub trait FastPathMaps {
     fn set_endpoint(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<(), DatapathError>;
     fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError>;
     /// Puts the programs on the bridge and the uplink (again, if they were made again).
-    fn attach_node(&mut self, bridge: (&str, u32), uplink: (&str, u32))
-    -> Result<(), DatapathError>;
+    fn attach_node(
+        &mut self,
+        bridge: (&str, u32),
+        uplink: (&str, u32),
+    ) -> Result<(), DatapathError>;
     /// With `--attach ports`: the program on a bridge port, or off it.
     fn attach_port(&mut self, name: &str, index: u32) -> Result<(), DatapathError>;
     fn detach_port(&mut self, index: u32);
@@ -151,7 +154,10 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 Some(old) if old.node_ip == hop.node_ip => {}
                 old => {
                     if old.is_none() {
-                        info!("peer {} ({}): {cidr} via {}", hop.peer, hop.source, hop.node_ip);
+                        info!(
+                            "peer {} ({}): {cidr} via {}",
+                            hop.peer, hop.source, hop.node_ip
+                        );
                     }
                     changed.push(*cidr);
                 }
@@ -307,7 +313,9 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
     }
 
     fn note_foreign(&mut self, cidr: IpNet, protocol: String) {
-        let previous = self.state.insert(cidr, RouteState::Foreign(protocol.clone()));
+        let previous = self
+            .state
+            .insert(cidr, RouteState::Foreign(protocol.clone()));
         if !matches!(previous, Some(RouteState::Foreign(_))) {
             let peer = self.desired.routes.get(&cidr).map(|h| h.peer.as_str());
             warn!(
@@ -577,7 +585,12 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         let ips: Vec<IpAddr> = self
             .by_hop
             .keys()
-            .filter(|ip| observed.next_hops.get(ip).is_none_or(|n| n.stale || n.mac.is_none()))
+            .filter(|ip| {
+                observed
+                    .next_hops
+                    .get(ip)
+                    .is_none_or(|n| n.stale || n.mac.is_none())
+            })
             .copied()
             .collect();
         self.resolve(ips, observed).await;
@@ -601,14 +614,21 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
     /// every next hop's MAC known, once the source has spoken.
     pub fn ready(&self, observed: &Observed) -> bool {
         self.peers_known
-            && self.desired.routes.iter().all(|(cidr, hop)| match self.state.get(cidr) {
-                Some(RouteState::Installed) => {
-                    self.maps.is_none()
-                        || observed.next_hops.get(&hop.node_ip).is_some_and(|n| n.mac.is_some())
-                }
-                Some(RouteState::Foreign(_)) => true,
-                _ => false,
-            })
+            && self
+                .desired
+                .routes
+                .iter()
+                .all(|(cidr, hop)| match self.state.get(cidr) {
+                    Some(RouteState::Installed) => {
+                        self.maps.is_none()
+                            || observed
+                                .next_hops
+                                .get(&hop.node_ip)
+                                .is_some_and(|n| n.mac.is_some())
+                    }
+                    Some(RouteState::Foreign(_)) => true,
+                    _ => false,
+                })
     }
 
     pub fn peer_status(&self, observed: &Observed) -> Vec<PeerStatus> {
@@ -738,8 +758,8 @@ mod tests {
 
     fn network() -> Network {
         Network {
-            pod_cidr: "10.244.1.0/24".parse().unwrap(),
-            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            pod_cidr: "10.244.1.0/24".parse().expect("a valid literal"),
+            cluster_cidr: "10.244.0.0/16".parse().expect("a valid literal"),
             v6: None,
         }
     }
@@ -747,7 +767,7 @@ mod tests {
     fn node() -> NodeFacts {
         NodeFacts {
             uplink_name: "eth0".into(),
-            uplink_networks: vec!["172.31.0.1/16".parse().unwrap()],
+            uplink_networks: vec!["172.31.0.1/16".parse().expect("a valid literal")],
             addresses: Vec::new(),
         }
     }
@@ -762,7 +782,7 @@ mod tests {
         Observed::new(
             ("eth0", link(UPLINK)),
             ("cni0", link(3)),
-            vec!["10.244.1.0/24".parse().unwrap()],
+            vec!["10.244.1.0/24".parse().expect("a valid literal")],
         )
     }
 
@@ -770,8 +790,12 @@ mod tests {
         (2..2 + n)
             .map(|i| Peer {
                 name: format!("n{i}"),
-                node_ip: format!("172.31.{}.{}", i / 250, i % 250 + 2).parse().unwrap(),
-                pod_cidr: format!("10.{}.{}.0/24", 100 + i / 250, i % 250).parse().unwrap(),
+                node_ip: format!("172.31.{}.{}", i / 250, i % 250 + 2)
+                    .parse()
+                    .expect("a valid literal"),
+                pod_cidr: format!("10.{}.{}.0/24", 100 + i / 250, i % 250)
+                    .parse()
+                    .expect("a valid literal"),
                 v6: None,
                 source: "static".into(),
                 lease: None,
@@ -802,7 +826,7 @@ mod tests {
     fn block_on<F: Future>(future: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .build()
-            .unwrap()
+            .expect("a runtime")
             .block_on(future)
     }
 
@@ -814,13 +838,13 @@ mod tests {
         let mut set = peers(1000);
         block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
         assert_eq!(routes.table.borrow().len(), 1000);
-        assert_eq!(r.maps.as_ref().unwrap().routes.len(), 1000);
+        assert_eq!(r.maps.as_ref().expect("present").routes.len(), 1000);
         assert_eq!(r.routes_installed(), 1000);
         observe_routes(&mut observed, &routes);
 
         routes.writes.borrow_mut().clear();
-        r.maps.as_mut().unwrap().writes = 0;
-        set[500].node_ip = "172.31.9.9".parse().unwrap();
+        r.maps.as_mut().expect("present").writes = 0;
+        set[500].node_ip = "172.31.9.9".parse().expect("a valid literal");
         // The new next hop is resolved: its map entry differs from the old one.
         observed.apply(KernelEvent::Neighbour {
             neighbour: Neighbour {
@@ -837,7 +861,7 @@ mod tests {
             writes,
             vec![format!("replace {} via 172.31.9.9", set[500].pod_cidr)]
         );
-        assert_eq!(r.maps.as_ref().unwrap().writes, 1);
+        assert_eq!(r.maps.as_ref().expect("present").writes, 1);
     }
 
     #[test]
@@ -848,12 +872,12 @@ mod tests {
         block_on(r.set_desired(desired(&network(), &peers(50), &node()), &observed));
         observe_routes(&mut observed, &routes);
         routes.writes.borrow_mut().clear();
-        r.maps.as_mut().unwrap().writes = 0;
+        r.maps.as_mut().expect("present").writes = 0;
         block_on(r.resync(&observed));
         assert!(routes.writes.borrow().is_empty(), "{:?}", routes.writes);
-        assert_eq!(r.maps.as_ref().unwrap().writes, 0);
+        assert_eq!(r.maps.as_ref().expect("present").writes, 0);
         // One route deleted behind hgw's back: the resync puts back that one only.
-        let gone = *routes.table.borrow().keys().next().unwrap();
+        let gone = *routes.table.borrow().keys().next().expect("present");
         routes.table.borrow_mut().remove(&gone);
         observe_routes(&mut observed, &routes);
         block_on(r.resync(&observed));
@@ -863,18 +887,24 @@ mod tests {
     #[test]
     fn nothing_is_swept_before_the_first_peer_set() {
         let routes = FakeRoutes::default();
-        let left: IpNet = "10.200.0.0/24".parse().unwrap();
+        let left: IpNet = "10.200.0.0/24".parse().expect("a valid literal");
         routes
             .table
             .borrow_mut()
-            .insert(left, Ok("172.31.0.9".parse().unwrap()));
+            .insert(left, Ok("172.31.0.9".parse().expect("a valid literal")));
         let mut observed = observed();
         observe_routes(&mut observed, &routes);
         let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
         block_on(r.resync(&observed));
-        assert!(routes.table.borrow().contains_key(&left), "kept until the source speaks");
+        assert!(
+            routes.table.borrow().contains_key(&left),
+            "kept until the source speaks"
+        );
         block_on(r.set_desired(desired(&network(), &peers(1), &node()), &observed));
-        assert!(!routes.table.borrow().contains_key(&left), "swept once it has");
+        assert!(
+            !routes.table.borrow().contains_key(&left),
+            "swept once it has"
+        );
     }
 
     #[test]
@@ -891,7 +921,7 @@ mod tests {
         let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
         block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
         assert_eq!(routes.table.borrow()[&foreign], Err("static".into()));
-        let maps = r.maps.as_ref().unwrap();
+        let maps = r.maps.as_ref().expect("present");
         assert!(!maps.routes.contains_key(&foreign));
         assert_eq!(maps.routes.len(), 1);
         let status = r.peer_status(&observed);
@@ -911,8 +941,14 @@ mod tests {
             replaced: false,
         });
         block_on(r.on_change(Change::Prefix(foreign), &observed));
-        assert!(matches!(routes.table.borrow()[&foreign], Ok(_)));
-        assert!(r.maps.as_ref().unwrap().routes.contains_key(&foreign));
+        assert!(routes.table.borrow()[&foreign].is_ok());
+        assert!(
+            r.maps
+                .as_ref()
+                .expect("present")
+                .routes
+                .contains_key(&foreign)
+        );
     }
 
     #[test]
@@ -923,7 +959,7 @@ mod tests {
         let set = peers(10);
         block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
         assert!(!r.ready(&observed), "no MAC known yet");
-        r.maps.as_mut().unwrap().writes = 0;
+        r.maps.as_mut().expect("present").writes = 0;
         let ip = IpAddr::V4(set[3].node_ip);
         let change = observed.apply(KernelEvent::Neighbour {
             neighbour: Neighbour {
@@ -935,7 +971,7 @@ mod tests {
             deleted: false,
         });
         block_on(r.on_change(change.expect("a change"), &observed));
-        let maps = r.maps.as_ref().unwrap();
+        let maps = r.maps.as_ref().expect("present");
         assert_eq!(maps.writes, 1);
         let entry = maps.routes[&IpNet::V4(set[3].pod_cidr)];
         assert_eq!(entry.dst_mac, [2, 1, 1, 1, 1, 1]);
