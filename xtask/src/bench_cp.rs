@@ -24,7 +24,23 @@ struct Sample {
     ip_batch: Duration,
     agent: Duration,
     change: Duration,
+    /// `hgw-agent status --json` with every peer in place, median of [`STATUS_SAMPLES`].
+    status: Duration,
     peak_rss_kib: u64,
+}
+
+const STATUS_SAMPLES: usize = 5;
+
+/// How long `hgw-agent status --json` takes, the command as a user runs it.
+fn status_time(agent: &hgw_tests::Agent) -> anyhow::Result<Duration> {
+    let mut times = Vec::with_capacity(STATUS_SAMPLES);
+    for _ in 0..STATUS_SAMPLES {
+        let start = Instant::now();
+        agent.status()?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(times[STATUS_SAMPLES / 2])
 }
 
 /// Peer `i`: node IP 172.30.a.b (on the node's extra /16), pod CIDR 10.a.b.0/24.
@@ -117,13 +133,16 @@ fn measure(peers: usize) -> anyhow::Result<Sample> {
     std::fs::write(&path, config(peers, Some(changed))).context("rewriting the config")?;
     let change = wait_moved(&ns, &cidr)?;
 
-    let peak_rss_kib = peak_rss(lab.agent(0).context("agent")?.pid())?;
+    let agent = lab.agent(0).context("agent")?;
+    let status = status_time(agent)?;
+    let peak_rss_kib = peak_rss(agent.pid())?;
     Ok(Sample {
         source: "static file",
         peers,
         ip_batch,
         agent: applied,
         change,
+        status,
         peak_rss_kib,
     })
 }
@@ -172,24 +191,28 @@ fn measure_etcd(peers: usize, ip_batch: Duration) -> anyhow::Result<Sample> {
     let (key, value) = entry(changed, MOVED_TO);
     etcd.put(&key, &value)?;
     let change = wait_moved(&ns, &cidr)?;
-    let peak_rss_kib = peak_rss(lab.agent(0).context("agent")?.pid())?;
+    let agent = lab.agent(0).context("agent")?;
+    let status = status_time(agent)?;
+    let peak_rss_kib = peak_rss(agent.pid())?;
     Ok(Sample {
         source: "etcd",
         peers,
         ip_batch,
         agent: applied,
         change,
+        status,
         peak_rss_kib,
     })
 }
 
 fn report(sample: &Sample) {
     println!(
-        "  ip -batch {:?}, agent {:?} ({:.1}x), one change {:?}, peak RSS {} KiB",
+        "  ip -batch {:?}, agent {:?} ({:.1}x), one change {:?}, status {:?}, peak RSS {} KiB",
         sample.ip_batch,
         sample.agent,
         sample.agent.as_secs_f64() / sample.ip_batch.as_secs_f64(),
         sample.change,
+        sample.status,
         sample.peak_rss_kib
     );
 }
@@ -208,18 +231,19 @@ pub fn control_plane(out: &Path) -> anyhow::Result<()> {
         samples.push(sample);
     }
     let mut md = String::from(
-        "# hgw control-plane bench\n\nOne lab node; its peers are on-link but do not exist (their next hops stay unresolved, costing the agent the same route and map work). Sources: a static peer file, or flannel-style subnet entries in a real etcd (Debian's etcd-server in the lab). `agent` = agent start until every route and fast-path entry is in place; `ip -batch` = the same routes installed by `ip -batch`; `one change` = a peer's node IP changed (file edit: checked every second, so up to 1 s of it is that interval; etcd: one put, seen through the watch) until its kernel route follows.\n\n| source | peers | ip -batch | agent | agent / ip -batch | one change | peak RSS |\n|---|---|---|---|---|---|---|\n",
+        "# hgw control-plane bench\n\nOne lab node; its peers are on-link but do not exist (their next hops stay unresolved, costing the agent the same route and map work). Sources: a static peer file, or flannel-style subnet entries in a real etcd (Debian's etcd-server in the lab). `agent` = agent start until every route and fast-path entry is in place; `ip -batch` = the same routes installed by `ip -batch`; `one change` = a peer's node IP changed (file edit: checked every second, so up to 1 s of it is that interval; etcd: one put, seen through the watch) until its kernel route follows; `status` = `hgw-agent status --json` as a user runs it (the process included), median of 5.\n\n| source | peers | ip -batch | agent | agent / ip -batch | one change | status | peak RSS |\n|---|---|---|---|---|---|---|---|\n",
     );
     for s in &samples {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} ms | {:.0} ms | {:.1}x | {:.0} ms | {:.1} MiB |",
+            "| {} | {} | {:.0} ms | {:.0} ms | {:.1}x | {:.0} ms | {:.0} ms | {:.1} MiB |",
             s.source,
             s.peers,
             s.ip_batch.as_secs_f64() * 1e3,
             s.agent.as_secs_f64() * 1e3,
             s.agent.as_secs_f64() / s.ip_batch.as_secs_f64(),
             s.change.as_secs_f64() * 1e3,
+            s.status.as_secs_f64() * 1e3,
             s.peak_rss_kib as f64 / 1024.0
         );
     }

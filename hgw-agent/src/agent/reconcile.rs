@@ -674,6 +674,7 @@ mod tests {
     struct FakeRoutes {
         table: RefCell<BTreeMap<IpNet, Result<IpAddr, String>>>,
         writes: RefCell<Vec<String>>,
+        resolved: RefCell<Vec<IpAddr>>,
     }
 
     impl RouteTable for &FakeRoutes {
@@ -716,7 +717,7 @@ mod tests {
         }
 
         async fn resolve(&self, _oif: u32, ip: IpAddr) -> Result<(), KernelError> {
-            self.writes.borrow_mut().push(format!("resolve {ip}"));
+            self.resolved.borrow_mut().push(ip);
             Ok(())
         }
     }
@@ -839,6 +840,11 @@ mod tests {
         block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
         assert_eq!(routes.table.borrow().len(), 1000);
         assert_eq!(r.maps.as_ref().expect("present").routes.len(), 1000);
+        assert_eq!(
+            routes.resolved.borrow().len(),
+            1000,
+            "every next hop asked for"
+        );
         assert_eq!(r.routes_installed(), 1000);
         observe_routes(&mut observed, &routes);
 
