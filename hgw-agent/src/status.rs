@@ -30,7 +30,8 @@ pub enum StatusError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub node: String,
-    pub pod_cidr: String,
+    /// `None` until the agent knows its network (etcd: once it holds a subnet).
+    pub pod_cidr: Option<String>,
     /// Dual stack: the IPv6 pod CIDR.
     #[serde(default)]
     pub pod_cidr_v6: Option<String>,
@@ -165,7 +166,10 @@ impl std::fmt::Display for Status {
         writeln!(
             f,
             "node {}  pod CIDR {}  uplink {}  bridge {}",
-            self.node, self.pod_cidr, self.uplink, self.bridge
+            self.node,
+            self.pod_cidr.as_deref().unwrap_or("(not known yet)"),
+            self.uplink,
+            self.bridge
         )?;
         let state = match (&self.waiting, self.ready) {
             (Some(waiting), _) => waiting.as_str(),

@@ -474,7 +474,7 @@ impl Agent {
         let peers_known = self.reconciler.peers_known();
         let status = Status {
             node: self.config.node_name.clone(),
-            pod_cidr: self.network.pod_cidr.to_string(),
+            pod_cidr: Some(self.network.pod_cidr.to_string()),
             pod_cidr_v6: self.network.v6.map(|v6| v6.pod_cidr.to_string()),
             uplink: self.config.uplink.clone(),
             bridge: self.config.bridge.clone(),
@@ -700,7 +700,7 @@ fn check_network(
 fn waiting_status(config: &Config, waiting: String) -> Status {
     Status {
         node: config.node_name.clone(),
-        pod_cidr: String::new(),
+        pod_cidr: None,
         pod_cidr_v6: None,
         uplink: config.uplink.clone(),
         bridge: config.bridge.clone(),
