@@ -292,7 +292,10 @@ impl Agent {
     ) {
         // Subscribed first, then dumped: nothing falls between the two.
         self.resync().await;
-        if let Some(set) = peers.borrow_and_update().clone() {
+        // Bound first: the borrow (a lock the source's task needs) ends here, not
+        // after the await below.
+        let first = peers.borrow_and_update().clone();
+        if let Some(set) = first {
             self.set_peers(&set).await;
         }
         self.publish();
