@@ -155,7 +155,9 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             };
             // Bound now, so that status can say the agent waits for etcd.
             let listener = bind_status_socket(&config)?;
-            let Some(source) = wait_for_etcd(&config, etcd, public_ip, &listener).await? else {
+            let Some(source) =
+                wait_for_etcd(&config, etcd, public_ip, &uplink_networks, &listener).await?
+            else {
                 let _ = std::fs::remove_file(&config.status_socket);
                 info!("stopped while waiting for etcd: routes left as they were");
                 return Ok(());
@@ -466,6 +468,7 @@ async fn wait_for_etcd(
     config: &Config,
     etcd: &EtcdConfig,
     public_ip: Ipv4Addr,
+    uplink_networks: &[IpNet],
     listener: &UnixListener,
 ) -> Result<Option<EtcdSource>, AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
@@ -473,7 +476,7 @@ async fn wait_for_etcd(
     let mut backoff = ETCD_RETRY_FIRST;
     let mut waiting = waiting_status(config, "waiting for etcd: connecting".into());
     loop {
-        let attempt = etcd::start(etcd.clone(), public_ip);
+        let attempt = etcd::start(etcd.clone(), public_ip, uplink_networks);
         tokio::pin!(attempt);
         let error = loop {
             tokio::select! {
