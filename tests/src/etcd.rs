@@ -247,7 +247,10 @@ impl Etcd {
             let config = self.agent_config(lab, node, "");
             let want = lab.nodes[node].pod_cidr.clone();
             let agent = lab.start_agent_with_config(node, &config, &[])?;
-            let status = agent.wait_for(TIMEOUT, |s| s["pod_cidr"].is_string())?;
+            // While it waits for etcd, status says pod_cidr "".
+            let status = agent.wait_for(TIMEOUT, |s| {
+                s["pod_cidr"].as_str().is_some_and(|c| !c.is_empty())
+            })?;
             if status["pod_cidr"] != want.as_str() {
                 bail!(
                     "node {node} acquired {} instead of {want}",

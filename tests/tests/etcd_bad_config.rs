@@ -20,8 +20,10 @@ fn refused(lab: &Lab, etcd: &Etcd, key: &str, reason: &str) -> anyhow::Result<()
     let before = subnets()?;
     let (status, stderr, _socket) = lab.run_agent_to_exit(0, &etcd.agent_config(lab, 0, ""))?;
     assert!(!status.success(), "{key}: the agent ran with it:\n{stderr}");
+    // The error itself, not an info line before it, names the key.
+    let error = stderr.split_once("Error:").map_or("", |(_, e)| e);
     assert!(
-        stderr.contains(key) && stderr.contains(reason),
+        error.contains(key) && error.contains(reason),
         "the error does not name {key} and say {reason:?}:\n{stderr}"
     );
     let after = subnets()?;
