@@ -1,31 +1,40 @@
 //! Peers from etcd v3 in flannel's schema, so an existing flannel etcd can be read as is
 //! and flannel can read what hgw writes:
 //!
-//! - `<prefix>/config`: `{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}`
+//! - `<prefix>/config`: `{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}`,
+//!   dual stack with `"EnableIPv6":true,"IPv6Network":"fd00:244::/32"` (and `IPv6SubnetLen`,
+//!   `IPv6SubnetMin`, `IPv6SubnetMax`);
 //! - `<prefix>/subnets/10.244.3.0-24`: `{"PublicIP":"172.31.0.3","BackendType":"host-gw"}`,
+//!   dual stack `<prefix>/subnets/10.244.3.0-24&fd00:244:3::-64` with `"PublicIPv6"`, each
 //!   attached to the owner's lease (a key without a lease is a reservation, respected).
 //!
-//! This node acquires its subnet in a transaction that succeeds only if the key is new
-//! (or still the lease it found for its own PublicIP), keeps the lease alive, and
-//! watches the subnets from the listed revision; on a broken watch or a compaction it
-//! lists again. Every change sends the whole valid peer set to the agent.
+//! The config and every entry get the checks of a static config: no default route, room
+//! for pods, bounds inside the network, nothing over the uplink's networks, one entry per
+//! node address. A bad config is refused naming its key; a bad entry is left out with a
+//! warning naming its key, and the older of two entries wins.
+//!
+//! This node claims its subnet (both families, one key) in a transaction that succeeds
+//! only if the key is new (or still the entry it found for its own PublicIP). A task of
+//! its own keeps the lease alive; the watch loop follows the subnets from the listed
+//! revision, lists again on a broken watch or a compaction, and publishes each whole valid
+//! peer set, newest first: a set the agent has not taken yet is replaced by a newer one.
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    net::Ipv4Addr,
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseClient, PutOptions,
+    Txn, TxnOp, WatchOptions,
 };
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use crate::config::{EtcdConfig, Network, Peer};
+use crate::config::{EtcdConfig, Network, NetworkV6, Peer, PeerV6};
 
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -45,12 +54,16 @@ pub enum EtcdError {
     },
     #[error("etcd key {key}: {reason}")]
     BadConfig { key: String, reason: String },
+    #[error(
+        "etcd key {key} has EnableIPv6, but the uplink has no global IPv6 address to publish as PublicIPv6"
+    )]
+    NoPublicIpv6 { key: String },
     #[error("no free subnet left in {network} (SubnetLen {subnet_len}, between {min} and {max})")]
     NoFreeSubnet {
-        network: Ipv4Net,
+        network: IpNet,
         subnet_len: u8,
-        min: Ipv4Addr,
-        max: Ipv4Addr,
+        min: IpAddr,
+        max: IpAddr,
     },
 }
 
@@ -58,13 +71,26 @@ pub enum EtcdError {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct FlannelConfig {
-    network: String,
+    #[serde(rename = "EnableIPv4", default)]
+    enable_ipv4: Option<bool>,
+    #[serde(rename = "EnableIPv6", default)]
+    enable_ipv6: bool,
+    #[serde(default)]
+    network: Option<String>,
     #[serde(default)]
     subnet_len: u8,
     #[serde(default)]
     subnet_min: Option<String>,
     #[serde(default)]
     subnet_max: Option<String>,
+    #[serde(rename = "IPv6Network", default)]
+    ipv6_network: Option<String>,
+    #[serde(rename = "IPv6SubnetLen", default)]
+    ipv6_subnet_len: u8,
+    #[serde(rename = "IPv6SubnetMin", default)]
+    ipv6_subnet_min: Option<String>,
+    #[serde(rename = "IPv6SubnetMax", default)]
+    ipv6_subnet_max: Option<String>,
     #[serde(default)]
     backend: Option<Backend>,
 }
@@ -75,11 +101,17 @@ struct Backend {
     kind: String,
 }
 
-/// A subnet lease's value, as flannel writes it.
+/// A subnet lease's value, as flannel writes it (`PublicIPv6` is null without IPv6).
 #[derive(Debug, Serialize, Deserialize)]
 struct LeaseAttrs {
     #[serde(rename = "PublicIP")]
     public_ip: String,
+    #[serde(
+        rename = "PublicIPv6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    public_ipv6: Option<String>,
     #[serde(
         rename = "BackendType",
         default,
@@ -88,17 +120,205 @@ struct LeaseAttrs {
     backend_type: String,
 }
 
-/// The subnet space of a flannel network, with flannel's defaults.
+/// The config's field names of one family, for messages.
+struct Fields {
+    family: &'static str,
+    network: &'static str,
+    len: &'static str,
+    min: &'static str,
+    max: &'static str,
+}
+
+const FIELDS_V4: Fields = Fields {
+    family: "IPv4",
+    network: "Network",
+    len: "SubnetLen",
+    min: "SubnetMin",
+    max: "SubnetMax",
+};
+
+const FIELDS_V6: Fields = Fields {
+    family: "IPv6",
+    network: "IPv6Network",
+    len: "IPv6SubnetLen",
+    min: "IPv6SubnetMin",
+    max: "IPv6SubnetMax",
+};
+
+/// One family's subnets: the network cut into `subnet_len` subnets, handed out from
+/// `min` to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    pub network: IpNet,
+    pub subnet_len: u8,
+    pub min: IpAddr,
+    pub max: IpAddr,
+}
+
+fn bits(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+fn to_u128(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u32::from(a).into(),
+        IpAddr::V6(a) => a.into(),
+    }
+}
+
+fn from_u128(value: u128, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(value.into())
+    } else {
+        IpAddr::V4(Ipv4Addr::from(value as u32))
+    }
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// The first of `uplink`'s networks that `net` overlaps: a subnet there would take the
+/// node's own traffic (its uplink addresses, SSH included) for pods.
+fn uplink_overlap(net: &IpNet, uplink: &[IpNet]) -> Option<IpNet> {
+    uplink.iter().map(IpNet::trunc).find(|u| overlaps(net, u))
+}
+
+impl Pool {
+    /// Flannel's rules (pkg/subnet/config.go `CheckNetworkConfig`): at least four
+    /// subnets in the network, none shorter than /30 (/126), bounds inside the network
+    /// and on a subnet boundary; by default /24 (/64) subnets, or a quarter of a small
+    /// network, and the first subnet skipped. hgw also refuses a default route.
+    fn parse(
+        f: &Fields,
+        network: Option<&str>,
+        subnet_len: u8,
+        min: Option<&str>,
+        max: Option<&str>,
+    ) -> Result<Self, String> {
+        let v6 = f.family == "IPv6";
+        let Some(text) = network else {
+            return Err(format!("{} is missing", f.network));
+        };
+        let network = text
+            .parse::<IpNet>()
+            .ok()
+            .filter(|n| n.addr().is_ipv6() == v6)
+            .ok_or_else(|| format!("{} {text:?} is not an {} CIDR", f.network, f.family))?
+            .trunc();
+        let prefix = network.prefix_len();
+        let bits = bits(network.addr());
+        if prefix == 0 {
+            return Err(format!(
+                "{} {network} is a default route: it would take all of the node's traffic for pods",
+                f.network
+            ));
+        }
+        let (default_len, longest) = if v6 { (64, 126) } else { (24, 30) };
+        let subnet_len = match subnet_len {
+            0 if prefix + 4 > bits => {
+                return Err(format!(
+                    "{} {network} is too small for four subnets of four addresses (at most /{})",
+                    f.network,
+                    bits - 4
+                ));
+            }
+            0 if prefix + 2 <= default_len => default_len,
+            0 => prefix + 2,
+            len if len > longest => {
+                return Err(format!(
+                    "{} {len} leaves no room for pods (at most {longest})",
+                    f.len
+                ));
+            }
+            len if len < prefix + 2 => {
+                return Err(format!(
+                    "{} {len} is too short for {} {network}: it must hold at least four subnets (at least {})",
+                    f.len,
+                    f.network,
+                    prefix + 2
+                ));
+            }
+            len => len,
+        };
+        let size = 1u128 << (bits - subnet_len);
+        let (first, last) = (to_u128(network.network()), to_u128(network.broadcast()));
+        let bound = |value: Option<&str>, name: &str, default: u128| -> Result<u128, String> {
+            let Some(text) = value else {
+                return Ok(default);
+            };
+            let addr = text
+                .parse::<IpAddr>()
+                .ok()
+                .filter(|a| a.is_ipv6() == v6)
+                .ok_or_else(|| format!("{name} {text:?} is not an {} address", f.family))?;
+            if !network.contains(&addr) {
+                return Err(format!("{name} {addr} is outside {} {network}", f.network));
+            }
+            let value = to_u128(addr);
+            if !value.is_multiple_of(size) {
+                return Err(format!("{name} {addr} is not on a /{subnet_len} boundary"));
+            }
+            Ok(value)
+        };
+        let min = bound(min, f.min, first + size)?;
+        let max = bound(max, f.max, last - (size - 1))?;
+        if min > max {
+            return Err(format!(
+                "{} {} is above {} {}",
+                f.min,
+                from_u128(min, v6),
+                f.max,
+                from_u128(max, v6)
+            ));
+        }
+        Ok(Self {
+            network,
+            subnet_len,
+            min: from_u128(min, v6),
+            max: from_u128(max, v6),
+        })
+    }
+
+    /// Whether `net` is one this pool hands out (flannel's `isSubnetConfigCompat`).
+    fn fits(&self, net: &IpNet) -> bool {
+        let addr = net.network();
+        net.prefix_len() == self.subnet_len
+            && addr.is_ipv6() == self.network.addr().is_ipv6()
+            && to_u128(self.min) <= to_u128(addr)
+            && to_u128(addr) <= to_u128(self.max)
+    }
+
+    /// Every subnet from min to max, in order.
+    fn subnets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        let v6 = self.network.addr().is_ipv6();
+        let size = 1u128 << (bits(self.min) - self.subnet_len);
+        let max = to_u128(self.max);
+        std::iter::successors(Some(to_u128(self.min)), move |a| {
+            a.checked_add(size).filter(|next| *next <= max)
+        })
+        .filter_map(move |a| IpNet::new(from_u128(a, v6), self.subnet_len).ok())
+    }
+
+    fn no_free_subnet(&self) -> EtcdError {
+        EtcdError::NoFreeSubnet {
+            network: self.network,
+            subnet_len: self.subnet_len,
+            min: self.min,
+            max: self.max,
+        }
+    }
+}
+
+/// The subnet space of a flannel network: IPv4, and IPv6 with `EnableIPv6`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubnetSpace {
-    pub network: Ipv4Net,
-    pub subnet_len: u8,
-    pub min: Ipv4Addr,
-    pub max: Ipv4Addr,
+    pub v4: Pool,
+    pub v6: Option<Pool>,
 }
 
 impl SubnetSpace {
-    fn parse(key: &str, text: &str) -> Result<Self, EtcdError> {
+    pub fn parse(key: &str, text: &str) -> Result<Self, EtcdError> {
         let bad = |reason: String| EtcdError::BadConfig {
             key: key.to_owned(),
             reason,
@@ -112,73 +332,116 @@ impl SubnetSpace {
                 backend.kind
             );
         }
-        let network: Ipv4Net = config
-            .network
-            .parse()
-            .map_err(|_| bad(format!("Network {:?} is not an IPv4 CIDR", config.network)))?;
-        let network = network.trunc();
-        let prefix = network.prefix_len();
-        let subnet_len = match config.subnet_len {
-            0 if prefix < 24 => 24,
-            0 if prefix < 30 => prefix + 1,
-            0 => return Err(bad(format!("Network {network} is too small for subnets"))),
-            len if len < prefix || len > 30 => {
-                return Err(bad(format!(
-                    "SubnetLen {len} does not fit Network {network}"
-                )));
-            }
-            len => len,
+        if config.enable_ipv4 == Some(false) {
+            return Err(bad(
+                "EnableIPv4 is false: hgw needs an IPv4 network (IPv6 only is not supported)"
+                    .into(),
+            ));
+        }
+        let v4 = Pool::parse(
+            &FIELDS_V4,
+            config.network.as_deref(),
+            config.subnet_len,
+            config.subnet_min.as_deref(),
+            config.subnet_max.as_deref(),
+        )
+        .map_err(bad)?;
+        let v6 = if config.enable_ipv6 {
+            Some(
+                Pool::parse(
+                    &FIELDS_V6,
+                    config.ipv6_network.as_deref(),
+                    config.ipv6_subnet_len,
+                    config.ipv6_subnet_min.as_deref(),
+                    config.ipv6_subnet_max.as_deref(),
+                )
+                .map_err(bad)?,
+            )
+        } else {
+            None
         };
-        let size = 1u32 << (32 - subnet_len);
-        let parse_bound =
-            |value: &Option<String>, name: &str, default: u32| -> Result<Ipv4Addr, EtcdError> {
-                match value {
-                    None => Ok(Ipv4Addr::from(default)),
-                    Some(v) => v
-                        .parse()
-                        .map_err(|_| bad(format!("{name} {v:?} is not an IPv4 address"))),
-                }
-            };
-        let first = u32::from(network.network());
-        let last = u32::from(network.broadcast());
-        // Flannel skips the first subnet (its network address would clash) by default.
-        let min = parse_bound(&config.subnet_min, "SubnetMin", first + size)?;
-        let max = parse_bound(&config.subnet_max, "SubnetMax", last + 1 - size)?;
-        Ok(Self {
-            network,
-            subnet_len,
-            min,
-            max,
-        })
+        Ok(Self { v4, v6 })
     }
 
-    /// Every subnet from min to max, in order.
-    fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
-        let size = 1u64 << (32 - self.subnet_len);
-        let (min, max) = (
-            u64::from(u32::from(self.min)),
-            u64::from(u32::from(self.max)),
+    fn pools(&self) -> impl Iterator<Item = (&'static Fields, &Pool)> {
+        std::iter::once((&FIELDS_V4, &self.v4)).chain(self.v6.as_ref().map(|p| (&FIELDS_V6, p)))
+    }
+
+    /// A network over the uplink's networks would hand the node's own traffic to pods.
+    fn check_uplink(&self, key: &str, uplink: &[IpNet]) -> Result<(), EtcdError> {
+        for (fields, pool) in self.pools() {
+            if let Some(net) = uplink_overlap(&pool.network, uplink) {
+                return Err(EtcdError::BadConfig {
+                    key: key.to_owned(),
+                    reason: format!(
+                        "{} {} overlaps the uplink's network {net}",
+                        fields.network, pool.network
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn v4_network(&self) -> Ipv4Net {
+        match self.v4.network {
+            IpNet::V4(net) => net,
+            IpNet::V6(_) => unreachable!("parsed as IPv4"),
+        }
+    }
+
+    fn v6_network(&self) -> Option<Ipv6Net> {
+        match self.v6?.network {
+            IpNet::V6(net) => Some(net),
+            IpNet::V4(_) => unreachable!("parsed as IPv6"),
+        }
+    }
+}
+
+/// A subnet key's subnets: `10.244.3.0-24`, dual stack `10.244.3.0-24&fd00:244:3::-64`
+/// (flannel's `MakeSubnetKey` / `ParseSubnetKey`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SubnetKey {
+    v4: Ipv4Net,
+    v6: Option<Ipv6Net>,
+}
+
+impl SubnetKey {
+    fn key(&self, prefix: &str) -> String {
+        let mut key = format!(
+            "{prefix}/subnets/{}-{}",
+            self.v4.network(),
+            self.v4.prefix_len()
         );
-        (min..=max)
-            .step_by(size as usize)
-            .filter_map(move |a| Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len).ok())
+        if let Some(v6) = self.v6 {
+            key.push_str(&format!("&{}-{}", v6.network(), v6.prefix_len()));
+        }
+        key
     }
-}
 
-/// `<prefix>/subnets/10.244.3.0-24` <-> 10.244.3.0/24.
-fn subnet_key(prefix: &str, subnet: Ipv4Net) -> String {
-    format!(
-        "{prefix}/subnets/{}-{}",
-        subnet.network(),
-        subnet.prefix_len()
-    )
-}
+    fn parse(prefix: &str, key: &str) -> Option<Self> {
+        let rest = key.strip_prefix(prefix)?.strip_prefix("/subnets/")?;
+        let (v4, v6) = match rest.split_once('&') {
+            Some((v4, v6)) => (v4, Some(v6)),
+            None => (rest, None),
+        };
+        let (addr, len) = v4.split_once('-')?;
+        let v4 = Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
+        let v6 = match v6 {
+            Some(text) => {
+                let (addr, len) = text.rsplit_once('-')?;
+                let net = Ipv6Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
+                (net.trunc() == net).then_some(net)?;
+                Some(net)
+            }
+            None => None,
+        };
+        (v4.trunc() == v4).then_some(Self { v4, v6 })
+    }
 
-fn subnet_from_key(prefix: &str, key: &str) -> Option<Ipv4Net> {
-    let rest = key.strip_prefix(prefix)?.strip_prefix("/subnets/")?;
-    let (addr, len) = rest.split_once('-')?;
-    let net = Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?;
-    (net.trunc() == net).then_some(net)
+    fn nets(&self) -> impl Iterator<Item = IpNet> {
+        std::iter::once(IpNet::V4(self.v4)).chain(self.v6.map(IpNet::V6))
+    }
 }
 
 /// One entry under `<prefix>/subnets/`, as stored.
@@ -186,69 +449,210 @@ fn subnet_from_key(prefix: &str, key: &str) -> Option<Ipv4Net> {
 struct Entry {
     value: String,
     lease: i64,
+    create_revision: i64,
     mod_revision: i64,
 }
 
-/// Turns the subnet entries into peers: this node's own entry and anything malformed,
-/// overlapping or outside the network is left out with a warning naming the key.
+/// An entry that passed the checks it can pass alone (IPv6 only with `EnableIPv6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Subnet {
+    key: SubnetKey,
+    public_ip: Ipv4Addr,
+    public_ipv6: Option<Ipv6Addr>,
+}
+
+/// The checks of one entry by itself: a subnet key, flannel's value, addresses of the
+/// right family, subnets inside the network and off the uplink's networks.
+fn check_entry(
+    prefix: &str,
+    key: &str,
+    entry: &Entry,
+    space: &SubnetSpace,
+    uplink: &[IpNet],
+) -> Result<Subnet, String> {
+    let Some(mut subnet_key) = SubnetKey::parse(prefix, key) else {
+        return Err(
+            "not a subnet key (want <prefix>/subnets/A.B.C.D-LEN, or A.B.C.D-LEN&IPV6-LEN)".into(),
+        );
+    };
+    // A dual-stack entry in an IPv4 network is used for IPv4 only.
+    if space.v6.is_none() {
+        subnet_key.v6 = None;
+    }
+    let attrs: LeaseAttrs = serde_json::from_str(&entry.value)
+        .map_err(|e| format!("value is not a flannel lease: {e}"))?;
+    let public_ip = attrs
+        .public_ip
+        .parse::<Ipv4Addr>()
+        .map_err(|_| format!("PublicIP {:?} is not an IPv4 address", attrs.public_ip))?;
+    let public_ipv6 = match (subnet_key.v6, &attrs.public_ipv6) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err("an IPv6 subnet without PublicIPv6".into());
+        }
+        (Some(_), Some(text)) => Some(
+            text.parse::<Ipv6Addr>()
+                .map_err(|_| format!("PublicIPv6 {text:?} is not an IPv6 address"))?,
+        ),
+    };
+    check_subnets(&subnet_key, space, uplink)?;
+    Ok(Subnet {
+        key: subnet_key,
+        public_ip,
+        public_ipv6,
+    })
+}
+
+/// The subnets of a key must lie inside the network and off the uplink's networks.
+fn check_subnets(
+    subnet_key: &SubnetKey,
+    space: &SubnetSpace,
+    uplink: &[IpNet],
+) -> Result<(), String> {
+    for net in subnet_key.nets() {
+        if let Some(up) = uplink_overlap(&net, uplink) {
+            return Err(format!("{net} overlaps the uplink's network {up}"));
+        }
+    }
+    for (net, (fields, pool)) in subnet_key.nets().zip(space.pools()) {
+        if !pool.network.contains(&net) {
+            return Err(format!(
+                "{net} is outside the {} {}",
+                fields.network, pool.network
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The subnets taken so far, per family, for overlap checks in O(log n): disjoint
+/// ranges by first address.
+#[derive(Default)]
+struct Taken {
+    ranges: [BTreeMap<u128, (u128, String)>; 2],
+}
+
+impl Taken {
+    fn family(net: &IpNet) -> usize {
+        usize::from(net.addr().is_ipv6())
+    }
+
+    fn span(net: &IpNet) -> (u128, u128) {
+        (to_u128(net.network()), to_u128(net.broadcast()))
+    }
+
+    /// The key of a taken subnet that overlaps `net`. The ranges are disjoint, so only
+    /// the last one starting at or before `net`'s end can reach into it.
+    fn find(&self, net: &IpNet) -> Option<&str> {
+        let (start, end) = Self::span(net);
+        self.ranges[Self::family(net)]
+            .range(..=end)
+            .next_back()
+            .filter(|(_, (last, _))| *last >= start)
+            .map(|(_, (_, key))| key.as_str())
+    }
+
+    fn insert(&mut self, net: &IpNet, key: &str) {
+        let (start, end) = Self::span(net);
+        self.ranges[Self::family(net)].insert(start, (end, key.to_owned()));
+    }
+}
+
+/// This node, as the peer set must leave it out.
+struct Own<'a> {
+    key: &'a str,
+    subnet: SubnetKey,
+    public_ip: Ipv4Addr,
+    public_ipv6: Option<Ipv6Addr>,
+}
+
+/// Turns the subnet entries into peers, oldest entry first: this node's own entry and
+/// anything malformed, outside the network, over the uplink's networks, overlapping an
+/// older entry or repeating an older entry's node address is left out with a warning
+/// naming the key.
 fn peers_from_entries(
     prefix: &str,
     entries: &BTreeMap<String, Entry>,
     space: &SubnetSpace,
-    own: Ipv4Net,
+    own: &Own,
+    uplink: &[IpNet],
     warned: &mut HashSet<(String, String)>,
 ) -> Vec<Peer> {
+    let mut order: Vec<(&String, &Entry)> = entries.iter().collect();
+    order.sort_by_key(|(key, entry)| (entry.create_revision, *key));
+    let mut taken = Taken::default();
+    for net in own.subnet.nets() {
+        taken.insert(&net, own.key);
+    }
+    let mut addresses: HashMap<IpAddr, &str> = HashMap::new();
+    addresses.insert(own.public_ip.into(), own.key);
+    if let Some(ip) = own.public_ipv6 {
+        addresses.insert(ip.into(), own.key);
+    }
     let mut peers: Vec<Peer> = Vec::new();
-    for (key, entry) in entries {
+    for (key, entry) in order {
+        if key == own.key {
+            continue;
+        }
         let mut skip = |reason: String| {
             if warned.insert((key.clone(), entry.value.clone())) {
                 warn!("etcd key {key}: ignored: {reason}");
             }
         };
-        let Some(subnet) = subnet_from_key(prefix, key) else {
-            skip("not a subnet key (want <prefix>/subnets/A.B.C.D-LEN)".into());
-            continue;
-        };
-        if subnet == own {
-            continue;
-        }
-        let attrs: LeaseAttrs = match serde_json::from_str(&entry.value) {
-            Ok(attrs) => attrs,
-            Err(e) => {
-                skip(format!("value is not a flannel lease: {e}"));
+        let subnet = match check_entry(prefix, key, entry, space, uplink) {
+            Ok(subnet) => subnet,
+            Err(reason) => {
+                skip(reason);
                 continue;
             }
         };
-        let Ok(node_ip) = attrs.public_ip.parse::<Ipv4Addr>() else {
-            skip(format!(
-                "PublicIP {:?} is not an IPv4 address",
-                attrs.public_ip
-            ));
-            continue;
-        };
-        if !space.network.contains(&subnet) {
-            skip(format!("{subnet} is outside the network {}", space.network));
-            continue;
-        }
-        if subnet.contains(&own) || own.contains(&subnet) {
-            skip(format!("{subnet} overlaps this node's subnet {own}"));
-            continue;
-        }
-        if let Some(other) = peers
+        let nets: Vec<IpNet> = subnet.key.nets().collect();
+        if let Some((net, other)) = nets
             .iter()
-            .find(|p| p.pod_cidr.contains(&subnet) || subnet.contains(&p.pod_cidr))
+            .find_map(|net| taken.find(net).map(|other| (net, other)))
         {
-            skip(format!(
-                "{subnet} overlaps {} of {}",
-                other.pod_cidr, other.source
-            ));
+            let whose = if other == own.key {
+                "this node's subnet".to_owned()
+            } else {
+                format!("the older entry {other}")
+            };
+            skip(format!("{net} overlaps {whose}"));
             continue;
         }
+        let ips =
+            std::iter::once(IpAddr::V4(subnet.public_ip)).chain(subnet.public_ipv6.map(IpAddr::V6));
+        if let Some((ip, other)) = ips
+            .clone()
+            .find_map(|ip| addresses.get(&ip).map(|other| (ip, *other)))
+        {
+            let field = if ip.is_ipv4() {
+                "PublicIP"
+            } else {
+                "PublicIPv6"
+            };
+            let whose = if other == own.key {
+                "this node's address".to_owned()
+            } else {
+                format!("already the address of the older entry {other}")
+            };
+            skip(format!("{field} {ip} is {whose}"));
+            continue;
+        }
+        for net in &nets {
+            taken.insert(net, key);
+        }
+        for ip in ips {
+            addresses.insert(ip, key);
+        }
+        let v6 = match (subnet.key.v6, subnet.public_ipv6) {
+            (Some(pod_cidr), Some(node_ip)) => Some(PeerV6 { node_ip, pod_cidr }),
+            _ => None,
+        };
         peers.push(Peer {
-            name: format!("{}-{}", subnet.network(), subnet.prefix_len()),
-            node_ip,
-            pod_cidr: subnet,
-            v6: None,
+            name: format!("{}-{}", subnet.key.v4.network(), subnet.key.v4.prefix_len()),
+            node_ip: subnet.public_ip,
+            pod_cidr: subnet.key.v4,
+            v6,
             source: key.clone(),
             lease: (entry.lease != 0).then_some(entry.lease),
         });
@@ -256,16 +660,19 @@ fn peers_from_entries(
     peers
 }
 
-/// A connected source: this node's network, and the peers as they change.
+/// A connected source: this node's network, and the peers as they change. Each message
+/// is the whole valid peer set (the first one is the first listing); a set the agent has
+/// not taken yet is replaced by a newer one, so at most one older set waits before it.
 pub struct EtcdSource {
     pub network: Network,
-    pub lease: i64,
     pub peers: mpsc::Receiver<Vec<Peer>>,
 }
 
 struct Shared {
     config: EtcdConfig,
     public_ip: Ipv4Addr,
+    public_ipv6: Option<Ipv6Addr>,
+    uplink: Vec<IpNet>,
     endpoints: String,
 }
 
@@ -281,16 +688,43 @@ impl Shared {
     fn subnets_prefix(&self) -> String {
         format!("{}/subnets/", self.config.prefix)
     }
+
+    fn own<'a>(&self, key: &'a str, subnet: SubnetKey) -> Own<'a> {
+        Own {
+            key,
+            subnet,
+            public_ip: self.public_ip,
+            public_ipv6: self.public_ipv6,
+        }
+    }
 }
 
-/// Connects, reads the network config, acquires this node's subnet, and starts the
-/// lease keeper and the watch. Fails (before the agent changes anything on the node)
-/// if etcd cannot be reached or holds no usable config.
-pub async fn start(config: EtcdConfig, public_ip: Ipv4Addr) -> Result<EtcdSource, EtcdError> {
-    let shared = Shared {
+/// The uplink's first global IPv6 address (not link-local), as flanneld picks it.
+fn first_global_ipv6(uplink: &[IpNet]) -> Option<Ipv6Addr> {
+    uplink.iter().find_map(|net| match net.addr() {
+        IpAddr::V6(a) if !a.is_loopback() && !a.is_multicast() && !a.is_unicast_link_local() => {
+            Some(a)
+        }
+        _ => None,
+    })
+}
+
+/// Connects, reads and checks the network config, acquires this node's subnet (both
+/// families with `EnableIPv6`), and starts the lease keeper, the watch and the
+/// forwarder to the agent. Fails (before the agent changes anything on the node) if
+/// etcd cannot be reached or holds no usable config. `uplink_networks` are the uplink's
+/// addresses with their prefixes: no subnet may cover them.
+pub async fn start(
+    config: EtcdConfig,
+    public_ip: Ipv4Addr,
+    uplink_networks: &[IpNet],
+) -> Result<EtcdSource, EtcdError> {
+    let mut shared = Shared {
         endpoints: config.endpoints.join(","),
         config,
         public_ip,
+        public_ipv6: None,
+        uplink: uplink_networks.to_vec(),
     };
     let mut client = connect(&shared).await?;
     let config_key = format!("{}/config", shared.config.prefix);
@@ -311,31 +745,62 @@ pub async fn start(config: EtcdConfig, public_ip: Ipv4Addr) -> Result<EtcdSource
         }
     };
     let space = SubnetSpace::parse(&config_key, &text)?;
+    space.check_uplink(&config_key, uplink_networks)?;
+    if space.v6.is_some() {
+        // The configured address first, else the uplink's first global one.
+        shared.public_ipv6 = Some(
+            shared
+                .config
+                .public_ipv6
+                .or_else(|| first_global_ipv6(uplink_networks))
+                .ok_or(EtcdError::NoPublicIpv6 {
+                    key: config_key.clone(),
+                })?,
+        );
+    }
 
     let lease = client
         .lease_grant(shared.config.lease_ttl, None)
         .await
         .map_err(shared.error("granting a lease"))?
         .id();
-    let subnet = acquire(&mut client, &shared, &space, lease, None).await?;
+    let own = acquire(&mut client, &shared, &space, lease, None).await?;
     info!(
         "etcd: this node holds {} (lease {lease:x}, TTL {} s)",
-        subnet_key(&shared.config.prefix, subnet),
+        own.key(&shared.config.prefix),
         shared.config.lease_ttl
     );
 
-    let (tx, rx) = mpsc::channel(16);
     let network = Network {
-        pod_cidr: subnet,
-        cluster_cidr: space.network,
-        v6: None,
+        pod_cidr: own.v4,
+        cluster_cidr: space.v4_network(),
+        v6: own
+            .v6
+            .zip(space.v6_network())
+            .map(|(pod_cidr, cluster_cidr)| NetworkV6 {
+                pod_cidr,
+                cluster_cidr,
+            }),
     };
-    tokio::spawn(run(client, shared, space, subnet, lease, tx));
-    Ok(EtcdSource {
-        network,
-        lease,
-        peers: rx,
-    })
+    let (lease_tx, lease_rx) = watch::channel(lease);
+    let (lost_tx, lost_rx) = mpsc::channel(1);
+    tokio::spawn(keep_alive(
+        client.lease_client(),
+        shared.endpoints.clone(),
+        shared.config.lease_ttl,
+        lease_rx,
+        lost_tx,
+    ));
+    let (newest_tx, newest_rx) = watch::channel(None);
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(forward(newest_rx, tx));
+    let lease = Lease {
+        id: lease,
+        renewed: lease_tx,
+        lost: lost_rx,
+    };
+    tokio::spawn(run(client, shared, space, own, lease, newest_tx));
+    Ok(EtcdSource { network, peers: rx })
 }
 
 async fn connect(shared: &Shared) -> Result<Client, EtcdError> {
@@ -367,79 +832,182 @@ async fn connect(shared: &Shared) -> Result<Client, EtcdError> {
         .map_err(shared.error("connecting"))
 }
 
-/// Takes a subnet for this node: its own entry (same PublicIP) if there is one, else
-/// `preferred`, else the first free one. Each claim is a transaction that only
-/// succeeds if nobody changed the key since we looked, so two nodes never share one.
+/// Why this node's entry cannot be kept as it is, if it cannot: flannel's
+/// compatibility (each family from its pool, IPv6 exactly when enabled) and the checks
+/// of an entry's subnets (its value is ours to rewrite). Reservations may lie outside
+/// SubnetMin and SubnetMax, and keep an IPv6 subnet the network does not use.
+fn own_entry_unfit(
+    subnet_key: SubnetKey,
+    reservation: bool,
+    space: &SubnetSpace,
+    uplink: &[IpNet],
+) -> Option<String> {
+    match (space.v6.is_some(), subnet_key.v6.is_some()) {
+        (true, false) => return Some("no IPv6 subnet, but the network has EnableIPv6".into()),
+        (false, true) if !reservation => {
+            return Some("an IPv6 subnet, but the network has no EnableIPv6".into());
+        }
+        _ => {}
+    }
+    let subnet_key = SubnetKey {
+        v6: subnet_key.v6.filter(|_| space.v6.is_some()),
+        ..subnet_key
+    };
+    if let Err(reason) = check_subnets(&subnet_key, space, uplink) {
+        return Some(reason);
+    }
+    if reservation {
+        return None;
+    }
+    space
+        .pools()
+        .zip(subnet_key.nets())
+        .find(|((_, pool), net)| !pool.fits(net))
+        .map(|((fields, pool), net)| {
+            format!(
+                "{net} is not a /{} between {} {} and {} {}",
+                pool.subnet_len, fields.min, pool.min, fields.max, pool.max
+            )
+        })
+}
+
+/// Takes a subnet for this node: its own entry (same PublicIP) if there is one that
+/// still fits, else `preferred`, else the first free one, in each family. Each claim is
+/// one transaction (both families are one key) that only succeeds if nobody changed the
+/// keys since we looked, so two nodes never share a subnet; an own entry that no longer
+/// fits is deleted in the same transaction.
 async fn acquire(
     client: &mut Client,
     shared: &Shared,
     space: &SubnetSpace,
     lease: i64,
-    preferred: Option<Ipv4Net>,
-) -> Result<Ipv4Net, EtcdError> {
+    preferred: Option<SubnetKey>,
+) -> Result<SubnetKey, EtcdError> {
     let prefix = &shared.config.prefix;
     let value = serde_json::to_string(&LeaseAttrs {
         public_ip: shared.public_ip.to_string(),
+        public_ipv6: shared.public_ipv6.map(|ip| ip.to_string()),
         backend_type: "host-gw".into(),
     })
     .expect("plain strings serialize");
     loop {
         let (entries, _) = list(client, shared).await?;
         let ip = shared.public_ip.to_string();
-        let mine = entries.iter().find(|(key, entry)| {
-            subnet_from_key(prefix, key).is_some()
-                && serde_json::from_str::<LeaseAttrs>(&entry.value).is_ok_and(|a| a.public_ip == ip)
-        });
-        let (key, compare) = match mine {
-            // A reservation (no lease) for this node is used as it is, never rewritten.
-            Some((key, entry)) if entry.lease == 0 => {
-                return subnet_from_key(prefix, key).ok_or(EtcdError::BadConfig {
-                    key: key.clone(),
-                    reason: "not a subnet key".into(),
-                });
+        let mut mine: Vec<(&String, &Entry)> = entries
+            .iter()
+            .filter(|(key, entry)| {
+                SubnetKey::parse(prefix, key).is_some()
+                    && serde_json::from_str::<LeaseAttrs>(&entry.value)
+                        .is_ok_and(|a| a.public_ip == ip)
+            })
+            .collect();
+        mine.sort_by_key(|(key, entry)| (entry.create_revision, *key));
+        let mut old = None;
+        if let Some((key, entry)) = mine.first() {
+            let subnet_key = SubnetKey::parse(prefix, key).expect("filtered on parsing");
+            let unfit = own_entry_unfit(subnet_key, entry.lease == 0, space, &shared.uplink);
+            match unfit {
+                // A reservation for this node is used as it is, never rewritten.
+                None if entry.lease == 0 => {
+                    return Ok(SubnetKey {
+                        v6: subnet_key.v6.filter(|_| space.v6.is_some()),
+                        ..subnet_key
+                    });
+                }
+                Some(reason) if entry.lease == 0 => {
+                    return Err(EtcdError::BadConfig {
+                        key: (*key).clone(),
+                        reason: format!("this node's reservation cannot be used: {reason}"),
+                    });
+                }
+                None => {
+                    let compare =
+                        Compare::mod_revision(key.as_str(), CompareOp::Equal, entry.mod_revision);
+                    if claim(client, shared, key, &value, lease, vec![compare], vec![]).await? {
+                        return Ok(subnet_key);
+                    }
+                    continue;
+                }
+                Some(reason) => {
+                    warn!(
+                        "etcd key {key}: this node's old subnet does not fit the network config ({reason}); claiming another"
+                    );
+                    old = Some(((*key).clone(), entry.mod_revision));
+                }
             }
-            Some((key, entry)) => {
-                let compare =
-                    Compare::mod_revision(key.as_str(), CompareOp::Equal, entry.mod_revision);
-                (key.clone(), compare)
+        }
+        let mut taken = Taken::default();
+        for key in entries
+            .keys()
+            .filter(|k| Some(*k) != old.as_ref().map(|o| &o.0))
+        {
+            if let Some(subnet_key) = SubnetKey::parse(prefix, key) {
+                for net in subnet_key.nets() {
+                    taken.insert(&net, key);
+                }
             }
-            None => {
-                let taken: Vec<Ipv4Net> = entries
-                    .keys()
-                    .filter_map(|k| subnet_from_key(prefix, k))
-                    .collect();
-                let free = |s: &Ipv4Net| !taken.iter().any(|t| t.contains(s) || s.contains(t));
-                let subnet = preferred
-                    .filter(|p| free(p))
-                    .or_else(|| space.subnets().find(|s| free(s)))
-                    .ok_or(EtcdError::NoFreeSubnet {
-                        network: space.network,
-                        subnet_len: space.subnet_len,
-                        min: space.min,
-                        max: space.max,
-                    })?;
-                let key = subnet_key(prefix, subnet);
-                let compare = Compare::version(key.as_str(), CompareOp::Equal, 0);
-                (key, compare)
-            }
+        }
+        let free = |net: &IpNet| {
+            taken.find(net).is_none() && uplink_overlap(net, &shared.uplink).is_none()
         };
-        let txn = Txn::new().when([compare]).and_then([TxnOp::put(
-            key.as_str(),
-            value.as_str(),
-            Some(PutOptions::new().with_lease(lease)),
-        )]);
-        let response = client
-            .txn(txn)
-            .await
-            .map_err(shared.error("claiming a subnet"))?;
-        if response.succeeded() {
-            return subnet_from_key(prefix, &key).ok_or(EtcdError::BadConfig {
-                key,
-                reason: "not a subnet key".into(),
-            });
+        let pick = |pool: &Pool, preferred: Option<IpNet>| -> Result<IpNet, EtcdError> {
+            preferred
+                .filter(|p| pool.fits(p) && free(p))
+                .or_else(|| pool.subnets().find(|s| free(s)))
+                .ok_or_else(|| pool.no_free_subnet())
+        };
+        let v4 = match pick(&space.v4, preferred.map(|p| IpNet::V4(p.v4)))? {
+            IpNet::V4(net) => net,
+            IpNet::V6(_) => unreachable!("an IPv4 pool"),
+        };
+        let v6 = match &space.v6 {
+            Some(pool) => match pick(pool, preferred.and_then(|p| p.v6).map(IpNet::V6))? {
+                IpNet::V6(net) => Some(net),
+                IpNet::V4(_) => unreachable!("an IPv6 pool"),
+            },
+            None => None,
+        };
+        let subnet_key = SubnetKey { v4, v6 };
+        let key = subnet_key.key(prefix);
+        let mut compares = vec![Compare::version(key.as_str(), CompareOp::Equal, 0)];
+        let mut deletes = Vec::new();
+        if let Some((old_key, revision)) = &old {
+            compares.push(Compare::mod_revision(
+                old_key.as_str(),
+                CompareOp::Equal,
+                *revision,
+            ));
+            deletes.push(TxnOp::delete(old_key.as_str(), None));
+        }
+        if claim(client, shared, &key, &value, lease, compares, deletes).await? {
+            return Ok(subnet_key);
         }
         // Someone else changed it between our list and our claim: look again.
     }
+}
+
+/// Puts `key` on `lease` if `compares` hold, with `also` in the same transaction.
+async fn claim(
+    client: &mut Client,
+    shared: &Shared,
+    key: &str,
+    value: &str,
+    lease: i64,
+    compares: Vec<Compare>,
+    also: Vec<TxnOp>,
+) -> Result<bool, EtcdError> {
+    let mut ops = vec![TxnOp::put(
+        key,
+        value,
+        Some(PutOptions::new().with_lease(lease)),
+    )];
+    ops.extend(also);
+    let txn = Txn::new().when(compares).and_then(ops);
+    let response = client
+        .txn(txn)
+        .await
+        .map_err(shared.error("claiming a subnet"))?;
+    Ok(response.succeeded())
 }
 
 async fn list(
@@ -463,6 +1031,7 @@ async fn list(
                 Entry {
                     value: kv.value_str().ok()?.to_owned(),
                     lease: kv.lease(),
+                    create_revision: kv.create_revision(),
                     mod_revision: kv.mod_revision(),
                 },
             ))
@@ -471,47 +1040,155 @@ async fn list(
     Ok((entries, revision))
 }
 
-/// Keeps the lease alive and the peers current until the agent goes away (the
-/// receiver is dropped). etcd being unreachable only delays updates: the agent keeps
-/// the last peers it was sent, so forwarding goes on.
+/// Hands the agent the newest whole peer set. The watch loop only ever replaces the
+/// newest set, so neither it nor the lease keeper waits for a slow agent; whatever
+/// came while the agent was busy is taken once it has room.
+async fn forward(mut newest: watch::Receiver<Option<Vec<Peer>>>, agent: mpsc::Sender<Vec<Peer>>) {
+    loop {
+        tokio::select! {
+            changed = newest.changed() => if changed.is_err() { return },
+            () = agent.closed() => return,
+        }
+        let Ok(permit) = agent.reserve().await else {
+            return;
+        };
+        let Some(peers) = newest.borrow_and_update().clone() else {
+            continue;
+        };
+        permit.send(peers);
+    }
+}
+
+/// This node's lease as the watch loop holds it: its id, published to the keeper,
+/// and the keeper's word when it is gone.
+struct Lease {
+    id: i64,
+    renewed: watch::Sender<i64>,
+    lost: mpsc::Receiver<i64>,
+}
+
+enum KeepEnd {
+    /// The watch loop took another lease.
+    Renewed,
+    /// etcd says the lease has expired.
+    Lost,
+    /// The keep-alive stream ended (etcd restarted or unreachable).
+    Broken,
+    /// The watch loop is gone.
+    Closed,
+}
+
+/// Keeps this node's lease alive in a task of its own, so nothing else (a burst of
+/// changes, a slow agent, a blocked send) can let it expire. Follows the id the watch
+/// loop publishes in `lease` and reports a lost lease on `lost`.
+async fn keep_alive(
+    mut client: LeaseClient,
+    endpoints: String,
+    ttl: i64,
+    mut lease: watch::Receiver<i64>,
+    lost: mpsc::Sender<i64>,
+) {
+    let period = Duration::from_secs((ttl / 3).max(1) as u64);
+    loop {
+        let id = *lease.borrow_and_update();
+        let end = keep_one(&mut client, id, period, &mut lease).await;
+        let end = end.unwrap_or_else(|source| {
+            let error = EtcdError::Client {
+                operation: "keeping the lease alive",
+                endpoints: endpoints.clone(),
+                source,
+            };
+            warn!("{error}; retrying");
+            KeepEnd::Broken
+        });
+        match end {
+            KeepEnd::Renewed => {}
+            KeepEnd::Closed => return,
+            KeepEnd::Lost => {
+                if lost.send(id).await.is_err() || lease.changed().await.is_err() {
+                    return;
+                }
+            }
+            KeepEnd::Broken => {
+                tokio::select! {
+                    () = tokio::time::sleep(RETRY) => {}
+                    changed = lease.changed() => if changed.is_err() { return },
+                }
+            }
+        }
+    }
+}
+
+async fn keep_one(
+    client: &mut LeaseClient,
+    id: i64,
+    period: Duration,
+    lease: &mut watch::Receiver<i64>,
+) -> Result<KeepEnd, etcd_client::Error> {
+    // Opening the stream sends the first request.
+    let (mut keeper, mut responses) = client.keep_alive(id).await?;
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => keeper.keep_alive().await?,
+            response = responses.message() => match response? {
+                Some(r) if r.ttl() <= 0 => return Ok(KeepEnd::Lost),
+                Some(_) => {}
+                None => return Ok(KeepEnd::Broken),
+            },
+            changed = lease.changed() => {
+                return Ok(if changed.is_ok() { KeepEnd::Renewed } else { KeepEnd::Closed });
+            }
+        }
+    }
+}
+
+/// Keeps the peers current until the agent goes away. etcd being unreachable only
+/// delays updates: the agent keeps the last peers it was sent, so forwarding goes on.
 async fn run(
     mut client: Client,
     shared: Shared,
     space: SubnetSpace,
-    mut subnet: Ipv4Net,
-    mut lease: i64,
-    tx: mpsc::Sender<Vec<Peer>>,
+    mut own: SubnetKey,
+    mut lease: Lease,
+    newest: watch::Sender<Option<Vec<Peer>>>,
 ) {
     let mut warned = HashSet::new();
-    let mut keepalive = tokio::time::interval(Duration::from_secs(
-        (shared.config.lease_ttl / 3).max(1) as u64,
-    ));
     loop {
         let result = watch(
             &mut client,
             &shared,
             &space,
-            subnet,
-            &tx,
+            own,
+            &newest,
             &mut warned,
-            &mut keepalive,
             &mut lease,
         )
         .await;
-        if tx.is_closed() {
+        if newest.is_closed() {
             return;
         }
         match result {
             Ok(WatchEnd::LeaseLost) => {
-                warn!("etcd: lease {lease:x} expired; claiming {subnet} again");
-                match renew(&mut client, &shared, &space, subnet).await {
-                    Ok((new_lease, new_subnet)) => {
-                        lease = new_lease;
-                        if new_subnet != subnet {
+                warn!(
+                    "etcd: lease {:x} is gone; claiming {} again",
+                    lease.id,
+                    own.key(&shared.config.prefix)
+                );
+                match renew(&mut client, &shared, &space, own).await {
+                    Ok((new_lease, new_own)) => {
+                        // Best effort: the old lease may hold nothing any more.
+                        let _ = client.lease_revoke(lease.id).await;
+                        lease.id = new_lease;
+                        lease.renewed.send_replace(new_lease);
+                        if new_own != own {
                             warn!(
-                                "etcd: {subnet} was taken while our lease was gone; holding {new_subnet}, but pods keep using {subnet} until the agent restarts"
+                                "etcd: {} was taken while our lease was gone; holding {}, but pods keep using the old subnets until the agent restarts",
+                                own.key(&shared.config.prefix),
+                                new_own.key(&shared.config.prefix)
                             );
-                            subnet = new_subnet;
+                            own = new_own;
                         }
                     }
                     Err(e) => warn!("{e}"),
@@ -530,15 +1207,15 @@ async fn renew(
     client: &mut Client,
     shared: &Shared,
     space: &SubnetSpace,
-    subnet: Ipv4Net,
-) -> Result<(i64, Ipv4Net), EtcdError> {
+    own: SubnetKey,
+) -> Result<(i64, SubnetKey), EtcdError> {
     let lease = client
         .lease_grant(shared.config.lease_ttl, None)
         .await
         .map_err(shared.error("granting a lease"))?
         .id();
-    let subnet = acquire(client, shared, space, lease, Some(subnet)).await?;
-    Ok((lease, subnet))
+    let own = acquire(client, shared, space, lease, Some(own)).await?;
+    Ok((lease, own))
 }
 
 enum WatchEnd {
@@ -546,29 +1223,30 @@ enum WatchEnd {
     LeaseLost,
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one loop's state, passed down once"
-)]
 async fn watch(
     client: &mut Client,
     shared: &Shared,
     space: &SubnetSpace,
-    own: Ipv4Net,
-    tx: &mpsc::Sender<Vec<Peer>>,
+    own: SubnetKey,
+    newest: &watch::Sender<Option<Vec<Peer>>>,
     warned: &mut HashSet<(String, String)>,
-    keepalive: &mut tokio::time::Interval,
-    lease: &mut i64,
+    lease: &mut Lease,
 ) -> Result<WatchEnd, EtcdError> {
     let prefix = &shared.config.prefix;
+    let own_key = own.key(prefix);
+    let own = shared.own(&own_key, own);
     let (mut entries, revision) = list(client, shared).await?;
-    if tx
-        .send(peers_from_entries(prefix, &entries, space, own, warned))
-        .await
-        .is_err()
-    {
-        return Ok(WatchEnd::Broken);
-    }
+    let mut publish = |entries: &BTreeMap<String, Entry>| {
+        newest.send_replace(Some(peers_from_entries(
+            prefix,
+            entries,
+            space,
+            &own,
+            &shared.uplink,
+            warned,
+        )));
+    };
+    publish(&entries);
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
@@ -576,22 +1254,14 @@ async fn watch(
         .watch(shared.subnets_prefix(), Some(options))
         .await
         .map_err(shared.error("watching subnets"))?;
-    let (mut keeper, mut keepalive_responses) = client
-        .lease_keep_alive(*lease)
-        .await
-        .map_err(shared.error("keeping the lease alive"))?;
     loop {
         tokio::select! {
-            _ = keepalive.tick() => {
-                keeper.keep_alive().await.map_err(shared.error("keeping the lease alive"))?;
-            }
-            response = keepalive_responses.message() => {
-                match response.map_err(shared.error("keeping the lease alive"))? {
-                    Some(r) if r.ttl() <= 0 => return Ok(WatchEnd::LeaseLost),
-                    Some(_) => {}
-                    None => return Ok(WatchEnd::Broken),
+            Some(id) = lease.lost.recv() => {
+                if id == lease.id {
+                    return Ok(WatchEnd::LeaseLost);
                 }
             }
+            () = newest.closed() => return Ok(WatchEnd::Broken),
             message = stream.message() => {
                 let Some(response) = message.map_err(shared.error("watching subnets"))? else {
                     return Ok(WatchEnd::Broken);
@@ -605,19 +1275,22 @@ async fn watch(
                     match event.event_type() {
                         EventType::Put => {
                             let value = kv.value_str().unwrap_or_default().to_owned();
-                            entries.insert(key.to_owned(), Entry { value, lease: kv.lease(), mod_revision: kv.mod_revision() });
+                            entries.insert(key.to_owned(), Entry {
+                                value,
+                                lease: kv.lease(),
+                                create_revision: kv.create_revision(),
+                                mod_revision: kv.mod_revision(),
+                            });
                         }
                         EventType::Delete => {
                             entries.remove(key);
-                            if subnet_from_key(prefix, key) == Some(own) {
+                            if key == own_key {
                                 return Ok(WatchEnd::LeaseLost);
                             }
                         }
                     }
                 }
-                if tx.send(peers_from_entries(prefix, &entries, space, own, warned)).await.is_err() {
-                    return Ok(WatchEnd::Broken);
-                }
+                publish(&entries);
             }
         }
     }
@@ -627,78 +1300,533 @@ async fn watch(
 mod tests {
     use super::*;
 
+    const KEY: &str = "/p/config";
+
     fn space() -> SubnetSpace {
         SubnetSpace::parse(
-            "k",
+            KEY,
             r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
         )
         .expect("valid")
     }
 
-    #[test]
-    fn flannel_defaults() {
-        let s = space();
-        assert_eq!(s.subnet_len, 24);
-        assert_eq!(s.min, Ipv4Addr::new(10, 244, 1, 0));
-        assert_eq!(s.max, Ipv4Addr::new(10, 244, 255, 0));
-        assert_eq!(s.subnets().count(), 255);
-        let s = SubnetSpace::parse("k", r#"{"Network":"10.0.0.0/26"}"#).expect("valid");
-        assert_eq!(s.subnet_len, 27);
-        assert!(SubnetSpace::parse("k", r#"{"Network":"10.0.0.0/16","SubnetLen":8}"#).is_err());
-        assert!(SubnetSpace::parse("k", r#"{"Network":"banana"}"#).is_err());
+    fn dual() -> SubnetSpace {
+        SubnetSpace::parse(
+            KEY,
+            r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:244::/32","IPv6SubnetLen":48}"#,
+        )
+        .expect("valid")
+    }
+
+    /// The refusal of `text`, which must name the config key and say `why`.
+    fn refused(text: &str, why: &str) {
+        match SubnetSpace::parse(KEY, text) {
+            Err(EtcdError::BadConfig { key, reason }) => {
+                assert_eq!(key, KEY);
+                assert!(
+                    reason.contains(why),
+                    "{text}: {reason:?} does not say {why:?}"
+                );
+            }
+            other => panic!("{text}: accepted or not named: {other:?}"),
+        }
     }
 
     #[test]
-    fn keys_round_trip() {
-        let net: Ipv4Net = "10.244.3.0/24".parse().expect("cidr");
-        let key = subnet_key("/coreos.com/network", net);
-        assert_eq!(key, "/coreos.com/network/subnets/10.244.3.0-24");
-        assert_eq!(subnet_from_key("/coreos.com/network", &key), Some(net));
+    fn flannel_defaults() {
+        let s = space();
+        assert_eq!(s.v4.subnet_len, 24);
+        assert_eq!(s.v4.min, Ipv4Addr::new(10, 244, 1, 0));
+        assert_eq!(s.v4.max, Ipv4Addr::new(10, 244, 255, 0));
+        assert_eq!(s.v4.subnets().count(), 255);
+        assert_eq!(s.v6, None);
+        // A small network is cut in four, the first skipped (flannel's CheckNetworkConfig).
+        let s = SubnetSpace::parse(KEY, r#"{"Network":"10.0.0.0/26"}"#).expect("valid");
+        assert_eq!(s.v4.subnet_len, 28);
+        assert_eq!(s.v4.subnets().count(), 3);
+        let s = SubnetSpace::parse(
+            KEY,
+            r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:244::/32"}"#,
+        )
+        .expect("valid");
+        let v6 = s.v6.expect("IPv6 enabled");
+        assert_eq!(v6.subnet_len, 64);
+        assert_eq!(v6.min, "fd00:244:0:1::".parse::<IpAddr>().expect("ip"));
         assert_eq!(
-            subnet_from_key(
-                "/coreos.com/network",
-                "/coreos.com/network/subnets/10.244.3.1-24"
+            v6.max,
+            "fd00:244:ffff:ffff::".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            v6.subnets()
+                .take(2)
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
+            ["fd00:244:0:1::/64", "fd00:244:0:2::/64"]
+        );
+    }
+
+    #[test]
+    fn network_configs_without_room_for_pods_are_refused_naming_the_key() {
+        refused(r#"{"Network":"banana"}"#, "not an IPv4 CIDR");
+        refused(r#"{"SubnetLen":24}"#, "Network is missing");
+        refused(r#"{"Network":"0.0.0.0/0"}"#, "default route");
+        refused(r#"{"Network":"10.0.0.0/29"}"#, "too small");
+        refused(
+            r#"{"Network":"10.244.0.0/16","SubnetLen":8}"#,
+            "SubnetLen 8 is too short",
+        );
+        refused(
+            r#"{"Network":"10.244.0.0/16","SubnetLen":16}"#,
+            "SubnetLen 16 is too short",
+        );
+        refused(
+            r#"{"Network":"10.244.0.0/16","SubnetLen":17}"#,
+            "at least four subnets",
+        );
+        refused(
+            r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#,
+            "no room for pods",
+        );
+        refused(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.99.0.0"}"#,
+            "SubnetMin 10.99.0.0 is outside Network 10.244.0.0/16",
+        );
+        refused(
+            r#"{"Network":"10.244.0.0/16","SubnetMax":"10.245.0.0"}"#,
+            "SubnetMax 10.245.0.0 is outside",
+        );
+        refused(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.128"}"#,
+            "not on a /24 boundary",
+        );
+        refused(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.8.0"}"#,
+            "above SubnetMax",
+        );
+        refused(
+            r#"{"EnableIPv4":false,"Network":"10.244.0.0/16"}"#,
+            "EnableIPv4",
+        );
+        // The same for IPv6.
+        let v6 = |rest: &str| format!(r#"{{"Network":"10.244.0.0/16","EnableIPv6":true{rest}}}"#);
+        refused(&v6(""), "IPv6Network is missing");
+        refused(&v6(r#","IPv6Network":"10.0.0.0/8""#), "not an IPv6 CIDR");
+        refused(&v6(r#","IPv6Network":"::/0""#), "default route");
+        refused(&v6(r#","IPv6Network":"fd00::/125""#), "too small");
+        refused(
+            &v6(r#","IPv6Network":"fd00::/64","IPv6SubnetLen":64"#),
+            "IPv6SubnetLen 64 is too short",
+        );
+        refused(
+            &v6(r#","IPv6Network":"fd00::/64","IPv6SubnetLen":127"#),
+            "no room for pods",
+        );
+        refused(
+            &v6(r#","IPv6Network":"fd00:244::/32","IPv6SubnetMin":"fd00:99::""#),
+            "IPv6SubnetMin fd00:99:: is outside IPv6Network fd00:244::/32",
+        );
+        refused(
+            &v6(r#","IPv6Network":"fd00:244::/32","IPv6SubnetMax":"fd00:244:0:1:1::""#),
+            "not on a /64 boundary",
+        );
+        // Without EnableIPv6 the IPv6 fields are not read, as in flannel.
+        let s = SubnetSpace::parse(KEY, r#"{"Network":"10.244.0.0/16","IPv6Network":"::/0"}"#)
+            .expect("IPv6 off");
+        assert_eq!(s.v6, None);
+    }
+
+    #[test]
+    fn a_network_over_the_uplink_is_refused_naming_the_key() {
+        let uplink: Vec<IpNet> = vec![
+            "172.31.0.1/24".parse().expect("net"),
+            "fd00:172:31::1/64".parse().expect("net"),
+        ];
+        assert!(dual().check_uplink(KEY, &uplink).is_ok());
+        let s = SubnetSpace::parse(KEY, r#"{"Network":"172.16.0.0/12"}"#).expect("valid");
+        match s.check_uplink(KEY, &uplink) {
+            Err(EtcdError::BadConfig { key, reason }) => {
+                assert_eq!(key, KEY);
+                assert!(
+                    reason.contains("overlaps the uplink's network 172.31.0.0/24"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = SubnetSpace::parse(
+            KEY,
+            r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00::/16"}"#,
+        )
+        .expect("valid");
+        assert!(s.check_uplink(KEY, &uplink).is_err());
+    }
+
+    #[test]
+    fn keys_round_trip_as_flannel_writes_them() {
+        let v4: Ipv4Net = "10.244.3.0/24".parse().expect("cidr");
+        let key = SubnetKey { v4, v6: None };
+        assert_eq!(
+            key.key("/coreos.com/network"),
+            "/coreos.com/network/subnets/10.244.3.0-24"
+        );
+        assert_eq!(
+            SubnetKey::parse("/coreos.com/network", &key.key("/coreos.com/network")),
+            Some(key)
+        );
+        let key = SubnetKey {
+            v4,
+            v6: Some("fd00:10:244:1::/64".parse().expect("cidr")),
+        };
+        // flannel's MakeSubnetKey: IPv4 and IPv6 joined by `&`.
+        assert_eq!(key.key("/p"), "/p/subnets/10.244.3.0-24&fd00:10:244:1::-64");
+        assert_eq!(SubnetKey::parse("/p", &key.key("/p")), Some(key));
+        for bad in [
+            "/p/subnets/10.244.3.1-24",
+            "/p/subnets/10.244.3.0-24&fd00:10:244:1::1-64",
+            "/p/subnets/10.244.3.0-24&",
+            "/p/subnets/10.244.3.0-24&10.0.0.0-8",
+            "/p/subnets/garbage",
+            "/q/subnets/10.244.3.0-24",
+        ] {
+            assert_eq!(SubnetKey::parse("/p", bad), None, "{bad}");
+        }
+    }
+
+    fn entry(value: &str, create_revision: i64) -> Entry {
+        Entry {
+            value: value.into(),
+            lease: 7,
+            create_revision,
+            mod_revision: create_revision,
+        }
+    }
+
+    fn uplink() -> Vec<IpNet> {
+        vec![
+            "172.31.0.1/24".parse().expect("net"),
+            "fd00:172:31::1/64".parse().expect("net"),
+            "fe80::1/64".parse().expect("net"),
+        ]
+    }
+
+    fn peers(space: &SubnetSpace, own: &str, entries: &[(&str, Entry)]) -> Vec<Peer> {
+        let entries: BTreeMap<String, Entry> = entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let own_key = SubnetKey::parse("/p", own).expect("own key");
+        let own = Own {
+            key: own,
+            subnet: own_key,
+            public_ip: Ipv4Addr::new(172, 31, 0, 1),
+            public_ipv6: space.v6.map(|_| "fd00:172:31::1".parse().expect("ip")),
+        };
+        peers_from_entries("/p", &entries, space, &own, &uplink(), &mut HashSet::new())
+    }
+
+    fn sources(peers: &[Peer]) -> Vec<&str> {
+        peers.iter().map(|p| p.source.as_str()).collect()
+    }
+
+    #[test]
+    fn bad_entries_are_skipped_and_good_ones_kept() {
+        let own = "/p/subnets/10.244.1.0-24";
+        let peers = peers(
+            &space(),
+            own,
+            &[
+                (
+                    own,
+                    entry(r#"{"PublicIP":"172.31.0.1","BackendType":"host-gw"}"#, 1),
+                ),
+                (
+                    "/p/subnets/10.244.2.0-24",
+                    entry(r#"{"PublicIP":"172.31.0.2","BackendType":"host-gw"}"#, 2),
+                ),
+                ("/p/subnets/10.244.3.0-24", entry("not json", 3)),
+                (
+                    "/p/subnets/10.244.4.0-24",
+                    entry(r#"{"PublicIP":"nope"}"#, 4),
+                ),
+                (
+                    "/p/subnets/10.99.0.0-24",
+                    entry(r#"{"PublicIP":"172.31.0.5"}"#, 5),
+                ),
+                (
+                    "/p/subnets/10.244.2.0-25",
+                    entry(r#"{"PublicIP":"172.31.0.6"}"#, 6),
+                ),
+                (
+                    "/p/subnets/garbage",
+                    entry(r#"{"PublicIP":"172.31.0.7"}"#, 7),
+                ),
+                (
+                    "/p/subnets/10.244.1.128-25",
+                    entry(r#"{"PublicIP":"172.31.0.8"}"#, 8),
+                ),
+                // Over the uplink's network (and outside the network: the uplink is said).
+                (
+                    "/p/subnets/172.31.0.0-24",
+                    entry(r#"{"PublicIP":"172.31.0.9"}"#, 9),
+                ),
+                // A second entry for n2's address, and one for this node's.
+                (
+                    "/p/subnets/10.244.10.0-24",
+                    entry(r#"{"PublicIP":"172.31.0.2"}"#, 10),
+                ),
+                (
+                    "/p/subnets/10.244.11.0-24",
+                    entry(r#"{"PublicIP":"172.31.0.1"}"#, 11),
+                ),
+            ],
+        );
+        assert_eq!(sources(&peers), ["/p/subnets/10.244.2.0-24"]);
+        assert_eq!(peers[0].node_ip, Ipv4Addr::new(172, 31, 0, 2));
+        assert_eq!(peers[0].lease, Some(7));
+        assert_eq!(peers[0].v6, None);
+    }
+
+    #[test]
+    fn the_older_entry_wins_whatever_the_key_order() {
+        let own = "/p/subnets/10.244.1.0-24";
+        let later = "/p/subnets/10.244.2.0-24";
+        let older = "/p/subnets/10.244.9.0-24";
+        let peers = peers(
+            &space(),
+            own,
+            &[
+                (later, entry(r#"{"PublicIP":"172.31.0.2"}"#, 20)),
+                (older, entry(r#"{"PublicIP":"172.31.0.2"}"#, 10)),
+            ],
+        );
+        assert_eq!(sources(&peers), [older]);
+    }
+
+    #[test]
+    fn a_subnet_over_the_uplink_is_skipped_in_either_family() {
+        let space = SubnetSpace::parse(
+            KEY,
+            r#"{"EnableIPv6":true,"Network":"172.16.0.0/12","SubnetLen":24,"IPv6Network":"fd00::/16","IPv6SubnetLen":64}"#,
+        )
+        .expect("valid");
+        let own = "/p/subnets/172.16.1.0-24&fd00:1::-64";
+        let peers = peers(
+            &space,
+            own,
+            &[
+                (
+                    "/p/subnets/172.31.0.0-24&fd00:2::-64",
+                    entry(
+                        r#"{"PublicIP":"172.31.0.2","PublicIPv6":"fd00:172:31::2"}"#,
+                        2,
+                    ),
+                ),
+                (
+                    "/p/subnets/172.16.3.0-24&fd00:172:31::-64",
+                    entry(
+                        r#"{"PublicIP":"172.31.0.3","PublicIPv6":"fd00:172:31::3"}"#,
+                        3,
+                    ),
+                ),
+                (
+                    "/p/subnets/172.16.4.0-24&fd00:4::-64",
+                    entry(
+                        r#"{"PublicIP":"172.31.0.4","PublicIPv6":"fd00:172:31::4"}"#,
+                        4,
+                    ),
+                ),
+            ],
+        );
+        assert_eq!(sources(&peers), ["/p/subnets/172.16.4.0-24&fd00:4::-64"]);
+    }
+
+    #[test]
+    fn dual_stack_entries_get_the_same_checks_on_their_ipv6_side() {
+        let own = "/p/subnets/10.244.1.0-24&fd00:244:1::-48";
+        let good = "/p/subnets/10.244.2.0-24&fd00:244:2::-48";
+        let v4_only = "/p/subnets/10.244.3.0-24";
+        let peers = peers(
+            &dual(),
+            own,
+            &[
+                (
+                    good,
+                    entry(
+                        r#"{"PublicIP":"172.31.0.2","PublicIPv6":"fd00:172:31::2","BackendType":"host-gw"}"#,
+                        2,
+                    ),
+                ),
+                (
+                    v4_only,
+                    entry(r#"{"PublicIP":"172.31.0.3","PublicIPv6":null}"#, 3),
+                ),
+                (
+                    "/p/subnets/10.244.4.0-24&fd00:99::-48",
+                    entry(
+                        r#"{"PublicIP":"172.31.0.4","PublicIPv6":"fd00:172:31::4"}"#,
+                        4,
+                    ),
+                ),
+                (
+                    "/p/subnets/10.244.5.0-24&fd00:244:2::-48",
+                    entry(
+                        r#"{"PublicIP":"172.31.0.5","PublicIPv6":"fd00:172:31::5"}"#,
+                        5,
+                    ),
+                ),
+                (
+                    "/p/subnets/10.244.6.0-24&fd00:244:6::-48",
+                    entry(r#"{"PublicIP":"172.31.0.6"}"#, 6),
+                ),
+                (
+                    "/p/subnets/10.244.7.0-24&fd00:244:7::-48",
+                    entry(r#"{"PublicIP":"172.31.0.7","PublicIPv6":"10.0.0.7"}"#, 7),
+                ),
+                (
+                    "/p/subnets/10.244.8.0-24&fd00:244:8::-48",
+                    entry(
+                        r#"{"PublicIP":"172.31.0.8","PublicIPv6":"fd00:172:31::2"}"#,
+                        8,
+                    ),
+                ),
+                (
+                    "/p/subnets/10.244.9.0-24&fd00:244:9::-48",
+                    entry(
+                        r#"{"PublicIP":"172.31.0.9","PublicIPv6":"fd00:172:31::1"}"#,
+                        9,
+                    ),
+                ),
+                (
+                    "/p/subnets/10.244.10.0-24&fd00:244:1:8000::-49",
+                    entry(
+                        r#"{"PublicIP":"172.31.0.10","PublicIPv6":"fd00:172:31::10"}"#,
+                        10,
+                    ),
+                ),
+            ],
+        );
+        assert_eq!(sources(&peers), [good, v4_only]);
+        assert_eq!(
+            peers[0].v6,
+            Some(PeerV6 {
+                node_ip: "fd00:172:31::2".parse().expect("ip"),
+                pod_cidr: "fd00:244:2::/48".parse().expect("cidr"),
+            })
+        );
+        assert_eq!(peers[1].v6, None);
+        // In an IPv4 network the same entry is an IPv4 peer.
+        let peers = self::peers(
+            &space(),
+            "/p/subnets/10.244.1.0-24",
+            &[(
+                good,
+                entry(
+                    r#"{"PublicIP":"172.31.0.2","PublicIPv6":"fd00:172:31::2"}"#,
+                    2,
+                ),
+            )],
+        );
+        assert_eq!(sources(&peers), [good]);
+        assert_eq!(peers[0].v6, None);
+    }
+
+    #[test]
+    fn own_entries_fit_as_flannel_says() {
+        let key = |s: &str| SubnetKey::parse("/p", s).expect("key");
+        let up = uplink();
+        assert_eq!(
+            own_entry_unfit(key("/p/subnets/10.244.1.0-24"), false, &space(), &up),
+            None
+        );
+        assert!(own_entry_unfit(key("/p/subnets/10.244.0.0-24"), false, &space(), &up).is_some());
+        assert!(own_entry_unfit(key("/p/subnets/10.244.1.0-25"), false, &space(), &up).is_some());
+        // A reservation may lie outside SubnetMin..SubnetMax, never over the uplink.
+        assert_eq!(
+            own_entry_unfit(key("/p/subnets/10.244.0.0-25"), true, &space(), &up),
+            None
+        );
+        let over = own_entry_unfit(key("/p/subnets/172.31.0.0-24"), true, &space(), &up);
+        assert!(over.is_some_and(|r| r.contains("uplink")));
+        // IPv6 exactly when the network has it.
+        assert!(own_entry_unfit(key("/p/subnets/10.244.1.0-24"), false, &dual(), &up).is_some());
+        assert_eq!(
+            own_entry_unfit(
+                key("/p/subnets/10.244.1.0-24&fd00:244:1::-48"),
+                false,
+                &dual(),
+                &up
+            ),
+            None
+        );
+        assert!(
+            own_entry_unfit(
+                key("/p/subnets/10.244.1.0-24&fd00:244:1::-48"),
+                false,
+                &space(),
+                &up
+            )
+            .is_some()
+        );
+        assert_eq!(
+            own_entry_unfit(
+                key("/p/subnets/10.244.1.0-24&fd00:244:1::-48"),
+                true,
+                &space(),
+                &up
             ),
             None
         );
     }
 
     #[test]
-    fn bad_entries_are_skipped_and_good_ones_kept() {
-        let prefix = "/p";
-        let entry = |v: &str| Entry {
-            value: v.into(),
-            lease: 7,
-            mod_revision: 1,
+    fn the_public_ipv6_is_the_first_global_one() {
+        let up: Vec<IpNet> = vec![
+            "fe80::1/64".parse().expect("net"),
+            "172.31.0.1/24".parse().expect("net"),
+            "fd00:172:31::1/64".parse().expect("net"),
+        ];
+        assert_eq!(
+            first_global_ipv6(&up),
+            Some("fd00:172:31::1".parse().expect("ip"))
+        );
+        assert_eq!(first_global_ipv6(&up[..2]), None);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_agent_gets_the_newest_set_not_every_set() {
+        let (newest_tx, newest_rx) = watch::channel(None);
+        let (tx, mut rx) = mpsc::channel(1);
+        tokio::spawn(forward(newest_rx, tx));
+        let set = |n: usize| {
+            (0..n)
+                .map(|i| Peer {
+                    name: format!("p{i}"),
+                    node_ip: Ipv4Addr::new(172, 31, 0, 2),
+                    pod_cidr: "10.244.2.0/24".parse().expect("cidr"),
+                    v6: None,
+                    source: "static".into(),
+                    lease: None,
+                })
+                .collect::<Vec<_>>()
         };
-        let entries: BTreeMap<String, Entry> = [
-            (
-                "/p/subnets/10.244.1.0-24",
-                entry(r#"{"PublicIP":"172.31.0.1","BackendType":"host-gw"}"#),
-            ),
-            (
-                "/p/subnets/10.244.2.0-24",
-                entry(r#"{"PublicIP":"172.31.0.2","BackendType":"host-gw"}"#),
-            ),
-            ("/p/subnets/10.244.3.0-24", entry("not json")),
-            ("/p/subnets/10.244.4.0-24", entry(r#"{"PublicIP":"nope"}"#)),
-            (
-                "/p/subnets/10.99.0.0-24",
-                entry(r#"{"PublicIP":"172.31.0.5"}"#),
-            ),
-            (
-                "/p/subnets/10.244.2.0-25",
-                entry(r#"{"PublicIP":"172.31.0.6"}"#),
-            ),
-            ("/p/subnets/garbage", entry(r#"{"PublicIP":"172.31.0.7"}"#)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        let own = "10.244.1.0/24".parse().expect("cidr");
-        let peers = peers_from_entries(prefix, &entries, &space(), own, &mut HashSet::new());
-        assert_eq!(peers.len(), 1, "{peers:?}");
-        assert_eq!(peers[0].node_ip, Ipv4Addr::new(172, 31, 0, 2));
-        assert_eq!(peers[0].lease, Some(7));
+        // 100 sets published without waiting, while the agent takes none.
+        for n in 1..=100 {
+            newest_tx.send_replace(Some(set(n)));
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut got = Vec::new();
+        while let Ok(peers) = rx.try_recv() {
+            got.push(peers.len());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(got.last(), Some(&100), "the newest set arrives: {got:?}");
+        assert!(
+            got.len() <= 2,
+            "at most one older set waits before it: {got:?}"
+        );
+        drop(rx);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(newest_tx.is_closed(), "the forwarder ends with the agent");
     }
 }

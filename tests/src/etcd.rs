@@ -21,6 +21,9 @@ use crate::{
 pub const ETCD_IP: &str = "172.31.0.250";
 const CLIENT_PORT: u16 = 2379;
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The IPv6 subnet length of [`Etcd::put_network_config_dual_stack`]: /48s of the lab's
+/// fd00:244::/32, so node nK gets fd00:244:K::/48, around the lab's fd00:244:K::/64 pods.
+const IPV6_SUBNET_LEN: u8 = 48;
 
 pub struct Etcd {
     pub ns: String,
@@ -171,6 +174,25 @@ impl Etcd {
         )
     }
 
+    /// Flannel's dual-stack network config for the lab's two cluster CIDRs (host-gw, /24
+    /// and /48 subnets), as flannel documents it.
+    pub fn put_network_config_dual_stack(&self) -> anyhow::Result<()> {
+        self.put(
+            "/coreos.com/network/config",
+            &format!(
+                r#"{{"EnableIPv6":true,"Network":"{}","SubnetLen":24,"IPv6Network":"{}","IPv6SubnetLen":{IPV6_SUBNET_LEN},"Backend":{{"Type":"host-gw"}}}}"#,
+                crate::lab::CLUSTER_CIDR,
+                crate::lab::CLUSTER_CIDR_V6,
+            ),
+        )
+    }
+
+    /// The IPv6 subnet node index `node` acquires under
+    /// [`Etcd::put_network_config_dual_stack`]: `fd00:244:K::/48` for nK.
+    pub fn pod_cidr6(node: usize) -> String {
+        format!("fd00:244:{:x}::/{IPV6_SUBNET_LEN}", node + 1)
+    }
+
     /// The agent config for node `node` in etcd mode (`extra` is appended to `[etcd]`).
     pub fn agent_config(&self, lab: &Lab, node: usize, extra: &str) -> String {
         format!(
@@ -196,6 +218,23 @@ impl Etcd {
         Ok((lab, etcd))
     }
 
+    /// [`Etcd::lab_with_agents`] with flannel's dual-stack config: each agent holds
+    /// both `10.244.K.0/24` and [`Etcd::pod_cidr6`].
+    pub fn lab_with_agents_dual_stack(
+        nodes: usize,
+        pods: usize,
+        agents: usize,
+    ) -> anyhow::Result<(Lab, Etcd)> {
+        let mut lab = Lab::up(nodes, pods)?;
+        let etcd = Etcd::start(&lab)?;
+        etcd.put_network_config_dual_stack()?;
+        etcd.start_agents(&mut lab, 0..agents)?;
+        for agent in lab.agents() {
+            agent.wait_ready(TIMEOUT)?;
+        }
+        Ok((lab, etcd))
+    }
+
     /// Starts etcd-mode agents on `nodes`, one after the other, each waiting until it
     /// holds its subnet, so node nK gets 10.244.K.0/24: the addresses the lab gave its
     /// pods (the lab plays the CNI plugin, which would read the subnet from the agent).
@@ -208,11 +247,23 @@ impl Etcd {
             let config = self.agent_config(lab, node, "");
             let want = lab.nodes[node].pod_cidr.clone();
             let agent = lab.start_agent_with_config(node, &config, &[])?;
-            let status = agent.wait_for(TIMEOUT, |s| s["pod_cidr"].is_string())?;
+            // While it waits for etcd, status says pod_cidr "".
+            let status = agent.wait_for(TIMEOUT, |s| {
+                s["pod_cidr"].as_str().is_some_and(|c| !c.is_empty())
+            })?;
             if status["pod_cidr"] != want.as_str() {
                 bail!(
                     "node {node} acquired {} instead of {want}",
                     status["pod_cidr"]
+                );
+            }
+            // With flannel's EnableIPv6, the IPv6 subnet in the same claim.
+            if let Some(v6) = status["pod_cidr_v6"].as_str()
+                && v6 != Etcd::pod_cidr6(node)
+            {
+                bail!(
+                    "node {node} acquired {v6} instead of {}",
+                    Etcd::pod_cidr6(node)
                 );
             }
         }
@@ -222,6 +273,44 @@ impl Etcd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
     }
+}
+
+/// One line of an agent's log: env_logger's `[TIME LEVEL TARGET] MESSAGE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLine<'a> {
+    pub level: &'a str,
+    pub message: &'a str,
+}
+
+/// The lines of `log` in env_logger's format (others, such as a panic, are left out).
+pub fn log_lines(log: &str) -> impl Iterator<Item = LogLine<'_>> {
+    log.lines().filter_map(|line| {
+        let (header, message) = line.strip_prefix('[')?.split_once("] ")?;
+        let level = header.split_whitespace().nth(1)?;
+        Some(LogLine { level, message })
+    })
+}
+
+/// Checks that an agent's `log` rejected the etcd key `key`: a WARN line names the key
+/// and says `reason`, and no INFO `peer ...` line took the key as a peer. Any line that
+/// merely mentions the key (the info line of an accepted peer) is not enough.
+pub fn check_key_rejected(log: &str, key: &str, reason: &str) -> anyhow::Result<()> {
+    // The agent names a peer's source in parentheses: `peer NAME (KEY): ...`.
+    let as_source = format!("({key})");
+    if let Some(accepted) = log_lines(log).find(|l| {
+        l.level == "INFO" && l.message.starts_with("peer ") && l.message.contains(&as_source)
+    }) {
+        bail!("{key} was accepted as a peer: {}", accepted.message);
+    }
+    let named = |l: &LogLine| {
+        l.level == "WARN"
+            && (l.message.contains(&format!("{key}:")) || l.message.contains(&as_source))
+    };
+    if !log_lines(log).any(|l| named(&l) && l.message.contains(reason)) {
+        let warnings: Vec<&str> = log_lines(log).filter(named).map(|l| l.message).collect();
+        bail!("no WARN line names {key} and says {reason:?}; its warnings: {warnings:#?}");
+    }
+    Ok(())
 }
 
 impl Drop for Etcd {

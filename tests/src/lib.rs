@@ -30,7 +30,7 @@ mod stream;
 mod traffic;
 
 pub use agent::{Agent, agent_bin, built_agent_bin, counter, counter_sum};
-pub use etcd::{ETCD_IP, Etcd};
+pub use etcd::{ETCD_IP, Etcd, LogLine, check_key_rejected, log_lines};
 pub use flows::{
     CtEntry, add_kube_proxy_invalid_drop, conntrack_entries, count_sent_packets, invalid_drops,
     sent_packets, set_sysctls,

@@ -140,8 +140,14 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
                     )
                 })?,
             };
-            let Some(source) =
-                wait_for_etcd(&config, etcd, public_ip, &snapshot, &mut shutdown).await?
+            let Some(source) = wait_for_etcd(
+                &config,
+                etcd,
+                (public_ip, &uplink_networks),
+                &snapshot,
+                &mut shutdown,
+            )
+            .await?
             else {
                 info!("stopped while waiting for etcd: routes left as they were");
                 return Ok(());
@@ -741,7 +747,7 @@ fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
 async fn wait_for_etcd(
     config: &Config,
     etcd: &EtcdConfig,
-    public_ip: Ipv4Addr,
+    (public_ip, uplink_networks): (Ipv4Addr, &[IpNet]),
     snapshot: &watch::Sender<Arc<Status>>,
     shutdown: &mut Shutdown,
 ) -> Result<Option<EtcdSource>, AgentError> {
@@ -752,7 +758,7 @@ async fn wait_for_etcd(
     )));
     loop {
         let error = tokio::select! {
-            result = etcd::start(etcd.clone(), public_ip) => match result {
+            result = etcd::start(etcd.clone(), public_ip, uplink_networks) => match result {
                 Ok(source) => return Ok(Some(source)),
                 Err(error @ EtcdError::Client { .. }) => error,
                 Err(error) => return Err(error.into()),
