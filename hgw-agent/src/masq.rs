@@ -21,6 +21,12 @@ const KUBE_PROXY_MARK: u32 = 0x4000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasqError {
+    #[error("{action} nftables table inet {TABLE}: running nft: {source} (install nftables)")]
+    NoNft {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{action} nftables table inet {TABLE} (nft -f -): {reason}")]
     Nft {
         action: &'static str,
@@ -85,17 +91,17 @@ pub fn apply(network: &Network) -> Result<(), MasqError> {
 }
 
 /// The table as `ip_masq` says: installed for `network`, or gone (a table left from
-/// an earlier run with it on). A removal that fails only warns: without nft there is
-/// no table to remove.
+/// an earlier run with it on). A removal that fails only warns, and without nft there
+/// is no table of hgw's to remove.
 pub fn set(ip_masq: bool, network: &Network) -> Result<(), MasqError> {
     if ip_masq {
-        apply(network)
-    } else {
-        if let Err(e) = remove() {
-            warn!("{e}");
-        }
-        Ok(())
+        return apply(network);
     }
+    match remove() {
+        Ok(()) | Err(MasqError::NoNft { .. }) => {}
+        Err(e) => warn!("{e}"),
+    }
+    Ok(())
 }
 
 /// Removes the table; nothing to do when it is not there.
@@ -114,7 +120,7 @@ fn nft(script: &str, action: &'static str) -> Result<(), MasqError> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| error(format!("running nft: {e} (install nftables)")))?;
+        .map_err(|source| MasqError::NoNft { action, source })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(script.as_bytes())
