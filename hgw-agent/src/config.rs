@@ -212,6 +212,19 @@ section! {
         /// schema): the file's [etcd] section.
         #[command(flatten)]
         pub etcd: Option<RawEtcd>,
+        /// Where flannel's subnet file goes, for CNI configs written for flannel
+        /// (FLANNEL_NETWORK, FLANNEL_SUBNET, FLANNEL_MTU, FLANNEL_IPMASQ)
+        /// [default: /run/flannel/subnet.env].
+        #[arg(long)]
+        pub subnet_env: Option<PathBuf>,
+        /// Also write a CNI network config list here (bridge, host-local, portmap), e.g.
+        /// /etc/cni/net.d/10-hgw.conflist [default: none].
+        #[arg(long)]
+        pub cni_conf: Option<PathBuf>,
+        /// Masquerade pod traffic that leaves the cluster CIDR (flannel's --ip-masq
+        /// rules, in nftables table inet hgw-masq). Off by default.
+        #[arg(long, num_args = 0, default_missing_value = "true")]
+        pub ip_masq: Option<bool>,
     }
 }
 
@@ -422,6 +435,7 @@ pub struct EtcdConfig {
 pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
 pub const DEFAULT_LEASE_TTL: i64 = 60;
 pub const DEFAULT_STATUS_SOCKET: &str = "/run/hgw/hgw.sock";
+pub const DEFAULT_SUBNET_ENV: &str = "/run/flannel/subnet.env";
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -439,6 +453,12 @@ pub struct Config {
     /// Where the bridge-side program runs.
     pub attach: Attach,
     pub status_socket: PathBuf,
+    /// flannel's subnet file, written once the network is known.
+    pub subnet_env: PathBuf,
+    /// The CNI network config list to write, if any.
+    pub cni_conf: Option<PathBuf>,
+    /// Masquerade pod traffic leaving the cluster CIDR.
+    pub ip_masq: bool,
     /// The fields as given, with the defaults filled in: what
     /// [`Config::restart_needed`] compares.
     given: RawConfig,
@@ -499,6 +519,19 @@ impl Config {
                 .status_socket
                 .get_or_insert_with(|| DEFAULT_STATUS_SOCKET.into())
                 .clone(),
+            subnet_env: file_path(
+                raw.subnet_env
+                    .get_or_insert_with(|| DEFAULT_SUBNET_ENV.into())
+                    .clone(),
+                "subnet_env",
+                None,
+            )?,
+            cni_conf: raw
+                .cni_conf
+                .clone()
+                .map(|path| file_path(path, "cni_conf", Some(".conflist")))
+                .transpose()?,
+            ip_masq: *raw.ip_masq.get_or_insert(false),
             given: raw,
         })
     }
@@ -784,6 +817,25 @@ fn required(
     value
         .filter(|v| !v.is_empty())
         .ok_or(ConfigError::Missing { field, flag })
+}
+
+/// A file the agent writes: a path with a file name (and the extension its readers
+/// look for, if any).
+fn file_path(path: PathBuf, field: &str, extension: Option<&str>) -> Result<PathBuf, ConfigError> {
+    let shown = path.display().to_string();
+    if path.file_name().is_none() || shown.ends_with('/') {
+        return Err(ConfigError::invalid(field, shown, "not a file path"));
+    }
+    if let Some(extension) = extension
+        && !shown.ends_with(extension)
+    {
+        return Err(ConfigError::invalid(
+            field,
+            shown,
+            format!("must end with {extension} (CNI runtimes read only such names as lists)"),
+        ));
+    }
+    Ok(path)
 }
 
 fn interface_name(name: String, field: &str) -> Result<String, ConfigError> {
@@ -1291,5 +1343,45 @@ pod_cidr = "10.244.2.0/24"
         )
         .expect_err("unknown in [[peers]]");
         assert!(e.to_string().contains("node_ipv6"), "{e}");
+    }
+
+    #[test]
+    fn subnet_env_cni_conf_and_ip_masq() {
+        let config = Config::from_raw(file(FILE)).expect("valid");
+        assert_eq!(config.subnet_env, PathBuf::from(DEFAULT_SUBNET_ENV));
+        assert_eq!(config.cni_conf, None);
+        assert!(!config.ip_masq);
+        // Top-level fields go before the [[peers]] table.
+        let text = format!(
+            "subnet_env = \"/tmp/s.env\"\ncni_conf = \"/etc/cni/net.d/10-hgw.conflist\"\nip_masq = true\n{FILE}"
+        );
+        let config = Config::from_raw(file(&text)).expect("valid");
+        assert_eq!(config.subnet_env, PathBuf::from("/tmp/s.env"));
+        assert_eq!(
+            config.cni_conf.as_deref(),
+            Some(std::path::Path::new("/etc/cni/net.d/10-hgw.conflist"))
+        );
+        assert!(config.ip_masq);
+        let raw = file(FILE).with_flags(flags(&[
+            "--ip-masq",
+            "--subnet-env=/run/x/subnet.env",
+            "--cni-conf=/tmp/a.conflist",
+        ]));
+        let config = Config::from_raw(raw).expect("valid");
+        assert!(config.ip_masq);
+        assert_eq!(config.subnet_env, PathBuf::from("/run/x/subnet.env"));
+        let e = Config::from_raw(
+            file(FILE).with_flags(flags(&["--cni-conf=/etc/cni/net.d/10-hgw.conf"])),
+        )
+        .map(|_| ())
+        .expect_err("not a list name");
+        assert!(
+            e.to_string().contains("cni_conf") && e.to_string().contains(".conflist"),
+            "{e}"
+        );
+        let e = Config::from_raw(file(FILE).with_flags(flags(&["--subnet-env=/run/flannel/"])))
+            .map(|_| ())
+            .expect_err("a directory");
+        assert!(e.to_string().contains("subnet_env"), "{e}");
     }
 }

@@ -2,10 +2,12 @@
 //! integration tests load the same eBPF object through [`datapath`].
 
 pub mod agent;
+pub mod cni;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
 pub mod etcd;
 pub mod kernel;
+pub mod masq;
 pub mod setup;
 pub mod status;

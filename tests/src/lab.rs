@@ -177,6 +177,53 @@ impl Lab {
         &self.dir
     }
 
+    /// Where the agent on node index `node` writes flannel's subnet.env (the lab's
+    /// agents are always given a path in the lab's temp dir).
+    pub fn subnet_env_path(&self, node: usize) -> PathBuf {
+        self.dir
+            .join(format!("{}-subnet.env", self.nodes[node].name))
+    }
+
+    /// A path in the lab's temp dir for node index `node`'s CNI config list (for the
+    /// agent's `--cni-conf`).
+    pub fn cni_conf_path(&self, node: usize) -> PathBuf {
+        self.dir
+            .join(format!("{}-10-hgw.conflist", self.nodes[node].name))
+    }
+
+    /// host-local's data dir for node index `node`'s pods: in the lab's temp dir, so
+    /// labs never share allocations.
+    pub fn cni_data_dir(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("{}-cni-ipam", self.nodes[node].name))
+    }
+
+    /// A pod on node index `node` made by the CNI plugins of the list at `conflist`
+    /// (the agent's `cni_conf`), as a runtime makes one: a new namespace
+    /// `<id>-n<i>c<k>`, then ADD (with `port_mappings` for portmap). Its namespace is
+    /// the lab's (deleted with it); DEL is the caller's, or the pod's drop.
+    pub fn add_cni_pod(
+        &mut self,
+        node: usize,
+        conflist: &std::path::Path,
+        port_mappings: &[crate::cni::PortMapping],
+    ) -> anyhow::Result<crate::cni::CniPod> {
+        ensure!(
+            node < self.nodes.len(),
+            "no node index {node} in lab {}",
+            self.id
+        );
+        let list = crate::cni::read_conflist(conflist, &self.cni_data_dir(node))?;
+        let prefix = format!("{}-n{}c", self.id, node + 1);
+        let k = self
+            .namespaces
+            .iter()
+            .filter(|ns| ns.starts_with(&prefix))
+            .count()
+            + 1;
+        let ns = self.add_namespace(&format!("n{}c{k}", node + 1))?;
+        crate::cni::CniPod::add(&self.nodes[node].ns, &ns, list, port_mappings)
+    }
+
     /// The agent config (TOML) for node index `node` (0-based), dual stack: static peers
     /// are all the other nodes.
     pub fn agent_config(&self, node: usize) -> String {
@@ -248,7 +295,9 @@ impl Lab {
             .arg(&path)
             .arg("--setup-node")
             .arg("--status-socket")
-            .arg(&socket);
+            .arg(&socket)
+            .arg("--subnet-env")
+            .arg(self.dir.join(format!("{name}-once-subnet.env")));
         let what = crate::cmd::describe(&cmd);
         let mut child = cmd
             .stdin(std::process::Stdio::null())
@@ -336,6 +385,8 @@ impl Lab {
         }
         let config_arg = config_path.to_string_lossy().into_owned();
         let socket_arg = socket.to_string_lossy().into_owned();
+        // Never the host's /run/flannel/subnet.env.
+        let subnet_env_arg = self.subnet_env_path(node).to_string_lossy().into_owned();
         let mut args = vec![
             "run",
             "--config",
@@ -343,6 +394,8 @@ impl Lab {
             "--setup-node",
             "--status-socket",
             &socket_arg,
+            "--subnet-env",
+            &subnet_env_arg,
         ];
         args.extend_from_slice(extra_args);
         let agent = Agent::spawn(node, &self.nodes[node].ns, &args, socket, log)?;

@@ -17,6 +17,7 @@
 
 mod agent;
 mod cmd;
+mod cni;
 pub mod cost;
 mod etcd;
 pub mod floor;
@@ -30,6 +31,7 @@ mod stream;
 mod traffic;
 
 pub use agent::{Agent, agent_bin, built_agent_bin, counter, counter_sum};
+pub use cni::{CniPod, POD_IFNAME, PortMapping, exec_plugin, read_conflist};
 pub use etcd::{ETCD_IP, Etcd, LogLine, check_key_rejected, log_lines};
 pub use flows::{
     CtEntry, add_kube_proxy_invalid_drop, conntrack_entries, count_sent_packets, invalid_drops,

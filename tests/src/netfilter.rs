@@ -380,21 +380,14 @@ impl HostPort {
     }
 
     fn call(&self, command: &str) -> anyhow::Result<Output> {
-        let netns = format!("/var/run/netns/{}", self.pod_ns);
-        run_with_input(
+        crate::cni::exec_plugin(
             &self.node_ns,
-            &format!("{CNI_PATH}/portmap"),
-            &[],
-            &[
-                ("CNI_COMMAND", command),
-                ("CNI_CONTAINERID", &self.container_id),
-                ("CNI_NETNS", &netns),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_PATH", CNI_PATH),
-            ],
+            "portmap",
+            command,
+            &self.container_id,
+            &self.pod_ns,
             &self.config,
         )
-        .with_context(|| format!("CNI portmap {command} in {}", self.node_ns))
     }
 }
 

@@ -33,11 +33,13 @@ use tokio::{
 };
 
 use crate::{
+    cni::{CniError, NodeFiles},
     config::{Attach, Config, ConfigError, EtcdConfig, FastPath, Network, Peer, Source},
     conntrack::{self, ConntrackError},
     datapath::{Datapath, DatapathError},
     etcd::{self, EtcdError, EtcdSource},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link, PrefixOwners},
+    masq::{self, MasqError},
     setup::{self, SetupError},
     status::{self, Status},
 };
@@ -74,6 +76,10 @@ pub enum AgentError {
     Conntrack(#[from] ConntrackError),
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Cni(#[from] CniError),
+    #[error(transparent)]
+    Masq(#[from] MasqError),
     #[error("status socket {path}: {reason}")]
     StatusSocket { path: String, reason: String },
     #[error("installing a signal handler: {0}")]
@@ -171,6 +177,8 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             .await?
             .ok_or_else(|| ConfigError::invalid("bridge", &config.bridge, "no such interface"))?
     };
+    masq::set(config.ip_masq, &network)?;
+    let files = NodeFiles::write(&config, &network, uplink.mtu)?;
     let datapath = attach_datapath(&config, &network, &bridge, &uplink)?;
     if let Some(datapath) = &datapath {
         match datapath.counter_reader() {
@@ -200,6 +208,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         snapshot,
         last_fdb_dump: None,
         fdb_due: None,
+        files,
     };
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
@@ -287,6 +296,8 @@ struct Agent {
     last_fdb_dump: Option<Instant>,
     /// When the next forwarding dump may run, if one is wanted.
     fdb_due: Option<Instant>,
+    /// subnet.env and the CNI config, which carry the uplink's MTU.
+    files: NodeFiles,
 }
 
 impl Agent {
@@ -382,6 +393,7 @@ impl Agent {
     }
 
     fn write_node_config(&mut self) {
+        self.files.uplink_mtu(self.observed.uplink.mtu);
         match node_config(
             &self.network,
             &self.observed.bridge,
