@@ -225,6 +225,12 @@ section! {
         /// rules, in nftables table inet hgw-masq). Off by default.
         #[arg(long, num_args = 0, default_missing_value = "true")]
         pub ip_masq: Option<bool>,
+        /// Pin the programs' links and maps in this directory (on a bpffs, mounted
+        /// when missing), so the fast path keeps forwarding while the agent restarts
+        /// and the next agent takes over in place; "none": no pinning, the programs
+        /// go with the agent [default: /sys/fs/bpf/hgw].
+        #[arg(long)]
+        pub pin_dir: Option<PathBuf>,
     }
 }
 
@@ -435,6 +441,22 @@ pub struct EtcdConfig {
 pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
 pub const DEFAULT_LEASE_TTL: i64 = 60;
 pub const DEFAULT_STATUS_SOCKET: &str = "/run/hgw/hgw.sock";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/hgw";
+
+/// `pin_dir`: an absolute directory, or "none" for no pinning.
+fn pin_dir(path: &std::path::Path) -> Result<Option<PathBuf>, ConfigError> {
+    if path == std::path::Path::new("none") {
+        return Ok(None);
+    }
+    if !path.is_absolute() {
+        return Err(ConfigError::invalid(
+            "pin_dir",
+            path.display(),
+            "expected an absolute directory (on a bpffs), or \"none\"",
+        ));
+    }
+    Ok(Some(path.to_owned()))
+}
 pub const DEFAULT_SUBNET_ENV: &str = "/run/flannel/subnet.env";
 
 /// A validated configuration.
@@ -459,6 +481,8 @@ pub struct Config {
     pub cni_conf: Option<PathBuf>,
     /// Masquerade pod traffic leaving the cluster CIDR.
     pub ip_masq: bool,
+    /// Where links and maps are pinned (`None`: not pinned).
+    pub pin_dir: Option<PathBuf>,
     /// The fields as given, with the defaults filled in: what
     /// [`Config::restart_needed`] compares.
     given: RawConfig,
@@ -532,6 +556,7 @@ impl Config {
                 .map(|path| file_path(path, "cni_conf", Some(".conflist")))
                 .transpose()?,
             ip_masq: *raw.ip_masq.get_or_insert(false),
+            pin_dir: pin_dir(raw.pin_dir.get_or_insert_with(|| DEFAULT_PIN_DIR.into()))?,
             given: raw,
         })
     }

@@ -1,23 +1,36 @@
-//! The eBPF fast path: loads hgw's programs, attaches them with tcx (the links belong to
-//! this process, so the kernel detaches them when the agent exits, however it exits),
-//! and owns the maps.
+//! The eBPF fast path: loads hgw's programs, attaches them with tcx, and owns the maps.
+//!
+//! Without pinning, the tcx links belong to this process: the kernel detaches them when
+//! the agent exits, however it exits. With a pin directory (on a bpffs), the links and
+//! the maps are pinned there and outlive the agent: the programs keep forwarding while
+//! no agent runs, and a new agent adopts them, putting its own programs in place with a
+//! link update (`bpf_link_update`: never detached, not one packet without a program)
+//! and reusing the maps whose layout it shares.
 
 use aya::{
     Ebpf,
     maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
-    programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+    },
 };
 use hgw_common::{
     COUNTER_NOT_IP, Counter, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4,
     MAP_ENDPOINTS_V6, MAP_ROUTES_V4, MAP_ROUTES_V6, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
     counter_index,
 };
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use ipnet::IpNet;
-use log::warn;
+use log::{info, warn};
 
-use hgw_common::loader::{self, LoaderError};
+use hgw_common::loader::{self, LoaderError, PinnedMap};
 
 use crate::config::Attach;
 
@@ -28,6 +41,20 @@ pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 pub enum DatapathError {
     #[error(transparent)]
     Load(#[from] LoaderError),
+    #[error("pin directory {path}: {operation}: {source}")]
+    PinDir {
+        path: String,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinning the link of {program} on {interface} at {path}: {reason}")]
+    PinLink {
+        program: &'static str,
+        interface: String,
+        path: String,
+        reason: String,
+    },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the eBPF object")]
@@ -68,12 +95,30 @@ pub struct Datapath {
     endpoints_v4: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
     endpoints_v6: aya::maps::HashMap<MapData, [u8; 16], Endpoint>,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
-    ports: HashMap<u32, SchedClassifierLinkId>,
+    ports: HashMap<u32, HookLink>,
     attach: Attach,
-    /// The ifindex of the uplink `hgw_to_pod` is attached to.
-    uplink: Option<u32>,
-    /// With Attach::Bridge, the ifindex of the bridge `hgw_to_peer` is attached to.
-    bridge: Option<u32>,
+    /// `hgw_to_pod` on the uplink (its ifindex).
+    uplink: Option<(u32, HookLink)>,
+    /// With Attach::Bridge, `hgw_to_peer` on the bridge (its ifindex).
+    bridge: Option<(u32, HookLink)>,
+    /// Where links and maps are pinned (`None`: nothing pinned).
+    pins: Option<PathBuf>,
+}
+
+/// A program's tcx link on one interface. Dropped, it is detached unless pinned.
+struct HookLink {
+    _link: FdLink,
+    pin: Option<PathBuf>,
+}
+
+impl HookLink {
+    /// Takes the program off the interface, pinned or not.
+    fn detach(self) {
+        if let Some(pin) = &self.pin {
+            // The link goes with its last reference: the pin, then our fd.
+            let _ = std::fs::remove_file(pin);
+        }
+    }
 }
 
 fn program_error(
@@ -97,11 +142,35 @@ impl Datapath {
         node: NodeConfig,
         attach: Attach,
         conntrack: bool,
+        pins: Option<&Path>,
     ) -> Result<Self, DatapathError> {
-        for interface in [bridge, uplink] {
-            refuse_foreign_hgw(interface)?;
+        if let Some(dir) = pins {
+            prepare_pin_dir(dir, bridge, attach)?;
         }
-        let mut ebpf = loader::load(PROGRAMS, conntrack)?;
+        for interface in [bridge, uplink] {
+            refuse_foreign_hgw(interface, pins)?;
+        }
+        let (mut ebpf, maps) =
+            loader::load_pinned(PROGRAMS, conntrack, pins.map(|dir| dir.join("maps")).as_deref())?;
+        let reused: Vec<&str> = maps
+            .iter()
+            .filter(|(_, m)| *m == PinnedMap::Reused)
+            .map(|(name, _)| *name)
+            .collect();
+        let rebuilt: Vec<&str> = maps
+            .iter()
+            .filter(|(_, m)| *m == PinnedMap::Rebuilt)
+            .map(|(name, _)| *name)
+            .collect();
+        if !reused.is_empty() {
+            info!("pinned maps reused, state and all: {}", reused.join(", "));
+        }
+        if !rebuilt.is_empty() {
+            warn!(
+                "pinned maps of another layout replaced (their entries are written again): {}",
+                rebuilt.join(", ")
+            );
+        }
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_log_drain) {
             warn!("eBPF logs will not be shown: {e}");
         }
@@ -129,6 +198,7 @@ impl Datapath {
             attach,
             uplink: None,
             bridge: None,
+            pins: pins.map(Path::to_path_buf),
         };
         datapath.set_config(node)?;
         for program in [PROG_TO_PEER, PROG_TO_POD] {
@@ -149,17 +219,19 @@ impl Datapath {
         (bridge, bridge_ifindex): (&str, u32),
         (uplink, uplink_ifindex): (&str, u32),
     ) -> Result<(), DatapathError> {
-        if self.uplink != Some(uplink_ifindex) {
-            self.program(PROG_TO_POD)?
-                .attach(uplink, TcAttachType::Ingress)
-                .map_err(program_error("attaching", PROG_TO_POD))?;
-            self.uplink = Some(uplink_ifindex);
+        if self.uplink.as_ref().map(|(i, _)| *i) != Some(uplink_ifindex) {
+            let link = self.attach_hook(PROG_TO_POD, uplink)?;
+            if let Some((_, old)) = self.uplink.replace((uplink_ifindex, link)) {
+                old.detach();
+            }
         }
-        if self.attach == Attach::Bridge && self.bridge != Some(bridge_ifindex) {
-            self.program(PROG_TO_PEER)?
-                .attach(bridge, TcAttachType::Ingress)
-                .map_err(program_error("attaching", PROG_TO_PEER))?;
-            self.bridge = Some(bridge_ifindex);
+        if self.attach == Attach::Bridge
+            && self.bridge.as_ref().map(|(i, _)| *i) != Some(bridge_ifindex)
+        {
+            let link = self.attach_hook(PROG_TO_PEER, bridge)?;
+            if let Some((_, old)) = self.bridge.replace((bridge_ifindex, link)) {
+                old.detach();
+            }
         }
         Ok(())
     }
@@ -170,23 +242,77 @@ impl Datapath {
         if self.ports.contains_key(&ifindex) {
             return Ok(());
         }
-        refuse_foreign_hgw(name)?;
-        let link = self
-            .program(PROG_TO_PEER)?
-            .attach(name, TcAttachType::Ingress)
-            .map_err(program_error("attaching", PROG_TO_PEER))?;
+        refuse_foreign_hgw(name, self.pins.as_deref())?;
+        let link = self.attach_hook(PROG_TO_PEER, name)?;
         self.ports.insert(ifindex, link);
         Ok(())
     }
 
-    /// Forgets a port that left the bridge or is gone (its tcx link dies with it).
+    /// Takes the program off a port that left the bridge, or forgets one that is gone.
     pub fn detach_port(&mut self, ifindex: u32) {
-        if let Some(link) = self.ports.remove(&ifindex)
-            && let Ok(prog) = self.program(PROG_TO_PEER)
-        {
-            // Fails when the device is already gone, which detached it anyway.
-            let _ = prog.detach(link);
+        if let Some(link) = self.ports.remove(&ifindex) {
+            link.detach();
         }
+    }
+
+    /// `program` on `interface`'s ingress. Pinned: a link pinned by an earlier agent
+    /// and still on this interface gets this agent's program by a link update, in
+    /// place; otherwise a new link is made and pinned.
+    fn attach_hook(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+    ) -> Result<HookLink, DatapathError> {
+        let pin = self
+            .pins
+            .as_ref()
+            .map(|dir| link_pin_path(dir, program, interface));
+        let pin_error = |path: &Path, reason: String| DatapathError::PinLink {
+            program,
+            interface: interface.to_owned(),
+            path: path.display().to_string(),
+            reason,
+        };
+        if let Some(path) = &pin
+            && let Some(old) = adoptable(path, interface)
+        {
+            let link = SchedClassifierLink::try_from(old)
+                .map_err(|e| pin_error(path, e.to_string()))?;
+            let prog = self.program(program)?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(program_error("replacing in place", program))?;
+            let link = prog
+                .take_link(id)
+                .map_err(program_error("taking the link of", program))?;
+            let link = FdLink::try_from(link).map_err(|e| pin_error(path, e.to_string()))?;
+            info!("{program} on {interface}: replaced in place (pinned link updated)");
+            return Ok(HookLink {
+                _link: link,
+                pin: pin.clone(),
+            });
+        }
+        let prog = self.program(program)?;
+        let id = prog
+            .attach(interface, TcAttachType::Ingress)
+            .map_err(program_error("attaching", program))?;
+        let link = prog
+            .take_link(id)
+            .map_err(program_error("taking the link of", program))?;
+        let link = FdLink::try_from(link).map_err(|e| DatapathError::PinLink {
+            program,
+            interface: interface.to_owned(),
+            path: String::new(),
+            reason: e.to_string(),
+        })?;
+        let link = match &pin {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+                FdLink::from(link.pin(path).map_err(|e| pin_error(path, e.to_string()))?)
+            }
+            None => link,
+        };
+        Ok(HookLink { _link: link, pin })
     }
 
     /// Interface indexes of the ports `hgw_to_peer` is attached to.
@@ -263,6 +389,39 @@ impl Datapath {
             ),
         };
         absent_is_fine(result).map_err(map_error("deleting from", map))
+    }
+
+    /// The fast-path routes the maps hold now (left by an earlier agent, when pinned).
+    pub fn routes(&self) -> Vec<(IpNet, NextHop)> {
+        let v4 = self.routes_v4.iter().filter_map(Result::ok).filter_map(|(key, hop)| {
+            let net = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
+            Some((IpNet::V4(net), hop))
+        });
+        let v6 = self.routes_v6.iter().filter_map(Result::ok).filter_map(|(key, hop)| {
+            let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
+            Some((IpNet::V6(net), hop))
+        });
+        v4.chain(v6).collect()
+    }
+
+    /// The local pods the maps hold now.
+    pub fn endpoints(&self) -> Vec<(IpAddr, Endpoint)> {
+        let v4 = self
+            .endpoints_v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ip, e)| (IpAddr::from(ip), e));
+        let v6 = self
+            .endpoints_v6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ip, e)| (IpAddr::from(ip), e));
+        v4.chain(v6).collect()
+    }
+
+    /// Whether links and maps are pinned (they outlive the agent).
+    pub fn pinned(&self) -> bool {
+        self.pins.is_some()
     }
 
     /// Every counter, summed over the CPUs.
@@ -348,15 +507,24 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
 /// tcx stacks programs: a second agent would run behind the first one and see nothing,
 /// so an hgw program already on the hook means another agent is alive. Its links die
 /// with it; we do not take them away from under it.
-fn refuse_foreign_hgw(interface: &str) -> Result<(), DatapathError> {
+fn refuse_foreign_hgw(interface: &str, pins: Option<&Path>) -> Result<(), DatapathError> {
     let attached = match SchedClassifier::query_tcx(interface, TcAttachType::Ingress) {
         Ok((_, programs)) => programs,
         // No tcx entry on this hook yet, or a kernel without tcx: nothing of ours is there.
         Err(_) => return Ok(()),
     };
+    // Programs held by links pinned here are an earlier agent's, left to be adopted.
+    let pinned: Vec<u32> = pins
+        .into_iter()
+        .flat_map(|dir| {
+            [PROG_TO_PEER, PROG_TO_POD]
+                .map(|program| pinned_program(&link_pin_path(dir, program, interface)))
+        })
+        .flatten()
+        .collect();
     for info in attached {
         let name = info.name_as_str().unwrap_or_default();
-        if name == PROG_TO_PEER || name == PROG_TO_POD {
+        if (name == PROG_TO_PEER || name == PROG_TO_POD) && !pinned.contains(&info.id()) {
             return Err(DatapathError::AlreadyAttached {
                 interface: interface.to_owned(),
                 program: name.to_owned(),
@@ -365,6 +533,115 @@ fn refuse_foreign_hgw(interface: &str) -> Result<(), DatapathError> {
         }
     }
     Ok(())
+}
+
+/// Where the link of `program` on `interface` is pinned.
+fn link_pin_path(dir: &Path, program: &str, interface: &str) -> PathBuf {
+    dir.join("links").join(format!("{program}@{interface}"))
+}
+
+/// The program a pinned link holds, if the pin is there.
+fn pinned_program(path: &Path) -> Option<u32> {
+    let link = FdLink::from(PinnedLink::from_pin(path).ok()?);
+    link.info().ok().map(|info| info.program_id())
+}
+
+/// The link pinned at `path` if it still holds a program on `interface` (a device made
+/// again under the name has none of it: that pin is removed).
+fn adoptable(path: &Path, interface: &str) -> Option<FdLink> {
+    if !path.exists() {
+        return None;
+    }
+    let link = PinnedLink::from_pin(path).ok().map(FdLink::from);
+    let program = link.as_ref().and_then(|l| l.info().ok()).map(|i| i.program_id());
+    let on_interface = SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
+        .map(|(_, programs)| programs.iter().any(|p| Some(p.id()) == program))
+        .unwrap_or(false);
+    if on_interface {
+        return link;
+    }
+    let _ = std::fs::remove_file(path);
+    None
+}
+
+/// bpffs mounted where the pins go (mounted when missing: at /sys/fs/bpf for a path
+/// under it, else on the directory itself), the directories made, and the pins of
+/// links that cannot be adopted removed: interfaces that are gone, and the bridge-side
+/// program on hooks this attach mode does not use.
+fn prepare_pin_dir(dir: &Path, bridge: &str, attach: Attach) -> Result<(), DatapathError> {
+    let error = |operation: &'static str| {
+        move |source| DatapathError::PinDir {
+            path: dir.display().to_string(),
+            operation,
+            source,
+        }
+    };
+    let mount_point = if dir.starts_with(BPFFS_DEFAULT) {
+        Path::new(BPFFS_DEFAULT)
+    } else {
+        dir
+    };
+    std::fs::create_dir_all(mount_point).map_err(error("creating"))?;
+    if !on_bpffs(mount_point) {
+        mount_bpffs(mount_point).map_err(error("mounting bpffs"))?;
+        info!("mounted bpffs at {}", mount_point.display());
+    }
+    for sub in ["maps", "links"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(error("creating"))?;
+    }
+    let links = std::fs::read_dir(dir.join("links")).map_err(error("listing"))?;
+    for entry in links.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((program, interface)) = name.split_once('@') else {
+            continue;
+        };
+        let exists = Path::new("/sys/class/net").join(interface).exists();
+        let unused = program == PROG_TO_PEER
+            && match attach {
+                Attach::Ports => interface == bridge,
+                Attach::Bridge => interface != bridge,
+            };
+        if !exists || unused {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn on_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"bpffs".as_ptr(),
+            c_path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Keeps reading the programs' log ring buffer (only rare events are logged).

@@ -32,6 +32,31 @@ pub enum LoaderError {
     NotACall { name: String, offset: u64 },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error("reading the eBPF object's maps: {0}")]
+    Object(#[from] aya_obj::ParseError),
+    #[error("pinned map {path}: {reason}")]
+    Pin { path: String, reason: String },
+}
+
+/// The maps kept across agent restarts when pinned: the programs' state.
+pub const PINNED_MAPS: &[&str] = &[
+    crate::MAP_CONFIG,
+    crate::MAP_ROUTES_V4,
+    crate::MAP_ROUTES_V6,
+    crate::MAP_ENDPOINTS_V4,
+    crate::MAP_ENDPOINTS_V6,
+    crate::MAP_COUNTERS,
+];
+
+/// What happened to each pinned map at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinnedMap {
+    /// None was pinned: made and pinned.
+    Created,
+    /// The pinned one has the object's layout: the programs use it, state and all.
+    Reused,
+    /// The pinned one's layout differs (another hgw version): replaced by a new one.
+    Rebuilt,
 }
 
 /// What loading in `established` mode needs from the running kernel, checked without
@@ -69,15 +94,71 @@ fn kernel_facts(
 /// (`established` mode) its programs look up each packet's conntrack entry, which needs
 /// the kernel's conntrack kfuncs.
 pub fn load(elf: &[u8], conntrack: bool) -> Result<Ebpf, LoaderError> {
+    Ok(load_pinned(elf, conntrack, None)?.0)
+}
+
+/// [`load`], with the maps of [`PINNED_MAPS`] pinned in `pin_dir` (a directory on a
+/// bpffs): a map already pinned there is reused when its layout (type, key and value
+/// size, max entries, flags) is the object's, and replaced otherwise.
+pub fn load_pinned(
+    elf: &[u8],
+    conntrack: bool,
+    pin_dir: Option<&std::path::Path>,
+) -> Result<(Ebpf, Vec<(&'static str, PinnedMap)>), LoaderError> {
     let (kfuncs, status, timeout) = kernel_facts(&KernelBtf::vmlinux()?, conntrack)?;
     let object = with_kfunc_calls(elf, &kfuncs)?;
     let conntrack = u32::from(conntrack);
-    let ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(GLOBAL_CONNTRACK, &conntrack, true)
         .override_global(GLOBAL_CT_STATUS_OFFSET, &status, true)
-        .override_global(GLOBAL_CT_TIMEOUT_OFFSET, &timeout, true)
-        .load(&bytemuck::cast_slice(&object)[..elf.len()])?;
-    Ok(ebpf)
+        .override_global(GLOBAL_CT_TIMEOUT_OFFSET, &timeout, true);
+    let mut pinned = Vec::new();
+    if let Some(dir) = pin_dir {
+        let maps = aya_obj::Object::parse(elf)?.maps;
+        for &name in PINNED_MAPS {
+            let Some(map) = maps.get(name) else { continue };
+            let path = dir.join(name);
+            pinned.push((name, check_pinned(&path, map)?));
+            loader.map_pin_path(name, path);
+        }
+    }
+    let ebpf = loader.load(&bytemuck::cast_slice(&object)[..elf.len()])?;
+    Ok((ebpf, pinned))
+}
+
+/// Whether the map pinned at `path` (if any) can serve as `map`; a different one is
+/// unpinned, so the loader makes and pins a new one.
+fn check_pinned(path: &std::path::Path, map: &aya_obj::Map) -> Result<PinnedMap, LoaderError> {
+    if !path.exists() {
+        return Ok(PinnedMap::Created);
+    }
+    let error = |reason: String| LoaderError::Pin {
+        path: path.display().to_string(),
+        reason,
+    };
+    let info = aya::maps::MapData::from_pin(path)
+        .and_then(|data| data.info())
+        .map_err(|e| error(e.to_string()))?;
+    let found = (
+        info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+        info.map_flags(),
+    );
+    let wanted = (
+        map.map_type(),
+        map.key_size(),
+        map.value_size(),
+        map.max_entries(),
+        map.map_flags(),
+    );
+    if found == wanted {
+        return Ok(PinnedMap::Reused);
+    }
+    std::fs::remove_file(path).map_err(|e| error(format!("unpinning it: {e}")))?;
+    Ok(PinnedMap::Rebuilt)
 }
 
 /// A copy of `elf` (in u64 words: the ELF reader wants it aligned) in which every call

@@ -212,7 +212,13 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     };
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
-    info!("shutting down: kernel routes stay, fast path detached");
+    if agent.config.pin_dir.is_some() && agent.config.fast_path != FastPath::Off {
+        info!(
+            "shutting down: kernel routes stay, and the pinned fast path keeps forwarding (`hgw-agent uninstall` removes it)"
+        );
+    } else {
+        info!("shutting down: kernel routes stay, fast path detached");
+    }
     Ok(())
 }
 
@@ -272,6 +278,7 @@ fn attach_datapath(
         node,
         config.attach,
         conntrack,
+        config.pin_dir.as_deref(),
     )?;
     let to_peer = match config.attach {
         Attach::Bridge => format!("{} ingress", config.bridge),
@@ -571,6 +578,10 @@ impl FastPathMaps for Datapath {
 
     fn detach_port(&mut self, index: u32) {
         Datapath::detach_port(self, index);
+    }
+
+    fn entries(&self) -> (Vec<(IpNet, NextHop)>, Vec<(IpAddr, Endpoint)>) {
+        (self.routes(), self.endpoints())
     }
 }
 

@@ -65,6 +65,9 @@ pub trait FastPathMaps {
     /// With `--attach ports`: the program on a bridge port, or off it.
     fn attach_port(&mut self, name: &str, index: u32) -> Result<(), DatapathError>;
     fn detach_port(&mut self, index: u32);
+    /// What the route and endpoint maps hold now: an earlier agent's entries when the
+    /// maps are pinned.
+    fn entries(&self) -> (Vec<(IpNet, NextHop)>, Vec<(IpAddr, Endpoint)>);
 }
 
 /// What is known of one desired route in the kernel.
@@ -99,6 +102,9 @@ pub struct Reconciler<R, M> {
 
 impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
     pub fn new(routes: R, maps: Option<M>, follow_ports: bool) -> Self {
+        // Entries already in the maps (pinned ones) are known, so that the ones no peer
+        // wants go once the source has spoken, and the rest cost no write.
+        let (map, endpoints) = maps.as_ref().map(M::entries).unwrap_or_default();
         Self {
             routes,
             maps,
@@ -107,8 +113,8 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             by_hop: HashMap::new(),
             peers_known: false,
             state: HashMap::new(),
-            map: HashMap::new(),
-            endpoints: HashMap::new(),
+            map: map.into_iter().collect(),
+            endpoints: endpoints.into_iter().collect(),
             warned: HashSet::new(),
         }
     }
@@ -755,6 +761,9 @@ mod tests {
             Ok(())
         }
         fn detach_port(&mut self, _: u32) {}
+        fn entries(&self) -> (Vec<(IpNet, NextHop)>, Vec<(IpAddr, Endpoint)>) {
+            (self.routes.iter().map(|(c, h)| (*c, *h)).collect(), Vec::new())
+        }
     }
 
     fn network() -> Network {
