@@ -212,6 +212,10 @@ section! {
         /// schema): the file's [etcd] section.
         #[command(flatten)]
         pub etcd: Option<RawEtcd>,
+        /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this address,
+        /// e.g. 127.0.0.1:9090 [default: off].
+        #[arg(long)]
+        pub metrics_addr: Option<String>,
     }
 }
 
@@ -442,6 +446,8 @@ pub struct Config {
     /// The fields as given, with the defaults filled in: what
     /// [`Config::restart_needed`] compares.
     given: RawConfig,
+    /// Where metrics, /healthz and /readyz are served (none: off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -487,6 +493,19 @@ impl Config {
                 raw.peers.clone(),
             )?,
         };
+        let metrics_addr = raw
+            .metrics_addr
+            .as_deref()
+            .map(|addr| {
+                addr.parse().map_err(|_| {
+                    ConfigError::invalid(
+                        "metrics_addr",
+                        addr,
+                        "expected IP:PORT, e.g. 127.0.0.1:9090 or [::]:9090",
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Self {
             node_name,
             uplink,
@@ -500,6 +519,7 @@ impl Config {
                 .get_or_insert_with(|| DEFAULT_STATUS_SOCKET.into())
                 .clone(),
             given: raw,
+            metrics_addr,
         })
     }
 
@@ -1291,5 +1311,26 @@ pod_cidr = "10.244.2.0/24"
         )
         .expect_err("unknown in [[peers]]");
         assert!(e.to_string().contains("node_ipv6"), "{e}");
+    }
+
+    #[test]
+    fn metrics_addr_is_off_by_default_and_checked() {
+        let base = raw(&[("n2", "172.31.0.2", "10.244.2.0/24")]);
+        let config = Config::from_raw(base.clone()).expect("valid");
+        assert_eq!(config.metrics_addr, None);
+        let with = |addr: &str| {
+            Config::from_raw(RawConfig {
+                metrics_addr: Some(addr.into()),
+                ..base.clone()
+            })
+        };
+        let config = with("127.0.0.1:9090").expect("valid");
+        assert_eq!(config.metrics_addr, Some("127.0.0.1:9090".parse().expect("addr")));
+        assert!(with("[::]:9090").is_ok());
+        let e = with("localhost").map(|_| ()).expect_err("no port").to_string();
+        assert!(e.contains("metrics_addr") && e.contains("localhost"), "{e}");
+        let parsed = toml::from_str::<RawConfig>("metrics_addr = \"0.0.0.0:9090\"\n")
+            .expect("a file field");
+        assert_eq!(parsed.metrics_addr.as_deref(), Some("0.0.0.0:9090"));
     }
 }
