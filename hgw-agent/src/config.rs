@@ -1325,12 +1325,18 @@ pod_cidr = "10.244.2.0/24"
             })
         };
         let config = with("127.0.0.1:9090").expect("valid");
-        assert_eq!(config.metrics_addr, Some("127.0.0.1:9090".parse().expect("addr")));
+        assert_eq!(
+            config.metrics_addr,
+            Some("127.0.0.1:9090".parse().expect("addr"))
+        );
         assert!(with("[::]:9090").is_ok());
-        let e = with("localhost").map(|_| ()).expect_err("no port").to_string();
+        let e = with("localhost")
+            .map(|_| ())
+            .expect_err("no port")
+            .to_string();
         assert!(e.contains("metrics_addr") && e.contains("localhost"), "{e}");
-        let parsed = toml::from_str::<RawConfig>("metrics_addr = \"0.0.0.0:9090\"\n")
-            .expect("a file field");
+        let parsed =
+            toml::from_str::<RawConfig>("metrics_addr = \"0.0.0.0:9090\"\n").expect("a file field");
         assert_eq!(parsed.metrics_addr.as_deref(), Some("0.0.0.0:9090"));
     }
 }

@@ -63,8 +63,9 @@ pub struct Datapath {
     routes_v4: LpmTrie<MapData, [u8; 4], NextHop>,
     routes_v6: LpmTrie<MapData, [u8; 16], NextHop>,
     counters: PerCpuArray<MapData, u64>,
-    /// The counters map's id, to open a second handle on it.
-    counters_id: Option<u32>,
+    /// A second fd of the counters map, for [`Datapath::counter_reader`] (opening
+    /// the map by id would need CAP_SYS_ADMIN).
+    counters_fd: Option<std::os::fd::OwnedFd>,
     endpoints_v4: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
     endpoints_v6: aya::maps::HashMap<MapData, [u8; 16], Endpoint>,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
@@ -109,8 +110,10 @@ impl Datapath {
         let config = take_map(&mut ebpf, MAP_CONFIG)?;
         let routes_v4 = take_map(&mut ebpf, MAP_ROUTES_V4)?;
         let routes_v6 = take_map(&mut ebpf, MAP_ROUTES_V6)?;
-        let counters_id = match ebpf.map(MAP_COUNTERS) {
-            Some(aya::maps::Map::PerCpuArray(data)) => data.info().ok().map(|info| info.id()),
+        let counters_fd = match ebpf.map(MAP_COUNTERS) {
+            Some(aya::maps::Map::PerCpuArray(data)) => std::os::fd::AsFd::as_fd(data.fd())
+                .try_clone_to_owned()
+                .ok(),
             _ => None,
         };
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
@@ -122,7 +125,7 @@ impl Datapath {
             routes_v4,
             routes_v6,
             counters,
-            counters_id,
+            counters_fd,
             endpoints_v4,
             endpoints_v6,
             ports: HashMap::new(),
@@ -273,10 +276,12 @@ impl Datapath {
     /// A second handle on the counters, for readers outside the agent's loop (status,
     /// metrics): reading it never waits for the loop.
     pub fn counter_reader(&self) -> Result<CounterReader, DatapathError> {
-        let id = self
-            .counters_id
+        let fd = self
+            .counters_fd
+            .as_ref()
+            .and_then(|fd| fd.try_clone().ok())
             .ok_or(DatapathError::MissingMap(MAP_COUNTERS))?;
-        let data = MapData::from_id(id).map_err(map_error("opening", MAP_COUNTERS))?;
+        let data = MapData::from_fd(fd).map_err(map_error("opening", MAP_COUNTERS))?;
         let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
             .map_err(map_error("opening", MAP_COUNTERS))?;
         Ok(CounterReader(map))

@@ -7,5 +7,6 @@ pub mod conntrack;
 pub mod datapath;
 pub mod etcd;
 pub mod kernel;
+pub mod metrics;
 pub mod setup;
 pub mod status;

@@ -38,6 +38,7 @@ use crate::{
     datapath::{Datapath, DatapathError},
     etcd::{self, EtcdError, EtcdSource},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link, PrefixOwners},
+    metrics::{self, Health, MetricsError, Reconciles, Trigger},
     setup::{self, SetupError},
     status::{self, Status},
 };
@@ -78,6 +79,8 @@ pub enum AgentError {
     StatusSocket { path: String, reason: String },
     #[error("installing a signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// SIGTERM and SIGINT, as one future.
@@ -119,7 +122,14 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     let (snapshot, snapshot_rx) =
         watch::channel(Arc::new(waiting_status(&config, "starting".into())));
     let counters = Arc::new(OnceLock::new());
-    status::spawn_server(listener, snapshot_rx, counters.clone());
+    status::spawn_server(listener, snapshot_rx.clone(), counters.clone());
+    let reconciles = Reconciles::default();
+    let health = match config.metrics_addr {
+        Some(addr) => {
+            metrics::spawn_server(addr, reconciles.clone(), snapshot_rx, counters.clone())?
+        }
+        None => Health::default(),
+    };
 
     let (network, peers) = match &config.source {
         Source::Static { network, peers } => {
@@ -194,6 +204,8 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         snapshot,
         last_fdb_dump: None,
         fdb_due: None,
+        reconciles,
+        health,
     };
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
@@ -281,6 +293,8 @@ struct Agent {
     last_fdb_dump: Option<Instant>,
     /// When the next forwarding dump may run, if one is wanted.
     fdb_due: Option<Instant>,
+    reconciles: Reconciles,
+    health: Health,
 }
 
 impl Agent {
@@ -317,12 +331,14 @@ impl Agent {
                         self.resync().await;
                         continue;
                     };
+                    let timer = self.reconciles.time(Trigger::Events);
                     self.on_event(event).await;
                     // Take what is waiting, up to a batch, before publishing once.
                     for _ in 1..EVENT_BATCH {
                         let Ok(event) = events.events.try_recv() else { break };
                         self.on_event(event).await;
                     }
+                    drop(timer);
                     if events.overflowed.swap(false, Ordering::Relaxed) {
                         warn!("kernel events came faster than the agent took them; resyncing");
                         self.resync().await;
@@ -342,6 +358,10 @@ impl Agent {
                     self.dump_fdb_if_needed().await;
                 }
                 _ = resync.tick() => self.resync().await,
+                reply = self.health.ping() => {
+                    let _ = reply.send(());
+                    continue;
+                }
                 _ = retry.tick() => {
                     self.reconciler.refresh_next_hops(&self.observed).await;
                     self.dump_fdb_if_needed().await;
@@ -352,6 +372,7 @@ impl Agent {
     }
 
     async fn set_peers(&mut self, peers: &[Peer]) {
+        let _timer = self.reconciles.time(Trigger::Peers);
         let desired = desired::desired(&self.network, peers, &self.node);
         self.reconciler.set_desired(desired, &self.observed).await;
     }
@@ -387,6 +408,7 @@ impl Agent {
     /// Rebuilds the observed state from dumps, then lets the reconciler compare
     /// everything and write the differences.
     async fn resync(&mut self) {
+        let _timer = self.reconciles.time(Trigger::Resync);
         let kernel = &self.kernel;
         match kernel.link(&self.config.uplink).await {
             Ok(Some(uplink)) => self.observed.uplink = uplink,
