@@ -15,7 +15,7 @@ use hgw_common::{
 use std::{collections::HashMap, net::IpAddr};
 
 use ipnet::IpNet;
-use log::warn;
+use log::{debug, warn};
 
 use hgw_common::loader::{self, LoaderError};
 
@@ -352,10 +352,19 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
 
 /// tcx stacks programs: a second agent would run behind the first one and see nothing,
 /// so an hgw program already on the hook means another agent is alive. Its links die
-/// with it; we do not take them away from under it.
+/// with it; we do not take them away from under it. Naming the programs on a hook
+/// needs CAP_SYS_ADMIN (their info is read by id); without it, the agent lock
+/// ([`crate::status::AgentLock`], taken first) is what keeps a second agent out.
 fn refuse_foreign_hgw(interface: &str) -> Result<(), DatapathError> {
     let attached = match SchedClassifier::query_tcx(interface, TcAttachType::Ingress) {
         Ok((_, programs)) => programs,
+        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EPERM) => {
+            debug!(
+                "{interface}: programs already on its ingress cannot be named without CAP_SYS_ADMIN ({}); the agent lock guards against a second agent",
+                e.call
+            );
+            return Ok(());
+        }
         // No tcx entry on this hook yet, or a kernel without tcx: nothing of ours is there.
         Err(_) => return Ok(()),
     };

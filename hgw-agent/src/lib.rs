@@ -2,6 +2,7 @@
 //! integration tests load the same eBPF object through [`datapath`].
 
 pub mod agent;
+pub mod caps;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;

@@ -33,6 +33,7 @@ use tokio::{
 };
 
 use crate::{
+    caps::{self, CapsError},
     config::{Attach, Config, ConfigError, EtcdConfig, FastPath, Network, Peer, Source},
     conntrack::{self, ConntrackError},
     datapath::{Datapath, DatapathError},
@@ -81,6 +82,10 @@ pub enum AgentError {
     Signal(#[source] std::io::Error),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Caps(#[from] CapsError),
+    #[error(transparent)]
+    AnotherAgent(#[from] status::StatusError),
 }
 
 /// SIGTERM and SIGINT, as one future.
@@ -108,6 +113,7 @@ impl Shutdown {
 /// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
 /// programs are detached (their tcx links close with the process).
 pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
+    caps::check(config.fast_path)?;
     let kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
@@ -116,7 +122,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     }
     let uplink_networks = kernel.networks(uplink.index).await?;
     let mut shutdown = Shutdown::new()?;
-    let listener = bind_status_socket(&config)?;
+    let (listener, _lock) = bind_status_socket(&config)?;
     // The status socket is removed whenever the agent stops before its loop.
     let socket = SocketGuard(config.status_socket.clone());
     let (snapshot, snapshot_rx) =
@@ -736,7 +742,9 @@ fn waiting_status(config: &Config, waiting: String) -> Status {
     }
 }
 
-fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
+/// The status socket (mode 0600), and the network namespace's agent lock.
+fn bind_status_socket(config: &Config) -> Result<(UnixListener, status::AgentLock), AgentError> {
+    let lock = status::AgentLock::take()?;
     let path = &config.status_socket;
     let error = |reason: String| AgentError::StatusSocket {
         path: path.display().to_string(),
@@ -748,9 +756,25 @@ fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| error(e.to_string()))?;
     }
-    // A socket file left by an agent that is gone.
-    let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|e| error(e.to_string()))
+    // A socket left by an agent that is gone; never anything else.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path)
+                .map_err(|e| error(format!("removing a stale socket: {e}")))?;
+        }
+        Ok(_) => {
+            return Err(error(
+                "exists and is not a socket: left as it is; remove it or choose another status_socket".into(),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(error(e.to_string())),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| error(e.to_string()))?;
+    // Status names the node's peers and addresses: for root (and the agent's user).
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| error(format!("setting mode 0600: {e}")))?;
+    Ok((listener, lock))
 }
 
 /// `etcd::start`, retried while etcd cannot be reached, as flanneld does (backoff from
