@@ -255,7 +255,11 @@ fn a_status_socket_path_that_is_not_a_socket_is_left_alone() -> anyhow::Result<(
         stderr.contains(&path.display().to_string()) && stderr.contains("not a socket"),
         "the error does not name the path: {stderr}"
     );
-    assert_eq!(std::fs::read_to_string(path)?, "precious", "the file changed");
+    assert_eq!(
+        std::fs::read_to_string(path)?,
+        "precious",
+        "the file changed"
+    );
     assert!(
         hgw_routes(&lab.nodes[0].ns)?.is_empty(),
         "routes installed anyway"
