@@ -312,7 +312,10 @@ impl Agent {
     ) {
         // Subscribed first, then dumped: nothing falls between the two.
         self.resync().await;
-        if let Some(set) = peers.borrow_and_update().clone() {
+        // The borrow ends here: held across the await below, it would block the
+        // source's next send, and with it this (single) thread, for good.
+        let first = peers.borrow_and_update().clone();
+        if let Some(set) = first {
             self.set_peers(&set).await;
         }
         self.publish();
