@@ -231,6 +231,10 @@ section! {
         /// go with the agent [default: /sys/fs/bpf/hgw].
         #[arg(long)]
         pub pin_dir: Option<PathBuf>,
+        /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this address,
+        /// e.g. 127.0.0.1:9090 [default: off].
+        #[arg(long)]
+        pub metrics_addr: Option<String>,
     }
 }
 
@@ -486,6 +490,8 @@ pub struct Config {
     /// The fields as given, with the defaults filled in: what
     /// [`Config::restart_needed`] compares.
     given: RawConfig,
+    /// Where metrics, /healthz and /readyz are served (none: off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -531,6 +537,19 @@ impl Config {
                 raw.peers.clone(),
             )?,
         };
+        let metrics_addr = raw
+            .metrics_addr
+            .as_deref()
+            .map(|addr| {
+                addr.parse().map_err(|_| {
+                    ConfigError::invalid(
+                        "metrics_addr",
+                        addr,
+                        "expected IP:PORT, e.g. 127.0.0.1:9090 or [::]:9090",
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Self {
             node_name,
             uplink,
@@ -558,6 +577,7 @@ impl Config {
             ip_masq: *raw.ip_masq.get_or_insert(false),
             pin_dir: pin_dir(raw.pin_dir.get_or_insert_with(|| DEFAULT_PIN_DIR.into()))?,
             given: raw,
+            metrics_addr,
         })
     }
 
@@ -1408,5 +1428,32 @@ pod_cidr = "10.244.2.0/24"
             .map(|_| ())
             .expect_err("a directory");
         assert!(e.to_string().contains("subnet_env"), "{e}");
+    }
+
+    #[test]
+    fn metrics_addr_is_off_by_default_and_checked() {
+        let base = raw(&[("n2", "172.31.0.2", "10.244.2.0/24")]);
+        let config = Config::from_raw(base.clone()).expect("valid");
+        assert_eq!(config.metrics_addr, None);
+        let with = |addr: &str| {
+            Config::from_raw(RawConfig {
+                metrics_addr: Some(addr.into()),
+                ..base.clone()
+            })
+        };
+        let config = with("127.0.0.1:9090").expect("valid");
+        assert_eq!(
+            config.metrics_addr,
+            Some("127.0.0.1:9090".parse().expect("addr"))
+        );
+        assert!(with("[::]:9090").is_ok());
+        let e = with("localhost")
+            .map(|_| ())
+            .expect_err("no port")
+            .to_string();
+        assert!(e.contains("metrics_addr") && e.contains("localhost"), "{e}");
+        let parsed =
+            toml::from_str::<RawConfig>("metrics_addr = \"0.0.0.0:9090\"\n").expect("a file field");
+        assert_eq!(parsed.metrics_addr.as_deref(), Some("0.0.0.0:9090"));
     }
 }

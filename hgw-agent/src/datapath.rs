@@ -28,7 +28,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use hgw_common::loader::{self, LoaderError, PinnedMap};
 
@@ -90,8 +90,9 @@ pub struct Datapath {
     routes_v4: LpmTrie<MapData, [u8; 4], NextHop>,
     routes_v6: LpmTrie<MapData, [u8; 16], NextHop>,
     counters: PerCpuArray<MapData, u64>,
-    /// The counters map's id, to open a second handle on it.
-    counters_id: Option<u32>,
+    /// A second fd of the counters map, for [`Datapath::counter_reader`] (opening
+    /// the map by id would need CAP_SYS_ADMIN).
+    counters_fd: Option<std::os::fd::OwnedFd>,
     endpoints_v4: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
     endpoints_v6: aya::maps::HashMap<MapData, [u8; 16], Endpoint>,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
@@ -178,8 +179,10 @@ impl Datapath {
         let config = take_map(&mut ebpf, MAP_CONFIG)?;
         let routes_v4 = take_map(&mut ebpf, MAP_ROUTES_V4)?;
         let routes_v6 = take_map(&mut ebpf, MAP_ROUTES_V6)?;
-        let counters_id = match ebpf.map(MAP_COUNTERS) {
-            Some(aya::maps::Map::PerCpuArray(data)) => data.info().ok().map(|info| info.id()),
+        let counters_fd = match ebpf.map(MAP_COUNTERS) {
+            Some(aya::maps::Map::PerCpuArray(data)) => std::os::fd::AsFd::as_fd(data.fd())
+                .try_clone_to_owned()
+                .ok(),
             _ => None,
         };
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
@@ -191,7 +194,7 @@ impl Datapath {
             routes_v4,
             routes_v6,
             counters,
-            counters_id,
+            counters_fd,
             endpoints_v4,
             endpoints_v6,
             ports: HashMap::new(),
@@ -432,10 +435,12 @@ impl Datapath {
     /// A second handle on the counters, for readers outside the agent's loop (status,
     /// metrics): reading it never waits for the loop.
     pub fn counter_reader(&self) -> Result<CounterReader, DatapathError> {
-        let id = self
-            .counters_id
+        let fd = self
+            .counters_fd
+            .as_ref()
+            .and_then(|fd| fd.try_clone().ok())
             .ok_or(DatapathError::MissingMap(MAP_COUNTERS))?;
-        let data = MapData::from_id(id).map_err(map_error("opening", MAP_COUNTERS))?;
+        let data = MapData::from_fd(fd).map_err(map_error("opening", MAP_COUNTERS))?;
         let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
             .map_err(map_error("opening", MAP_COUNTERS))?;
         Ok(CounterReader(map))
@@ -506,10 +511,19 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
 
 /// tcx stacks programs: a second agent would run behind the first one and see nothing,
 /// so an hgw program already on the hook means another agent is alive. Its links die
-/// with it; we do not take them away from under it.
+/// with it; we do not take them away from under it. Naming the programs on a hook
+/// needs CAP_SYS_ADMIN (their info is read by id); without it, the agent lock
+/// ([`crate::status::AgentLock`], taken first) is what keeps a second agent out.
 fn refuse_foreign_hgw(interface: &str, pins: Option<&Path>) -> Result<(), DatapathError> {
     let attached = match SchedClassifier::query_tcx(interface, TcAttachType::Ingress) {
         Ok((_, programs)) => programs,
+        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EPERM) => {
+            debug!(
+                "{interface}: programs already on its ingress cannot be named without CAP_SYS_ADMIN ({}); the agent lock guards against a second agent",
+                e.call
+            );
+            return Ok(());
+        }
         // No tcx entry on this hook yet, or a kernel without tcx: nothing of ours is there.
         Err(_) => return Ok(()),
     };

@@ -678,10 +678,13 @@ struct Shared {
 
 impl Shared {
     fn error(&self, operation: &'static str) -> impl FnOnce(etcd_client::Error) -> EtcdError + '_ {
-        move |source| EtcdError::Client {
-            operation,
-            endpoints: self.endpoints.clone(),
-            source,
+        move |source| {
+            crate::metrics::count_etcd_error();
+            EtcdError::Client {
+                operation,
+                endpoints: self.endpoints.clone(),
+                source,
+            }
         }
     }
 

@@ -57,10 +57,13 @@ fn netlink(
     operation: &'static str,
     object: impl ToString,
 ) -> impl FnOnce(rtnetlink::Error) -> KernelError {
-    move |source| KernelError::Netlink {
-        operation,
-        object: object.to_string(),
-        source,
+    move |source| {
+        crate::metrics::count_netlink_error();
+        KernelError::Netlink {
+            operation,
+            object: object.to_string(),
+            source,
+        }
     }
 }
 

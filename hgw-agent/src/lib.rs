@@ -3,11 +3,13 @@
 
 pub mod agent;
 pub mod cni;
+pub mod caps;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
 pub mod etcd;
 pub mod kernel;
 pub mod masq;
+pub mod metrics;
 pub mod setup;
 pub mod status;

@@ -25,6 +25,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     // tcp_reopen.rs binds a TCP client to a fixed port, which std cannot.
     "python3",
+    // deploy_files.rs checks deploy/hgw.service with systemd-analyze verify.
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -34,12 +34,14 @@ use tokio::{
 
 use crate::{
     cni::{CniError, NodeFiles},
+    caps::{self, CapsError},
     config::{Attach, Config, ConfigError, EtcdConfig, FastPath, Network, Peer, Source},
     conntrack::{self, ConntrackError},
     datapath::{Datapath, DatapathError},
     etcd::{self, EtcdError, EtcdSource},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link, PrefixOwners},
     masq::{self, MasqError},
+    metrics::{self, Health, MetricsError, Reconciles, Trigger},
     setup::{self, SetupError},
     status::{self, Status},
 };
@@ -84,6 +86,12 @@ pub enum AgentError {
     StatusSocket { path: String, reason: String },
     #[error("installing a signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Caps(#[from] CapsError),
+    #[error(transparent)]
+    AnotherAgent(#[from] status::StatusError),
 }
 
 /// SIGTERM and SIGINT, as one future.
@@ -111,6 +119,7 @@ impl Shutdown {
 /// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
 /// programs are detached (their tcx links close with the process).
 pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
+    caps::check(config.fast_path)?;
     let kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
@@ -119,13 +128,20 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     }
     let uplink_networks = kernel.networks(uplink.index).await?;
     let mut shutdown = Shutdown::new()?;
-    let listener = bind_status_socket(&config)?;
+    let (listener, _lock) = bind_status_socket(&config)?;
     // The status socket is removed whenever the agent stops before its loop.
     let socket = SocketGuard(config.status_socket.clone());
     let (snapshot, snapshot_rx) =
         watch::channel(Arc::new(waiting_status(&config, "starting".into())));
     let counters = Arc::new(OnceLock::new());
-    status::spawn_server(listener, snapshot_rx, counters.clone());
+    status::spawn_server(listener, snapshot_rx.clone(), counters.clone());
+    let reconciles = Reconciles::default();
+    let health = match config.metrics_addr {
+        Some(addr) => {
+            metrics::spawn_server(addr, reconciles.clone(), snapshot_rx, counters.clone())?
+        }
+        None => Health::default(),
+    };
 
     let (network, peers) = match &config.source {
         Source::Static { network, peers } => {
@@ -209,6 +225,8 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         last_fdb_dump: None,
         fdb_due: None,
         files,
+        reconciles,
+        health,
     };
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
@@ -305,6 +323,8 @@ struct Agent {
     fdb_due: Option<Instant>,
     /// subnet.env and the CNI config, which carry the uplink's MTU.
     files: NodeFiles,
+    reconciles: Reconciles,
+    health: Health,
 }
 
 impl Agent {
@@ -316,8 +336,8 @@ impl Agent {
     ) {
         // Subscribed first, then dumped: nothing falls between the two.
         self.resync().await;
-        // Bound first: the borrow (a lock the source's task needs) ends here, not
-        // after the await below.
+        // The borrow ends here: held across the await below, it would block the
+        // source's next send, and with it this (single) thread, for good.
         let first = peers.borrow_and_update().clone();
         if let Some(set) = first {
             self.set_peers(&set).await;
@@ -344,12 +364,14 @@ impl Agent {
                         self.resync().await;
                         continue;
                     };
+                    let timer = self.reconciles.time(Trigger::Events);
                     self.on_event(event).await;
                     // Take what is waiting, up to a batch, before publishing once.
                     for _ in 1..EVENT_BATCH {
                         let Ok(event) = events.events.try_recv() else { break };
                         self.on_event(event).await;
                     }
+                    drop(timer);
                     if events.overflowed.swap(false, Ordering::Relaxed) {
                         warn!("kernel events came faster than the agent took them; resyncing");
                         self.resync().await;
@@ -369,6 +391,10 @@ impl Agent {
                     self.dump_fdb_if_needed().await;
                 }
                 _ = resync.tick() => self.resync().await,
+                reply = self.health.ping() => {
+                    let _ = reply.send(());
+                    continue;
+                }
                 _ = retry.tick() => {
                     self.reconciler.refresh_next_hops(&self.observed).await;
                     self.dump_fdb_if_needed().await;
@@ -379,6 +405,7 @@ impl Agent {
     }
 
     async fn set_peers(&mut self, peers: &[Peer]) {
+        let _timer = self.reconciles.time(Trigger::Peers);
         let desired = desired::desired(&self.network, peers, &self.node);
         self.reconciler.set_desired(desired, &self.observed).await;
     }
@@ -415,6 +442,7 @@ impl Agent {
     /// Rebuilds the observed state from dumps, then lets the reconciler compare
     /// everything and write the differences.
     async fn resync(&mut self) {
+        let _timer = self.reconciles.time(Trigger::Resync);
         let kernel = &self.kernel;
         match kernel.link(&self.config.uplink).await {
             Ok(Some(uplink)) => self.observed.uplink = uplink,
@@ -746,7 +774,9 @@ fn waiting_status(config: &Config, waiting: String) -> Status {
     }
 }
 
-fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
+/// The status socket (mode 0600), and the network namespace's agent lock.
+fn bind_status_socket(config: &Config) -> Result<(UnixListener, status::AgentLock), AgentError> {
+    let lock = status::AgentLock::take()?;
     let path = &config.status_socket;
     let error = |reason: String| AgentError::StatusSocket {
         path: path.display().to_string(),
@@ -758,9 +788,25 @@ fn bind_status_socket(config: &Config) -> Result<UnixListener, AgentError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| error(e.to_string()))?;
     }
-    // A socket file left by an agent that is gone.
-    let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|e| error(e.to_string()))
+    // A socket left by an agent that is gone; never anything else.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path)
+                .map_err(|e| error(format!("removing a stale socket: {e}")))?;
+        }
+        Ok(_) => {
+            return Err(error(
+                "exists and is not a socket: left as it is; remove it or choose another status_socket".into(),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(error(e.to_string())),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| error(e.to_string()))?;
+    // Status names the node's peers and addresses: for root (and the agent's user).
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| error(format!("setting mode 0600: {e}")))?;
+    Ok((listener, lock))
 }
 
 /// `etcd::start`, retried while etcd cannot be reached, as flanneld does (backoff from

@@ -1,0 +1,619 @@
+//! Prometheus metrics, `/healthz` and `/readyz` over HTTP on `metrics_addr`.
+//!
+//! Everything is read at scrape time from what the agent already keeps: the fast path's
+//! per-CPU counters (summed over the CPUs, through the same [`CounterReader`] as
+//! status), the status snapshot the loop publishes, the reconcile histogram and two
+//! error counters. A scrape never waits for the agent's loop; only `/healthz` asks the
+//! loop, to prove it still turns.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hgw_common::COUNTER_NOT_IP_NAME;
+use log::{debug, warn};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::ConstCounter,
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot, watch},
+};
+
+use crate::{datapath::CounterReader, status::Status};
+
+/// Netlink requests that failed (routes, neighbours, links, addresses, dumps).
+static NETLINK_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// etcd requests that failed (connecting, reading, writing, watching, the lease).
+static ETCD_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one failed netlink request: called where `KernelError::Netlink` is made.
+pub fn count_netlink_error() {
+    NETLINK_ERRORS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts one failed etcd request: called where `EtcdError::Client` is made.
+pub fn count_etcd_error() {
+    ETCD_ERRORS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How long `/healthz` waits for the loop's answer.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that has not sent its request within this is dropped.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request head read.
+const MAX_REQUEST: usize = 8 * 1024;
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics_addr {addr}: listening: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a reconcile was for: the histogram's `trigger` label.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    /// A new peer set.
+    Peers,
+    /// The periodic (or forced) comparison of everything with the kernel.
+    Resync,
+    /// A batch of kernel events.
+    Events,
+}
+
+impl Trigger {
+    fn name(self) -> &'static str {
+        match self {
+            Trigger::Peers => "peers",
+            Trigger::Resync => "resync",
+            Trigger::Events => "events",
+        }
+    }
+}
+
+type TriggerLabel = [(&'static str, &'static str); 1];
+
+/// The reconcile durations, by trigger. Cheap to clone (shared).
+#[derive(Debug, Clone)]
+pub struct Reconciles(Family<TriggerLabel, Histogram>);
+
+impl Default for Reconciles {
+    fn default() -> Self {
+        // 100 µs to ~13 s: a batch of events takes well under a millisecond, a resync
+        // of thousands of routes seconds.
+        Self(Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        }))
+    }
+}
+
+impl Reconciles {
+    /// Measures from now until the returned guard is dropped.
+    pub fn time(&self, trigger: Trigger) -> ReconcileTimer {
+        ReconcileTimer {
+            family: self.0.clone(),
+            trigger,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// Observes the time since it was made into the histogram when dropped.
+pub struct ReconcileTimer {
+    family: Family<TriggerLabel, Histogram>,
+    trigger: Trigger,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.family
+            .get_or_create(&[("trigger", self.trigger.name())])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// The loop's side of `/healthz`: pings to answer.
+#[derive(Debug, Default)]
+pub struct Health {
+    pings: Option<mpsc::Receiver<oneshot::Sender<()>>>,
+    /// Set once the loop listens for pings; before, `/healthz` answers for the start.
+    listening: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// The next `/healthz` ping; answer it by sending `()`. The first call marks the
+    /// event loop as running. Never resolves without a metrics server.
+    pub async fn ping(&mut self) -> oneshot::Sender<()> {
+        self.listening.store(true, Ordering::Relaxed);
+        if let Some(pings) = &mut self.pings
+            && let Some(reply) = pings.recv().await
+        {
+            return reply;
+        }
+        std::future::pending().await
+    }
+}
+
+/// What the server reads from.
+struct Shared {
+    registry: Registry,
+    snapshot: watch::Receiver<Arc<Status>>,
+    /// Set for good once a snapshot said ready.
+    was_ready: AtomicBool,
+    pings: mpsc::Sender<oneshot::Sender<()>>,
+    listening: Arc<AtomicBool>,
+}
+
+/// Listens on `addr` and serves `/metrics`, `/healthz` and `/readyz` on tasks of its
+/// own. The returned [`Health`] is for the agent's loop.
+pub fn spawn_server(
+    addr: SocketAddr,
+    reconciles: Reconciles,
+    snapshot: watch::Receiver<Arc<Status>>,
+    counters: Arc<OnceLock<CounterReader>>,
+) -> Result<Health, MetricsError> {
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(TcpListener::from_std)
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let mut registry = Registry::default();
+    registry.register_with_unit(
+        "hgw_reconcile_duration",
+        "Time the agent took to apply a change to routes and maps, by what triggered it (peers: a new peer set; resync: the comparison with the kernel every 30 s or after lost events; events: a batch of kernel events)",
+        Unit::Seconds,
+        reconciles.0,
+    );
+    registry.register_collector(Box::new(StatusCollector {
+        snapshot: snapshot.clone(),
+        counters,
+    }));
+    let (pings, rx) = mpsc::channel(16);
+    let listening = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared {
+        registry,
+        snapshot,
+        was_ready: AtomicBool::new(false),
+        pings,
+        listening: listening.clone(),
+    });
+    tokio::spawn(watch_ready(shared.clone()));
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!("metrics: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve(stream, &shared).await {
+                    debug!("metrics client: {e}");
+                }
+            });
+        }
+    });
+    Ok(Health {
+        pings: Some(rx),
+        listening,
+    })
+}
+
+/// Latches readiness: `/readyz` says 200 from the first snapshot that is ready on,
+/// also between two requests. A peer that goes away later is not this node's fault
+/// (and the peer gauges show it).
+async fn watch_ready(shared: Arc<Shared>) {
+    let mut snapshot = shared.snapshot.clone();
+    loop {
+        if snapshot.borrow_and_update().ready {
+            shared.was_ready.store(true, Ordering::Relaxed);
+            return;
+        }
+        if snapshot.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One request, one answer, then the connection closes.
+async fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(CLIENT_TIMEOUT, read_head(&mut stream)).await {
+        Ok(head) => head?,
+        Err(_) => return Ok(()),
+    };
+    let request_line = head.lines().next().unwrap_or_default();
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    // The query string does not choose anything.
+    let path = target.split('?').next().unwrap_or("");
+    let (code, content_type, body) = if method != "GET" && method != "HEAD" {
+        (405, "text/plain", "only GET\n".to_owned())
+    } else {
+        match path {
+            "/metrics" => metrics(shared),
+            "/healthz" => health(shared).await,
+            "/readyz" => ready(shared),
+            _ => (
+                404,
+                "text/plain",
+                "not found: /metrics, /healthz, /readyz\n".into(),
+            ),
+        }
+    };
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        500 => "Internal Server Error",
+        _ => "Service Unavailable",
+    };
+    let mut answer = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        answer.push_str(&body);
+    }
+    tokio::time::timeout(CLIENT_TIMEOUT, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    .unwrap_or(Ok(()))
+}
+
+/// Reads up to the end of the request head (the body of a GET is ignored).
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn metrics(shared: &Shared) -> (u16, &'static str, String) {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &shared.registry) {
+        Ok(()) => (200, OPENMETRICS, body),
+        Err(e) => (500, "text/plain", format!("encoding the metrics: {e}\n")),
+    }
+}
+
+async fn health(shared: &Shared) -> (u16, &'static str, String) {
+    if !shared.listening.load(Ordering::Relaxed) {
+        // Starting (or waiting for etcd): the runtime answers, which is all there is.
+        return (200, "text/plain", "ok: starting\n".into());
+    }
+    let (reply, answered) = oneshot::channel();
+    if shared.pings.try_send(reply).is_err() {
+        return (
+            503,
+            "text/plain",
+            "the event loop is not taking pings\n".into(),
+        );
+    }
+    match tokio::time::timeout(HEALTH_TIMEOUT, answered).await {
+        Ok(Ok(())) => (200, "text/plain", "ok\n".into()),
+        Ok(Err(_)) => (503, "text/plain", "the event loop stopped\n".into()),
+        Err(_) => (
+            503,
+            "text/plain",
+            format!("the event loop did not answer within {HEALTH_TIMEOUT:?}\n"),
+        ),
+    }
+}
+
+fn ready(shared: &Shared) -> (u16, &'static str, String) {
+    let status = shared.snapshot.borrow().clone();
+    if shared.was_ready.load(Ordering::Relaxed) || status.ready {
+        shared.was_ready.store(true, Ordering::Relaxed);
+        return (200, "text/plain", "ready\n".into());
+    }
+    let why = status
+        .waiting
+        .clone()
+        .unwrap_or_else(|| "converging: routes or next hops missing".into());
+    (503, "text/plain", format!("not ready: {why}\n"))
+}
+
+/// Reads the counters and the latest status at scrape time.
+struct StatusCollector {
+    snapshot: watch::Receiver<Arc<Status>>,
+    counters: Arc<OnceLock<CounterReader>>,
+}
+
+impl std::fmt::Debug for StatusCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatusCollector")
+    }
+}
+
+/// One route per family of a peer, by the state of its kernel route and next hop.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PeerRoutes {
+    /// [family][route state][next hop resolved]: IPv4 first; installed, foreign,
+    /// missing; resolved, unresolved.
+    counts: [[[u64; 2]; 3]; 2],
+}
+
+const FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
+const ROUTE_STATES: [&str; 3] = ["installed", "foreign", "missing"];
+const NEXT_HOPS: [&str; 2] = ["resolved", "unresolved"];
+
+impl PeerRoutes {
+    fn of(status: &Status) -> Self {
+        let mut routes = Self::default();
+        for peer in &status.peers {
+            let family = usize::from(peer.pod_cidr.contains(':'));
+            let state = match (&peer.foreign_route, peer.route) {
+                (Some(_), _) => 1,
+                (None, true) => 0,
+                (None, false) => 2,
+            };
+            let hop = usize::from(peer.mac.is_none());
+            routes.counts[family][state][hop] += 1;
+        }
+        routes
+    }
+
+    fn installed(&self) -> u64 {
+        self.counts.iter().map(|f| f[0][0] + f[0][1]).sum()
+    }
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Nothing rather than part of the counters when the map cannot be read.
+        if let Some(reader) = self.counters.get() {
+            match reader.read() {
+                Ok(counters) => {
+                    let mut metric = encoder.encode_descriptor(
+                        "hgw_packets",
+                        "Packets the fast path's programs saw, summed over the CPUs, by family and counter: fwd_* were forwarded by the fast path (fwd_to_pod_direct is part of fwd_to_pod), pass_* were left to the kernel, the counter saying why (the names of `hgw-agent status`)",
+                        None,
+                        MetricType::Counter,
+                    )?;
+                    for (family, values) in &counters.families {
+                        for (counter, value) in values {
+                            let labels = [("family", family.name()), ("counter", counter.name())];
+                            ConstCounter::new(*value).encode(metric.encode_family(&labels)?)?;
+                        }
+                    }
+                    let labels = [("family", "other"), ("counter", COUNTER_NOT_IP_NAME)];
+                    ConstCounter::new(counters.not_ip).encode(metric.encode_family(&labels)?)?;
+                }
+                Err(e) => warn!("metrics: {e}"),
+            }
+        }
+
+        let status = self.snapshot.borrow().clone();
+        let routes = PeerRoutes::of(&status);
+        let mut metric = encoder.encode_descriptor(
+            "hgw_peer_routes",
+            "Peer routes (one per peer and family) by the state of the kernel route (installed; foreign: another owner's route holds the prefix; missing: not installed yet or failed) and of the next hop's MAC (resolved or not)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (f, family) in FAMILIES.iter().enumerate() {
+            for (s, state) in ROUTE_STATES.iter().enumerate() {
+                for (h, hop) in NEXT_HOPS.iter().enumerate() {
+                    let labels = [("family", *family), ("route", *state), ("next_hop", *hop)];
+                    ConstGauge::new(routes.counts[f][s][h] as i64)
+                        .encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let gauges = [
+            (
+                "hgw_routes_installed",
+                "Kernel routes hgw has installed to peers' pod CIDRs (the fallback path)",
+                routes.installed(),
+            ),
+            (
+                "hgw_fast_path_routes",
+                "Entries of the fast path's route maps (peer pod CIDRs with a known next hop)",
+                status.map_entries as u64,
+            ),
+            (
+                "hgw_fast_path_endpoints",
+                "Local pods the uplink program delivers to directly",
+                status.endpoints as u64,
+            ),
+            (
+                "hgw_ready",
+                "1 when every peer route is installed and, with the fast path, every next hop's MAC is known",
+                u64::from(status.ready),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value as i64).encode(metric)?;
+        }
+        let errors = [
+            (
+                "hgw_netlink_errors",
+                "Netlink requests (routes, neighbours, links, dumps) that failed",
+                &NETLINK_ERRORS,
+            ),
+            (
+                "hgw_etcd_errors",
+                "etcd requests (connect, read, write, watch, lease) that failed",
+                &ETCD_ERRORS,
+            ),
+        ];
+        for (name, help, value) in errors {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value.load(Ordering::Relaxed)).encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// The values of one metric in a scrape, by their label text (`{family="ipv4",...}`,
+/// or "" without labels): for the tests.
+pub fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
+    let mut found = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(rest) => match rest.split_once("} ") {
+                Some((labels, value)) => (format!("{{{labels}}}"), value),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(value) => (String::new(), value),
+                None => continue,
+            },
+        };
+        if let Ok(value) = value.trim().parse() {
+            found.push((labels, value));
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::status::PeerStatus;
+
+    fn peer(pod_cidr: &str, route: bool, foreign: bool, mac: bool) -> PeerStatus {
+        PeerStatus {
+            name: "n2".into(),
+            node_ip: "172.31.0.2".into(),
+            pod_cidr: pod_cidr.into(),
+            mac: mac.then(|| "02:00:00:00:00:02".into()),
+            route,
+            foreign_route: foreign.then(|| "static".into()),
+            source: "static".into(),
+            lease: None,
+        }
+    }
+
+    fn status(peers: Vec<PeerStatus>, ready: bool) -> Status {
+        Status {
+            node: "n1".into(),
+            pod_cidr: Some("10.244.1.0/24".into()),
+            pod_cidr_v6: None,
+            uplink: "eth0".into(),
+            bridge: "cni0".into(),
+            ready,
+            fast_path: "established".into(),
+            peers,
+            counters: BTreeMap::new(),
+            endpoints: 3,
+            map_entries: 2,
+            waiting: None,
+        }
+    }
+
+    fn scrape(status: Status) -> String {
+        let (_tx, rx) = watch::channel(Arc::new(status));
+        let mut registry = Registry::default();
+        let reconciles = Reconciles::default();
+        drop(reconciles.time(Trigger::Peers));
+        registry.register_with_unit(
+            "hgw_reconcile_duration",
+            "help",
+            Unit::Seconds,
+            reconciles.0.clone(),
+        );
+        registry.register_collector(Box::new(StatusCollector {
+            snapshot: rx,
+            counters: Arc::new(OnceLock::new()),
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text
+    }
+
+    #[test]
+    fn peers_are_counted_by_family_route_and_next_hop() {
+        let text = scrape(status(
+            vec![
+                peer("10.244.2.0/24", true, false, true),
+                peer("fd00:244:2::/64", true, false, false),
+                peer("10.244.3.0/24", false, true, true),
+                peer("10.244.4.0/24", false, false, false),
+            ],
+            false,
+        ));
+        let value = |labels: &str| {
+            samples(&text, "hgw_peer_routes")
+                .into_iter()
+                .find(|(l, _)| l == labels)
+                .map(|(_, v)| v)
+        };
+        let labels = |family: &str, route: &str, hop: &str| {
+            format!("{{family=\"{family}\",route=\"{route}\",next_hop=\"{hop}\"}}")
+        };
+        assert_eq!(value(&labels("ipv4", "installed", "resolved")), Some(1.0));
+        assert_eq!(value(&labels("ipv6", "installed", "unresolved")), Some(1.0));
+        assert_eq!(value(&labels("ipv4", "foreign", "resolved")), Some(1.0));
+        assert_eq!(value(&labels("ipv4", "missing", "unresolved")), Some(1.0));
+        // Every combination is there, zeros included: series do not come and go.
+        assert_eq!(samples(&text, "hgw_peer_routes").len(), 12);
+        assert_eq!(value(&labels("ipv6", "missing", "resolved")), Some(0.0));
+        assert_eq!(
+            samples(&text, "hgw_routes_installed"),
+            [(String::new(), 2.0)]
+        );
+        assert_eq!(samples(&text, "hgw_ready"), [(String::new(), 0.0)]);
+        assert_eq!(
+            samples(&text, "hgw_fast_path_endpoints"),
+            [(String::new(), 3.0)]
+        );
+        assert!(text.contains("# TYPE hgw_netlink_errors counter"), "{text}");
+        assert_eq!(samples(&text, "hgw_netlink_errors_total").len(), 1);
+        assert_eq!(
+            samples(&text, "hgw_reconcile_duration_seconds_count"),
+            [("{trigger=\"peers\"}".to_owned(), 1.0)]
+        );
+        // No counters reader: no hgw_packets at all, rather than zeros.
+        assert!(!text.contains("hgw_packets"), "{text}");
+    }
+
+    #[test]
+    fn errors_are_counted() {
+        let before = NETLINK_ERRORS.load(Ordering::Relaxed);
+        count_netlink_error();
+        count_etcd_error();
+        assert!(NETLINK_ERRORS.load(Ordering::Relaxed) > before);
+        let text = scrape(status(Vec::new(), true));
+        let (_, value) = samples(&text, "hgw_etcd_errors_total")[0].clone();
+        assert!(value >= 1.0, "{text}");
+        assert_eq!(samples(&text, "hgw_ready"), [(String::new(), 1.0)]);
+    }
+}

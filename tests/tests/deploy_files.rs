@@ -1,0 +1,216 @@
+//! deploy/: the systemd unit passes `systemd-analyze verify` without a word and keeps
+//! the capabilities to the three the agent needs; the DaemonSet is shaped like
+//! kube-flannel's (host network, node-critical, tolerating every NoSchedule taint)
+//! with those capabilities unprivileged, the host paths the agent works in, and its
+//! config from a ConfigMap, which is itself a valid agent config.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::Context as _;
+use serde::Deserialize as _;
+use serde_yaml::Value;
+
+fn deploy(file: &str) -> anyhow::Result<(PathBuf, String)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((path, text))
+}
+
+/// `KEY=VALUE` lines of the unit's `[Service]` section.
+fn service_settings(unit: &str) -> Vec<(String, String)> {
+    let mut section = "";
+    let mut settings = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            section = line;
+        } else if section == "[Service]"
+            && !line.starts_with('#')
+            && let Some((key, value)) = line.split_once('=')
+        {
+            settings.push((key.to_owned(), value.to_owned()));
+        }
+    }
+    settings
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_bounds_the_capabilities() -> anyhow::Result<()> {
+    let (_, unit) = deploy("hgw.service")?;
+    let settings = service_settings(&unit);
+    let get = |key: &str| -> Vec<&str> {
+        settings
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let three = "CAP_BPF CAP_NET_ADMIN CAP_PERFMON";
+    assert_eq!(get("CapabilityBoundingSet"), [three]);
+    assert_eq!(get("AmbientCapabilities"), [three]);
+    assert_eq!(get("Restart"), ["on-failure"]);
+    assert_eq!(get("NoNewPrivileges"), ["yes"]);
+    assert_eq!(get("ProtectSystem"), ["strict"]);
+    let exec = get("ExecStart");
+    assert!(
+        exec.len() == 1 && exec[0].ends_with("hgw-agent run --config /etc/hgw/hgw.toml"),
+        "ExecStart {exec:?}"
+    );
+    // Where the agent writes, under ProtectSystem=strict.
+    assert!(get("RuntimeDirectory").iter().any(|v| {
+        let dirs: Vec<&str> = v.split_whitespace().collect();
+        dirs.contains(&"hgw") && dirs.contains(&"flannel")
+    }));
+    let writable = get("ReadWritePaths").join(" ");
+    for path in ["/etc/cni/net.d", "/sys/fs/bpf"] {
+        assert!(writable.contains(path), "{path} not writable: {writable}");
+    }
+    // It would make /proc/sys read-only: setup_node writes ip_forward.
+    assert!(get("ProtectKernelTunables").is_empty());
+
+    // systemd-analyze checks that ExecStart exists: the unit as installed, with the
+    // agent where this build put it.
+    let agent = hgw_tests::agent_bin();
+    let dir = std::env::temp_dir().join(format!("hgw-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let copy = dir.join("hgw.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/hgw-agent", &agent.to_string_lossy()),
+    )?;
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .context("running systemd-analyze (cargo xtask setup installs systemd)")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It exits 0 on unknown keys and bad values, only saying so: silence is the pass.
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify ({}):\n{said}",
+        out.status
+    );
+    Ok(())
+}
+
+fn documents(text: &str) -> anyhow::Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(doc)?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_sequence()
+        .map(|s| s.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_daemonset_is_shaped_like_flannels() -> anyhow::Result<()> {
+    let (_, text) = deploy("daemonset.yaml")?;
+    let docs = documents(&text)?;
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k);
+    let ds = kind("DaemonSet").context("no DaemonSet")?;
+    assert_eq!(ds["apiVersion"], "apps/v1");
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    let tolerations = spec["tolerations"].as_sequence().context("tolerations")?;
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t["effect"] == "NoSchedule"),
+        "no toleration of every NoSchedule taint: {tolerations:?}"
+    );
+    // The selector matches the pods it makes.
+    let selector = ds["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .context("selector")?;
+    for (key, value) in selector {
+        assert_eq!(&ds["spec"]["template"]["metadata"]["labels"][key], value);
+    }
+
+    let containers = spec["containers"].as_sequence().context("containers")?;
+    assert_eq!(containers.len(), 1);
+    let agent = &containers[0];
+    let security = &agent["securityContext"];
+    assert_eq!(security["privileged"], false);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+    let mut added = strings(&security["capabilities"]["add"]);
+    added.sort_unstable();
+    assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON"]);
+    let args = strings(&agent["args"]);
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--config", "/etc/hgw/hgw.toml"]),
+        "args {args:?}"
+    );
+    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
+
+    // Host paths, each mounted where it is on the host; the config from a ConfigMap.
+    let volumes = spec["volumes"].as_sequence().context("volumes")?;
+    let mounts = agent["volumeMounts"].as_sequence().context("mounts")?;
+    let mounted_at = |volume: &str| {
+        mounts
+            .iter()
+            .find(|m| m["name"] == volume)
+            .and_then(|m| m["mountPath"].as_str())
+    };
+    for path in [
+        "/sys/fs/bpf",
+        "/run/flannel",
+        "/etc/cni/net.d",
+        "/opt/cni/bin",
+    ] {
+        let volume = volumes
+            .iter()
+            .find(|v| v["hostPath"]["path"] == path)
+            .with_context(|| format!("no hostPath volume {path}"))?;
+        let name = volume["name"].as_str().context("volume name")?;
+        assert_eq!(mounted_at(name), Some(path), "{path} mounted elsewhere");
+    }
+    let config = volumes
+        .iter()
+        .find(|v| v["configMap"]["name"].is_string())
+        .context("no ConfigMap volume")?;
+    assert_eq!(
+        mounted_at(config["name"].as_str().context("name")?),
+        Some("/etc/hgw")
+    );
+    let map = kind("ConfigMap").context("no ConfigMap")?;
+    assert_eq!(map["metadata"]["name"], config["configMap"]["name"]);
+    assert_eq!(map["metadata"]["namespace"], ds["metadata"]["namespace"]);
+
+    // The ConfigMap's file, with the node name the DaemonSet passes as a flag, is a
+    // config the agent accepts.
+    let toml = map["data"]["hgw.toml"].as_str().context("no hgw.toml")?;
+    let file = std::env::temp_dir().join(format!("hgw-configmap-{}.toml", std::process::id()));
+    std::fs::write(&file, toml)?;
+    let flags = hgw_agent::config::RawConfig {
+        node_name: Some("node-1".into()),
+        ..Default::default()
+    };
+    let config = hgw_agent::config::Config::load(Some(&file), flags);
+    let _ = std::fs::remove_file(&file);
+    let config = config.context("the ConfigMap's hgw.toml")?;
+    assert!(
+        config.metrics_addr.is_some(),
+        "the probes need metrics_addr"
+    );
+    Ok(())
+}
