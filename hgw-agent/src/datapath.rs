@@ -556,8 +556,7 @@ fn link_pin_path(dir: &Path, program: &str, interface: &str) -> PathBuf {
 
 /// The program a pinned link holds, if the pin is there.
 fn pinned_program(path: &Path) -> Option<u32> {
-    let link = FdLink::from(PinnedLink::from_pin(path).ok()?);
-    link.info().ok().map(|info| info.program_id())
+    pinned_tcx_link(path).map(|(program, _)| program)
 }
 
 /// The link pinned at `path` if it still holds a program on `interface` (a device made
@@ -566,16 +565,90 @@ fn adoptable(path: &Path, interface: &str) -> Option<FdLink> {
     if !path.exists() {
         return None;
     }
-    let link = PinnedLink::from_pin(path).ok().map(FdLink::from);
-    let program = link.as_ref().and_then(|l| l.info().ok()).map(|i| i.program_id());
-    let on_interface = SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
-        .map(|(_, programs)| programs.iter().any(|p| Some(p.id()) == program))
-        .unwrap_or(false);
-    if on_interface {
-        return link;
+    let ifindex = std::fs::read_to_string(Path::new("/sys/class/net").join(interface).join("ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let on_interface = pinned_tcx_link(path).is_some_and(|(_, on)| Some(on) == ifindex);
+    if on_interface && let Ok(link) = PinnedLink::from_pin(path) {
+        return Some(FdLink::from(link));
     }
     let _ = std::fs::remove_file(path);
     None
+}
+
+/// The program id and the interface of the tcx link pinned at `path`, from the link's
+/// own info (`BPF_OBJ_GET_INFO_BY_FD` on a link this process opens needs no
+/// CAP_SYS_ADMIN, unlike naming a hook's programs by id). A link whose device is gone
+/// has interface 0.
+fn pinned_tcx_link(path: &Path) -> Option<(u32, u32)> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    /// `struct bpf_link_info` up to its union (8-byte aligned), of which tcx uses the
+    /// first two words: ifindex, attach_type.
+    #[repr(C)]
+    struct LinkInfo {
+        kind: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        union: [u32; 16],
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let get = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `get` is a valid BPF_OBJ_GET attr whose path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const get,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just gave us this fd; the OwnedFd closes it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = LinkInfo {
+        kind: 0,
+        id: 0,
+        prog_id: 0,
+        _pad: 0,
+        union: [0; 16],
+    };
+    let attr = InfoByFd {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: `attr` points at `info`, which is as long as `info_len` says.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const attr,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    (rc == 0 && info.kind == BPF_LINK_TYPE_TCX).then_some((info.prog_id, info.union[0]))
 }
 
 /// bpffs mounted where the pins go (mounted when missing: at /sys/fs/bpf for a path

@@ -148,6 +148,7 @@ impl Lab {
             ip(&["netns", "delete", ns])?;
         }
         let dir = std::env::temp_dir().join(id);
+        unmount_bpffs(&dir.join("bpf"));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
@@ -179,6 +180,29 @@ impl Lab {
 
     /// Where the agent on node index `node` writes flannel's subnet.env (the lab's
     /// agents are always given a path in the lab's temp dir).
+    /// Node index `node`'s pin directory (the agent's `--pin-dir`), on the lab's own
+    /// bpffs: pins outlive an agent (a restart adopts them) and go with the lab.
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        self.dir.join("bpf").join(&self.nodes[node].name)
+    }
+
+    /// Mounts the lab's bpffs (once) for the agents' pins. It is mounted in the host's
+    /// mount namespace, which `ip netns exec` copies, so every agent of the lab, and
+    /// the next agent of a node, sees the same pins.
+    fn ensure_bpffs(&self) -> anyhow::Result<()> {
+        let dir = self.dir.join("bpf");
+        if bpffs_mounted(&dir) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::cmd::run_checked(
+            std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&dir),
+        )?;
+        Ok(())
+    }
+
     pub fn subnet_env_path(&self, node: usize) -> PathBuf {
         self.dir
             .join(format!("{}-subnet.env", self.nodes[node].name))
@@ -297,7 +321,9 @@ impl Lab {
             .arg("--status-socket")
             .arg(&socket)
             .arg("--subnet-env")
-            .arg(self.dir.join(format!("{name}-once-subnet.env")));
+            .arg(self.dir.join(format!("{name}-once-subnet.env")))
+            .arg("--pin-dir")
+            .arg("none");
         let what = crate::cmd::describe(&cmd);
         let mut child = cmd
             .stdin(std::process::Stdio::null())
@@ -385,8 +411,10 @@ impl Lab {
         }
         let config_arg = config_path.to_string_lossy().into_owned();
         let socket_arg = socket.to_string_lossy().into_owned();
-        // Never the host's /run/flannel/subnet.env.
+        // Never the host's /run/flannel/subnet.env, nor its /sys/fs/bpf.
         let subnet_env_arg = self.subnet_env_path(node).to_string_lossy().into_owned();
+        self.ensure_bpffs()?;
+        let pin_dir_arg = self.pin_dir(node).to_string_lossy().into_owned();
         let mut args = vec![
             "run",
             "--config",
@@ -396,6 +424,8 @@ impl Lab {
             &socket_arg,
             "--subnet-env",
             &subnet_env_arg,
+            "--pin-dir",
+            &pin_dir_arg,
         ];
         args.extend_from_slice(extra_args);
         let agent = Agent::spawn(node, &self.nodes[node].ns, &args, socket, log)?;
@@ -619,6 +649,7 @@ impl Drop for Lab {
         for ns in self.namespaces.iter().rev() {
             delete_namespace_quietly(ns);
         }
+        unmount_bpffs(&self.dir.join("bpf"));
         if std::env::var_os("HGW_LAB_KEEP_LOGS").is_some() {
             eprintln!(
                 "lab {}: agent configs and logs kept in {}",
@@ -627,6 +658,28 @@ impl Drop for Lab {
             );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Whether a bpffs is mounted at `dir`.
+fn bpffs_mounted(dir: &std::path::Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts.lines().any(|l| {
+            let mut fields = l.split_whitespace();
+            let (_, point, kind) = (fields.next(), fields.next(), fields.next());
+            kind == Some("bpf") && point.is_some_and(|p| std::path::Path::new(p) == dir)
+        })
+    })
+}
+
+/// Unmounts the lab's bpffs: its pins, and with them any link or map left, go.
+fn unmount_bpffs(dir: &std::path::Path) {
+    while bpffs_mounted(dir) {
+        let status = std::process::Command::new("umount").arg(dir).status();
+        if !status.is_ok_and(|s| s.success()) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(dir).status();
+            break;
         }
     }
 }

@@ -241,7 +241,20 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
     pub async fn on_change(&mut self, change: Change, observed: &Observed) {
         match change {
             Change::NextHop { ip, deleted } => {
-                for cidr in self.by_hop.get(&ip).cloned().unwrap_or_default() {
+                let cidrs = self.by_hop.get(&ip).cloned().unwrap_or_default();
+                let mac = |m: Option<[u8; 6]>| m.map_or("unresolved".into(), format_mac);
+                let old = cidrs
+                    .iter()
+                    .find_map(|c| self.map.get(c))
+                    .map(|h| (h.flags & NEXT_HOP_MAC_KNOWN != 0).then_some(h.dst_mac));
+                let new = observed.next_hops.get(&ip).and_then(|n| n.mac);
+                if let (Some(old), Some(hop)) =
+                    (old, cidrs.first().and_then(|c| self.desired.routes.get(c)))
+                    && old != new
+                {
+                    info!("next hop {} ({ip}): {} -> {}", hop.peer, mac(old), mac(new));
+                }
+                for cidr in cidrs {
                     self.write_map_entry(cidr, observed);
                 }
                 if deleted && self.by_hop.contains_key(&ip) {
@@ -466,19 +479,8 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         if self.map.get(&cidr) == Some(&next_hop) {
             return;
         }
-        let old = self.map.get(&cidr).map(|h| h.dst_mac);
         match maps.set_route(cidr, next_hop) {
             Ok(()) => {
-                if old.is_some_and(|mac| mac != next_hop.dst_mac) {
-                    info!(
-                        "next hop of {cidr}: {}",
-                        if next_hop.flags & NEXT_HOP_MAC_KNOWN != 0 {
-                            format_mac(next_hop.dst_mac)
-                        } else {
-                            "unresolved".into()
-                        }
-                    );
-                }
                 self.map.insert(cidr, next_hop);
             }
             Err(e) => warn!("{e}"),
