@@ -1,4 +1,5 @@
-//! Types, map names and counter indices shared by the hgw eBPF programs and the agent.
+//! Types, map names and counter indices shared by the hgw eBPF programs and the agent;
+//! with `user`, also the agent's status document, which the lab reads.
 //!
 //! Everything that crosses the user/kernel boundary is `#[repr(C)]` and
 //! `bytemuck::Pod`, so hidden padding is a compile error; addresses are in network
@@ -10,6 +11,8 @@
 pub mod btf;
 #[cfg(feature = "user")]
 pub mod loader;
+#[cfg(feature = "user")]
+pub mod status;
 
 use bytemuck::{Pod, Zeroable};
 

@@ -7,9 +7,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use serde_json::Value;
 
 use crate::cmd::{describe, kill_and_reap, output_with_timeout, wait_timeout};
+
+/// The agent's own status type: what `hgw-agent status --json` prints.
+pub use hgw_common::status::{PeerStatus, Status};
 
 /// How long `hgw-agent status` may take: the agent answers from memory.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,7 +113,7 @@ impl Agent {
     }
 
     /// `hgw-agent status --json --status-socket S`, parsed.
-    pub fn status(&self) -> anyhow::Result<Value> {
+    pub fn status(&self) -> anyhow::Result<Status> {
         let bin = check_agent_bin()?;
         let mut cmd = Command::new(&bin);
         cmd.args(["status", "--json", "--status-socket"])
@@ -127,15 +129,15 @@ impl Agent {
         }
         serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
-                "`{what}` printed no JSON: {}",
+                "`{what}` printed no status JSON: {}",
                 String::from_utf8_lossy(&out.stdout)
             )
         })
     }
 
-    /// Polls [`Agent::status`] until it reports `"ready": true`.
-    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<Value> {
-        self.wait_for(timeout, |s| s["ready"] == true)
+    /// Polls [`Agent::status`] until it reports ready.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<Status> {
+        self.wait_for(timeout, |s| s.ready)
     }
 
     /// Polls [`Agent::status`] until `pred` holds. Fails at once if the agent exits, and
@@ -145,13 +147,14 @@ impl Agent {
     pub fn wait_for(
         &self,
         timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> anyhow::Result<Value> {
+        pred: impl Fn(&Status) -> bool,
+    ) -> anyhow::Result<Status> {
         let deadline = Instant::now() + timeout;
         loop {
             let last = match self.status() {
                 Ok(status) if pred(&status) => return Ok(status),
-                Ok(status) => status.to_string(),
+                // The JSON, as `hgw-agent status --json` printed it: every field.
+                Ok(status) => serde_json::to_string(&status).unwrap_or_default(),
                 Err(e) => format!("{e:#}"),
             };
             if !self.is_running() {
@@ -246,14 +249,21 @@ impl Agent {
 
 /// A counter from one agent status, as `FAMILY.NAME` (`ipv4.fwd_to_peer`,
 /// `ipv6.pass_ttl`, `other.pass_not_ip`), 0 if absent.
-pub fn counter(status: &Value, name: &str) -> u64 {
+pub fn counter(status: &Status, name: &str) -> u64 {
     let (family, name) = name
         .split_once('.')
         .unwrap_or_else(|| panic!("counter {name:?}: expected FAMILY.NAME"));
-    status["counters"][family][name].as_u64().unwrap_or(0)
+    status.counter(family, name)
 }
 
 /// A counter summed over several agents' statuses.
-pub fn counter_sum(statuses: &[Value], name: &str) -> u64 {
+pub fn counter_sum(statuses: &[Status], name: &str) -> u64 {
     statuses.iter().map(|s| counter(s, name)).sum()
+}
+
+/// The peer entry for `pod_cidr`; panics (with the status) when there is none.
+pub fn peer<'a>(status: &'a Status, pod_cidr: &str) -> &'a PeerStatus {
+    status
+        .peer(pod_cidr)
+        .unwrap_or_else(|| panic!("no peer entry for {pod_cidr} in:\n{status}"))
 }

@@ -247,18 +247,18 @@ impl Etcd {
             let config = self.agent_config(lab, node, "");
             let want = lab.nodes[node].pod_cidr.clone();
             let agent = lab.start_agent_with_config(node, &config, &[])?;
-            // While it waits for etcd, status says pod_cidr "".
+            // While it waits for etcd, status has no pod_cidr.
             let status = agent.wait_for(TIMEOUT, |s| {
-                s["pod_cidr"].as_str().is_some_and(|c| !c.is_empty())
+                s.pod_cidr.as_deref().is_some_and(|c| !c.is_empty())
             })?;
-            if status["pod_cidr"] != want.as_str() {
+            if status.pod_cidr.as_deref() != Some(want.as_str()) {
                 bail!(
-                    "node {node} acquired {} instead of {want}",
-                    status["pod_cidr"]
+                    "node {node} acquired {:?} instead of {want}",
+                    status.pod_cidr
                 );
             }
             // With flannel's EnableIPv6, the IPv6 subnet in the same claim.
-            if let Some(v6) = status["pod_cidr_v6"].as_str()
+            if let Some(v6) = status.pod_cidr_v6.as_deref()
                 && v6 != Etcd::pod_cidr6(node)
             {
                 bail!(

@@ -26,9 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail, ensure};
-use serde_json::Value;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Status};
 use crate::cmd::{ip, kill_and_reap, netns_command, wait_timeout};
 use crate::netns::{delete_namespace_quietly, in_netns, list_namespaces};
 
@@ -367,7 +366,7 @@ impl Lab {
     }
 
     /// Every agent's status, in [`Lab::agents`] order.
-    pub fn statuses(&self) -> anyhow::Result<Vec<Value>> {
+    pub fn statuses(&self) -> anyhow::Result<Vec<Status>> {
         self.agents.iter().map(Agent::status).collect()
     }
 

@@ -30,7 +30,9 @@ mod netns;
 mod stream;
 mod traffic;
 
-pub use agent::{Agent, agent_bin, built_agent_bin, counter, counter_sum};
+pub use agent::{
+    Agent, PeerStatus, Status, agent_bin, built_agent_bin, counter, counter_sum, peer,
+};
 pub use cni::{CniPod, POD_IFNAME, PortMapping, exec_plugin, read_conflist};
 pub use etcd::{ETCD_IP, Etcd, LogLine, check_key_rejected, log_lines};
 pub use flows::{

@@ -98,7 +98,7 @@ fn pods_from_the_agents_cni_config() -> anyhow::Result<()> {
     // (and so its agent) where its pod is.
     assert!(ping(&a.ns, b.ip, 1, &[])?.status.success(), "ping a -> b");
     for agent in lab.agents() {
-        agent.wait_for(WAIT, |s| s["endpoints"].as_u64() >= Some(1))?;
+        agent.wait_for(WAIT, |s| s.endpoints >= 1)?;
     }
 
     let statuses = || lab.statuses();
@@ -137,7 +137,7 @@ fn pods_from_the_agents_cni_config() -> anyhow::Result<()> {
     b.del()?;
     lab.agent(1)
         .expect("agent")
-        .wait_for(WAIT, |s| s["endpoints"].as_u64() == Some(0))?;
+        .wait_for(WAIT, |s| s.endpoints == 0)?;
     assert!(
         !b_lease.exists(),
         "host-local kept {} after DEL",

@@ -9,7 +9,7 @@ use hgw_tests::{Lab, counter_sum, ping, tcp_transfer, udp_replied_exchange};
 fn pods_on_different_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
     let lab = Lab::up_with_agents(3, 2)?;
     for status in lab.statuses()? {
-        assert_eq!(status["fast_path"], "established", "not the default mode");
+        assert_eq!(status.fast_path, "established", "not the default mode");
     }
     let before = lab.statuses()?;
 

@@ -22,9 +22,7 @@ fn known_pods_get_their_packets_straight_into_their_veth() -> anyhow::Result<()>
             assert!(ping(&from.ns, to.ip, 1, &[])?.status.success());
         }
     }
-    let status = agent.wait_for(Duration::from_secs(2), |s| {
-        s["endpoints"].as_u64() >= Some(2)
-    })?;
+    let status = agent.wait_for(Duration::from_secs(2), |s| s.endpoints >= 2)?;
     let mut flow = UdpFlow::open(&n1.pods[0].ns, &n2.pods[1].ns, n2.pods[1].ip)?;
     let before = counter(&status, "ipv4.fwd_to_pod_direct");
     assert_eq!(flow.send(PACKETS)?, PACKETS);
@@ -40,9 +38,7 @@ fn known_pods_get_their_packets_straight_into_their_veth() -> anyhow::Result<()>
         "ip",
         &["neigh", "del", &n2.pods[1].ip.to_string(), "dev", "cni0"],
     )?;
-    let status = agent.wait_for(Duration::from_secs(2), |s| {
-        s["endpoints"].as_u64() == Some(1)
-    })?;
+    let status = agent.wait_for(Duration::from_secs(2), |s| s.endpoints == 1)?;
     let (direct, total) = (
         counter(&status, "ipv4.fwd_to_pod_direct"),
         counter(&status, "ipv4.fwd_to_pod"),

@@ -52,14 +52,12 @@ fn ipv6_pods_talk_through_the_fast_path_with_routes_and_ndp() -> anyhow::Result<
     let want = format!("{} via {} dev eth0", n2.pod_cidr6, n2.uplink_ip6);
     assert!(routes.contains(&want), "no `{want}` in:\n{routes}");
     let status = lab.agents()[0].status()?;
-    let peers = status["peers"].as_array().cloned().unwrap_or_default();
-    let v6 = peers
-        .iter()
-        .find(|p| p["pod_cidr"] == n2.pod_cidr6.as_str())
-        .unwrap_or_else(|| panic!("no IPv6 peer route for {} in {status}", n2.pod_cidr6));
-    assert_eq!(v6["node_ip"], n2.uplink_ip6.to_string().as_str());
-    assert!(v6["route"] == true && v6["mac"].is_string(), "{v6}");
-    assert_eq!(peers.len(), 2, "one entry per family: {status}");
+    let v6 = status
+        .peer(&n2.pod_cidr6)
+        .unwrap_or_else(|| panic!("no IPv6 peer route for {} in:\n{status}", n2.pod_cidr6));
+    assert_eq!(v6.node_ip, n2.uplink_ip6.to_string());
+    assert!(v6.route && v6.mac.is_some(), "{v6:?}");
+    assert_eq!(status.peers.len(), 2, "one entry per family:\n{status}");
 
     // What the fast path must carry is dropped on the kernel path.
     for node in &lab.nodes {

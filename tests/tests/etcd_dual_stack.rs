@@ -6,27 +6,23 @@
 
 use std::time::Duration;
 
-use hgw_tests::{Etcd, check_key_rejected, counter_sum, hgw_routes, ping, udp_replied_exchange};
+use hgw_tests::{
+    Etcd, Status, check_key_rejected, counter_sum, hgw_routes, ping, udp_replied_exchange,
+};
 use serde_json::Value;
 
 const SUBNETS: &str = "/coreos.com/network/subnets/";
 
 /// Whether `status` has a peer entry `pod_cidr` via `node_ip` with its route in.
-fn has_peer(status: &Value, pod_cidr: &str, node_ip: &str) -> bool {
-    status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|p| p["pod_cidr"] == pod_cidr && p["node_ip"] == node_ip && p["route"] == true)
+fn has_peer(status: &Status, pod_cidr: &str, node_ip: &str) -> bool {
+    status
+        .peers
+        .iter()
+        .any(|p| p.pod_cidr == pod_cidr && p.node_ip == node_ip && p.route)
 }
 
-fn peer_cidrs(status: &Value) -> Vec<String> {
-    let mut cidrs: Vec<String> = status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["pod_cidr"].as_str().map(str::to_owned))
-        .collect();
+fn peer_cidrs(status: &Status) -> Vec<String> {
+    let mut cidrs: Vec<String> = status.peers.iter().map(|p| p.pod_cidr.clone()).collect();
     cidrs.sort();
     cidrs
 }
@@ -60,7 +56,7 @@ fn two_agents_claim_dual_stack_subnets_and_ipv6_pods_talk() -> anyhow::Result<()
             "{key}"
         );
         let status = lab.agent(i).expect("agent").status()?;
-        assert_eq!(status["pod_cidr_v6"], Etcd::pod_cidr6(i).as_str());
+        assert_eq!(status.pod_cidr_v6, Some(Etcd::pod_cidr6(i)));
     }
     assert_eq!(lines.len(), 4, "one key per agent:\n{listing}");
 

@@ -39,11 +39,9 @@ fn a_joining_node_is_everywhere_within_a_second() -> anyhow::Result<()> {
             for node in 0..3 {
                 let agent = lab.agent(node).expect("agent started");
                 agent.wait_for(deadline.saturating_duration_since(Instant::now()), |s| {
-                    s["peers"].as_array().into_iter().flatten().any(|p| {
-                        p["pod_cidr"] == new_cidr.as_str()
-                            && p["route"] == true
-                            && p["mac"].is_string()
-                    })
+                    s.peers
+                        .iter()
+                        .any(|p| p.pod_cidr == new_cidr && p.route && p.mac.is_some())
                 })?;
                 let routes = hgw_routes(&lab.nodes[node].ns)?;
                 assert!(

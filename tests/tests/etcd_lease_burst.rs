@@ -52,9 +52,7 @@ fn a_stuck_agent_and_a_burst_of_changes_never_let_the_lease_expire() -> anyhow::
         .agent_config(&lab, 0, "")
         .replace("lease_ttl = 10", "lease_ttl = 5");
     let agent = lab.start_agent_with_config(0, &config, &[])?;
-    agent.wait_for(Duration::from_secs(30), |s| {
-        s["map_entries"].as_u64() == Some(PEERS as u64)
-    })?;
+    agent.wait_for(Duration::from_secs(30), |s| s.map_entries == PEERS)?;
     let lease = own_lease(&etcd)?.context("the agent holds no subnet")?;
 
     // A status client that never reads.
@@ -78,9 +76,7 @@ fn a_stuck_agent_and_a_burst_of_changes_never_let_the_lease_expire() -> anyhow::
         "the lease {lease:x} lapsed while the agent was stuck: {lost:?}"
     );
     drop(stuck);
-    agent.wait_for(Duration::from_secs(30), |s| {
-        s["map_entries"].as_u64() == Some((PEERS + BURST) as u64)
-    })?;
+    agent.wait_for(Duration::from_secs(30), |s| s.map_entries == PEERS + BURST)?;
     let log = agent.log();
     let warned: Vec<&str> = log_lines(&log)
         .filter(|l| l.level == "WARN" && l.message.contains("lease"))

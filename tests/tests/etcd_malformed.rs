@@ -79,17 +79,14 @@ fn malformed_subnet_entries_are_ignored_and_named() -> anyhow::Result<()> {
     )?;
     let agent = lab.agent(0).expect("agent");
     let status = agent.wait_for(Duration::from_secs(5), |s| {
-        s["peers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|p| p["pod_cidr"] == "10.244.30.0/24" && p["route"] == true)
+        s.peers
+            .iter()
+            .any(|p| p.pod_cidr == "10.244.30.0/24" && p.route)
     })?;
-    let peers: Vec<(&str, &str)> = status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| Some((p["pod_cidr"].as_str()?, p["node_ip"].as_str()?)))
+    let peers: Vec<(&str, &str)> = status
+        .peers
+        .iter()
+        .map(|p| (p.pod_cidr.as_str(), p.node_ip.as_str()))
         .collect();
     assert_eq!(
         peers,

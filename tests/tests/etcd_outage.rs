@@ -40,21 +40,15 @@ fn forwarding_survives_etcd_and_the_watch_resumes() -> anyhow::Result<()> {
     )?;
     for agent in lab.agents() {
         agent.wait_for(Duration::from_secs(10), |s| {
-            s["peers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| p["pod_cidr"] == "10.244.9.0/24" && p["route"] == true)
+            s.peers
+                .iter()
+                .any(|p| p.pod_cidr == "10.244.9.0/24" && p.route)
         })?;
     }
     // And the agents' own leases survived: each still sees the other.
     for agent in lab.agents() {
         let status = agent.status()?;
-        assert_eq!(
-            status["peers"].as_array().map(Vec::len),
-            Some(2),
-            "{status}"
-        );
+        assert_eq!(status.peers.len(), 2, "{status}");
     }
     Ok(())
 }

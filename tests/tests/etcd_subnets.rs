@@ -59,13 +59,13 @@ fn nodes_acquire_subnets_and_find_each_other_through_etcd() -> anyhow::Result<()
         "fwd_to_peer grew by {grew}, expected at least {sent}"
     );
     for status in &after {
-        for peer in status["peers"].as_array().into_iter().flatten() {
-            let source = peer["source"].as_str().unwrap_or_default();
+        for peer in &status.peers {
+            let source = &peer.source;
             assert!(
                 source.starts_with("/coreos.com/network/subnets/"),
                 "peer source {source}"
             );
-            assert!(peer["lease"].is_string(), "peer without lease: {peer}");
+            assert!(peer.lease.is_some(), "peer without lease: {peer:?}");
         }
     }
     Ok(())

@@ -31,11 +31,12 @@ fn an_agent_started_without_etcd_waits_and_keeps_the_routes() -> anyhow::Result<
         }
         let status = agent.status()?;
         anyhow::ensure!(
-            status["ready"] == false
-                && status["waiting"]
-                    .as_str()
+            !status.ready
+                && status
+                    .waiting
+                    .as_deref()
                     .is_some_and(|w| w.contains("waiting for etcd")),
-            "status does not say the agent waits for etcd: {status}"
+            "status does not say the agent waits for etcd:\n{status}"
         );
         anyhow::ensure!(
             hgw_routes(&n1.ns)?
@@ -47,8 +48,8 @@ fn an_agent_started_without_etcd_waits_and_keeps_the_routes() -> anyhow::Result<
         etcd.resume()?;
         let status = agent.wait_ready(Duration::from_secs(40))?;
         anyhow::ensure!(
-            status["pod_cidr"] == n1.pod_cidr.as_str() && status["waiting"].is_null(),
-            "after etcd came back: {status}"
+            status.pod_cidr.as_deref() == Some(n1.pod_cidr.as_str()) && status.waiting.is_none(),
+            "after etcd came back:\n{status}"
         );
         eprintln!("ready {:?} after the restart", start.elapsed());
         Ok(())

@@ -26,10 +26,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use hgw_tests::{
-    Lab, Pod, add_kube_proxy_invalid_drop, conntrack_entries, count_sent_packets, counter,
+    Lab, Pod, Status, add_kube_proxy_invalid_drop, conntrack_entries, count_sent_packets, counter,
     in_netns, invalid_drops, paced_tcp_stream, run_in_ok, sent_packets, set_sysctls,
 };
-use serde_json::Value;
 
 /// The lowered established / UDP timeouts, seconds.
 const TIMEOUT: u64 = 8;
@@ -117,7 +116,7 @@ fn lab() -> anyhow::Result<Lab> {
 
 /// Counters and pod packet counts before the flow.
 struct Start {
-    statuses: Vec<Value>,
+    statuses: Vec<Status>,
     sent_a: u64,
     sent_b: u64,
 }
@@ -134,8 +133,8 @@ impl Start {
 
 /// What [`watch`] saw while the flow ran.
 struct Watched {
-    first: Vec<Value>,
-    last: Vec<Value>,
+    first: Vec<Status>,
+    last: Vec<Status>,
     /// Per node: the flow's conntrack entry's age and state line at the last snapshot.
     entries: Vec<Vec<hgw_tests::CtEntry>>,
 }

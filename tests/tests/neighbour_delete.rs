@@ -20,12 +20,10 @@ fn deleting_the_next_hops_neighbour_entry_loses_no_connection() -> anyhow::Resul
     ];
     for (entry, next_hop, to_ip, port) in cases {
         let status = agent.status()?;
-        assert_eq!(
-            status["peers"][entry]["node_ip"],
-            next_hop.to_string().as_str()
-        );
-        let mac = status["peers"][entry]["mac"].clone();
-        assert!(mac.is_string(), "{next_hop} unresolved before the test");
+        let peer = &status.peers[entry];
+        assert_eq!(peer.node_ip, next_hop.to_string());
+        let mac = peer.mac.clone();
+        assert!(mac.is_some(), "{next_hop} unresolved before the test");
 
         // Only what the agent logs from here on counts: its first resolution of this
         // next hop ("unresolved -> MAC") must not stand in for a return.
@@ -39,7 +37,9 @@ fn deleting_the_next_hops_neighbour_entry_loses_no_connection() -> anyhow::Resul
                     &["neigh", "del", &next_hop.to_string(), "dev", "eth0"],
                 )?;
                 let deleted = Instant::now();
-                agent.wait_for(Duration::from_secs(2), |s| s["peers"][entry]["mac"] == mac)?;
+                agent.wait_for(Duration::from_secs(2), |s| {
+                    s.peers.get(entry).is_some_and(|p| p.mac == mac)
+                })?;
                 eprintln!(
                     "{next_hop} round {round}: MAC back in the map after {:?}",
                     deleted.elapsed()
@@ -51,7 +51,7 @@ fn deleting_the_next_hops_neighbour_entry_loses_no_connection() -> anyhow::Resul
         // each deletion must have been followed there and back (log lines name the IP).
         let full_log = agent.log();
         let log = full_log.get(logged_before..).unwrap_or_default();
-        let mac = mac.as_str().unwrap_or_default();
+        let mac = mac.as_deref().unwrap_or_default();
         let lines: Vec<&str> = log
             .lines()
             .filter(|l| l.contains(&format!("({next_hop})")))

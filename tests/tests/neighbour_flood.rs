@@ -36,7 +36,7 @@ fn ten_thousand_neighbour_events_leave_the_agent_responsive() -> anyhow::Result<
             .status
             .success()
     );
-    agent.wait_for(Duration::from_secs(5), |s| s["endpoints"] == 1)?;
+    agent.wait_for(Duration::from_secs(5), |s| s.endpoints == 1)?;
     let (rss_before, _) = memory_kib(agent.pid())?;
 
     // A port of the bridge, for forwarding entries as a flooding pod makes them.
@@ -73,7 +73,7 @@ fn ten_thousand_neighbour_events_leave_the_agent_responsive() -> anyhow::Result<
     let asked = Instant::now();
     let status = agent.status()?;
     eprintln!("status answered in {:?} during the burst", asked.elapsed());
-    assert_eq!(status["node"], "n1");
+    assert_eq!(status.node, "n1");
 
     // The loop is free again: a route deleted now is back within seconds.
     let route = format!("{} via {} dev eth0", peer.pod_cidr, peer.uplink_ip);
@@ -99,8 +99,8 @@ fn ten_thousand_neighbour_events_leave_the_agent_responsive() -> anyhow::Result<
     );
     // Nothing of the flood is taken for a pod or a peer, and the pod is still known.
     let status = agent.status()?;
-    assert_eq!(status["endpoints"], 1, "{status}");
-    assert_eq!(status["map_entries"], 2, "{status}");
+    assert_eq!(status.endpoints, 1, "{status}");
+    assert_eq!(status.map_entries, 2, "{status:?}");
     Ok(())
 }
 

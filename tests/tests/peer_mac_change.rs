@@ -31,7 +31,11 @@ fn next_hop_follows_a_peer_mac_change_and_tcp_survives() -> anyhow::Result<()> {
             &["link", "set", "dev", "eth0", "address", NEW_MAC],
         )?;
         let changed = Instant::now();
-        let status = agent.wait_for(Duration::from_secs(1), |s| s["peers"][0]["mac"] == NEW_MAC)?;
+        let status = agent.wait_for(Duration::from_secs(1), |s| {
+            s.peers
+                .first()
+                .is_some_and(|p| p.mac.as_deref() == Some(NEW_MAC))
+        })?;
         eprintln!(
             "n1's next hop for n2 follows the new MAC after {:?}",
             changed.elapsed()

@@ -72,7 +72,11 @@ fn an_unannounced_mac_change_is_found_by_probing() -> anyhow::Result<()> {
     let changed = Instant::now();
 
     let agent = lab.agent(0).expect("agent");
-    agent.wait_for(Duration::from_secs(30), |s| s["peers"][0]["mac"] == NEW_MAC)?;
+    agent.wait_for(Duration::from_secs(30), |s| {
+        s.peers
+            .first()
+            .is_some_and(|p| p.mac.as_deref() == Some(NEW_MAC))
+    })?;
     eprintln!(
         "next hop followed the silent change after {:?}",
         changed.elapsed()

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, hgw_routes, ping, run_in_ok};
+use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, hgw_routes, peer, ping, run_in_ok};
 
 #[test]
 fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
@@ -92,11 +92,15 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
             shown.starts_with(&format!("blackhole {cidr} ")) && shown.contains("proto static"),
             "the foreign route to {cidr} was touched: {shown:?}"
         );
-        let peer = peer_status(&status, cidr);
-        assert_eq!(peer["foreign_route"], "static", "{cidr}: {peer}");
+        let peer = peer(&status, cidr);
+        assert_eq!(
+            peer.foreign_route.as_deref(),
+            Some("static"),
+            "{cidr}: {peer:?}"
+        );
     }
     assert_eq!(
-        status["map_entries"], 0,
+        status.map_entries, 0,
         "foreign prefixes in the fast-path map"
     );
     let (from, to) = (&n1.pods[0], &n2.pods[0]);
@@ -111,8 +115,8 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
         let status = agent.status()?;
         Ok(
             route_of(&n1.ns, &n2.pod_cidr)?.contains(&format!("proto {HGW_ROUTE_PROTOCOL}"))
-                && peer_status(&status, &n2.pod_cidr)["foreign_route"].is_null()
-                && status["map_entries"] == 1,
+                && peer(&status, &n2.pod_cidr).foreign_route.is_none()
+                && status.map_entries == 1,
         )
     })?;
     let out = ping(&from.ns, to.ip, 2, &[])?;
@@ -138,8 +142,8 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
     wait_until(|| {
         let status = agent.status()?;
         Ok(
-            peer_status(&status, &n2.pod_cidr)["foreign_route"] == "static"
-                && status["map_entries"] == 0,
+            peer(&status, &n2.pod_cidr).foreign_route.as_deref() == Some("static")
+                && status.map_entries == 0,
         )
     })?;
     assert!(
@@ -158,13 +162,6 @@ fn route_of(ns: &str, cidr: &str) -> anyhow::Result<String> {
     let family = if cidr.contains(':') { "-6" } else { "-4" };
     let out = run_in_ok(ns, "ip", &[family, "route", "show", "exact", cidr])?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn peer_status<'a>(status: &'a serde_json::Value, cidr: &str) -> &'a serde_json::Value {
-    status["peers"]
-        .as_array()
-        .and_then(|peers| peers.iter().find(|p| p["pod_cidr"] == cidr))
-        .unwrap_or_else(|| panic!("no peer entry for {cidr} in {status}"))
 }
 
 /// Polls `done` for up to 2 s (the agent follows route events in milliseconds).

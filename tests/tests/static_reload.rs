@@ -4,14 +4,10 @@
 
 use std::time::Duration;
 
-use hgw_tests::{Lab, hgw_routes, ping};
+use hgw_tests::{Lab, Status, hgw_routes, ping};
 
-fn has_peer(status: &serde_json::Value, cidr: &str) -> bool {
-    status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|p| p["pod_cidr"] == cidr && p["route"] == true)
+fn has_peer(status: &Status, cidr: &str) -> bool {
+    status.peers.iter().any(|p| p.pod_cidr == cidr && p.route)
 }
 
 #[test]

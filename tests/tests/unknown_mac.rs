@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use hgw_tests::{
-    Lab, block_neighbour_discovery, block_neighbour_requests, counter, run_in_ok, udp_exchange,
-    udp_replied_exchange, unblock_neighbour_discovery,
+    Lab, Status, block_neighbour_discovery, block_neighbour_requests, counter, run_in_ok,
+    udp_exchange, udp_replied_exchange, unblock_neighbour_discovery,
 };
 
 #[test]
@@ -20,13 +20,12 @@ fn traffic_to_an_unresolved_next_hop_still_arrives() -> anyhow::Result<()> {
     lab.start_agent(0, &[])?;
     lab.start_agent(1, &[])?;
     // One status entry per family, IPv4 first.
-    let unresolved = |s: &serde_json::Value| {
-        (0..2).all(|i| s["peers"][i]["route"] == true && s["peers"][i]["mac"].is_null())
-    };
+    let unresolved =
+        |s: &Status| (0..2).all(|i| s.peers.get(i).is_some_and(|p| p.route && p.mac.is_none()));
     let status = lab.agents()[0].wait_for(Duration::from_secs(15), unresolved)?;
-    assert_eq!(
-        status["ready"], false,
-        "ready although a next hop is unresolved: {status}"
+    assert!(
+        !status.ready,
+        "ready although a next hop is unresolved:\n{status}"
     );
 
     // The kernel's own retries of the agent's first request must be over (entries
@@ -74,15 +73,15 @@ fn traffic_to_an_unresolved_next_hop_still_arrives() -> anyhow::Result<()> {
         let no_mac = format!("{family}.pass_no_mac");
         assert!(
             counter(&status, &no_mac) > 0,
-            "{no_mac} did not move: {}",
-            status["counters"]
+            "{no_mac} did not move: {:?}",
+            status.counters
         );
     }
 
     // The kernel resolved n2 for those packets; the agent follows the neighbour events.
     for (entry, _, _) in cases {
         lab.agents()[0].wait_for(Duration::from_secs(5), |s| {
-            !s["peers"][entry]["mac"].is_null()
+            s.peers.get(entry).is_some_and(|p| p.mac.is_some())
         })?;
     }
     // n1 knows n2 now; n2 may ask again, as the answers of the flows below need n1's

@@ -511,10 +511,10 @@ fn measure(
             let name = &modes[mode].name;
             let want = modes[mode].fast_path();
             for status in &after {
-                if status["fast_path"] != want {
+                if status.fast_path != want {
                     bail!(
                         "{name} mode, but an agent runs with fast_path {} (expected {want})",
-                        status["fast_path"]
+                        status.fast_path
                     );
                 }
             }

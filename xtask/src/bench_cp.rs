@@ -122,7 +122,7 @@ fn measure(peers: usize) -> anyhow::Result<Sample> {
 
     let start = Instant::now();
     let agent = lab.start_agent_with_config(0, &config(peers, None), &[])?;
-    agent.wait_for(TIMEOUT, |s| s["map_entries"].as_u64() == Some(peers as u64))?;
+    agent.wait_for(TIMEOUT, |s| s.map_entries == peers)?;
     wait("agent routes", || Ok(hgw_route_count(&ns)? == peers))?;
     let applied = start.elapsed();
 
@@ -182,7 +182,7 @@ fn measure_etcd(peers: usize, ip_batch: Duration) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let config = etcd.agent_config(&lab, 0, "");
     let agent = lab.start_agent_with_config(0, &config, &[])?;
-    agent.wait_for(TIMEOUT, |s| s["map_entries"].as_u64() == Some(peers as u64))?;
+    agent.wait_for(TIMEOUT, |s| s.map_entries == peers)?;
     wait("agent routes", || Ok(hgw_route_count(&ns)? == peers))?;
     let applied = start.elapsed();
 

@@ -11,8 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::bail;
-use hgw_tests::{Lab, counter_sum, ping, tcp_transfer, udp_replied_exchange};
-use serde_json::Value;
+use hgw_tests::{Lab, Status, counter_sum, ping, tcp_transfer, udp_replied_exchange};
 
 use crate::util::Interrupt;
 
@@ -85,7 +84,7 @@ fn start_agents(lab: &mut Lab, interrupt: &Interrupt) -> anyhow::Result<String> 
     for agent in lab.agents() {
         interrupt.check()?;
         let status = agent.wait_ready(READY_TIMEOUT)?;
-        let mode = status["fast_path"].as_str().unwrap_or("?").to_owned();
+        let mode = status.fast_path;
         println!(
             "agent on {}: ready (pid {}), fast path mode: {mode}",
             lab.nodes[agent.node].name,
@@ -182,18 +181,11 @@ fn print_checks(checks: &[Check]) {
 }
 
 /// Counter growth per node, for every counter any agent reports (`FAMILY.NAME`).
-fn print_counters(lab: &Lab, before: &[Value], after: &[Value]) {
+fn print_counters(lab: &Lab, before: &[Status], after: &[Status]) {
     let mut names: Vec<String> = after
         .iter()
-        .filter_map(|s| s["counters"].as_object())
-        .flat_map(|families| {
-            families.iter().flat_map(|(family, counters)| {
-                counters
-                    .as_object()
-                    .into_iter()
-                    .flat_map(move |c| c.keys().map(move |name| format!("{family}.{name}")))
-            })
-        })
+        .flat_map(|s| &s.counters)
+        .flat_map(|(family, counters)| counters.keys().map(move |name| format!("{family}.{name}")))
         .collect();
     names.sort();
     names.dedup();
@@ -218,7 +210,7 @@ fn print_counters(lab: &Lab, before: &[Value], after: &[Value]) {
 /// handshake (segments coalesce, GSO: at least one per 64 KiB). Pings: in `established`
 /// mode every echo request and reply meets both programs and goes to the kernel
 /// (`pass_ct_proto`); in `all` mode they take the fast path like the datagrams.
-fn judge_counters(mode: &str, checks: &[Check], before: &[Value], after: &[Value]) -> bool {
+fn judge_counters(mode: &str, checks: &[Check], before: &[Status], after: &[Status]) -> bool {
     let mut ok = true;
     let icmp_is_fast = mode == "all";
     for family in ["ipv4", "ipv6"] {

@@ -1,0 +1,148 @@
+//! The agent's status document: what `hgw-agent status --json` prints and the status
+//! socket serves. Here rather than in the agent so the lab and xtask read it as this type
+//! without building the agent (whose build needs the eBPF toolchain that xtask installs).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    /// `None` until the agent knows its network (etcd: once it holds a subnet).
+    pub pod_cidr: Option<String>,
+    /// Dual stack: the IPv6 pod CIDR.
+    #[serde(default)]
+    pub pod_cidr_v6: Option<String>,
+    pub uplink: String,
+    pub bridge: String,
+    /// Every route is installed and, with the fast path, every next hop's MAC is known.
+    pub ready: bool,
+    /// The fast path's mode: "established", "all" or "off".
+    pub fast_path: String,
+    /// One entry per peer route: a dual-stack peer has two, IPv4 first.
+    pub peers: Vec<PeerStatus>,
+    /// Packet counters by family ("ipv4", "ipv6"; "other" for frames of neither), then
+    /// by name.
+    pub counters: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Local pods the uplink program delivers to directly.
+    #[serde(default)]
+    pub endpoints: usize,
+    /// Next hops in the fast-path route table.
+    #[serde(default)]
+    pub map_entries: usize,
+    /// What the agent waits for before it can be ready (etcd, the first peer set).
+    #[serde(default)]
+    pub waiting: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub node_ip: String,
+    pub pod_cidr: String,
+    /// The next hop's MAC, `None` while unresolved.
+    pub mac: Option<String>,
+    /// The kernel route (the fallback) is installed.
+    pub route: bool,
+    /// Another owner's route holds the prefix (its protocol): hgw leaves it alone and
+    /// the fast path does not take the prefix.
+    #[serde(default)]
+    pub foreign_route: Option<String>,
+    /// "static", or the etcd key it came from.
+    pub source: String,
+    /// The etcd lease (hex) that keeps it, if any.
+    pub lease: Option<String>,
+}
+
+impl Status {
+    /// A counter by family ("ipv4", "ipv6", "other") and name, 0 if absent.
+    pub fn counter(&self, family: &str, name: &str) -> u64 {
+        self.counters
+            .get(family)
+            .and_then(|counters| counters.get(name))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The peer entry for `pod_cidr`, if the agent has one.
+    pub fn peer(&self, pod_cidr: &str) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.pod_cidr == pod_cidr)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "node {}  pod CIDR {}  uplink {}  bridge {}",
+            self.node,
+            self.pod_cidr.as_deref().unwrap_or("(not known yet)"),
+            self.uplink,
+            self.bridge
+        )?;
+        let state = match (&self.waiting, self.ready) {
+            (Some(waiting), _) => waiting.as_str(),
+            (None, true) => "ready",
+            (None, false) => "converging",
+        };
+        let path = if self.fast_path == "off" {
+            "kernel routes only".to_owned()
+        } else {
+            format!("eBPF fast path ({}) + kernel routes", self.fast_path)
+        };
+        writeln!(
+            f,
+            "state {state}, {path}, {} local pods for direct delivery",
+            self.endpoints
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<16} {:<16} {:<20} {:<18} {:<10} SOURCE",
+            "PEER", "NODE IP", "POD CIDR", "NEXT-HOP MAC", "ROUTE"
+        )?;
+        for p in &self.peers {
+            writeln!(
+                f,
+                "{:<16} {:<16} {:<20} {:<18} {:<10} {}{}",
+                p.name,
+                p.node_ip,
+                p.pod_cidr,
+                p.mac.as_deref().unwrap_or("unresolved"),
+                match (&p.foreign_route, p.route) {
+                    (Some(_), _) => "foreign",
+                    (None, true) => "installed",
+                    (None, false) => "missing",
+                },
+                p.source,
+                p.lease
+                    .as_ref()
+                    .map(|l| format!(" (lease {l})"))
+                    .unwrap_or_default()
+            )?;
+        }
+        if !self.counters.is_empty() {
+            writeln!(f)?;
+            write!(f, "{:<22}", "COUNTER")?;
+            for family in self.counters.keys() {
+                write!(f, " {:>12}", family.to_uppercase())?;
+            }
+            writeln!(f)?;
+            let mut names: Vec<&String> = self.counters.values().flat_map(|c| c.keys()).collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                write!(f, "{name:<22}")?;
+                for counters in self.counters.values() {
+                    match counters.get(name) {
+                        Some(value) => write!(f, " {value:>12}")?,
+                        None => write!(f, " {:>12}", "-")?,
+                    }
+                }
+                writeln!(f)?;
+            }
+        }
+        Ok(())
+    }
+}
