@@ -151,8 +151,11 @@ impl Datapath {
         for interface in [bridge, uplink] {
             refuse_foreign_hgw(interface, pins)?;
         }
-        let (mut ebpf, maps) =
-            loader::load_pinned(PROGRAMS, conntrack, pins.map(|dir| dir.join("maps")).as_deref())?;
+        let (mut ebpf, maps) = loader::load_pinned(
+            PROGRAMS,
+            conntrack,
+            pins.map(|dir| dir.join("maps")).as_deref(),
+        )?;
         let reused: Vec<&str> = maps
             .iter()
             .filter(|(_, m)| *m == PinnedMap::Reused)
@@ -279,8 +282,8 @@ impl Datapath {
         if let Some(path) = &pin
             && let Some(old) = adoptable(path, interface)
         {
-            let link = SchedClassifierLink::try_from(old)
-                .map_err(|e| pin_error(path, e.to_string()))?;
+            let link =
+                SchedClassifierLink::try_from(old).map_err(|e| pin_error(path, e.to_string()))?;
             let prog = self.program(program)?;
             let id = prog
                 .attach_to_link(link)
@@ -396,14 +399,22 @@ impl Datapath {
 
     /// The fast-path routes the maps hold now (left by an earlier agent, when pinned).
     pub fn routes(&self) -> Vec<(IpNet, NextHop)> {
-        let v4 = self.routes_v4.iter().filter_map(Result::ok).filter_map(|(key, hop)| {
-            let net = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
-            Some((IpNet::V4(net), hop))
-        });
-        let v6 = self.routes_v6.iter().filter_map(Result::ok).filter_map(|(key, hop)| {
-            let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
-            Some((IpNet::V6(net), hop))
-        });
+        let v4 = self
+            .routes_v4
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, hop)| {
+                let net = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
+                Some((IpNet::V4(net), hop))
+            });
+        let v6 = self
+            .routes_v6
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, hop)| {
+                let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
+                Some((IpNet::V6(net), hop))
+            });
         v4.chain(v6).collect()
     }
 
@@ -565,9 +576,10 @@ fn adoptable(path: &Path, interface: &str) -> Option<FdLink> {
     if !path.exists() {
         return None;
     }
-    let ifindex = std::fs::read_to_string(Path::new("/sys/class/net").join(interface).join("ifindex"))
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok());
+    let ifindex =
+        std::fs::read_to_string(Path::new("/sys/class/net").join(interface).join("ifindex"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
     let on_interface = pinned_tcx_link(path).is_some_and(|(_, on)| Some(on) == ifindex);
     if on_interface && let Ok(link) = PinnedLink::from_pin(path) {
         return Some(FdLink::from(link));
@@ -712,8 +724,8 @@ fn on_bpffs(path: &Path) -> bool {
 
 fn mount_bpffs(path: &Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(std::io::Error::other)?;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: all pointers are NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::mount(

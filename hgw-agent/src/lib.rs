@@ -2,8 +2,8 @@
 //! integration tests load the same eBPF object through [`datapath`].
 
 pub mod agent;
-pub mod cni;
 pub mod caps;
+pub mod cni;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;

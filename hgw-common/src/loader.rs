@@ -48,6 +48,9 @@ pub const PINNED_MAPS: &[&str] = &[
     crate::MAP_COUNTERS,
 ];
 
+/// Each pinned map by name, with what happened to it at load.
+pub type PinnedMaps = Vec<(&'static str, PinnedMap)>;
+
 /// What happened to each pinned map at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinnedMap {
@@ -104,7 +107,7 @@ pub fn load_pinned(
     elf: &[u8],
     conntrack: bool,
     pin_dir: Option<&std::path::Path>,
-) -> Result<(Ebpf, Vec<(&'static str, PinnedMap)>), LoaderError> {
+) -> Result<(Ebpf, PinnedMaps), LoaderError> {
     let (kfuncs, status, timeout) = kernel_facts(&KernelBtf::vmlinux()?, conntrack)?;
     let object = with_kfunc_calls(elf, &kfuncs)?;
     let conntrack = u32::from(conntrack);

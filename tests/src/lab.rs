@@ -185,6 +185,14 @@ impl Lab {
         self.dir.join("bpf").join(&self.nodes[node].name)
     }
 
+    /// Node index `node`'s pin directory, made, on the lab's bpffs.
+    pub fn prepare_pin_dir(&self, node: usize) -> anyhow::Result<PathBuf> {
+        self.ensure_bpffs()?;
+        let dir = self.pin_dir(node);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
     /// Mounts the lab's bpffs (once) for the agents' pins. It is mounted in the host's
     /// mount namespace, which `ip netns exec` copies, so every agent of the lab, and
     /// the next agent of a node, sees the same pins.
@@ -677,7 +685,10 @@ fn unmount_bpffs(dir: &std::path::Path) {
     while bpffs_mounted(dir) {
         let status = std::process::Command::new("umount").arg(dir).status();
         if !status.is_ok_and(|s| s.success()) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(dir).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(dir)
+                .status();
             break;
         }
     }

@@ -15,8 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use hgw_tests::{Lab, agent_bin, counter, hgw_programs, hgw_routes, udp_replied_exchange};
-use serde_json::Value;
+use hgw_tests::{Lab, Status, agent_bin, counter, hgw_programs, hgw_routes, udp_replied_exchange};
 
 const NOBODY: u32 = 65534;
 const THREE: &str = "bpf,+net_admin,+perfmon";
@@ -41,6 +40,11 @@ impl Reduced {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log)?;
         let caps = format!("-all,+{caps}");
+        // Pins on the lab's bpffs, in a directory the agent's user owns (mounting a
+        // bpffs would need CAP_SYS_ADMIN).
+        let pins = lab.prepare_pin_dir(node)?.join(name);
+        std::fs::create_dir_all(&pins)?;
+        std::os::unix::fs::chown(&pins, Some(NOBODY), Some(NOBODY))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &lab.nodes[node].ns, "setpriv"])
             .arg(format!("--reuid={NOBODY}"))
@@ -56,6 +60,8 @@ impl Reduced {
             .arg("--setup-node")
             .arg("--status-socket")
             .arg(&socket)
+            .arg("--pin-dir")
+            .arg(&pins)
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -69,7 +75,7 @@ impl Reduced {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn status(&self) -> anyhow::Result<Value> {
+    fn status(&self) -> anyhow::Result<Status> {
         let out = Command::new(agent_bin())
             .args(["status", "--json", "--status-socket"])
             .arg(&self.socket)
@@ -82,11 +88,11 @@ impl Reduced {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Value> {
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Status> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(status) = self.status()
-                && status["ready"] == true
+                && status.ready
             {
                 return Ok(status);
             }
@@ -238,7 +244,7 @@ fn a_second_agent_in_the_namespace_is_refused_under_the_reduced_set() -> anyhow:
         programs,
         "the programs changed on the hooks"
     );
-    assert_eq!(first.status()?["ready"], true);
+    assert!(first.status()?.ready);
     assert!(first.child.try_wait()?.is_none(), "the first agent exited");
     Ok(())
 }

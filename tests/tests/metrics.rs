@@ -12,8 +12,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use hgw_agent::metrics::samples;
-use hgw_tests::{Etcd, Lab, in_netns, paced_tcp_stream};
-use serde_json::Value;
+use hgw_tests::{Etcd, Lab, Status, in_netns, paced_tcp_stream};
 
 /// Inside each node's network namespace: the nodes never share it.
 const METRICS: &str = "127.0.0.1:9090";
@@ -47,13 +46,11 @@ fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
 }
 
 /// Every counter of a status: (family, name, value).
-fn status_counters(status: &Value) -> Vec<(String, String, u64)> {
+fn status_counters(status: &Status) -> Vec<(String, String, u64)> {
     let mut all = Vec::new();
-    if let Some(families) = status["counters"].as_object() {
-        for (family, counters) in families {
-            for (name, value) in counters.as_object().into_iter().flatten() {
-                all.push((family.clone(), name.clone(), value.as_u64().unwrap_or(0)));
-            }
+    for (family, counters) in &status.counters {
+        for (name, value) in counters {
+            all.push((family.clone(), name.clone(), *value));
         }
     }
     all
@@ -85,14 +82,14 @@ fn a_scrape_during_traffic_agrees_with_status() -> anyhow::Result<()> {
             let counters = status_counters(&before);
             ensure!(
                 counters.len() > 10,
-                "status has no counters: {}",
-                before["counters"]
+                "status has no counters: {:?}",
+                before.counters
             );
             for (family, name, low) in counters {
                 let labels = format!("{{family=\"{family}\",counter=\"{name}\"}}");
                 let value = sample(&text, "hgw_packets_total", &labels)
                     .with_context(|| format!("no hgw_packets_total{labels} in\n{text}"))?;
-                let high = after["counters"][&family][&name].as_u64().unwrap_or(0);
+                let high = after.counter(&family, &name);
                 ensure!(
                     low as f64 <= value && value <= high as f64,
                     "hgw_packets_total{labels} = {value}, status said {low} before and {high} after"
@@ -162,7 +159,7 @@ fn readyz_turns_200_when_the_first_peer_set_is_applied() -> anyhow::Result<()> {
     }
     assert!(waits > 5, "/readyz hardly answered while waiting ({waits})");
     let agent = lab.agent(1).context("n2's agent")?;
-    assert_eq!(agent.status()?["ready"], false);
+    assert!(!agent.status()?.ready);
 
     // From etcd's return on: 503 only while status is not ready yet (read just
     // before), 200 only once it is (read just after). The agent's thread is busy for a
@@ -176,15 +173,12 @@ fn readyz_turns_200_when_the_first_peer_set_is_applied() -> anyhow::Result<()> {
         match answer {
             Ok((200, _)) => {
                 let after = agent.wait_for(Duration::from_secs(10), |_| true)?;
-                assert_eq!(after["ready"], true, "200 before status was ready: {after}");
+                assert!(after.ready, "200 before status was ready: {after}");
                 break;
             }
             Ok((503, _)) => {
                 if let Ok(before) = before {
-                    assert_eq!(
-                        before["ready"], false,
-                        "503 although status was ready: {before}"
-                    );
+                    assert!(!before.ready, "503 although status was ready: {before}");
                 }
                 unready_answers += 1;
             }
@@ -200,9 +194,7 @@ fn readyz_turns_200_when_the_first_peer_set_is_applied() -> anyhow::Result<()> {
     }
     let status = agent.status()?;
     assert!(
-        status["peers"]
-            .as_array()
-            .is_some_and(|peers| peers.iter().any(|p| p["route"] == true)),
+        status.peers.iter().any(|p| p.route),
         "ready without a peer route: {status}"
     );
     eprintln!("{unready_answers} answers of 503 after etcd came back");

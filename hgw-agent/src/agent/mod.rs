@@ -33,8 +33,8 @@ use tokio::{
 };
 
 use crate::{
-    cni::{CniError, NodeFiles},
     caps::{self, CapsError},
+    cni::{CniError, NodeFiles},
     config::{Attach, Config, ConfigError, EtcdConfig, FastPath, Network, Peer, Source},
     conntrack::{self, ConntrackError},
     datapath::{Datapath, DatapathError},
@@ -47,7 +47,7 @@ use crate::{
 };
 use desired::{NodeFacts, off_link};
 use observed::{Change, Observed};
-use reconcile::{FastPathMaps, Reconciler, RouteTable};
+use reconcile::{FastPathMaps, MapEntries, Reconciler, RouteTable};
 use sources::PeerSet;
 pub use sources::Reload;
 
@@ -608,7 +608,7 @@ impl FastPathMaps for Datapath {
         Datapath::detach_port(self, index);
     }
 
-    fn entries(&self) -> (Vec<(IpNet, NextHop)>, Vec<(IpAddr, Endpoint)>) {
+    fn entries(&self) -> MapEntries {
         (self.routes(), self.endpoints())
     }
 }

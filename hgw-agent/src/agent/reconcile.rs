@@ -49,6 +49,9 @@ pub trait RouteTable {
     fn resolve(&self, oif: u32, ip: IpAddr) -> impl Future<Output = Result<(), KernelError>>;
 }
 
+/// What the route and endpoint maps hold.
+pub type MapEntries = (Vec<(IpNet, NextHop)>, Vec<(IpAddr, Endpoint)>);
+
 /// The fast path's maps and attachments.
 pub trait FastPathMaps {
     fn set_config(&mut self, node: NodeConfig) -> Result<(), DatapathError>;
@@ -67,7 +70,7 @@ pub trait FastPathMaps {
     fn detach_port(&mut self, index: u32);
     /// What the route and endpoint maps hold now: an earlier agent's entries when the
     /// maps are pinned.
-    fn entries(&self) -> (Vec<(IpNet, NextHop)>, Vec<(IpAddr, Endpoint)>);
+    fn entries(&self) -> MapEntries;
 }
 
 /// What is known of one desired route in the kernel.
@@ -763,8 +766,11 @@ mod tests {
             Ok(())
         }
         fn detach_port(&mut self, _: u32) {}
-        fn entries(&self) -> (Vec<(IpNet, NextHop)>, Vec<(IpAddr, Endpoint)>) {
-            (self.routes.iter().map(|(c, h)| (*c, *h)).collect(), Vec::new())
+        fn entries(&self) -> MapEntries {
+            (
+                self.routes.iter().map(|(c, h)| (*c, *h)).collect(),
+                Vec::new(),
+            )
         }
     }
 
