@@ -143,6 +143,24 @@ pub fn ensure_tracking() -> Result<(), ConntrackError> {
     }
 }
 
+/// Removes hgw's tracking table (`hgw-agent uninstall`); absent is fine.
+pub fn remove_tracking() -> Result<(), ConntrackError> {
+    let output = Command::new("nft")
+        .args(["delete", "table", "inet", NFT_TABLE])
+        .output()
+        .map_err(|e| ConntrackError::Nft {
+            reason: format!("running nft: {e}"),
+        })?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() || stderr.contains("No such file or directory") {
+        Ok(())
+    } else {
+        Err(ConntrackError::Nft {
+            reason: stderr.trim().to_owned(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

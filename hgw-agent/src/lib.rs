@@ -13,3 +13,4 @@ pub mod masq;
 pub mod metrics;
 pub mod setup;
 pub mod status;
+pub mod uninstall;

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use hgw_agent::{
     agent,
-    config::{Config, ConfigError, DEFAULT_STATUS_SOCKET, FastPath, RawConfig},
+    config::{Config, ConfigError, DEFAULT_PIN_DIR, DEFAULT_STATUS_SOCKET, FastPath, RawConfig},
     status,
 };
 
@@ -39,6 +39,17 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Take hgw off this node on purpose (stopping the agent never does): the pinned
+    /// programs and maps, hgw's routes (proto 104), its nftables tables and FORWARD
+    /// rules. Refuses while an agent answers on the status socket.
+    Uninstall {
+        /// The agent's pin directory; "none" if it ran without pinning.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The agent's status socket (to refuse while it runs).
+        #[arg(long, default_value = DEFAULT_STATUS_SOCKET)]
+        status_socket: PathBuf,
     },
 }
 
@@ -94,6 +105,19 @@ fn main() -> anyhow::Result<()> {
             runtime
                 .block_on(agent::run(config, reload))
                 .context("hgw-agent run")
+        }
+        Command::Uninstall {
+            pin_dir,
+            status_socket,
+        } => {
+            let pin_dir = (pin_dir != std::path::Path::new("none")).then_some(pin_dir);
+            runtime
+                .block_on(hgw_agent::uninstall::uninstall(
+                    pin_dir.as_deref(),
+                    &status_socket,
+                ))
+                .context("hgw-agent uninstall")?;
+            Ok(())
         }
         Command::Status {
             status_socket,

@@ -112,6 +112,26 @@ fn ensure_forward_accept(
     iptables(tool, &[&["-w", "-A", "FORWARD"], &rule[..]].concat())
 }
 
+/// Deletes every FORWARD rule hgw appended (`-m comment --comment hgw`), in both
+/// families (`hgw-agent uninstall`); a tool that is not installed has none.
+pub fn remove_forward_accepts() -> Result<(), SetupError> {
+    for tool in ["iptables", "ip6tables"] {
+        let Ok(output) = Command::new(tool).args(["-w", "-S", "FORWARD"]).output() else {
+            continue;
+        };
+        let rules = String::from_utf8_lossy(&output.stdout).into_owned();
+        for rule in rules.lines().filter(|l| l.contains("--comment hgw ")) {
+            let Some(spec) = rule.strip_prefix("-A FORWARD ") else {
+                continue;
+            };
+            let mut args = vec!["-w", "-D", "FORWARD"];
+            args.extend(spec.split_whitespace());
+            iptables(tool, &args)?;
+        }
+    }
+    Ok(())
+}
+
 fn iptables(tool: &'static str, args: &[&str]) -> Result<(), SetupError> {
     let error = |reason: String| SetupError::Iptables {
         tool,

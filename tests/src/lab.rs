@@ -431,9 +431,10 @@ impl Lab {
             &socket_arg,
             "--subnet-env",
             &subnet_env_arg,
-            "--pin-dir",
-            &pin_dir_arg,
         ];
+        if !extra_args.contains(&"--pin-dir") {
+            args.extend(["--pin-dir", &pin_dir_arg]);
+        }
         args.extend_from_slice(extra_args);
         let agent = Agent::spawn(node, &self.nodes[node].ns, &args, socket, log)?;
         let i = match slot {

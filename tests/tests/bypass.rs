@@ -13,7 +13,8 @@ use hgw_tests::{Lab, drop_all_forwarding, ping};
 fn forward_drop_does_not_stop_the_fast_path() -> anyhow::Result<()> {
     let mut lab = Lab::up(2, 1)?;
     for node in 0..lab.nodes.len() {
-        lab.start_agent(node, &["--fast-path", "all"])?;
+        // Unpinned: the programs go with the agents.
+        lab.start_agent(node, &["--fast-path", "all", "--pin-dir", "none"])?;
     }
     for agent in lab.agents() {
         agent.wait_ready(Duration::from_secs(15))?;

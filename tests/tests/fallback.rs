@@ -1,11 +1,17 @@
-//! The agents stop: their programs are detached, the kernel routes they installed (both
-//! families) stay, and pods on different nodes still talk over the kernel path.
+//! Agents without pinning (`--pin-dir none`) stop: their programs are detached, the
+//! kernel routes they installed (both families) stay, and pods on different nodes still
+//! talk over the kernel path. (With pinning, the default, the programs stay: see
+//! agent_restart.rs.)
 
 use hgw_tests::{Lab, hgw_programs, hgw_routes, ping};
 
 #[test]
 fn kernel_routes_carry_traffic_after_the_agents_stop() -> anyhow::Result<()> {
-    let mut lab = Lab::up_with_agents(2, 1)?;
+    let mut lab = Lab::up(2, 1)?;
+    for node in 0..lab.nodes.len() {
+        lab.start_agent(node, &["--pin-dir", "none"])?
+            .wait_ready(std::time::Duration::from_secs(15))?;
+    }
     for node in &lab.nodes {
         assert!(
             !hgw_programs(&node.ns)?.is_empty(),

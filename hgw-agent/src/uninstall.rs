@@ -1,0 +1,88 @@
+//! `hgw-agent uninstall`: takes hgw off the node on purpose, which stopping the agent
+//! never does: the pinned programs and maps, hgw's routes (`proto 104`), its nftables
+//! tables and its FORWARD accept rules. Pod traffic then follows whatever else the node
+//! has (another CNI's routes, or none).
+
+use std::path::Path;
+
+use log::info;
+
+use crate::{conntrack, kernel::Kernel, masq, setup};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UninstallError {
+    #[error(
+        "an agent is answering on {socket}: stop it first (uninstall would pull the fast path from under it)"
+    )]
+    AgentRunning { socket: String },
+    #[error("removing pins under {path}: {source}")]
+    Pins {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+    #[error("{0}")]
+    Rules(String),
+}
+
+/// What was removed, for the operator.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub pins: usize,
+    pub routes: usize,
+}
+
+pub async fn uninstall(
+    pin_dir: Option<&Path>,
+    status_socket: &Path,
+) -> Result<Removed, UninstallError> {
+    if std::os::unix::net::UnixStream::connect(status_socket).is_ok() {
+        return Err(UninstallError::AgentRunning {
+            socket: status_socket.display().to_string(),
+        });
+    }
+    let mut removed = Removed::default();
+    if let Some(dir) = pin_dir {
+        removed.pins = remove_pins(dir)?;
+    }
+    let kernel = Kernel::connect()?;
+    for route in kernel.hgw_routes().await? {
+        kernel.delete_route(&route).await?;
+        removed.routes += 1;
+    }
+    conntrack::remove_tracking().map_err(|e| UninstallError::Rules(e.to_string()))?;
+    masq::remove().map_err(|e| UninstallError::Rules(e.to_string()))?;
+    setup::remove_forward_accepts().map_err(|e| UninstallError::Rules(e.to_string()))?;
+    info!(
+        "uninstalled: {} pins (the programs went with their links), {} routes, hgw's nftables tables and FORWARD rules",
+        removed.pins, removed.routes
+    );
+    Ok(removed)
+}
+
+/// Removes the link and map pins (a pinned link goes with its pin: its program is
+/// detached) and the directories, if they are there.
+fn remove_pins(dir: &Path) -> Result<usize, UninstallError> {
+    let error = |source| UninstallError::Pins {
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut count = 0;
+    for sub in ["links", "maps"] {
+        let sub = dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for entry in entries {
+            std::fs::remove_file(entry.map_err(error)?.path()).map_err(error)?;
+            count += 1;
+        }
+        std::fs::remove_dir(&sub).map_err(error)?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir(dir).map_err(error)?;
+    }
+    Ok(count)
+}
