@@ -707,6 +707,28 @@ fn prepare_pin_dir(dir: &Path, bridge: &str, attach: Attach) -> Result<(), Datap
     Ok(())
 }
 
+/// Removes the link and map pins under `dir` and the directories, if they are there:
+/// a pinned link goes with its pin (its program is detached) unless a process still
+/// holds it. Returns how many pins went.
+pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
+    let mut count = 0;
+    for sub in ["links", "maps"] {
+        let sub = dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for entry in entries {
+            std::fs::remove_file(entry?.path())?;
+            count += 1;
+        }
+        std::fs::remove_dir(&sub)?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir(dir)?;
+    }
+    Ok(count)
+}
+
 const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

@@ -45,7 +45,10 @@ pub async fn uninstall(
     }
     let mut removed = Removed::default();
     if let Some(dir) = pin_dir {
-        removed.pins = remove_pins(dir)?;
+        removed.pins = crate::datapath::remove_pins(dir).map_err(|source| UninstallError::Pins {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
     let kernel = Kernel::connect()?;
     for route in kernel.hgw_routes().await? {
@@ -60,29 +63,4 @@ pub async fn uninstall(
         removed.pins, removed.routes
     );
     Ok(removed)
-}
-
-/// Removes the link and map pins (a pinned link goes with its pin: its program is
-/// detached) and the directories, if they are there.
-fn remove_pins(dir: &Path) -> Result<usize, UninstallError> {
-    let error = |source| UninstallError::Pins {
-        path: dir.display().to_string(),
-        source,
-    };
-    let mut count = 0;
-    for sub in ["links", "maps"] {
-        let sub = dir.join(sub);
-        let Ok(entries) = std::fs::read_dir(&sub) else {
-            continue;
-        };
-        for entry in entries {
-            std::fs::remove_file(entry.map_err(error)?.path()).map_err(error)?;
-            count += 1;
-        }
-        std::fs::remove_dir(&sub).map_err(error)?;
-    }
-    if dir.exists() {
-        std::fs::remove_dir(dir).map_err(error)?;
-    }
-    Ok(count)
 }

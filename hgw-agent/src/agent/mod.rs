@@ -37,7 +37,7 @@ use crate::{
     cni::{CniError, NodeFiles},
     config::{Attach, Config, ConfigError, EtcdConfig, FastPath, Network, Peer, Source},
     conntrack::{self, ConntrackError},
-    datapath::{Datapath, DatapathError},
+    datapath::{self, Datapath, DatapathError},
     etcd::{self, EtcdError, EtcdSource},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link, PrefixOwners},
     masq::{self, MasqError},
@@ -282,6 +282,14 @@ fn attach_datapath(
     uplink: &Link,
 ) -> Result<Option<Datapath>, AgentError> {
     if config.fast_path == FastPath::Off {
+        // Programs an earlier agent pinned would go on forwarding: off means none.
+        if let Some(dir) = &config.pin_dir {
+            match datapath::remove_pins(dir) {
+                Ok(0) => {}
+                Ok(n) => info!("fast path off: removed {n} pins an earlier agent left"),
+                Err(e) => warn!("fast path off, but {} could not be cleared: {e}", dir.display()),
+            }
+        }
         info!("fast path off: kernel routes only");
         return Ok(None);
     }
