@@ -45,10 +45,11 @@ pub async fn uninstall(
     }
     let mut removed = Removed::default();
     if let Some(dir) = pin_dir {
-        removed.pins = crate::datapath::remove_pins(dir).map_err(|source| UninstallError::Pins {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        removed.pins =
+            crate::datapath::remove_pins(dir).map_err(|source| UninstallError::Pins {
+                path: dir.display().to_string(),
+                source,
+            })?;
     }
     let kernel = Kernel::connect()?;
     for route in kernel.hgw_routes().await? {

@@ -62,6 +62,8 @@ impl Reduced {
             .arg(&socket)
             .arg("--pin-dir")
             .arg(&pins)
+            .arg("--subnet-env")
+            .arg(dir.join(format!("{name}-subnet.env")))
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)

@@ -287,7 +287,10 @@ fn attach_datapath(
             match datapath::remove_pins(dir) {
                 Ok(0) => {}
                 Ok(n) => info!("fast path off: removed {n} pins an earlier agent left"),
-                Err(e) => warn!("fast path off, but {} could not be cleared: {e}", dir.display()),
+                Err(e) => warn!(
+                    "fast path off, but {} could not be cleared: {e}",
+                    dir.display()
+                ),
             }
         }
         info!("fast path off: kernel routes only");
