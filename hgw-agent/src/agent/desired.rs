@@ -63,6 +63,7 @@ impl DesiredState {
 /// peer or cannot be reached in one hop; the first peer to claim a prefix keeps it.
 pub fn desired(network: &Network, peers: &[Peer], node: &NodeFacts) -> DesiredState {
     let mut state = DesiredState::default();
+    let mut taken = Taken::default();
     for peer in peers {
         for (pod_cidr, node_ip) in peer.hops() {
             let skip = |reason: String| Skipped {
@@ -72,10 +73,19 @@ pub fn desired(network: &Network, peers: &[Peer], node: &NodeFacts) -> DesiredSt
                 source: peer.source.clone(),
                 reason,
             };
-            if let Some(reason) = refuse(network, &state, pod_cidr, node_ip, node) {
+            let reason = refuse(network, pod_cidr, node_ip, node).or_else(|| {
+                let other = taken.find(pod_cidr)?;
+                let hop = &state.routes[&other];
+                Some(format!(
+                    "{pod_cidr} overlaps {other} of peer {} ({})",
+                    hop.peer, hop.source
+                ))
+            });
+            if let Some(reason) = reason {
                 state.skipped.push(skip(reason));
                 continue;
             }
+            taken.insert(pod_cidr);
             state.routes.insert(
                 pod_cidr,
                 Hop {
@@ -90,14 +100,44 @@ pub fn desired(network: &Network, peers: &[Peer], node: &NodeFacts) -> DesiredSt
     state
 }
 
+/// The accepted prefixes as address ranges (start -> end, per family): they are
+/// disjoint, so an overlap check is one lookup, not a scan (thousands of peers).
+#[derive(Default)]
+struct Taken {
+    ranges: [BTreeMap<u128, (u128, IpNet)>; 2],
+}
+
+impl Taken {
+    fn span(net: IpNet) -> (usize, u128, u128) {
+        match net.trunc() {
+            IpNet::V4(v4) => (
+                0,
+                u32::from(v4.network()).into(),
+                u32::from(v4.broadcast()).into(),
+            ),
+            IpNet::V6(v6) => (1, v6.network().into(), v6.broadcast().into()),
+        }
+    }
+
+    /// The accepted prefix `net` overlaps, if any: only the last range starting at or
+    /// before `net`'s end can reach into it.
+    fn find(&self, net: IpNet) -> Option<IpNet> {
+        let (family, start, end) = Self::span(net);
+        self.ranges[family]
+            .range(..=end)
+            .next_back()
+            .filter(|(_, (last, _))| *last >= start)
+            .map(|(_, (_, net))| *net)
+    }
+
+    fn insert(&mut self, net: IpNet) {
+        let (family, start, end) = Self::span(net);
+        self.ranges[family].insert(start, (end, net));
+    }
+}
+
 /// Why a peer route must not be installed, if it must not.
-fn refuse(
-    network: &Network,
-    state: &DesiredState,
-    pod_cidr: IpNet,
-    node_ip: IpAddr,
-    node: &NodeFacts,
-) -> Option<String> {
+fn refuse(network: &Network, pod_cidr: IpNet, node_ip: IpAddr, node: &NodeFacts) -> Option<String> {
     if let Some(reason) = off_link(node_ip, &node.uplink_name, &node.uplink_networks) {
         return Some(format!("node IP {node_ip} {reason}"));
     }
@@ -121,12 +161,6 @@ fn refuse(
         return Some(format!(
             "{pod_cidr} contains the node's own address {}",
             addr.addr()
-        ));
-    }
-    if let Some((other, hop)) = state.routes.iter().find(|(c, _)| overlaps(**c, pod_cidr)) {
-        return Some(format!(
-            "{pod_cidr} overlaps {other} of peer {} ({})",
-            hop.peer, hop.source
         ));
     }
     None

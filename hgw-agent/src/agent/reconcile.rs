@@ -190,13 +190,22 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         self.by_hop = self.desired.by_next_hop();
         let first = !self.peers_known;
         self.peers_known = true;
+        // The new next hops are asked for now (the others every few seconds).
+        let new_hops: Vec<IpAddr> = changed
+            .iter()
+            .filter_map(|cidr| self.desired.routes.get(cidr))
+            .map(|hop| hop.node_ip)
+            .filter(|ip| observed.next_hops.get(ip).is_none_or(|n| n.mac.is_none()))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
         self.install(changed, observed).await;
         self.remove_unwanted(observed).await;
         if first {
             // Before the first set nothing was written to the map: write every entry.
             self.write_all_map_entries(observed);
         }
-        self.resolve_unresolved(observed).await;
+        self.resolve(new_hops, observed).await;
     }
 
     /// Compares everything with what the kernel holds now (`observed`, fresh from
