@@ -2,10 +2,9 @@
 //! traffic at all, and its timeouts, which the programs apply to the entries of the
 //! flows they carry (fast-path packets do not refresh them).
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use hgw_common::CtTimeouts;
-use std::io::Write as _;
 
 const SYSCTLS: &str = "/proc/sys/net/netfilter";
 /// IPVS's table of virtual services, when the module is loaded.
@@ -120,27 +119,9 @@ pub fn ensure_tracking() -> Result<(), ConntrackError> {
          \t}}\n\
          }}\n"
     );
-    let error = |reason: String| ConntrackError::Nft { reason };
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| error(format!("running nft: {e} (install nftables)")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| error(e.to_string()))?;
-    }
-    let output = child.wait_with_output().map_err(|e| error(e.to_string()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(error(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ))
-    }
+    crate::nft::apply(&script).map_err(|e| ConntrackError::Nft {
+        reason: e.to_string(),
+    })
 }
 
 /// Removes hgw's tracking table (`hgw-agent uninstall`); absent is fine.

@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod kernel;
 pub mod masq;
 pub mod metrics;
+pub mod nft;
 pub mod setup;
 pub mod status;
 pub mod uninstall;

@@ -4,11 +4,6 @@
 //! multicast, never does. The table is replaced as a whole in one `nft -f`
 //! transaction, so applying it again (a restart) is idempotent.
 
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-};
-
 use ipnet::IpNet;
 use log::{info, warn};
 
@@ -113,27 +108,10 @@ pub fn remove() -> Result<(), MasqError> {
 }
 
 fn nft(script: &str, action: &'static str) -> Result<(), MasqError> {
-    let error = |reason: String| MasqError::Nft { action, reason };
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| MasqError::NoNft { action, source })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| error(e.to_string()))?;
-    }
-    let output = child.wait_with_output().map_err(|e| error(e.to_string()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(error(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ))
-    }
+    crate::nft::apply(script).map_err(|e| match e {
+        crate::nft::NftError::Spawn(source) => MasqError::NoNft { action, source },
+        crate::nft::NftError::Failed(reason) => MasqError::Nft { action, reason },
+    })
 }
 
 #[cfg(test)]

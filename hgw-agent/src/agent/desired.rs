@@ -198,22 +198,11 @@ pub fn off_link(node_ip: IpAddr, uplink: &str, networks: &[IpNet]) -> Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::fixtures::{self, network};
     use crate::config::{NetworkV6, PeerV6};
 
-    fn network() -> Network {
-        Network {
-            pod_cidr: "10.244.1.0/24".parse().expect("a valid literal"),
-            cluster_cidr: "10.244.0.0/16".parse().expect("a valid literal"),
-            v6: None,
-        }
-    }
-
     fn node() -> NodeFacts {
-        NodeFacts {
-            uplink_name: "eth0".into(),
-            uplink_networks: vec!["172.31.0.1/24".parse().expect("a valid literal")],
-            addresses: vec!["192.168.9.1/24".parse().expect("a valid literal")],
-        }
+        fixtures::node("172.31.0.1/24", &["192.168.9.1/24"])
     }
 
     fn peer(name: &str, node_ip: &str, pod_cidr: &str) -> Peer {

@@ -12,6 +12,8 @@
 //! loop publishes, on tasks of its own.
 
 pub mod desired;
+#[cfg(test)]
+mod fixtures;
 pub mod observed;
 pub mod reconcile;
 pub mod sources;

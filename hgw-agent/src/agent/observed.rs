@@ -285,23 +285,7 @@ impl Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const UPLINK: u32 = 2;
-    const BRIDGE: u32 = 3;
-
-    fn observed() -> Observed {
-        let link = |index| Link {
-            index,
-            mac: [2, 0, 0, 0, 0, index as u8],
-            mtu: 1500,
-            up: true,
-        };
-        Observed::new(
-            ("eth0", link(UPLINK)),
-            ("cni0", link(BRIDGE)),
-            vec!["10.244.1.0/24".parse().expect("a valid literal")],
-        )
-    }
+    use crate::agent::fixtures::{BRIDGE, UPLINK, observed};
 
     fn neighbour(ifindex: u32, ip: &str, mac: Option<u8>) -> KernelEvent {
         KernelEvent::Neighbour {

@@ -681,13 +681,12 @@ mod tests {
     use std::{cell::RefCell, collections::BTreeMap};
 
     use super::*;
+    use crate::agent::fixtures::{self, UPLINK, network, observed};
     use crate::{
         agent::desired::{NodeFacts, desired},
-        config::{Network, Peer},
-        kernel::{KernelEvent, Link, Neighbour, RouteOwner},
+        config::Peer,
+        kernel::{KernelEvent, Neighbour, RouteOwner},
     };
-
-    const UPLINK: u32 = 2;
 
     /// A main table: prefix -> (hgw's next hop, or someone else's protocol).
     #[derive(Default)]
@@ -783,34 +782,8 @@ mod tests {
         }
     }
 
-    fn network() -> Network {
-        Network {
-            pod_cidr: "10.244.1.0/24".parse().expect("a valid literal"),
-            cluster_cidr: "10.244.0.0/16".parse().expect("a valid literal"),
-            v6: None,
-        }
-    }
-
     fn node() -> NodeFacts {
-        NodeFacts {
-            uplink_name: "eth0".into(),
-            uplink_networks: vec!["172.31.0.1/16".parse().expect("a valid literal")],
-            addresses: Vec::new(),
-        }
-    }
-
-    fn observed() -> Observed {
-        let link = |index| Link {
-            index,
-            mac: [2, 0, 0, 0, 0, index as u8],
-            mtu: 1500,
-            up: true,
-        };
-        Observed::new(
-            ("eth0", link(UPLINK)),
-            ("cni0", link(3)),
-            vec!["10.244.1.0/24".parse().expect("a valid literal")],
-        )
+        fixtures::node("172.31.0.1/16", &[])
     }
 
     fn peers(n: u16) -> Vec<Peer> {
