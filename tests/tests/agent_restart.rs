@@ -182,3 +182,52 @@ fn stopping_leaves_the_pinned_fast_path_and_uninstall_removes_it() -> anyhow::Re
     assert!(!hgw_programs(&lab.nodes[1].ns)?.is_empty());
     Ok(())
 }
+
+#[test]
+fn a_pinned_map_of_another_layout_is_rebuilt() -> anyhow::Result<()> {
+    let mut lab = Lab::up(2, 1)?;
+    // What another hgw version might have left: a route map of another type and size.
+    let maps = lab.prepare_pin_dir(0)?.join("maps");
+    std::fs::create_dir_all(&maps)?;
+    let stale = maps.join("HGW_ROUTES_V4");
+    run_in_ok(
+        &lab.nodes[0].ns,
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &stale.to_string_lossy(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "1",
+            "name",
+            "HGW_ROUTES_V4",
+        ],
+    )?;
+    for node in 0..2 {
+        lab.start_agent(node, &[])?
+            .wait_ready(Duration::from_secs(15))?;
+    }
+    let log = lab.agent(0).expect("agent on n1").log();
+    assert!(
+        log.contains("pinned maps of another layout replaced") && log.contains("HGW_ROUTES_V4"),
+        "the stale map was not named as replaced:\n{log}"
+    );
+    // The new map is the one the programs use: traffic rides the fast path.
+    let (from, to) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
+    let agent = lab.agent(0).expect("agent on n1");
+    let before = agent.status()?;
+    let mut udp = UdpFlow::open(&from.ns, &to.ns, to.ip)?;
+    assert_eq!(udp.send(50)?, 50);
+    let grew = counter(&agent.status()?, "ipv4.fwd_to_peer") - counter(&before, "ipv4.fwd_to_peer");
+    assert!(
+        grew >= 49,
+        "fwd_to_peer grew by {grew} for 50 datagrams: the rebuilt route map is not in use"
+    );
+    Ok(())
+}
