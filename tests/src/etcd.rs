@@ -208,14 +208,7 @@ impl Etcd {
         pods: usize,
         agents: usize,
     ) -> anyhow::Result<(Lab, Etcd)> {
-        let mut lab = Lab::up(nodes, pods)?;
-        let etcd = Etcd::start(&lab)?;
-        etcd.put_network_config()?;
-        etcd.start_agents(&mut lab, 0..agents)?;
-        for agent in lab.agents() {
-            agent.wait_ready(TIMEOUT)?;
-        }
-        Ok((lab, etcd))
+        Self::lab_with(nodes, pods, agents, Etcd::put_network_config)
     }
 
     /// [`Etcd::lab_with_agents`] with flannel's dual-stack config: each agent holds
@@ -225,9 +218,19 @@ impl Etcd {
         pods: usize,
         agents: usize,
     ) -> anyhow::Result<(Lab, Etcd)> {
+        Self::lab_with(nodes, pods, agents, Etcd::put_network_config_dual_stack)
+    }
+
+    /// A lab, etcd with the network config `put` writes, ready agents on `0..agents`.
+    fn lab_with(
+        nodes: usize,
+        pods: usize,
+        agents: usize,
+        put: fn(&Etcd) -> anyhow::Result<()>,
+    ) -> anyhow::Result<(Lab, Etcd)> {
         let mut lab = Lab::up(nodes, pods)?;
         let etcd = Etcd::start(&lab)?;
-        etcd.put_network_config_dual_stack()?;
+        put(&etcd)?;
         etcd.start_agents(&mut lab, 0..agents)?;
         for agent in lab.agents() {
             agent.wait_ready(TIMEOUT)?;

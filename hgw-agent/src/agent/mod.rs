@@ -41,7 +41,7 @@ use crate::{
     conntrack::{self, ConntrackError},
     datapath::{self, Datapath, DatapathError},
     etcd::{self, EtcdError, EtcdSource},
-    kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link, PrefixOwners},
+    kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link},
     masq::{self, MasqError},
     metrics::{self, Health, MetricsError, Reconciles, Trigger},
     setup::{self, SetupError},
@@ -560,10 +560,6 @@ impl Agent {
 }
 
 impl RouteTable for Kernel {
-    async fn list(&self) -> Result<std::collections::HashMap<IpNet, PrefixOwners>, KernelError> {
-        self.prefix_owners().await
-    }
-
     async fn install(
         &self,
         destination: IpNet,

@@ -33,8 +33,6 @@ const IN_FLIGHT: usize = 64;
 
 /// The kernel's main routing table, and its neighbour resolution.
 pub trait RouteTable {
-    /// Who holds each prefix (one dump).
-    fn list(&self) -> impl Future<Output = Result<HashMap<IpNet, PrefixOwners>, KernelError>>;
     /// Installs hgw's route, exclusively unless `ours_there` (see `Kernel::install_route`).
     fn install(
         &self,
@@ -697,10 +695,6 @@ mod tests {
     }
 
     impl RouteTable for &FakeRoutes {
-        async fn list(&self) -> Result<HashMap<IpNet, PrefixOwners>, KernelError> {
-            unimplemented!("the reconciler reads prefixes from Observed")
-        }
-
         async fn install(
             &self,
             destination: IpNet,
