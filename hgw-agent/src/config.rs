@@ -112,7 +112,16 @@ impl<T: Merge> Merge for Option<T> {
 macro_rules! flag_replaces_file {
     ($($ty:ty),*) => { $(impl Merge for $ty { fn merge(self, over: Self) -> Self { over } })* };
 }
-flag_replaces_file!(String, PathBuf, bool, i64, FastPath, Attach, Vec<String>);
+flag_replaces_file!(
+    String,
+    PathBuf,
+    bool,
+    i64,
+    u32,
+    FastPath,
+    Attach,
+    Vec<String>
+);
 
 /// `--peer` flags add to the file's `[[peers]]`.
 impl Merge for Vec<RawPeer> {
@@ -191,6 +200,13 @@ section! {
         /// traffic), off (kernel routes only) [default: established].
         #[arg(long, value_enum)]
         pub fast_path: Option<FastPath>,
+        /// `established` mode: how long (ms, at most 1000) a carried flow's conntrack
+        /// verdict and next hop are reused before one of its packets looks them up
+        /// again; a deleted conntrack entry stops the flow's fast path within this
+        /// time (netfilter's own flowtable checks once a second). 0: every packet
+        /// looks conntrack up [default: 100].
+        #[arg(long)]
+        pub ct_recheck_ms: Option<u32>,
         /// Where the bridge-side program runs: on the bridge, or on each of its ports
         /// (the pods' veths, skipping the bridge) [default: ports].
         #[arg(long, value_enum)]
@@ -462,6 +478,11 @@ fn pin_dir(path: &std::path::Path) -> Result<Option<PathBuf>, ConfigError> {
     Ok(Some(path.to_owned()))
 }
 pub const DEFAULT_SUBNET_ENV: &str = "/run/flannel/subnet.env";
+/// How long a carried flow's verdict is reused by default: a tenth of netfilter's
+/// flowtable, which checks its flows' conntrack entries once a second.
+pub const DEFAULT_CT_RECHECK_MS: u32 = 100;
+/// As long as the flowtable's own interval.
+pub const MAX_CT_RECHECK_MS: u32 = 1000;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -476,6 +497,8 @@ pub struct Config {
     /// Which packets the eBPF fast path carries (off: kernel routes only, like
     /// flannel's host-gw).
     pub fast_path: FastPath,
+    /// How long (ms) a carried flow's verdict is reused; 0: never.
+    pub ct_recheck_ms: u32,
     /// Where the bridge-side program runs.
     pub attach: Attach,
     pub status_socket: PathBuf,
@@ -557,6 +580,18 @@ impl Config {
             source,
             setup_node: *raw.setup_node.get_or_insert(false),
             fast_path: *raw.fast_path.get_or_insert_default(),
+            ct_recheck_ms: match *raw.ct_recheck_ms.get_or_insert(DEFAULT_CT_RECHECK_MS) {
+                ms @ 0..=MAX_CT_RECHECK_MS => ms,
+                ms => {
+                    return Err(ConfigError::invalid(
+                        "ct_recheck_ms",
+                        ms,
+                        format!(
+                            "at most {MAX_CT_RECHECK_MS} (ms): longer would let a deleted conntrack entry's flow ride on"
+                        ),
+                    ));
+                }
+            },
             attach: *raw.attach.get_or_insert_default(),
             status_socket: raw
                 .status_socket
@@ -1455,5 +1490,26 @@ pod_cidr = "10.244.2.0/24"
         let parsed =
             toml::from_str::<RawConfig>("metrics_addr = \"0.0.0.0:9090\"\n").expect("a file field");
         assert_eq!(parsed.metrics_addr.as_deref(), Some("0.0.0.0:9090"));
+    }
+
+    #[test]
+    fn ct_recheck_ms_defaults_to_100_and_is_bounded_by_the_flowtables_second() {
+        let base = raw(&[("n2", "172.31.0.2", "10.244.2.0/24")]);
+        assert_eq!(
+            Config::from_raw(base.clone()).expect("valid").ct_recheck_ms,
+            100
+        );
+        let with = |ms: u32| {
+            Config::from_raw(RawConfig {
+                ct_recheck_ms: Some(ms),
+                ..base.clone()
+            })
+        };
+        assert_eq!(with(0).expect("off").ct_recheck_ms, 0);
+        assert_eq!(with(1000).expect("the most").ct_recheck_ms, 1000);
+        let e = with(1001).map(|_| ()).expect_err("too long").to_string();
+        assert!(e.contains("ct_recheck_ms") && e.contains("1001"), "{e}");
+        let parsed = toml::from_str::<RawConfig>("ct_recheck_ms = 250\n").expect("a file field");
+        assert_eq!(parsed.ct_recheck_ms, Some(250));
     }
 }

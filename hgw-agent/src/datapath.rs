@@ -18,8 +18,8 @@ use aya::{
 };
 use hgw_common::{
     COUNTER_NOT_IP, Counter, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4,
-    MAP_ENDPOINTS_V6, MAP_ROUTES_V4, MAP_ROUTES_V6, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
-    counter_index,
+    MAP_ENDPOINTS_V6, MAP_GENERATION, MAP_ROUTES_V4, MAP_ROUTES_V6, NextHop, NodeConfig,
+    PROG_TO_PEER, PROG_TO_POD, counter_index,
 };
 use std::{
     collections::HashMap,
@@ -95,6 +95,11 @@ pub struct Datapath {
     counters_fd: Option<std::os::fd::OwnedFd>,
     endpoints_v4: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
     endpoints_v6: aya::maps::HashMap<MapData, [u8; 16], Endpoint>,
+    /// Changed after every write to the maps above: the programs' cached flows found
+    /// with the old contents are stale.
+    generation: Array<MapData, u32>,
+    /// What `generation` holds (only the agent writes it).
+    generation_now: u32,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
     ports: HashMap<u32, HookLink>,
     attach: Attach,
@@ -191,6 +196,11 @@ impl Datapath {
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
         let endpoints_v4 = take_map(&mut ebpf, MAP_ENDPOINTS_V4)?;
         let endpoints_v6 = take_map(&mut ebpf, MAP_ENDPOINTS_V6)?;
+        let generation: Array<MapData, u32> = take_map(&mut ebpf, MAP_GENERATION)?;
+        // Pinned, it goes on from an earlier agent's value.
+        let generation_now = generation
+            .get(&0, 0)
+            .map_err(map_error("reading", MAP_GENERATION))?;
         let mut datapath = Self {
             ebpf,
             config,
@@ -200,6 +210,8 @@ impl Datapath {
             counters_fd,
             endpoints_v4,
             endpoints_v6,
+            generation,
+            generation_now,
             ports: HashMap::new(),
             attach,
             uplink: None,
@@ -336,9 +348,22 @@ impl Datapath {
 
     /// Writes what the programs know of this node (its MACs may change while it runs).
     pub fn set_config(&mut self, node: NodeConfig) -> Result<(), DatapathError> {
-        self.config
+        let result = self
+            .config
             .set(0, node, 0)
-            .map_err(map_error("writing", MAP_CONFIG))
+            .map_err(map_error("writing", MAP_CONFIG));
+        self.next_generation(result)
+    }
+
+    /// After a write to the config, routes or endpoints (done or not: a failed one
+    /// may have changed something too), every cached flow is stale: the programs
+    /// look its next packet up again.
+    fn next_generation(&mut self, result: Result<(), DatapathError>) -> Result<(), DatapathError> {
+        self.generation_now = self.generation_now.wrapping_add(1);
+        self.generation
+            .set(0, self.generation_now, 0)
+            .map_err(map_error("writing", MAP_GENERATION))?;
+        result
     }
 
     pub fn set_endpoint(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<(), DatapathError> {
@@ -352,7 +377,7 @@ impl Datapath {
                 MAP_ENDPOINTS_V6,
             ),
         };
-        result.map_err(map_error("updating", map))
+        self.next_generation(result.map_err(map_error("updating", map)))
     }
 
     pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
@@ -360,7 +385,7 @@ impl Datapath {
             IpAddr::V4(ip) => (self.endpoints_v4.remove(&ip.octets()), MAP_ENDPOINTS_V4),
             IpAddr::V6(ip) => (self.endpoints_v6.remove(&ip.octets()), MAP_ENDPOINTS_V6),
         };
-        absent_is_fine(result).map_err(map_error("deleting from", map))
+        self.next_generation(absent_is_fine(result).map_err(map_error("deleting from", map)))
     }
 
     pub fn set_route(&mut self, cidr: IpNet, next_hop: NextHop) -> Result<(), DatapathError> {
@@ -377,7 +402,7 @@ impl Datapath {
                 MAP_ROUTES_V6,
             ),
         };
-        result.map_err(map_error("updating", map))
+        self.next_generation(result.map_err(map_error("updating", map)))
     }
 
     pub fn remove_route(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
@@ -394,7 +419,7 @@ impl Datapath {
                 MAP_ROUTES_V6,
             ),
         };
-        absent_is_fine(result).map_err(map_error("deleting from", map))
+        self.next_generation(absent_is_fine(result).map_err(map_error("deleting from", map)))
     }
 
     /// The fast-path routes the maps hold now (left by an earlier agent, when pinned).

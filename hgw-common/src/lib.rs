@@ -28,6 +28,18 @@ pub const MAP_ENDPOINTS_V4: &str = "HGW_ENDPOINTS";
 pub const MAP_ENDPOINTS_V6: &str = "HGW_ENDPOINTS6";
 /// Per-CPU `u64` packet counters, indexed by [`counter_index`] and [`COUNTER_NOT_IP`].
 pub const MAP_COUNTERS: &str = "HGW_COUNTERS";
+/// LRU hash, `established` mode: a carried IPv4 flow ([`FlowKeyV4`]) -> [`CachedFlow`],
+/// where its packets went and until when conntrack's verdict on it stands.
+pub const MAP_FLOWS_V4: &str = "HGW_FLOWS_V4";
+/// The same for IPv6 flows ([`FlowKeyV6`]).
+pub const MAP_FLOWS_V6: &str = "HGW_FLOWS_V6";
+/// Array with one `u32` at index 0, which the agent changes after every write to the
+/// config, routes or endpoints maps: a [`CachedFlow`] of another generation is stale.
+pub const MAP_GENERATION: &str = "HGW_GENERATION";
+
+/// Most flows per family whose verdict is cached; the least recently used go first
+/// (and their next packet looks conntrack up again).
+pub const FLOWS_MAX_ENTRIES: u32 = 65_536;
 
 /// Most local pods one node can deliver to directly.
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 4_096;
@@ -76,6 +88,17 @@ pub const ROUTE_PROTOCOL: u8 = 104;
 
 /// [`NextHop::flags`]: the peer's MAC is known and `dst_mac` holds it.
 pub const NEXT_HOP_MAC_KNOWN: u32 = 1;
+/// [`NextHop::flags`], in a [`CachedFlow`] only: into a local pod with
+/// `bpf_redirect_peer` (`ifindex` is its host-side veth).
+pub const NEXT_HOP_POD: u32 = 2;
+/// [`NextHop::flags`], in a [`CachedFlow`] only: into the bridge with
+/// `bpf_redirect_neigh`, whose neighbour table supplies the pod's MAC.
+pub const NEXT_HOP_BRIDGE: u32 = 4;
+
+/// [`FlowKeyV4::side`]: seen by `hgw_to_peer` (from a local pod).
+pub const FLOW_TO_PEER: u8 = 1;
+/// [`FlowKeyV4::side`]: seen by `hgw_to_pod` (from the uplink).
+pub const FLOW_TO_POD: u8 = 2;
 
 /// Where a packet to a peer's pod CIDR goes: out of `ifindex`, from `src_mac` to `dst_mac`.
 #[repr(C)]
@@ -106,6 +129,51 @@ pub struct Endpoint {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<Endpoint>() == 12);
+
+/// A flow as one program sees it: addresses and ports in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowKeyV4 {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// Source and destination port, as in the TCP or UDP header.
+    pub ports: [u8; 4],
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    /// `FLOW_TO_*`: which program.
+    pub side: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKeyV4>() == 16);
+
+/// [`FlowKeyV4`] for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowKeyV6 {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub ports: [u8; 4],
+    pub proto: u8,
+    pub side: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKeyV6>() == 40);
+
+/// A flow conntrack accepted, as the program found it: its next hop, valid while the
+/// maps are at `generation`, and conntrack's verdict, trusted until `recheck_at`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct CachedFlow {
+    /// Where its packets go; `flags` also says how (`NEXT_HOP_POD`, `NEXT_HOP_BRIDGE`,
+    /// neither: out of the uplink).
+    pub hop: NextHop,
+    /// [`MAP_GENERATION`]'s value before the lookups that found `hop`.
+    pub generation: u32,
+    pub _pad: u32,
+    /// Jiffies: from then on its next packet looks conntrack up again.
+    pub recheck_at: u64,
+}
+const _: () = assert!(size_of::<CachedFlow>() == 40);
 
 /// This node, as the fast path needs to know it.
 #[repr(C)]
@@ -142,7 +210,7 @@ pub struct NodeConfig {
     /// How the fast path keeps the conntrack entries of the flows it carries.
     pub ct: CtTimeouts,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 156);
+const _: () = assert!(size_of::<NodeConfig>() == 160);
 
 /// Conntrack timeouts for `established` mode, from the node's `net.netfilter`
 /// sysctls. Fast-path packets do not pass conntrack, so they do not refresh their
@@ -174,8 +242,12 @@ pub struct CtTimeouts {
     pub fin_refresh_below: u32,
     /// ... unless at most this is left (`rst_ms`): an entry an RST closed stays short.
     pub rst_closing: u32,
+    /// Jiffies a carried flow's verdict is trusted without a conntrack lookup (as
+    /// netfilter's flowtable trusts its entries until its next garbage collection);
+    /// 0: every packet looks conntrack up.
+    pub recheck: u32,
 }
-const _: () = assert!(size_of::<CtTimeouts>() == 36);
+const _: () = assert!(size_of::<CtTimeouts>() == 40);
 
 impl NodeConfig {
     /// Whether `addr` (network byte order) lies in this node's pod CIDR. An unset
@@ -312,6 +384,10 @@ counters! {
     /// Of `pass_tcp_syn`: a SYN on the 4-tuple of a connection whose FIN or RST the
     /// fast path carried; its entry was expired so the kernel starts a new one.
     CtReopen = "ct_reopen",
+    /// Of the forwarded: the flow's conntrack verdict and next hop came from the flow
+    /// cache (checked less than `ct_recheck_ms` ago, the maps unchanged since): no
+    /// conntrack or route lookup.
+    CtCached = "ct_cached",
 }
 
 /// The address family a counter block belongs to.
@@ -361,4 +437,10 @@ mod user {
     unsafe impl aya::Pod for super::NodeConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CachedFlow {}
 }

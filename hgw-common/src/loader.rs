@@ -46,6 +46,9 @@ pub const PINNED_MAPS: &[&str] = &[
     crate::MAP_ENDPOINTS_V4,
     crate::MAP_ENDPOINTS_V6,
     crate::MAP_COUNTERS,
+    // Shared with the programs a restart replaces, so their cached flows also go stale
+    // when the new agent writes the maps above.
+    crate::MAP_GENERATION,
 ];
 
 /// Each pinned map by name, with what happened to it at load.

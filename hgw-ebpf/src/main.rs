@@ -14,7 +14,10 @@
 //! kernel has already accepted its flow, as netfilter's own flowtable does: conntrack
 //! holds a confirmed entry that has seen a reply (TCP: assured, the handshake done) and
 //! carries no NAT. Everything else (the first packets of every flow, every NAT'd flow,
-//! every SYN, ICMP) is decided by the kernel, with all its netfilter rules.
+//! every SYN, ICMP) is decided by the kernel, with all its netfilter rules. As in the
+//! flowtable, an accepted flow is remembered ([`Flow`]): its next packets skip the
+//! conntrack and route lookups for a while (`ct.recheck`) or until the agent writes a
+//! map, whichever comes first.
 //!
 //! Every packet the fast path is not sure of goes to the kernel unchanged (`TC_ACT_OK`),
 //! where the routes the agent installed do the same job more slowly. All checks come
@@ -30,14 +33,15 @@ use aya_ebpf::{
         bpf_csum_update, bpf_jiffies64, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
     },
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use hgw_common::{
-    COUNTER_NOT_IP, COUNTERS_LEN, Counter, CtTimeouts, ENDPOINTS_MAX_ENTRIES, Endpoint, Family,
-    IPS_ASSURED, IPS_CONFIRMED, IPS_DST_NAT, IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST,
-    IPS_SRC_NAT, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES,
+    COUNTER_NOT_IP, COUNTERS_LEN, CachedFlow, Counter, CtTimeouts, ENDPOINTS_MAX_ENTRIES, Endpoint,
+    FLOW_TO_PEER, FLOW_TO_POD, FLOWS_MAX_ENTRIES, Family, FlowKeyV4, FlowKeyV6, IPS_ASSURED,
+    IPS_CONFIRMED, IPS_DST_NAT, IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST, IPS_SRC_NAT,
+    NEXT_HOP_BRIDGE, NEXT_HOP_MAC_KNOWN, NEXT_HOP_POD, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES,
     ROUTES_V6_MAX_ENTRIES, counter_index,
 };
 use network_types::{
@@ -66,6 +70,17 @@ static HGW_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 static HGW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+#[map]
+static HGW_FLOWS_V4: LruHashMap<FlowKeyV4, CachedFlow> =
+    LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+#[map]
+static HGW_FLOWS_V6: LruHashMap<FlowKeyV6, CachedFlow> =
+    LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+
+#[map]
+static HGW_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
 // Read-only globals (hgw_common::GLOBAL_*), set by the agent at load time. Being frozen,
 // they are constants to the verifier: `all` mode prunes the conntrack code, and the
@@ -205,18 +220,51 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
     if !H::owns(config, src) || H::is_gateway(config, src) {
         return Err(Counter::PassSource);
     }
-    let next_hop = H::route(dst).ok_or(Counter::PassNoRoute)?;
-    // An unknown (or just deleted) MAC goes to the kernel rather than to
-    // bpf_redirect_neigh with the node IP: the agent's route resolves it and queues the
-    // packet just the same, and the kernel path stays the one place where all of a
-    // router's duties (ICMP errors, netfilter) apply while the fast path cannot act.
-    if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
-        return Err(Counter::PassNoMac);
+    let l4 = transport(ctx, ip);
+    let mut flow = Flow::<H>::of(&l4, ip, FLOW_TO_PEER, &config.ct);
+    if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
+        check_ttl_and_mtu(ctx, ip, hop.mtu)?;
+        // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
+        // parse).
+        unsafe { send_to_peer(ctx, eth, ip, &hop) };
+        count(H::FAMILY, Counter::CtCached);
+        return Ok(());
     }
-    check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
-    accepted_by_conntrack(ctx, ip, &config.ct)?;
-
+    let result = (|| {
+        let next_hop = *H::route(dst).ok_or(Counter::PassNoRoute)?;
+        // An unknown (or just deleted) MAC goes to the kernel rather than to
+        // bpf_redirect_neigh with the node IP: the agent's route resolves it and queues
+        // the packet just the same, and the kernel path stays the one place where all
+        // of a router's duties (ICMP errors, netfilter) apply while the fast path
+        // cannot act.
+        if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
+            return Err(Counter::PassNoMac);
+        }
+        check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
+        accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+        Ok(next_hop)
+    })();
+    if let Some(flow) = flow {
+        flow.remember(result.as_ref().ok());
+    }
+    let next_hop = result?;
     // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and parse).
+    unsafe { send_to_peer(ctx, eth, ip, &next_hop) };
+    Ok(())
+}
+
+/// The next hop's MACs, TTL - 1, out of the uplink.
+///
+/// # Safety
+/// `eth` and `ip` must point to whole, writable headers inside the packet.
+#[inline(always)]
+unsafe fn send_to_peer<H: IpHeader>(
+    ctx: &TcContext,
+    eth: *mut EthHdr,
+    ip: *mut H,
+    next_hop: &NextHop,
+) {
+    // SAFETY: guaranteed by the caller.
     unsafe {
         (*eth).dst_addr = next_hop.dst_mac;
         (*eth).src_addr = next_hop.src_mac;
@@ -224,7 +272,6 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
     }
     // SAFETY: plain helper call; flags 0 = egress of `ifindex`.
     unsafe { bpf_redirect(next_hop.ifindex, 0) };
-    Ok(())
 }
 
 fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Counter> {
@@ -245,30 +292,195 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
     if !H::in_cluster(config, src) || H::owns(config, src) {
         return Err(Counter::PassSource);
     }
-    check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
-    accepted_by_conntrack(ctx, ip, &config.ct)?;
-
-    let endpoint = H::endpoint(dst);
-    // SAFETY: ip points into the packet (bounds checked by ethernet() and parse).
-    unsafe { H::decrement_ttl(ctx, ip) };
-    if let Some(endpoint) = endpoint {
-        // A known pod: straight into its namespace, past the bridge, as the gateway
-        // would have sent it.
-        // SAFETY: eth points into the packet (bounds checked by ethernet() and parse).
-        unsafe {
-            (*eth).dst_addr = endpoint.mac;
-            (*eth).src_addr = config.bridge_mac;
-        }
-        // SAFETY: plain helper call; flags must be 0.
-        unsafe { bpf_redirect_peer(endpoint.ifindex, 0) };
-        count(H::FAMILY, Counter::FwdToPodDirect);
+    let l4 = transport(ctx, ip);
+    let mut flow = Flow::<H>::of(&l4, ip, FLOW_TO_POD, &config.ct);
+    if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
+        check_ttl_and_mtu(ctx, ip, hop.mtu)?;
+        // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
+        // parse).
+        unsafe { send_to_pod(ctx, eth, ip, &hop) };
+        count(H::FAMILY, Counter::CtCached);
         return Ok(());
     }
-    // Otherwise the bridge's neighbour table (ARP or NDP) knows the pod's MAC, or
-    // resolves it while the packet waits: the kernel fills in both MACs.
-    // SAFETY: a null params pointer asks the kernel to use the packet's destination.
-    unsafe { bpf_redirect_neigh(config.bridge_ifindex, core::ptr::null_mut(), 0, 0) };
+    let result = (|| {
+        check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
+        accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+        // A known pod: straight into its namespace, past the bridge, as the gateway
+        // would have sent it. Otherwise the bridge's neighbour table (ARP or NDP) knows
+        // the pod's MAC, or resolves it while the packet waits.
+        Ok(match H::endpoint(dst) {
+            Some(endpoint) => NextHop {
+                ifindex: endpoint.ifindex,
+                mtu: config.bridge_mtu,
+                dst_mac: endpoint.mac,
+                src_mac: config.bridge_mac,
+                flags: NEXT_HOP_POD,
+            },
+            None => NextHop {
+                ifindex: config.bridge_ifindex,
+                mtu: config.bridge_mtu,
+                dst_mac: [0; 6],
+                src_mac: [0; 6],
+                flags: NEXT_HOP_BRIDGE,
+            },
+        })
+    })();
+    if let Some(flow) = flow {
+        flow.remember(result.as_ref().ok());
+    }
+    let hop = result?;
+    // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and parse).
+    unsafe { send_to_pod(ctx, eth, ip, &hop) };
     Ok(())
+}
+
+/// TTL - 1, into the pod: with its MAC from the bridge's, or through the bridge, whose
+/// neighbour entry fills in both MACs.
+///
+/// # Safety
+/// `eth` and `ip` must point to whole, writable headers inside the packet.
+#[inline(always)]
+unsafe fn send_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr, ip: *mut H, hop: &NextHop) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { H::decrement_ttl(ctx, ip) };
+    if hop.flags & NEXT_HOP_POD != 0 {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            (*eth).dst_addr = hop.dst_mac;
+            (*eth).src_addr = hop.src_mac;
+        }
+        // SAFETY: plain helper call; flags must be 0.
+        unsafe { bpf_redirect_peer(hop.ifindex, 0) };
+        count(H::FAMILY, Counter::FwdToPodDirect);
+    } else {
+        // SAFETY: a null params pointer asks the kernel to use the packet's destination.
+        unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) };
+    }
+}
+
+/// A TCP or UDP packet's ports (the first four bytes of either header, network order)
+/// and TCP flags (0 for UDP), read with one bounds check; what else it is, as the
+/// error conntrack's judgement would give: `PassCtProto` or `PassMalformed`.
+#[derive(Clone, Copy)]
+struct Transport {
+    proto: u8,
+    ports: [u8; 4],
+    tcp_flags: u8,
+}
+
+#[inline(always)]
+fn transport<H: IpHeader>(ctx: &TcContext, ip: *const H) -> Result<Transport, Counter> {
+    // SAFETY: a read-only global, constant after load: `all` mode never needs this.
+    if unsafe { core::ptr::read_volatile(&HGW_CONNTRACK) } == 0 {
+        return Err(Counter::PassCtProto);
+    }
+    // SAFETY: the caller got ip from parse.
+    let proto = unsafe { (*ip).transport() };
+    let (ports, tcp_flags) = match proto {
+        IPPROTO_TCP => {
+            let tcp: *const [u8; 14] = ptr_at(ctx, L3 + H::LEN)?;
+            // SAFETY: ptr_at checked the bounds.
+            let tcp = unsafe { &*tcp };
+            ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[13])
+        }
+        IPPROTO_UDP => {
+            let udp: *const [u8; 4] = ptr_at(ctx, L3 + H::LEN)?;
+            // SAFETY: ptr_at checked the bounds.
+            (unsafe { *udp }, 0)
+        }
+        _ => return Err(Counter::PassCtProto),
+    };
+    Ok(Transport {
+        proto,
+        ports,
+        tcp_flags,
+    })
+}
+
+/// A packet's flow in the flow cache (`established` mode with `ct.recheck` set): the
+/// flowtable model's fast lane. A flow conntrack accepted is remembered with its next
+/// hop; its further packets skip the conntrack and route lookups until `recheck`
+/// jiffies have passed (then one packet looks again, refreshing the entry as it goes)
+/// or any map changed (the generation). SYN, FIN and RST always take the full path and
+/// forget the flow, as netfilter's flowtable hands them back to conntrack.
+struct Flow<H: IpHeader> {
+    key: H::FlowKey,
+    generation: u32,
+    recheck: u32,
+    tcp_flags: u8,
+    /// The cache held an entry (stale, or the packet had flags): forget it unless
+    /// renewed.
+    found: bool,
+}
+
+const TCP_STATE_FLAGS: u8 = TCP_SYN | TCP_FIN | TCP_RST;
+
+impl<H: IpHeader> Flow<H> {
+    #[inline(always)]
+    fn of(
+        l4: &Result<Transport, Counter>,
+        ip: *const H,
+        side: u8,
+        timeouts: &CtTimeouts,
+    ) -> Option<Self> {
+        let l4 = l4.as_ref().ok()?;
+        if timeouts.recheck == 0 {
+            return None;
+        }
+        // Read before any lookup: a map written after this makes what the lookups find
+        // stale by the generation's change, never the other way round.
+        let generation = HGW_GENERATION
+            .get_ptr(0)
+            // SAFETY: a map value, read once.
+            .map_or(0, |g| unsafe { core::ptr::read_volatile(g) });
+        Some(Flow {
+            // SAFETY: the caller got ip from parse.
+            key: unsafe { H::flow_key(ip, l4.ports, l4.proto, side) },
+            generation,
+            recheck: timeouts.recheck,
+            tcp_flags: l4.tcp_flags,
+            found: l4.tcp_flags & TCP_STATE_FLAGS != 0,
+        })
+    }
+
+    /// The next hop, if the flow's cached verdict stands for this packet.
+    #[inline(always)]
+    fn cached(&mut self) -> Option<NextHop> {
+        if self.found {
+            return None;
+        }
+        // SAFETY: the value is copied out at once; an update replaces the whole entry
+        // (a hash map's update links a new element), so no half-written one is seen.
+        let entry = unsafe { H::flows().get(&self.key) }?;
+        self.found = true;
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_jiffies64() };
+        (entry.generation == self.generation && now < entry.recheck_at).then_some(entry.hop)
+    }
+
+    /// After the full path: remember a forwarded flow (not once it closes), forget one
+    /// that is no longer (or now closing).
+    #[inline(always)]
+    fn remember(self, hop: Option<&NextHop>) {
+        match hop {
+            Some(hop) if self.tcp_flags & TCP_STATE_FLAGS == 0 => {
+                let entry = CachedFlow {
+                    hop: *hop,
+                    generation: self.generation,
+                    _pad: 0,
+                    // SAFETY: plain helper call.
+                    recheck_at: unsafe { bpf_jiffies64() } + u64::from(self.recheck),
+                };
+                // A full table evicts the least recently used flow; a failure leaves
+                // this one to the full path, which is only slower.
+                let _ = H::flows().insert(&self.key, entry, 0);
+            }
+            _ if self.found => {
+                let _ = H::flows().remove(&self.key);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// `established` mode: whether conntrack already accepted this packet's flow, as
@@ -285,30 +497,18 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
 fn accepted_by_conntrack<H: IpHeader>(
     ctx: &TcContext,
     ip: *const H,
+    l4: Result<Transport, Counter>,
     timeouts: &CtTimeouts,
 ) -> Result<(), Counter> {
     // SAFETY: a read-only global, constant after load.
     if unsafe { core::ptr::read_volatile(&HGW_CONNTRACK) } == 0 {
         return Ok(());
     }
-    // SAFETY: the caller got ip from parse.
-    let proto = unsafe { (*ip).transport() };
-    // The ports (the first four bytes of either header) and, for TCP, the flags in
-    // byte 13: one bounds check per packet.
-    let (ports, tcp_flags) = match proto {
-        IPPROTO_TCP => {
-            let tcp: *const [u8; 14] = ptr_at(ctx, L3 + H::LEN)?;
-            // SAFETY: ptr_at checked the bounds.
-            let tcp = unsafe { &*tcp };
-            ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[13])
-        }
-        IPPROTO_UDP => {
-            let udp: *const [u8; 4] = ptr_at(ctx, L3 + H::LEN)?;
-            // SAFETY: ptr_at checked the bounds.
-            (unsafe { *udp }, 0)
-        }
-        _ => return Err(Counter::PassCtProto),
-    };
+    let Transport {
+        proto,
+        ports,
+        tcp_flags,
+    } = l4?;
     // A SYN always goes to the kernel; it is looked up only for the reopen below.
     let syn = tcp_flags & TCP_SYN != 0;
     let mut opts = CtOpts {
@@ -447,6 +647,8 @@ trait IpHeader: Sized {
     type Addr: Copy;
     /// `struct bpf_sock_tuple` for this family.
     type Tuple;
+    /// The flow cache's key for this family.
+    type FlowKey: 'static;
     const FAMILY: Family;
     /// The fixed header, all the fast path ever forwards (no options, no extension
     /// headers).
@@ -478,6 +680,12 @@ trait IpHeader: Sized {
     /// # Safety
     /// `ip` must point to a whole header inside the packet.
     unsafe fn tuple(ip: *const Self, ports: [u8; 4]) -> Self::Tuple;
+    /// The flow cache's key of this packet on `side` (`FLOW_TO_*`).
+    ///
+    /// # Safety
+    /// `ip` must point to a whole header inside the packet.
+    unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> Self::FlowKey;
+    fn flows() -> &'static LruHashMap<Self::FlowKey, CachedFlow>;
     /// TTL (hop limit) - 1, and whatever the header and skb need to stay valid.
     ///
     /// # Safety
@@ -504,6 +712,7 @@ struct TupleV6 {
 impl IpHeader for Ipv4Hdr {
     type Addr = [u8; 4];
     type Tuple = TupleV4;
+    type FlowKey = FlowKeyV4;
     const FAMILY: Family = Family::Ipv4;
     const LEN: usize = Ipv4Hdr::LEN;
 
@@ -586,6 +795,23 @@ impl IpHeader for Ipv4Hdr {
         }
     }
 
+    unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> FlowKeyV4 {
+        // SAFETY: guaranteed by the caller.
+        let hdr = unsafe { &*ip };
+        FlowKeyV4 {
+            src: hdr.src_addr,
+            dst: hdr.dst_addr,
+            ports,
+            proto,
+            side,
+            _pad: [0; 2],
+        }
+    }
+
+    fn flows() -> &'static LruHashMap<FlowKeyV4, CachedFlow> {
+        &HGW_FLOWS_V4
+    }
+
     fn route(addr: [u8; 4]) -> Option<&'static NextHop> {
         HGW_ROUTES_V4.get(Key::new(32, addr))
     }
@@ -622,6 +848,7 @@ const NEXTHDR_EXPERIMENT2: u8 = 254;
 impl IpHeader for Ipv6Hdr {
     type Addr = [u8; 16];
     type Tuple = TupleV6;
+    type FlowKey = FlowKeyV6;
     const FAMILY: Family = Family::Ipv6;
     const LEN: usize = Ipv6Hdr::LEN;
 
@@ -703,6 +930,23 @@ impl IpHeader for Ipv6Hdr {
             daddr: hdr.dst_addr,
             ports,
         }
+    }
+
+    unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> FlowKeyV6 {
+        // SAFETY: guaranteed by the caller.
+        let hdr = unsafe { &*ip };
+        FlowKeyV6 {
+            src: hdr.src_addr,
+            dst: hdr.dst_addr,
+            ports,
+            proto,
+            side,
+            _pad: [0; 2],
+        }
+    }
+
+    fn flows() -> &'static LruHashMap<FlowKeyV6, CachedFlow> {
+        &HGW_FLOWS_V6
     }
 
     fn route(addr: [u8; 16]) -> Option<&'static NextHop> {

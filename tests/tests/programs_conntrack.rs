@@ -26,9 +26,9 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use hgw_common::{
-    COUNTERS_LEN, Counter, CtTimeouts, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ROUTES_V4,
-    MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
-    counter_index,
+    COUNTERS_LEN, Counter, CtTimeouts, Family, MAP_CONFIG, MAP_COUNTERS, MAP_GENERATION,
+    MAP_ROUTES_V4, MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER,
+    PROG_TO_POD, counter_index,
 };
 use hgw_tests::frames::{
     ACK, BRIDGE_MAC, FIN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RST, SYN,
@@ -52,7 +52,9 @@ const REFRESH_BELOW: u32 = 90;
 const FIN_S: u32 = 10;
 const RST_S: u32 = 3;
 
-fn timeouts() -> CtTimeouts {
+/// `recheck`: jiffies a carried flow's verdict is reused (0: the flow cache off, every
+/// packet looks conntrack up, which the cases before the flow cache's own check).
+fn timeouts(recheck: u32) -> CtTimeouts {
     let hz = hgw_agent::conntrack::hz().expect("the kernel tick");
     CtTimeouts {
         tcp_ms: ESTABLISHED * 1000,
@@ -64,6 +66,7 @@ fn timeouts() -> CtTimeouts {
         closing: FIN_S.max(RST_S) * hz,
         fin_refresh_below: FIN_S * hz / 2,
         rst_closing: RST_S * hz,
+        recheck,
     }
 }
 
@@ -201,6 +204,8 @@ fn ping(flow: &Flow, to_peer: bool) -> Vec<u8> {
 struct Node {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
+    routes_v4: LpmTrie<MapData, [u8; 4], NextHop>,
+    generation: Array<MapData, u32>,
     ns: Netns,
     next_port: u16,
 }
@@ -220,7 +225,12 @@ fn v6(s: &str) -> [u8; 16] {
 }
 
 impl Node {
+    /// Without the flow cache: every packet looks conntrack up.
     fn new() -> Node {
+        Node::with_recheck(0)
+    }
+
+    fn with_recheck(recheck: u32) -> Node {
         let mut ebpf = hgw_common::loader::load(hgw_agent::datapath::PROGRAMS, true)
             .expect("load the eBPF object in established mode");
         let mask6 = |bits: usize| -> [u8; 16] {
@@ -242,7 +252,7 @@ impl Node {
             cluster_mask_v4: v4("255.255.0.0"),
             cluster_net_v6: v6("fd00:244::"),
             cluster_mask_v6: mask6(32),
-            ct: timeouts(),
+            ct: timeouts(recheck),
         };
         config.set(0, node, 0).expect("write config");
         let hop = NextHop {
@@ -252,8 +262,8 @@ impl Node {
             src_mac: UPLINK_MAC,
             flags: NEXT_HOP_MAC_KNOWN,
         };
-        let mut routes: LpmTrie<MapData, [u8; 4], NextHop> = take_map(&mut ebpf, MAP_ROUTES_V4);
-        routes
+        let mut routes_v4: LpmTrie<MapData, [u8; 4], NextHop> = take_map(&mut ebpf, MAP_ROUTES_V4);
+        routes_v4
             .insert(&Key::new(24, v4("10.244.2.0")), hop, 0)
             .expect("route");
         let mut routes: LpmTrie<MapData, [u8; 16], NextHop> = take_map(&mut ebpf, MAP_ROUTES_V6);
@@ -261,6 +271,7 @@ impl Node {
             .insert(&Key::new(64, v6("fd00:244:2::")), hop, 0)
             .expect("IPv6 route");
         let counters = take_map(&mut ebpf, MAP_COUNTERS);
+        let generation = take_map(&mut ebpf, MAP_GENERATION);
         for name in [PROG_TO_PEER, PROG_TO_POD] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -272,6 +283,8 @@ impl Node {
         Node {
             ebpf,
             counters,
+            routes_v4,
+            generation,
             ns: Netns::new(),
             next_port: 20_000,
         }
@@ -391,6 +404,27 @@ impl Node {
         assert_counted(&before, &self.counters(), family, &[reason], what);
     }
 
+    /// n2's IPv4 next hop now has `mac`; with `new_generation`, as the agent writes
+    /// it (then the generation changes).
+    fn set_peer_mac(&mut self, mac: [u8; 6], new_generation: bool) {
+        let hop = NextHop {
+            ifindex: UPLINK_IFINDEX,
+            mtu: MTU,
+            dst_mac: mac,
+            src_mac: UPLINK_MAC,
+            flags: NEXT_HOP_MAC_KNOWN,
+        };
+        self.routes_v4
+            .insert(&Key::new(24, v4("10.244.2.0")), hop, 0)
+            .expect("route");
+        if new_generation {
+            let generation = self.generation.get(&0, 0).expect("generation");
+            self.generation
+                .set(0, generation + 1, 0)
+                .expect("generation");
+        }
+    }
+
     /// Expects `frame` forwarded (MACs as the program sets them, TTL - 1, nothing else
     /// changed) with the program's fwd counter and each of `also` counted, nothing else.
     fn expect_forward(
@@ -401,12 +435,25 @@ impl Node {
         also: &[Counter],
         what: &str,
     ) {
+        self.expect_forward_to(program, frame, family, also, PEER2_MAC, what);
+    }
+
+    /// [`Node::expect_forward`], `hgw_to_peer` sending to `peer_mac`.
+    fn expect_forward_to(
+        &self,
+        program: &str,
+        frame: &[u8],
+        family: Family,
+        also: &[Counter],
+        peer_mac: [u8; 6],
+        what: &str,
+    ) {
         let before = self.counters();
         let (verdict, out) = self.run(program, frame);
         assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: verdict");
         let mut expected = frame.to_vec();
         let forwarded = if program == PROG_TO_PEER {
-            expected[0..12].copy_from_slice(&[PEER2_MAC, UPLINK_MAC].concat());
+            expected[0..12].copy_from_slice(&[peer_mac, UPLINK_MAC].concat());
             Counter::FwdToPeer
         } else {
             // No endpoint entry: bpf_redirect_neigh, the kernel fills in the MACs.
@@ -814,6 +861,132 @@ fn running_low_entries_are_refreshed_once_and_closing_ones_never() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// `ms` in jiffies, rounded up.
+fn recheck_jiffies(ms: u32) -> u32 {
+    let hz = hgw_agent::conntrack::hz().expect("the kernel tick");
+    (ms * hz).div_ceil(1000)
+}
+
+/// A carried flow's next packets skip conntrack (`ct_cached`) on both sides; once its
+/// entry is gone, the flow falls back to the kernel within the recheck time, as a
+/// flow of netfilter's flowtable does within its garbage collection's interval.
+#[test]
+fn a_cached_flow_looks_conntrack_up_again_within_its_recheck_time() {
+    const RECHECK_MS: u32 = 300;
+    let mut node = Node::with_recheck(recheck_jiffies(RECHECK_MS));
+    for ipv6 in [false, true] {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let flow = node.flow(ipv6, proto);
+            let family = flow.family();
+            node.insert_established(&flow, true, ESTABLISHED);
+            for (program, frame) in both_sides(&flow, ACK) {
+                let what = format!("{proto:?}, {family:?}, {program}");
+                node.expect_forward(program, &frame, family, &[], &format!("{what}: first"));
+                for i in 0..3 {
+                    node.expect_forward(
+                        program,
+                        &frame,
+                        family,
+                        &[Counter::CtCached],
+                        &format!("{what}: packet {i} after the first"),
+                    );
+                }
+            }
+            let mut delete = vec!["-D".to_owned()];
+            delete.extend(flow.tuple(true));
+            node.ns
+                .conntrack(&delete.iter().map(String::as_str).collect::<Vec<_>>());
+            std::thread::sleep(std::time::Duration::from_millis(
+                u64::from(RECHECK_MS) + 100,
+            ));
+            for (program, frame) in both_sides(&flow, ACK) {
+                let what = format!("{proto:?}, {family:?}, {program}, entry deleted");
+                node.expect_pass(program, &frame, family, Counter::PassCtNew, &what);
+                node.expect_pass(
+                    program,
+                    &frame,
+                    family,
+                    Counter::PassCtNew,
+                    &format!("{what}, again"),
+                );
+            }
+        }
+    }
+}
+
+/// A map written (the agent changes the generation after each write) makes every
+/// cached flow look its route up again: a peer's new MAC applies to the next packet.
+#[test]
+fn a_map_write_makes_cached_flows_look_up_again() {
+    let mut node = Node::with_recheck(recheck_jiffies(60_000));
+    let flow = node.flow(false, Proto::Udp);
+    let family = flow.family();
+    node.insert_established(&flow, true, ESTABLISHED);
+    let frame = flow.to_peer(0);
+    node.expect_forward(PROG_TO_PEER, &frame, family, &[], "first");
+    node.expect_forward(PROG_TO_PEER, &frame, family, &[Counter::CtCached], "cached");
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xe2, 0x99];
+    // Without a new generation the cached next hop stands: the check below can fail.
+    node.set_peer_mac(NEW_MAC, false);
+    node.expect_forward(
+        PROG_TO_PEER,
+        &frame,
+        family,
+        &[Counter::CtCached],
+        "same generation",
+    );
+    node.set_peer_mac(NEW_MAC, true);
+    node.expect_forward_to(PROG_TO_PEER, &frame, family, &[], NEW_MAC, "new generation");
+    node.expect_forward_to(
+        PROG_TO_PEER,
+        &frame,
+        family,
+        &[Counter::CtCached],
+        NEW_MAC,
+        "new generation, cached again",
+    );
+}
+
+/// SYN, FIN and RST always take the full path (conntrack sees what the kernel path
+/// would make of them) and the flow's next packet looks conntrack up again: a SYN
+/// reopening the 4-tuple must not find the old connection's verdict.
+#[test]
+fn syn_fin_and_rst_are_never_cached_and_forget_the_flow() {
+    let mut node = Node::with_recheck(recheck_jiffies(60_000));
+    for ipv6 in [false, true] {
+        for (flags, name) in [(FIN | ACK, "FIN"), (RST, "RST"), (SYN, "SYN")] {
+            let flow = node.flow(ipv6, Proto::Tcp);
+            let family = flow.family();
+            node.insert_established(&flow, true, ESTABLISHED);
+            let what = format!("{family:?}, {name}");
+            let data = flow.to_peer(ACK);
+            node.expect_forward(PROG_TO_PEER, &data, family, &[], &format!("{what}: first"));
+            node.expect_forward(
+                PROG_TO_PEER,
+                &data,
+                family,
+                &[Counter::CtCached],
+                &format!("{what}: cached"),
+            );
+            let flagged = flow.to_peer(flags);
+            if flags == SYN {
+                node.expect_pass(PROG_TO_PEER, &flagged, family, Counter::PassTcpSyn, &what);
+            } else {
+                node.expect_forward(PROG_TO_PEER, &flagged, family, &[Counter::CtClose], &what);
+            }
+            // Looked up again, not cached: the full path's answer (forwarded without
+            // a counter of its own, the entry closing but there).
+            node.expect_forward(
+                PROG_TO_PEER,
+                &data,
+                family,
+                &[],
+                &format!("{what}: the next packet"),
+            );
         }
     }
 }

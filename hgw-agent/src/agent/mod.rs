@@ -262,7 +262,7 @@ impl Drop for SocketGuard {
 /// use.
 fn check_established() -> Result<(), AgentError> {
     hgw_common::loader::check_kernel().map_err(DatapathError::from)?;
-    conntrack::timeouts()?;
+    conntrack::timeouts(0)?;
     if conntrack::ipvs_in_use() {
         return Err(ConfigError::invalid(
             "fast_path",
@@ -302,7 +302,7 @@ fn attach_datapath(
     if conntrack {
         conntrack::ensure_tracking()?;
     }
-    let node = node_config(network, bridge, uplink, config.fast_path)?;
+    let node = node_config(network, bridge, uplink, config)?;
     let datapath = Datapath::attach(
         (&config.bridge, bridge.index),
         (&config.uplink, uplink.index),
@@ -445,7 +445,7 @@ impl Agent {
             &self.network,
             &self.observed.bridge,
             &self.observed.uplink,
-            self.config.fast_path,
+            &self.config,
         ) {
             Ok(node) => self.reconciler.set_node(node, &self.observed),
             Err(e) => warn!("{e}"),
@@ -645,7 +645,7 @@ fn node_config(
     network: &Network,
     bridge: &Link,
     uplink: &Link,
-    fast_path: FastPath,
+    config: &Config,
 ) -> Result<NodeConfig, ConntrackError> {
     let v6 = network.v6;
     Ok(NodeConfig {
@@ -672,8 +672,8 @@ fn node_config(
             .map(|v6| v6.cluster_cidr.netmask().octets())
             .unwrap_or_default(),
         // Only `established` mode uses them (and only it needs conntrack at all).
-        ct: if fast_path == FastPath::Established {
-            conntrack::timeouts()?
+        ct: if config.fast_path == FastPath::Established {
+            conntrack::timeouts(config.ct_recheck_ms)?
         } else {
             Default::default()
         },
