@@ -716,6 +716,7 @@ impl IpHeader for Ipv4Hdr {
     const FAMILY: Family = Family::Ipv4;
     const LEN: usize = Ipv4Hdr::LEN;
 
+    #[inline(always)]
     fn check(&self, ctx: &TcContext) -> Result<(), Counter> {
         if self.version() != 4 || self.ihl() < Ipv4Hdr::LEN as u8 {
             return Err(Counter::PassMalformed);
@@ -852,6 +853,7 @@ impl IpHeader for Ipv6Hdr {
     const FAMILY: Family = Family::Ipv6;
     const LEN: usize = Ipv6Hdr::LEN;
 
+    #[inline(always)]
     fn check(&self, ctx: &TcContext) -> Result<(), Counter> {
         if self.version() != 6 {
             return Err(Counter::PassMalformed);
