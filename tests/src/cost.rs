@@ -30,7 +30,7 @@
 //! the agent runs them, where a warm-up run fills the cache and every measured run is a
 //! cached hit (`ct_cached`), at each table size.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail, ensure};
@@ -39,13 +39,13 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use hgw_common::{
     Counter, CtTimeouts, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4,
-    MAP_ROUTES_V4, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
-    ROUTES_V4_MAX_ENTRIES, counter_index,
+    MAP_ENDPOINTS_V6, MAP_ROUTES_V4, MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig,
+    PROG_TO_PEER, PROG_TO_POD, ROUTES_V4_MAX_ENTRIES, counter_index,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::floor;
-use crate::frames::{BRIDGE_MAC, IPPROTO_UDP, UPLINK_MAC, ipv4, udp_segment};
+use crate::frames::{BRIDGE_MAC, IPPROTO_UDP, UPLINK_MAC, ipv4, ipv6, udp_segment};
 
 /// The bench's UDP payload: 64 B datagrams.
 pub const UDP_PAYLOAD: usize = 64;
@@ -59,6 +59,11 @@ const PEER_POD_IP: [u8; 4] = [10, 244, 2, 11];
 /// without an accepted conntrack entry.
 const CT_PEER_IP: [u8; 4] = [10, 0, 0, 11];
 const NO_CT_PEER_IP: [u8; 4] = [10, 0, 0, 12];
+/// IPv6: a local pod (also the endpoint on the uplink side), a peer's pod (the
+/// uplink side's sender) and a bridge-side destination, with accepted entries.
+const POD_IP6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+const PEER_POD_IP6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+const PEER_IP6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
 /// The frames' UDP ports.
 const SPORT: u16 = 12345;
 const DPORT: u16 = 53;
@@ -148,8 +153,11 @@ impl CtNamespace {
             .status()
             .context("running ip netns add")?;
         ensure!(status.success(), "ip netns add {} failed", ns.0);
-        for (src, dst) in [(POD_IP, CT_PEER_IP), (PEER_POD_IP, ENDPOINT_IP)] {
-            let (src, dst) = (Ipv4Addr::from(src), Ipv4Addr::from(dst));
+        let v4 = [(POD_IP, CT_PEER_IP), (PEER_POD_IP, ENDPOINT_IP)]
+            .map(|(s, d)| (IpAddr::from(s), IpAddr::from(d)));
+        let v6 = [(POD_IP6, PEER_IP6), (PEER_POD_IP6, POD_IP6)]
+            .map(|(s, d)| (IpAddr::from(s), IpAddr::from(d)));
+        for (src, dst) in v4.into_iter().chain(v6) {
             // A reply seen: what conntrack accepts of a UDP flow. An hour: no expiry or
             // refresh within the run.
             let args = format!(
@@ -281,6 +289,20 @@ fn costs_in_namespace(
                     TC_ACT_OK,
                     Counter::PassNotPod,
                 ),
+                (
+                    PROG_TO_PEER,
+                    "IPv6 hit",
+                    to_peer_frame6(),
+                    TC_ACT_REDIRECT,
+                    Counter::FwdToPeer,
+                ),
+                (
+                    PROG_TO_POD,
+                    "IPv6 hit, known pod (redirect_peer)",
+                    to_pod_frame6(),
+                    TC_ACT_REDIRECT,
+                    Counter::FwdToPodDirect,
+                ),
             ]);
         }
         for (program, name, frame, verdict, counter) in list {
@@ -348,12 +370,26 @@ fn costs_in_namespace(
             entries,
         )];
         if i == 0 {
-            list.push((
-                PROG_TO_POD,
-                "hit, redirect_peer, established, flow cached",
-                to_pod_frame(ENDPOINT_IP),
-                0,
-            ));
+            list.extend([
+                (
+                    PROG_TO_POD,
+                    "hit, redirect_peer, established, flow cached",
+                    to_pod_frame(ENDPOINT_IP),
+                    0,
+                ),
+                (
+                    PROG_TO_PEER,
+                    "IPv6 hit, established, flow cached",
+                    to_peer_frame6(),
+                    entries,
+                ),
+                (
+                    PROG_TO_POD,
+                    "IPv6 hit, redirect_peer, established, flow cached",
+                    to_pod_frame6(),
+                    0,
+                ),
+            ]);
         }
         for (program, name, frame, entries) in list {
             let prog = classifier(&instances[instance].0, program)?;
@@ -460,8 +496,17 @@ enum Mode {
 }
 
 impl Hgw {
+    /// `c` of both families (each case sends one family).
     fn counter(&self, c: Counter) -> anyhow::Result<u64> {
-        Ok(self.1.get(&counter_index(Family::Ipv4, c), 0)?.iter().sum())
+        let mut sum = 0;
+        for family in Family::ALL {
+            sum += self
+                .1
+                .get(&counter_index(*family, c), 0)?
+                .iter()
+                .sum::<u64>();
+        }
+        Ok(sum)
     }
 }
 
@@ -481,19 +526,18 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
         NodeConfig {
             pod_net_v4: [10, 244, 1, 0],
             pod_mask_v4: [255, 255, 255, 0],
-            // IPv4 frames only here.
-            pod_net_v6: [0; 16],
-            pod_mask_v6: [0; 16],
+            pod_net_v6: net6(2, 0),
+            pod_mask_v6: mask6(64),
             bridge_ifindex: 1,
             bridge_mtu: 1500,
             bridge_mac: BRIDGE_MAC,
             uplink_mac: UPLINK_MAC,
             gateway_v4: [10, 244, 1, 1],
-            gateway_v6: [0; 16],
+            gateway_v6: net6(2, 1),
             cluster_net_v4: [10, 0, 0, 0],
             cluster_mask_v4: [255, 0, 0, 0],
-            cluster_net_v6: [0; 16],
-            cluster_mask_v6: [0; 16],
+            cluster_net_v6: net6(0, 0),
+            cluster_mask_v6: mask6(16),
             // Never refreshed (nothing is below 0 left), never closing: each run of an
             // established hit is the lookup and the forward, no timeout change.
             ct: CtTimeouts {
@@ -523,6 +567,25 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
             .insert(&Key::new(24, addr), hop, 0)
             .with_context(|| format!("inserting route {k} of {entries}"))?;
     }
+    // One IPv6 peer: measured at one table size.
+    let mut routes6: LpmTrie<MapData, [u8; 16], NextHop> = ebpf
+        .take_map(MAP_ROUTES_V6)
+        .context("IPv6 routes map")?
+        .try_into()?;
+    routes6.insert(&Key::new(64, net6(4, 0)), hop, 0)?;
+    let mut endpoints6: HashMap<MapData, [u8; 16], Endpoint> = ebpf
+        .take_map(MAP_ENDPOINTS_V6)
+        .context("IPv6 endpoints map")?
+        .try_into()?;
+    endpoints6.insert(
+        POD_IP6,
+        Endpoint {
+            ifindex: 1,
+            mac: UPLINK_MAC,
+            _pad: [0; 2],
+        },
+        0,
+    )?;
     let mut endpoints: HashMap<MapData, [u8; 4], Endpoint> = ebpf
         .take_map(MAP_ENDPOINTS_V4)
         .context("endpoints map")?
@@ -550,7 +613,7 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
     }
     // The maps taken out must outlive the programs' use of them: the kernel holds its
     // own references once the programs are loaded, so dropping these is fine.
-    drop((config, routes, endpoints));
+    drop((config, routes, endpoints, routes6, endpoints6));
     Ok(Hgw(ebpf, counters))
 }
 
@@ -562,6 +625,31 @@ fn to_peer_frame(dst: [u8; 4]) -> Vec<u8> {
 /// The same from a peer's pod, as the uplink receives it.
 fn to_pod_frame(dst: [u8; 4]) -> Vec<u8> {
     frame(UPLINK_MAC, PEER_POD_IP, dst)
+}
+
+/// fd00:244:`node`::`host`: this node's pods are node 2 (POD_IP6's /64).
+fn net6(node: u8, host: u8) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..2].copy_from_slice(&[0xfd, 0]);
+    if node != 0 {
+        a[2..6].copy_from_slice(&[2, 0x44, 0, node - 1]);
+    }
+    a[15] = host;
+    a
+}
+
+fn mask6(bits: usize) -> [u8; 16] {
+    std::array::from_fn(|i| (0xff00u16 >> bits.saturating_sub(i * 8).min(8)) as u8)
+}
+
+fn to_peer_frame6() -> Vec<u8> {
+    let udp = udp_segment(SPORT, DPORT, &[0x42; UDP_PAYLOAD]);
+    ipv6(BRIDGE_MAC, POD_IP6, PEER_IP6, 255, IPPROTO_UDP, &udp)
+}
+
+fn to_pod_frame6() -> Vec<u8> {
+    let udp = udp_segment(SPORT, DPORT, &[0x42; UDP_PAYLOAD]);
+    ipv6(UPLINK_MAC, PEER_POD_IP6, POD_IP6, 255, IPPROTO_UDP, &udp)
 }
 
 fn frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
