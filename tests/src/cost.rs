@@ -405,6 +405,19 @@ fn costs_in_namespace(
         }
     }
 
+    // A Service address (before the kernel's DNAT) from a pod, in the default mode:
+    // outside the cluster CIDR, so no route and no flow-cache lookup.
+    let cached = established + 1;
+    cases.push(case(
+        PROG_TO_PEER,
+        "miss, established, a Service address (no route)",
+        ENTRIES[0],
+        classifier(&instances[cached].0, PROG_TO_PEER)?,
+        to_peer_frame([172, 16, 0, 10]),
+        TC_ACT_OK,
+        Some((cached, Counter::PassNoRoute)),
+    ));
+
     // A first pass checks verdicts and counters (and warms caches, the flow cache
     // with a run of its own).
     for c in &cases {
