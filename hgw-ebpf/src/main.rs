@@ -220,17 +220,7 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
     if !H::owns(config, src) || H::is_gateway(config, src) {
         return Err(Counter::PassSource);
     }
-    let l4 = transport(ctx, ip);
-    let mut flow = Flow::<H>::of(&l4, ip, FLOW_TO_PEER, &config.ct);
-    if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
-        check_ttl_and_mtu(ctx, ip, hop.mtu)?;
-        // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
-        // parse).
-        unsafe { send_to_peer(ctx, eth, ip, &hop) };
-        count(H::FAMILY, Counter::CtCached);
-        return Ok(());
-    }
-    let result = (|| {
+    forward(ctx, eth, ip, FLOW_TO_PEER, &config.ct, send_to_peer, |l4| {
         let next_hop = *H::route(dst).ok_or(Counter::PassNoRoute)?;
         // An unknown (or just deleted) MAC goes to the kernel rather than to
         // bpf_redirect_neigh with the node IP: the agent's route resolves it and queues
@@ -243,13 +233,40 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
         check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
         accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
         Ok(next_hop)
-    })();
+    })
+}
+
+/// Forwards a packet whose IP header and addresses the caller checked: with the
+/// flow's cached next hop if the flow cache holds a verdict that stands, else with
+/// what `full_path` finds (the lookups and conntrack's judgement, given the packet's
+/// transport header), which the cache then remembers or forgets.
+#[inline(always)]
+fn forward<H: IpHeader>(
+    ctx: &TcContext,
+    eth: *mut EthHdr,
+    ip: *mut H,
+    side: u8,
+    timeouts: &CtTimeouts,
+    send: unsafe fn(&TcContext, *mut EthHdr, *mut H, &NextHop),
+    full_path: impl FnOnce(Result<Transport, Counter>) -> Result<NextHop, Counter>,
+) -> Result<(), Counter> {
+    let l4 = transport(ctx, ip);
+    let mut flow = Flow::<H>::of(&l4, ip, side, timeouts);
+    if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
+        check_ttl_and_mtu(ctx, ip, hop.mtu)?;
+        // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
+        // parse).
+        unsafe { send(ctx, eth, ip, &hop) };
+        count(H::FAMILY, Counter::CtCached);
+        return Ok(());
+    }
+    let result = full_path(l4);
     if let Some(flow) = flow {
         flow.remember(result.as_ref().ok());
     }
-    let next_hop = result?;
-    // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and parse).
-    unsafe { send_to_peer(ctx, eth, ip, &next_hop) };
+    let hop = result?;
+    // SAFETY: as above.
+    unsafe { send(ctx, eth, ip, &hop) };
     Ok(())
 }
 
@@ -292,17 +309,7 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
     if !H::in_cluster(config, src) || H::owns(config, src) {
         return Err(Counter::PassSource);
     }
-    let l4 = transport(ctx, ip);
-    let mut flow = Flow::<H>::of(&l4, ip, FLOW_TO_POD, &config.ct);
-    if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
-        check_ttl_and_mtu(ctx, ip, hop.mtu)?;
-        // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
-        // parse).
-        unsafe { send_to_pod(ctx, eth, ip, &hop) };
-        count(H::FAMILY, Counter::CtCached);
-        return Ok(());
-    }
-    let result = (|| {
+    forward(ctx, eth, ip, FLOW_TO_POD, &config.ct, send_to_pod, |l4| {
         check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
         accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
         // A known pod: straight into its namespace, past the bridge, as the gateway
@@ -324,14 +331,7 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
                 flags: NEXT_HOP_BRIDGE,
             },
         })
-    })();
-    if let Some(flow) = flow {
-        flow.remember(result.as_ref().ok());
-    }
-    let hop = result?;
-    // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and parse).
-    unsafe { send_to_pod(ctx, eth, ip, &hop) };
-    Ok(())
+    })
 }
 
 /// TTL - 1, into the pod: with its MAC from the bridge's, or through the bridge, whose

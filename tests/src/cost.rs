@@ -523,7 +523,8 @@ impl Hgw {
     }
 }
 
-/// Node n1 (10.244.1.0/24) with `entries` peer routes 10.X.Y.0/24 (X.Y = 0.0, 0.1, ...).
+/// Node n1 (10.244.1.0/24) with `entries` peer routes 10.X.Y.0/24 (X.Y = 0.0, 0.1, ...),
+/// and dual stack: its IPv6 pod CIDR fd00:244:1::/64 and one IPv6 peer route.
 /// Each next hop's MAC is the bridge's own: the frame is reused between runs, and the
 /// program only takes frames sent to the bridge, so this keeps a hit a hit. The work
 /// done (both MACs written, TTL and checksum updated) is the same as with a real peer.
