@@ -37,6 +37,23 @@ pub const MAP_FLOWS_V6: &str = "HGW_FLOWS_V6";
 /// config, routes or endpoints maps: a [`CachedFlow`] of another generation is stale.
 pub const MAP_GENERATION: &str = "HGW_GENERATION";
 
+/// Hash: interface index (`u32`) -> `DEVICE_*` bits, for the interfaces a redirect
+/// starts from or skips (the uplink, the bridge, its ports) that carry something of
+/// the kernel's own that the redirect would skip: a tc filter, another program, a
+/// qdisc. An interface without an entry has nothing of the kind.
+pub const MAP_DEVICES: &str = "HGW_DEVICES";
+/// Most interfaces [`MAP_DEVICES`] can describe: every port, the bridge, the uplink.
+pub const DEVICES_MAX_ENTRIES: u32 = ENDPOINTS_MAX_ENTRIES + 64;
+/// [`MAP_DEVICES`]: something runs on the interface's ingress after hgw's program (a
+/// tcx program attached after it, a filter of an `ingress` or `clsact` qdisc), or, for
+/// the bridge when hgw sits on its ports, anything at all on its ingress: a packet
+/// redirected from there would skip it.
+pub const DEVICE_INGRESS: u32 = 1;
+/// [`MAP_DEVICES`]: the interface's egress has a qdisc other than `noqueue`, `clsact`
+/// egress filters or tcx egress programs: delivery that skips the interface's egress
+/// (`bpf_redirect_peer` past a pod's host veth, or past the bridge) would skip them.
+pub const DEVICE_EGRESS: u32 = 2;
+
 /// Most flows per family whose verdict is cached; the least recently used go first
 /// (and their next packet looks conntrack up again).
 pub const FLOWS_MAX_ENTRIES: u32 = 65_536;
@@ -388,6 +405,15 @@ counters! {
     /// cache (checked less than `ct_recheck_ms` ago, the maps unchanged since): no
     /// conntrack or route lookup.
     CtCached = "ct_cached",
+    /// A tc filter, another program or a qdisc on the way that a redirect would skip
+    /// (`DEVICE_INGRESS` on the ingress interface, the bridge too when hgw sits on its
+    /// ports): the kernel runs them. (A pod whose host veth or bridge has `DEVICE_EGRESS`
+    /// is not passed but delivered through the bridge, whose egress keeps them.)
+    PassTcHook = "pass_tc_hook",
+    /// The kernel's routing (its tables and rules, from the packet's ingress
+    /// interface) sends the packet elsewhere than the fast path's next hop, drops it
+    /// (blackhole, unreachable, prohibit) or would not forward it.
+    PassRoute = "pass_route",
 }
 
 /// The address family a counter block belongs to.

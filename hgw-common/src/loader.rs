@@ -46,6 +46,8 @@ pub const PINNED_MAPS: &[&str] = &[
     crate::MAP_ENDPOINTS_V4,
     crate::MAP_ENDPOINTS_V6,
     crate::MAP_COUNTERS,
+    // The tc hooks a restart must keep honouring before the new agent's first scan.
+    crate::MAP_DEVICES,
     // Shared with the programs a restart replaces, so their cached flows also go stale
     // when the new agent writes the maps above.
     crate::MAP_GENERATION,

@@ -19,18 +19,27 @@
 //! conntrack and route lookups for a while (`ct.recheck`) or until the agent writes a
 //! map, whichever comes first.
 //!
-//! Every packet the fast path is not sure of goes to the kernel unchanged (`TC_ACT_OK`),
-//! where the routes the agent installed do the same job more slowly. All checks come
-//! before the first write, so a packet handed to the kernel is always untouched.
+//! Every packet the fast path is not sure of goes on unchanged (`TC_ACT_UNSPEC`: under
+//! tcx that is `TCX_NEXT`, so later programs, the legacy tc filters and then the kernel
+//! see it as if hgw were absent), where the routes the agent installed do the same job
+//! more slowly. All checks come before the first write, so a packet handed on is
+//! always untouched.
+//!
+//! The fast path only carries out what the kernel would decide: on every full decision
+//! (a flow-cache miss) it asks the kernel's FIB, from the packet's ingress interface so
+//! that rules and tables apply, and takes the packet only to the next hop the kernel
+//! would choose; and it never redirects past a tc filter, program or qdisc the kernel
+//! path would run (the agent marks such interfaces in `HGW_DEVICES`).
 #![no_std]
 #![no_main]
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_REDIRECT},
+    bindings::{__sk_buff, TC_ACT_REDIRECT, TC_ACT_UNSPEC},
     helpers::generated::{
-        bpf_csum_update, bpf_jiffies64, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_csum_update, bpf_fib_lookup, bpf_jiffies64, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer,
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -38,11 +47,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use hgw_common::{
-    COUNTER_NOT_IP, COUNTERS_LEN, CachedFlow, Counter, CtTimeouts, ENDPOINTS_MAX_ENTRIES, Endpoint,
-    FLOW_TO_PEER, FLOW_TO_POD, FLOWS_MAX_ENTRIES, Family, FlowKeyV4, FlowKeyV6, IPS_ASSURED,
-    IPS_CONFIRMED, IPS_DST_NAT, IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST, IPS_SRC_NAT,
-    NEXT_HOP_BRIDGE, NEXT_HOP_MAC_KNOWN, NEXT_HOP_POD, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES,
-    ROUTES_V6_MAX_ENTRIES, counter_index,
+    COUNTER_NOT_IP, COUNTERS_LEN, CachedFlow, Counter, CtTimeouts, DEVICE_EGRESS, DEVICE_INGRESS,
+    DEVICES_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, Endpoint, FLOW_TO_PEER, FLOW_TO_POD,
+    FLOWS_MAX_ENTRIES, Family, FlowKeyV4, FlowKeyV6, IPS_ASSURED, IPS_CONFIRMED, IPS_DST_NAT,
+    IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST, IPS_SRC_NAT, NEXT_HOP_BRIDGE, NEXT_HOP_MAC_KNOWN,
+    NEXT_HOP_POD, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES, ROUTES_V6_MAX_ENTRIES, counter_index,
 };
 use network_types::{
     eth::EthHdr,
@@ -82,6 +91,9 @@ static HGW_FLOWS_V6: LruHashMap<FlowKeyV6, CachedFlow> =
 #[map]
 static HGW_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
+#[map]
+static HGW_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(DEVICES_MAX_ENTRIES, 0);
+
 // Read-only globals (hgw_common::GLOBAL_*), set by the agent at load time. Being frozen,
 // they are constants to the verifier: `all` mode prunes the conntrack code, and the
 // nf_conn offsets are the constant offsets a load from a kernel pointer needs.
@@ -104,6 +116,60 @@ const L3: usize = EthHdr::LEN;
 /// `bpf_ct_opts.netns_id`: the netns of the skb's device, the node's.
 const BPF_F_CURRENT_NETNS: i32 = -1;
 const ENOENT: i32 = 2;
+/// What a program returns for a packet it does not take: `TCX_NEXT` under tcx (the next
+/// program, then the legacy filters, then the stack), "continue" for a cls_bpf filter.
+/// Never `TC_ACT_OK` (0): under tcx that is `TCX_PASS`, which ends the hook's chain.
+const HAND_ON: i32 = TC_ACT_UNSPEC;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+
+/// `struct bpf_fib_lookup` (64 bytes), its unions flattened to the members used:
+/// inputs up to `dst`, outputs `ifindex` (the egress), `dst` (the gateway) and the MACs.
+#[repr(C)]
+struct FibParams {
+    family: u8,
+    l4_protocol: u8,
+    sport: [u8; 2],
+    dport: [u8; 2],
+    /// `tot_len` in, `mtu_result` out. 0: the kernel checks the skb against the egress
+    /// MTU itself, GSO aware.
+    tot_len: u16,
+    /// The ingress interface in, the egress out.
+    ifindex: u32,
+    /// IPv4: the TOS byte (the rest zero); IPv6: the flow info word.
+    tos_or_flowinfo: [u8; 4],
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// `h_vlan_proto`, `h_vlan_TCI` out; `tbid` with BPF_FIB_LOOKUP_DIRECT.
+    vlan: [u8; 4],
+    /// `mark` in (with BPF_FIB_LOOKUP_MARK only), then `smac`, `dmac` out.
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+const _: () = assert!(size_of::<FibParams>() == 64);
+
+impl FibParams {
+    #[inline(always)]
+    fn new(family: u8, l4_protocol: u8) -> Self {
+        FibParams {
+            family,
+            l4_protocol,
+            sport: [0; 2],
+            dport: [0; 2],
+            tot_len: 0,
+            ifindex: 0,
+            tos_or_flowinfo: [0; 4],
+            src: [0; 16],
+            dst: [0; 16],
+            vlan: [0; 4],
+            smac: [0; 6],
+            dmac: [0; 6],
+        }
+    }
+}
 
 /// The kernel's `struct nf_conn`, only ever handled through a pointer.
 #[repr(C)]
@@ -184,10 +250,10 @@ fn ethernet(ctx: &TcContext) -> Option<(*mut EthHdr, u16)> {
 #[inline(always)]
 fn not_ip() -> i32 {
     count_slot(COUNTER_NOT_IP);
-    TC_ACT_OK
+    HAND_ON
 }
 
-/// Counts the outcome; anything but a redirect goes to the kernel.
+/// Counts the outcome; anything but a redirect is handed on.
 ///
 /// The redirect helpers cannot fail here: with flags 0 they return `TC_ACT_REDIRECT`
 /// and the kernel acts after the program (a device deleted meanwhile drops the packet,
@@ -202,7 +268,7 @@ fn verdict<H: IpHeader>(result: Result<(), Counter>, forwarded: Counter) -> i32 
         }
         Err(reason) => {
             count(H::FAMILY, reason);
-            TC_ACT_OK
+            HAND_ON
         }
     }
 }
@@ -231,8 +297,31 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
             return Err(Counter::PassNoMac);
         }
         check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
+        // The redirect skips what follows on this hook and, from a port, the bridge's
+        // own ingress, where the kernel path goes next; the uplink's egress it keeps.
+        let ingress = ingress_ifindex(ctx);
+        if device_has(ingress, DEVICE_INGRESS)
+            || (ingress != config.bridge_ifindex
+                && device_has(config.bridge_ifindex, DEVICE_INGRESS))
+        {
+            return Err(Counter::PassTcHook);
+        }
         accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
-        Ok(next_hop)
+        // Last, so that only packets about to be forwarded pay for it (never a SYN):
+        // routed by the kernel, the packet enters the stack on the bridge; the fast
+        // path goes only where the kernel would, the same interface and neighbour.
+        // (Conntrack's side effects above are what the kernel does on seeing the
+        // packet anyway.)
+        let route = kernel_route(ctx, ip, &l4, config.bridge_ifindex);
+        match route.rc {
+            BPF_FIB_LKUP_RET_SUCCESS
+                if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac =>
+            {
+                Ok(next_hop)
+            }
+            BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::PassMtu),
+            _ => Err(Counter::PassRoute),
+        }
     })
 }
 
@@ -311,19 +400,41 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
     }
     forward(ctx, eth, ip, FLOW_TO_POD, &config.ct, send_to_pod, |l4| {
         check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
+        let ingress = ingress_ifindex(ctx);
+        if device_has(ingress, DEVICE_INGRESS) {
+            return Err(Counter::PassTcHook);
+        }
         accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+        // The kernel would send it into the bridge to the pod itself (the pod CIDR's
+        // connected route, no gateway); the pod's MAC is the bridge's business, so an
+        // unresolved one is no reason.
+        let route = kernel_route(ctx, ip, &l4, ingress);
+        match route.rc {
+            BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
+                if route.ifindex == config.bridge_ifindex && route.direct => {}
+            BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassMtu),
+            _ => return Err(Counter::PassRoute),
+        }
         // A known pod: straight into its namespace, past the bridge, as the gateway
-        // would have sent it. Otherwise the bridge's neighbour table (ARP or NDP) knows
-        // the pod's MAC, or resolves it while the packet waits.
+        // would have sent it, unless a qdisc or filter on the bridge's or the pod's
+        // egress would be skipped (a pod's bandwidth limit). Otherwise through the
+        // bridge, whose egress and the port's run as on the kernel path, and whose
+        // neighbour table (ARP or NDP) knows the pod's MAC, or resolves it while the
+        // packet waits.
         Ok(match H::endpoint(dst) {
-            Some(endpoint) => NextHop {
-                ifindex: endpoint.ifindex,
-                mtu: config.bridge_mtu,
-                dst_mac: endpoint.mac,
-                src_mac: config.bridge_mac,
-                flags: NEXT_HOP_POD,
-            },
-            None => NextHop {
+            Some(endpoint)
+                if !device_has(endpoint.ifindex, DEVICE_EGRESS)
+                    && !device_has(config.bridge_ifindex, DEVICE_EGRESS) =>
+            {
+                NextHop {
+                    ifindex: endpoint.ifindex,
+                    mtu: config.bridge_mtu,
+                    dst_mac: endpoint.mac,
+                    src_mac: config.bridge_mac,
+                    flags: NEXT_HOP_POD,
+                }
+            }
+            _ => NextHop {
                 ifindex: config.bridge_ifindex,
                 mtu: config.bridge_mtu,
                 dst_mac: [0; 6],
@@ -358,6 +469,73 @@ unsafe fn send_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr, ip: *mut H
     }
 }
 
+/// The interface the packet arrived on (the one the program runs on).
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context is a valid __sk_buff for the program's lifetime.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Whether the agent marked `ifindex` with `flag` (`DEVICE_*`): something of the
+/// kernel's own on it that a redirect would skip.
+#[inline(always)]
+fn device_has(ifindex: u32, flag: u32) -> bool {
+    // SAFETY: a plain lookup; the value is copied out at once.
+    unsafe { HGW_DEVICES.get(ifindex) }.is_some_and(|flags| flags & flag != 0)
+}
+
+/// What the kernel's routing decides for a packet entering the stack on `ingress`:
+/// `bpf_fib_lookup` with the tables and rules (no BPF_FIB_LOOKUP_DIRECT), the packet's
+/// TOS or flow label, protocol and ports, so `ip rule` selectors apply as they would.
+struct KernelRoute {
+    /// `BPF_FIB_LKUP_RET_*`, or a negative errno.
+    rc: i64,
+    /// The egress interface (set for SUCCESS and NO_NEIGH).
+    ifindex: u32,
+    /// The next hop's MAC (SUCCESS only).
+    dmac: [u8; 6],
+    /// The route has no gateway: the destination itself is the next hop (the lookup
+    /// writes a gateway over the destination).
+    direct: bool,
+}
+
+#[inline(always)]
+fn kernel_route<H: IpHeader>(
+    ctx: &TcContext,
+    ip: *const H,
+    l4: &Result<Transport, Counter>,
+    ingress: u32,
+) -> KernelRoute {
+    // SAFETY: the caller got ip from parse.
+    let mut params = unsafe { H::fib_params(ip) };
+    params.ifindex = ingress;
+    // With a length, the kernel checks it against the route's MTU (a route's own
+    // `mtu`, the path MTU) as forwarding does, before the neighbour lookup.
+    // SAFETY: the caller got ip from parse.
+    params.tot_len = wire_len(ctx, unsafe { &*ip }).min(u32::from(u16::MAX)) as u16;
+    let destination = params.dst;
+    if let Ok(l4) = l4 {
+        params.sport = [l4.ports[0], l4.ports[1]];
+        params.dport = [l4.ports[2], l4.ports[3]];
+    }
+    // SAFETY: params is a whole `struct bpf_fib_lookup` on the stack; the context is
+    // the program's skb.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            (&raw mut params).cast(),
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    KernelRoute {
+        rc,
+        ifindex: params.ifindex,
+        dmac: params.dmac,
+        direct: params.dst == destination,
+    }
+}
+
 /// A TCP or UDP packet's ports (the first four bytes of either header, network order)
 /// and TCP flags (0 for UDP), read with one bounds check; what else it is, as the
 /// error conntrack's judgement would give: `PassCtProto` or `PassMalformed`.
@@ -370,10 +548,6 @@ struct Transport {
 
 #[inline(always)]
 fn transport<H: IpHeader>(ctx: &TcContext, ip: *const H) -> Result<Transport, Counter> {
-    // SAFETY: a read-only global, constant after load: `all` mode never needs this.
-    if unsafe { core::ptr::read_volatile(&HGW_CONNTRACK) } == 0 {
-        return Err(Counter::PassCtProto);
-    }
     // SAFETY: the caller got ip from parse.
     let proto = unsafe { (*ip).transport() };
     let (ports, tcp_flags) = match proto {
@@ -686,6 +860,12 @@ trait IpHeader: Sized {
     /// `ip` must point to a whole header inside the packet.
     unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> Self::FlowKey;
     fn flows() -> &'static LruHashMap<Self::FlowKey, CachedFlow>;
+    /// The FIB lookup's inputs from this header: family, protocol, TOS or flow info,
+    /// addresses (the ports and ingress interface are the caller's).
+    ///
+    /// # Safety
+    /// `ip` must point to a whole header inside the packet.
+    unsafe fn fib_params(ip: *const Self) -> FibParams;
     /// TTL (hop limit) - 1, and whatever the header and skb need to stay valid.
     ///
     /// # Safety
@@ -811,6 +991,16 @@ impl IpHeader for Ipv4Hdr {
 
     fn flows() -> &'static LruHashMap<FlowKeyV4, CachedFlow> {
         &HGW_FLOWS_V4
+    }
+
+    unsafe fn fib_params(ip: *const Self) -> FibParams {
+        // SAFETY: guaranteed by the caller.
+        let hdr = unsafe { &*ip };
+        let mut params = FibParams::new(AF_INET, hdr.proto);
+        params.tos_or_flowinfo[0] = hdr.tos;
+        params.src[..4].copy_from_slice(&hdr.src_addr);
+        params.dst[..4].copy_from_slice(&hdr.dst_addr);
+        params
     }
 
     fn route(addr: [u8; 4]) -> Option<&'static NextHop> {
@@ -951,6 +1141,17 @@ impl IpHeader for Ipv6Hdr {
         &HGW_FLOWS_V6
     }
 
+    unsafe fn fib_params(ip: *const Self) -> FibParams {
+        // SAFETY: guaranteed by the caller.
+        let hdr = unsafe { &*ip };
+        let mut params = FibParams::new(AF_INET6, hdr.next_hdr);
+        // ip6_flowinfo(): traffic class and flow label, without the version.
+        params.tos_or_flowinfo = [hdr.vcf[0] & 0x0f, hdr.vcf[1], hdr.vcf[2], hdr.vcf[3]];
+        params.src = hdr.src_addr;
+        params.dst = hdr.dst_addr;
+        params
+    }
+
     fn route(addr: [u8; 16]) -> Option<&'static NextHop> {
         HGW_ROUTES_V6.get(Key::new(128, addr))
     }
@@ -1027,32 +1228,34 @@ fn check_ttl_and_mtu<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Re
     if hdr.ttl() <= 1 {
         return Err(Counter::PassTtl);
     }
-    if hdr.packet_len() > mtu && !gso_segments_fit::<H>(ctx, hdr.transport(), mtu) {
+    if wire_len(ctx, hdr) > mtu {
         return Err(Counter::PassMtu);
     }
     Ok(())
 }
 
-/// A GSO packet (TCP/UDP from a pod's veth) is larger than the MTU as a whole but
-/// leaves as segments: they fit when headers + gso_size do.
+/// The largest IP packet this one puts on the wire: itself, or, for a GSO packet
+/// (TCP/UDP from a pod's veth), which is larger than the MTU as a whole but leaves as
+/// segments, headers + gso_size.
 #[inline(always)]
-fn gso_segments_fit<H: IpHeader>(ctx: &TcContext, proto: u8, mtu: u32) -> bool {
+fn wire_len<H: IpHeader>(ctx: &TcContext, hdr: &H) -> u32 {
+    let whole = hdr.packet_len();
     // SAFETY: the context is a valid __sk_buff for the program's lifetime.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0 {
-        return false;
+        return whole;
     }
-    let l4_header = match proto {
+    let l4_header = match hdr.transport() {
         IPPROTO_TCP => match ptr_at::<[u8; 13]>(ctx, L3 + H::LEN) {
             // Data offset: high nibble of byte 12, in 32-bit words.
             // SAFETY: ptr_at checked the bounds.
             Ok(tcp) => u32::from(unsafe { (*tcp)[12] } >> 4) * 4,
-            Err(_) => return false,
+            Err(_) => return whole,
         },
         IPPROTO_UDP => 8,
-        _ => return false,
+        _ => return whole,
     };
-    H::LEN as u32 + l4_header + gso_size <= mtu
+    whole.min(H::LEN as u32 + l4_header + gso_size)
 }
 
 #[inline(always)]

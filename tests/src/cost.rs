@@ -30,7 +30,7 @@
 //! the agent runs them, where a warm-up run fills the cache and every measured run is a
 //! cached hit (`ct_cached`), at each table size.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail, ensure};
@@ -59,6 +59,8 @@ const PEER_POD_IP: [u8; 4] = [10, 244, 2, 11];
 /// without an accepted conntrack entry.
 const CT_PEER_IP: [u8; 4] = [10, 0, 0, 11];
 const NO_CT_PEER_IP: [u8; 4] = [10, 0, 0, 12];
+/// A destination in a peer's route that the kernel's table blackholes.
+const BLACKHOLED_PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 99);
 /// IPv6: a local pod (also the endpoint on the uplink side), a peer's pod (the
 /// uplink side's sender) and a bridge-side destination, with accepted entries.
 const POD_IP6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
@@ -68,6 +70,18 @@ const PEER_IP6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 const SPORT: u16 = 12345;
 const DPORT: u16 = 53;
 const TC_ACT_OK: u32 = 0;
+/// hgw's verdict for a packet it does not take: TC_ACT_UNSPEC (TCX_NEXT), as the u32
+/// BPF_PROG_TEST_RUN reports.
+const HAND_ON: u32 = u32::MAX;
+/// The interfaces of the namespace the costs are measured in: the bridge (the FIB
+/// lookup's input for pod traffic, and the egress of the local pod CIDR) and the uplink
+/// (the egress of every peer route). Both are veths, with their peers up in the same
+/// namespace so that they have a carrier.
+const BRIDGE_IFINDEX: u32 = 3;
+const UPLINK_IFINDEX: u32 = 7;
+/// The peers' next hop on the uplink, with the next hops' MAC as a permanent neighbour.
+const PEER_NODE_IP: &str = "10.255.0.2";
+const PEER_NODE_IP6: &str = "fd00:ff::2";
 const TC_ACT_REDIRECT: u32 = 7;
 
 /// `hgw_to_peer`'s hit in `all` mode (a route lookup per packet).
@@ -137,7 +151,9 @@ pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
 }
 
 /// A network namespace whose conntrack table holds accepted entries for the
-/// established-mode hit frames; deleted on drop.
+/// established-mode hit frames, and whose routing agrees with hgw's maps (the programs
+/// ask the kernel's FIB on every full decision): the peer routes of the largest table
+/// via one next hop on the uplink, the pod CIDRs on the bridge; deleted on drop.
 struct CtNamespace(String);
 
 impl CtNamespace {
@@ -166,7 +182,57 @@ impl CtNamespace {
             let args: Vec<&str> = args.split(' ').collect();
             crate::run_in_ok(&ns.0, "conntrack", &args)?;
         }
+        ns.route_like_the_maps()?;
         Ok(ns)
+    }
+}
+
+impl CtNamespace {
+    /// What the kernel holds on a node whose maps are `load_hgw`'s: forwarding on, the
+    /// bridge owning the pod CIDRs, every peer route of the largest table (the FIB's
+    /// cost then is that of a node with 16,000 peers) via the uplink, whose next hop's
+    /// neighbour entry has the maps' MAC.
+    fn route_like_the_maps(&self) -> anyhow::Result<()> {
+        let mac = BRIDGE_MAC.map(|b| format!("{b:02x}")).join(":");
+        let mut batch = format!(
+            "link add name hgwbr index {BRIDGE_IFINDEX} type veth peer name hgwbr-p\n\
+             link add name hgwup index {UPLINK_IFINDEX} type veth peer name hgwup-p\n\
+             link set hgwbr up\nlink set hgwbr-p up\nlink set hgwup up\nlink set hgwup-p up\n\
+             address add 10.244.1.1/24 dev hgwbr\n\
+             address add fd00:244:1::1/64 dev hgwbr nodad\n\
+             address add 10.255.0.1/24 dev hgwup\n\
+             address add fd00:ff::1/64 dev hgwup nodad\n\
+             neighbour add {PEER_NODE_IP} lladdr {mac} dev hgwup nud permanent\n\
+             neighbour add {PEER_NODE_IP6} lladdr {mac} dev hgwup nud permanent\n\
+             route add fd00:244:3::/64 via {PEER_NODE_IP6} dev hgwup\n\
+             route add blackhole {BLACKHOLED_PEER_IP}/32\n"
+        );
+        let largest = ENTRIES[ENTRIES.len() - 1];
+        for k in 0..largest {
+            batch += &format!(
+                "route add 10.{}.{}.0/24 via {PEER_NODE_IP} dev hgwup\n",
+                k >> 8,
+                k & 0xff
+            );
+        }
+        for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            crate::run_in_ok(&self.0, "sysctl", &["-qw", sysctl])?;
+        }
+        let mut child = std::process::Command::new("ip")
+            .args(["-n", &self.0, "-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .context("running ip -batch")?;
+        std::io::Write::write_all(
+            &mut child.stdin.take().context("ip -batch's stdin")?,
+            batch.as_bytes(),
+        )?;
+        ensure!(
+            child.wait()?.success(),
+            "ip -batch in {} failed (see above)",
+            self.0
+        );
+        Ok(())
     }
 }
 
@@ -210,6 +276,9 @@ fn costs_in_namespace(
     for entries in ENTRIES {
         instances.push(load_hgw(hgw_object, entries, Mode::Cached)?);
     }
+    // `all` mode as the agent runs it: route verdicts cached per flow too.
+    let all_cached = instances.len();
+    instances.push(load_hgw(hgw_object, ENTRIES[0], Mode::AllCached)?);
 
     let case = |program, case: &str, entries, prog, frame, expect_verdict, counter| Case {
         program,
@@ -261,10 +330,21 @@ fn costs_in_namespace(
                 PROG_TO_PEER,
                 "miss",
                 to_peer_frame([10, 250, 0, 11]),
-                TC_ACT_OK,
+                HAND_ON,
                 Counter::PassNoRoute,
             ),
         ];
+        // Every step of the full path, the FIB lookup last: its cost is this row's
+        // over the hit's, less the redirect.
+        if i == 0 {
+            list.push((
+                PROG_TO_PEER,
+                "miss, the kernel's route a blackhole (pass_route)",
+                to_peer_frame(BLACKHOLED_PEER_IP.octets()),
+                HAND_ON,
+                Counter::PassRoute,
+            ));
+        }
         // The uplink side does no route lookup: measured once.
         if i == 0 {
             list.extend([
@@ -286,7 +366,7 @@ fn costs_in_namespace(
                     PROG_TO_POD,
                     "miss (not a local pod)",
                     to_pod_frame([10, 244, 2, 11]),
-                    TC_ACT_OK,
+                    HAND_ON,
                     Counter::PassNotPod,
                 ),
                 (
@@ -332,7 +412,7 @@ fn costs_in_namespace(
             PROG_TO_PEER,
             "miss, established (no ct entry)",
             to_peer_frame(NO_CT_PEER_IP),
-            TC_ACT_OK,
+            HAND_ON,
             Counter::PassCtNew,
         ),
         (
@@ -414,8 +494,17 @@ fn costs_in_namespace(
         ENTRIES[0],
         classifier(&instances[cached].0, PROG_TO_PEER)?,
         to_peer_frame([172, 16, 0, 10]),
-        TC_ACT_OK,
+        HAND_ON,
         Some((cached, Counter::PassNoRoute)),
+    ));
+    cases.push(case(
+        PROG_TO_PEER,
+        "hit, all, flow cached",
+        ENTRIES[0],
+        classifier(&instances[all_cached].0, PROG_TO_PEER)?,
+        to_peer_frame(CT_PEER_IP),
+        TC_ACT_REDIRECT,
+        Some((all_cached, Counter::CtCached)),
     ));
 
     // A first pass checks verdicts and counters (and warms caches, the flow cache
@@ -506,6 +595,9 @@ enum Mode {
     EveryPacket,
     /// `established` with the flow cache (the default).
     Cached,
+    /// No conntrack lookup, with the flow cache (`all` mode as the agent runs it): the
+    /// kernel's route is asked once per flow and recheck time.
+    AllCached,
 }
 
 impl Hgw {
@@ -530,7 +622,8 @@ impl Hgw {
 /// done (both MACs written, TTL and checksum updated) is the same as with a real peer.
 fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
     let mut ebpf =
-        hgw_common::loader::load(object, mode != Mode::All).context("loading the eBPF object")?;
+        hgw_common::loader::load(object, matches!(mode, Mode::EveryPacket | Mode::Cached))
+            .context("loading the eBPF object")?;
     let mut config: Array<MapData, NodeConfig> = ebpf
         .take_map(MAP_CONFIG)
         .context("config map")?
@@ -542,7 +635,7 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
             pod_mask_v4: [255, 255, 255, 0],
             pod_net_v6: net6(2, 0),
             pod_mask_v6: mask6(64),
-            bridge_ifindex: 1,
+            bridge_ifindex: BRIDGE_IFINDEX,
             bridge_mtu: 1500,
             bridge_mac: BRIDGE_MAC,
             uplink_mac: UPLINK_MAC,
@@ -558,7 +651,11 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
                 tcp_ms: 3_600_000,
                 udp_ms: 3_600_000,
                 // Cached: trusted for the whole run (jiffies).
-                recheck: if mode == Mode::Cached { 1_000_000 } else { 0 },
+                recheck: if matches!(mode, Mode::Cached | Mode::AllCached) {
+                    1_000_000
+                } else {
+                    0
+                },
                 ..CtTimeouts::default()
             },
         },
@@ -569,7 +666,7 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
         .context("routes map")?
         .try_into()?;
     let hop = NextHop {
-        ifindex: 1,
+        ifindex: UPLINK_IFINDEX,
         mtu: 1500,
         dst_mac: BRIDGE_MAC,
         src_mac: UPLINK_MAC,

@@ -27,6 +27,7 @@ mod kernel;
 mod lab;
 mod netfilter;
 mod netns;
+pub mod progns;
 mod stream;
 mod traffic;
 

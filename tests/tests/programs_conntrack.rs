@@ -5,10 +5,13 @@
 //! its entry (FIN and RST shorten it, a running-low one is refreshed, once).
 //!
 //! `bpf_skb_ct_lookup` (netns_id -1) looks in the namespace of the skb's device, which
-//! for BPF_PROG_TEST_RUN is the loopback of the caller's namespace: each test makes a
-//! namespace of its own, puts its entries there and runs the programs from a thread
-//! inside it, so the host's conntrack table is neither read nor written. (The lookup
-//! finds entries made through ctnetlink without any netfilter rule in the namespace.)
+//! for BPF_PROG_TEST_RUN is a device of the caller's namespace: each test makes a
+//! namespace of its own where node n1 exists for real (its bridge, uplink, the route to
+//! n2 and n2's neighbour entry, which the programs' FIB lookups consult,
+//! [`hgw_tests::progns`]), puts its entries there and runs the programs from inside it,
+//! with the skb on the device each program sits on, so the host's conntrack table is
+//! neither read nor written. (The lookup finds entries made through ctnetlink without
+//! any netfilter rule in the namespace.)
 //!
 //! Entries made through ctnetlink are always confirmed (the kernel inserts them into
 //! the hash table, which is what confirming is): an unconfirmed entry, which exists
@@ -17,8 +20,6 @@
 //! (IPS_CONFIRMED is in the same mask as IPS_SEEN_REPLY).
 
 use std::net::IpAddr;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::{
     Ebpf,
@@ -34,15 +35,24 @@ use hgw_tests::frames::{
     ACK, BRIDGE_MAC, FIN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RST, SYN,
     UPLINK_MAC, V4_TTL, V6_HOP_LIMIT, fix_checksum, ip, tcp_segment, udp_segment,
 };
-use hgw_tests::{in_netns, run_in_ok};
+use hgw_tests::progns::{self, ProgNetns};
+use hgw_tests::run_in_ok;
 
-const TC_ACT_OK: u32 = 0;
+/// What the programs return for a packet they hand on: TC_ACT_UNSPEC (-1), TCX_NEXT
+/// under tcx, as the u32 BPF_PROG_TEST_RUN reports it.
+const HAND_ON: u32 = u32::MAX;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const PEER2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xe2, 0x02];
+/// n2's node addresses on the uplink: the kernel routes' gateways.
+const PEER2_V4: &str = "172.31.0.2";
+const PEER2_V6: &str = "fd00:172:31::2";
 const UPLINK_IFINDEX: u32 = 7;
 const BRIDGE_IFINDEX: u32 = 3;
 const MTU: u32 = 1500;
+/// offsetof(struct __sk_buff, ifindex): the skb's device, which BPF_PROG_TEST_RUN takes
+/// from the context.
+const SKB_IFINDEX: usize = 40;
 
 /// The node's timeouts, in seconds (the sysctls the agent reads). FIN and RST are far
 /// below the established timeouts so that each change shows; entries made with less
@@ -70,38 +80,41 @@ fn timeouts(recheck: u32) -> CtTimeouts {
     }
 }
 
-/// A network namespace of this test's own, deleted on drop (also when the test fails).
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "hgwpt{:x}x{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip netns add");
-        assert!(status.success(), "ip netns add {name}");
-        Netns(name)
-    }
-
-    /// `conntrack ARGS` in the namespace; its stdout.
-    fn conntrack(&self, args: &[&str]) -> String {
-        let out = run_in_ok(&self.0, "conntrack", args).expect("conntrack");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+/// n1's namespace: the bridge with the gateway addresses, the uplink, and the routes to
+/// n2's pod CIDRs via n2's node addresses, whose neighbour entries hold the MAC the
+/// programs' next hop has (as the agent would have the kernel hold them).
+fn n1_netns() -> ProgNetns {
+    let ns = ProgNetns::node(&progns::Node {
+        bridge: progns::Device {
+            index: BRIDGE_IFINDEX,
+            mac: BRIDGE_MAC,
+            mtu: MTU,
+            addrs: &["10.244.1.1/24", "fd00:244:1::1/64"],
+        },
+        uplink: progns::Device {
+            index: UPLINK_IFINDEX,
+            mac: UPLINK_MAC,
+            mtu: MTU,
+            addrs: &["172.31.0.1/24", "fd00:172:31::1/64"],
+        },
+        ports: &[],
+    })
+    .expect("n1's namespace");
+    let mac = mac_text(PEER2_MAC);
+    let uplink = progns::UPLINK;
+    ns.ip(&[
+        format!("route add 10.244.2.0/24 via {PEER2_V4} dev {uplink}"),
+        format!("route add fd00:244:2::/64 via {PEER2_V6} dev {uplink}"),
+        format!("neigh replace {PEER2_V4} lladdr {mac} dev {uplink} nud permanent"),
+        format!("neigh replace {PEER2_V6} lladdr {mac} dev {uplink} nud permanent"),
+    ])
+    .expect("n1's routes to n2");
+    ns
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
+/// A MAC as `ip` reads it.
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,7 +219,8 @@ struct Node {
     counters: PerCpuArray<MapData, u64>,
     routes_v4: LpmTrie<MapData, [u8; 4], NextHop>,
     generation: Array<MapData, u32>,
-    ns: Netns,
+    /// n1, for real: the programs run from inside it, conntrack holds its entries there.
+    ns: ProgNetns,
     next_port: u16,
 }
 
@@ -285,7 +299,7 @@ impl Node {
             counters,
             routes_v4,
             generation,
-            ns: Netns::new(),
+            ns: n1_netns(),
             next_port: 20_000,
         }
     }
@@ -314,7 +328,13 @@ impl Node {
         args.extend(["-t".to_owned(), timeout.to_string()]);
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.ns.conntrack(&args);
+        self.conntrack(&args);
+    }
+
+    /// `conntrack ARGS` in the node's namespace; its stdout.
+    fn conntrack(&self, args: &[&str]) -> String {
+        let out = run_in_ok(self.ns.name(), "conntrack", args).expect("conntrack");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Inserts an entry conntrack has accepted ([`accepted`]).
@@ -338,7 +358,7 @@ impl Node {
         let mut args = vec!["-G".to_owned()];
         args.extend(flow.tuple(opened_locally));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = hgw_tests::run_in(&self.ns.0, "conntrack", &args).expect("conntrack");
+        let out = hgw_tests::run_in(self.ns.name(), "conntrack", &args).expect("conntrack");
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -349,7 +369,7 @@ impl Node {
         let mut args = vec!["-G".to_owned()];
         args.extend(flow.tuple(opened_locally));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.ns.conntrack(&args)
+        self.conntrack(&args)
     }
 
     fn counters(&self) -> Vec<u64> {
@@ -371,15 +391,24 @@ impl Node {
             .try_into()
             .expect("classifier");
         let mut out = vec![0u8; frame.len() + 256];
-        let result = in_netns(&self.ns.0, || {
-            prog.test_run(TestRunOptions {
+        // The skb comes in on the device the program sits on; a __sk_buff up to
+        // ifindex, all else zero (as the kernel requires of what it does not take).
+        let ingress = if program == PROG_TO_PEER {
+            BRIDGE_IFINDEX
+        } else {
+            UPLINK_IFINDEX
+        };
+        let mut ctx = [0u8; SKB_IFINDEX + 4];
+        ctx[SKB_IFINDEX..].copy_from_slice(&ingress.to_ne_bytes());
+        self.ns.enter();
+        let result = prog
+            .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
                 ..TestRunOptions::new()
             })
-        })
-        .expect("enter the namespace")
-        .expect("BPF_PROG_TEST_RUN");
+            .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
@@ -396,7 +425,7 @@ impl Node {
     ) {
         let before = self.counters();
         let (verdict, out) = self.run(program, frame);
-        assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+        assert_eq!(verdict, HAND_ON, "{what}: verdict");
         assert_eq!(
             out, frame,
             "{what}: a packet left to the kernel must be unchanged"
@@ -404,7 +433,8 @@ impl Node {
         assert_counted(&before, &self.counters(), family, &[reason], what);
     }
 
-    /// n2's IPv4 next hop now has `mac`; with `new_generation`, as the agent writes
+    /// n2's IPv4 next hop now has `mac`: the kernel's neighbour entry first (the peer's
+    /// MAC changed), then the map's next hop; with `new_generation`, as the agent writes
     /// it (then the generation changes).
     fn set_peer_mac(&mut self, mac: [u8; 6], new_generation: bool) {
         let hop = NextHop {
@@ -414,15 +444,27 @@ impl Node {
             src_mac: UPLINK_MAC,
             flags: NEXT_HOP_MAC_KNOWN,
         };
+        let (mac, uplink) = (mac_text(mac), progns::UPLINK);
+        self.ns
+            .ip(&[format!(
+                "neigh replace {PEER2_V4} lladdr {mac} dev {uplink} nud permanent"
+            )])
+            .expect("n2's new MAC");
         self.routes_v4
             .insert(&Key::new(24, v4("10.244.2.0")), hop, 0)
             .expect("route");
         if new_generation {
-            let generation = self.generation.get(&0, 0).expect("generation");
-            self.generation
-                .set(0, generation + 1, 0)
-                .expect("generation");
+            self.bump_generation();
         }
+    }
+
+    /// The agent's signal after it wrote a map, or saw a route or rule change: cached
+    /// flows are stale.
+    fn bump_generation(&mut self) {
+        let generation = self.generation.get(&0, 0).expect("generation");
+        self.generation
+            .set(0, generation + 1, 0)
+            .expect("generation");
     }
 
     /// Expects `frame` forwarded (MACs as the program sets them, TTL - 1, nothing else
@@ -796,7 +838,7 @@ fn a_syn_reopening_a_closed_connection_expires_its_entry() {
         let before = node.counters();
         let frame = flow.to_peer(SYN);
         let (verdict, out) = node.run(PROG_TO_PEER, &frame);
-        assert_eq!((verdict, &out), (TC_ACT_OK, &frame), "{what}: SYN verdict");
+        assert_eq!((verdict, &out), (HAND_ON, &frame), "{what}: SYN verdict");
         assert_counted(
             &before,
             &node.counters(),
@@ -898,8 +940,7 @@ fn a_cached_flow_looks_conntrack_up_again_within_its_recheck_time() {
             }
             let mut delete = vec!["-D".to_owned()];
             delete.extend(flow.tuple(true));
-            node.ns
-                .conntrack(&delete.iter().map(String::as_str).collect::<Vec<_>>());
+            node.conntrack(&delete.iter().map(String::as_str).collect::<Vec<_>>());
             std::thread::sleep(std::time::Duration::from_millis(
                 u64::from(RECHECK_MS) + 100,
             ));
@@ -986,6 +1027,80 @@ fn syn_fin_and_rst_are_never_cached_and_forget_the_flow() {
                 family,
                 &[],
                 &format!("{what}: the next packet"),
+            );
+        }
+    }
+}
+
+/// The FIB is asked on full decisions only: a flow the cache carries keeps its way
+/// while the generation stands (the agent changes it when a route or rule changes).
+/// With a new generation its next packets, each side, ask the kernel's FIB again: a
+/// blackhole route for the remote pod (bridge side) and for the local one (uplink side)
+/// sends them to the kernel (`pass_route`), uncached; with the routes gone and a new
+/// generation the flow is back on the fast path, and cached again.
+#[test]
+fn a_route_change_moves_a_cached_flow_on_its_next_packets() {
+    let mut node = Node::with_recheck(recheck_jiffies(60_000));
+    for ipv6 in [false, true] {
+        let flow = node.flow(ipv6, Proto::Udp);
+        let family = flow.family();
+        let bits = if ipv6 { 128 } else { 32 };
+        let blackholes = [flow.remote.0, flow.local.0].map(|addr| format!("{addr}/{bits}"));
+        node.insert_established(&flow, true, ESTABLISHED);
+        for (program, frame) in both_sides(&flow, 0) {
+            let what = format!("{family:?}, {program}");
+            node.expect_forward(program, &frame, family, &[], &format!("{what}: first"));
+            node.expect_forward(
+                program,
+                &frame,
+                family,
+                &[Counter::CtCached],
+                &format!("{what}: cached"),
+            );
+        }
+        let add: Vec<String> = blackholes
+            .iter()
+            .map(|dst| format!("route add blackhole {dst}"))
+            .collect();
+        node.ns.ip(&add).expect("the blackhole routes");
+        for (program, frame) in both_sides(&flow, 0) {
+            let what = format!("{family:?}, {program}, blackholed");
+            // The cache's verdict stands until the agent says otherwise.
+            node.expect_forward(
+                program,
+                &frame,
+                family,
+                &[Counter::CtCached],
+                &format!("{what}, same generation"),
+            );
+        }
+        node.bump_generation();
+        for (program, frame) in both_sides(&flow, 0) {
+            let what = format!("{family:?}, {program}, blackholed, new generation");
+            node.expect_pass(program, &frame, family, Counter::PassRoute, &what);
+            node.expect_pass(
+                program,
+                &frame,
+                family,
+                Counter::PassRoute,
+                &format!("{what}, again"),
+            );
+        }
+        let delete: Vec<String> = blackholes
+            .iter()
+            .map(|dst| format!("route del blackhole {dst}"))
+            .collect();
+        node.ns.ip(&delete).expect("the blackhole routes gone");
+        node.bump_generation();
+        for (program, frame) in both_sides(&flow, 0) {
+            let what = format!("{family:?}, {program}, the routes gone");
+            node.expect_forward(program, &frame, family, &[], &what);
+            node.expect_forward(
+                program,
+                &frame,
+                family,
+                &[Counter::CtCached],
+                &format!("{what}, cached"),
             );
         }
     }

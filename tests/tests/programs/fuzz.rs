@@ -241,7 +241,7 @@ fn random_and_mutated_frames_are_either_untouched_or_well_formed_redirects() {
                     _ => None,
                 };
                 match (verdict, expected_redirect(program, &f)) {
-                    (TC_ACT_OK, None) => {
+                    (HAND_ON, None) => {
                         assert_eq!(out, f, "{}: passed to the kernel but changed", what());
                         passed[family.map_or(not_ip, |family| family as usize)] += 1;
                     }
@@ -262,7 +262,7 @@ fn random_and_mutated_frames_are_either_untouched_or_well_formed_redirects() {
                         }
                         redirects += 1;
                     }
-                    (TC_ACT_OK, Some(macs)) => {
+                    (HAND_ON, Some(macs)) => {
                         panic!(
                             "{}: left to the kernel, expected a redirect to {macs:02x?}",
                             what()

@@ -4,11 +4,21 @@
 //!
 //! The node the programs run for is n1 ([`model`]); the frames are hgw_tests' frame
 //! builder with the node's addresses ([`frames`]). [`v4`] and [`v6`] hold the cases per
-//! family, [`fuzz`] random and mutated frames checked against the model.
+//! family, [`fuzz`] random and mutated frames checked against the model, [`route`] the
+//! kernel's routing decisions the programs follow, [`hooks`] the tc hooks and qdiscs
+//! they do not skip.
+//!
+//! The programs ask the kernel's FIB on every full decision, in the namespace of the
+//! thread that runs them: each [`Programs`] has a namespace of its own where n1 exists
+//! for real ([`hgw_tests::progns`]), with the interface indexes, MACs, addresses, routes
+//! and neighbours the maps name, and runs the programs from inside it, with the skb on
+//! the device the program sits on (the uplink, the bridge or a port).
 
 mod frames;
 mod fuzz;
+mod hooks;
 mod model;
+mod route;
 mod v4;
 mod v6;
 
@@ -19,21 +29,30 @@ use aya::{
 };
 use hgw_common::{
     COUNTER_NOT_IP, COUNTER_NOT_IP_NAME, COUNTERS_LEN, COUNTERS_PER_FAMILY, Counter, CtTimeouts,
-    Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4, MAP_ENDPOINTS_V6, MAP_ROUTES_V4,
-    MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD,
-    counter_index,
+    Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICES, MAP_ENDPOINTS_V4, MAP_ENDPOINTS_V6,
+    MAP_ROUTES_V4, MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER,
+    PROG_TO_POD, counter_index,
 };
+use hgw_tests::progns::{self, ProgNetns};
 
 use crate::frames::*;
 use crate::model::*;
 
-const TC_ACT_OK: u32 = 0;
+/// What the programs return for a packet they hand on: TC_ACT_UNSPEC (-1), TCX_NEXT
+/// under tcx, as the u32 BPF_PROG_TEST_RUN reports it.
+const HAND_ON: u32 = u32::MAX;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const UPLINK_IFINDEX: u32 = 7;
 const BRIDGE_IFINDEX: u32 = 3;
+/// The host veth of the pod with the endpoint entry, a port of the bridge.
 const POD_IFINDEX: u32 = 9;
+/// Another pod's host veth, a port of the bridge too.
+const OTHER_PORT_IFINDEX: u32 = 10;
 const MTU: u32 = 1500;
+/// offsetof(struct __sk_buff, ifindex): the skb's device, which BPF_PROG_TEST_RUN takes
+/// from the context (it must exist in the caller's namespace).
+const SKB_IFINDEX: usize = 40;
 /// offsetof(struct __sk_buff, gso_size): BPF_PROG_TEST_RUN takes it from the context.
 const SKB_GSO_SIZE: usize = 176;
 
@@ -68,6 +87,12 @@ fn slot_name(index: u32) -> String {
 struct Programs {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
+    /// `HGW_DEVICES`: interface index -> `DEVICE_*` bits.
+    devices: aya::maps::HashMap<MapData, u32, u32>,
+    /// The device `hgw_to_peer` runs on: the bridge, or one of its ports.
+    to_peer_ingress: u32,
+    /// n1, for real; the programs run from inside it. Deleted on drop.
+    ns: ProgNetns,
 }
 
 fn next_hop(mac: Option<[u8; 6]>) -> NextHop {
@@ -152,14 +177,14 @@ fn load_with_cluster(
         _pad: [0; 2],
     };
     let mut routes: LpmTrie<MapData, [u8; 4], NextHop> = take_map(&mut ebpf, MAP_ROUTES_V4);
-    for (prefix, addr, mac) in &v4.routes {
+    for (prefix, addr, mac, _) in &v4.routes {
         let addr = addr.clone().try_into().expect("4 bytes");
         routes
             .insert(&Key::new(*prefix, addr), next_hop(*mac), 0)
             .expect("insert route");
     }
     let mut routes: LpmTrie<MapData, [u8; 16], NextHop> = take_map(&mut ebpf, MAP_ROUTES_V6);
-    for (prefix, addr, mac) in &v6.routes {
+    for (prefix, addr, mac, _) in &v6.routes {
         let addr = addr.clone().try_into().expect("16 bytes");
         routes
             .insert(&Key::new(*prefix, addr), next_hop(*mac), 0)
@@ -176,6 +201,7 @@ fn load_with_cluster(
         .insert(addr, pod, 0)
         .expect("insert IPv6 endpoint");
     let counters = take_map(&mut ebpf, MAP_COUNTERS);
+    let devices = take_map(&mut ebpf, MAP_DEVICES);
     for name in [PROG_TO_PEER, PROG_TO_POD] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -184,7 +210,42 @@ fn load_with_cluster(
             .expect("classifier");
         prog.load().expect("verifier accepts the program");
     }
-    Programs { ebpf, counters }
+    Programs {
+        ebpf,
+        counters,
+        devices,
+        to_peer_ingress: BRIDGE_IFINDEX,
+        ns: n1_netns(),
+    }
+}
+
+/// n1's namespace: the bridge (gateway addresses in both pod CIDRs) with the pod's host
+/// veth and another pod's as ports, the uplink, and the routes and neighbours hgw has the
+/// kernel hold for the peers ([`kernel_routes`]).
+fn n1_netns() -> ProgNetns {
+    let (v4, v6) = (table_v4(), table_v6());
+    let bridge_v4 = format!("{}/{}", addr_text(&v4.gateway), v4.own.1);
+    let bridge_v6 = format!("{}/{}", addr_text(&v6.gateway), v6.own.1);
+    let ns = ProgNetns::node(&progns::Node {
+        bridge: progns::Device {
+            index: BRIDGE_IFINDEX,
+            mac: BRIDGE_MAC,
+            mtu: MTU,
+            addrs: &[&bridge_v4, &bridge_v6],
+        },
+        uplink: progns::Device {
+            index: UPLINK_IFINDEX,
+            mac: UPLINK_MAC,
+            mtu: MTU,
+            addrs: &[UPLINK_V4, UPLINK_V6],
+        },
+        ports: &[POD_IFINDEX, OTHER_PORT_IFINDEX],
+    })
+    .expect("n1's namespace");
+    let mut lines = kernel_routes(&v4, progns::UPLINK);
+    lines.extend(kernel_routes(&v6, progns::UPLINK));
+    ns.ip(&lines).expect("n1's routes and neighbours");
+    ns
 }
 
 impl Programs {
@@ -206,16 +267,26 @@ impl Programs {
             .expect("program")
             .try_into()
             .expect("classifier");
+        // The device the program sits on: where the skb comes in, as the kernel would
+        // have it.
+        let ingress = if program == PROG_TO_PEER {
+            self.to_peer_ingress
+        } else {
+            UPLINK_IFINDEX
+        };
         // A __sk_buff up to and including gso_size, all else zero (the kernel requires
         // that of the fields it does not take from the context).
         let mut ctx = [0u8; SKB_GSO_SIZE + 4];
+        ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ingress.to_ne_bytes());
         ctx[SKB_GSO_SIZE..].copy_from_slice(&gso_size.to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
+        // The program's FIB lookups see the namespace of the thread that runs it.
+        self.ns.enter();
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
-                ctx_in: (gso_size != 0).then_some(&ctx[..]),
+                ctx_in: Some(&ctx[..]),
                 ..TestRunOptions::new()
             })
             .ok()?;
@@ -240,6 +311,24 @@ impl Programs {
         (0..COUNTERS_LEN).map(|i| self.slot_value(i)).collect()
     }
 
+    /// Marks `ifindex` with `flags` (`DEVICE_*`) in `HGW_DEVICES`, as the agent does;
+    /// 0 removes its entry.
+    fn set_device(&mut self, ifindex: u32, flags: u32) {
+        if flags == 0 {
+            // Absent already is as good as removed.
+            let _ = self.devices.remove(&ifindex);
+        } else {
+            self.devices
+                .insert(ifindex, flags, 0)
+                .expect("write HGW_DEVICES");
+        }
+    }
+
+    /// `ip -batch` lines run in n1's namespace (routes, rules, neighbours, links).
+    fn ip(&self, lines: &[&str]) {
+        self.ns.ip(lines).expect("ip in n1's namespace");
+    }
+
     /// Runs `frame`, expects it handed to the kernel unchanged, `reason` counted and
     /// nothing else.
     fn expect_pass(&mut self, program: &str, frame: &[u8], reason: Slot, what: &str) {
@@ -258,7 +347,7 @@ impl Programs {
         let (verdict, out) = self
             .try_run_gso(program, frame, gso_size)
             .unwrap_or_else(|| panic!("{what}: BPF_PROG_TEST_RUN refused the frame"));
-        assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+        assert_eq!(verdict, HAND_ON, "{what}: verdict");
         assert_eq!(
             out, frame,
             "{what}: a packet left to the kernel must be unchanged"
