@@ -200,11 +200,11 @@ section! {
         /// traffic), off (kernel routes only) [default: established].
         #[arg(long, value_enum)]
         pub fast_path: Option<FastPath>,
-        /// `established` mode: how long (ms, at most 1000) a carried flow's conntrack
-        /// verdict and next hop are reused before one of its packets looks them up
-        /// again; a deleted conntrack entry stops the flow's fast path within this
-        /// time (netfilter's own flowtable checks once a second). 0: every packet
-        /// looks conntrack up [default: 100].
+        /// How long (ms, at most 1000) a carried flow's verdict (conntrack's in
+        /// `established` mode, the kernel route's in both) and next hop are reused
+        /// before one of its packets looks them up again; a deleted conntrack entry
+        /// stops the flow's fast path within this time (netfilter's own flowtable
+        /// checks once a second). 0: every packet looks up [default: 100].
         #[arg(long)]
         pub ct_recheck_ms: Option<u32>,
         /// Where the bridge-side program runs: on the bridge, or on each of its ports

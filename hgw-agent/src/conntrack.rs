@@ -46,6 +46,15 @@ pub fn timeouts(recheck_ms: u32) -> Result<CtTimeouts, ConntrackError> {
     ))
 }
 
+/// `all` mode's: no conntrack timeouts, only how long a flow's cached verdict (the
+/// kernel's route and tc hooks, asked on a cache miss) is trusted.
+pub fn recheck_only(recheck_ms: u32) -> Result<CtTimeouts, ConntrackError> {
+    Ok(CtTimeouts {
+        recheck: recheck_jiffies(u64::from(hz()?), recheck_ms),
+        ..CtTimeouts::default()
+    })
+}
+
 /// `ms` in jiffies, rounded up: a recheck is never sooner than asked, and a non-zero
 /// time never becomes 0 (which would turn the flow cache off).
 fn recheck_jiffies(hz: u64, ms: u32) -> u32 {

@@ -11,15 +11,16 @@ use aya::{
     Ebpf,
     maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{SchedClassifierLink, TcAttachOptions},
     },
+    util::KernelVersion,
 };
 use hgw_common::{
-    COUNTER_NOT_IP, Counter, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4,
-    MAP_ENDPOINTS_V6, MAP_GENERATION, MAP_ROUTES_V4, MAP_ROUTES_V6, NextHop, NodeConfig,
-    PROG_TO_PEER, PROG_TO_POD, counter_index,
+    COUNTER_NOT_IP, Counter, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICES,
+    MAP_ENDPOINTS_V4, MAP_ENDPOINTS_V6, MAP_GENERATION, MAP_ROUTES_V4, MAP_ROUTES_V6, NextHop,
+    NodeConfig, PROG_TO_PEER, PROG_TO_POD, counter_index,
 };
 use std::{
     collections::HashMap,
@@ -95,6 +96,10 @@ pub struct Datapath {
     counters_fd: Option<std::os::fd::OwnedFd>,
     endpoints_v4: aya::maps::HashMap<MapData, [u8; 4], Endpoint>,
     endpoints_v6: aya::maps::HashMap<MapData, [u8; 16], Endpoint>,
+    /// Interfaces whose tc hooks a redirect would skip: ifindex -> `DEVICE_*` bits.
+    devices: aya::maps::HashMap<MapData, u32, u32>,
+    /// The ids of hgw's own programs (to tell them from others on a tcx hook).
+    own: Vec<u32>,
     /// Changed after every write to the maps above: the programs' cached flows found
     /// with the old contents are stale.
     generation: Array<MapData, u32>,
@@ -196,6 +201,7 @@ impl Datapath {
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
         let endpoints_v4 = take_map(&mut ebpf, MAP_ENDPOINTS_V4)?;
         let endpoints_v6 = take_map(&mut ebpf, MAP_ENDPOINTS_V6)?;
+        let devices = take_map(&mut ebpf, MAP_DEVICES)?;
         let generation: Array<MapData, u32> = take_map(&mut ebpf, MAP_GENERATION)?;
         // Pinned, it goes on from an earlier agent's value.
         let generation_now = generation
@@ -210,6 +216,8 @@ impl Datapath {
             counters_fd,
             endpoints_v4,
             endpoints_v6,
+            devices,
+            own: Vec::new(),
             generation,
             generation_now,
             ports: HashMap::new(),
@@ -220,10 +228,14 @@ impl Datapath {
         };
         datapath.set_config(node)?;
         for program in [PROG_TO_PEER, PROG_TO_POD] {
-            datapath
-                .program(program)?
-                .load()
-                .map_err(program_error("loading", program))?;
+            let prog = datapath.program(program)?;
+            prog.load().map_err(program_error("loading", program))?;
+            // Read through our own fd: needs no CAP_SYS_ADMIN.
+            let id = prog
+                .info()
+                .map_err(program_error("reading the id of", program))?
+                .id();
+            datapath.own.push(id);
         }
         datapath.attach_node((bridge, bridge_ifindex), (uplink, uplink_ifindex))?;
         Ok(datapath)
@@ -311,9 +323,18 @@ impl Datapath {
             });
         }
         let prog = self.program(program)?;
-        let id = prog
-            .attach(interface, TcAttachType::Ingress)
-            .map_err(program_error("attaching", program))?;
+        // Last on the hook: what was there before hgw has seen every packet, so only
+        // programs attached later are ones a redirect would skip (`DEVICE_INGRESS`).
+        let attached = if tcx() {
+            prog.attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::last()),
+            )
+        } else {
+            prog.attach(interface, TcAttachType::Ingress)
+        };
+        let id = attached.map_err(program_error("attaching", program))?;
         let link = prog
             .take_link(id)
             .map_err(program_error("taking the link of", program))?;
@@ -364,6 +385,36 @@ impl Datapath {
             .set(0, self.generation_now, 0)
             .map_err(map_error("writing", MAP_GENERATION))?;
         result
+    }
+
+    /// Sets interface `ifindex`'s `DEVICE_*` bits (non-zero: zero is no entry).
+    pub fn set_device(&mut self, ifindex: u32, flags: u32) -> Result<(), DatapathError> {
+        let result = self
+            .devices
+            .insert(ifindex, flags, 0)
+            .map_err(map_error("updating", MAP_DEVICES));
+        self.next_generation(result)
+    }
+
+    /// Interface `ifindex` has nothing a redirect would skip.
+    pub fn remove_device(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        let result = absent_is_fine(self.devices.remove(&ifindex));
+        self.next_generation(result.map_err(map_error("deleting from", MAP_DEVICES)))
+    }
+
+    /// The devices map's entries now (an earlier agent's, when pinned).
+    pub fn devices(&self) -> Vec<(u32, u32)> {
+        self.devices.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The kernel's routing changed (a route or a rule): cached flows ask the FIB again.
+    pub fn bump_generation(&mut self) -> Result<(), DatapathError> {
+        self.next_generation(Ok(()))
+    }
+
+    /// The ids of hgw's programs.
+    pub fn own_programs(&self) -> &[u32] {
+        &self.own
     }
 
     pub fn set_endpoint(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<(), DatapathError> {
@@ -583,6 +634,11 @@ fn refuse_foreign_hgw(interface: &str, pins: Option<&Path>) -> Result<(), Datapa
         }
     }
     Ok(())
+}
+
+/// Whether the kernel attaches tc programs with tcx (6.6+), as aya decides in `attach`.
+fn tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
 /// Where the link of `program` on `interface` is pinned.

@@ -221,6 +221,11 @@ impl Kernel {
         Ok(Self { handle })
     }
 
+    /// The request handle, for the tc dumps (`crate::tc`).
+    pub fn handle(&self) -> rtnetlink::Handle {
+        self.handle.clone()
+    }
+
     /// The interface called `name`, or `None` if there is none.
     pub async fn link(&self, name: &str) -> Result<Option<Link>, KernelError> {
         let mut links = self
@@ -616,6 +621,13 @@ pub enum KernelEvent {
         link: Option<Link>,
         deleted: bool,
     },
+    /// A qdisc or a tc filter was added, changed or deleted on interface `ifindex`
+    /// (`None`: on a shared filter block, which may be on any interface).
+    Tc { ifindex: Option<u32> },
+    /// A route outside the main table, or a routing rule, was added or deleted: the
+    /// kernel's routing decisions may have changed (main-table routes come as
+    /// [`KernelEvent::Route`], which means the same besides).
+    Routing,
     /// Events were lost (the socket's buffer overran): what is known must be rebuilt
     /// from dumps.
     Lost,
@@ -637,6 +649,15 @@ impl KernelEvent {
     pub fn from_message(message: RouteNetlinkMessage, flags: u16) -> Option<Self> {
         use RouteNetlinkMessage as M;
         let (message, deleted) = match message {
+            M::NewQueueDiscipline(msg)
+            | M::DelQueueDiscipline(msg)
+            | M::NewTrafficFilter(msg)
+            | M::DelTrafficFilter(msg) => {
+                // A shared block's filters come with the magic index -1.
+                let ifindex = u32::try_from(msg.header.index).ok().filter(|i| *i != 0);
+                return Some(Self::Tc { ifindex });
+            }
+            M::NewRule(_) | M::DelRule(_) => return Some(Self::Routing),
             M::DelNeighbour(msg) => (M::NewNeighbour(msg), true),
             M::DelRoute(msg) => (M::NewRoute(msg), true),
             M::DelLink(msg) => (M::NewLink(msg), true),
@@ -663,7 +684,9 @@ impl KernelEvent {
                 })
             }
             M::NewRoute(msg) => {
-                let (destination, ours) = main_route(&msg)?;
+                let Some((destination, ours)) = main_route(&msg) else {
+                    return Some(Self::Routing);
+                };
                 Some(Self::Route {
                     destination,
                     owner: route_owner(&msg, ours),
@@ -726,14 +749,17 @@ pub struct KernelEvents {
     pub overflowed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Subscribes to neighbour, route and link events.
+/// Subscribes to neighbour, route, rule, link and tc (qdisc and filter) events.
 pub fn subscribe() -> Result<KernelEvents, KernelError> {
     use std::sync::atomic::Ordering;
     let (mut connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Neigh,
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv6Route,
+        MulticastGroup::Ipv4Rule,
+        MulticastGroup::Ipv6Rule,
         MulticastGroup::Link,
+        MulticastGroup::Tc,
     ])
     .map_err(KernelError::Connect)?;
     // Best effort: a smaller buffer only makes an overflow (and a resync) likelier.

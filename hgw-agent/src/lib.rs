@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod nft;
 pub mod setup;
 pub mod status;
+pub mod tc;
 pub mod uninstall;

@@ -37,6 +37,15 @@ use tokio::{
 
 use crate::{datapath::CounterReader, status::Status};
 
+/// How many interfaces of the status carry the `DEVICE_*` flag `flag`.
+fn hooks_with(status: &Status, flag: &str) -> u64 {
+    status
+        .hooks
+        .iter()
+        .filter(|h| h.flags.iter().any(|f| f == flag))
+        .count() as u64
+}
+
 /// Netlink requests that failed (routes, neighbours, links, addresses, dumps).
 static NETLINK_ERRORS: AtomicU64 = AtomicU64::new(0);
 /// etcd requests that failed (connecting, reading, writing, watching, the lease).
@@ -448,6 +457,16 @@ impl Collector for StatusCollector {
                 status.endpoints as u64,
             ),
             (
+                "hgw_tc_hooks_ingress",
+                "Interfaces with something on their tc ingress that a redirect would skip (DEVICE_INGRESS): packets arriving there go to the kernel",
+                hooks_with(&status, "ingress"),
+            ),
+            (
+                "hgw_tc_hooks_egress",
+                "Interfaces with a qdisc, filter or program on their egress (DEVICE_EGRESS): pods behind them get their packets through the bridge",
+                hooks_with(&status, "egress"),
+            ),
+            (
                 "hgw_ready",
                 "1 when every peer route is installed and, with the fast path, every next hop's MAC is known",
                 u64::from(status.ready),
@@ -536,6 +555,7 @@ mod tests {
             endpoints: 3,
             map_entries: 2,
             waiting: None,
+            hooks: Vec::new(),
         }
     }
 

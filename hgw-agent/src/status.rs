@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::datapath::{CounterReader, Counters};
 
 /// The status document; shared with the lab, which reads it without building the agent.
-pub use hgw_common::status::{PeerStatus, Status};
+pub use hgw_common::status::{FilterStatus, HookStatus, PeerStatus, ProgramStatus, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {

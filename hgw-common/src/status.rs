@@ -34,6 +34,127 @@ pub struct Status {
     /// What the agent waits for before it can be ready (etcd, the first peer set).
     #[serde(default)]
     pub waiting: Option<String>,
+    /// What shares hgw's tc hooks, per interface hgw redirects from or past: the
+    /// uplink and the bridge always, a bridge port only when something is on it.
+    #[serde(default)]
+    pub hooks: Vec<HookStatus>,
+}
+
+/// One interface's tc hooks as hgw sees them, and the `DEVICE_*` flags that follow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookStatus {
+    pub interface: String,
+    pub ifindex: u32,
+    /// "uplink", "bridge" or "port".
+    pub role: String,
+    /// hgw's own program runs on this interface's ingress.
+    #[serde(default)]
+    pub hgw: bool,
+    /// tcx ingress programs that run before hgw's (they saw every packet).
+    #[serde(default)]
+    pub tcx_ingress_before: Vec<ProgramStatus>,
+    /// tcx ingress programs a packet hgw redirects would skip: after hgw's on the same
+    /// hook, or (on the bridge, with hgw on its ports) all of them.
+    #[serde(default)]
+    pub tcx_ingress_after: Vec<ProgramStatus>,
+    #[serde(default)]
+    pub tcx_egress: Vec<ProgramStatus>,
+    /// Legacy filters of an `ingress` or `clsact` qdisc (hgw's own left out).
+    #[serde(default)]
+    pub filters: Vec<FilterStatus>,
+    /// The root qdisc, when it is not the default `noqueue`.
+    #[serde(default)]
+    pub root_qdisc: Option<String>,
+    /// The `DEVICE_*` flags the fast path reads for the interface: "ingress" (packets
+    /// arriving here go to the kernel), "egress" (pods behind it get their packets
+    /// through the bridge, not straight into the pod).
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+/// A BPF program by id; its name only when the agent may read it (CAP_SYS_ADMIN).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramStatus {
+    pub id: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl std::fmt::Display for ProgramStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "{} ({name})", self.id),
+            None => write!(f, "{}", self.id),
+        }
+    }
+}
+
+/// A legacy tc filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterStatus {
+    /// "ingress" or "egress".
+    pub parent: String,
+    /// The classifier: "u32", "bpf", "flower", "matchall", ...
+    pub kind: String,
+    pub priority: u16,
+    #[serde(default)]
+    pub chain: u32,
+    /// A cls_bpf filter's program name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl std::fmt::Display for FilterStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} pref {}", self.parent, self.kind, self.priority)?;
+        if self.chain != 0 {
+            write!(f, " chain {}", self.chain)?;
+        }
+        if let Some(name) = &self.name {
+            write!(f, " {name}")?;
+        }
+        Ok(())
+    }
+}
+
+impl HookStatus {
+    /// What shares the hooks, in one line; "-" for nothing.
+    pub fn shared(&self) -> String {
+        let list = |programs: &[ProgramStatus]| {
+            programs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut parts = Vec::new();
+        if !self.tcx_ingress_before.is_empty() {
+            parts.push(format!(
+                "tcx ingress before hgw: {}",
+                list(&self.tcx_ingress_before)
+            ));
+        }
+        if !self.tcx_ingress_after.is_empty() {
+            parts.push(format!(
+                "tcx ingress after hgw: {}",
+                list(&self.tcx_ingress_after)
+            ));
+        }
+        if !self.tcx_egress.is_empty() {
+            parts.push(format!("tcx egress: {}", list(&self.tcx_egress)));
+        }
+        for filter in &self.filters {
+            parts.push(format!("filter {filter}"));
+        }
+        if let Some(qdisc) = &self.root_qdisc {
+            parts.push(format!("root qdisc {qdisc}"));
+        }
+        if parts.is_empty() {
+            "-".to_owned()
+        } else {
+            parts.join("; ")
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,6 +262,30 @@ impl std::fmt::Display for Status {
                     }
                 }
                 writeln!(f)?;
+            }
+        }
+        if !self.hooks.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "{:<16} {:<7} {:<4} {:<14} SHARED WITH",
+                "TC HOOKS ON", "ROLE", "HGW", "FLAGS"
+            )?;
+            for hook in &self.hooks {
+                let flags = if hook.flags.is_empty() {
+                    "-".to_owned()
+                } else {
+                    hook.flags.join(",")
+                };
+                writeln!(
+                    f,
+                    "{:<16} {:<7} {:<4} {:<14} {}",
+                    hook.interface,
+                    hook.role,
+                    if hook.hgw { "yes" } else { "no" },
+                    flags,
+                    hook.shared()
+                )?;
             }
         }
         Ok(())

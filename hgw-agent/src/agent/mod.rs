@@ -19,6 +19,7 @@ pub mod reconcile;
 pub mod sources;
 
 use std::{
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::{Arc, OnceLock, atomic::Ordering},
@@ -46,6 +47,7 @@ use crate::{
     metrics::{self, Health, MetricsError, Reconciles, Trigger},
     setup::{self, SetupError},
     status::{self, Status},
+    tc::Scanner,
 };
 use desired::{NodeFacts, off_link};
 use observed::{Change, Observed};
@@ -65,6 +67,9 @@ const RESOLVE_RETRY_EVERY: Duration = Duration::from_secs(10);
 const FDB_DUMP_EVERY: Duration = Duration::from_secs(1);
 /// Events taken in one go before the loop looks at anything else.
 const EVENT_BATCH: usize = 1024;
+/// How often the tcx hooks are queried: attaching or detaching a tcx program sends no
+/// netlink event.
+const TCX_QUERY_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -212,6 +217,8 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         addresses: other_addresses(&addresses, bridge.index),
     };
     let events = crate::kernel::subscribe()?;
+    // Without the fast path nothing is redirected, so nothing is skipped.
+    let scanner = datapath.is_some().then(|| Scanner::new(kernel.handle()));
     let mut agent = Agent {
         observed: Observed::new(
             (&config.uplink, uplink),
@@ -229,6 +236,10 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         files,
         reconciles,
         health,
+        scanner,
+        tc_dirty: HashSet::new(),
+        tc_all_dirty: false,
+        routing_dirty: false,
     };
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
@@ -338,6 +349,14 @@ struct Agent {
     files: NodeFiles,
     reconciles: Reconciles,
     health: Health,
+    /// Dumps what shares hgw's tc hooks (`None`: no fast path).
+    scanner: Option<Scanner>,
+    /// Interfaces whose qdiscs or filters changed since their last dump.
+    tc_dirty: HashSet<u32>,
+    /// A change that may concern any interface (a shared filter block).
+    tc_all_dirty: bool,
+    /// The kernel's routing changed since the generation was last bumped.
+    routing_dirty: bool,
 }
 
 impl Agent {
@@ -358,8 +377,11 @@ impl Agent {
         self.publish();
         let mut resync = tokio::time::interval(RESYNC_EVERY);
         let mut retry = tokio::time::interval(RESOLVE_RETRY_EVERY);
+        let mut tcx = tokio::time::interval(TCX_QUERY_EVERY);
+        tcx.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
         retry.tick().await;
+        tcx.tick().await;
         let mut peers_open = true;
         loop {
             tokio::select! {
@@ -384,11 +406,18 @@ impl Agent {
                         let Ok(event) = events.events.try_recv() else { break };
                         self.on_event(event).await;
                     }
-                    drop(timer);
                     if events.overflowed.swap(false, Ordering::Relaxed) {
                         warn!("kernel events came faster than the agent took them; resyncing");
+                        self.routing_dirty = true;
                         self.resync().await;
                     }
+                    // Once per batch: a burst of tc or route changes costs one dump
+                    // per interface and one generation.
+                    self.rescan_dirty_hooks().await;
+                    if std::mem::take(&mut self.routing_dirty) {
+                        self.reconciler.routing_changed();
+                    }
+                    drop(timer);
                     self.dump_fdb_if_needed().await;
                 }
                 changed = peers.changed(), if peers_open => match changed {
@@ -412,6 +441,11 @@ impl Agent {
                     self.reconciler.refresh_next_hops(&self.observed).await;
                     self.dump_fdb_if_needed().await;
                 }
+                _ = tcx.tick() => {
+                    if !self.rescan_tcx().await {
+                        continue;
+                    }
+                }
             }
             self.publish();
         }
@@ -424,6 +458,12 @@ impl Agent {
     }
 
     async fn on_event(&mut self, event: KernelEvent) {
+        // A route of any table (hgw's own too: a flow the FIB sent elsewhere while
+        // hgw's route was missing must look again) and a link going away or down
+        // (IPv4 drops its routes without a word) change what the FIB answers.
+        if matches!(event, KernelEvent::Route { .. } | KernelEvent::Link { .. }) {
+            self.routing_dirty = true;
+        }
         let Some(change) = self.observed.apply(event) else {
             return;
         };
@@ -433,9 +473,82 @@ impl Agent {
                 info!(
                     "the uplink or the bridge was created again or came up, or events were lost; resyncing"
                 );
+                self.routing_dirty = true;
                 self.resync().await;
             }
-            change => self.reconciler.on_change(change, &self.observed).await,
+            Change::Routing => self.routing_dirty = true,
+            Change::Tc(Some(ifindex)) => {
+                self.tc_dirty.insert(ifindex);
+            }
+            Change::Tc(None) => self.tc_all_dirty = true,
+            change => {
+                // A new port: its hooks are dumped once hgw is on it.
+                if let Change::Port {
+                    index,
+                    joined: true,
+                    ..
+                } = change
+                {
+                    self.tc_dirty.insert(index);
+                }
+                self.reconciler.on_change(change, &self.observed).await;
+            }
+        }
+    }
+
+    /// Dumps the hooks of the interfaces whose qdiscs or filters changed (all of them
+    /// after a shared block's change) and hands what changed to the reconciler.
+    async fn rescan_dirty_hooks(&mut self) {
+        let all = std::mem::take(&mut self.tc_all_dirty);
+        let dirty = std::mem::take(&mut self.tc_dirty);
+        if !all && dirty.is_empty() {
+            return;
+        }
+        let ifindexes: Vec<u32> = if all {
+            self.observed.hooked()
+        } else {
+            dirty.into_iter().collect()
+        };
+        self.scan_hooks(&ifindexes, all).await;
+    }
+
+    /// Dumps the hooks of `ifindexes` (`all`: every hooked interface) into the
+    /// observed state, and lets the reconciler write the devices map if they changed.
+    async fn scan_hooks(&mut self, ifindexes: &[u32], all: bool) {
+        let Some(scanner) = &mut self.scanner else {
+            return;
+        };
+        match scanner.scan(ifindexes).await {
+            Ok(scanned) => {
+                if let Some(change) = self.observed.set_hooks(scanned, all) {
+                    self.reconciler.on_change(change, &self.observed).await;
+                }
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
+
+    /// Queries the tcx hooks again (no event tells of tcx changes); whether any
+    /// changed.
+    async fn rescan_tcx(&mut self) -> bool {
+        let Some(scanner) = &mut self.scanner else {
+            return false;
+        };
+        match scanner.rescan_tcx(&self.observed.hooks) {
+            Ok(changed) if changed.is_empty() => false,
+            Ok(changed) => {
+                let change = self
+                    .observed
+                    .set_hooks(changed.into_iter().collect(), false);
+                if let Some(change) = change {
+                    self.reconciler.on_change(change, &self.observed).await;
+                }
+                true
+            }
+            Err(e) => {
+                warn!("{e}");
+                false
+            }
         }
     }
 
@@ -492,6 +605,11 @@ impl Agent {
             (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => warn!("{e}"),
         }
         self.reconciler.attach(&self.observed);
+        // After the attach: hgw's place on each hook is part of what is dumped.
+        self.tc_dirty.clear();
+        self.tc_all_dirty = false;
+        let hooked = self.observed.hooked();
+        self.scan_hooks(&hooked, true).await;
         self.write_node_config();
         self.reconciler.resync(&self.observed).await;
     }
@@ -554,6 +672,10 @@ impl Agent {
             endpoints: self.reconciler.endpoints(),
             map_entries: self.reconciler.map_entries(),
             waiting: (!peers_known).then(|| "waiting for the first peer set".to_owned()),
+            hooks: match &self.scanner {
+                Some(scanner) => self.reconciler.hook_status(&self.observed, scanner.names()),
+                None => Vec::new(),
+            },
         };
         self.snapshot.send_replace(Arc::new(status));
     }
@@ -620,6 +742,26 @@ impl FastPathMaps for Datapath {
     fn entries(&self) -> MapEntries {
         (self.routes(), self.endpoints())
     }
+
+    fn set_device(&mut self, ifindex: u32, flags: u32) -> Result<(), DatapathError> {
+        if flags == 0 {
+            Datapath::remove_device(self, ifindex)
+        } else {
+            Datapath::set_device(self, ifindex, flags)
+        }
+    }
+
+    fn devices(&self) -> Vec<(u32, u32)> {
+        Datapath::devices(self)
+    }
+
+    fn bump_generation(&mut self) -> Result<(), DatapathError> {
+        Datapath::bump_generation(self)
+    }
+
+    fn own_programs(&self) -> Vec<u32> {
+        Datapath::own_programs(self).to_vec()
+    }
 }
 
 fn first_ipv4(networks: &[IpNet]) -> Option<Ipv4Addr> {
@@ -671,11 +813,12 @@ fn node_config(
         cluster_mask_v6: v6
             .map(|v6| v6.cluster_cidr.netmask().octets())
             .unwrap_or_default(),
-        // Only `established` mode uses them (and only it needs conntrack at all).
+        // Only `established` mode needs conntrack at all; `all` mode caches flows'
+        // route verdicts too.
         ct: if config.fast_path == FastPath::Established {
             conntrack::timeouts(config.ct_recheck_ms)?
         } else {
-            Default::default()
+            conntrack::recheck_only(config.ct_recheck_ms)?
         },
     })
 }
@@ -780,6 +923,7 @@ fn waiting_status(config: &Config, waiting: String) -> Status {
         endpoints: 0,
         map_entries: 0,
         waiting: Some(waiting),
+        hooks: Vec::new(),
     }
 }
 

@@ -1,7 +1,9 @@
 //! What the kernel holds, as far as the agent needs it: the uplink's and the bridge's
-//! links, the next hops' neighbour entries, the main table's owners per prefix, and the
-//! bridge's pods (IP -> MAC, MAC -> port). Fed by dumps at a resync and by typed kernel
-//! events in between; never by the sources, and never written to the kernel.
+//! links, the next hops' neighbour entries, the main table's owners per prefix, the
+//! bridge's pods (IP -> MAC, MAC -> port), and what shares hgw's tc hooks on the
+//! uplink, the bridge and its ports. Fed by dumps at a resync and by typed kernel
+//! events in between (tc: an event says which interface to dump again, tcx hooks are
+//! queried on a timer); never by the sources, and never written to the kernel.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -11,7 +13,10 @@ use std::{
 use hgw_common::Endpoint;
 use ipnet::IpNet;
 
-use crate::kernel::{KernelEvent, Link, Neighbour, PrefixOwners, RouteOwner};
+use crate::{
+    kernel::{KernelEvent, Link, Neighbour, PrefixOwners, RouteOwner},
+    tc::Hooks,
+};
 
 /// A next hop's neighbour entry on the uplink.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,6 +43,13 @@ pub enum Change {
     },
     /// The uplink's or the bridge's MAC or MTU changed.
     Links,
+    /// A qdisc or filter changed on this hooked interface (`None`: possibly on any):
+    /// its hooks are to be dumped again.
+    Tc(Option<u32>),
+    /// What shares hgw's tc hooks changed (after a dump or a tcx query).
+    Hooks,
+    /// The kernel's routing (a table other than main, or a rule) changed.
+    Routing,
     /// The uplink or the bridge was made again under its name or came up (the kernel
     /// drops routes through a device that goes, without telling), or events were lost:
     /// everything is looked at again.
@@ -63,6 +75,9 @@ pub struct Observed {
     pub ports: HashMap<u32, String>,
     /// This node's pod CIDRs (only neighbours inside them are pods).
     pub pod_cidrs: Vec<IpNet>,
+    /// What shares the tc hooks of the uplink, the bridge and its ports, by ifindex
+    /// (an interface not scanned yet has no entry).
+    pub hooks: HashMap<u32, Hooks>,
 }
 
 impl Observed {
@@ -82,7 +97,38 @@ impl Observed {
             fdb: HashMap::new(),
             ports: HashMap::new(),
             pod_cidrs,
+            hooks: HashMap::new(),
         }
+    }
+
+    /// The interfaces whose tc hooks matter: the uplink, the bridge, its ports.
+    pub fn hooked(&self) -> Vec<u32> {
+        [self.uplink.index, self.bridge.index]
+            .into_iter()
+            .chain(self.ports.keys().copied())
+            .collect()
+    }
+
+    fn is_hooked(&self, ifindex: u32) -> bool {
+        ifindex == self.uplink.index
+            || ifindex == self.bridge.index
+            || self.ports.contains_key(&ifindex)
+    }
+
+    /// The hooks of `scanned`'s interfaces, from dumps; with `all`, the hooks of every
+    /// hooked interface (one missing from `scanned` is gone). Says whether anything
+    /// changed.
+    pub fn set_hooks(&mut self, scanned: HashMap<u32, Hooks>, all: bool) -> Option<Change> {
+        let before = self.hooks.clone();
+        if all {
+            self.hooks.clear();
+        }
+        for (ifindex, hooks) in scanned {
+            if self.is_hooked(ifindex) {
+                self.hooks.insert(ifindex, hooks);
+            }
+        }
+        (self.hooks != before).then_some(Change::Hooks)
     }
 
     /// The uplink's neighbour table, from a dump.
@@ -195,6 +241,11 @@ impl Observed {
                 link,
                 deleted,
             } => self.on_link(index, name, controller, link, deleted),
+            KernelEvent::Tc {
+                ifindex: Some(ifindex),
+            } => self.is_hooked(ifindex).then_some(Change::Tc(Some(ifindex))),
+            KernelEvent::Tc { ifindex: None } => Some(Change::Tc(None)),
+            KernelEvent::Routing => Some(Change::Routing),
             KernelEvent::Lost => Some(Change::Resync),
         }
     }
@@ -244,6 +295,7 @@ impl Observed {
             }
             (false, true) => {
                 let name = self.ports.remove(&index).unwrap_or_default();
+                self.hooks.remove(&index);
                 Some(Change::Port {
                     index,
                     name,
@@ -391,6 +443,24 @@ mod tests {
         assert_eq!(o.prefixes[&prefix].foreign.as_deref(), Some("static"));
         assert_eq!(o.apply(event(foreign, true)), Some(Change::Prefix(prefix)));
         assert!(!o.prefixes.contains_key(&prefix));
+    }
+
+    #[test]
+    fn tc_events_concern_hooked_interfaces_only() {
+        let mut o = observed();
+        let tc = |ifindex| KernelEvent::Tc { ifindex };
+        assert_eq!(o.apply(tc(Some(UPLINK))), Some(Change::Tc(Some(UPLINK))));
+        assert_eq!(o.apply(tc(Some(40))), None, "not a port");
+        o.apply(port(40, Some(BRIDGE)));
+        assert_eq!(o.apply(tc(Some(40))), Some(Change::Tc(Some(40))));
+        assert_eq!(o.apply(tc(None)), Some(Change::Tc(None)));
+        // Scanned hooks are kept for hooked interfaces only, and go with the port.
+        let scanned = HashMap::from([(40, Hooks::default()), (41, Hooks::default())]);
+        assert_eq!(o.set_hooks(scanned.clone(), false), Some(Change::Hooks));
+        assert_eq!(o.set_hooks(scanned, false), None, "nothing new");
+        assert!(o.hooks.contains_key(&40) && !o.hooks.contains_key(&41));
+        o.apply(port(40, None));
+        assert!(o.hooks.is_empty());
     }
 
     #[test]

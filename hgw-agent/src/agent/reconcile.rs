@@ -24,7 +24,8 @@ use super::{
 use crate::{
     datapath::DatapathError,
     kernel::{HgwRoute, KernelError, PrefixOwners, format_mac},
-    status::PeerStatus,
+    status::{HookStatus, PeerStatus},
+    tc::Role,
 };
 
 /// How many route requests are in flight at once: the kernel answers them in order,
@@ -69,6 +70,14 @@ pub trait FastPathMaps {
     /// What the route and endpoint maps hold now: an earlier agent's entries when the
     /// maps are pinned.
     fn entries(&self) -> MapEntries;
+    /// Sets an interface's `DEVICE_*` bits; 0 removes its entry.
+    fn set_device(&mut self, ifindex: u32, flags: u32) -> Result<(), DatapathError>;
+    /// What the devices map holds now.
+    fn devices(&self) -> Vec<(u32, u32)>;
+    /// Makes every cached flow stale, with no map write (the kernel's routing changed).
+    fn bump_generation(&mut self) -> Result<(), DatapathError>;
+    /// The ids of hgw's own programs.
+    fn own_programs(&self) -> Vec<u32>;
 }
 
 /// What is known of one desired route in the kernel.
@@ -97,6 +106,8 @@ pub struct Reconciler<R, M> {
     map: HashMap<IpNet, NextHop>,
     /// What the endpoint map holds: local pods for direct delivery.
     endpoints: HashMap<IpAddr, Endpoint>,
+    /// What the devices map holds: ifindex -> `DEVICE_*` bits, never 0.
+    devices: HashMap<u32, u32>,
     /// Skipped peer routes already warned about.
     warned: HashSet<(IpNet, IpAddr)>,
 }
@@ -106,6 +117,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         // Entries already in the maps (pinned ones) are known, so that the ones no peer
         // wants go once the source has spoken, and the rest cost no write.
         let (map, endpoints) = maps.as_ref().map(M::entries).unwrap_or_default();
+        let devices = maps.as_ref().map(M::devices).unwrap_or_default();
         Self {
             routes,
             maps,
@@ -116,6 +128,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             state: HashMap::new(),
             map: map.into_iter().collect(),
             endpoints: endpoints.into_iter().collect(),
+            devices: devices.into_iter().collect(),
             warned: HashSet::new(),
         }
     }
@@ -233,6 +246,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         self.remove_unwanted(observed).await;
         self.write_all_map_entries(observed);
         self.sync_all_endpoints(observed);
+        self.sync_devices(observed);
         self.resolve_unresolved(observed).await;
     }
 
@@ -304,9 +318,14 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 for ip in on_port {
                     self.sync_endpoint(ip, observed);
                 }
+                // A port gone takes its devices entry along.
+                self.sync_devices(observed);
             }
-            // The caller writes the node config and redoes the rest.
-            Change::Links | Change::Resync => {}
+            Change::Hooks => self.sync_devices(observed),
+            Change::Routing => self.routing_changed(),
+            // The caller writes the node config and redoes the rest, or (tc) dumps the
+            // interface's hooks again.
+            Change::Links | Change::Resync | Change::Tc(_) => {}
         }
     }
 
@@ -585,6 +604,116 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
+    /// Where an interface sits on the redirect's way, and whether hgw's program runs
+    /// on its ingress; `None`: not an interface hgw redirects from or past.
+    fn placement(&self, ifindex: u32, observed: &Observed) -> Option<(Role, bool)> {
+        if ifindex == observed.uplink.index {
+            Some((Role::Uplink, true))
+        } else if ifindex == observed.bridge.index {
+            Some((Role::Bridge, !self.follow_ports))
+        } else if observed.ports.contains_key(&ifindex) {
+            Some((Role::Port, self.follow_ports))
+        } else {
+            None
+        }
+    }
+
+    fn interface_name<'a>(&self, ifindex: u32, observed: &'a Observed) -> &'a str {
+        if ifindex == observed.uplink.index {
+            &observed.uplink_name
+        } else if ifindex == observed.bridge.index {
+            &observed.bridge_name
+        } else {
+            observed.ports.get(&ifindex).map_or("", String::as_str)
+        }
+    }
+
+    /// The devices map brought to what the observed hooks say: an entry for each
+    /// hooked interface with flags, none for the others; only differences written.
+    pub fn sync_devices(&mut self, observed: &Observed) {
+        let Some(maps) = &self.maps else { return };
+        let own = maps.own_programs();
+        let want: HashMap<u32, u32> = observed
+            .hooks
+            .iter()
+            .filter_map(|(ifindex, hooks)| {
+                let (role, here) = self.placement(*ifindex, observed)?;
+                let flags = hooks.flags(role, here, &own);
+                (flags != 0).then_some((*ifindex, flags))
+            })
+            .collect();
+        let mut writes: Vec<(u32, u32)> = want
+            .iter()
+            .filter(|(ifindex, flags)| self.devices.get(ifindex) != Some(flags))
+            .map(|(ifindex, flags)| (*ifindex, *flags))
+            .collect();
+        writes.extend(
+            self.devices
+                .keys()
+                .filter(|ifindex| !want.contains_key(ifindex))
+                .map(|ifindex| (*ifindex, 0)),
+        );
+        for (ifindex, flags) in writes {
+            let name = self.interface_name(ifindex, observed).to_owned();
+            let Some(maps) = &mut self.maps else { return };
+            match maps.set_device(ifindex, flags) {
+                Ok(()) if flags == 0 => {
+                    if self.devices.remove(&ifindex).is_some() && !name.is_empty() {
+                        info!("tc hooks of {name}: nothing a redirect would skip");
+                    }
+                }
+                Ok(()) => {
+                    self.devices.insert(ifindex, flags);
+                    info!(
+                        "tc hooks of {name} (ifindex {ifindex}): {} (the fast path leaves what they concern to the kernel)",
+                        crate::tc::flag_names(flags).join(" and ")
+                    );
+                }
+                Err(e) => warn!("{e}"),
+            }
+        }
+    }
+
+    /// The kernel's routing changed: every cached flow asks the FIB again.
+    pub fn routing_changed(&mut self) {
+        let Some(maps) = &mut self.maps else { return };
+        if let Err(e) = maps.bump_generation() {
+            warn!("{e}");
+        }
+    }
+
+    /// What shares hgw's hooks: the uplink and the bridge, and each port with
+    /// something on it. Program names from `names`, where known.
+    pub fn hook_status(
+        &self,
+        observed: &Observed,
+        names: &HashMap<u32, Option<String>>,
+    ) -> Vec<HookStatus> {
+        let Some(maps) = &self.maps else {
+            return Vec::new();
+        };
+        let own = maps.own_programs();
+        let mut ports: Vec<(&String, u32)> = observed
+            .ports
+            .iter()
+            .map(|(ifindex, name)| (name, *ifindex))
+            .collect();
+        ports.sort();
+        [observed.uplink.index, observed.bridge.index]
+            .into_iter()
+            .chain(ports.into_iter().map(|(_, ifindex)| ifindex))
+            .filter_map(|ifindex| {
+                let placement = self.placement(ifindex, observed)?;
+                let hooks = observed.hooks.get(&ifindex).cloned().unwrap_or_default();
+                if placement.0 == Role::Port && !hooks.is_shared(&own) {
+                    return None;
+                }
+                let name = self.interface_name(ifindex, observed);
+                Some(hooks.status((name, ifindex), placement, &own, names))
+            })
+            .collect()
+    }
+
     /// Pods the bridge knows whose port is not known yet: a forwarding dump would tell.
     pub fn pods_without_port(&self, observed: &Observed) -> bool {
         self.maps.is_some()
@@ -738,7 +867,9 @@ mod tests {
     #[derive(Default)]
     struct FakeMaps {
         routes: BTreeMap<IpNet, NextHop>,
+        devices: BTreeMap<u32, u32>,
         writes: usize,
+        generation: u32,
     }
 
     impl FastPathMaps for FakeMaps {
@@ -774,6 +905,100 @@ mod tests {
                 Vec::new(),
             )
         }
+        fn set_device(&mut self, ifindex: u32, flags: u32) -> Result<(), DatapathError> {
+            self.writes += 1;
+            self.generation += 1;
+            if flags == 0 {
+                self.devices.remove(&ifindex);
+            } else {
+                self.devices.insert(ifindex, flags);
+            }
+            Ok(())
+        }
+        fn devices(&self) -> Vec<(u32, u32)> {
+            self.devices.iter().map(|(i, f)| (*i, *f)).collect()
+        }
+        fn bump_generation(&mut self) -> Result<(), DatapathError> {
+            self.generation += 1;
+            Ok(())
+        }
+        fn own_programs(&self) -> Vec<u32> {
+            vec![HGW_PROGRAM]
+        }
+    }
+
+    const HGW_PROGRAM: u32 = 100;
+
+    #[test]
+    fn the_devices_map_follows_the_hooks_writing_only_differences() {
+        use crate::{agent::fixtures::BRIDGE, tc::Hooks};
+        use hgw_common::{DEVICE_EGRESS, DEVICE_INGRESS};
+        let routes = FakeRoutes::default();
+        let mut observed = observed();
+        // Left by an earlier agent in a pinned map, for an interface now clean.
+        let maps = FakeMaps {
+            devices: BTreeMap::from([(UPLINK, DEVICE_INGRESS)]),
+            ..FakeMaps::default()
+        };
+        let mut r = Reconciler::new(&routes, Some(maps), true);
+        observed.apply(KernelEvent::Link {
+            index: 20,
+            name: Some("veth20".into()),
+            controller: Some(BRIDGE),
+            link: None,
+            deleted: false,
+        });
+        let clean = Hooks {
+            tcx_ingress: vec![HGW_PROGRAM],
+            root_qdisc: Some("noqueue".into()),
+            ..Hooks::default()
+        };
+        let limited = Hooks {
+            root_qdisc: Some("tbf".into()),
+            ..clean.clone()
+        };
+        let scanned = HashMap::from([
+            (UPLINK, clean.clone()),
+            // hgw on the ports: anything on the bridge's ingress is skipped.
+            (
+                BRIDGE,
+                Hooks {
+                    tcx_ingress: vec![7],
+                    ..Hooks::default()
+                },
+            ),
+            (20, limited),
+        ]);
+        let change = observed.set_hooks(scanned, true).expect("a change");
+        block_on(r.on_change(change, &observed));
+        let maps = r.maps.as_ref().expect("present");
+        assert_eq!(
+            maps.devices,
+            BTreeMap::from([(BRIDGE, DEVICE_INGRESS), (20, DEVICE_EGRESS)])
+        );
+        assert_eq!(maps.writes, 3, "two set, one removed");
+        assert!(maps.generation >= 3, "every write makes cached flows stale");
+        let status = r.hook_status(&observed, &HashMap::new());
+        assert_eq!(
+            status
+                .iter()
+                .map(|h| h.interface.as_str())
+                .collect::<Vec<_>>(),
+            ["eth0", "cni0", "veth20"]
+        );
+        // The limit is removed: only that entry goes.
+        r.maps.as_mut().expect("present").writes = 0;
+        let change = observed.set_hooks(HashMap::from([(20, clean)]), false);
+        block_on(r.on_change(change.expect("a change"), &observed));
+        let maps = r.maps.as_ref().expect("present");
+        assert_eq!(maps.devices, BTreeMap::from([(BRIDGE, DEVICE_INGRESS)]));
+        assert_eq!(maps.writes, 1);
+        assert_eq!(r.hook_status(&observed, &HashMap::new()).len(), 2);
+        // A routing change: no write, a new generation.
+        let generation = maps.generation;
+        block_on(r.on_change(Change::Routing, &observed));
+        let maps = r.maps.as_ref().expect("present");
+        assert_eq!((maps.writes, maps.generation), (1, generation + 1));
     }
 
     fn node() -> NodeFacts {

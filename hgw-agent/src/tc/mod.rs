@@ -1,0 +1,345 @@
+//! What shares hgw's tc hooks: the tcx programs (in order), the legacy `ingress` and
+//! `clsact` filters and the root qdisc of each interface hgw redirects from or past
+//! (the uplink, the bridge, its ports), and the `DEVICE_*` flags that follow from them
+//! (see `hgw_common::DEVICE_INGRESS`): a redirect must never skip what the kernel path
+//! would have run.
+//!
+//! Legacy tc changes arrive as netlink events; tcx attach and detach send none, so the
+//! tcx hooks are queried (`BPF_PROG_QUERY`, one syscall per hook) on a timer.
+
+mod scan;
+
+use std::collections::HashMap;
+
+use hgw_common::{DEVICE_EGRESS, DEVICE_INGRESS, status::FilterStatus};
+
+pub use scan::{Scanner, TcError, tcx_programs};
+
+/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`: the filters of an `ingress` qdisc, or
+/// of a `clsact` qdisc's ingress, are dumped with this parent.
+pub const PARENT_INGRESS: u32 = 0xFFFF_FFF2;
+/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)`: a `clsact` qdisc's egress filters.
+pub const PARENT_EGRESS: u32 = 0xFFFF_FFF3;
+/// The root qdisc veths and bridges get: nothing queues or shapes there.
+const DEFAULT_ROOT: &str = "noqueue";
+
+/// Where an interface sits on the way of the packets hgw redirects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `hgw_to_pod` runs on its ingress.
+    Uplink,
+    /// Pods' gateway; `hgw_to_peer` runs on its ingress or on its ports'.
+    Bridge,
+    /// A pod's host veth.
+    Port,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Uplink => "uplink",
+            Role::Bridge => "bridge",
+            Role::Port => "port",
+        }
+    }
+}
+
+/// A legacy tc filter on an `ingress` or `clsact` qdisc.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Filter {
+    /// On a `clsact` egress (else on the ingress).
+    pub egress: bool,
+    /// Its classifier: `u32`, `bpf`, `flower`, `matchall`, ...
+    pub kind: String,
+    pub priority: u16,
+    pub chain: u32,
+    /// A cls_bpf filter's program name.
+    pub name: Option<String>,
+}
+
+/// What one interface's tc hooks hold, besides hgw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// tcx ingress programs by id, in the order they run (hgw's own included).
+    pub tcx_ingress: Vec<u32>,
+    /// tcx egress programs by id, in order.
+    pub tcx_egress: Vec<u32>,
+    /// The root qdisc's kind; `None`: none listed (a device that is down).
+    pub root_qdisc: Option<String>,
+    /// Legacy filters (hgw's own cls_bpf left out), sorted.
+    pub filters: Vec<Filter>,
+}
+
+impl Hooks {
+    /// The tcx ingress programs other than hgw's that run before and after it on the
+    /// way of a packet hgw redirects. `hgw_here`: hgw's program is on this ingress.
+    /// On the bridge with hgw on its ports, all of them come after (the redirect at
+    /// the port skips the bridge); on a port with hgw on the bridge, all before.
+    pub fn ingress_split(&self, role: Role, hgw_here: bool, own: &[u32]) -> (Vec<u32>, Vec<u32>) {
+        let foreign = |ids: &[u32]| -> Vec<u32> {
+            ids.iter().copied().filter(|id| !own.contains(id)).collect()
+        };
+        if !hgw_here {
+            return match role {
+                Role::Port => (foreign(&self.tcx_ingress), Vec::new()),
+                Role::Uplink | Role::Bridge => (Vec::new(), foreign(&self.tcx_ingress)),
+            };
+        }
+        match self.tcx_ingress.iter().rposition(|id| own.contains(id)) {
+            Some(at) => (
+                foreign(&self.tcx_ingress[..at]),
+                foreign(&self.tcx_ingress[at + 1..]),
+            ),
+            // hgw's program is not (yet) on the hook, or not by tcx: whatever is there
+            // is not known to run first.
+            None => (Vec::new(), foreign(&self.tcx_ingress)),
+        }
+    }
+
+    /// Whether a legacy filter on the ingress is on the redirect's way: everywhere but
+    /// on a port whose packets hgw takes at the bridge (the port's filters ran first).
+    fn ingress_filters_matter(role: Role, hgw_here: bool) -> bool {
+        hgw_here || role != Role::Port
+    }
+
+    /// The `DEVICE_*` bits for this interface.
+    pub fn flags(&self, role: Role, hgw_here: bool, own: &[u32]) -> u32 {
+        let mut flags = 0;
+        let (_, after) = self.ingress_split(role, hgw_here, own);
+        let filters =
+            Self::ingress_filters_matter(role, hgw_here) && self.filters.iter().any(|f| !f.egress);
+        if !after.is_empty() || filters {
+            flags |= DEVICE_INGRESS;
+        }
+        // A redirect into the uplink goes through its egress like the kernel's own
+        // packets; only delivery into a pod skips the bridge's and the veth's.
+        if role != Role::Uplink && self.egress_shared() {
+            flags |= DEVICE_EGRESS;
+        }
+        flags
+    }
+
+    /// Anything on the egress: a qdisc other than `noqueue`, clsact egress filters, a
+    /// tcx egress program (hgw has none there).
+    fn egress_shared(&self) -> bool {
+        self.root_qdisc
+            .as_deref()
+            .is_some_and(|k| k != DEFAULT_ROOT)
+            || self.filters.iter().any(|f| f.egress)
+            || !self.tcx_egress.is_empty()
+    }
+
+    /// The status entry of this interface, `None` when nothing shares its hooks.
+    pub fn status(
+        &self,
+        (interface, ifindex): (&str, u32),
+        (role, hgw_here): (Role, bool),
+        own: &[u32],
+        names: &HashMap<u32, Option<String>>,
+    ) -> hgw_common::status::HookStatus {
+        use hgw_common::status::ProgramStatus;
+        let program = |id: u32| ProgramStatus {
+            id,
+            name: names.get(&id).cloned().flatten(),
+        };
+        let (before, after) = self.ingress_split(role, hgw_here, own);
+        let flags = self.flags(role, hgw_here, own);
+        hgw_common::status::HookStatus {
+            interface: interface.to_owned(),
+            ifindex,
+            role: role.name().to_owned(),
+            hgw: hgw_here,
+            tcx_ingress_before: before.into_iter().map(program).collect(),
+            tcx_ingress_after: after.into_iter().map(program).collect(),
+            tcx_egress: self.tcx_egress.iter().copied().map(program).collect(),
+            filters: self
+                .filters
+                .iter()
+                .map(|f| FilterStatus {
+                    parent: if f.egress { "egress" } else { "ingress" }.to_owned(),
+                    kind: f.kind.clone(),
+                    priority: f.priority,
+                    chain: f.chain,
+                    name: f.name.clone(),
+                })
+                .collect(),
+            root_qdisc: self.root_qdisc.clone().filter(|k| k != DEFAULT_ROOT),
+            flags: flag_names(flags),
+        }
+    }
+
+    /// Whether anything at all shares the hooks (status lists only those ports).
+    pub fn is_shared(&self, own: &[u32]) -> bool {
+        self.tcx_ingress.iter().any(|id| !own.contains(id))
+            || !self.tcx_egress.is_empty()
+            || !self.filters.is_empty()
+            || self
+                .root_qdisc
+                .as_deref()
+                .is_some_and(|k| k != DEFAULT_ROOT)
+    }
+}
+
+/// `DEVICE_*` bits by name, for status.
+pub fn flag_names(flags: u32) -> Vec<String> {
+    [(DEVICE_INGRESS, "ingress"), (DEVICE_EGRESS, "egress")]
+        .into_iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| name.to_owned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HGW: u32 = 10;
+    const OWN: &[u32] = &[HGW, 11];
+
+    fn filter(egress: bool, kind: &str) -> Filter {
+        Filter {
+            egress,
+            kind: kind.into(),
+            priority: 49152,
+            chain: 0,
+            name: None,
+        }
+    }
+
+    fn noqueue() -> Hooks {
+        Hooks {
+            root_qdisc: Some(DEFAULT_ROOT.into()),
+            ..Hooks::default()
+        }
+    }
+
+    #[test]
+    fn programs_before_hgw_already_ran() {
+        let hooks = Hooks {
+            tcx_ingress: vec![5, HGW],
+            ..noqueue()
+        };
+        assert_eq!(hooks.flags(Role::Uplink, true, OWN), 0);
+        assert_eq!(
+            hooks.ingress_split(Role::Uplink, true, OWN),
+            (vec![5], vec![])
+        );
+        let later = Hooks {
+            tcx_ingress: vec![5, HGW, 7],
+            ..noqueue()
+        };
+        assert_eq!(later.flags(Role::Port, true, OWN), DEVICE_INGRESS);
+        assert_eq!(
+            later.ingress_split(Role::Port, true, OWN),
+            (vec![5], vec![7])
+        );
+    }
+
+    #[test]
+    fn hgw_not_on_its_hook_yet_counts_everything_as_after() {
+        let hooks = Hooks {
+            tcx_ingress: vec![5],
+            ..noqueue()
+        };
+        assert_eq!(hooks.flags(Role::Uplink, true, OWN), DEVICE_INGRESS);
+    }
+
+    #[test]
+    fn the_bridge_with_hgw_on_its_ports_counts_anything_on_its_ingress() {
+        let hooks = Hooks {
+            tcx_ingress: vec![5],
+            ..noqueue()
+        };
+        assert_eq!(hooks.flags(Role::Bridge, false, OWN), DEVICE_INGRESS);
+        let filtered = Hooks {
+            filters: vec![filter(false, "u32")],
+            ..noqueue()
+        };
+        assert_eq!(filtered.flags(Role::Bridge, false, OWN), DEVICE_INGRESS);
+        assert_eq!(noqueue().flags(Role::Bridge, false, OWN), 0);
+    }
+
+    #[test]
+    fn a_ports_ingress_runs_before_hgw_on_the_bridge() {
+        let hooks = Hooks {
+            tcx_ingress: vec![5],
+            filters: vec![filter(false, "u32")],
+            ..noqueue()
+        };
+        assert_eq!(hooks.flags(Role::Port, false, OWN), 0);
+        assert_eq!(
+            hooks.ingress_split(Role::Port, false, OWN),
+            (vec![5], vec![])
+        );
+    }
+
+    #[test]
+    fn the_bandwidth_plugin_sets_both_flags_on_a_port() {
+        // Its egress limit: an ingress qdisc with a u32 filter (mirred to an ifb); its
+        // ingress limit: a tbf root qdisc.
+        let hooks = Hooks {
+            tcx_ingress: vec![HGW],
+            root_qdisc: Some("tbf".into()),
+            filters: vec![filter(false, "u32")],
+            ..Hooks::default()
+        };
+        assert_eq!(
+            hooks.flags(Role::Port, true, OWN),
+            DEVICE_INGRESS | DEVICE_EGRESS
+        );
+        assert!(hooks.is_shared(OWN));
+    }
+
+    #[test]
+    fn egress_counts_on_the_bridge_and_ports_only() {
+        let tcx = Hooks {
+            tcx_ingress: vec![HGW],
+            tcx_egress: vec![9],
+            ..noqueue()
+        };
+        assert_eq!(tcx.flags(Role::Bridge, true, OWN), DEVICE_EGRESS);
+        assert_eq!(tcx.flags(Role::Uplink, true, OWN), 0);
+        let clsact = Hooks {
+            tcx_ingress: vec![HGW],
+            filters: vec![filter(true, "flower")],
+            ..noqueue()
+        };
+        assert_eq!(clsact.flags(Role::Port, true, OWN), DEVICE_EGRESS);
+        let fq = Hooks {
+            tcx_ingress: vec![HGW],
+            root_qdisc: Some("fq_codel".into()),
+            ..Hooks::default()
+        };
+        assert_eq!(fq.flags(Role::Uplink, true, OWN), 0);
+        assert_eq!(fq.flags(Role::Port, true, OWN), DEVICE_EGRESS);
+    }
+
+    #[test]
+    fn nothing_shared_means_no_flags() {
+        let hooks = Hooks {
+            tcx_ingress: vec![HGW],
+            ..noqueue()
+        };
+        assert!(!hooks.is_shared(OWN));
+        for role in [Role::Uplink, Role::Bridge, Role::Port] {
+            assert_eq!(hooks.flags(role, true, OWN), 0);
+        }
+        // A device that is down lists no root qdisc: nothing shapes there either.
+        assert_eq!(Hooks::default().flags(Role::Port, true, OWN), 0);
+    }
+
+    #[test]
+    fn status_names_what_shares_the_hooks() {
+        let hooks = Hooks {
+            tcx_ingress: vec![5, HGW, 7],
+            root_qdisc: Some("tbf".into()),
+            ..Hooks::default()
+        };
+        let names = HashMap::from([(7, Some("cilium".to_owned())), (5, None)]);
+        let status = hooks.status(("veth1", 12), (Role::Port, true), OWN, &names);
+        assert_eq!(status.tcx_ingress_before.len(), 1);
+        assert_eq!(status.tcx_ingress_after[0].name.as_deref(), Some("cilium"));
+        assert_eq!(status.root_qdisc.as_deref(), Some("tbf"));
+        assert_eq!(status.flags, vec!["ingress", "egress"]);
+    }
+}
