@@ -625,6 +625,12 @@ impl Lab {
         ))
     }
 
+    /// One more namespace of the lab, `<id>-<suffix>`, empty but for lo (e.g. a router
+    /// a test wires to the nodes itself); deleted with the lab.
+    pub fn add_extra_namespace(&mut self, suffix: &str) -> anyhow::Result<String> {
+        self.add_namespace(suffix)
+    }
+
     /// `ip netns add <id>-<suffix>` with lo up and IPv6 duplicate address detection off
     /// (for interfaces made later); recorded for cleanup as soon as it exists.
     fn add_namespace(&mut self, suffix: &str) -> anyhow::Result<String> {

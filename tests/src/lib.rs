@@ -29,6 +29,7 @@ mod netfilter;
 mod netns;
 pub mod progns;
 mod stream;
+mod tc;
 mod traffic;
 
 pub use agent::{
@@ -52,4 +53,8 @@ pub use netfilter::{
 };
 pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
 pub use stream::paced_tcp_stream;
+pub use tc::{
+    Hook, LegacyFilter, PacketMatch, PodBandwidth, Probe, TcxLink, Verdict, delete_qdisc,
+    ensure_clsact, ifindex, iperf3_rate, probe_pin_dir, qdiscs,
+};
 pub use traffic::{UdpFlow, ping, tcp_transfer, udp_exchange, udp_replied_exchange};

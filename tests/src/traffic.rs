@@ -275,6 +275,11 @@ impl UdpFlow {
         )
     }
 
+    /// The server's address (its port is ephemeral): for rules that match the flow.
+    pub fn server_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Sends `packets` datagrams on the flow and returns how many distinct, intact ones
     /// arrived (within 2 s of the last one sent).
     pub fn send(&mut self, packets: usize) -> anyhow::Result<usize> {
