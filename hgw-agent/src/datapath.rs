@@ -600,7 +600,7 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
 /// so an hgw program already on the hook means another agent is alive. Its links die
 /// with it; we do not take them away from under it. Naming the programs on a hook
 /// needs CAP_SYS_ADMIN (their info is read by id); without it, the agent lock
-/// ([`crate::status::AgentLock`], taken first) is what keeps a second agent out.
+/// ([`crate::lock::AgentLock`], taken first) is what keeps a second agent out.
 fn refuse_foreign_hgw(interface: &str, pins: Option<&Path>) -> Result<(), DatapathError> {
     let attached = match SchedClassifier::query_tcx(interface, TcAttachType::Ingress) {
         Ok((_, programs)) => programs,

@@ -9,6 +9,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod etcd;
 pub mod kernel;
+pub mod lock;
 pub mod masq;
 pub mod metrics;
 pub mod nft;

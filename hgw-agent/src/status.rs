@@ -27,67 +27,6 @@ pub enum StatusError {
     },
     #[error("decoding the agent's answer: {0}")]
     Decode(#[from] serde_json::Error),
-    #[error(
-        "another hgw agent{pid} is running in this network namespace (it holds the abstract socket @{AGENT_LOCK}): stop it first"
-    )]
-    AnotherAgent { pid: String },
-    #[error("taking the abstract socket @{AGENT_LOCK}: {0}")]
-    Lock(#[source] std::io::Error),
-}
-
-/// The abstract Unix socket one agent per network namespace holds.
-pub const AGENT_LOCK: &str = "hgw-agent";
-
-/// One agent per network namespace: a second one would stack its programs behind the
-/// first one's and fight over the routes. An abstract Unix socket belongs to the
-/// network namespace, needs no capability and no file, and goes with the process
-/// however it ends (SIGKILL included). Held while the value lives.
-#[derive(Debug)]
-pub struct AgentLock(
-    #[expect(dead_code, reason = "held, never read")] std::os::unix::net::UnixListener,
-);
-
-impl AgentLock {
-    pub fn take() -> Result<Self, StatusError> {
-        use std::os::linux::net::SocketAddrExt as _;
-        use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-        let addr = SocketAddr::from_abstract_name(AGENT_LOCK).map_err(StatusError::Lock)?;
-        match UnixListener::bind_addr(&addr) {
-            Ok(listener) => Ok(Self(listener)),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                let pid = UnixStream::connect_addr(&addr)
-                    .ok()
-                    .and_then(|stream| peer_pid(&stream))
-                    .map(|pid| format!(" (pid {pid})"))
-                    .unwrap_or_default();
-                Err(StatusError::AnotherAgent { pid })
-            }
-            Err(e) => Err(StatusError::Lock(e)),
-        }
-    }
-}
-
-/// The pid of the process that listens at the other end (SO_PEERCRED).
-fn peer_pid(stream: &std::os::unix::net::UnixStream) -> Option<i32> {
-    use std::os::fd::AsRawFd as _;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which outlives the
-    // call; the fd is the stream's, open for the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
 /// The datapath's counters as the status shows them: family -> name -> packets.

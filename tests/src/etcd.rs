@@ -163,6 +163,28 @@ impl Etcd {
         self.ctl(&["put", key, value]).map(drop)
     }
 
+    /// `etcdctl put KEY` with the value on stdin: one argument holds at most 128 KiB.
+    pub fn put_large(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        let mut child = netns_command(&self.ns, "etcdctl", &["--endpoints", &self.endpoint])
+            .args(["put", key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting etcdctl put")?;
+        let mut stdin = child.stdin.take().context("etcdctl stdin")?;
+        std::io::Write::write_all(&mut stdin, value.as_bytes()).context("writing the value")?;
+        drop(stdin);
+        let out = child.wait_with_output().context("etcdctl put")?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl put {key}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Writes flannel's network config for the lab's cluster CIDR (host-gw, /24 subnets).
     pub fn put_network_config(&self) -> anyhow::Result<()> {
         self.put(

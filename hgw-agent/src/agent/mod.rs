@@ -15,13 +15,14 @@ pub mod desired;
 #[cfg(test)]
 mod fixtures;
 pub mod observed;
+mod port_search;
 pub mod reconcile;
 pub mod sources;
 
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, OnceLock, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -43,6 +44,7 @@ use crate::{
     datapath::{self, Datapath, DatapathError},
     etcd::{self, EtcdError, EtcdSource},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link},
+    lock::AgentLock,
     masq::{self, MasqError},
     metrics::{self, Health, MetricsError, Reconciles, Trigger},
     setup::{self, SetupError},
@@ -51,6 +53,7 @@ use crate::{
 };
 use desired::{NodeFacts, off_link};
 use observed::{Change, Observed};
+use port_search::PortSearch;
 use reconcile::{FastPathMaps, MapEntries, Reconciler, RouteTable};
 use sources::PeerSet;
 pub use sources::Reload;
@@ -98,7 +101,7 @@ pub enum AgentError {
     #[error(transparent)]
     Caps(#[from] CapsError),
     #[error(transparent)]
-    AnotherAgent(#[from] status::StatusError),
+    AnotherAgent(#[from] crate::lock::LockError),
 }
 
 /// SIGTERM and SIGINT, as one future.
@@ -232,6 +235,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         node,
         snapshot,
         last_fdb_dump: None,
+        port_search: PortSearch::default(),
         fdb_due: None,
         files,
         reconciles,
@@ -343,6 +347,8 @@ struct Agent {
     reconciler: Reconciler<Kernel, Datapath>,
     snapshot: watch::Sender<Arc<Status>>,
     last_fdb_dump: Option<Instant>,
+    /// Which pods without a port are still looked for, and when.
+    port_search: PortSearch,
     /// When the next forwarding dump may run, if one is wanted.
     fdb_due: Option<Instant>,
     /// subnet.env and the CNI config, which carry the uplink's MTU.
@@ -615,22 +621,27 @@ impl Agent {
     }
 
     /// A pod the bridge knows but whose port is not known (its forwarding entry was
-    /// learned before its neighbour entry appeared): one forwarding dump, at most
+    /// learned before its neighbour entry appeared): a forwarding dump, when the pod's
+    /// search wants one ([`PortSearch`]: a few, with backoff, then none), and at most
     /// every [`FDB_DUMP_EVERY`], whatever the event rate.
     async fn dump_fdb_if_needed(&mut self) {
-        if !self.reconciler.pods_without_port(&self.observed) {
+        let now = Instant::now();
+        let missing = self.reconciler.pods_without_port(&self.observed);
+        let Some(wanted) = self.port_search.update(missing, now) else {
             self.fdb_due = None;
             return;
-        }
-        if let Some(at) = self.last_fdb_dump
-            && at.elapsed() < FDB_DUMP_EVERY
-        {
-            // Too soon: once the interval is over (the loop waits for it).
-            self.fdb_due = Some(at + FDB_DUMP_EVERY);
+        };
+        let allowed = self.last_fdb_dump.map_or(now, |at| at + FDB_DUMP_EVERY);
+        let due = wanted.max(allowed);
+        if due > now {
+            // Not yet: the loop waits for it.
+            self.fdb_due = Some(due);
             return;
         }
-        self.fdb_due = None;
-        self.last_fdb_dump = Some(Instant::now());
+        self.last_fdb_dump = Some(now);
+        self.port_search.dumped(now);
+        // The next search's turn, if a pod still waits for one.
+        self.fdb_due = self.port_search.due();
         match self.kernel.learned_macs().await {
             Ok(learned) => {
                 let macs: Vec<[u8; 6]> = self.observed.pods.values().copied().collect();
@@ -928,18 +939,21 @@ fn waiting_status(config: &Config, waiting: String) -> Status {
 }
 
 /// The status socket (mode 0600), and the network namespace's agent lock.
-fn bind_status_socket(config: &Config) -> Result<(UnixListener, status::AgentLock), AgentError> {
-    let lock = status::AgentLock::take()?;
+fn bind_status_socket(config: &Config) -> Result<(UnixListener, AgentLock), AgentError> {
     let path = &config.status_socket;
     let error = |reason: String| AgentError::StatusSocket {
         path: path.display().to_string(),
         reason,
     };
+    // The status socket's directory is the agent's runtime directory, which holds its lock.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| error(e.to_string()))?;
+    let lock = AgentLock::take(dir)?;
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(error("another agent is answering on it".into()));
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| error(e.to_string()))?;
     }
     // A socket left by an agent that is gone; never anything else.
     match std::fs::symlink_metadata(path) {

@@ -714,13 +714,17 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             .collect()
     }
 
-    /// Pods the bridge knows whose port is not known yet: a forwarding dump would tell.
-    pub fn pods_without_port(&self, observed: &Observed) -> bool {
-        self.maps.is_some()
-            && observed
-                .pods
-                .keys()
-                .any(|ip| !self.endpoints.contains_key(ip))
+    /// Pods the bridge knows whose port is not known yet, with their MACs: a
+    /// forwarding dump would tell. None without the fast path (no endpoints to fill).
+    pub fn pods_without_port<'a>(
+        &'a self,
+        observed: &'a Observed,
+    ) -> impl Iterator<Item = (IpAddr, [u8; 6])> + 'a {
+        observed
+            .pods
+            .iter()
+            .filter(|(ip, _)| self.maps.is_some() && !self.endpoints.contains_key(ip))
+            .map(|(ip, mac)| (*ip, *mac))
     }
 
     /// The fast path hides its traffic from the kernel's neighbour confirmation, so a

@@ -20,14 +20,14 @@
 //! peer set, newest first: a set the agent has not taken yet is replaced by a newer one.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseClient, PutOptions,
-    Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, LeaseClient, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use log::{info, warn};
@@ -35,6 +35,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{EtcdConfig, Network, NetworkV6, Peer, PeerV6};
+
+mod listing;
+use listing::{Warned, list};
 
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -448,6 +451,8 @@ impl SubnetKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     value: String,
+    /// The size of a value too large to be a lease ([`listing::MAX_VALUE`]), not kept.
+    oversize: Option<usize>,
     lease: i64,
     create_revision: i64,
     mod_revision: i64,
@@ -478,6 +483,12 @@ fn check_entry(
     // A dual-stack entry in an IPv4 network is used for IPv4 only.
     if space.v6.is_none() {
         subnet_key.v6 = None;
+    }
+    if let Some(size) = entry.oversize {
+        return Err(format!(
+            "value of {size} bytes, more than a flannel lease's {} bytes",
+            listing::MAX_VALUE
+        ));
     }
     let attrs: LeaseAttrs = serde_json::from_str(&entry.value)
         .map_err(|e| format!("value is not a flannel lease: {e}"))?;
@@ -576,7 +587,7 @@ fn peers_from_entries(
     space: &SubnetSpace,
     own: &Own,
     uplink: &[IpNet],
-    warned: &mut HashSet<(String, String)>,
+    warned: &mut Warned,
 ) -> Vec<Peer> {
     let mut order: Vec<(&String, &Entry)> = entries.iter().collect();
     order.sort_by_key(|(key, entry)| (entry.create_revision, *key));
@@ -595,7 +606,7 @@ fn peers_from_entries(
             continue;
         }
         let mut skip = |reason: String| {
-            if warned.insert((key.clone(), entry.value.clone())) {
+            if warned.first(key, entry) {
                 warn!("etcd key {key}: ignored: {reason}");
             }
         };
@@ -657,6 +668,7 @@ fn peers_from_entries(
             lease: (entry.lease != 0).then_some(entry.lease),
         });
     }
+    warned.end_set();
     peers
 }
 
@@ -1013,36 +1025,6 @@ async fn claim(
     Ok(response.succeeded())
 }
 
-async fn list(
-    client: &mut Client,
-    shared: &Shared,
-) -> Result<(BTreeMap<String, Entry>, i64), EtcdError> {
-    let response = client
-        .get(
-            shared.subnets_prefix(),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await
-        .map_err(shared.error("listing subnets"))?;
-    let revision = response.header().map_or(0, |h| h.revision());
-    let entries = response
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            Some((
-                kv.key_str().ok()?.to_owned(),
-                Entry {
-                    value: kv.value_str().ok()?.to_owned(),
-                    lease: kv.lease(),
-                    create_revision: kv.create_revision(),
-                    mod_revision: kv.mod_revision(),
-                },
-            ))
-        })
-        .collect();
-    Ok((entries, revision))
-}
-
 /// Hands the agent the newest whole peer set. The watch loop only ever replaces the
 /// newest set, so neither it nor the lease keeper waits for a slow agent; whatever
 /// came while the agent was busy is taken once it has room.
@@ -1157,7 +1139,7 @@ async fn run(
     mut lease: Lease,
     newest: watch::Sender<Option<Vec<Peer>>>,
 ) {
-    let mut warned = HashSet::new();
+    let mut warned = Warned::default();
     loop {
         let result = watch(
             &mut client,
@@ -1232,7 +1214,7 @@ async fn watch(
     space: &SubnetSpace,
     own: SubnetKey,
     newest: &watch::Sender<Option<Vec<Peer>>>,
-    warned: &mut HashSet<(String, String)>,
+    warned: &mut Warned,
     lease: &mut Lease,
 ) -> Result<WatchEnd, EtcdError> {
     let prefix = &shared.config.prefix;
@@ -1254,6 +1236,8 @@ async fn watch(
         .with_prefix()
         .with_start_revision(revision + 1);
     let mut stream = client
+        .watch_client()
+        .max_decoding_message_size(listing::MAX_MESSAGE)
         .watch(shared.subnets_prefix(), Some(options))
         .await
         .map_err(shared.error("watching subnets"))?;
@@ -1277,13 +1261,7 @@ async fn watch(
                     let Ok(key) = kv.key_str() else { continue };
                     match event.event_type() {
                         EventType::Put => {
-                            let value = kv.value_str().unwrap_or_default().to_owned();
-                            entries.insert(key.to_owned(), Entry {
-                                value,
-                                lease: kv.lease(),
-                                create_revision: kv.create_revision(),
-                                mod_revision: kv.mod_revision(),
-                            });
+                            entries.extend(listing::entry(kv));
                         }
                         EventType::Delete => {
                             entries.remove(key);
@@ -1498,6 +1476,7 @@ mod tests {
     fn entry(value: &str, create_revision: i64) -> Entry {
         Entry {
             value: value.into(),
+            oversize: None,
             lease: 7,
             create_revision,
             mod_revision: create_revision,
@@ -1524,7 +1503,14 @@ mod tests {
             public_ip: Ipv4Addr::new(172, 31, 0, 1),
             public_ipv6: space.v6.map(|_| "fd00:172:31::1".parse().expect("ip")),
         };
-        peers_from_entries("/p", &entries, space, &own, &uplink(), &mut HashSet::new())
+        peers_from_entries(
+            "/p",
+            &entries,
+            space,
+            &own,
+            &uplink(),
+            &mut Warned::default(),
+        )
     }
 
     fn sources(peers: &[Peer]) -> Vec<&str> {
@@ -1587,6 +1573,34 @@ mod tests {
         assert_eq!(peers[0].node_ip, Ipv4Addr::new(172, 31, 0, 2));
         assert_eq!(peers[0].lease, Some(7));
         assert_eq!(peers[0].v6, None);
+    }
+
+    /// 300 distinct junk writes to one key: what is remembered to warn once per entry
+    /// stays at what etcd holds now, never at everything ever written.
+    #[test]
+    fn rejected_writes_are_remembered_only_while_they_stand() {
+        let own_key = SubnetKey::parse("/p", "/p/subnets/10.244.1.0-24").expect("own key");
+        let own = Own {
+            key: "/p/subnets/10.244.1.0-24",
+            subnet: own_key,
+            public_ip: Ipv4Addr::new(172, 31, 0, 1),
+            public_ipv6: None,
+        };
+        let mut warned = Default::default();
+        for n in 0..300 {
+            let junk = format!("junk {n} {}", "x".repeat(10_000));
+            let entries = BTreeMap::from([
+                ("/p/subnets/10.244.2.0-24".to_owned(), entry(&junk, 2)),
+                ("/p/subnets/10.244.3.0-24".to_owned(), entry("not json", 3)),
+            ]);
+            let peers = peers_from_entries("/p", &entries, &space(), &own, &uplink(), &mut warned);
+            assert!(peers.is_empty());
+        }
+        assert!(
+            warned.len() <= 2,
+            "{} rejected entries remembered, 2 stand",
+            warned.len()
+        );
     }
 
     #[test]

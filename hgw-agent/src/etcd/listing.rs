@@ -1,0 +1,139 @@
+//! What the agent reads from `<prefix>/subnets/` and keeps of it, bounded whatever any
+//! etcd writer puts there: a listing comes in pages of [`PAGE`] entries at one revision,
+//! so no gRPC message has to hold all of them; a value larger than a flannel lease can be
+//! is kept as its size only; and the warnings already given are remembered as hashes of
+//! the entries rejected in the latest peer set, no more.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    hash::{BuildHasher as _, RandomState},
+};
+
+use etcd_client::{Client, GetOptions, KeyValue};
+
+use super::{Entry, EtcdError, Shared};
+
+/// Entries per listing request.
+const PAGE: i64 = 16;
+/// The largest gRPC message the agent decodes (the client's default is 4 MiB, which a
+/// few large values under `subnets/` exceed): a page of [`PAGE`] values at etcd's
+/// default request limit (1.5 MiB) fits, and so does one watch response of a few.
+pub(super) const MAX_MESSAGE: usize = 64 << 20;
+/// A flannel lease's value is a few hundred bytes; a larger one is kept as its size.
+pub(super) const MAX_VALUE: usize = 64 << 10;
+
+/// One key-value as the agent keeps it; `None` for a key that is not UTF-8.
+pub(super) fn entry(kv: &KeyValue) -> Option<(String, Entry)> {
+    let key = kv.key_str().ok()?.to_owned();
+    let (value, oversize) = if kv.value().len() > MAX_VALUE {
+        (String::new(), Some(kv.value().len()))
+    } else {
+        // Not UTF-8: an empty value, which check_entry rejects as not a lease.
+        (kv.value_str().unwrap_or_default().to_owned(), None)
+    };
+    Some((
+        key,
+        Entry {
+            value,
+            oversize,
+            lease: kv.lease(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+        },
+    ))
+}
+
+/// The subnet entries at one revision, and that revision, a page at a time.
+pub(super) async fn list(
+    client: &mut Client,
+    shared: &Shared,
+) -> Result<(BTreeMap<String, Entry>, i64), EtcdError> {
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    let prefix = shared.subnets_prefix().into_bytes();
+    let end = prefix_end(&prefix);
+    let mut from = prefix;
+    let mut revision = 0;
+    let mut entries = BTreeMap::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        // Every page at the first one's revision: one consistent listing, which the watch
+        // continues from. A compaction meanwhile fails it, and the caller lists again.
+        if revision != 0 {
+            options = options.with_revision(revision);
+        }
+        let response = kv
+            .get(from.clone(), Some(options))
+            .await
+            .map_err(shared.error("listing subnets"))?;
+        if revision == 0 {
+            revision = response.header().map_or(0, |h| h.revision());
+        }
+        entries.extend(response.kvs().iter().filter_map(entry));
+        let Some(last) = response.kvs().last() else {
+            break;
+        };
+        if !response.more() {
+            break;
+        }
+        // The next page starts just after the last key.
+        from = last.key().to_vec();
+        from.push(0);
+    }
+    Ok((entries, revision))
+}
+
+/// The end of the range of keys starting with `prefix` (as etcd's own clients compute it).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the keyspace.
+    vec![0]
+}
+
+/// Which rejected entries were warned about: those rejected in the latest peer set, as
+/// hashes. An entry rejected again is not warned about again; one that is gone (or was
+/// rewritten) is forgotten, so what is remembered follows what etcd holds now.
+#[derive(Debug, Default)]
+pub(super) struct Warned {
+    before: HashSet<u64>,
+    now: HashSet<u64>,
+    // Keyed per process, so a writer cannot choose values that collide.
+    hasher: RandomState,
+}
+
+impl Warned {
+    /// Notes `key` as rejected in this peer set; true if it is new since the last one.
+    pub(super) fn first(&mut self, key: &str, entry: &Entry) -> bool {
+        let hash = self.hasher.hash_one((key, &entry.value, entry.oversize));
+        self.now.insert(hash);
+        !self.before.contains(&hash)
+    }
+
+    /// The peer set is complete: what it rejected is what is remembered.
+    pub(super) fn end_set(&mut self) {
+        self.before = std::mem::take(&mut self.now);
+    }
+
+    /// How many rejected entries are remembered.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.before.len() + self.now.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends_as_etcd_computes_them() {
+        assert_eq!(prefix_end(b"/p/subnets/"), b"/p/subnets0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
+    }
+}
