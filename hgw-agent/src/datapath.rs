@@ -56,6 +56,8 @@ pub enum DatapathError {
         path: String,
         reason: String,
     },
+    #[error(transparent)]
+    PinOwner(#[from] crate::pin_owner::PinOwnerError),
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the eBPF object")]
@@ -765,7 +767,12 @@ fn prepare_pin_dir(dir: &Path, bridge: &str, attach: Attach) -> Result<(), Datap
     if !on_bpffs(mount_point) {
         mount_bpffs(mount_point).map_err(error("mounting bpffs"))?;
         info!("mounted bpffs at {}", mount_point.display());
+        crate::pin_owner::warn_if_private_mount(mount_point);
     }
+    std::fs::create_dir_all(dir).map_err(error("creating"))?;
+    // Before anything in it is trusted: interfaces' names and indexes repeat across
+    // network namespaces.
+    crate::pin_owner::claim(dir)?;
     for sub in ["maps", "links"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(error("creating"))?;
     }
@@ -805,6 +812,7 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
         std::fs::remove_dir(&sub)?;
     }
     if dir.exists() {
+        crate::pin_owner::unmark(dir)?;
         std::fs::remove_dir(dir)?;
     }
     Ok(count)

@@ -13,6 +13,7 @@ pub mod lock;
 pub mod masq;
 pub mod metrics;
 pub mod nft;
+pub mod pin_owner;
 pub mod setup;
 pub mod status;
 pub mod tc;
