@@ -70,7 +70,7 @@ pub enum DatapathError {
         source: ProgramError,
     },
     #[error(
-        "interface {interface} already runs hgw program {program} (id {id}): another hgw agent is running in this network namespace; stop it first"
+        "interface {interface} already runs hgw program {program} (id {id}): another hgw agent is running in this network namespace (stop it first), or an earlier agent's pins are in another pin_dir (`hgw-agent uninstall --pin-dir OLD` removes them)"
     )]
     AlreadyAttached {
         interface: String,
