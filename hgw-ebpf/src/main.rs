@@ -111,6 +111,7 @@ const IPPROTO_UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 /// Offset of the IP header: no VLAN tags (a tagged frame is not IP to us).
 const L3: usize = EthHdr::LEN;
 /// `bpf_ct_opts.netns_id`: the netns of the skb's device, the node's.
@@ -683,7 +684,11 @@ fn accepted_by_conntrack<H: IpHeader>(
         ports,
         tcp_flags,
     } = l4?;
-    // A SYN always goes to the kernel; it is looked up only for the reopen below.
+    // A SYN always goes to the kernel; it is looked up only for the reopen below. A
+    // SYN-ACK never reopens (the SYN it answers already did, on both nodes): no lookup.
+    if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        return Err(Counter::PassTcpSyn);
+    }
     let syn = tcp_flags & TCP_SYN != 0;
     let mut opts = CtOpts {
         netns_id: BPF_F_CURRENT_NETNS,

@@ -45,7 +45,9 @@ use hgw_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::floor;
-use crate::frames::{BRIDGE_MAC, IPPROTO_UDP, UPLINK_MAC, ipv4, ipv6, udp_segment};
+use crate::frames::{
+    BRIDGE_MAC, IPPROTO_TCP, IPPROTO_UDP, UPLINK_MAC, ipv4, ipv6, tcp_segment, udp_segment,
+};
 
 /// The bench's UDP payload: 64 B datagrams.
 pub const UDP_PAYLOAD: usize = 64;
@@ -182,6 +184,14 @@ impl CtNamespace {
             let args: Vec<&str> = args.split(' ').collect();
             crate::run_in_ok(&ns.0, "conntrack", &args)?;
         }
+        // An assured TCP connection, for the cost of a FIN the fast path carries.
+        let args = format!(
+            "-I -p tcp -s {} -d {} --sport {SPORT} --dport {DPORT} --state ESTABLISHED -u SEEN_REPLY,ASSURED -t 3600",
+            IpAddr::from(POD_IP),
+            IpAddr::from(CT_PEER_IP)
+        );
+        let args: Vec<&str> = args.split(' ').collect();
+        crate::run_in_ok(&ns.0, "conntrack", &args)?;
         ns.route_like_the_maps()?;
         Ok(ns)
     }
@@ -414,6 +424,28 @@ fn costs_in_namespace(
             to_peer_frame(NO_CT_PEER_IP),
             HAND_ON,
             Counter::PassCtNew,
+        ),
+        // A connection's own packets, which never use the flow cache.
+        (
+            PROG_TO_PEER,
+            "TCP SYN, established (looked up for a reopen)",
+            tcp_frame(NO_CT_PEER_IP, TCP_SYN),
+            HAND_ON,
+            Counter::PassTcpSyn,
+        ),
+        (
+            PROG_TO_PEER,
+            "TCP SYN-ACK, established (never looked up)",
+            tcp_frame(NO_CT_PEER_IP, TCP_SYN | TCP_ACK),
+            HAND_ON,
+            Counter::PassTcpSyn,
+        ),
+        (
+            PROG_TO_PEER,
+            "TCP FIN, established (looked up, timeout shortened)",
+            tcp_frame(CT_PEER_IP, TCP_FIN | TCP_ACK),
+            TC_ACT_REDIRECT,
+            Counter::CtClose,
         ),
         (
             PROG_TO_POD,
@@ -650,6 +682,8 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
             ct: CtTimeouts {
                 tcp_ms: 3_600_000,
                 udp_ms: 3_600_000,
+                // A carried FIN sets this: kept long, so every run finds the entry.
+                fin_ms: 3_600_000,
                 // Cached: trusted for the whole run (jiffies).
                 recheck: if matches!(mode, Mode::Cached | Mode::AllCached) {
                     1_000_000
@@ -761,6 +795,16 @@ fn to_peer_frame6() -> Vec<u8> {
 fn to_pod_frame6() -> Vec<u8> {
     let udp = udp_segment(SPORT, DPORT, &[0x42; UDP_PAYLOAD]);
     ipv6(UPLINK_MAC, PEER_POD_IP6, POD_IP6, 255, IPPROTO_UDP, &udp)
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment with `flags` and no payload from a local pod (TTL 255).
+fn tcp_frame(dst: [u8; 4], flags: u8) -> Vec<u8> {
+    let tcp = tcp_segment(SPORT, DPORT, flags, 20, &[]);
+    ipv4(BRIDGE_MAC, POD_IP, dst, 255, IPPROTO_TCP, &tcp)
 }
 
 fn frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
