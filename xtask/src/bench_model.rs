@@ -180,6 +180,12 @@ pub struct Machine {
     pub kernel: String,
     pub cpus: usize,
     pub cpu_model: String,
+    /// TCP congestion control the labs inherit (one-stream results differ up to 3x
+    /// between BBR and cubic on the Intel VM).
+    pub congestion_control: String,
+    /// `haltpoll.guest_halt_poll_ns`, where the guest has it: 0 halts an idle vCPU at
+    /// once, which makes waking a reader on the other CPU dear (single-stream.md).
+    pub halt_poll_ns: Option<String>,
 }
 
 impl Machine {
@@ -197,10 +203,18 @@ impl Machine {
                     .map(|(_, m)| m.trim().to_owned())
             })
             .unwrap_or_default();
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|s| s.trim().to_owned())
+        };
         Machine {
             kernel,
             cpus,
             cpu_model,
+            congestion_control: read("/proc/sys/net/ipv4/tcp_congestion_control")
+                .unwrap_or_default(),
+            halt_poll_ns: read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
         }
     }
 }

@@ -514,10 +514,13 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
         stamp.clone()
     };
     let machine = &report.machine;
-    let machine_line = format!(
-        "Linux {}, {} CPUs, {}",
-        machine.kernel, machine.cpus, machine.cpu_model
+    let mut machine_line = format!(
+        "Linux {}, {} CPUs, {}, TCP congestion control {}",
+        machine.kernel, machine.cpus, machine.cpu_model, machine.congestion_control
     );
+    if let Some(ns) = &machine.halt_poll_ns {
+        machine_line += &format!(", haltpoll.guest_halt_poll_ns {ns}");
+    }
     let mut command = if report.smoke {
         "cargo xtask bench --smoke".to_owned()
     } else {
@@ -594,6 +597,8 @@ mod tests {
                 kernel: "6.12.0".into(),
                 cpus: 2,
                 cpu_model: "a CPU".into(),
+                congestion_control: "cubic".into(),
+                halt_poll_ns: None,
             },
             refusals: vec![Refusal {
                 round: 2,
