@@ -110,6 +110,9 @@ pub struct Reconciler<R, M> {
     devices: HashMap<u32, u32>,
     /// Skipped peer routes already warned about.
     warned: HashSet<(IpNet, IpAddr)>,
+    /// Per hooked interface, the other tcx programs running before hgw's that were
+    /// last warned about.
+    warned_before: HashMap<u32, Vec<u32>>,
 }
 
 impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
@@ -130,6 +133,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             endpoints: endpoints.into_iter().collect(),
             devices: devices.into_iter().collect(),
             warned: HashSet::new(),
+            warned_before: HashMap::new(),
         }
     }
 
@@ -633,6 +637,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
     pub fn sync_devices(&mut self, observed: &Observed) {
         let Some(maps) = &self.maps else { return };
         let own = maps.own_programs();
+        self.warn_programs_before(observed, &own);
         let want: HashMap<u32, u32> = observed
             .hooks
             .iter()
@@ -671,6 +676,30 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 }
                 Err(e) => warn!("{e}"),
             }
+        }
+    }
+
+    /// Programs that run before hgw's on a hook it redirects from see every packet
+    /// first and may take it: an earlier agent's, pinned in another `pin_dir`, would
+    /// take all of hgw's traffic while this agent's counters stay at 0. Without
+    /// CAP_SYS_ADMIN they cannot be named (with it, a pinned hgw program elsewhere is
+    /// refused at start), so say so once per change, by id.
+    fn warn_programs_before(&mut self, observed: &Observed, own: &[u32]) {
+        for (ifindex, hooks) in &observed.hooks {
+            let Some((role, true)) = self.placement(*ifindex, observed) else {
+                continue;
+            };
+            let (before, _) = hooks.ingress_split(role, true, own);
+            if self.warned_before.get(ifindex) == Some(&before) {
+                continue;
+            }
+            if !before.is_empty() {
+                warn!(
+                    "{} ingress: tcx programs {before:?} run before hgw's and see every packet first; if one is an earlier hgw agent's (pinned in another pin_dir), remove it with `hgw-agent uninstall --pin-dir OLD`",
+                    self.interface_name(*ifindex, observed)
+                );
+            }
+            self.warned_before.insert(*ifindex, before);
         }
     }
 
