@@ -7,6 +7,8 @@ mod bench_model;
 mod bench_report;
 mod bench_traffic;
 mod demo;
+mod matrix;
+mod matrix_vm;
 mod setup;
 mod util;
 
@@ -45,6 +47,9 @@ enum Task {
     },
     /// Set-up, build, then the unit and integration tests (what CI runs).
     Test,
+    /// The lab's smoke test in each fast-path mode on this kernel and, under QEMU, on
+    /// Debian 12's 6.1 and 6.12 kernels; writes target/matrix.md.
+    Matrix,
     /// A 3-node lab with an agent per node: traffic between all pods, counters.
     Demo,
     /// Benchmark: kernel routing vs hgw's fast path vs a direct veth pair, and the
@@ -94,6 +99,10 @@ fn dispatch(task: Task) -> anyhow::Result<ExitCode> {
         }
         Task::Lab { action } => lab(action)?,
         Task::Test => test()?,
+        Task::Matrix => {
+            build()?;
+            matrix::matrix(&hgw_tests::built_agent_bin())?;
+        }
         Task::Demo => return demo::demo(),
         Task::Bench(args) => return bench::bench(args),
     }
@@ -115,6 +124,8 @@ fn test() -> anyhow::Result<()> {
     run(cargo()
         .args(["test", "--", "--test-threads=1"])
         .env("HGW_AGENT_BIN", &agent))?;
+    // The same agent and smoke test on the kernels operators run (Debian's, in QEMU).
+    matrix::matrix(&agent)?;
     // Lints fail the run: the workspace (agent, common, xtask, tests), then the eBPF
     // crate alone for its own target, as aya-template's test.sh does.
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

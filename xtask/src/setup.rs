@@ -33,6 +33,18 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // deploy_files.rs checks deploy/hgw.service with systemd-analyze verify.
     "systemd",
 ];
+/// The kernel matrix's tools (xtask/src/matrix_vm.rs): QEMU, and for the guests'
+/// initramfs and modules busybox (static), cpio, kmod's depmod and modprobe, and the
+/// decompressors of Debian's kernels and modules. Without recommends: QEMU's would pull
+/// in a desktop's worth of packages.
+const MATRIX_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "kmod",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "zstd",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup() -> anyhow::Result<()> {
@@ -63,21 +75,28 @@ fn rust_src() -> anyhow::Result<()> {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
+    let missing = not_installed(DEBIAN_PACKAGES)?;
+    let lean = not_installed(MATRIX_PACKAGES)?;
+    if missing.is_empty() && lean.is_empty() {
+        println!(
+            "setup: Debian packages: installed ({} {})",
+            DEBIAN_PACKAGES.join(" "),
+            MATRIX_PACKAGES.join(" ")
+        );
+        return Ok(());
+    }
+    install(&Host::system(), &missing, &lean)
+}
+
+fn not_installed<'a>(packages: &[&'a str]) -> anyhow::Result<Vec<&'a str>> {
     let mut missing = Vec::new();
-    for pkg in DEBIAN_PACKAGES {
+    for pkg in packages {
         let out = capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))?;
         if String::from_utf8_lossy(&out.stdout).trim() != "install ok installed" {
             missing.push(*pkg);
         }
     }
-    if missing.is_empty() {
-        println!(
-            "setup: Debian packages: installed ({})",
-            DEBIAN_PACKAGES.join(" ")
-        );
-        return Ok(());
-    }
-    install(&Host::system(), &missing)
+    Ok(missing)
 }
 
 /// The host's tools and files setup's install uses; tests point them at fakes.
@@ -104,17 +123,27 @@ impl Host {
 /// start their own etcd anyway.
 const NO_SERVICE: &[(&str, &str)] = &[("etcd-server", "etcd.service")];
 
-fn install(host: &Host, missing: &[&str]) -> anyhow::Result<()> {
-    println!("setup: Debian packages: installing {}", missing.join(" "));
+/// Installs `missing`, and `lean` without their recommended packages.
+fn install(host: &Host, missing: &[&str], lean: &[&str]) -> anyhow::Result<()> {
+    println!(
+        "setup: Debian packages: installing {}",
+        [missing, lean].concat().join(" ")
+    );
     run(Command::new(&host.apt_get)
         .arg("update")
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     {
         let _no_starts = NoStarts::write(&host.policy_rc_d)?;
-        run(Command::new(&host.apt_get)
-            .args(["install", "-y"])
-            .args(missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        for (packages, flags) in [(missing, &[][..]), (lean, &["--no-install-recommends"][..])] {
+            if packages.is_empty() {
+                continue;
+            }
+            run(Command::new(&host.apt_get)
+                .args(["install", "-y"])
+                .args(flags)
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        }
     }
     // Only what setup itself just installed: an etcd the admin had before stays as it was.
     for (pkg, unit) in NO_SERVICE.iter().filter(|(p, _)| missing.contains(p)) {
@@ -272,7 +301,7 @@ mod tests {
     #[test]
     fn etcd_server_is_installed_neither_started_nor_enabled() {
         let fake = Fake::new("etcd", true);
-        install(&fake.host, &["etcd-server", "iperf3"]).expect("install");
+        install(&fake.host, &["etcd-server", "iperf3"], &[]).expect("install");
         assert_eq!(
             fake.log(),
             [
@@ -292,7 +321,7 @@ mod tests {
     #[test]
     fn without_a_running_systemd_nothing_is_stopped() {
         let fake = Fake::new("offline", false);
-        install(&fake.host, &["etcd-server"]).expect("install");
+        install(&fake.host, &["etcd-server"], &[]).expect("install");
         assert_eq!(
             fake.log(),
             [
@@ -308,7 +337,7 @@ mod tests {
     fn an_etcd_installed_before_and_an_admins_policy_are_left_alone() {
         let fake = Fake::new("admin", true);
         script(&fake.host.policy_rc_d, "exit 0\n");
-        install(&fake.host, &["iperf3"]).expect("install");
+        install(&fake.host, &["iperf3"], &[]).expect("install");
         assert_eq!(
             fake.log(),
             [
@@ -320,6 +349,20 @@ mod tests {
         assert_eq!(
             fs::read_to_string(&fake.host.policy_rc_d).expect("the admin's policy-rc.d"),
             "#!/bin/sh\nexit 0\n"
+        );
+    }
+
+    #[test]
+    fn the_matrix_tools_come_without_recommends_and_without_service_starts() {
+        let fake = Fake::new("lean", true);
+        install(&fake.host, &[], &["qemu-system-x86", "cpio"]).expect("install");
+        assert_eq!(
+            fake.log(),
+            [
+                "apt-get update",
+                "apt-get install -y --no-install-recommends qemu-system-x86 cpio",
+                "policy etcd.service start: 101",
+            ]
         );
     }
 }

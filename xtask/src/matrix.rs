@@ -1,0 +1,453 @@
+//! `cargo xtask matrix`: hgw on the kernels operators run. The lab's smoke test
+//! (tests/tests/matrix_smoke.rs) runs in each fast-path mode on this machine's kernel and,
+//! under QEMU, on Debian 12's newest 6.1 and 6.12 kernels. Each cell is a required pass or
+//! an expected failure that names its reason and must fail with the agent's own words
+//! for it; anything else (an unexpected failure, or an expected failure that now passes
+//! and should become a required pass) fails the run. The table goes to stdout and to
+//! target/matrix.md, the logs to target/matrix/<kernel>/<mode>.log.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+
+use crate::matrix_vm::{self, Kernel};
+use crate::util::{capture, cargo, root};
+
+/// The agent's fast-path modes the matrix covers (`off` loads no programs).
+const MODES: [&str; 2] = ["established", "all"];
+/// How long one mode's smoke test may take (coreutils `timeout`, host and guest alike).
+const MODE_TIMEOUT_S: u64 = 300;
+
+/// What a cell must show.
+#[derive(Clone, Copy)]
+enum Expect {
+    Pass,
+    /// The test fails, and its output (the agent's log) contains `said`.
+    Fail {
+        reason: &'static str,
+        said: &'static str,
+    },
+}
+
+/// `established` where the conntrack kfuncs are in a module's BTF (Debian's kernels).
+const MODULE_KFUNCS: Expect = Expect::Fail {
+    reason: "nf_conntrack is a module and its kfuncs are only in the module's BTF, which the agent does not read yet",
+    said: "no conntrack kfunc",
+};
+/// Any mode on a kernel without tcx (< 6.6): aya falls back to cls_bpf, without a qdisc.
+const NO_TCX: Expect = Expect::Fail {
+    reason: "no tcx before Linux 6.6, and the agent has no clsact/cls_bpf attach yet",
+    said: "Parent Qdisc",
+};
+
+/// A Debian kernel: the newest package `<prefix>N<suffix>` in the archive.
+struct Guest {
+    prefix: &'static str,
+    suffix: &'static str,
+    established: Expect,
+    all: Expect,
+}
+
+const GUESTS: [Guest; 2] = [
+    Guest {
+        prefix: "linux-image-6.12.",
+        suffix: "+deb12-amd64-unsigned",
+        established: MODULE_KFUNCS,
+        all: Expect::Pass,
+    },
+    Guest {
+        prefix: "linux-image-6.1.0-",
+        suffix: "-amd64-unsigned",
+        established: MODULE_KFUNCS,
+        all: NO_TCX,
+    },
+];
+
+/// This machine's kernel: conntrack built in, tcx; everything must pass.
+const HOST: [Expect; 2] = [Expect::Pass, Expect::Pass];
+
+impl Guest {
+    fn expects(&self) -> [Expect; 2] {
+        [self.established, self.all]
+    }
+}
+
+/// What a cell showed.
+enum Outcome {
+    Pass,
+    Fail(String),
+    Expected {
+        reason: &'static str,
+        said: String,
+    },
+    /// Expected to fail, but passed: the expectation must become a required pass.
+    Passed {
+        reason: &'static str,
+    },
+}
+
+struct Cell {
+    outcome: Outcome,
+    secs: u64,
+}
+
+struct Column {
+    kernel: String,
+    cells: Vec<Cell>,
+    dir: PathBuf,
+}
+
+/// Runs the matrix with `agent` (the built release agent) and reports it.
+pub fn matrix(agent: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let test = smoke_binary()?;
+    let out = root().join("target/matrix");
+    let mut columns = vec![host_column(&test, agent, &out)?];
+    let mut kernels = Vec::new();
+    for guest in &GUESTS {
+        let package = matrix_vm::newest_package(guest.prefix, guest.suffix)?;
+        let kernel = matrix_vm::fetch(&package)?;
+        columns.push(guest_column(&kernel, guest.expects(), &test, agent, &out)?);
+        kernels.push(kernel.version);
+    }
+    matrix_vm::prune(&kernels)?;
+    let report = render(&columns, started.elapsed());
+    print!("{report}");
+    let path = root().join("target/matrix.md");
+    std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+    println!("matrix: written to {}", path.display());
+    let failed = columns
+        .iter()
+        .flat_map(|c| c.cells.iter())
+        .filter(|c| matches!(c.outcome, Outcome::Fail(_) | Outcome::Passed { .. }))
+        .count();
+    ensure!(
+        failed == 0,
+        "matrix: {failed} required cells failed (see above)"
+    );
+    Ok(())
+}
+
+/// The smoke test's binary, built by `cargo test` (the lab tests' profile), found by
+/// asking cargo rather than guessing among target/debug/deps/matrix_smoke-<hash>.
+fn smoke_binary() -> anyhow::Result<PathBuf> {
+    println!("matrix: cargo test --no-run --test matrix_smoke");
+    let out = capture(cargo().args([
+        "test",
+        "--no-run",
+        "--message-format=json",
+        "--test",
+        "matrix_smoke",
+    ]))?;
+    ensure!(
+        out.status.success(),
+        "building the matrix smoke test failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["target"]["name"] == "matrix_smoke")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no matrix_smoke executable")
+}
+
+/// A fresh results directory for one kernel.
+fn fresh_dir(out: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let dir = out.join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The smoke test in each mode on this machine's kernel, as `cargo test` runs it.
+fn host_column(test: &Path, agent: &Path, out: &Path) -> anyhow::Result<Column> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading /proc/sys/kernel/osrelease")?;
+    let dir = fresh_dir(out, "host")?;
+    let mut cells = Vec::new();
+    for (mode, expect) in MODES.into_iter().zip(HOST) {
+        println!("matrix: this machine ({}): {mode}", release.trim());
+        let log = dir.join(format!("{mode}.log"));
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let started = Instant::now();
+        let status = Command::new("timeout")
+            .arg(MODE_TIMEOUT_S.to_string())
+            .arg(test)
+            .arg("--test-threads=1")
+            .env("HGW_AGENT_BIN", agent)
+            .env("HGW_MATRIX_MODE", mode)
+            .stdout(file.try_clone().context("duplicating the log file")?)
+            .stderr(file)
+            .status()
+            .with_context(|| format!("running {}", test.display()))?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        cells.push(Cell {
+            outcome: classify(expect, status.code(), &text, &log),
+            secs: started.elapsed().as_secs(),
+        });
+    }
+    Ok(Column {
+        kernel: format!("this machine, {}", release.trim()),
+        cells,
+        dir,
+    })
+}
+
+/// One boot of `kernel` running the smoke test in each mode.
+fn guest_column(
+    kernel: &Kernel,
+    expects: [Expect; 2],
+    test: &Path,
+    agent: &Path,
+    out: &Path,
+) -> anyhow::Result<Column> {
+    let dir = fresh_dir(out, &kernel.version)?;
+    let shared = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let shared = shared.display();
+    let (test, agent) = (
+        matrix_vm::sh_quote(&test.display().to_string()),
+        matrix_vm::sh_quote(&agent.display().to_string()),
+    );
+    // Each mode's exit code and seconds land in <mode>.rc, its output in <mode>.log.
+    let script = format!(
+        "for mode in {modes}; do\n\
+         \x20 echo \"matrix: {version}: $mode\"\n\
+         \x20 start=$(date +%s)\n\
+         \x20 HGW_AGENT_BIN={agent} HGW_MATRIX_MODE=$mode timeout {MODE_TIMEOUT_S} {test} --test-threads=1 > {shared}/$mode.log 2>&1\n\
+         \x20 rc=$?\n\
+         \x20 echo \"$rc $(( $(date +%s) - start ))\" > {shared}/$mode.rc\n\
+         \x20 echo \"matrix: {version}: $mode: exit $rc\"\n\
+         done",
+        modes = MODES.join(" "),
+        version = kernel.version,
+    );
+    println!("matrix: booting Debian {} under QEMU (TCG)", kernel.version);
+    // Boot and set-up take seconds; the rest is the modes' own timeouts.
+    let watchdog = Duration::from_secs(120 + MODE_TIMEOUT_S * MODES.len() as u64);
+    let boot = matrix_vm::boot(kernel, &dir, &script, watchdog)?;
+    println!(
+        "matrix: {}: guest {} after {} s",
+        kernel.version,
+        if boot.finished {
+            "finished"
+        } else {
+            "did NOT finish"
+        },
+        boot.elapsed.as_secs()
+    );
+    let mut cells = Vec::new();
+    for (mode, expect) in MODES.into_iter().zip(expects) {
+        let log = dir.join(format!("{mode}.log"));
+        let rc = std::fs::read_to_string(dir.join(format!("{mode}.rc"))).unwrap_or_default();
+        let mut fields = rc.split_whitespace().map(|f| f.parse::<i64>().ok());
+        let (code, secs) = (fields.next().flatten(), fields.next().flatten());
+        let outcome = match code {
+            Some(code) => classify(
+                expect,
+                i32::try_from(code).ok(),
+                &std::fs::read_to_string(&log).unwrap_or_default(),
+                &log,
+            ),
+            None => Outcome::Fail(format!(
+                "the guest did not run this mode; console (in {}):\n{}",
+                dir.join("console.log").display(),
+                tail(&boot.console, 15)
+            )),
+        };
+        cells.push(Cell {
+            outcome,
+            secs: secs.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+        });
+    }
+    Ok(Column {
+        kernel: format!("Debian {} (QEMU)", kernel.version),
+        cells,
+        dir,
+    })
+}
+
+/// A cell's outcome from the test's exit code and output.
+fn classify(expect: Expect, code: Option<i32>, text: &str, log: &Path) -> Outcome {
+    match (expect, code) {
+        (Expect::Pass, Some(0)) => Outcome::Pass,
+        (Expect::Fail { reason, .. }, Some(0)) => Outcome::Passed { reason },
+        (Expect::Fail { reason, said }, _) if text.contains(said) => Outcome::Expected {
+            reason,
+            said: said_line(text, said),
+        },
+        (expect, code) => {
+            let why = match code {
+                Some(124) => format!("timed out after {MODE_TIMEOUT_S} s"),
+                Some(c) => format!("exit {c}"),
+                None => "killed by a signal".to_owned(),
+            };
+            let wanted = match expect {
+                Expect::Pass => String::new(),
+                Expect::Fail { said, .. } => format!(" (expected a failure saying \"{said}\")"),
+            };
+            Outcome::Fail(format!(
+                "{why}{wanted}; log {}:\n{}",
+                log.display(),
+                first_error(text)
+            ))
+        }
+    }
+}
+
+/// The agent's own words: the first output line containing `said`, without a log
+/// line's `[time LEVEL target]`, an error chain's `N: ` and an `Error: `, at most 300
+/// characters.
+fn said_line(text: &str, said: &str) -> String {
+    let mut line = text
+        .lines()
+        .find(|l| l.contains(said))
+        .unwrap_or(said)
+        .trim();
+    if line.starts_with('[')
+        && let Some((_, rest)) = line.split_once("] ")
+    {
+        line = rest;
+    }
+    if let Some((index, rest)) = line.split_once(": ")
+        && !index.is_empty()
+        && index.bytes().all(|b| b.is_ascii_digit())
+    {
+        line = rest;
+    }
+    let line = line.strip_prefix("Error: ").unwrap_or(line);
+    line.chars().take(300).collect()
+}
+
+/// The lines of a failed test's output that say why: its error, else the last lines.
+fn first_error(text: &str) -> String {
+    let start = text
+        .lines()
+        .position(|l| l.starts_with("Error:") || l.contains("panicked at"));
+    match start {
+        Some(i) => text.lines().skip(i).take(12).collect::<Vec<_>>().join("\n"),
+        None => tail(text, 12),
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The table (kernel x mode) and, under it, each expected failure's reason and the
+/// agent's words, and each required cell's failure.
+fn render(columns: &[Column], took: Duration) -> String {
+    let mut table = format!(
+        "# hgw kernel matrix\n\n| kernel | {} |\n|---|{}\n",
+        MODES.map(|m| format!("`{m}`")).join(" | "),
+        "---|".repeat(MODES.len())
+    );
+    let mut notes = String::new();
+    let mut n = 0;
+    for column in columns {
+        let mut row = format!("| {} |", column.kernel);
+        for (mode, cell) in MODES.into_iter().zip(&column.cells) {
+            let text = match &cell.outcome {
+                Outcome::Pass => format!("pass ({} s)", cell.secs),
+                Outcome::Expected { reason, said } => {
+                    n += 1;
+                    let _ = writeln!(
+                        notes,
+                        "{n}. {}, `{mode}`: expected failure: {reason}; the agent said: `{said}`",
+                        column.kernel
+                    );
+                    format!("expected failure ({n})")
+                }
+                Outcome::Passed { reason } => {
+                    n += 1;
+                    let _ = writeln!(
+                        notes,
+                        "{n}. {}, `{mode}`: PASSES, but was expected to fail ({reason}): make it a required pass in xtask/src/matrix.rs",
+                        column.kernel
+                    );
+                    format!("**unexpected pass** ({n})")
+                }
+                Outcome::Fail(why) => {
+                    n += 1;
+                    let _ = writeln!(notes, "{n}. {}, `{mode}`: FAILED: {why}", column.kernel);
+                    format!("**FAIL** ({n})")
+                }
+            };
+            let _ = write!(row, " {text} |");
+        }
+        table.push_str(&row);
+        table.push('\n');
+    }
+    let logs = columns
+        .iter()
+        .map(|c| c.dir.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "{table}\n{notes}\nThe smoke test (tests/tests/matrix_smoke.rs) in each mode; logs in {logs}. Took {} s.\n",
+        took.as_secs()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::{Expect, NO_TCX, Outcome, classify, said_line};
+
+    const AGENT_DIED: &str = "Error: agent on node 0 exited while waiting\n\
+        --- agent log ---\n\
+        [2026-12-05T12:12:05Z INFO  hgw_agent::cni] wrote n1-subnet.env\n\
+        Error: hgw-agent run\n\nCaused by:\n    \
+        0: attaching program hgw_to_pod: netlink error: [\"Parent Qdisc doesn\\'t exists\"]\n    \
+        1: netlink error: [\"Parent Qdisc doesn\\'t exists\"]\n";
+
+    #[test]
+    fn an_expected_failure_quotes_the_agent() {
+        match classify(NO_TCX, Some(101), AGENT_DIED, Path::new("all.log")) {
+            Outcome::Expected { said, .. } => assert_eq!(
+                said,
+                "attaching program hgw_to_pod: netlink error: [\"Parent Qdisc doesn\\'t exists\"]"
+            ),
+            _ => panic!("not an expected failure"),
+        }
+        assert_eq!(
+            said_line(
+                "[2026-12-05T12:12:05Z ERROR hgw_agent] Error: no conntrack kfunc x",
+                "kfunc"
+            ),
+            "no conntrack kfunc x"
+        );
+    }
+
+    #[test]
+    fn other_failures_and_passes_of_expected_failures_fail_the_cell() {
+        let log = Path::new("x.log");
+        let other = "Error: `ip link add br0 type bridge` failed: Unknown device type\n";
+        assert!(matches!(
+            classify(NO_TCX, Some(101), other, log),
+            Outcome::Fail(_)
+        ));
+        assert!(matches!(
+            classify(NO_TCX, Some(0), "", log),
+            Outcome::Passed { .. }
+        ));
+        assert!(matches!(
+            classify(Expect::Pass, None, "", log),
+            Outcome::Fail(_)
+        ));
+        assert!(matches!(
+            classify(Expect::Pass, Some(0), "", log),
+            Outcome::Pass
+        ));
+    }
+}
