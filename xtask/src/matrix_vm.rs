@@ -71,6 +71,9 @@ pub fn fetch(package: &str) -> anyhow::Result<Kernel> {
             kernel.version,
             kernel.dir.display()
         );
+        // Made again every run: it holds INIT, which changes with this file, and takes
+        // a moment.
+        build_initramfs(&kernel)?;
         return Ok(kernel);
     }
     println!("matrix: kernel {}: fetching {package}", kernel.version);
@@ -231,8 +234,10 @@ const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
 
 /// Stage 1 of the guest's boot: load the 9p modules, mount this machine's root read-only,
 /// tmpfs on /run and /tmp, the writable results share at its host path (`hgw_out`, from
-/// the kernel command line), then hand over to `$hgw_out/run.sh` on the new root. On any
-/// failure it powers off, so the host sees an unfinished boot at once.
+/// the kernel command line), then hand over to `$hgw_out/run.sh` on the new root. A
+/// workspace under /tmp (`hgw_root`; a CI clone) would be hidden by the tmpfs: the
+/// host's /tmp is bound under /run first and the workspace bound back over the tmpfs.
+/// On any failure it powers off, so the host sees an unfinished boot at once.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 fail() { echo "matrix init: $*"; echo o > /proc/sysrq-trigger; sleep 10; }
@@ -240,7 +245,13 @@ mount -t proc proc /proc && mount -t sysfs sys /sys && mount -t devtmpfs dev /de
 for m in $(cat /modules/order); do insmod "/modules/$m" || fail "insmod $m"; done
 o=trans=virtio,version=9p2000.L,msize=262144,cache=loose
 mount -t 9p -o "$o,ro" hostroot /newroot || fail "mounting the host root"
-mount -t tmpfs -o mode=755 tmpfs /newroot/run && mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || fail "mounting tmpfs"
+mount -t tmpfs -o mode=755 tmpfs /newroot/run || fail "mounting tmpfs on /run"
+mkdir -p /newroot/run/host-tmp && mount --bind /newroot/tmp /newroot/run/host-tmp || fail "binding the host's /tmp"
+mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || fail "mounting tmpfs on /tmp"
+case "$hgw_root" in /tmp/?*)
+  rel=${hgw_root#/tmp/}
+  mkdir -p "/newroot/tmp/$rel" && mount --bind "/newroot/run/host-tmp/$rel" "/newroot/tmp/$rel" || fail "binding the workspace $hgw_root"
+esac
 mount -t 9p -o "$o" results "/newroot$hgw_out" || fail "mounting the results share at $hgw_out"
 for d in proc sys dev; do mount --move "/$d" "/newroot/$d" || fail "moving /$d"; done
 exec switch_root /newroot /bin/sh "$hgw_out/run.sh"
@@ -412,7 +423,10 @@ pub fn boot(
     .arg("-initrd")
     .arg(kernel.initramfs())
     .arg("-append")
-    .arg(format!("console=ttyS0 panic=-1 quiet hgw_out={out}"))
+    .arg(format!(
+        "console=ttyS0 panic=-1 quiet hgw_out={out} hgw_root={}",
+        crate::util::root().display()
+    ))
     .arg("-serial")
     .arg(format!("file:{}", console.display()))
     .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
