@@ -160,6 +160,7 @@ impl Datapath {
         if let Some(dir) = pins {
             prepare_pin_dir(dir, bridge, attach)?;
         }
+        remove_earlier_pins(pins);
         for interface in [bridge, uplink] {
             refuse_foreign_hgw(interface, pins)?;
         }
@@ -793,6 +794,26 @@ fn prepare_pin_dir(dir: &Path, bridge: &str, attach: Attach) -> Result<(), Datap
         }
     }
     Ok(())
+}
+
+/// An earlier agent of this network namespace pinned its programs in another directory
+/// (`pin_dir` changed without `uninstall`): they would sit first on the hooks and take
+/// the traffic while this agent's counters stay at 0. Their pins go, and with them the
+/// programs (no process holds them: the agent lock keeps a second agent out).
+fn remove_earlier_pins(own: Option<&Path>) {
+    for dir in crate::pin_owner::earlier_pin_dirs(own) {
+        match remove_pins(&dir) {
+            Ok(n) => warn!(
+                "removed {n} pins an earlier agent of this network namespace left in {} (pin_dir changed without `hgw-agent uninstall`); its programs were first on the hooks",
+                dir.display()
+            ),
+            Err(e) => warn!(
+                "{}: an earlier agent's pins, whose programs sit first on the hooks, could not be removed: {e}; remove them with `hgw-agent uninstall --pin-dir {}`",
+                dir.display(),
+                dir.display()
+            ),
+        }
+    }
 }
 
 /// Removes the link and map pins under `dir` and the directories, if they are there:

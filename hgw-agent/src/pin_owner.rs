@@ -131,6 +131,70 @@ pub fn claim(dir: &Path) -> Result<(), PinOwnerError> {
     Ok(())
 }
 
+/// How deep below a bpffs mount point, and how many directories in all, the search for
+/// an earlier agent's pin directory looks: bounded whatever is pinned on the node.
+const SEARCH_DEPTH: usize = 4;
+const SEARCH_DIRS: usize = 10_000;
+
+/// The bpffs mount points this process sees (/proc/self/mountinfo).
+fn bpffs_mounts() -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let fstype = fs.split_whitespace().next()?;
+            let point = mount.split_whitespace().nth(4)?;
+            // mountinfo escapes spaces and the like as octal; such paths are skipped.
+            (fstype == "bpf" && !point.contains('\\')).then(|| PathBuf::from(point))
+        })
+        .collect()
+}
+
+/// Pin directories other than `own` on this process's bpffs mounts that an agent of
+/// this network namespace marked: an earlier agent's, left when `pin_dir` changed (or
+/// became "none") without `uninstall`. Its pinned programs would sit first on the hooks
+/// and take the traffic. The agent lock keeps a second live agent out of the namespace,
+/// so they are no one else's.
+pub fn earlier_pin_dirs(own: Option<&Path>) -> Vec<PathBuf> {
+    let Ok(me) = current_netns() else {
+        return Vec::new();
+    };
+    let own = own.and_then(|dir| std::fs::canonicalize(dir).ok());
+    let mut found = Vec::new();
+    let mut seen = 0;
+    let mut stack: Vec<(PathBuf, usize)> = bpffs_mounts().into_iter().map(|m| (m, 0)).collect();
+    while let Some((dir, depth)) = stack.pop() {
+        seen += 1;
+        if seen > SEARCH_DIRS {
+            warn!("stopped looking for earlier pin directories after {SEARCH_DIRS} directories");
+            break;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let subdirs: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        let marked = subdirs
+            .iter()
+            .any(|d| d.file_name() == Some(std::ffi::OsStr::new(&format!("{MARKER_PREFIX}{me}"))));
+        if marked {
+            if std::fs::canonicalize(&dir).ok() != own {
+                found.push(dir);
+            }
+            continue;
+        }
+        if depth < SEARCH_DEPTH {
+            stack.extend(subdirs.into_iter().map(|d| (d, depth + 1)));
+        }
+    }
+    found
+}
+
 /// Removes the namespace markers from `dir` (uninstall: the pins are gone).
 pub fn unmark(dir: &Path) -> std::io::Result<()> {
     for (_, path) in markers(dir)? {

@@ -1,42 +1,53 @@
 //! Pins the agent cannot keep or must not ignore: an earlier agent's programs pinned in
-//! another `pin_dir` stop a new agent (as root it can name them), saying how to remove
-//! them; a bpffs the agent has to mount in its own mount namespace (`ip netns exec`
-//! makes one) dies with it, and the agent says so.
+//! another `pin_dir` of the same network namespace would sit first on the hooks and take
+//! the traffic, so the new agent removes them, saying so (without naming programs by
+//! id, which needs CAP_SYS_ADMIN); a bpffs the agent has to mount in its own mount
+//! namespace (`ip netns exec` makes one) dies with it, and the agent says so.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hgw_tests::{Lab, hgw_programs};
 
-/// Waits up to 15 s for `agent` to exit; its log.
-fn exited_log(agent: &hgw_tests::Agent) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while agent.is_running() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::ensure!(!agent.is_running(), "the agent still runs: {}", agent.log());
-    Ok(agent.log())
-}
-
 #[test]
-fn programs_pinned_in_another_pin_dir_stop_a_new_agent() -> anyhow::Result<()> {
+fn an_earlier_agents_pins_in_another_pin_dir_are_removed() -> anyhow::Result<()> {
     let mut lab = Lab::up(2, 1)?;
     let agent = lab.start_agent(0, &[])?;
     agent.wait_ready(Duration::from_secs(15))?;
     // SIGKILL: the pinned programs stay on the hooks.
     agent.kill()?;
-    let pinned = hgw_programs(&lab.nodes[0].ns)?;
-    assert!(!pinned.is_empty(), "nothing pinned stayed");
+    let earlier = hgw_programs(&lab.nodes[0].ns)?;
+    assert!(!earlier.is_empty(), "nothing pinned stayed");
+    let old_dir = lab.pin_dir(0);
     let moved = lab.dir().join("bpf").join("moved");
     let moved = moved.to_string_lossy().into_owned();
-    let log = exited_log(lab.start_agent(0, &["--pin-dir", &moved])?)?;
+    let agent = lab.start_agent(0, &["--pin-dir", &moved])?;
+    agent.wait_ready(Duration::from_secs(15))?;
+    let log = agent.log();
     assert!(
-        log.contains("already runs hgw program") && log.contains("uninstall --pin-dir"),
-        "the refusal does not say how to remove the earlier pins: {log}"
+        log.contains("pins an earlier agent of this network namespace left in")
+            && log.contains(&old_dir.to_string_lossy().into_owned()),
+        "no word of the earlier pins, naming their directory: {log}"
     );
-    assert_eq!(
-        hgw_programs(&lab.nodes[0].ns)?,
-        pinned,
-        "the earlier pinned programs changed"
+    assert!(
+        !old_dir.join("links").exists(),
+        "the earlier link pins are still there"
+    );
+    // One hgw program per hook, none of the earlier ones: the new agent's alone.
+    let now = hgw_programs(&lab.nodes[0].ns)?;
+    let hooks = |programs: &[String]| -> Vec<String> {
+        let mut hooks: Vec<String> = programs
+            .iter()
+            .map(|p| p.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect();
+        hooks.sort();
+        hooks
+    };
+    let mut unique = hooks(&now);
+    unique.dedup();
+    assert_eq!(hooks(&now), unique, "two hgw programs on a hook: {now:?}");
+    assert!(
+        now.iter().all(|p| !earlier.contains(p)),
+        "an earlier program is still attached: {now:?} (earlier {earlier:?})"
     );
     Ok(())
 }
