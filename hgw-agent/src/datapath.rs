@@ -802,6 +802,16 @@ fn prepare_pin_dir(dir: &Path, bridge: &str, attach: Attach) -> Result<(), Datap
 /// programs (no process holds them: the agent lock keeps a second agent out).
 fn remove_earlier_pins(own: Option<&Path>) {
     for dir in crate::pin_owner::earlier_pin_dirs(own) {
+        // A link goes with its last reference, which an unlinked pin drops only after
+        // an RCU grace period: detached first, its program is off the hook before the
+        // check for other hgw programs that follows.
+        if let Ok(links) = std::fs::read_dir(dir.join("links")) {
+            for link in links.flatten() {
+                if let Err(e) = crate::pin_owner::detach_pinned_link(&link.path()) {
+                    warn!("detaching {}: {e}", link.path().display());
+                }
+            }
+        }
         match remove_pins(&dir) {
             Ok(n) => warn!(
                 "removed {n} pins an earlier agent of this network namespace left in {} (pin_dir changed without `hgw-agent uninstall`); its programs were first on the hooks",
