@@ -802,16 +802,6 @@ fn prepare_pin_dir(dir: &Path, bridge: &str, attach: Attach) -> Result<(), Datap
 /// programs (no process holds them: the agent lock keeps a second agent out).
 fn remove_earlier_pins(own: Option<&Path>) {
     for dir in crate::pin_owner::earlier_pin_dirs(own) {
-        // A link goes with its last reference, which an unlinked pin drops only after
-        // an RCU grace period: detached first, its program is off the hook before the
-        // check for other hgw programs that follows.
-        if let Ok(links) = std::fs::read_dir(dir.join("links")) {
-            for link in links.flatten() {
-                if let Err(e) = crate::pin_owner::detach_pinned_link(&link.path()) {
-                    warn!("detaching {}: {e}", link.path().display());
-                }
-            }
-        }
         match remove_pins(&dir) {
             Ok(n) => warn!(
                 "removed {n} pins an earlier agent of this network namespace left in {} (pin_dir changed without `hgw-agent uninstall`); its programs were first on the hooks",
@@ -826,9 +816,12 @@ fn remove_earlier_pins(own: Option<&Path>) {
     }
 }
 
-/// Removes the link and map pins under `dir` and the directories, if they are there:
-/// a pinned link goes with its pin (its program is detached) unless a process still
-/// holds it. Returns how many pins went.
+/// Removes the link and map pins under `dir` and the directories, if they are there;
+/// each pinned link is detached first. Returns how many pins went.
+///
+/// Unlinking a link's pin alone drops the link's last reference only after an RCU
+/// grace period, so its program would stay on the hook for a moment: long enough for
+/// the hook checks that follow (a new agent's, uninstall's) to see it.
 pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
     let mut count = 0;
     for sub in ["links", "maps"] {
@@ -837,7 +830,13 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
             continue;
         };
         for entry in entries {
-            std::fs::remove_file(entry?.path())?;
+            let path = entry?.path();
+            if sub.ends_with("links")
+                && let Err(e) = detach_pinned_link(&path)
+            {
+                warn!("detaching the link pinned at {}: {e}", path.display());
+            }
+            std::fs::remove_file(path)?;
             count += 1;
         }
         std::fs::remove_dir(&sub)?;
@@ -847,6 +846,40 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
         std::fs::remove_dir(dir)?;
     }
     Ok(count)
+}
+
+/// Detaches the BPF link pinned at `path` at once (BPF_OBJ_GET, then BPF_LINK_DETACH:
+/// no capability beyond access to the pin), leaving the pin.
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // union bpf_attr, BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags; zero-padded to
+    // the size the kernel reads.
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64;
+    // SAFETY: attr is a zeroed bpf_attr of 128 bytes holding a pointer to a
+    // NUL-terminated path that outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), 128u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(fd.unsigned_abs());
+    // SAFETY: attr is a zeroed bpf_attr whose first u32 is link_detach.link_fd, an fd
+    // open for the call (`link` closes it after).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), 128u32) };
+    drop(link);
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 const BPFFS_DEFAULT: &str = "/sys/fs/bpf";

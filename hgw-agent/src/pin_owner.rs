@@ -195,40 +195,6 @@ pub fn earlier_pin_dirs(own: Option<&Path>) -> Vec<PathBuf> {
     found
 }
 
-/// Detaches the BPF link pinned at `path` at once (BPF_OBJ_GET, then BPF_LINK_DETACH:
-/// no capability beyond access to the pin), leaving the pin.
-pub fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-    use std::os::unix::ffi::OsStrExt as _;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // union bpf_attr, BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags; zero-padded to
-    // the size the kernel reads.
-    let mut attr = [0u64; 16];
-    attr[0] = c_path.as_ptr() as u64;
-    // SAFETY: attr is a zeroed bpf_attr of 128 bytes holding a pointer to a
-    // NUL-terminated path that outlives the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), 128u32) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    let link = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(fd.unsigned_abs());
-    // SAFETY: attr is a zeroed bpf_attr whose first u32 is link_detach.link_fd, an fd
-    // open for the call (`link` closes it after).
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), 128u32) };
-    drop(link);
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Removes the namespace markers from `dir` (uninstall: the pins are gone).
 pub fn unmark(dir: &Path) -> std::io::Result<()> {
     for (_, path) in markers(dir)? {
