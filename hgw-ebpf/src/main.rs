@@ -297,7 +297,7 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
         if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
             return Err(Counter::PassNoMac);
         }
-        check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
+        let wire_len = check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
         // The redirect skips what follows on this hook and, from a port, the bridge's
         // own ingress, where the kernel path goes next; the uplink's egress it keeps.
         let ingress = ingress_ifindex(ctx);
@@ -313,7 +313,7 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
         // path goes only where the kernel would, the same interface and neighbour.
         // (Conntrack's side effects above are what the kernel does on seeing the
         // packet anyway.)
-        let route = kernel_route(ctx, ip, &l4, config.bridge_ifindex);
+        let route = kernel_route(ctx, ip, &l4, config.bridge_ifindex, wire_len);
         match route.rc {
             BPF_FIB_LKUP_RET_SUCCESS
                 if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac =>
@@ -400,7 +400,7 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
         return Err(Counter::PassSource);
     }
     forward(ctx, eth, ip, FLOW_TO_POD, &config.ct, send_to_pod, |l4| {
-        check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
+        let wire_len = check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
         let ingress = ingress_ifindex(ctx);
         if device_has(ingress, DEVICE_INGRESS) {
             return Err(Counter::PassTcHook);
@@ -409,7 +409,7 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
         // The kernel would send it into the bridge to the pod itself (the pod CIDR's
         // connected route, no gateway); the pod's MAC is the bridge's business, so an
         // unresolved one is no reason.
-        let route = kernel_route(ctx, ip, &l4, ingress);
+        let route = kernel_route(ctx, ip, &l4, ingress, wire_len);
         match route.rc {
             BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
                 if route.ifindex == config.bridge_ifindex && route.direct => {}
@@ -506,14 +506,14 @@ fn kernel_route<H: IpHeader>(
     ip: *const H,
     l4: &Result<Transport, Counter>,
     ingress: u32,
+    wire_len: u32,
 ) -> KernelRoute {
     // SAFETY: the caller got ip from parse.
     let mut params = unsafe { H::fib_params(ip) };
     params.ifindex = ingress;
-    // With a length, the kernel checks it against the route's MTU (a route's own
-    // `mtu`, the path MTU) as forwarding does, before the neighbour lookup.
-    // SAFETY: the caller got ip from parse.
-    params.tot_len = wire_len(ctx, unsafe { &*ip }).min(u32::from(u16::MAX)) as u16;
+    // With a length, the kernel checks it against the route's MTU (the egress
+    // device's, a locked route MTU, the path MTU) before the neighbour lookup.
+    params.tot_len = wire_len.min(u32::from(u16::MAX)) as u16;
     let destination = params.dst;
     if let Ok(l4) = l4 {
         params.sport = [l4.ports[0], l4.ports[1]];
@@ -1226,17 +1226,19 @@ fn header_checksum_ok(ip: *const Ipv4Hdr) -> bool {
 
 /// TTL <= 1 and packets too large for the egress go to the kernel, which answers with
 /// ICMP time exceeded / fragmentation needed (ICMPv6 packet too big) as a router must.
+/// The packet's [`wire_len`], for the FIB's own MTU check.
 #[inline(always)]
-fn check_ttl_and_mtu<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Result<(), Counter> {
+fn check_ttl_and_mtu<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Result<u32, Counter> {
     // SAFETY: the caller got ip from parse.
     let hdr = unsafe { &*ip };
     if hdr.ttl() <= 1 {
         return Err(Counter::PassTtl);
     }
-    if wire_len(ctx, hdr) > mtu {
+    let len = wire_len(ctx, hdr);
+    if len > mtu {
         return Err(Counter::PassMtu);
     }
-    Ok(())
+    Ok(len)
 }
 
 /// The largest IP packet this one puts on the wire: itself, or, for a GSO packet
