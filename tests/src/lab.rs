@@ -281,12 +281,7 @@ impl Lab {
     /// A lab with an agent on every node, each ready (routes in, next hops resolved).
     pub fn up_with_agents(nodes: usize, pods: usize) -> anyhow::Result<Lab> {
         let mut lab = Lab::up(nodes, pods)?;
-        for node in 0..lab.nodes.len() {
-            lab.start_agent(node, &[])?;
-        }
-        for agent in lab.agents() {
-            agent.wait_ready(std::time::Duration::from_secs(15))?;
-        }
+        lab.start_agents(&[], Duration::from_secs(15))?;
         Ok(lab)
     }
 
@@ -371,6 +366,18 @@ impl Lab {
     /// The agent on node index `node`, mutably.
     pub fn agent_mut(&mut self, node: usize) -> Option<&mut Agent> {
         self.agents.iter_mut().find(|a| a.node == node)
+    }
+
+    /// (Re)starts every node's agent with `extra_args` and waits (up to `ready`) until
+    /// each is ready.
+    pub fn start_agents(&mut self, extra_args: &[&str], ready: Duration) -> anyhow::Result<()> {
+        for node in 0..self.nodes.len() {
+            self.start_agent(node, extra_args)?;
+        }
+        for agent in &self.agents {
+            agent.wait_ready(ready)?;
+        }
+        Ok(())
     }
 
     /// Every agent's status, in [`Lab::agents`] order.

@@ -69,9 +69,9 @@ fn connections_end_cleanly_beside_kube_proxys_invalid_drop() -> anyhow::Result<(
     }
 
     // The fast path first, then the kernel alone on the same lab, other ports.
-    start_agents(&mut lab, "established")?;
+    lab.start_agents(&["--fast-path", "established"], Duration::from_secs(15))?;
     let fast = run_cases(&lab, &a, &b, 5301)?;
-    start_agents(&mut lab, "off")?;
+    lab.start_agents(&["--fast-path", "off"], Duration::from_secs(15))?;
     let kernel = run_cases(&lab, &a, &b, 5311)?;
 
     for (mode, r) in [("established", &fast), ("off", &kernel)] {
@@ -142,17 +142,6 @@ struct Report {
     sent_a: u64,
     sent_b: u64,
     deltas: [Deltas; 2],
-}
-
-/// (Re)starts both agents in `mode` and waits until they are ready.
-fn start_agents(lab: &mut Lab, mode: &str) -> anyhow::Result<()> {
-    for node in 0..2 {
-        lab.start_agent(node, &["--fast-path", mode])?;
-    }
-    for agent in lab.agents() {
-        agent.wait_ready(Duration::from_secs(15))?;
-    }
-    Ok(())
 }
 
 /// Runs the three connections on ports `port`, `port + 1`, `port + 2` from pod `a` (on

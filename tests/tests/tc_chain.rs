@@ -91,7 +91,7 @@ fn filters_and_programs_after_hgw_see_the_packets_it_hands_to_the_kernel() -> an
     let (a, b) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
     let mut failures = Vec::new();
     for mode in ["off", "established"] {
-        start_agents(&mut lab, mode)?;
+        lab.start_agents(&["--fast-path", mode], Duration::from_secs(15))?;
         let places = [
             (Kind::Tcx, n1.as_str(), PORT_DEV),
             (Kind::Legacy, n1.as_str(), PORT_DEV),
@@ -160,7 +160,7 @@ fn a_dropping_filter_or_program_after_hgw_drops_a_carried_flow() -> anyhow::Resu
     let (a, b) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
     let mut failures = Vec::new();
     for mode in ["off", "established"] {
-        start_agents(&mut lab, mode)?;
+        lab.start_agents(&["--fast-path", mode], Duration::from_secs(15))?;
         let mut flow = UdpFlow::open(&a.ns, &b.ns, b.ip)?;
         let port = flow.server_addr().port();
         // The flow on its way first: in `established`, on the fast path.
@@ -259,17 +259,6 @@ fn hooks_shown(status: &Status, dev: &str) -> anyhow::Result<()> {
             && hook.flags.iter().any(|f| f == "ingress"),
         "status of {dev}'s hooks does not show hgw, the probe after it, the filter and the ingress flag: {hook:?}"
     );
-    Ok(())
-}
-
-/// Agents on both nodes in `mode`, ready.
-fn start_agents(lab: &mut Lab, mode: &str) -> anyhow::Result<()> {
-    for node in 0..2 {
-        lab.start_agent(node, &["--fast-path", mode])?;
-    }
-    for agent in lab.agents() {
-        agent.wait_ready(Duration::from_secs(15))?;
-    }
     Ok(())
 }
 
