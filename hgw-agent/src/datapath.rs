@@ -188,8 +188,11 @@ impl Datapath {
                 rebuilt.join(", ")
             );
         }
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_log_drain) {
-            warn!("eBPF logs will not be shown: {e}");
+        match aya_log::EbpfLogger::init(&mut ebpf).map(spawn_log_drain) {
+            // The programs log nothing on the packet path (a per-packet log would flood
+            // the ring); without a log call their object has no log map.
+            Ok(()) | Err(aya_log::Error::MapNotFound) => {}
+            Err(e) => warn!("eBPF logs will not be shown: {e}"),
         }
 
         let config = take_map(&mut ebpf, MAP_CONFIG)?;

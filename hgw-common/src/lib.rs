@@ -414,6 +414,10 @@ counters! {
     /// interface) sends the packet elsewhere than the fast path's next hop, drops it
     /// (blackhole, unreachable, prohibit) or would not forward it.
     PassRoute = "pass_route",
+    /// `established` mode: the conntrack lookup failed with an error other than "no
+    /// entry" (say, options the kernel refuses): the kernel decides. Counted, never
+    /// logged per packet.
+    PassCtError = "pass_ct_error",
 }
 
 /// The address family a counter block belongs to.

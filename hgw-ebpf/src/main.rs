@@ -45,7 +45,6 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
-use aya_log_ebpf::warn;
 use hgw_common::{
     COUNTER_NOT_IP, COUNTERS_LEN, CachedFlow, Counter, CtTimeouts, DEVICE_EGRESS, DEVICE_INGRESS,
     DEVICES_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, Endpoint, FLOW_TO_PEER, FLOW_TO_POD,
@@ -178,17 +177,18 @@ struct NfConn {
     _opaque: [u8; 0],
 }
 
-/// `struct bpf_ct_opts` (16 bytes, the current layout).
+/// `struct bpf_ct_opts` in its first layout (12 bytes, `NF_BPF_CT_OPTS_SZ` before the
+/// zone fields): every kernel with the kfuncs accepts this size, newer ones also 16.
+/// Without the zone fields the lookup is in the default zone, as with them zeroed.
 #[repr(C)]
 struct CtOpts {
     netns_id: i32,
     error: i32,
     l4proto: u8,
     dir: u8,
-    ct_zone_id: u16,
-    ct_zone_dir: u8,
-    reserved: [u8; 3],
+    reserved: [u8; 2],
 }
+const _: () = assert!(size_of::<CtOpts>() == 12);
 
 // Conntrack kfuncs: the agent's loader points each call at the function's id in vmlinux
 // BTF (rustc emits no BTF for extern functions, so aya cannot).
@@ -695,9 +695,7 @@ fn accepted_by_conntrack<H: IpHeader>(
         error: 0,
         l4proto: proto,
         dir: 0,
-        ct_zone_id: 0,
-        ct_zone_dir: 0,
-        reserved: [0; 3],
+        reserved: [0; 2],
     };
     // SAFETY: ip points into the packet (checked by parse).
     let mut tuple = unsafe { H::tuple(ip, ports) };
@@ -713,11 +711,10 @@ fn accepted_by_conntrack<H: IpHeader>(
         )
     };
     if ct.is_null() {
-        if opts.error != -ENOENT {
-            warn!(ctx, "hgw: conntrack lookup failed: error {}", opts.error);
-        }
         return Err(if syn {
             Counter::PassTcpSyn
+        } else if opts.error != -ENOENT {
+            Counter::PassCtError
         } else {
             Counter::PassCtNew
         });
