@@ -562,6 +562,8 @@ pub(crate) struct ProgramData<T: Link> {
     pub(crate) verifier_log_level: VerifierLogLevel,
     pub(crate) path: Option<PathBuf>,
     pub(crate) flags: u32,
+    /// hgw patch: module BTF fds for kfunc calls (`fd_array` from index 1).
+    pub(crate) kfunc_btf_fds: Option<Arc<[crate::MockableFd]>>,
 }
 
 impl<T: Link> ProgramData<T> {
@@ -570,6 +572,7 @@ impl<T: Link> ProgramData<T> {
         obj: (aya_obj::Program, aya_obj::Function),
         btf_fd: Option<Arc<crate::MockableFd>>,
         verifier_log_level: VerifierLogLevel,
+        kfunc_btf_fds: Option<Arc<[crate::MockableFd]>>,
     ) -> Self {
         Self {
             name,
@@ -583,6 +586,7 @@ impl<T: Link> ProgramData<T> {
             verifier_log_level,
             path: None,
             flags: 0,
+            kfunc_btf_fds,
         }
     }
 
@@ -610,6 +614,7 @@ impl<T: Link> ProgramData<T> {
             verifier_log_level,
             path: Some(path.to_path_buf()),
             flags: 0,
+            kfunc_btf_fds: None,
         })
     }
 
@@ -722,6 +727,7 @@ fn load_program<T: Link>(
         verifier_log_level,
         path: _,
         flags,
+        kfunc_btf_fds,
     } = data;
     if fd.is_some() {
         return Err(ProgramError::AlreadyLoaded);
@@ -777,6 +783,7 @@ fn load_program<T: Link>(
         line_info_rec_size: *line_info_rec_size,
         line_info: line_info.clone(),
         flags: *flags,
+        kfunc_btf_fds: kfunc_btf_fds.as_deref(),
     };
 
     let (ret, verifier_log) = retry_with_verifier_logs(10, |logger| {

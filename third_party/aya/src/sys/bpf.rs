@@ -158,6 +158,8 @@ pub(crate) struct EbpfLoadProgramAttrs<'a> {
     pub(crate) line_info_rec_size: usize,
     pub(crate) line_info: LineSecInfo,
     pub(crate) flags: u32,
+    /// hgw patch: module BTF fds; a kfunc call with `off` = i resolves in the i-th.
+    pub(crate) kfunc_btf_fds: Option<&'a [crate::MockableFd]>,
 }
 
 pub(crate) fn bpf_load_program(
@@ -218,6 +220,18 @@ pub(crate) fn bpf_load_program(
 
     if let Some(v) = aya_attr.attach_btf_id {
         u.attach_btf_id = v;
+    }
+    // Index 0 is never read for a kfunc (`off` 0 means vmlinux BTF), as in libbpf.
+    let fd_array: Vec<i32> = aya_attr
+        .kfunc_btf_fds
+        .map(|fds| {
+            iter::once(0)
+                .chain(fds.iter().map(|fd| fd.as_fd().as_raw_fd()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !fd_array.is_empty() {
+        u.fd_array = fd_array.as_ptr() as u64;
     }
     bpf_prog_load(&mut attr)
 }
