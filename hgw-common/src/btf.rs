@@ -1,11 +1,13 @@
-//! A small reader of the kernel's BTF (/sys/kernel/btf/vmlinux): the ids of functions
-//! (for kfunc calls) and the byte offsets of struct members (for reading kernel objects
-//! the way this kernel build lays them out). aya 0.14 keeps struct members private, and
+//! A small reader of the kernel's BTF (/sys/kernel/btf/vmlinux, and a module's split BTF
+//! beside it): the ids and parameter counts of functions (for kfunc calls), struct sizes
+//! and the byte offsets of struct members (for reading kernel objects the way this
+//! kernel build lays them out). aya 0.14 keeps struct members private, and
 //! a function's id is all the kfunc loader needs, so the two lookups are done here on
 //! the raw blob (format: Documentation/bpf/btf.rst).
 
 use std::collections::{HashMap, hash_map::Entry};
 
+const BTF_DIR: &str = "/sys/kernel/btf";
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
 const HEADER_LEN: usize = 24;
@@ -27,50 +29,112 @@ const KIND_ENUM64: u32 = 19;
 pub enum BtfError {
     #[error("reading the kernel's BTF ({path}): {source}")]
     Read {
-        path: &'static str,
+        path: String,
         #[source]
         source: std::io::Error,
     },
     #[error("the kernel's BTF ({path}) is malformed: {reason}")]
-    Malformed { path: &'static str, reason: String },
+    Malformed { path: String, reason: String },
     #[error("struct {name} has no member {member} in the kernel's BTF")]
     NoMember { name: String, member: String },
     #[error("struct {name} is not in the kernel's BTF")]
     NoStruct { name: String },
+    #[error(
+        "opening module {module}'s BTF object ({operation}): {source}{hint}",
+        hint = if source.raw_os_error() == Some(libc::EPERM) {
+            " (walking the kernel's BTF objects needs CAP_SYS_ADMIN)"
+        } else {
+            ""
+        }
+    )]
+    ModuleFd {
+        module: String,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("module {module} is loaded but the kernel lists no BTF object of that name")]
+    NoModuleBtf { module: String },
 }
 
-/// Named functions and structs of one BTF blob.
+/// A function in BTF: its type id and how many parameters its prototype has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Function {
+    pub id: u32,
+    pub params: u16,
+}
+
+/// A struct in BTF: its size and its members' byte offsets.
+#[derive(Debug, Default)]
+struct Struct {
+    size: u32,
+    members: HashMap<String, u32>,
+}
+
+/// Named functions and structs of one BTF blob: vmlinux's, or a module's (split BTF,
+/// whose type ids and string offsets continue vmlinux's).
 #[derive(Debug, Default)]
 pub struct KernelBtf {
-    functions: HashMap<String, u32>,
-    /// Struct name -> (member name -> byte offset); first definition wins.
-    structs: HashMap<String, HashMap<String, u32>>,
+    functions: HashMap<String, Function>,
+    /// First definition wins.
+    structs: HashMap<String, Struct>,
+    /// FUNC_PROTO type id -> parameter count (kept for the modules' split BTF).
+    protos: HashMap<u32, u16>,
+    /// The first type id after this blob's.
+    next_id: u32,
+    /// The string section (kept for the modules' split BTF, which refers into it).
+    strings: Vec<u8>,
 }
 
 impl KernelBtf {
     /// The running kernel's BTF.
     pub fn vmlinux() -> Result<Self, BtfError> {
-        let data = std::fs::read(VMLINUX).map_err(|source| BtfError::Read {
-            path: VMLINUX,
+        Self::read(VMLINUX, None)
+    }
+
+    /// Module `name`'s BTF (/sys/kernel/btf/NAME), `None` when the module is not
+    /// loaded or has no BTF. `vmlinux` is its base.
+    pub fn module(name: &str, vmlinux: &KernelBtf) -> Result<Option<Self>, BtfError> {
+        let path = format!("{BTF_DIR}/{name}");
+        if !std::path::Path::new(&path).exists() {
+            return Ok(None);
+        }
+        Self::read(&path, Some(vmlinux)).map(Some)
+    }
+
+    fn read(path: &str, base: Option<&KernelBtf>) -> Result<Self, BtfError> {
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.to_owned(),
             source,
         })?;
-        Self::parse(&data).map_err(|reason| BtfError::Malformed {
-            path: VMLINUX,
+        Self::parse(&data, base).map_err(|reason| BtfError::Malformed {
+            path: path.to_owned(),
             reason,
         })
     }
 
-    /// The BTF id of function `name`, if the kernel has it.
-    pub fn function(&self, name: &str) -> Option<u32> {
+    /// Function `name`, if this BTF has it.
+    pub fn function(&self, name: &str) -> Option<Function> {
         self.functions.get(name).copied()
+    }
+
+    /// The size of struct `name`, if this BTF has it.
+    pub fn struct_size(&self, name: &str) -> Option<u32> {
+        self.structs.get(name).map(|s| s.size)
+    }
+
+    /// Whether this BTF defines struct `name`.
+    pub fn has_struct(&self, name: &str) -> bool {
+        self.structs.contains_key(name)
     }
 
     /// The byte offset of `member` in struct `name`.
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
-        let members = self.structs.get(name).ok_or_else(|| BtfError::NoStruct {
+        let found = self.structs.get(name).ok_or_else(|| BtfError::NoStruct {
             name: name.to_owned(),
         })?;
-        members
+        found
+            .members
             .get(member)
             .copied()
             .ok_or_else(|| BtfError::NoMember {
@@ -79,7 +143,7 @@ impl KernelBtf {
             })
     }
 
-    fn parse(data: &[u8]) -> Result<Self, String> {
+    fn parse(data: &[u8], base: Option<&KernelBtf>) -> Result<Self, String> {
         let u16_at = |off: usize| -> Result<u16, String> {
             data.get(off..off + 2)
                 .map(|b| u16::from_le_bytes([b[0], b[1]]))
@@ -103,21 +167,30 @@ impl KernelBtf {
         let strings = data
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
             .ok_or("string section out of bounds")?;
+        // Split BTF: offsets below the base's string section are the base's strings.
+        let base_strings: &[u8] = base.map_or(&[], |b| &b.strings);
         let name = |off: u32| -> Result<&str, String> {
-            let rest = strings
-                .get(off as usize..)
-                .ok_or_else(|| format!("name offset {off} out of bounds"))?;
+            let off = off as usize;
+            let rest = match off.checked_sub(base_strings.len()) {
+                None => &base_strings[off..],
+                Some(own) => strings
+                    .get(own..)
+                    .ok_or_else(|| format!("name offset {off} out of bounds"))?,
+            };
             let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
             std::str::from_utf8(&rest[..end]).map_err(|e| format!("name at {off}: {e}"))
         };
 
         let mut btf = Self::default();
+        // (name, id, prototype id) of each function, resolved once all types are read.
+        let mut functions = Vec::new();
         let mut off = types.start;
-        // Type ids start at 1 (0 is void).
-        let mut id = 1u32;
+        // Type ids start at 1 (0 is void), after the base's in split BTF.
+        let mut id = base.map_or(1, |b| b.next_id);
         while off < types.end {
             let name_off = u32_at(off)?;
             let info = u32_at(off + 4)?;
+            let size_or_type = u32_at(off + 8)?;
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
             let kind_flag = info >> 31 == 1;
@@ -130,10 +203,9 @@ impl KernelBtf {
                 _ => 0,
             };
             match kind {
-                KIND_FUNC => {
-                    btf.functions
-                        .entry(name(name_off)?.to_owned())
-                        .or_insert(id);
+                KIND_FUNC => functions.push((name(name_off)?, id, size_or_type)),
+                KIND_FUNC_PROTO => {
+                    btf.protos.insert(id, vlen as u16);
                 }
                 KIND_STRUCT if name_off != 0 => {
                     if let Entry::Vacant(slot) = btf.structs.entry(name(name_off)?.to_owned()) {
@@ -145,7 +217,10 @@ impl KernelBtf {
                             let bit_offset = if kind_flag { bits & 0x00ff_ffff } else { bits };
                             members.insert(name(u32_at(at)?)?.to_owned(), bit_offset / 8);
                         }
-                        slot.insert(members);
+                        slot.insert(Struct {
+                            size: size_or_type,
+                            members,
+                        });
                     }
                 }
                 _ => {}
@@ -156,29 +231,131 @@ impl KernelBtf {
         if off != types.end {
             return Err("type section does not end on a type boundary".into());
         }
+        for (function, id, proto) in functions {
+            let params = btf
+                .protos
+                .get(&proto)
+                .or_else(|| base.and_then(|b| b.protos.get(&proto)))
+                .copied()
+                .ok_or_else(|| format!("function {function}: type {proto} is no prototype"))?;
+            btf.functions
+                .entry(function.to_owned())
+                .or_insert(Function { id, params });
+        }
+        btf.next_id = id;
+        if base.is_none() {
+            btf.strings = strings.to_vec();
+        }
         Ok(btf)
     }
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
+const BPF_BTF_GET_NEXT_ID: libc::c_long = 23;
+
+/// `struct bpf_btf_info`.
+#[repr(C)]
+#[derive(Default)]
+struct BtfInfo {
+    btf: u64,
+    btf_size: u32,
+    id: u32,
+    name: u64,
+    name_len: u32,
+    kernel_btf: u32,
+}
+
+/// A file descriptor of module `name`'s BTF object, as the kernel wants it in a
+/// program's `fd_array` for calls to the module's kfuncs. The kernel hands these out
+/// by id only (`BPF_BTF_GET_NEXT_ID`, `BPF_BTF_GET_FD_BY_ID`: CAP_SYS_ADMIN).
+pub fn module_btf_fd(name: &str) -> Result<std::os::fd::OwnedFd, BtfError> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let error = |operation, source| BtfError::ModuleFd {
+        module: name.to_owned(),
+        operation,
+        source,
+    };
+    let mut id = 0u32;
+    loop {
+        // { start_id, next_id, open_flags }
+        let mut attr = [id, 0, 0, 0];
+        bpf(BPF_BTF_GET_NEXT_ID, &mut attr).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                BtfError::NoModuleBtf {
+                    module: name.to_owned(),
+                }
+            } else {
+                error("BPF_BTF_GET_NEXT_ID", e)
+            }
+        })?;
+        id = attr[1];
+        // { btf_id, next_id, open_flags }
+        let mut attr = [id, 0, 0, 0];
+        let fd = match bpf(BPF_BTF_GET_FD_BY_ID, &mut attr) {
+            // SAFETY: BPF_BTF_GET_FD_BY_ID returned a new fd, ours alone.
+            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+            // Gone since it was listed.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(error("BPF_BTF_GET_FD_BY_ID", e)),
+        };
+        let mut found = [0u8; 64];
+        let mut info = BtfInfo {
+            name: found.as_mut_ptr() as u64,
+            name_len: found.len() as u32,
+            ..BtfInfo::default()
+        };
+        let mut attr = InfoAttr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: size_of::<BtfInfo>() as u32,
+            info: &raw mut info as u64,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map_err(|e| error("BPF_OBJ_GET_INFO_BY_FD", e))?;
+        let len = found.iter().position(|&b| b == 0).unwrap_or(found.len());
+        if info.kernel_btf != 0 && &found[..len] == name.as_bytes() {
+            return Ok(fd);
+        }
+    }
+}
+
+/// `bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The bpf(2) syscall with the attribute block `attr` (the leading members of `union
+/// bpf_attr` the command reads; the kernel zero-fills the rest).
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
+    // SAFETY: attr is a live, writable block of the size passed, laid out as the
+    // command's part of `union bpf_attr`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc as i32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A hand-made blob: int, struct s { int a; int b; } (b at byte 4), func f.
-    fn blob() -> Vec<u8> {
-        let strings = b"\0int\0s\0a\0b\0f\0";
-        let mut types = Vec::new();
-        let mut push = |words: &[u32]| {
-            for w in words {
-                types.extend_from_slice(&w.to_le_bytes());
-            }
-        };
-        // [1] int: name "int", kind INT, size 4, encoding word.
-        push(&[1, KIND_INT << 24, 4, 32]);
-        // [2] struct s, 2 members, size 8.
-        push(&[5, KIND_STRUCT << 24 | 2, 8, 7, 1, 0, 9, 1, 32]);
-        // [3] func f (type 0).
-        push(&[11, KIND_FUNC << 24, 0]);
+    /// A BTF blob of these types and strings.
+    fn blob_of(type_words: &[&[u32]], strings: &[u8]) -> Vec<u8> {
+        let types: Vec<u8> = type_words
+            .iter()
+            .flat_map(|words| words.iter())
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
         let mut data = Vec::new();
         data.extend_from_slice(&MAGIC.to_le_bytes());
         data.extend_from_slice(&[1, 0]);
@@ -196,11 +373,29 @@ mod tests {
         data
     }
 
+    /// int, struct s { int a; int b; } (b at byte 4, size 8), int (*)(int, int), func f.
+    fn blob() -> Vec<u8> {
+        blob_of(
+            &[
+                // [1] int: name "int", kind INT, size 4, encoding word.
+                &[1, KIND_INT << 24, 4, 32],
+                // [2] struct s, 2 members, size 8.
+                &[5, KIND_STRUCT << 24 | 2, 8, 7, 1, 0, 9, 1, 32],
+                // [3] int (*)(int, int).
+                &[0, KIND_FUNC_PROTO << 24 | 2, 1, 0, 1, 0, 1],
+                // [4] func f, of type 3.
+                &[11, KIND_FUNC << 24, 3],
+            ],
+            b"\0int\0s\0a\0b\0f\0",
+        )
+    }
+
     #[test]
-    fn finds_functions_and_member_offsets() {
-        let btf = KernelBtf::parse(&blob()).expect("parse");
-        assert_eq!(btf.function("f"), Some(3));
+    fn finds_functions_structs_and_member_offsets() {
+        let btf = KernelBtf::parse(&blob(), None).expect("parse");
+        assert_eq!(btf.function("f"), Some(Function { id: 4, params: 2 }));
         assert_eq!(btf.function("g"), None);
+        assert_eq!(btf.struct_size("s"), Some(8));
         assert_eq!(btf.member_offset("s", "b").expect("member"), 4);
         assert!(matches!(
             btf.member_offset("s", "c"),
@@ -208,10 +403,32 @@ mod tests {
         ));
     }
 
+    /// A module's split BTF: ids after the base's, names in either string section,
+    /// a function whose prototype is the base's.
+    #[test]
+    fn reads_a_modules_split_btf() {
+        let base = KernelBtf::parse(&blob(), None).expect("base");
+        let base_len = base.strings.len() as u32;
+        let module = blob_of(
+            &[
+                // [5] func g, of the base's type 3.
+                &[base_len + 1, KIND_FUNC << 24, 3],
+                // [6] struct t { int b; } (size 4), "b" from the base's strings.
+                &[base_len + 3, KIND_STRUCT << 24 | 1, 4, 9, 1, 0],
+            ],
+            b"\0g\0t\0",
+        );
+        let btf = KernelBtf::parse(&module, Some(&base)).expect("module");
+        assert_eq!(btf.function("g"), Some(Function { id: 5, params: 2 }));
+        assert_eq!(btf.function("f"), None);
+        assert_eq!(btf.member_offset("t", "b").expect("member"), 0);
+        assert_eq!(btf.struct_size("t"), Some(4));
+    }
+
     #[test]
     fn refuses_a_truncated_blob() {
         let mut data = blob();
         data.truncate(data.len() - 20);
-        assert!(KernelBtf::parse(&data).is_err());
+        assert!(KernelBtf::parse(&data, None).is_err());
     }
 }

@@ -82,13 +82,20 @@ pub const GLOBAL_CT_STATUS_OFFSET: &str = "HGW_CT_STATUS_OFF";
 /// `u32`: offset of `timeout` (jiffies, `u32`) in `struct nf_conn`.
 pub const GLOBAL_CT_TIMEOUT_OFFSET: &str = "HGW_CT_TIMEOUT_OFF";
 
-/// The conntrack kfuncs the programs call (resolved against vmlinux BTF at load time).
-pub const KFUNCS: &[&str] = &[
-    "bpf_skb_ct_lookup",
-    "bpf_ct_release",
-    "bpf_ct_change_timeout",
-    "bpf_ct_change_status",
+/// The conntrack kfuncs the programs call, with their parameter counts (checked against
+/// the running kernel's BTF at load time): in vmlinux BTF when conntrack is built in, in
+/// the `nf_conntrack` module's BTF when it is a module.
+pub const KFUNCS: &[(&str, u16)] = &[
+    ("bpf_skb_ct_lookup", 5),
+    ("bpf_ct_release", 1),
+    ("bpf_ct_change_timeout", 2),
+    ("bpf_ct_change_status", 2),
 ];
+/// The module holding the conntrack kfuncs when conntrack is not built in.
+pub const CONNTRACK_MODULE: &str = "nf_conntrack";
+/// The `struct bpf_ct_opts` size the programs pass (its first layout, which every kernel
+/// with the kfuncs accepts).
+pub const CT_OPTS_SIZE: u32 = 12;
 
 /// `nf_conn.status` bits (include/uapi/linux/netfilter/nf_conntrack_common.h).
 pub const IPS_SEEN_REPLY: u64 = 1 << 1;

@@ -2,15 +2,20 @@
 //! conntrack kfuncs. rustc emits no BTF for extern functions, so aya sees each call as
 //! a call to an unknown local function. Before aya parses the object, each call whose
 //! relocation names a kfunc is rewritten into a kfunc call (src_reg =
-//! BPF_PSEUDO_KFUNC_CALL, imm = the function's id in vmlinux BTF), which aya then leaves
-//! alone and the verifier resolves. The offsets the programs read from `struct nf_conn`
+//! BPF_PSEUDO_KFUNC_CALL, imm = the function's id in the BTF holding it, off = that
+//! BTF's index in the load's `fd_array`: 0 for vmlinux, 1 for the `nf_conntrack`
+//! module's, which the patched aya passes), which aya then leaves alone and the verifier
+//! resolves. The offsets the programs read from `struct nf_conn`
 //! come from the same BTF, as read-only globals (see hgw_common::GLOBAL_*).
 
 use aya::{Ebpf, EbpfLoader};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
 
 use crate::btf::{BtfError, KernelBtf};
-use crate::{GLOBAL_CONNTRACK, GLOBAL_CT_STATUS_OFFSET, GLOBAL_CT_TIMEOUT_OFFSET, KFUNCS};
+use crate::{
+    CONNTRACK_MODULE, CT_OPTS_SIZE, GLOBAL_CONNTRACK, GLOBAL_CT_STATUS_OFFSET,
+    GLOBAL_CT_TIMEOUT_OFFSET, KFUNCS,
+};
 
 const BPF_JMP_CALL: u8 = 0x85;
 const BPF_PSEUDO_KFUNC_CALL: u8 = 2;
@@ -23,9 +28,23 @@ pub enum LoaderError {
     #[error(transparent)]
     Btf(#[from] BtfError),
     #[error(
-        "this kernel has no conntrack kfunc {name} (needs CONFIG_NF_CONNTRACK built in, Linux 6.1 or later): fast_path = \"established\" cannot run here; use fast_path = \"all\" (only on clusters without NAT on pod traffic and without FORWARD policy) or \"off\""
+        "this kernel has no conntrack kfunc {name} (in vmlinux or the nf_conntrack module's BTF; needs Linux 6.1 or later with CONFIG_NF_CONNTRACK and CONFIG_DEBUG_INFO_BTF_MODULES): fast_path = \"established\" cannot run here; use fast_path = \"all\" (only on clusters without NAT on pod traffic and without FORWARD policy) or \"off\""
     )]
     KfuncMissing { name: &'static str },
+    #[error(
+        "this kernel's conntrack kfunc {name} takes {found} parameters, hgw's programs pass {expected}: fast_path = \"established\" cannot run on this kernel; use \"all\" or \"off\""
+    )]
+    KfuncSignature {
+        name: &'static str,
+        expected: u16,
+        found: u16,
+    },
+    #[error(
+        "this kernel's struct bpf_ct_opts is {found:?} bytes in its BTF; hgw's programs pass the {CT_OPTS_SIZE}-byte layout: fast_path = \"established\" cannot run on this kernel; use \"all\" or \"off\""
+    )]
+    CtOptsSize { found: Option<u32> },
+    #[error("loading kernel module {module} (fast_path = \"established\" needs conntrack): modprobe {module}: {reason}")]
+    Modprobe { module: &'static str, reason: String },
     #[error("reading the eBPF object's ELF: {0}")]
     Elf(#[from] object::Error),
     #[error("the eBPF object's call to {name} at file offset {offset} is not a call instruction")]
@@ -67,35 +86,142 @@ pub enum PinnedMap {
     Rebuilt,
 }
 
-/// What loading in `established` mode needs from the running kernel, checked without
-/// loading anything: the agent calls it before it changes anything on the node.
-pub fn check_kernel() -> Result<(), LoaderError> {
-    kernel_facts(&KernelBtf::vmlinux()?, true).map(drop)
+/// Where this kernel keeps what `established` mode needs: the conntrack kfuncs and
+/// `struct nf_conn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConntrackHome {
+    /// Conntrack built in: vmlinux BTF.
+    Vmlinux,
+    /// Conntrack a module (`nf_conntrack`): the module's BTF, passed to the programs'
+    /// load in `fd_array`.
+    Module(&'static str),
 }
 
-/// The kfuncs' BTF ids (`None`: missing, allowed without `conntrack`) and the
-/// `nf_conn` offsets of `status` and `timeout`.
-#[expect(clippy::type_complexity, reason = "a private helper's plain tuple")]
-fn kernel_facts(
-    btf: &KernelBtf,
-    conntrack: bool,
-) -> Result<(Vec<(&'static str, Option<u32>)>, u32, u32), LoaderError> {
-    let mut kfuncs = Vec::with_capacity(KFUNCS.len());
-    for &name in KFUNCS {
-        match btf.function(name) {
-            Some(id) => kfuncs.push((name, Some(id))),
-            None if conntrack => return Err(LoaderError::KfuncMissing { name }),
-            None => kfuncs.push((name, None)),
+impl std::fmt::Display for ConntrackHome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConntrackHome::Vmlinux => f.write_str("vmlinux"),
+            ConntrackHome::Module(name) => write!(f, "module {name}"),
         }
     }
+}
+
+/// What loading in `established` mode needs from the running kernel, checked without
+/// loading anything: the agent calls it before it changes anything on the node. Loads
+/// the conntrack module when conntrack is not built in and the module is not loaded.
+pub fn check_kernel() -> Result<ConntrackHome, LoaderError> {
+    Ok(kernel_facts(true)?.home)
+}
+
+/// A kfunc call's target: the function's BTF id and the `fd_array` index of the BTF
+/// holding it (0: vmlinux).
+#[derive(Debug, Clone, Copy)]
+struct KfuncTarget {
+    id: u32,
+    btf_index: u16,
+}
+
+/// What the programs need from this kernel in `established` mode.
+struct KernelFacts {
+    home: ConntrackHome,
+    /// Each kfunc's target (`None`: missing, allowed without `conntrack`).
+    kfuncs: Vec<(&'static str, Option<KfuncTarget>)>,
+    /// The module BTF the targets with `btf_index` 1 refer to.
+    module_btf: Option<std::os::fd::OwnedFd>,
+    status_offset: u32,
+    timeout_offset: u32,
+}
+
+/// Finds the conntrack kfuncs (vmlinux first, then the conntrack module's BTF, loading
+/// the module if needed) and checks their signatures, `struct bpf_ct_opts` and
+/// `struct nf_conn` against what the programs assume. Without `conntrack` (`all` mode)
+/// nothing is required and nothing is loaded.
+fn kernel_facts(conntrack: bool) -> Result<KernelFacts, LoaderError> {
+    let vmlinux = KernelBtf::vmlinux()?;
+    let missing = || KFUNCS.iter().map(|&(name, _)| (name, None)).collect();
     if !conntrack {
-        return Ok((kfuncs, 0, 0));
+        // Calls the verifier prunes as dead code: patched to `r0 = 0`.
+        return Ok(KernelFacts {
+            home: ConntrackHome::Vmlinux,
+            kfuncs: missing(),
+            module_btf: None,
+            status_offset: 0,
+            timeout_offset: 0,
+        });
     }
-    Ok((
+    let module = if vmlinux.function(KFUNCS[0].0).is_some() {
+        None
+    } else {
+        load_module(CONNTRACK_MODULE)?;
+        let module = KernelBtf::module(CONNTRACK_MODULE, &vmlinux)?.ok_or(
+            LoaderError::KfuncMissing {
+                name: KFUNCS[0].0,
+            },
+        )?;
+        Some(module)
+    };
+    let (home, btf, btf_index) = match &module {
+        None => (ConntrackHome::Vmlinux, &vmlinux, 0),
+        Some(module) => (ConntrackHome::Module(CONNTRACK_MODULE), module, 1),
+    };
+    let mut kfuncs = Vec::with_capacity(KFUNCS.len());
+    for &(name, params) in KFUNCS {
+        let function = btf.function(name).ok_or(LoaderError::KfuncMissing { name })?;
+        if function.params != params {
+            return Err(LoaderError::KfuncSignature {
+                name,
+                expected: params,
+                found: function.params,
+            });
+        }
+        kfuncs.push((
+            name,
+            Some(KfuncTarget {
+                id: function.id,
+                btf_index,
+            }),
+        ));
+    }
+    // Conntrack's own structs are the module's when it is one; look there first.
+    let lookup = |name: &str| [btf, &vmlinux].into_iter().find(|b| b.has_struct(name));
+    match lookup("bpf_ct_opts").and_then(|b| b.struct_size("bpf_ct_opts")) {
+        Some(size) if size >= CT_OPTS_SIZE => {}
+        found => return Err(LoaderError::CtOptsSize { found }),
+    }
+    let nf_conn = lookup("nf_conn").unwrap_or(&vmlinux);
+    let module_btf = match home {
+        ConntrackHome::Vmlinux => None,
+        ConntrackHome::Module(name) => Some(crate::btf::module_btf_fd(name)?),
+    };
+    Ok(KernelFacts {
+        home,
         kfuncs,
-        btf.member_offset("nf_conn", "status")?,
-        btf.member_offset("nf_conn", "timeout")?,
-    ))
+        module_btf,
+        status_offset: nf_conn.member_offset("nf_conn", "status")?,
+        timeout_offset: nf_conn.member_offset("nf_conn", "timeout")?,
+    })
+}
+
+/// Loads kernel module `name` unless it is loaded (its /sys/module entry exists) or
+/// built in, with modprobe, as the kernel itself would on first use.
+fn load_module(name: &'static str) -> Result<(), LoaderError> {
+    if std::path::Path::new("/sys/module").join(name).exists() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("modprobe")
+        .arg(name)
+        .status()
+        .map_err(|e| LoaderError::Modprobe {
+            module: name,
+            reason: e.to_string(),
+        })?;
+    if !status.success() {
+        return Err(LoaderError::Modprobe {
+            module: name,
+            reason: status.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Loads hgw's eBPF object `elf` (as built from hgw-ebpf); with `conntrack`
@@ -113,14 +239,17 @@ pub fn load_pinned(
     conntrack: bool,
     pin_dir: Option<&std::path::Path>,
 ) -> Result<(Ebpf, PinnedMaps), LoaderError> {
-    let (kfuncs, status, timeout) = kernel_facts(&KernelBtf::vmlinux()?, conntrack)?;
-    let object = with_kfunc_calls(elf, &kfuncs)?;
+    let facts = kernel_facts(conntrack)?;
+    let object = with_kfunc_calls(elf, &facts.kfuncs)?;
     let conntrack = u32::from(conntrack);
     let mut loader = EbpfLoader::new();
     loader
         .override_global(GLOBAL_CONNTRACK, &conntrack, true)
-        .override_global(GLOBAL_CT_STATUS_OFFSET, &status, true)
-        .override_global(GLOBAL_CT_TIMEOUT_OFFSET, &timeout, true);
+        .override_global(GLOBAL_CT_STATUS_OFFSET, &facts.status_offset, true)
+        .override_global(GLOBAL_CT_TIMEOUT_OFFSET, &facts.timeout_offset, true);
+    if let Some(fd) = facts.module_btf {
+        loader.kfunc_btf_fds(vec![fd]);
+    }
     let mut pinned = Vec::new();
     if let Some(dir) = pin_dir {
         let maps = aya_obj::Object::parse(elf)?.maps;
@@ -172,7 +301,10 @@ fn check_pinned(path: &std::path::Path, map: &aya_obj::Map) -> Result<PinnedMap,
 /// A copy of `elf` (in u64 words: the ELF reader wants it aligned) in which every call
 /// to a kfunc in `kfuncs` is a kfunc call to its BTF id, or, for a kfunc this kernel
 /// lacks, `r0 = 0`: only code the verifier prunes as dead (`all` mode) calls them then.
-fn with_kfunc_calls(elf: &[u8], kfuncs: &[(&str, Option<u32>)]) -> Result<Vec<u64>, LoaderError> {
+fn with_kfunc_calls(
+    elf: &[u8],
+    kfuncs: &[(&str, Option<KfuncTarget>)],
+) -> Result<Vec<u64>, LoaderError> {
     let mut patches = Vec::new();
     let file = object::File::parse(elf)?;
     for section in file.sections() {
@@ -201,14 +333,20 @@ fn with_kfunc_calls(elf: &[u8], kfuncs: &[(&str, Option<u32>)]) -> Result<Vec<u6
                 name: name.clone(),
                 offset,
             })?;
-        // code, dst/src registers, 16-bit offset (0: vmlinux), 32-bit immediate.
-        let (code, src_reg, imm) = match id {
-            Some(id) => (BPF_JMP_CALL, BPF_PSEUDO_KFUNC_CALL, id),
-            None => (MOV64_R0_IMM, 0, 0),
+        // code, dst/src registers, 16-bit offset (the fd_array index of the BTF
+        // holding the function, 0: vmlinux), 32-bit immediate (its id there).
+        let (code, src_reg, off, imm) = match id {
+            Some(target) => (
+                BPF_JMP_CALL,
+                BPF_PSEUDO_KFUNC_CALL,
+                target.btf_index,
+                target.id,
+            ),
+            None => (MOV64_R0_IMM, 0, 0, 0),
         };
         insn[0] = code;
         insn[1] = src_reg << 4;
-        insn[2..4].copy_from_slice(&0u16.to_le_bytes());
+        insn[2..4].copy_from_slice(&off.to_le_bytes());
         insn[4..8].copy_from_slice(&imm.to_le_bytes());
     }
     Ok(words)

@@ -276,7 +276,8 @@ impl Drop for SocketGuard {
 /// and IPVS (kube-proxy's ipvs mode), whose NAT sets no conntrack NAT bits, is not in
 /// use.
 fn check_established() -> Result<(), AgentError> {
-    hgw_common::loader::check_kernel().map_err(DatapathError::from)?;
+    let home = hgw_common::loader::check_kernel().map_err(DatapathError::from)?;
+    info!("fast_path = \"established\": conntrack kfuncs and struct nf_conn from {home}'s BTF");
     conntrack::timeouts(0)?;
     if conntrack::ipvs_in_use() {
         return Err(ConfigError::invalid(
