@@ -1,5 +1,5 @@
 //! deploy/: the systemd unit passes `systemd-analyze verify` without a word and keeps
-//! the capabilities to the three the agent needs; the DaemonSet is shaped like
+//! the capabilities to the four the agent needs; the DaemonSet is shaped like
 //! kube-flannel's (host network, node-critical, tolerating every NoSchedule taint)
 //! with those capabilities unprivileged, the host paths the agent works in, and its
 //! config from a ConfigMap, which is itself a valid agent config.
@@ -47,9 +47,9 @@ fn the_systemd_unit_verifies_and_bounds_the_capabilities() -> anyhow::Result<()>
             .map(|(_, v)| v.as_str())
             .collect()
     };
-    let three = "CAP_BPF CAP_NET_ADMIN CAP_PERFMON";
-    assert_eq!(get("CapabilityBoundingSet"), [three]);
-    assert_eq!(get("AmbientCapabilities"), [three]);
+    let caps = "CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_SYS_ADMIN";
+    assert_eq!(get("CapabilityBoundingSet"), [caps]);
+    assert_eq!(get("AmbientCapabilities"), [caps]);
     assert_eq!(get("Restart"), ["on-failure"]);
     assert_eq!(get("NoNewPrivileges"), ["yes"]);
     assert_eq!(get("ProtectSystem"), ["strict"]);
@@ -152,7 +152,7 @@ fn the_daemonset_is_shaped_like_flannels() -> anyhow::Result<()> {
     assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
     let mut added = strings(&security["capabilities"]["add"]);
     added.sort_unstable();
-    assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON"]);
+    assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]);
     let args = strings(&agent["args"]);
     assert!(
         args.windows(2)
