@@ -14,6 +14,7 @@ pub mod masq;
 pub mod metrics;
 pub mod nft;
 pub mod pin_owner;
+pub mod probe;
 pub mod setup;
 pub mod status;
 pub mod tc;

@@ -556,6 +556,7 @@ mod tests {
             map_entries: 2,
             waiting: None,
             hooks: Vec::new(),
+            kernel: None,
         }
     }
 

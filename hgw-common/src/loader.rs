@@ -137,18 +137,17 @@ struct KernelFacts {
 /// `struct nf_conn` against what the programs assume. Without `conntrack` (`all` mode)
 /// nothing is required and nothing is loaded.
 fn kernel_facts(conntrack: bool) -> Result<KernelFacts, LoaderError> {
-    let vmlinux = KernelBtf::vmlinux()?;
-    let missing = || KFUNCS.iter().map(|&(name, _)| (name, None)).collect();
     if !conntrack {
         // Calls the verifier prunes as dead code: patched to `r0 = 0`.
         return Ok(KernelFacts {
             home: ConntrackHome::Vmlinux,
-            kfuncs: missing(),
+            kfuncs: KFUNCS.iter().map(|&(name, _)| (name, None)).collect(),
             module_btf: None,
             status_offset: 0,
             timeout_offset: 0,
         });
     }
+    let vmlinux = KernelBtf::vmlinux()?;
     let module = if vmlinux.function(KFUNCS[0].0).is_some() {
         None
     } else {

@@ -38,6 +38,45 @@ pub struct Status {
     /// uplink and the bridge always, a bridge port only when something is on it.
     #[serde(default)]
     pub hooks: Vec<HookStatus>,
+    /// What the running kernel offers the fast path and what the agent chose (`None`
+    /// with `fast_path = "off"`: nothing probed).
+    #[serde(default)]
+    pub kernel: Option<KernelStatus>,
+}
+
+/// The running kernel as the fast path sees it: probed once at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelStatus {
+    /// `uname -r`.
+    pub release: String,
+    /// How the programs attach: "tcx" (Linux >= 6.6) or "cls_bpf" (a direct-action
+    /// filter on a clsact qdisc, on older kernels).
+    pub attach: String,
+    /// Where the conntrack kfuncs and `struct nf_conn` were found ("vmlinux", "module
+    /// nf_conntrack"); `None` outside `established` mode, which alone calls them.
+    pub conntrack_kfuncs: Option<String>,
+    /// Each kernel feature the programs use, and whether this kernel has it.
+    pub features: BTreeMap<String, bool>,
+}
+
+impl std::fmt::Display for KernelStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "kernel {}: attach {}", self.release, self.attach)?;
+        if let Some(home) = &self.conntrack_kfuncs {
+            write!(f, ", conntrack kfuncs from {home}")?;
+        }
+        let missing: Vec<&str> = self
+            .features
+            .iter()
+            .filter(|(_, found)| !**found)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if missing.is_empty() {
+            write!(f, ", every probed feature present")
+        } else {
+            write!(f, ", missing: {}", missing.join(", "))
+        }
+    }
 }
 
 /// One interface's tc hooks as hgw sees them, and the `DEVICE_*` flags that follow.
@@ -217,6 +256,9 @@ impl std::fmt::Display for Status {
             "state {state}, {path}, {} local pods for direct delivery",
             self.endpoints
         )?;
+        if let Some(kernel) = &self.kernel {
+            writeln!(f, "{kernel}")?;
+        }
         writeln!(f)?;
         writeln!(
             f,

@@ -27,7 +27,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hgw_common::{Endpoint, NextHop, NodeConfig};
+use hgw_common::{
+    Endpoint, NextHop, NodeConfig, loader::ConntrackHome, status::KernelStatus,
+};
 use ipnet::IpNet;
 use log::{info, warn};
 use tokio::{
@@ -101,6 +103,8 @@ pub enum AgentError {
     #[error(transparent)]
     Caps(#[from] CapsError),
     #[error(transparent)]
+    Probe(#[from] crate::probe::ProbeError),
+    #[error(transparent)]
     AnotherAgent(#[from] crate::lock::LockError),
 }
 
@@ -133,8 +137,12 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     let kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
-    if config.fast_path == FastPath::Established {
-        check_established()?;
+    let mut kernel_status = crate::probe::probe(config.fast_path)?;
+    if let Some(found) = &mut kernel_status {
+        if config.fast_path == FastPath::Established {
+            found.conntrack_kfuncs = Some(check_established()?.to_string());
+        }
+        info!("{found}");
     }
     let uplink_networks = kernel.networks(uplink.index).await?;
     let mut shutdown = Shutdown::new()?;
@@ -142,7 +150,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     // The status socket is removed whenever the agent stops before its loop.
     let socket = SocketGuard(config.status_socket.clone());
     let (snapshot, snapshot_rx) =
-        watch::channel(Arc::new(waiting_status(&config, "starting".into())));
+        watch::channel(Arc::new(waiting_status(&config, kernel_status, "starting".into())));
     let counters = Arc::new(OnceLock::new());
     status::spawn_server(listener, snapshot_rx.clone(), counters.clone());
     let reconciles = Reconciles::default();
@@ -173,7 +181,6 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
                 })?,
             };
             let Some(source) = wait_for_etcd(
-                &config,
                 etcd,
                 (public_ip, &uplink_networks),
                 &snapshot,
@@ -275,9 +282,8 @@ impl Drop for SocketGuard {
 /// The kernel can run `established` mode: its kfuncs and conntrack sysctls are there,
 /// and IPVS (kube-proxy's ipvs mode), whose NAT sets no conntrack NAT bits, is not in
 /// use.
-fn check_established() -> Result<(), AgentError> {
+fn check_established() -> Result<ConntrackHome, AgentError> {
     let home = hgw_common::loader::check_kernel().map_err(DatapathError::from)?;
-    info!("fast_path = \"established\": conntrack kfuncs and struct nf_conn from {home}'s BTF");
     conntrack::timeouts(0)?;
     if conntrack::ipvs_in_use() {
         return Err(ConfigError::invalid(
@@ -290,7 +296,7 @@ fn check_established() -> Result<(), AgentError> {
         )
         .into());
     }
-    Ok(())
+    Ok(home)
 }
 
 fn attach_datapath(
@@ -688,6 +694,7 @@ impl Agent {
                 Some(scanner) => self.reconciler.hook_status(&self.observed, scanner.names()),
                 None => Vec::new(),
             },
+            kernel: self.snapshot.borrow().kernel.clone(),
         };
         self.snapshot.send_replace(Arc::new(status));
     }
@@ -921,7 +928,7 @@ fn check_network(
     Ok(())
 }
 /// What status says before the agent knows its network: not ready, and why.
-fn waiting_status(config: &Config, waiting: String) -> Status {
+fn waiting_status(config: &Config, kernel: Option<KernelStatus>, waiting: String) -> Status {
     Status {
         node: config.node_name.clone(),
         pod_cidr: None,
@@ -936,7 +943,17 @@ fn waiting_status(config: &Config, waiting: String) -> Status {
         map_entries: 0,
         waiting: Some(waiting),
         hooks: Vec::new(),
+        kernel,
     }
+}
+
+/// Says, in status, what the agent waits for now.
+fn set_waiting(snapshot: &watch::Sender<Arc<Status>>, waiting: String) {
+    snapshot.send_modify(|status| {
+        let mut next = Status::clone(status);
+        next.waiting = Some(waiting);
+        *status = Arc::new(next);
+    });
 }
 
 /// The status socket (mode 0600), and the network namespace's agent lock.
@@ -982,17 +999,13 @@ fn bind_status_socket(config: &Config) -> Result<(UnixListener, AgentLock), Agen
 /// swept and no program attached before etcd answers) and status says what the agent
 /// waits for. `None` when SIGTERM or SIGINT came first.
 async fn wait_for_etcd(
-    config: &Config,
     etcd: &EtcdConfig,
     (public_ip, uplink_networks): (Ipv4Addr, &[IpNet]),
     snapshot: &watch::Sender<Arc<Status>>,
     shutdown: &mut Shutdown,
 ) -> Result<Option<EtcdSource>, AgentError> {
     let mut backoff = ETCD_RETRY_FIRST;
-    snapshot.send_replace(Arc::new(waiting_status(
-        config,
-        "waiting for etcd: connecting".into(),
-    )));
+    set_waiting(snapshot, "waiting for etcd: connecting".into());
     loop {
         let error = tokio::select! {
             result = etcd::start(etcd.clone(), public_ip, uplink_networks) => match result {
@@ -1003,10 +1016,7 @@ async fn wait_for_etcd(
             () = shutdown.recv() => return Ok(None),
         };
         warn!("{error}; retrying in {backoff:?}, routes left as they are");
-        snapshot.send_replace(Arc::new(waiting_status(
-            config,
-            format!("waiting for etcd: {error}"),
-        )));
+        set_waiting(snapshot, format!("waiting for etcd: {error}"));
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = shutdown.recv() => return Ok(None),
