@@ -24,6 +24,7 @@ pub mod floor;
 mod flows;
 pub mod frames;
 mod kernel;
+mod kube_api;
 mod lab;
 mod netfilter;
 mod netns;
@@ -44,6 +45,10 @@ pub use flows::{
 pub use kernel::{
     HGW_ROUTE_PROTOCOL, allow_forwarding, block_neighbour_discovery, block_neighbour_requests,
     drop_all_forwarding, hgw_programs, hgw_routes, tcx_programs, unblock_neighbour_discovery,
+};
+pub use kube_api::{
+    ADMIN_TOKEN, FLANNEL_GRANTS, KubeApi, PatchError, ReceivedPatch, Request, merge_patch,
+    strategic_merge_patch,
 };
 pub use lab::{CLUSTER_CIDR, CLUSTER_CIDR_V6, Lab, Node, Pod, is_lab_id};
 pub use netfilter::{

@@ -32,7 +32,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3",
     // deploy_files.rs checks deploy/hgw.service with systemd-analyze verify.
     "systemd",
+    // The lab's Kubernetes API server makes its TLS certificates with openssl.
+    "openssl",
 ];
+/// Commands and the Debian package bringing each, installed only where the command is
+/// missing: kube_api_server.rs runs kubectl against the lab's API server, and a machine
+/// may have it from another package (`kubectl` of Google Cloud's apt repository, as this
+/// machine image has), which owns /usr/bin/kubectl too: installing Debian's would fail.
+const COMMAND_PACKAGES: &[(&str, &str)] = &[("kubectl", "kubernetes-client")];
 /// The kernel matrix's tools (xtask/src/matrix_vm.rs): QEMU, and for the guests'
 /// initramfs and modules busybox (static), cpio, kmod's depmod and modprobe, and the
 /// decompressors of Debian's kernels and modules. Without recommends: QEMU's would pull
@@ -75,7 +82,13 @@ fn rust_src() -> anyhow::Result<()> {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
-    let missing = not_installed(DEBIAN_PACKAGES)?;
+    let mut missing = not_installed(DEBIAN_PACKAGES)?;
+    missing.extend(
+        COMMAND_PACKAGES
+            .iter()
+            .filter(|(command, _)| !on_path(command))
+            .map(|(_, pkg)| *pkg),
+    );
     let lean = not_installed(MATRIX_PACKAGES)?;
     if missing.is_empty() && lean.is_empty() {
         println!(
@@ -86,6 +99,12 @@ fn debian_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     install(&Host::system(), &missing, &lean)
+}
+
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join(command).is_file())
+    })
 }
 
 fn not_installed<'a>(packages: &[&'a str]) -> anyhow::Result<Vec<&'a str>> {
