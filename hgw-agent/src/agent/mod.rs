@@ -12,6 +12,7 @@
 //! loop publishes, on tasks of its own.
 
 pub mod desired;
+mod file_watch;
 #[cfg(test)]
 mod fixtures;
 pub mod observed;

@@ -2,20 +2,18 @@
 //! the source has given its first whole set; a newer set replaces one the agent has
 //! not taken yet, so bursts of changes coalesce.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc};
 
 use log::{info, warn};
 use tokio::sync::{mpsc, watch};
 
+use super::file_watch::FileWatch;
 use crate::config::{Config, ConfigError, Peer, Source};
 
 pub type PeerSet = Option<Arc<Vec<Peer>>>;
 
 /// Reads the config again (the same file and flags).
 pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send>;
-
-/// How often the config file is checked for changes.
-const FILE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The static peers, known at once; with a config file, sent again whenever the file
 /// changes and still reads as a valid config. Only the peers are applied live; other
@@ -33,12 +31,19 @@ pub fn static_peers(
 }
 
 async fn watch_file(path: PathBuf, reload: Reload, running: Config, tx: watch::Sender<PeerSet>) {
-    let stamp = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let mut seen = stamp(&path);
-    let mut tick = tokio::time::interval(FILE_CHECK_EVERY);
+    let (mut watch, error) = FileWatch::new(&path);
+    if let Some(e) = error {
+        warn!(
+            "{}: no inotify ({e}): changes are seen within a second",
+            path.display()
+        );
+    }
+    // The file's bytes: only a change of content is applied (an event or a touch that
+    // leaves them alone is not).
+    let mut seen = std::fs::read(&path).ok();
     loop {
-        tick.tick().await;
-        let now = stamp(&path);
+        watch.changed().await;
+        let now = std::fs::read(&path).ok();
         if now == seen {
             continue;
         }
