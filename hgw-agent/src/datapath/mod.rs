@@ -1,21 +1,22 @@
-//! The eBPF fast path: loads hgw's programs, attaches them with tcx, and owns the maps.
+//! The eBPF fast path: loads hgw's programs, attaches them (`attach`: tcx, or cls_bpf
+//! on kernels without it), and owns the maps.
 //!
 //! Without pinning, the tcx links belong to this process: the kernel detaches them when
-//! the agent exits, however it exits. With a pin directory (on a bpffs), the links and
-//! the maps are pinned there and outlive the agent: the programs keep forwarding while
-//! no agent runs, and a new agent adopts them, putting its own programs in place with a
-//! link update (`bpf_link_update`: never detached, not one packet without a program)
-//! and reusing the maps whose layout it shares.
+//! the agent exits, however it exits. With a pin directory (on a bpffs, `pins`), the
+//! links and the maps are pinned there and outlive the agent: the programs keep
+//! forwarding while no agent runs, and a new agent adopts them, putting its own
+//! programs in place with a link update (`bpf_link_update`: never detached, not one
+//! packet without a program) and reusing the maps whose layout it shares. cls_bpf
+//! filters outlive the agent by themselves; the next one replaces their programs in
+//! place.
+
+mod attach;
+mod pins;
 
 use aya::{
     Ebpf,
     maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
-    programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-    },
-    util::KernelVersion,
+    programs::{ProgramError, SchedClassifier},
 };
 use hgw_common::{
     COUNTER_NOT_IP, Counter, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICES,
@@ -29,11 +30,15 @@ use std::{
 };
 
 use ipnet::IpNet;
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use hgw_common::loader::{self, LoaderError, PinnedMap};
 
 use crate::config::Attach;
+
+pub use attach::{FILTER_HANDLE, FILTER_PRIORITY, FORCE_CLS_BPF, HookKind, remove_filters};
+use attach::HookLink;
+pub use pins::{marked_qdiscs, remove_pins};
 
 /// The programs, built by build.rs from hgw-ebpf.
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hgw"));
@@ -55,6 +60,12 @@ pub enum DatapathError {
         interface: String,
         path: String,
         reason: String,
+    },
+    #[error("clsact qdisc of {interface}: {source}")]
+    Qdisc {
+        interface: String,
+        #[source]
+        source: aya::programs::tc::TcError,
     },
     #[error(transparent)]
     PinOwner(#[from] crate::pin_owner::PinOwnerError),
@@ -116,22 +127,8 @@ pub struct Datapath {
     bridge: Option<(u32, HookLink)>,
     /// Where links and maps are pinned (`None`: nothing pinned).
     pins: Option<PathBuf>,
-}
-
-/// A program's tcx link on one interface. Dropped, it is detached unless pinned.
-struct HookLink {
-    _link: FdLink,
-    pin: Option<PathBuf>,
-}
-
-impl HookLink {
-    /// Takes the program off the interface, pinned or not.
-    fn detach(self) {
-        if let Some(pin) = &self.pin {
-            // The link goes with its last reference: the pin, then our fd.
-            let _ = std::fs::remove_file(pin);
-        }
-    }
+    /// tcx or cls_bpf, chosen at start.
+    hook: HookKind,
 }
 
 fn program_error(
@@ -157,12 +154,19 @@ impl Datapath {
         conntrack: bool,
         pins: Option<&Path>,
     ) -> Result<Self, DatapathError> {
+        let hook = HookKind::choose();
         if let Some(dir) = pins {
-            prepare_pin_dir(dir, bridge, attach)?;
+            pins::prepare_pin_dir(dir, bridge, attach)?;
         }
-        remove_earlier_pins(pins);
+        pins::remove_earlier_pins(pins);
         for interface in [bridge, uplink] {
-            refuse_foreign_hgw(interface, pins)?;
+            attach::refuse_foreign_hgw(interface, pins)?;
+        }
+        if hook == HookKind::ClsBpf {
+            let n = attach::remove_unused_filters(bridge, uplink, attach);
+            if n > 0 {
+                info!("removed {n} cls_bpf filters of an earlier agent on hooks this configuration does not use");
+            }
         }
         let (mut ebpf, maps) = loader::load_pinned(
             PROGRAMS,
@@ -231,6 +235,7 @@ impl Datapath {
             uplink: None,
             bridge: None,
             pins: pins.map(Path::to_path_buf),
+            hook,
         };
         datapath.set_config(node)?;
         for program in [PROG_TO_PEER, PROG_TO_POD] {
@@ -245,119 +250,6 @@ impl Datapath {
         }
         datapath.attach_node((bridge, bridge_ifindex), (uplink, uplink_ifindex))?;
         Ok(datapath)
-    }
-
-    /// Attaches `hgw_to_pod` to the uplink's ingress and, with [`Attach::Bridge`],
-    /// `hgw_to_peer` to the bridge's, unless already attached to these very devices: a
-    /// device deleted and made again under its name (a new ifindex) gets them again.
-    pub fn attach_node(
-        &mut self,
-        (bridge, bridge_ifindex): (&str, u32),
-        (uplink, uplink_ifindex): (&str, u32),
-    ) -> Result<(), DatapathError> {
-        if self.uplink.as_ref().map(|(i, _)| *i) != Some(uplink_ifindex) {
-            let link = self.attach_hook(PROG_TO_POD, uplink)?;
-            if let Some((_, old)) = self.uplink.replace((uplink_ifindex, link)) {
-                old.detach();
-            }
-        }
-        if self.attach == Attach::Bridge
-            && self.bridge.as_ref().map(|(i, _)| *i) != Some(bridge_ifindex)
-        {
-            let link = self.attach_hook(PROG_TO_PEER, bridge)?;
-            if let Some((_, old)) = self.bridge.replace((bridge_ifindex, link)) {
-                old.detach();
-            }
-        }
-        Ok(())
-    }
-
-    /// Attaches `hgw_to_peer` to a bridge port's ingress (a pod's host-side veth), so
-    /// pod traffic is forwarded before the bridge runs. Idempotent.
-    pub fn attach_port(&mut self, name: &str, ifindex: u32) -> Result<(), DatapathError> {
-        if self.ports.contains_key(&ifindex) {
-            return Ok(());
-        }
-        refuse_foreign_hgw(name, self.pins.as_deref())?;
-        let link = self.attach_hook(PROG_TO_PEER, name)?;
-        self.ports.insert(ifindex, link);
-        Ok(())
-    }
-
-    /// Takes the program off a port that left the bridge, or forgets one that is gone.
-    pub fn detach_port(&mut self, ifindex: u32) {
-        if let Some(link) = self.ports.remove(&ifindex) {
-            link.detach();
-        }
-    }
-
-    /// `program` on `interface`'s ingress. Pinned: a link pinned by an earlier agent
-    /// and still on this interface gets this agent's program by a link update, in
-    /// place; otherwise a new link is made and pinned.
-    fn attach_hook(
-        &mut self,
-        program: &'static str,
-        interface: &str,
-    ) -> Result<HookLink, DatapathError> {
-        let pin = self
-            .pins
-            .as_ref()
-            .map(|dir| link_pin_path(dir, program, interface));
-        let pin_error = |path: &Path, reason: String| DatapathError::PinLink {
-            program,
-            interface: interface.to_owned(),
-            path: path.display().to_string(),
-            reason,
-        };
-        if let Some(path) = &pin
-            && let Some(old) = adoptable(path, interface)
-        {
-            let link =
-                SchedClassifierLink::try_from(old).map_err(|e| pin_error(path, e.to_string()))?;
-            let prog = self.program(program)?;
-            let id = prog
-                .attach_to_link(link)
-                .map_err(program_error("replacing in place", program))?;
-            let link = prog
-                .take_link(id)
-                .map_err(program_error("taking the link of", program))?;
-            let link = FdLink::try_from(link).map_err(|e| pin_error(path, e.to_string()))?;
-            info!("{program} on {interface}: replaced in place (pinned link updated)");
-            return Ok(HookLink {
-                _link: link,
-                pin: pin.clone(),
-            });
-        }
-        let prog = self.program(program)?;
-        // Last on the hook: what was there before hgw has seen every packet, so only
-        // programs attached later are ones a redirect would skip (`DEVICE_INGRESS`).
-        let attached = if tcx() {
-            prog.attach_with_options(
-                interface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::last()),
-            )
-        } else {
-            prog.attach(interface, TcAttachType::Ingress)
-        };
-        let id = attached.map_err(program_error("attaching", program))?;
-        let link = prog
-            .take_link(id)
-            .map_err(program_error("taking the link of", program))?;
-        let link = FdLink::try_from(link).map_err(|e| DatapathError::PinLink {
-            program,
-            interface: interface.to_owned(),
-            path: String::new(),
-            reason: e.to_string(),
-        })?;
-        let link = match &pin {
-            Some(path) => {
-                let _ = std::fs::remove_file(path);
-                FdLink::from(link.pin(path).map_err(|e| pin_error(path, e.to_string()))?)
-            }
-            None => link,
-        };
-        Ok(HookLink { _link: link, pin })
     }
 
     /// Interface indexes of the ports `hgw_to_peer` is attached to.
@@ -600,325 +492,6 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
 ) -> Result<T, DatapathError> {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     T::try_from(map).map_err(map_error("opening", name))
-}
-
-/// tcx stacks programs: a second agent would run behind the first one and see nothing,
-/// so an hgw program already on the hook means another agent is alive. Its links die
-/// with it; we do not take them away from under it. Naming the programs on a hook
-/// needs CAP_SYS_ADMIN (their info is read by id); without it, the agent lock
-/// ([`crate::lock::AgentLock`], taken first) is what keeps a second agent out.
-fn refuse_foreign_hgw(interface: &str, pins: Option<&Path>) -> Result<(), DatapathError> {
-    let attached = match SchedClassifier::query_tcx(interface, TcAttachType::Ingress) {
-        Ok((_, programs)) => programs,
-        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EPERM) => {
-            debug!(
-                "{interface}: programs already on its ingress cannot be named without CAP_SYS_ADMIN ({}); the agent lock guards against a second agent",
-                e.call
-            );
-            return Ok(());
-        }
-        // No tcx entry on this hook yet, or a kernel without tcx: nothing of ours is there.
-        Err(_) => return Ok(()),
-    };
-    // Programs held by links pinned here are an earlier agent's, left to be adopted.
-    let pinned: Vec<u32> = pins
-        .into_iter()
-        .flat_map(|dir| {
-            [PROG_TO_PEER, PROG_TO_POD]
-                .map(|program| pinned_program(&link_pin_path(dir, program, interface)))
-        })
-        .flatten()
-        .collect();
-    for info in attached {
-        let name = info.name_as_str().unwrap_or_default();
-        if (name == PROG_TO_PEER || name == PROG_TO_POD) && !pinned.contains(&info.id()) {
-            return Err(DatapathError::AlreadyAttached {
-                interface: interface.to_owned(),
-                program: name.to_owned(),
-                id: info.id(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Whether the kernel attaches tc programs with tcx (6.6+), as aya decides in `attach`.
-fn tcx() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
-}
-
-/// Where the link of `program` on `interface` is pinned.
-fn link_pin_path(dir: &Path, program: &str, interface: &str) -> PathBuf {
-    dir.join("links").join(format!("{program}@{interface}"))
-}
-
-/// The program a pinned link holds, if the pin is there.
-fn pinned_program(path: &Path) -> Option<u32> {
-    pinned_tcx_link(path).map(|(program, _)| program)
-}
-
-/// The link pinned at `path` if it still holds a program on `interface` (a device made
-/// again under the name has none of it: that pin is removed).
-fn adoptable(path: &Path, interface: &str) -> Option<FdLink> {
-    if !path.exists() {
-        return None;
-    }
-    let ifindex =
-        std::fs::read_to_string(Path::new("/sys/class/net").join(interface).join("ifindex"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
-    let on_interface = pinned_tcx_link(path).is_some_and(|(_, on)| Some(on) == ifindex);
-    if on_interface && let Ok(link) = PinnedLink::from_pin(path) {
-        return Some(FdLink::from(link));
-    }
-    let _ = std::fs::remove_file(path);
-    None
-}
-
-/// The program id and the interface of the tcx link pinned at `path`, from the link's
-/// own info (`BPF_OBJ_GET_INFO_BY_FD` on a link this process opens needs no
-/// CAP_SYS_ADMIN, unlike naming a hook's programs by id). A link whose device is gone
-/// has interface 0.
-fn pinned_tcx_link(path: &Path) -> Option<(u32, u32)> {
-    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const BPF_LINK_TYPE_TCX: u32 = 11;
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    #[repr(C)]
-    struct InfoByFd {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    /// `struct bpf_link_info` up to its union (8-byte aligned), of which tcx uses the
-    /// first two words: ifindex, attach_type.
-    #[repr(C)]
-    struct LinkInfo {
-        kind: u32,
-        id: u32,
-        prog_id: u32,
-        _pad: u32,
-        union: [u32; 16],
-    }
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let get = ObjGet {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: `get` is a valid BPF_OBJ_GET attr whose path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const get,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the kernel just gave us this fd; the OwnedFd closes it.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    let mut info = LinkInfo {
-        kind: 0,
-        id: 0,
-        prog_id: 0,
-        _pad: 0,
-        union: [0; 16],
-    };
-    let attr = InfoByFd {
-        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
-        info_len: std::mem::size_of::<LinkInfo>() as u32,
-        info: &raw mut info as u64,
-    };
-    // SAFETY: `attr` points at `info`, which is as long as `info_len` says.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw const attr,
-            std::mem::size_of::<InfoByFd>(),
-        )
-    };
-    (rc == 0 && info.kind == BPF_LINK_TYPE_TCX).then_some((info.prog_id, info.union[0]))
-}
-
-/// bpffs mounted where the pins go (mounted when missing: at /sys/fs/bpf for a path
-/// under it, else on the directory itself), the directories made, and the pins of
-/// links that cannot be adopted removed: interfaces that are gone, and the bridge-side
-/// program on hooks this attach mode does not use.
-fn prepare_pin_dir(dir: &Path, bridge: &str, attach: Attach) -> Result<(), DatapathError> {
-    let error = |operation: &'static str| {
-        move |source| DatapathError::PinDir {
-            path: dir.display().to_string(),
-            operation,
-            source,
-        }
-    };
-    let mount_point = if dir.starts_with(BPFFS_DEFAULT) {
-        Path::new(BPFFS_DEFAULT)
-    } else {
-        dir
-    };
-    std::fs::create_dir_all(mount_point).map_err(error("creating"))?;
-    if !on_bpffs(mount_point) {
-        mount_bpffs(mount_point).map_err(error("mounting bpffs"))?;
-        info!("mounted bpffs at {}", mount_point.display());
-        crate::pin_owner::warn_if_private_mount(mount_point);
-    }
-    std::fs::create_dir_all(dir).map_err(error("creating"))?;
-    // Before anything in it is trusted: interfaces' names and indexes repeat across
-    // network namespaces.
-    crate::pin_owner::claim(dir)?;
-    for sub in ["maps", "links"] {
-        std::fs::create_dir_all(dir.join(sub)).map_err(error("creating"))?;
-    }
-    let links = std::fs::read_dir(dir.join("links")).map_err(error("listing"))?;
-    for entry in links.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((program, interface)) = name.split_once('@') else {
-            continue;
-        };
-        let exists = Path::new("/sys/class/net").join(interface).exists();
-        let unused = program == PROG_TO_PEER
-            && match attach {
-                Attach::Ports => interface == bridge,
-                Attach::Bridge => interface != bridge,
-            };
-        if !exists || unused {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    Ok(())
-}
-
-/// An earlier agent of this network namespace pinned its programs in another directory
-/// (`pin_dir` changed without `uninstall`): they would sit first on the hooks and take
-/// the traffic while this agent's counters stay at 0. Their pins go, and with them the
-/// programs (no process holds them: the agent lock keeps a second agent out).
-fn remove_earlier_pins(own: Option<&Path>) {
-    for dir in crate::pin_owner::earlier_pin_dirs(own) {
-        match remove_pins(&dir) {
-            Ok(n) => warn!(
-                "removed {n} pins an earlier agent of this network namespace left in {} (pin_dir changed without `hgw-agent uninstall`); its programs were first on the hooks",
-                dir.display()
-            ),
-            Err(e) => warn!(
-                "{}: an earlier agent's pins, whose programs sit first on the hooks, could not be removed: {e}; remove them with `hgw-agent uninstall --pin-dir {}`",
-                dir.display(),
-                dir.display()
-            ),
-        }
-    }
-}
-
-/// Removes the link and map pins under `dir` and the directories, if they are there;
-/// each pinned link is detached first. Returns how many pins went.
-///
-/// Unlinking a link's pin alone drops the link's last reference only after an RCU
-/// grace period, so its program would stay on the hook for a moment: long enough for
-/// the hook checks that follow (a new agent's, uninstall's) to see it.
-pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
-    let mut count = 0;
-    for sub in ["links", "maps"] {
-        let sub = dir.join(sub);
-        let Ok(entries) = std::fs::read_dir(&sub) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry?.path();
-            if sub.ends_with("links")
-                && let Err(e) = detach_pinned_link(&path)
-            {
-                warn!("detaching the link pinned at {}: {e}", path.display());
-            }
-            std::fs::remove_file(path)?;
-            count += 1;
-        }
-        std::fs::remove_dir(&sub)?;
-    }
-    if dir.exists() {
-        crate::pin_owner::unmark(dir)?;
-        std::fs::remove_dir(dir)?;
-    }
-    Ok(count)
-}
-
-/// Detaches the BPF link pinned at `path` at once (BPF_OBJ_GET, then BPF_LINK_DETACH:
-/// no capability beyond access to the pin), leaving the pin.
-fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-    use std::os::unix::ffi::OsStrExt as _;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // union bpf_attr, BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags; zero-padded to
-    // the size the kernel reads.
-    let mut attr = [0u64; 16];
-    attr[0] = c_path.as_ptr() as u64;
-    // SAFETY: attr is a zeroed bpf_attr of 128 bytes holding a pointer to a
-    // NUL-terminated path that outlives the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), 128u32) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    let link = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(fd.unsigned_abs());
-    // SAFETY: attr is a zeroed bpf_attr whose first u32 is link_detach.link_fd, an fd
-    // open for the call (`link` closes it after).
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), 128u32) };
-    drop(link);
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-fn on_bpffs(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt as _;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
-    unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC
-    }
-}
-
-fn mount_bpffs(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"bpffs".as_ptr(),
-            c_path.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// Keeps reading the programs' log ring buffer (only rare events are logged).
