@@ -16,6 +16,7 @@
 //!   programs in place; no segment reaches the kernel path; one hgw filter per hook.
 //! - `uninstall` on n1 deletes hgw's filters and the clsact qdisc hgw added where
 //!   nothing else is left (the uplink), and leaves the foreign filter and its qdisc.
+//! - Without pinning (`--pin-dir none`), an agent that stops deletes its filters.
 
 use std::time::{Duration, Instant};
 
@@ -254,5 +255,16 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
         qdiscs(&n1.ns, UPLINK_DEV)?
     );
     port_filter.remove()?;
+
+    // Without pinning, the agent deletes its filters when it stops.
+    let agent = lab.start_agent(0, &["--pin-dir", "none"])?;
+    agent.wait_ready(READY)?;
+    one_hgw_filter(&n1.ns, UPLINK_DEV, "hgw_to_pod")?;
+    ensure!(agent.stop()?.success(), "n1's agent did not exit 0");
+    ensure!(
+        hgw_filters(&n1.ns, UPLINK_DEV)?.is_empty(),
+        "n1 {UPLINK_DEV}: an unpinned agent's filter stayed after it stopped: {:?}",
+        hgw_filters(&n1.ns, UPLINK_DEV)?
+    );
     Ok(())
 }
