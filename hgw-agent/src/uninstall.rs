@@ -52,7 +52,9 @@ pub async fn uninstall(
         filters: crate::datapath::remove_filters(),
         ..Removed::default()
     };
-    let qdiscs = pin_dir.map(crate::datapath::marked_qdiscs).unwrap_or_default();
+    let qdiscs = pin_dir
+        .map(crate::datapath::marked_qdiscs)
+        .unwrap_or_default();
     if let Some(dir) = pin_dir {
         removed.pins =
             crate::datapath::remove_pins(dir).map_err(|source| UninstallError::Pins {

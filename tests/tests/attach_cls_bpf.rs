@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use hgw_tests::{
-    Hook, Lab, PacketMatch, Probe, UdpFlow, Verdict, add_kube_proxy_invalid_drop, agent_bin,
-    counter, hgw_programs, invalid_drops, paced_tcp_stream, probe_pin_dir, qdiscs, run_in_ok,
+    Hook, Lab, PacketMatch, Probe, UdpFlow, Verdict, add_kube_proxy_invalid_drop, counter,
+    hgw_programs, invalid_drops, paced_tcp_stream, probe_pin_dir, qdiscs, run_in_ok, uninstall,
 };
 use serde_json::Value;
 
@@ -197,7 +197,8 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
     }
     for program in ["hgw_to_peer", "hgw_to_pod"] {
         ensure!(
-            log.contains(&format!("{program} on ")) && log.contains("replaced in place (cls_bpf filter updated)"),
+            log.contains(&format!("{program} on "))
+                && log.contains("replaced in place (cls_bpf filter updated)"),
             "the restarted agent did not replace {program}'s filter in place:\n{log}"
         );
     }
@@ -222,17 +223,7 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
         !hgw_filters(&n1.ns, UPLINK_DEV)?.is_empty(),
         "hgw's filter left with the agent (pinned, it stays)"
     );
-    run_in_ok(
-        &n1.ns,
-        &agent_bin().to_string_lossy(),
-        &[
-            "uninstall",
-            "--pin-dir",
-            &lab.pin_dir(0).to_string_lossy(),
-            "--status-socket",
-            &socket.to_string_lossy(),
-        ],
-    )?;
+    uninstall(&n1.ns, &lab.pin_dir(0), &socket)?;
     for dev in [PORT_DEV, UPLINK_DEV, "cni0"] {
         ensure!(
             hgw_filters(&n1.ns, dev)?.is_empty(),

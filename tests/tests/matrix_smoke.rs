@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hgw_tests::{
-    Lab, agent_bin, counter, counter_sum, hgw_programs, ping, run_in, run_in_ok, tcp_transfer,
-    udp_replied_exchange,
+    Lab, counter, counter_sum, hgw_programs, ping, run_in, tcp_transfer, udp_replied_exchange,
+    uninstall,
 };
 
 /// Generous: under QEMU's emulation (TCG) an agent starts several times slower.
@@ -107,25 +107,22 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
         grew >= UDP_PACKETS as u64,
         "after the restart, n1 fwd_to_peer grew by {grew} for {UDP_PACKETS} datagrams"
     );
-    assert_eq!(hgw_hooks(&n1, cls_bpf)?.len(), 2, "n1: hgw's hooks after the restart");
+    assert_eq!(
+        hgw_hooks(&n1, cls_bpf)?.len(),
+        2,
+        "n1: hgw's hooks after the restart"
+    );
 
     // uninstall takes them off.
     let agent = lab.agent_mut(0).context("agent on n1")?;
     let socket = agent.socket().to_owned();
     assert!(agent.stop()?.success(), "n1's agent did not exit 0");
-    run_in_ok(
-        &n1,
-        &agent_bin().to_string_lossy(),
-        &[
-            "uninstall",
-            "--pin-dir",
-            &lab.pin_dir(0).to_string_lossy(),
-            "--status-socket",
-            &socket.to_string_lossy(),
-        ],
-    )?;
+    uninstall(&n1, &lab.pin_dir(0), &socket)?;
     let left = hgw_hooks(&n1, cls_bpf)?;
-    assert!(left.is_empty(), "n1: hgw's programs after uninstall: {left:?}");
+    assert!(
+        left.is_empty(),
+        "n1: hgw's programs after uninstall: {left:?}"
+    );
     Ok(())
 }
 

@@ -63,13 +63,6 @@ impl HookKind {
         }
         HookKind::ClsBpf
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            HookKind::Tcx => "tcx",
-            HookKind::ClsBpf => "cls_bpf",
-        }
-    }
 }
 
 /// A program on one interface's ingress.
@@ -162,11 +155,6 @@ impl Datapath {
         if let Some(link) = self.ports.remove(&ifindex) {
             link.detach();
         }
-    }
-
-    /// How hgw's programs sit on the hooks.
-    pub fn hook_kind(&self) -> HookKind {
-        self.hook
     }
 
     fn attach_hook(

@@ -36,8 +36,8 @@ use hgw_common::loader::{self, LoaderError, PinnedMap};
 
 use crate::config::Attach;
 
-pub use attach::{FILTER_HANDLE, FILTER_PRIORITY, FORCE_CLS_BPF, HookKind, remove_filters};
 use attach::HookLink;
+pub use attach::{FILTER_HANDLE, FILTER_PRIORITY, FORCE_CLS_BPF, HookKind, remove_filters};
 pub use pins::{marked_qdiscs, remove_pins};
 
 /// The programs, built by build.rs from hgw-ebpf.
@@ -165,7 +165,9 @@ impl Datapath {
         if hook == HookKind::ClsBpf {
             let n = attach::remove_unused_filters(bridge, uplink, attach);
             if n > 0 {
-                info!("removed {n} cls_bpf filters of an earlier agent on hooks this configuration does not use");
+                info!(
+                    "removed {n} cls_bpf filters of an earlier agent on hooks this configuration does not use"
+                );
             }
         }
         let (mut ebpf, maps) = loader::load_pinned(

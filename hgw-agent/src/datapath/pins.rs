@@ -118,7 +118,11 @@ fn pinned_tcx_link(path: &Path) -> Option<(u32, u32)> {
 /// under it, else on the directory itself), the directories made, and the pins of
 /// links that cannot be adopted removed: interfaces that are gone, and the bridge-side
 /// program on hooks this attach mode does not use.
-pub(super) fn prepare_pin_dir(dir: &Path, bridge: &str, attach: Attach) -> Result<(), DatapathError> {
+pub(super) fn prepare_pin_dir(
+    dir: &Path,
+    bridge: &str,
+    attach: Attach,
+) -> Result<(), DatapathError> {
     let error = |operation: &'static str| {
         move |source| DatapathError::PinDir {
             path: dir.display().to_string(),
@@ -350,4 +354,3 @@ fn mount_bpffs(path: &Path) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
-

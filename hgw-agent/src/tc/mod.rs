@@ -131,7 +131,8 @@ impl Hooks {
         let hgw = self.own_filter(own).filter(|_| hgw_here);
         self.foreign_filters(own).any(|f| {
             !f.egress
-                && !hgw.is_some_and(|hgw| f.chain == 0 && hgw.chain == 0 && f.priority < hgw.priority)
+                && !hgw
+                    .is_some_and(|hgw| f.chain == 0 && hgw.chain == 0 && f.priority < hgw.priority)
         })
     }
 

@@ -266,14 +266,11 @@ impl Scanner {
             minor: 0,
         };
         message.attributes.push(TcAttribute::Kind("clsact".into()));
-        request
-            .execute()
-            .await
-            .map_err(|source| TcError::Netlink {
-                operation: "deleting the clsact qdisc",
-                ifindex,
-                source,
-            })?;
+        request.execute().await.map_err(|source| TcError::Netlink {
+            operation: "deleting the clsact qdisc",
+            ifindex,
+            source,
+        })?;
         Ok(true)
     }
 
