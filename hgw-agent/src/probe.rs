@@ -9,15 +9,14 @@ use aya::{
     maps::MapType,
     programs::ProgramType,
     sys::{BpfHelper, is_helper_supported, is_map_supported},
-    util::KernelVersion,
 };
 use hgw_common::status::KernelStatus;
 use log::warn;
 
-use crate::config::FastPath;
+use crate::{config::FastPath, datapath::HookKind};
 
 /// tcx, the link-based tc hooks (Linux 6.6); before it, a clsact qdisc's cls_bpf filter.
-pub const TCX: &str = "tcx";
+const TCX: &str = "tcx";
 
 /// The helpers the programs call, as the verifier knows them, with the first kernel
 /// that has each for tc programs.
@@ -83,11 +82,10 @@ pub fn probe(mode: FastPath) -> Result<Option<KernelStatus>, ProbeError> {
             .unwrap_or_else(|e| assume_present(name, &e));
         require(name, since, found)?;
     }
-    let tcx = tcx();
-    features.insert(TCX.to_owned(), tcx);
+    features.insert(TCX.to_owned(), crate::tc::tcx_supported());
     Ok(Some(KernelStatus {
         release,
-        attach: if tcx { TCX } else { "cls_bpf" }.to_owned(),
+        attach: HookKind::detect().name().to_owned(),
         conntrack_kfuncs: None,
         features,
     }))
@@ -98,9 +96,4 @@ pub fn probe(mode: FastPath) -> Result<Option<KernelStatus>, ProbeError> {
 fn assume_present(feature: &str, error: &dyn std::fmt::Display) -> bool {
     warn!("probing the kernel for {feature}: {error}; assuming it is there");
     true
-}
-
-/// Whether the kernel attaches tc programs with tcx (6.6+).
-pub fn tcx() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }

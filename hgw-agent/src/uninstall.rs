@@ -1,6 +1,7 @@
 //! `hgw-agent uninstall`: takes hgw off the node on purpose, which stopping the agent
-//! never does: the pinned programs and maps, hgw's routes (`proto 104`), its nftables
-//! tables and its FORWARD accept rules. Pod traffic then follows whatever else the node
+//! never does: the pinned programs and maps, hgw's cls_bpf filters (on kernels without
+//! tcx) and the `clsact` qdiscs it added for them once nothing else uses them, hgw's
+//! routes (`proto 104`), its nftables tables and its FORWARD accept rules. Pod traffic then follows whatever else the node
 //! has (another CNI's routes, or none).
 
 use std::path::Path;
@@ -22,6 +23,8 @@ pub enum UninstallError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Tc(#[from] crate::tc::TcError),
+    #[error(transparent)]
     Kernel(#[from] crate::kernel::KernelError),
     #[error("{0}")]
     Rules(String),
@@ -32,6 +35,8 @@ pub enum UninstallError {
 pub struct Removed {
     pub pins: usize,
     pub routes: usize,
+    pub filters: usize,
+    pub qdiscs: usize,
 }
 
 pub async fn uninstall(
@@ -43,7 +48,13 @@ pub async fn uninstall(
             socket: status_socket.display().to_string(),
         });
     }
-    let mut removed = Removed::default();
+    let mut removed = Removed {
+        filters: crate::datapath::remove_filters(),
+        ..Removed::default()
+    };
+    let qdiscs = pin_dir
+        .map(crate::datapath::marked_qdiscs)
+        .unwrap_or_default();
     if let Some(dir) = pin_dir {
         removed.pins =
             crate::datapath::remove_pins(dir).map_err(|source| UninstallError::Pins {
@@ -52,6 +63,10 @@ pub async fn uninstall(
             })?;
     }
     let kernel = Kernel::connect()?;
+    let scanner = crate::tc::Scanner::new(kernel.handle());
+    for ifindex in qdiscs {
+        removed.qdiscs += usize::from(scanner.delete_clsact_if_unused(ifindex).await?);
+    }
     for route in kernel.hgw_routes().await? {
         kernel.delete_route(&route).await?;
         removed.routes += 1;
@@ -60,8 +75,8 @@ pub async fn uninstall(
     masq::remove().map_err(|e| UninstallError::Rules(e.to_string()))?;
     setup::remove_forward_accepts().map_err(|e| UninstallError::Rules(e.to_string()))?;
     info!(
-        "uninstalled: {} pins (the programs went with their links), {} routes, hgw's nftables tables and FORWARD rules",
-        removed.pins, removed.routes
+        "uninstalled: {} pins (the programs went with their links), {} cls_bpf filters, {} clsact qdiscs hgw added, {} routes, hgw's nftables tables and FORWARD rules",
+        removed.pins, removed.filters, removed.qdiscs, removed.routes
     );
     Ok(removed)
 }

@@ -35,6 +35,22 @@ pub fn agent_bin() -> PathBuf {
     std::env::var_os("HGW_AGENT_BIN").map_or_else(built_agent_bin, PathBuf::from)
 }
 
+/// Runs `hgw-agent uninstall --pin-dir PINS --status-socket SOCKET` in `ns`, failing if
+/// it fails.
+pub fn uninstall(ns: &str, pins: &Path, socket: &Path) -> anyhow::Result<std::process::Output> {
+    crate::run_in_ok(
+        ns,
+        &agent_bin().to_string_lossy(),
+        &[
+            "uninstall",
+            "--pin-dir",
+            &pins.to_string_lossy(),
+            "--status-socket",
+            &socket.to_string_lossy(),
+        ],
+    )
+}
+
 /// Fails with a hint when the agent binary has not been built.
 pub(crate) fn check_agent_bin() -> anyhow::Result<PathBuf> {
     let bin = agent_bin();

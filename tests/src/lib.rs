@@ -34,7 +34,7 @@ mod tc;
 mod traffic;
 
 pub use agent::{
-    Agent, PeerStatus, Status, agent_bin, built_agent_bin, counter, counter_sum, peer,
+    Agent, PeerStatus, Status, agent_bin, built_agent_bin, counter, counter_sum, peer, uninstall,
 };
 pub use cni::{CniPod, POD_IFNAME, PortMapping, exec_plugin, read_conflist};
 pub use etcd::{ETCD_IP, Etcd, LogLine, check_key_rejected, log_lines};

@@ -2,11 +2,18 @@
 //! mode): pods on two nodes talk over both families in the mode `HGW_MATRIX_MODE` names
 //! (default `established`), the fast-path counters move, and both agents still run after
 //! the traffic (on a kernel that refuses an attach, the status socket can exist before
-//! the agent dies). Under plain `cargo test` it is one more default-mode check.
+//! the agent dies). The agents attach the way the kernel allows (tcx from 6.6, cls_bpf
+//! filters before) and say so. A SIGKILLed agent's successor puts its programs in place
+//! (no second program on a hook) and the flow stays on the fast path; `uninstall`
+//! takes hgw's programs off. Under plain `cargo test` it is one more default-mode check.
 
 use std::time::Duration;
 
-use hgw_tests::{Lab, counter_sum, ping, tcp_transfer, udp_replied_exchange};
+use anyhow::Context as _;
+use hgw_tests::{
+    Lab, counter, counter_sum, hgw_programs, ping, run_in, tcp_transfer, udp_replied_exchange,
+    uninstall,
+};
 
 /// Generous: under QEMU's emulation (TCG) an agent starts several times slower.
 const READY: Duration = Duration::from_secs(60);
@@ -25,6 +32,34 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
     }
     for status in lab.statuses()? {
         assert_eq!(status.fast_path, mode, "the agent runs another mode");
+    }
+    let cls_bpf = !kernel_has_tcx()? || std::env::var_os("HGW_FORCE_CLS_BPF").is_some();
+    let said = if cls_bpf {
+        "attaching as cls_bpf filters"
+    } else {
+        "attaching with tcx"
+    };
+    for agent in lab.agents() {
+        assert!(
+            agent.log().contains(said),
+            "node {}: the agent does not say \"{said}\":\n{}",
+            agent.node,
+            agent.log()
+        );
+    }
+    // Status says the same, and where the conntrack kfuncs came from: the module's BTF
+    // where nf_conntrack is a module (it has an initstate; a built-in one has not).
+    let module = std::path::Path::new("/sys/module/nf_conntrack/initstate").exists();
+    let kfuncs = (mode == "established")
+        .then(|| if module { "module nf_conntrack" } else { "vmlinux" });
+    for status in lab.statuses()? {
+        let kernel = status.kernel.context("status names no kernel features")?;
+        assert_eq!(kernel.attach, if cls_bpf { "cls_bpf" } else { "tcx" });
+        assert_eq!(kernel.conntrack_kfuncs.as_deref(), kfuncs, "{kernel}");
+        assert!(
+            kernel.features.iter().all(|(name, found)| *found || name == "tcx"),
+            "{kernel}"
+        );
     }
     let before = lab.statuses()?;
 
@@ -65,5 +100,72 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
             );
         }
     }
+
+    // A restart: the next agent's programs replace the running ones in place.
+    let (n1, to_ns, to_ip) = (lab.nodes[0].ns.clone(), to.ns.clone(), to.ip);
+    let from_ns = from.ns.clone();
+    let agent = lab.agent_mut(0).context("agent on n1")?;
+    agent.kill()?;
+    let agent = lab.start_agent(0, &["--fast-path", &mode])?;
+    let before = agent.wait_ready(READY)?;
+    assert!(
+        agent.log().contains("replaced in place"),
+        "the restarted agent did not replace its programs in place:\n{}",
+        agent.log()
+    );
+    let got = udp_replied_exchange(&from_ns, &to_ns, to_ip, UDP_PACKETS)?;
+    let after = lab.agent(0).context("agent on n1")?.status()?;
+    let grew = counter(&after, "ipv4.fwd_to_peer") - counter(&before, "ipv4.fwd_to_peer");
+    assert_eq!(got, UDP_PACKETS, "datagrams lost after the restart");
+    assert!(
+        grew >= UDP_PACKETS as u64,
+        "after the restart, n1 fwd_to_peer grew by {grew} for {UDP_PACKETS} datagrams"
+    );
+    assert_eq!(
+        hgw_hooks(&n1, cls_bpf)?.len(),
+        2,
+        "n1: hgw's hooks after the restart"
+    );
+
+    // uninstall takes them off.
+    let agent = lab.agent_mut(0).context("agent on n1")?;
+    let socket = agent.socket().to_owned();
+    assert!(agent.stop()?.success(), "n1's agent did not exit 0");
+    uninstall(&n1, &lab.pin_dir(0), &socket)?;
+    let left = hgw_hooks(&n1, cls_bpf)?;
+    assert!(
+        left.is_empty(),
+        "n1: hgw's programs after uninstall: {left:?}"
+    );
     Ok(())
+}
+
+/// Whether this kernel has tcx (6.6 and later).
+fn kernel_has_tcx() -> anyhow::Result<bool> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    Ok((major, minor) >= (6, 6))
+}
+
+/// hgw's programs on the hooks of `ns`: tcx programs, or cls_bpf filters on the ingress
+/// of the uplink and the pod's port (one line each).
+fn hgw_hooks(ns: &str, cls_bpf: bool) -> anyhow::Result<Vec<String>> {
+    if !cls_bpf {
+        return hgw_programs(ns);
+    }
+    let mut found = Vec::new();
+    for dev in ["eth0", "veth1", "cni0"] {
+        // Without a qdisc on the hook, tc fails: no filter there.
+        let out = run_in(ns, "tc", &["filter", "show", "dev", dev, "ingress"])?;
+        found.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains(" hgw_"))
+                .map(|l| format!("{dev}: {l}")),
+        );
+    }
+    Ok(found)
 }

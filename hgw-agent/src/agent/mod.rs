@@ -318,6 +318,11 @@ fn attach_datapath(
                 ),
             }
         }
+        // So would an earlier agent's cls_bpf filters (they outlive it, pinned or not).
+        match datapath::remove_filters() {
+            0 => {}
+            n => info!("fast path off: removed {n} cls_bpf filters an earlier agent left"),
+        }
         info!("fast path off: kernel routes only");
         return Ok(None);
     }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use hgw_common::{DEVICE_EGRESS, DEVICE_INGRESS, status::FilterStatus};
 
-pub use scan::{Scanner, TcError, tcx_programs};
+pub use scan::{Scanner, TcError, tcx_programs, tcx_supported};
 
 /// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`: the filters of an `ingress` qdisc, or
 /// of a `clsact` qdisc's ingress, are dumped with this parent.
@@ -44,17 +44,27 @@ impl Role {
     }
 }
 
-/// A legacy tc filter on an `ingress` or `clsact` qdisc.
+/// A legacy tc filter on an `ingress` or `clsact` qdisc. Ordered as they run on a
+/// hook: by chain, then by priority.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Filter {
     /// On a `clsact` egress (else on the ingress).
     pub egress: bool,
+    pub chain: u32,
+    pub priority: u16,
     /// Its classifier: `u32`, `bpf`, `flower`, `matchall`, ...
     pub kind: String,
-    pub priority: u16,
-    pub chain: u32,
     /// A cls_bpf filter's program name.
     pub name: Option<String>,
+    /// A cls_bpf filter's program id (hgw's own, on a kernel without tcx, is one of
+    /// the agent's program ids).
+    pub id: Option<u32>,
+}
+
+impl Filter {
+    fn is_own(&self, own: &[u32]) -> bool {
+        self.id.is_some_and(|id| own.contains(&id))
+    }
 }
 
 /// What one interface's tc hooks hold, besides hgw.
@@ -66,11 +76,21 @@ pub struct Hooks {
     pub tcx_egress: Vec<u32>,
     /// The root qdisc's kind; `None`: none listed (a device that is down).
     pub root_qdisc: Option<String>,
-    /// Legacy filters (hgw's own cls_bpf left out), sorted.
+    /// Legacy filters (hgw's own cls_bpf filter included), sorted.
     pub filters: Vec<Filter>,
 }
 
 impl Hooks {
+    /// hgw's own cls_bpf filter on the ingress (when it attaches with cls_bpf).
+    fn own_filter(&self, own: &[u32]) -> Option<&Filter> {
+        self.filters.iter().find(|f| !f.egress && f.is_own(own))
+    }
+
+    /// The legacy filters other than hgw's.
+    fn foreign_filters<'a>(&'a self, own: &'a [u32]) -> impl Iterator<Item = &'a Filter> + 'a {
+        self.filters.iter().filter(|f| !f.is_own(own))
+    }
+
     /// The tcx ingress programs other than hgw's that run before and after it on the
     /// way of a packet hgw redirects. `hgw_here`: hgw's program is on this ingress.
     /// On the bridge with hgw on its ports, all of them come after (the redirect at
@@ -85,6 +105,10 @@ impl Hooks {
                 Role::Uplink | Role::Bridge => (Vec::new(), foreign(&self.tcx_ingress)),
             };
         }
+        // hgw as a cls_bpf filter: every tcx program runs before the filters.
+        if self.own_filter(own).is_some() {
+            return (foreign(&self.tcx_ingress), Vec::new());
+        }
         match self.tcx_ingress.iter().rposition(|id| own.contains(id)) {
             Some(at) => (
                 foreign(&self.tcx_ingress[..at]),
@@ -97,23 +121,31 @@ impl Hooks {
     }
 
     /// Whether a legacy filter on the ingress is on the redirect's way: everywhere but
-    /// on a port whose packets hgw takes at the bridge (the port's filters ran first).
-    fn ingress_filters_matter(role: Role, hgw_here: bool) -> bool {
-        hgw_here || role != Role::Port
+    /// on a port whose packets hgw takes at the bridge (the port's filters ran first),
+    /// and but before hgw's own cls_bpf filter (chain 0, a smaller priority: it ran
+    /// on the packet first). Same priority as hgw's: not known to run first.
+    fn ingress_filter_after(&self, role: Role, hgw_here: bool, own: &[u32]) -> bool {
+        if !(hgw_here || role != Role::Port) {
+            return false;
+        }
+        let hgw = self.own_filter(own).filter(|_| hgw_here);
+        self.foreign_filters(own).any(|f| {
+            !f.egress
+                && !hgw
+                    .is_some_and(|hgw| f.chain == 0 && hgw.chain == 0 && f.priority < hgw.priority)
+        })
     }
 
     /// The `DEVICE_*` bits for this interface.
     pub fn flags(&self, role: Role, hgw_here: bool, own: &[u32]) -> u32 {
         let mut flags = 0;
         let (_, after) = self.ingress_split(role, hgw_here, own);
-        let filters =
-            Self::ingress_filters_matter(role, hgw_here) && self.filters.iter().any(|f| !f.egress);
-        if !after.is_empty() || filters {
+        if !after.is_empty() || self.ingress_filter_after(role, hgw_here, own) {
             flags |= DEVICE_INGRESS;
         }
         // A redirect into the uplink goes through its egress like the kernel's own
         // packets; only delivery into a pod skips the bridge's and the veth's.
-        if role != Role::Uplink && self.egress_shared() {
+        if role != Role::Uplink && self.egress_shared(own) {
             flags |= DEVICE_EGRESS;
         }
         flags
@@ -121,11 +153,11 @@ impl Hooks {
 
     /// Anything on the egress: a qdisc other than `noqueue`, clsact egress filters, a
     /// tcx egress program (hgw has none there).
-    fn egress_shared(&self) -> bool {
+    fn egress_shared(&self, own: &[u32]) -> bool {
         self.root_qdisc
             .as_deref()
             .is_some_and(|k| k != DEFAULT_ROOT)
-            || self.filters.iter().any(|f| f.egress)
+            || self.foreign_filters(own).any(|f| f.egress)
             || !self.tcx_egress.is_empty()
     }
 
@@ -153,8 +185,7 @@ impl Hooks {
             tcx_ingress_after: after.into_iter().map(program).collect(),
             tcx_egress: self.tcx_egress.iter().copied().map(program).collect(),
             filters: self
-                .filters
-                .iter()
+                .foreign_filters(own)
                 .map(|f| FilterStatus {
                     parent: if f.egress { "egress" } else { "ingress" }.to_owned(),
                     kind: f.kind.clone(),
@@ -172,7 +203,7 @@ impl Hooks {
     pub fn is_shared(&self, own: &[u32]) -> bool {
         self.tcx_ingress.iter().any(|id| !own.contains(id))
             || !self.tcx_egress.is_empty()
-            || !self.filters.is_empty()
+            || self.foreign_filters(own).next().is_some()
             || self
                 .root_qdisc
                 .as_deref()
@@ -203,7 +234,73 @@ mod tests {
             priority: 49152,
             chain: 0,
             name: None,
+            id: None,
         }
+    }
+
+    /// hgw's own cls_bpf filter, last on the ingress.
+    fn own_filter() -> Filter {
+        Filter {
+            kind: "bpf".into(),
+            priority: u16::MAX,
+            name: Some("hgw_to_pod".into()),
+            id: Some(HGW),
+            ..filter(false, "bpf")
+        }
+    }
+
+    #[test]
+    fn with_hgw_as_a_filter_what_runs_before_it_is_not_skipped() {
+        let before = Filter {
+            priority: 1,
+            ..filter(false, "bpf")
+        };
+        let hooks = Hooks {
+            tcx_ingress: vec![5],
+            filters: vec![before.clone(), own_filter()],
+            ..noqueue()
+        };
+        // tcx programs and a filter of a smaller priority ran first.
+        assert_eq!(hooks.flags(Role::Uplink, true, OWN), 0);
+        assert_eq!(
+            hooks.ingress_split(Role::Uplink, true, OWN),
+            (vec![5], vec![])
+        );
+        assert!(hooks.is_shared(OWN));
+        let status = hooks.status(("eth0", 2), (Role::Uplink, true), OWN, &HashMap::new());
+        assert_eq!(status.filters.len(), 1, "hgw's own filter is not listed");
+        // hgw's filter alone shares nothing.
+        let alone = Hooks {
+            filters: vec![own_filter()],
+            ..noqueue()
+        };
+        assert!(!alone.is_shared(OWN));
+        assert_eq!(alone.flags(Role::Port, true, OWN), 0);
+        // Another chain, the same priority, or a filter hgw's is not known for: after.
+        for after in [
+            Filter {
+                chain: 1,
+                ..before.clone()
+            },
+            Filter {
+                priority: u16::MAX,
+                ..before.clone()
+            },
+        ] {
+            let hooks = Hooks {
+                filters: vec![after, own_filter()],
+                ..noqueue()
+            };
+            assert_eq!(hooks.flags(Role::Uplink, true, OWN), DEVICE_INGRESS);
+        }
+        let stale = Hooks {
+            filters: vec![Filter {
+                id: Some(99),
+                ..own_filter()
+            }],
+            ..noqueue()
+        };
+        assert_eq!(stale.flags(Role::Uplink, true, OWN), DEVICE_INGRESS);
     }
 
     fn noqueue() -> Hooks {

@@ -12,9 +12,6 @@ use super::{Filter, Hooks, PARENT_EGRESS, PARENT_INGRESS};
 const PARENT_ROOT: u32 = 0xFFFF_FFFF;
 /// `TC_H_INGRESS`: the parent of an `ingress` or `clsact` qdisc.
 const PARENT_CLSACT: u32 = 0xFFFF_FFF1;
-/// hgw names its programs `hgw_*`: a cls_bpf filter of that name is hgw's own (on a
-/// kernel without tcx), not something its redirect skips.
-const OWN_PREFIX: &str = "hgw_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TcError {
@@ -38,6 +35,31 @@ pub enum TcError {
 /// (`BPF_PROG_QUERY`; aya's `query_tcx` also opens each program by id, which needs
 /// CAP_SYS_ADMIN). A kernel without tcx has none.
 pub fn tcx_programs(ifindex: u32, egress: bool) -> Result<Vec<u32>, TcError> {
+    match query_tcx(ifindex, egress) {
+        Ok(ids) => Ok(ids),
+        // A kernel without tcx does not know the attach type.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+            Ok(Vec::new())
+        }
+        Err(source) => Err(TcError::Tcx {
+            hook: if egress { "egress" } else { "ingress" },
+            ifindex,
+            source,
+        }),
+    }
+}
+
+/// Whether the kernel has tcx: it knows tcx's attach type (a query of the loopback
+/// interface's ingress, index 1 in every network namespace; before 6.6, EINVAL).
+pub fn tcx_supported() -> bool {
+    !matches!(
+        query_tcx(1, false),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
+    )
+}
+
+/// `BPF_PROG_QUERY` of a tcx hook.
+fn query_tcx(ifindex: u32, egress: bool) -> std::io::Result<Vec<u32>> {
     const BPF_PROG_QUERY: libc::c_long = 16;
     const BPF_TCX_INGRESS: u32 = 46;
     const BPF_TCX_EGRESS: u32 = 47;
@@ -90,15 +112,7 @@ pub fn tcx_programs(ifindex: u32, egress: bool) -> Result<Vec<u32>, TcError> {
             Some(libc::ENOSPC) if query.count as usize > ids.len() => {
                 ids = vec![0; query.count as usize];
             }
-            // A kernel without tcx does not know the attach type.
-            Some(libc::EINVAL | libc::EOPNOTSUPP) => return Ok(Vec::new()),
-            _ => {
-                return Err(TcError::Tcx {
-                    hook: if egress { "egress" } else { "ingress" },
-                    ifindex,
-                    source: error,
-                });
-            }
+            _ => return Err(error),
         }
     }
 }
@@ -231,6 +245,35 @@ impl Scanner {
         }
     }
 
+    /// Deletes interface `ifindex`'s `clsact` qdisc if no filter is left on it (for
+    /// `uninstall`, on a qdisc hgw added, after hgw's filters went); whether it went.
+    pub async fn delete_clsact_if_unused(&self, ifindex: u32) -> Result<bool, TcError> {
+        let qdiscs = self.qdiscs(Some(ifindex)).await?;
+        if qdiscs.get(&ifindex).and_then(|q| q.clsact.as_deref()) != Some("clsact") {
+            return Ok(false);
+        }
+        for parent in [PARENT_INGRESS, PARENT_EGRESS] {
+            if !self.filters(ifindex, parent).await?.is_empty() {
+                return Ok(false);
+            }
+        }
+        let mut qdisc = self.handle.clone().qdisc();
+        let mut request = qdisc.del(i32::try_from(ifindex).unwrap_or(0));
+        let message = request.message_mut();
+        message.header.parent = PARENT_CLSACT.into();
+        message.header.handle = TcHandle {
+            major: 0xFFFF,
+            minor: 0,
+        };
+        message.attributes.push(TcAttribute::Kind("clsact".into()));
+        request.execute().await.map_err(|source| TcError::Netlink {
+            operation: "deleting the clsact qdisc",
+            ifindex,
+            source,
+        })?;
+        Ok(true)
+    }
+
     /// Root and ingress/clsact qdiscs by interface (of `ifindex` alone, if given).
     async fn qdiscs(&self, ifindex: Option<u32>) -> Result<HashMap<u32, Qdiscs>, TcError> {
         let mut request = self.handle.clone().qdisc().get();
@@ -297,29 +340,29 @@ impl Scanner {
     }
 }
 
-/// A filter message as a [`Filter`]; `None` for hgw's own cls_bpf filter and for a
-/// cls_bpf header without a program (the chain's entry, not a filter).
+/// A filter message as a [`Filter`]; `None` for a cls_bpf header without a program
+/// (the chain's entry, not a filter).
 fn filter(message: &TcMessage, egress: bool) -> Option<Filter> {
     let kind = kind(message)?;
     let mut chain = 0;
     let mut name = None;
+    let mut id = None;
     for attribute in &message.attributes {
         match attribute {
             TcAttribute::Chain(c) => chain = *c,
             TcAttribute::Options(options) => {
                 for option in options {
-                    if let TcOption::Bpf(TcFilterBpfOption::ProgName(n)) = option {
-                        name = Some(n.clone());
+                    match option {
+                        TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => name = Some(n.clone()),
+                        TcOption::Bpf(TcFilterBpfOption::ProgId(i)) => id = Some(*i),
+                        _ => {}
                     }
                 }
             }
             _ => {}
         }
     }
-    if kind == "bpf"
-        && (message.header.handle == TcHandle::UNSPEC
-            || name.as_deref().is_some_and(|n| n.starts_with(OWN_PREFIX)))
-    {
+    if kind == "bpf" && message.header.handle == TcHandle::UNSPEC {
         return None;
     }
     Some(Filter {
@@ -329,6 +372,7 @@ fn filter(message: &TcMessage, egress: bool) -> Option<Filter> {
         priority: u16::try_from(message.header.info >> 16).unwrap_or(u16::MAX),
         chain,
         name,
+        id,
     })
 }
 
@@ -365,7 +409,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hgws_own_cls_bpf_filter_and_headers_are_left_out() {
+    fn headers_are_left_out_and_programs_named() {
         let message = |handle: u32, name: Option<&str>| {
             let mut m = TcMessage::default();
             m.header.handle = handle.into();
@@ -379,7 +423,6 @@ mod tests {
             m
         };
         assert_eq!(super::filter(&message(0, None), false), None);
-        assert_eq!(super::filter(&message(1, Some("hgw_to_pod")), false), None);
         let other = super::filter(&message(1, Some("shaper")), true).expect("a filter");
         assert_eq!((other.priority, other.egress), (1, true));
         assert_eq!(other.name.as_deref(), Some("shaper"));

@@ -1,0 +1,439 @@
+//! Putting hgw's programs on the ingress hooks: with tcx where the kernel has it (6.6+),
+//! else as a direct-action `cls_bpf` filter of a `clsact` qdisc (netlink).
+//!
+//! Both keep hgw after what was on the hook before it, and hand what they do not take
+//! on (`TC_ACT_UNSPEC`: `TCX_NEXT` under tcx, the next filter under cls_bpf). tcx: a
+//! link attached last, pinned to outlive the agent, updated in place by the next one.
+//! cls_bpf: a filter at priority [`FILTER_PRIORITY`], the largest there is, so every
+//! filter already on the hook runs first (filters run by ascending priority; tc's
+//! default for a later one without `pref` is one less than the smallest there, so
+//! before hgw too); always at handle [`FILTER_HANDLE`], so the next agent finds it and
+//! replaces its program in place (a netlink replace: never deleted then added). A
+//! filter belongs to the interface, not to a process: pinned or not it outlives a
+//! crash; with pinning it is left on the hook on purpose when the agent exits.
+
+use std::path::PathBuf;
+
+use aya::programs::{
+    LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+    links::{FdLink, Link as _},
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+};
+use hgw_common::{PROG_TO_PEER, PROG_TO_POD};
+use log::{debug, info, warn};
+
+use super::{Datapath, DatapathError, pins, program_error};
+use crate::config::Attach;
+
+/// hgw's cls_bpf filters' priority: last on the hook (see the module's doc).
+pub const FILTER_PRIORITY: u16 = u16::MAX;
+/// hgw's cls_bpf filters' handle ("hg"): where the next agent finds them.
+pub const FILTER_HANDLE: u32 = 0x6867;
+/// Set to `1`, the agent attaches with cls_bpf even where the kernel has tcx: the
+/// path kernels before 6.6 take, tested on a newer kernel.
+pub const FORCE_CLS_BPF: &str = "HGW_FORCE_CLS_BPF";
+
+/// How hgw's programs sit on a hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookKind {
+    /// A tcx link (6.6+).
+    Tcx,
+    /// A direct-action cls_bpf filter of a `clsact` (or `ingress`) qdisc.
+    ClsBpf,
+}
+
+impl HookKind {
+    /// tcx where the kernel has it (probed, not guessed from the version), else
+    /// cls_bpf; [`FORCE_CLS_BPF`] picks cls_bpf. Says which, and why.
+    pub fn choose() -> Self {
+        let (forced, tcx) = Self::inputs();
+        if tcx && !forced {
+            info!("attaching with tcx (the kernel has it)");
+            return HookKind::Tcx;
+        }
+        if tcx {
+            info!(
+                "attaching as cls_bpf filters of clsact qdiscs, priority {FILTER_PRIORITY}: {FORCE_CLS_BPF}=1 (the kernel has tcx)"
+            );
+        } else {
+            info!(
+                "attaching as cls_bpf filters of clsact qdiscs, priority {FILTER_PRIORITY}: this kernel has no tcx (before 6.6)"
+            );
+        }
+        HookKind::ClsBpf
+    }
+
+    /// What [`HookKind::choose`] picks, without a word.
+    pub fn detect() -> Self {
+        match Self::inputs() {
+            (false, true) => HookKind::Tcx,
+            _ => HookKind::ClsBpf,
+        }
+    }
+
+    /// Whether cls_bpf is forced, and whether the kernel has tcx.
+    fn inputs() -> (bool, bool) {
+        let forced = std::env::var_os(FORCE_CLS_BPF).is_some_and(|v| v == "1");
+        (forced, crate::tc::tcx_supported())
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            HookKind::Tcx => "tcx",
+            HookKind::ClsBpf => "cls_bpf",
+        }
+    }
+}
+
+/// A program on one interface's ingress.
+pub(super) enum HookLink {
+    /// A tcx link. Dropped, it is detached unless pinned.
+    Tcx { _link: FdLink, pin: Option<PathBuf> },
+    /// A cls_bpf filter.
+    Filter(FilterLink),
+}
+
+/// hgw's cls_bpf filter on one interface. Without pinning, dropped, it is deleted;
+/// with pinning (`outlives`), it stays for the next agent.
+pub(super) struct FilterLink {
+    link: Option<SchedClassifierLink>,
+    outlives: bool,
+}
+
+impl Drop for FilterLink {
+    fn drop(&mut self) {
+        if self.outlives
+            && let Some(link) = self.link.take()
+        {
+            // aya's link deletes the filter when dropped; this one is left on purpose.
+            // It holds no fd or memory of note (an ifindex, a priority, a handle).
+            std::mem::forget(link);
+        }
+    }
+}
+
+impl HookLink {
+    /// Takes the program off the interface, pinned or not.
+    pub(super) fn detach(self) {
+        match self {
+            HookLink::Tcx { pin, .. } => {
+                if let Some(pin) = &pin {
+                    // The link goes with its last reference: the pin, then our fd.
+                    let _ = std::fs::remove_file(pin);
+                }
+            }
+            HookLink::Filter(mut filter) => {
+                // A device that is gone took its filters with it.
+                if let Some(Err(e)) = filter.link.take().map(|link| link.detach()) {
+                    debug!("deleting hgw's cls_bpf filter: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl Datapath {
+    /// Attaches `hgw_to_pod` to the uplink's ingress and, with [`Attach::Bridge`],
+    /// `hgw_to_peer` to the bridge's, unless already attached to these very devices: a
+    /// device deleted and made again under its name (a new ifindex) gets them again.
+    pub fn attach_node(
+        &mut self,
+        (bridge, bridge_ifindex): (&str, u32),
+        (uplink, uplink_ifindex): (&str, u32),
+    ) -> Result<(), DatapathError> {
+        if self.uplink.as_ref().map(|(i, _)| *i) != Some(uplink_ifindex) {
+            let link = self.attach_hook(PROG_TO_POD, (uplink, uplink_ifindex))?;
+            if let Some((_, old)) = self.uplink.replace((uplink_ifindex, link)) {
+                old.detach();
+            }
+        }
+        if self.attach == Attach::Bridge
+            && self.bridge.as_ref().map(|(i, _)| *i) != Some(bridge_ifindex)
+        {
+            let link = self.attach_hook(PROG_TO_PEER, (bridge, bridge_ifindex))?;
+            if let Some((_, old)) = self.bridge.replace((bridge_ifindex, link)) {
+                old.detach();
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches `hgw_to_peer` to a bridge port's ingress (a pod's host-side veth), so
+    /// pod traffic is forwarded before the bridge runs. Idempotent.
+    pub fn attach_port(&mut self, name: &str, ifindex: u32) -> Result<(), DatapathError> {
+        if self.ports.contains_key(&ifindex) {
+            return Ok(());
+        }
+        refuse_foreign_hgw(name, self.pins.as_deref())?;
+        let link = self.attach_hook(PROG_TO_PEER, (name, ifindex))?;
+        self.ports.insert(ifindex, link);
+        Ok(())
+    }
+
+    /// Takes the program off a port that left the bridge, or forgets one that is gone.
+    pub fn detach_port(&mut self, ifindex: u32) {
+        if let Some(link) = self.ports.remove(&ifindex) {
+            link.detach();
+        }
+    }
+
+    fn attach_hook(
+        &mut self,
+        program: &'static str,
+        (interface, ifindex): (&str, u32),
+    ) -> Result<HookLink, DatapathError> {
+        match self.hook {
+            HookKind::Tcx => {
+                let link = self.attach_tcx(program, interface)?;
+                // A filter of an earlier agent that attached with cls_bpf would run
+                // after this program, on what it hands on, with its own maps: it goes
+                // now that this program is in place.
+                remove_filter(interface, program);
+                Ok(link)
+            }
+            HookKind::ClsBpf => {
+                let link = self.attach_filter(program, (interface, ifindex))?;
+                // An earlier agent's tcx link would run before any filter and take the
+                // traffic: it goes now that this filter is in place.
+                if let Some(dir) = &self.pins {
+                    pins::remove_link_pin(&pins::link_pin_path(dir, program, interface));
+                }
+                Ok(HookLink::Filter(link))
+            }
+        }
+    }
+
+    /// `program` on `interface`'s ingress with tcx. Pinned: a link pinned by an earlier
+    /// agent and still on this interface gets this agent's program by a link update,
+    /// in place; otherwise a new link is made and pinned.
+    fn attach_tcx(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+    ) -> Result<HookLink, DatapathError> {
+        let pin = self
+            .pins
+            .as_ref()
+            .map(|dir| pins::link_pin_path(dir, program, interface));
+        let pin_error = |path: Option<&PathBuf>, reason: String| DatapathError::PinLink {
+            program,
+            interface: interface.to_owned(),
+            path: path.map(|p| p.display().to_string()).unwrap_or_default(),
+            reason,
+        };
+        if let Some(path) = &pin
+            && let Some(old) = pins::adoptable(path, interface)
+        {
+            let link = SchedClassifierLink::try_from(old)
+                .map_err(|e| pin_error(Some(path), e.to_string()))?;
+            let prog = self.program(program)?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(program_error("replacing in place", program))?;
+            let link = prog
+                .take_link(id)
+                .map_err(program_error("taking the link of", program))?;
+            let link = FdLink::try_from(link).map_err(|e| pin_error(Some(path), e.to_string()))?;
+            info!("{program} on {interface}: replaced in place (pinned link updated)");
+            return Ok(HookLink::Tcx {
+                _link: link,
+                pin: pin.clone(),
+            });
+        }
+        let prog = self.program(program)?;
+        // Last on the hook: what was there before hgw has seen every packet, so only
+        // programs attached later are ones a redirect would skip (`DEVICE_INGRESS`).
+        let id = prog
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::last()),
+            )
+            .map_err(program_error("attaching", program))?;
+        let link = prog
+            .take_link(id)
+            .map_err(program_error("taking the link of", program))?;
+        let link = FdLink::try_from(link).map_err(|e| pin_error(None, e.to_string()))?;
+        let link = match &pin {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+                FdLink::from(
+                    link.pin(path)
+                        .map_err(|e| pin_error(Some(path), e.to_string()))?,
+                )
+            }
+            None => link,
+        };
+        Ok(HookLink::Tcx { _link: link, pin })
+    }
+
+    /// `program` on `interface`'s ingress as hgw's cls_bpf filter: an earlier agent's
+    /// filter there gets this program in place; otherwise the filter is added, with a
+    /// `clsact` qdisc first when the interface has none (marked in the pin directory
+    /// as hgw's, for `uninstall`).
+    fn attach_filter(
+        &mut self,
+        program: &'static str,
+        (interface, ifindex): (&str, u32),
+    ) -> Result<FilterLink, DatapathError> {
+        let qdisc_error = |source| DatapathError::Qdisc {
+            interface: interface.to_owned(),
+            source,
+        };
+        match tc::qdisc_add_clsact(interface) {
+            Ok(()) => {
+                info!("{interface}: clsact qdisc added (it had none)");
+                if let Some(dir) = &self.pins {
+                    pins::mark_qdisc(dir, ifindex);
+                }
+            }
+            // There already (a clsact, or an ingress qdisc, which takes ingress filters too).
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(qdisc_error(e)),
+        }
+        let handle = TcHandle::from(FILTER_HANDLE);
+        let prog = self.program(program)?;
+        let earlier = SchedClassifierLink::attached(
+            interface,
+            TcAttachType::Ingress,
+            FILTER_PRIORITY,
+            handle,
+            None,
+        )
+        .map_err(|e| qdisc_error(TcError::IoError(e)))?;
+        // Without NLM_F_CREATE: replaces the filter at (priority, handle) if there is one.
+        let id = match prog.attach_to_link(earlier) {
+            Ok(id) => {
+                info!("{program} on {interface}: replaced in place (cls_bpf filter updated)");
+                id
+            }
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                prog.attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: FILTER_PRIORITY,
+                        handle,
+                        ..NlOptions::default()
+                    }),
+                )
+                .map_err(program_error("attaching", program))?
+            }
+            Err(e) => return Err(program_error("replacing in place", program)(e)),
+        };
+        let link = prog
+            .take_link(id)
+            .map_err(program_error("taking the link of", program))?;
+        Ok(FilterLink {
+            link: Some(link),
+            outlives: self.pins.is_some(),
+        })
+    }
+}
+
+/// Deletes hgw's cls_bpf filter of `program` (by its name) from `interface`'s
+/// ingress, if there is one; returns whether one went.
+fn remove_filter(interface: &str, program: &str) -> bool {
+    match tc::qdisc_detach_program(interface, TcAttachType::Ingress, program) {
+        Ok(()) => {
+            info!("{interface}: an earlier agent's cls_bpf filter of {program} deleted");
+            true
+        }
+        // None there, or no qdisc to hold one.
+        Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(TcError::NetlinkError(e))
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)
+            ) =>
+        {
+            false
+        }
+        Err(e) => {
+            warn!("{interface}: deleting hgw's cls_bpf filter of {program}: {e}");
+            false
+        }
+    }
+}
+
+/// Deletes hgw's cls_bpf filters (`hgw_to_pod`, `hgw_to_peer`, by name) from the
+/// ingress of every interface of this network namespace, and nothing else; returns
+/// how many went. For `uninstall` and the `off` mode: a filter outlives its agent.
+pub fn remove_filters() -> usize {
+    remove_filters_but(|_, _| false)
+}
+
+/// At start, with cls_bpf: an earlier agent's filters on hooks this configuration does
+/// not use (`hgw_to_pod` off the uplink; `hgw_to_peer` on the bridge with
+/// [`Attach::Ports`], on any other interface with [`Attach::Bridge`]) would go on
+/// forwarding with its programs. (With tcx their pins go in `prepare_pin_dir`.)
+pub(super) fn remove_unused_filters(bridge: &str, uplink: &str, attach: Attach) -> usize {
+    remove_filters_but(|interface, program| match (program, attach) {
+        (PROG_TO_POD, _) => interface == uplink,
+        (_, Attach::Ports) => interface != bridge,
+        (_, Attach::Bridge) => interface == bridge,
+    })
+}
+
+/// Deletes hgw's filters from every interface but where `keep(interface, program)`.
+fn remove_filters_but(keep: impl Fn(&str, &str) -> bool) -> usize {
+    let Ok(interfaces) = std::fs::read_dir("/sys/class/net") else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in interfaces.flatten() {
+        let interface = entry.file_name().to_string_lossy().into_owned();
+        for program in [PROG_TO_PEER, PROG_TO_POD] {
+            if !keep(&interface, program) {
+                removed += usize::from(remove_filter(&interface, program));
+            }
+        }
+    }
+    removed
+}
+
+/// tcx stacks programs: a second agent would run behind the first one and see nothing,
+/// so an hgw program already on the hook means another agent is alive. Its links die
+/// with it; we do not take them away from under it. Naming the programs on a hook
+/// needs CAP_SYS_ADMIN (their info is read by id); without it, the agent lock
+/// ([`crate::lock::AgentLock`], taken first) is what keeps a second agent out. (A
+/// cls_bpf filter outlives its agent: there the lock alone tells a live one.)
+pub(super) fn refuse_foreign_hgw(
+    interface: &str,
+    pins: Option<&std::path::Path>,
+) -> Result<(), DatapathError> {
+    let attached = match SchedClassifier::query_tcx(interface, TcAttachType::Ingress) {
+        Ok((_, programs)) => programs,
+        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EPERM) => {
+            debug!(
+                "{interface}: programs already on its ingress cannot be named without CAP_SYS_ADMIN ({}); the agent lock guards against a second agent",
+                e.call
+            );
+            return Ok(());
+        }
+        // No tcx entry on this hook yet, or a kernel without tcx: nothing of ours is there.
+        Err(_) => return Ok(()),
+    };
+    // Programs held by links pinned here are an earlier agent's, left to be adopted.
+    let pinned: Vec<u32> = pins
+        .into_iter()
+        .flat_map(|dir| {
+            [PROG_TO_PEER, PROG_TO_POD]
+                .map(|program| pins::pinned_program(&pins::link_pin_path(dir, program, interface)))
+        })
+        .flatten()
+        .collect();
+    for info in attached {
+        let name = info.name_as_str().unwrap_or_default();
+        if (name == PROG_TO_PEER || name == PROG_TO_POD) && !pinned.contains(&info.id()) {
+            return Err(DatapathError::AlreadyAttached {
+                interface: interface.to_owned(),
+                program: name.to_owned(),
+                id: info.id(),
+            });
+        }
+    }
+    Ok(())
+}
