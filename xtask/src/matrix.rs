@@ -1,10 +1,11 @@
 //! `cargo xtask matrix`: hgw on the kernels operators run. The lab's smoke test
-//! (tests/tests/matrix_smoke.rs) runs in each fast-path mode on this machine's kernel and,
-//! under QEMU, on Debian 12's newest 6.1 and 6.12 kernels. Each cell is a required pass or
+//! (tests/tests/matrix_smoke.rs) runs in each fast-path mode, and the ClusterIP and
+//! FORWARD policy tests against kernel routes alone, on this machine's kernel and, under
+//! QEMU, on Debian 12's newest 6.1 and 6.12 kernels. Each cell is a required pass or
 //! an expected failure that names its reason and must fail with the agent's own words
 //! for it; anything else (an unexpected failure, or an expected failure that now passes
 //! and should become a required pass) fails the run. The table goes to stdout and to
-//! target/matrix.md, the logs to target/matrix/<kernel>/<mode>.log.
+//! target/matrix.md, the logs to target/matrix/<kernel>/<check>.log.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,10 +17,40 @@ use anyhow::{Context as _, ensure};
 use crate::matrix_vm::{self, Kernel};
 use crate::util::{capture, cargo, root};
 
-/// The agent's fast-path modes the matrix covers (`off` loads no programs).
-const MODES: [&str; 2] = ["established", "all"];
-/// How long one mode's smoke test may take (coreutils `timeout`, host and guest alike).
-const MODE_TIMEOUT_S: u64 = 300;
+/// A column of the matrix: lab tests run in one fast-path mode (`off` loads no programs).
+struct Check {
+    /// The column's name, and its log's (`<name>.log`).
+    name: &'static str,
+    /// `HGW_MATRIX_MODE` for the smoke test (the other tests pick their modes).
+    mode: &'static str,
+    /// Test targets of the tests crate, run one after the other.
+    tests: &'static [&'static str],
+}
+
+const CHECKS: [Check; 3] = [
+    Check {
+        name: "established",
+        mode: "established",
+        tests: &["matrix_smoke"],
+    },
+    Check {
+        name: "all",
+        mode: "all",
+        tests: &["matrix_smoke"],
+    },
+    // What the first rule asks on every kernel: a NAT'd flow (kube-proxy's ClusterIP
+    // DNAT) and FORWARD policy stay the kernel's, with the same answers as kernel
+    // routes alone (both tests compare with `off`).
+    Check {
+        name: "nat-forward",
+        mode: "established",
+        tests: &["service_clusterip", "network_policy"],
+    },
+];
+/// The test targets the checks run.
+const TESTS: [&str; 3] = ["matrix_smoke", "service_clusterip", "network_policy"];
+/// How long one test binary may take (coreutils `timeout`, host and guest alike).
+const TEST_TIMEOUT_S: u64 = 300;
 
 /// What a cell must show.
 #[derive(Clone, Copy)]
@@ -43,34 +74,26 @@ enum Expect {
 struct Guest {
     prefix: &'static str,
     suffix: &'static str,
-    established: Expect,
-    all: Expect,
+    /// One per check, in `CHECKS` order.
+    expects: [Expect; 3],
 }
 
 const GUESTS: [Guest; 2] = [
     Guest {
         prefix: "linux-image-6.12.",
         suffix: "+deb12-amd64-unsigned",
-        established: Expect::Pass,
-        all: Expect::Pass,
+        expects: [Expect::Pass; 3],
     },
     Guest {
         prefix: "linux-image-6.1.0-",
         suffix: "-amd64-unsigned",
-        established: Expect::Pass,
         // No tcx before 6.6: the agent attaches as cls_bpf filters.
-        all: Expect::Pass,
+        expects: [Expect::Pass; 3],
     },
 ];
 
 /// This machine's kernel: conntrack built in, tcx; everything must pass.
-const HOST: [Expect; 2] = [Expect::Pass, Expect::Pass];
-
-impl Guest {
-    fn expects(&self) -> [Expect; 2] {
-        [self.established, self.all]
-    }
-}
+const HOST: [Expect; 3] = [Expect::Pass; 3];
 
 /// What a cell showed.
 enum Outcome {
@@ -100,14 +123,14 @@ struct Column {
 /// Runs the matrix with `agent` (the built release agent) and reports it.
 pub fn matrix(agent: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
-    let test = smoke_binary()?;
+    let tests = test_binaries()?;
     let out = root().join("target/matrix");
-    let mut columns = vec![host_column(&test, agent, &out)?];
+    let mut columns = vec![host_column(&tests, agent, &out)?];
     let mut kernels = Vec::new();
     for guest in &GUESTS {
         let package = matrix_vm::newest_package(guest.prefix, guest.suffix)?;
         let kernel = matrix_vm::fetch(&package)?;
-        columns.push(guest_column(&kernel, guest.expects(), &test, agent, &out)?);
+        columns.push(guest_column(&kernel, guest.expects, &tests, agent, &out)?);
         kernels.push(kernel.version);
     }
     matrix_vm::prune(&kernels)?;
@@ -128,28 +151,44 @@ pub fn matrix(agent: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The smoke test's binary, built by `cargo test` (the lab tests' profile), found by
-/// asking cargo rather than guessing among target/debug/deps/matrix_smoke-<hash>.
-fn smoke_binary() -> anyhow::Result<PathBuf> {
-    println!("matrix: cargo test --no-run --test matrix_smoke");
-    let out = capture(cargo().args([
-        "test",
-        "--no-run",
-        "--message-format=json",
-        "--test",
-        "matrix_smoke",
-    ]))?;
+/// The checks' test binaries (in `TESTS` order), built by `cargo test` (the lab tests'
+/// profile), found by asking cargo rather than guessing among target/debug/deps/<name>-<hash>.
+fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
+    println!("matrix: cargo test --no-run --test {}", TESTS.join(" --test "));
+    let mut args = vec!["test", "--no-run", "--message-format=json"];
+    for test in TESTS {
+        args.extend(["--test", test]);
+    }
+    let out = capture(cargo().args(args))?;
     ensure!(
         out.status.success(),
-        "building the matrix smoke test failed:\n{}",
+        "building the matrix's tests failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    let messages: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["target"]["name"] == "matrix_smoke")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo built no matrix_smoke executable")
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    TESTS
+        .iter()
+        .map(|name| {
+            messages
+                .iter()
+                .filter(|m| m["target"]["name"] == *name)
+                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+                .with_context(|| format!("cargo built no {name} executable"))
+        })
+        .collect()
+}
+
+/// The binaries `check` runs.
+fn binaries<'a>(check: &Check, tests: &'a [PathBuf]) -> Vec<&'a Path> {
+    check
+        .tests
+        .iter()
+        .filter_map(|name| TESTS.iter().position(|t| t == name))
+        .map(|i| tests[i].as_path())
+        .collect()
 }
 
 /// A fresh results directory for one kernel.
@@ -162,31 +201,37 @@ fn fresh_dir(out: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// The smoke test in each mode on this machine's kernel, as `cargo test` runs it.
-fn host_column(test: &Path, agent: &Path, out: &Path) -> anyhow::Result<Column> {
+/// Each check on this machine's kernel, as `cargo test` runs the tests.
+fn host_column(tests: &[PathBuf], agent: &Path, out: &Path) -> anyhow::Result<Column> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .context("reading /proc/sys/kernel/osrelease")?;
     let dir = fresh_dir(out, "host")?;
     let mut cells = Vec::new();
-    for (mode, expect) in MODES.into_iter().zip(HOST) {
-        println!("matrix: this machine ({}): {mode}", release.trim());
-        let log = dir.join(format!("{mode}.log"));
+    for (check, expect) in CHECKS.iter().zip(HOST) {
+        println!("matrix: this machine ({}): {}", release.trim(), check.name);
+        let log = dir.join(format!("{}.log", check.name));
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let started = Instant::now();
-        let status = Command::new("timeout")
-            .arg(MODE_TIMEOUT_S.to_string())
-            .arg(test)
-            .arg("--test-threads=1")
-            .env("HGW_AGENT_BIN", agent)
-            .env("HGW_MATRIX_MODE", mode)
-            .stdout(file.try_clone().context("duplicating the log file")?)
-            .stderr(file)
-            .status()
-            .with_context(|| format!("running {}", test.display()))?;
+        let mut code = Some(0);
+        for test in binaries(check, tests) {
+            let status = Command::new("timeout")
+                .arg(TEST_TIMEOUT_S.to_string())
+                .arg(test)
+                .arg("--test-threads=1")
+                .env("HGW_AGENT_BIN", agent)
+                .env("HGW_MATRIX_MODE", check.mode)
+                .stdout(file.try_clone().context("duplicating the log file")?)
+                .stderr(file.try_clone().context("duplicating the log file")?)
+                .status()
+                .with_context(|| format!("running {}", test.display()))?;
+            if status.code() != Some(0) {
+                code = status.code();
+            }
+        }
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         cells.push(Cell {
-            outcome: classify(expect, status.code(), &text, &log),
+            outcome: classify(expect, code, &text, &log),
             secs: started.elapsed().as_secs(),
         });
     }
@@ -197,11 +242,11 @@ fn host_column(test: &Path, agent: &Path, out: &Path) -> anyhow::Result<Column> 
     })
 }
 
-/// One boot of `kernel` running the smoke test in each mode.
+/// One boot of `kernel` running each check.
 fn guest_column(
     kernel: &Kernel,
-    expects: [Expect; 2],
-    test: &Path,
+    expects: [Expect; 3],
+    tests: &[PathBuf],
     agent: &Path,
     out: &Path,
 ) -> anyhow::Result<Column> {
@@ -210,26 +255,40 @@ fn guest_column(
         .canonicalize()
         .with_context(|| format!("resolving {}", dir.display()))?;
     let shared = shared.display();
-    let (test, agent) = (
-        matrix_vm::sh_quote(&test.display().to_string()),
-        matrix_vm::sh_quote(&agent.display().to_string()),
-    );
-    // Each mode's exit code and seconds land in <mode>.rc, its output in <mode>.log.
-    let script = format!(
-        "for mode in {modes}; do\n\
-         \x20 echo \"matrix: {version}: $mode\"\n\
-         \x20 start=$(date +%s)\n\
-         \x20 HGW_AGENT_BIN={agent} HGW_MATRIX_MODE=$mode timeout {MODE_TIMEOUT_S} {test} --test-threads=1 > {shared}/$mode.log 2>&1\n\
-         \x20 rc=$?\n\
-         \x20 echo \"$rc $(( $(date +%s) - start ))\" > {shared}/$mode.rc\n\
-         \x20 echo \"matrix: {version}: $mode: exit $rc\"\n\
-         done",
-        modes = MODES.join(" "),
-        version = kernel.version,
-    );
+    let agent = matrix_vm::sh_quote(&agent.display().to_string());
+    // Each check's exit code (the last failing test's) and seconds land in
+    // <name>.rc, its output in <name>.log.
+    let mut script = String::new();
+    for check in &CHECKS {
+        let (name, log) = (
+            matrix_vm::sh_quote(check.name),
+            matrix_vm::sh_quote(&format!("{shared}/{}", check.name)),
+        );
+        let _ = write!(
+            script,
+            "echo \"matrix: {version}: \"{name}\n\
+             start=$(date +%s); rc=0; : > {log}.log\n",
+            version = kernel.version,
+        );
+        for test in binaries(check, tests) {
+            let test = matrix_vm::sh_quote(&test.display().to_string());
+            let _ = writeln!(
+                script,
+                "HGW_AGENT_BIN={agent} HGW_MATRIX_MODE={mode} timeout {TEST_TIMEOUT_S} {test} --test-threads=1 >> {log}.log 2>&1 || rc=$?",
+                mode = check.mode,
+            );
+        }
+        let _ = writeln!(
+            script,
+            "echo \"$rc $(( $(date +%s) - start ))\" > {log}.rc\n\
+             echo \"matrix: {version}: \"{name}\": exit $rc\"",
+            version = kernel.version,
+        );
+    }
     println!("matrix: booting Debian {} under QEMU (TCG)", kernel.version);
     // Boot and set-up take seconds; the rest is the modes' own timeouts.
-    let watchdog = Duration::from_secs(120 + MODE_TIMEOUT_S * MODES.len() as u64);
+    let runs: usize = CHECKS.iter().map(|c| c.tests.len()).sum();
+    let watchdog = Duration::from_secs(120 + TEST_TIMEOUT_S * runs as u64);
     let boot = matrix_vm::boot(kernel, &dir, &script, watchdog)?;
     println!(
         "matrix: {}: guest {} after {} s",
@@ -242,9 +301,10 @@ fn guest_column(
         boot.elapsed.as_secs()
     );
     let mut cells = Vec::new();
-    for (mode, expect) in MODES.into_iter().zip(expects) {
-        let log = dir.join(format!("{mode}.log"));
-        let rc = std::fs::read_to_string(dir.join(format!("{mode}.rc"))).unwrap_or_default();
+    for (check, expect) in CHECKS.iter().zip(expects) {
+        let log = dir.join(format!("{}.log", check.name));
+        let rc =
+            std::fs::read_to_string(dir.join(format!("{}.rc", check.name))).unwrap_or_default();
         let mut fields = rc.split_whitespace().map(|f| f.parse::<i64>().ok());
         let (code, secs) = (fields.next().flatten(), fields.next().flatten());
         let outcome = match code {
@@ -255,7 +315,7 @@ fn guest_column(
                 &log,
             ),
             None => Outcome::Fail(format!(
-                "the guest did not run this mode; console (in {}):\n{}",
+                "the guest did not run this check; console (in {}):\n{}",
                 dir.join("console.log").display(),
                 tail(&boot.console, 15)
             )),
@@ -283,7 +343,7 @@ fn classify(expect: Expect, code: Option<i32>, text: &str, log: &Path) -> Outcom
         },
         (expect, code) => {
             let why = match code {
-                Some(124) => format!("timed out after {MODE_TIMEOUT_S} s"),
+                Some(124) => format!("timed out after {TEST_TIMEOUT_S} s"),
                 Some(c) => format!("exit {c}"),
                 None => "killed by a signal".to_owned(),
             };
@@ -345,14 +405,15 @@ fn tail(text: &str, n: usize) -> String {
 fn render(columns: &[Column], took: Duration) -> String {
     let mut table = format!(
         "# hgw kernel matrix\n\n| kernel | {} |\n|---|{}\n",
-        MODES.map(|m| format!("`{m}`")).join(" | "),
-        "---|".repeat(MODES.len())
+        CHECKS.map(|c| format!("`{}`", c.name)).join(" | "),
+        "---|".repeat(CHECKS.len())
     );
     let mut notes = String::new();
     let mut n = 0;
     for column in columns {
         let mut row = format!("| {} |", column.kernel);
-        for (mode, cell) in MODES.into_iter().zip(&column.cells) {
+        for (check, cell) in CHECKS.iter().zip(&column.cells) {
+            let mode = check.name;
             let text = match &cell.outcome {
                 Outcome::Pass => format!("pass ({} s)", cell.secs),
                 Outcome::Expected { reason, said } => {
@@ -390,7 +451,7 @@ fn render(columns: &[Column], took: Duration) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "{table}\n{notes}\nThe smoke test (tests/tests/matrix_smoke.rs) in each mode; logs in {logs}. Took {} s.\n",
+        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone). Logs in {logs}. Took {} s.\n",
         took.as_secs()
     )
 }
