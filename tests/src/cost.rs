@@ -10,6 +10,8 @@
 //! `hgw_agent::datapath::PROGRAMS`), loaded and run with aya as the program tests do:
 //! examples/prog_cost.rs hands them in, and prints the result as JSON for
 //! `cargo xtask bench`.
+//! With `HGW_COST_OBJECT=PATH` another build of hgw-ebpf is measured instead (its
+//! `hgw` binary, as aya-build leaves it): two builds compared in one sitting.
 //!
 //! How a run is timed: the wall-clock time of one BPF_PROG_TEST_RUN call with repeat R
 //! is the fixed cost (copying the frame in, building the skb, syscall) plus R times the
@@ -129,6 +131,12 @@ pub fn program_costs(
     floor_object: &[u8],
     trials: usize,
 ) -> anyhow::Result<Vec<ProgCost>> {
+    // Another build of hgw-ebpf instead of the agent's, to compare two builds in one
+    // sitting (the bench's own object must match the agent it runs).
+    let other = std::env::var_os("HGW_COST_OBJECT")
+        .map(|path| floor::Object::read(path.as_ref()))
+        .transpose()?;
+    let hgw_object = other.as_ref().map_or(hgw_object, floor::Object::bytes);
     let ns = CtNamespace::new()?;
     crate::in_netns(&ns.0, || {
         costs_in_namespace(hgw_object, floor_object, trials)
