@@ -307,7 +307,7 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
         {
             return Err(Counter::PassTcHook);
         }
-        accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+        let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
         // Last, so that only packets about to be forwarded pay for it (never a SYN):
         // routed by the kernel, the packet enters the stack on the bridge; the fast
         // path goes only where the kernel would, the same interface and neighbour.
@@ -318,7 +318,7 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
             BPF_FIB_LKUP_RET_SUCCESS
                 if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac =>
             {
-                Ok(next_hop)
+                Ok((next_hop, cache))
             }
             BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::PassMtu),
             _ => Err(Counter::PassRoute),
@@ -338,7 +338,7 @@ fn forward<H: IpHeader>(
     side: u8,
     timeouts: &CtTimeouts,
     send: unsafe fn(&TcContext, *mut EthHdr, *mut H, &NextHop),
-    full_path: impl FnOnce(Result<Transport, Counter>) -> Result<NextHop, Counter>,
+    full_path: impl FnOnce(Result<Transport, Counter>) -> Result<(NextHop, Cache), Counter>,
 ) -> Result<(), Counter> {
     let l4 = transport(ctx, ip);
     let mut flow = Flow::<H>::of(&l4, ip, side, timeouts);
@@ -354,7 +354,7 @@ fn forward<H: IpHeader>(
     if let Some(flow) = flow {
         flow.remember(result.as_ref().ok());
     }
-    let hop = result?;
+    let (hop, _) = result?;
     // SAFETY: as above.
     unsafe { send(ctx, eth, ip, &hop) };
     Ok(())
@@ -405,7 +405,7 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
         if device_has(ingress, DEVICE_INGRESS) {
             return Err(Counter::PassTcHook);
         }
-        accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+        let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
         // The kernel would send it into the bridge to the pod itself (the pod CIDR's
         // connected route, no gateway); the pod's MAC is the bridge's business, so an
         // unresolved one is no reason.
@@ -422,7 +422,7 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
         // bridge, whose egress and the port's run as on the kernel path, and whose
         // neighbour table (ARP or NDP) knows the pod's MAC, or resolves it while the
         // packet waits.
-        Ok(match H::endpoint(dst) {
+        let hop = match H::endpoint(dst) {
             Some(endpoint)
                 if !device_has(endpoint.ifindex, DEVICE_EGRESS)
                     && !device_has(config.bridge_ifindex, DEVICE_EGRESS) =>
@@ -442,7 +442,8 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
                 src_mac: [0; 6],
                 flags: NEXT_HOP_BRIDGE,
             },
-        })
+        };
+        Ok((hop, cache))
     })
 }
 
@@ -584,8 +585,8 @@ struct Flow<H: IpHeader> {
     generation: u32,
     recheck: u32,
     tcp_flags: u8,
-    /// The cache held an entry (stale, or the packet had flags): forget it unless
-    /// renewed.
+    /// The cache holds an entry for the flow that this packet does not use (stale, or
+    /// the packet has flags): forget it unless renewed.
     found: bool,
 }
 
@@ -615,41 +616,66 @@ impl<H: IpHeader> Flow<H> {
             generation,
             recheck: timeouts.recheck,
             tcp_flags: l4.tcp_flags,
-            found: l4.tcp_flags & TCP_STATE_FLAGS != 0,
+            found: false,
         })
     }
 
-    /// The next hop, if the flow's cached verdict stands for this packet.
+    /// The next hop, if the flow's cached verdict stands for this packet. Packets with
+    /// flags look too, to learn whether there is an entry to forget: a lookup costs a
+    /// fraction of a delete, which locks its bucket even to find nothing, and a SYN
+    /// or SYN-ACK mostly finds nothing.
     #[inline(always)]
     fn cached(&mut self) -> Option<NextHop> {
-        if self.found {
+        let entry = H::flows().get_ptr_mut(&self.key)?;
+        self.found = true;
+        if self.tcp_flags & TCP_STATE_FLAGS != 0 {
             return None;
         }
-        // SAFETY: the value is copied out at once; an update replaces the whole entry
-        // (a hash map's update links a new element), so no half-written one is seen.
-        let entry = unsafe { H::flows().get(&self.key) }?;
-        self.found = true;
+        // SAFETY: a map value, valid while the program runs. Its next hop is only ever
+        // written whole, by an update (which links a new element); the generation and
+        // recheck time are renewed in place (`remember`), and any mix of old and new
+        // ones is either stale or vouches for the same next hop.
+        let (generation, recheck_at) = unsafe { ((*entry).generation, (*entry).recheck_at) };
         // SAFETY: plain helper call.
         let now = unsafe { bpf_jiffies64() };
-        (entry.generation == self.generation && now < entry.recheck_at).then_some(entry.hop)
+        // SAFETY: as above.
+        (generation == self.generation && now < recheck_at).then(|| unsafe { (*entry).hop })
     }
 
     /// After the full path: remember a forwarded flow (not once it closes), forget one
     /// that is no longer (or now closing).
     #[inline(always)]
-    fn remember(self, hop: Option<&NextHop>) {
-        match hop {
-            Some(hop) if self.tcp_flags & TCP_STATE_FLAGS == 0 => {
-                let entry = CachedFlow {
-                    hop: *hop,
-                    generation: self.generation,
-                    _pad: 0,
-                    // SAFETY: plain helper call.
-                    recheck_at: unsafe { bpf_jiffies64() } + u64::from(self.recheck),
+    fn remember(self, verdict: Option<&(NextHop, Cache)>) {
+        match verdict {
+            Some((hop, Cache::Keep)) if self.tcp_flags & TCP_STATE_FLAGS == 0 => {
+                // SAFETY: plain helper call.
+                let recheck_at = unsafe { bpf_jiffies64() } + u64::from(self.recheck);
+                // A stale entry (a recheck) that names the same next hop is renewed in
+                // place: an update would take a free element of the LRU map and give
+                // back the old one, evicting flows when none is free.
+                let stale = if self.found {
+                    H::flows().get_ptr_mut(&self.key)
+                } else {
+                    None
                 };
-                // A full table evicts the least recently used flow; a failure leaves
-                // this one to the full path, which is only slower.
-                let _ = H::flows().insert(&self.key, entry, 0);
+                // SAFETY: a map value, valid while the program runs; its next hop is
+                // never written in place, and each field is written once (see `cached`).
+                if let Some(entry) = stale.filter(|&entry| unsafe { (*entry).hop } == *hop) {
+                    unsafe {
+                        (*entry).generation = self.generation;
+                        (*entry).recheck_at = recheck_at;
+                    }
+                } else {
+                    let entry = CachedFlow {
+                        hop: *hop,
+                        generation: self.generation,
+                        _pad: 0,
+                        recheck_at,
+                    };
+                    // A full table evicts the least recently used flow; a failure
+                    // leaves this one to the full path, which is only slower.
+                    let _ = H::flows().insert(&self.key, entry, 0);
+                }
             }
             _ if self.found => {
                 let _ = H::flows().remove(&self.key);
@@ -669,16 +695,18 @@ impl<H: IpHeader> Flow<H> {
 /// kube-proxy drops). Conntrack would have shortened the entry on seeing them, so the
 /// program does, and it keeps a carried flow's entry alive, which fast-path packets
 /// do not refresh.
+///
+/// Accepted: whether the flow cache may remember the flow.
 #[inline(always)]
 fn accepted_by_conntrack<H: IpHeader>(
     ctx: &TcContext,
     ip: *const H,
     l4: Result<Transport, Counter>,
     timeouts: &CtTimeouts,
-) -> Result<(), Counter> {
+) -> Result<Cache, Counter> {
     // SAFETY: a read-only global, constant after load.
     if unsafe { core::ptr::read_volatile(&HGW_CONNTRACK) } == 0 {
-        return Ok(());
+        return Ok(Cache::Keep);
     }
     let Transport {
         proto,
@@ -774,7 +802,36 @@ fn accepted_by_conntrack<H: IpHeader>(
     }
     // SAFETY: the reference the lookup took, released once.
     unsafe { bpf_ct_release(ct) };
-    verdict
+    verdict?;
+    // A bare segment of a closing connection (the last ACK after both FINs, which
+    // forgot the flow in each direction) is not remembered: every connection would
+    // leave an entry behind, and a full cache evicts live flows to take new ones, as
+    // netfilter's flowtable drops its entry on a FIN. The data of a half-closed
+    // connection still is.
+    let closing = proto == IPPROTO_TCP && (left.max(0) as u32) <= timeouts.closing;
+    Ok(if closing && bare_segment(ctx, ip) {
+        Cache::Skip
+    } else {
+        Cache::Keep
+    })
+}
+
+/// Whether a TCP segment carries no payload (a bare ACK, or flags only).
+#[inline(always)]
+fn bare_segment<H: IpHeader>(ctx: &TcContext, ip: *const H) -> bool {
+    let Ok(tcp) = ptr_at::<TcpHead>(ctx, L3 + H::LEN) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the bounds; the caller got ip from parse.
+    let (data_offset, len) = unsafe { ((*tcp).data_offset, (*ip).packet_len()) };
+    len <= H::LEN as u32 + u32::from(data_offset >> 4) * 4
+}
+
+/// Whether the flow cache may remember a flow the full path forwards.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cache {
+    Keep,
+    Skip,
 }
 
 /// Whether an entry's status lets its packets take the fast path.

@@ -525,9 +525,36 @@ fn costs_in_namespace(
         }
     }
 
+    // A connection's own packets in the default mode: the full path, and the flow
+    // cache asked whether it has the flow to forget.
+    let cached = established + 1;
+    for (name, frame, verdict, counter) in [
+        (
+            "TCP SYN, established, flow cache on",
+            tcp_frame(NO_CT_PEER_IP, TCP_SYN),
+            HAND_ON,
+            Counter::PassTcpSyn,
+        ),
+        (
+            "TCP FIN, established, flow cache on",
+            tcp_frame(CT_PEER_IP, TCP_FIN | TCP_ACK),
+            TC_ACT_REDIRECT,
+            Counter::CtClose,
+        ),
+    ] {
+        cases.push(case(
+            PROG_TO_PEER,
+            name,
+            ENTRIES[0],
+            classifier(&instances[cached].0, PROG_TO_PEER)?,
+            frame,
+            verdict,
+            Some((cached, counter)),
+        ));
+    }
+
     // A Service address (before the kernel's DNAT) from a pod, in the default mode:
     // outside the cluster CIDR, so no route and no flow-cache lookup.
-    let cached = established + 1;
     cases.push(case(
         PROG_TO_PEER,
         "miss, established, a Service address (no route)",
