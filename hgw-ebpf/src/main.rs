@@ -52,10 +52,10 @@ use hgw_common::{
     IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST, IPS_SRC_NAT, NEXT_HOP_BRIDGE, NEXT_HOP_MAC_KNOWN,
     NEXT_HOP_POD, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES, ROUTES_V6_MAX_ENTRIES, counter_index,
 };
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-};
+use network_types::eth::EthHdr;
+
+mod headers;
+use headers::{Aligned, Ip4, Ip6, Ports, TcpHead, halves};
 
 #[map]
 static HGW_ROUTES_V4: LpmTrie<[u8; 4], NextHop> =
@@ -80,11 +80,11 @@ static HGW_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 static HGW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 #[map]
-static HGW_FLOWS_V4: LruHashMap<FlowKeyV4, CachedFlow> =
+static HGW_FLOWS_V4: LruHashMap<Aligned<FlowKeyV4>, CachedFlow> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 #[map]
-static HGW_FLOWS_V6: LruHashMap<FlowKeyV6, CachedFlow> =
+static HGW_FLOWS_V6: LruHashMap<Aligned<FlowKeyV6>, CachedFlow> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 #[map]
@@ -208,8 +208,8 @@ unsafe extern "C" {
 #[classifier]
 fn hgw_to_peer(ctx: TcContext) -> i32 {
     match ethernet(&ctx) {
-        Some((eth, ETH_P_IPV4)) => to_peer::<Ipv4Hdr>(&ctx, eth),
-        Some((eth, ETH_P_IPV6)) => to_peer::<Ipv6Hdr>(&ctx, eth),
+        Some((eth, ETH_P_IPV4)) => to_peer::<Ip4>(&ctx, eth),
+        Some((eth, ETH_P_IPV6)) => to_peer::<Ip6>(&ctx, eth),
         _ => not_ip(),
     }
 }
@@ -217,8 +217,8 @@ fn hgw_to_peer(ctx: TcContext) -> i32 {
 #[classifier]
 fn hgw_to_pod(ctx: TcContext) -> i32 {
     match ethernet(&ctx) {
-        Some((eth, ETH_P_IPV4)) => to_pod::<Ipv4Hdr>(&ctx, eth),
-        Some((eth, ETH_P_IPV6)) => to_pod::<Ipv6Hdr>(&ctx, eth),
+        Some((eth, ETH_P_IPV4)) => to_pod::<Ip4>(&ctx, eth),
+        Some((eth, ETH_P_IPV6)) => to_pod::<Ip6>(&ctx, eth),
         _ => not_ip(),
     }
 }
@@ -307,7 +307,7 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
         {
             return Err(Counter::PassTcHook);
         }
-        accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+        let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
         // Last, so that only packets about to be forwarded pay for it (never a SYN):
         // routed by the kernel, the packet enters the stack on the bridge; the fast
         // path goes only where the kernel would, the same interface and neighbour.
@@ -318,7 +318,7 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
             BPF_FIB_LKUP_RET_SUCCESS
                 if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac =>
             {
-                Ok(next_hop)
+                Ok((next_hop, cache))
             }
             BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::PassMtu),
             _ => Err(Counter::PassRoute),
@@ -338,7 +338,7 @@ fn forward<H: IpHeader>(
     side: u8,
     timeouts: &CtTimeouts,
     send: unsafe fn(&TcContext, *mut EthHdr, *mut H, &NextHop),
-    full_path: impl FnOnce(Result<Transport, Counter>) -> Result<NextHop, Counter>,
+    full_path: impl FnOnce(Result<Transport, Counter>) -> Result<(NextHop, Cache), Counter>,
 ) -> Result<(), Counter> {
     let l4 = transport(ctx, ip);
     let mut flow = Flow::<H>::of(&l4, ip, side, timeouts);
@@ -354,7 +354,7 @@ fn forward<H: IpHeader>(
     if let Some(flow) = flow {
         flow.remember(result.as_ref().ok());
     }
-    let hop = result?;
+    let (hop, _) = result?;
     // SAFETY: as above.
     unsafe { send(ctx, eth, ip, &hop) };
     Ok(())
@@ -405,7 +405,7 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
         if device_has(ingress, DEVICE_INGRESS) {
             return Err(Counter::PassTcHook);
         }
-        accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+        let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
         // The kernel would send it into the bridge to the pod itself (the pod CIDR's
         // connected route, no gateway); the pod's MAC is the bridge's business, so an
         // unresolved one is no reason.
@@ -422,7 +422,7 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
         // bridge, whose egress and the port's run as on the kernel path, and whose
         // neighbour table (ARP or NDP) knows the pod's MAC, or resolves it while the
         // packet waits.
-        Ok(match H::endpoint(dst) {
+        let hop = match H::endpoint(dst) {
             Some(endpoint)
                 if !device_has(endpoint.ifindex, DEVICE_EGRESS)
                     && !device_has(config.bridge_ifindex, DEVICE_EGRESS) =>
@@ -442,7 +442,8 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
                 src_mac: [0; 6],
                 flags: NEXT_HOP_BRIDGE,
             },
-        })
+        };
+        Ok((hop, cache))
     })
 }
 
@@ -538,8 +539,9 @@ fn kernel_route<H: IpHeader>(
 }
 
 /// A TCP or UDP packet's ports (the first four bytes of either header, network order)
-/// and TCP flags (0 for UDP), read with one bounds check; what else it is, as the
-/// error conntrack's judgement would give: `PassCtProto` or `PassMalformed`.
+/// and TCP flags (0 for UDP), read with one bounds check (of a TCP header's first 16
+/// bytes); what else it is, as the error conntrack's judgement would give:
+/// `PassCtProto` or `PassMalformed`.
 #[derive(Clone, Copy)]
 struct Transport {
     proto: u8,
@@ -553,15 +555,15 @@ fn transport<H: IpHeader>(ctx: &TcContext, ip: *const H) -> Result<Transport, Co
     let proto = unsafe { (*ip).transport() };
     let (ports, tcp_flags) = match proto {
         IPPROTO_TCP => {
-            let tcp: *const [u8; 14] = ptr_at(ctx, L3 + H::LEN)?;
+            let tcp: *const TcpHead = ptr_at(ctx, L3 + H::LEN)?;
             // SAFETY: ptr_at checked the bounds.
             let tcp = unsafe { &*tcp };
-            ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[13])
+            (tcp.ports, tcp.flags)
         }
         IPPROTO_UDP => {
-            let udp: *const [u8; 4] = ptr_at(ctx, L3 + H::LEN)?;
+            let udp: *const Ports = ptr_at(ctx, L3 + H::LEN)?;
             // SAFETY: ptr_at checked the bounds.
-            (unsafe { *udp }, 0)
+            (unsafe { (*udp).0 }, 0)
         }
         _ => return Err(Counter::PassCtProto),
     };
@@ -583,8 +585,8 @@ struct Flow<H: IpHeader> {
     generation: u32,
     recheck: u32,
     tcp_flags: u8,
-    /// The cache held an entry (stale, or the packet had flags): forget it unless
-    /// renewed.
+    /// The cache holds an entry for the flow that this packet does not use (stale, or
+    /// the packet has flags): forget it unless renewed.
     found: bool,
 }
 
@@ -614,41 +616,66 @@ impl<H: IpHeader> Flow<H> {
             generation,
             recheck: timeouts.recheck,
             tcp_flags: l4.tcp_flags,
-            found: l4.tcp_flags & TCP_STATE_FLAGS != 0,
+            found: false,
         })
     }
 
-    /// The next hop, if the flow's cached verdict stands for this packet.
+    /// The next hop, if the flow's cached verdict stands for this packet. Packets with
+    /// flags look too, to learn whether there is an entry to forget: a lookup costs a
+    /// fraction of a delete, which locks its bucket even to find nothing, and a SYN
+    /// or SYN-ACK mostly finds nothing.
     #[inline(always)]
     fn cached(&mut self) -> Option<NextHop> {
-        if self.found {
+        let entry = H::flows().get_ptr_mut(&self.key)?;
+        self.found = true;
+        if self.tcp_flags & TCP_STATE_FLAGS != 0 {
             return None;
         }
-        // SAFETY: the value is copied out at once; an update replaces the whole entry
-        // (a hash map's update links a new element), so no half-written one is seen.
-        let entry = unsafe { H::flows().get(&self.key) }?;
-        self.found = true;
+        // SAFETY: a map value, valid while the program runs. Its next hop is only ever
+        // written whole, by an update (which links a new element); the generation and
+        // recheck time are renewed in place (`remember`), and any mix of old and new
+        // ones is either stale or vouches for the same next hop.
+        let (generation, recheck_at) = unsafe { ((*entry).generation, (*entry).recheck_at) };
         // SAFETY: plain helper call.
         let now = unsafe { bpf_jiffies64() };
-        (entry.generation == self.generation && now < entry.recheck_at).then_some(entry.hop)
+        // SAFETY: as above.
+        (generation == self.generation && now < recheck_at).then(|| unsafe { (*entry).hop })
     }
 
     /// After the full path: remember a forwarded flow (not once it closes), forget one
     /// that is no longer (or now closing).
     #[inline(always)]
-    fn remember(self, hop: Option<&NextHop>) {
-        match hop {
-            Some(hop) if self.tcp_flags & TCP_STATE_FLAGS == 0 => {
-                let entry = CachedFlow {
-                    hop: *hop,
-                    generation: self.generation,
-                    _pad: 0,
-                    // SAFETY: plain helper call.
-                    recheck_at: unsafe { bpf_jiffies64() } + u64::from(self.recheck),
+    fn remember(self, verdict: Option<&(NextHop, Cache)>) {
+        match verdict {
+            Some((hop, Cache::Keep)) if self.tcp_flags & TCP_STATE_FLAGS == 0 => {
+                // SAFETY: plain helper call.
+                let recheck_at = unsafe { bpf_jiffies64() } + u64::from(self.recheck);
+                // A stale entry (a recheck) that names the same next hop is renewed in
+                // place: an update would take a free element of the LRU map and give
+                // back the old one, evicting flows when none is free.
+                let stale = if self.found {
+                    H::flows().get_ptr_mut(&self.key)
+                } else {
+                    None
                 };
-                // A full table evicts the least recently used flow; a failure leaves
-                // this one to the full path, which is only slower.
-                let _ = H::flows().insert(&self.key, entry, 0);
+                // SAFETY: a map value, valid while the program runs; its next hop is
+                // never written in place, and each field is written once (see `cached`).
+                if let Some(entry) = stale.filter(|&entry| unsafe { (*entry).hop } == *hop) {
+                    unsafe {
+                        (*entry).generation = self.generation;
+                        (*entry).recheck_at = recheck_at;
+                    }
+                } else {
+                    let entry = CachedFlow {
+                        hop: *hop,
+                        generation: self.generation,
+                        _pad: 0,
+                        recheck_at,
+                    };
+                    // A full table evicts the least recently used flow; a failure
+                    // leaves this one to the full path, which is only slower.
+                    let _ = H::flows().insert(&self.key, entry, 0);
+                }
             }
             _ if self.found => {
                 let _ = H::flows().remove(&self.key);
@@ -668,16 +695,18 @@ impl<H: IpHeader> Flow<H> {
 /// kube-proxy drops). Conntrack would have shortened the entry on seeing them, so the
 /// program does, and it keeps a carried flow's entry alive, which fast-path packets
 /// do not refresh.
+///
+/// Accepted: whether the flow cache may remember the flow.
 #[inline(always)]
 fn accepted_by_conntrack<H: IpHeader>(
     ctx: &TcContext,
     ip: *const H,
     l4: Result<Transport, Counter>,
     timeouts: &CtTimeouts,
-) -> Result<(), Counter> {
+) -> Result<Cache, Counter> {
     // SAFETY: a read-only global, constant after load.
     if unsafe { core::ptr::read_volatile(&HGW_CONNTRACK) } == 0 {
-        return Ok(());
+        return Ok(Cache::Keep);
     }
     let Transport {
         proto,
@@ -773,7 +802,36 @@ fn accepted_by_conntrack<H: IpHeader>(
     }
     // SAFETY: the reference the lookup took, released once.
     unsafe { bpf_ct_release(ct) };
-    verdict
+    verdict?;
+    // A bare segment of a closing connection (the last ACK after both FINs, which
+    // forgot the flow in each direction) is not remembered: every connection would
+    // leave an entry behind, and a full cache evicts live flows to take new ones, as
+    // netfilter's flowtable drops its entry on a FIN. The data of a half-closed
+    // connection still is.
+    let closing = proto == IPPROTO_TCP && (left.max(0) as u32) <= timeouts.closing;
+    Ok(if closing && bare_segment(ctx, ip) {
+        Cache::Skip
+    } else {
+        Cache::Keep
+    })
+}
+
+/// Whether a TCP segment carries no payload (a bare ACK, or flags only).
+#[inline(always)]
+fn bare_segment<H: IpHeader>(ctx: &TcContext, ip: *const H) -> bool {
+    let Ok(tcp) = ptr_at::<TcpHead>(ctx, L3 + H::LEN) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the bounds; the caller got ip from parse.
+    let (data_offset, len) = unsafe { ((*tcp).data_offset, (*ip).packet_len()) };
+    len <= H::LEN as u32 + u32::from(data_offset >> 4) * 4
+}
+
+/// Whether the flow cache may remember a flow the full path forwards.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cache {
+    Keep,
+    Skip,
 }
 
 /// Whether an entry's status lets its packets take the fast path.
@@ -875,8 +933,9 @@ trait IpHeader: Sized {
     unsafe fn decrement_ttl(ctx: &TcContext, ip: *mut Self);
 }
 
-/// `struct bpf_sock_tuple`, IPv4: addresses and ports in network order.
-#[repr(C)]
+/// `struct bpf_sock_tuple`, IPv4: addresses and ports in network order (its fields are
+/// `__be32` and `__be16`: aligned for words).
+#[repr(C, align(4))]
 struct TupleV4 {
     saddr: [u8; 4],
     daddr: [u8; 4],
@@ -884,35 +943,35 @@ struct TupleV4 {
 }
 
 /// `struct bpf_sock_tuple`, IPv6.
-#[repr(C)]
+#[repr(C, align(4))]
 struct TupleV6 {
     saddr: [u8; 16],
     daddr: [u8; 16],
     ports: [u8; 4],
 }
 
-impl IpHeader for Ipv4Hdr {
+impl IpHeader for Ip4 {
     type Addr = [u8; 4];
     type Tuple = TupleV4;
-    type FlowKey = FlowKeyV4;
+    type FlowKey = Aligned<FlowKeyV4>;
     const FAMILY: Family = Family::Ipv4;
-    const LEN: usize = Ipv4Hdr::LEN;
+    const LEN: usize = Ip4::LEN;
 
     #[inline(always)]
     fn check(&self, ctx: &TcContext) -> Result<(), Counter> {
-        if self.version() != 4 || self.ihl() < Ipv4Hdr::LEN as u8 {
+        if self.version() != 4 || self.ihl() < Ip4::LEN as u8 {
             return Err(Counter::PassMalformed);
         }
-        if self.ihl() != Ipv4Hdr::LEN as u8 {
+        if self.ihl() != Ip4::LEN as u8 {
             return Err(Counter::PassIpOptions);
         }
         let tot_len = usize::from(self.tot_len());
-        if tot_len < Ipv4Hdr::LEN || L3 + tot_len > ctx.len() as usize {
+        if tot_len < Ip4::LEN || L3 + tot_len > ctx.len() as usize {
             return Err(Counter::PassMalformed);
         }
         // The kernel drops a header with a bad checksum (ip_rcv); so must we, by leaving
         // it to the kernel rather than forwarding it.
-        if !header_checksum_ok(self) {
+        if !self.checksum_ok() {
             return Err(Counter::PassMalformed);
         }
         // MF set or a non-zero offset: reassembly and fragment tracking are the kernel's.
@@ -978,20 +1037,20 @@ impl IpHeader for Ipv4Hdr {
         }
     }
 
-    unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> FlowKeyV4 {
+    unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> Self::FlowKey {
         // SAFETY: guaranteed by the caller.
         let hdr = unsafe { &*ip };
-        FlowKeyV4 {
+        Aligned(FlowKeyV4 {
             src: hdr.src_addr,
             dst: hdr.dst_addr,
             ports,
             proto,
             side,
             _pad: [0; 2],
-        }
+        })
     }
 
-    fn flows() -> &'static LruHashMap<FlowKeyV4, CachedFlow> {
+    fn flows() -> &'static LruHashMap<Self::FlowKey, CachedFlow> {
         &HGW_FLOWS_V4
     }
 
@@ -1038,12 +1097,12 @@ const NEXTHDR_SHIM6: u8 = 140;
 const NEXTHDR_EXPERIMENT1: u8 = 253;
 const NEXTHDR_EXPERIMENT2: u8 = 254;
 
-impl IpHeader for Ipv6Hdr {
+impl IpHeader for Ip6 {
     type Addr = [u8; 16];
     type Tuple = TupleV6;
-    type FlowKey = FlowKeyV6;
+    type FlowKey = Aligned<FlowKeyV6>;
     const FAMILY: Family = Family::Ipv6;
-    const LEN: usize = Ipv6Hdr::LEN;
+    const LEN: usize = Ip6::LEN;
 
     #[inline(always)]
     fn check(&self, ctx: &TcContext) -> Result<(), Counter> {
@@ -1052,7 +1111,7 @@ impl IpHeader for Ipv6Hdr {
         }
         // (A jumbogram has payload length 0 and a hop-by-hop header: the kernel's, below.)
         let payload_len = usize::from(u16::from_be_bytes(self.payload_len));
-        if L3 + Ipv6Hdr::LEN + payload_len > ctx.len() as usize {
+        if L3 + Ip6::LEN + payload_len > ctx.len() as usize {
             return Err(Counter::PassMalformed);
         }
         // Extension headers (RFC 8200 and IANA's list): hop-by-hop must be processed
@@ -1066,15 +1125,17 @@ impl IpHeader for Ipv6Hdr {
             }
             _ => {}
         }
-        if self.dst_addr[0] == 0xff {
+        let [dst_high, _] = halves(self.dst_addr);
+        if u64::from_be(dst_high) >> 56 == 0xff {
             return Err(Counter::PassNotUnicast);
         }
         // Sources the kernel drops (multicast, loopback: ip6_rcv_core) or will not
         // forward off their link (link-local, unspecified: ip6_forward).
-        let src = self.src_addr;
-        let unspecified_or_loopback = src[..15] == [0; 15] && src[15] <= 1;
-        let link_local = src[0] == 0xfe && src[1] & 0xc0 == 0x80;
-        if src[0] == 0xff || unspecified_or_loopback || link_local {
+        let [high, low] = halves(self.src_addr);
+        let (high, low) = (u64::from_be(high), u64::from_be(low));
+        let unspecified_or_loopback = high == 0 && low <= 1;
+        let link_local = high >> 54 == 0xfe80 >> 6;
+        if high >> 56 == 0xff || unspecified_or_loopback || link_local {
             return Err(Counter::PassMartian);
         }
         Ok(())
@@ -1093,7 +1154,7 @@ impl IpHeader for Ipv6Hdr {
     }
 
     fn packet_len(&self) -> u32 {
-        Ipv6Hdr::LEN as u32 + u32::from(u16::from_be_bytes(self.payload_len))
+        Ip6::LEN as u32 + u32::from(u16::from_be_bytes(self.payload_len))
     }
 
     fn transport(&self) -> u8 {
@@ -1126,20 +1187,20 @@ impl IpHeader for Ipv6Hdr {
         }
     }
 
-    unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> FlowKeyV6 {
+    unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> Self::FlowKey {
         // SAFETY: guaranteed by the caller.
         let hdr = unsafe { &*ip };
-        FlowKeyV6 {
+        Aligned(FlowKeyV6 {
             src: hdr.src_addr,
             dst: hdr.dst_addr,
             ports,
             proto,
             side,
             _pad: [0; 2],
-        }
+        })
     }
 
-    fn flows() -> &'static LruHashMap<FlowKeyV6, CachedFlow> {
+    fn flows() -> &'static LruHashMap<Self::FlowKey, CachedFlow> {
         &HGW_FLOWS_V6
     }
 
@@ -1207,20 +1268,6 @@ fn parse<H: IpHeader>(
     Ok(ip)
 }
 
-/// One's complement sum over the 20-byte header (IHL is 5 here) must be 0xffff.
-#[inline(always)]
-fn header_checksum_ok(ip: *const Ipv4Hdr) -> bool {
-    // SAFETY: the caller checked that the 20-byte header is inside the packet.
-    let bytes = unsafe { &*ip.cast::<[u8; 20]>() };
-    let mut sum = 0u32;
-    for word in bytes.chunks_exact(2) {
-        sum += u32::from(u16::from_ne_bytes([word[0], word[1]]));
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
-}
-
 /// TTL <= 1 and packets too large for the egress go to the kernel, which answers with
 /// ICMP time exceeded / fragmentation needed (ICMPv6 packet too big) as a router must.
 /// The packet's [`wire_len`], for the FIB's own MTU check.
@@ -1250,10 +1297,10 @@ fn wire_len<H: IpHeader>(ctx: &TcContext, hdr: &H) -> u32 {
         return whole;
     }
     let l4_header = match hdr.transport() {
-        IPPROTO_TCP => match ptr_at::<[u8; 13]>(ctx, L3 + H::LEN) {
-            // Data offset: high nibble of byte 12, in 32-bit words.
+        IPPROTO_TCP => match ptr_at::<TcpHead>(ctx, L3 + H::LEN) {
+            // Data offset: the high nibble, in 32-bit words.
             // SAFETY: ptr_at checked the bounds.
-            Ok(tcp) => u32::from(unsafe { (*tcp)[12] } >> 4) * 4,
+            Ok(tcp) => u32::from(unsafe { (*tcp).data_offset } >> 4) * 4,
             Err(_) => return whole,
         },
         IPPROTO_UDP => 8,

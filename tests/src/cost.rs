@@ -10,6 +10,8 @@
 //! `hgw_agent::datapath::PROGRAMS`), loaded and run with aya as the program tests do:
 //! examples/prog_cost.rs hands them in, and prints the result as JSON for
 //! `cargo xtask bench`.
+//! With `HGW_COST_OBJECT=PATH` another build of hgw-ebpf is measured instead (its
+//! `hgw` binary, as aya-build leaves it): two builds compared in one sitting.
 //!
 //! How a run is timed: the wall-clock time of one BPF_PROG_TEST_RUN call with repeat R
 //! is the fixed cost (copying the frame in, building the skb, syscall) plus R times the
@@ -129,6 +131,12 @@ pub fn program_costs(
     floor_object: &[u8],
     trials: usize,
 ) -> anyhow::Result<Vec<ProgCost>> {
+    // Another build of hgw-ebpf instead of the agent's, to compare two builds in one
+    // sitting (the bench's own object must match the agent it runs).
+    let other = std::env::var_os("HGW_COST_OBJECT")
+        .map(|path| floor::Object::read(path.as_ref()))
+        .transpose()?;
+    let hgw_object = other.as_ref().map_or(hgw_object, floor::Object::bytes);
     let ns = CtNamespace::new()?;
     crate::in_netns(&ns.0, || {
         costs_in_namespace(hgw_object, floor_object, trials)
@@ -517,9 +525,36 @@ fn costs_in_namespace(
         }
     }
 
+    // A connection's own packets in the default mode: the full path, and the flow
+    // cache asked whether it has the flow to forget.
+    let cached = established + 1;
+    for (name, frame, verdict, counter) in [
+        (
+            "TCP SYN, established, flow cache on",
+            tcp_frame(NO_CT_PEER_IP, TCP_SYN),
+            HAND_ON,
+            Counter::PassTcpSyn,
+        ),
+        (
+            "TCP FIN, established, flow cache on",
+            tcp_frame(CT_PEER_IP, TCP_FIN | TCP_ACK),
+            TC_ACT_REDIRECT,
+            Counter::CtClose,
+        ),
+    ] {
+        cases.push(case(
+            PROG_TO_PEER,
+            name,
+            ENTRIES[0],
+            classifier(&instances[cached].0, PROG_TO_PEER)?,
+            frame,
+            verdict,
+            Some((cached, counter)),
+        ));
+    }
+
     // A Service address (before the kernel's DNAT) from a pod, in the default mode:
     // outside the cluster CIDR, so no route and no flow-cache lookup.
-    let cached = established + 1;
     cases.push(case(
         PROG_TO_PEER,
         "miss, established, a Service address (no route)",

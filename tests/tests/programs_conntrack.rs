@@ -172,6 +172,19 @@ impl Flow {
         self.frame(BRIDGE_MAC, self.local, self.remote, tcp_flags)
     }
 
+    /// The local pod's TCP segment without payload (a bare ACK, or flags only).
+    fn to_peer_bare(self, tcp_flags: u8) -> Vec<u8> {
+        let tcp = tcp_segment(self.local.1, self.remote.1, tcp_flags, 20, &[]);
+        ip(
+            BRIDGE_MAC,
+            self.local.0,
+            self.remote.0,
+            64,
+            IPPROTO_TCP,
+            &tcp,
+        )
+    }
+
     /// The remote pod's packet to the local one: what `hgw_to_pod` sees.
     fn to_pod(self, tcp_flags: u8) -> Vec<u8> {
         self.frame(UPLINK_MAC, self.remote, self.local, tcp_flags)
@@ -1029,6 +1042,31 @@ fn syn_fin_and_rst_are_never_cached_and_forget_the_flow() {
                 &format!("{what}: the next packet"),
             );
         }
+    }
+}
+
+/// The last ACK of a closed connection (a bare segment on a closing entry) takes the
+/// full path and is not remembered: its FINs made the flow forget it both ways, so a
+/// closed connection leaves nothing behind in the cache to evict live flows. The data
+/// of a half-closed connection is remembered as before.
+#[test]
+fn a_closed_connections_last_ack_is_not_cached_but_its_data_is() {
+    let mut node = Node::with_recheck(recheck_jiffies(60_000));
+    for ipv6 in [false, true] {
+        let flow = node.flow(ipv6, Proto::Tcp);
+        let family = flow.family();
+        // Closing (a FIN passed: TIME_WAIT's timeout), not running low.
+        node.insert_established(&flow, true, FIN_S);
+        let bare = flow.to_peer_bare(ACK);
+        for n in ["first", "again"] {
+            let what = format!("{family:?}: bare ACK, {n}");
+            node.expect_forward(PROG_TO_PEER, &bare, family, &[], &what);
+        }
+        let data = flow.to_peer(ACK);
+        let what = format!("{family:?}: data");
+        node.expect_forward(PROG_TO_PEER, &data, family, &[], &what);
+        let what = format!("{family:?}: data, again");
+        node.expect_forward(PROG_TO_PEER, &data, family, &[Counter::CtCached], &what);
     }
 }
 
