@@ -188,7 +188,7 @@ struct CtOpts {
     dir: u8,
     reserved: [u8; 2],
 }
-const _: () = assert!(size_of::<CtOpts>() == 12);
+const _: () = assert!(size_of::<CtOpts>() == hgw_common::CT_OPTS_SIZE as usize);
 
 // Conntrack kfuncs: the agent's loader points each call at the function's id in vmlinux
 // BTF (rustc emits no BTF for extern functions, so aya cannot).
