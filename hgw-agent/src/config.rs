@@ -2,7 +2,7 @@
 //! whole before the agent touches anything. Errors name the field and the value.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
@@ -735,6 +735,7 @@ fn static_source(
 
     let mut peers: Vec<Peer> = Vec::with_capacity(raw_peers.len());
     let mut names = HashSet::new();
+    let mut taken = PeerIndex::default();
     for (i, raw_peer) in raw_peers.into_iter().enumerate() {
         let field = |name: &str| format!("peers[{i}].{name}");
         if raw_peer.name.is_empty() {
@@ -813,30 +814,29 @@ fn static_source(
                     format!("overlaps this node's pod_cidr{suffix} {own}"),
                 ));
             }
-            for (other, known) in peers.iter().enumerate() {
-                for (known_cidr, known_ip) in known.hops() {
-                    if overlaps(known_cidr, hop_cidr) {
-                        return Err(ConfigError::invalid(
-                            cidr_field,
-                            hop_cidr,
-                            format!(
-                                "overlaps peers[{other}].pod_cidr{suffix} {known_cidr} ({})",
-                                known.name
-                            ),
-                        ));
-                    }
-                    if known_ip == hop_ip {
-                        return Err(ConfigError::invalid(
-                            ip_field,
-                            hop_ip,
-                            format!(
-                                "is also the node_ip{suffix} of peers[{other}] ({})",
-                                known.name
-                            ),
-                        ));
-                    }
-                }
+            if let Some((known_cidr, other)) = taken.overlapping(hop_cidr) {
+                return Err(ConfigError::invalid(
+                    cidr_field,
+                    hop_cidr,
+                    format!(
+                        "overlaps peers[{other}].pod_cidr{suffix} {known_cidr} ({})",
+                        peers[other].name
+                    ),
+                ));
             }
+            if let Some(&other) = taken.ips.get(&hop_ip) {
+                return Err(ConfigError::invalid(
+                    ip_field,
+                    hop_ip,
+                    format!(
+                        "is also the node_ip{suffix} of peers[{other}] ({})",
+                        peers[other].name
+                    ),
+                ));
+            }
+        }
+        for (hop_cidr, hop_ip) in peer.hops() {
+            taken.insert(hop_cidr, hop_ip, i);
         }
         peers.push(peer);
     }
@@ -984,6 +984,43 @@ fn v6_net(net: IpNet) -> Ipv6Net {
     }
 }
 
+/// The pod CIDRs and node IPs of the peers checked so far, each with its peer's index:
+/// a new peer is checked against them in O(log n), not against every earlier peer
+/// (5,000 peers took 12.5 million comparisons).
+#[derive(Default)]
+struct PeerIndex {
+    cidrs: BTreeMap<IpNet, usize>,
+    prefix_lens: BTreeSet<u8>,
+    ips: HashMap<IpAddr, usize>,
+}
+
+impl PeerIndex {
+    fn insert(&mut self, cidr: IpNet, ip: IpAddr, peer: usize) {
+        self.cidrs.insert(cidr, peer);
+        self.prefix_lens.insert(cidr.prefix_len());
+        self.ips.insert(ip, peer);
+    }
+
+    /// A known CIDR that overlaps `cidr` (host bits clear, as config CIDRs are): one that
+    /// contains it (its network at a known prefix length) or lies inside it (a key
+    /// between its first and last address).
+    fn overlapping(&self, cidr: IpNet) -> Option<(IpNet, usize)> {
+        let containing = self
+            .prefix_lens
+            .range(..=cidr.prefix_len())
+            .filter_map(|&len| IpNet::new(cidr.addr(), len).ok().map(|n| n.trunc()))
+            .find_map(|net| self.cidrs.get(&net).map(|&peer| (net, peer)));
+        containing.or_else(|| {
+            let first = IpNet::new(cidr.network(), 0).ok()?;
+            let last = IpNet::new(cidr.broadcast(), cidr.max_prefix_len()).ok()?;
+            self.cidrs
+                .range(first..=last)
+                .next()
+                .map(|(&net, &peer)| (net, peer))
+        })
+    }
+}
+
 fn overlaps(a: IpNet, b: IpNet) -> bool {
     a.contains(&b) || b.contains(&a)
 }
@@ -993,6 +1030,32 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
+
+    #[test]
+    fn the_peer_index_finds_every_overlap() {
+        let net = |s: &str| s.parse::<IpNet>().expect("cidr");
+        let mut index = PeerIndex::default();
+        index.insert(net("10.244.2.0/24"), "172.31.0.2".parse().expect("ip"), 0);
+        index.insert(net("10.244.8.0/22"), "172.31.0.3".parse().expect("ip"), 1);
+        index.insert(net("fd00:244:2::/64"), "fd00::2".parse().expect("ip"), 0);
+        for (cidr, found) in [
+            ("10.244.2.0/24", Some(("10.244.2.0/24", 0))),
+            ("10.244.2.128/25", Some(("10.244.2.0/24", 0))),
+            ("10.244.0.0/16", Some(("10.244.2.0/24", 0))),
+            ("10.244.9.0/24", Some(("10.244.8.0/22", 1))),
+            ("10.244.3.0/24", None),
+            ("10.244.12.0/22", None),
+            ("fd00:244:2:0:8000::/65", Some(("fd00:244:2::/64", 0))),
+            ("fd00:244::/32", Some(("fd00:244:2::/64", 0))),
+            ("fd00:244:3::/64", None),
+        ] {
+            assert_eq!(
+                index.overlapping(net(cidr)),
+                found.map(|(n, i)| (net(n), i)),
+                "{cidr}"
+            );
+        }
+    }
 
     fn raw(peers: &[(&str, &str, &str)]) -> RawConfig {
         RawConfig {

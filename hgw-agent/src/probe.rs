@@ -22,8 +22,16 @@ const TCX: &str = "tcx";
 /// that has each for tc programs.
 const HELPERS: &[(&str, BpfHelper, &str)] = &[
     ("bpf_fib_lookup", BpfHelper::BPF_FUNC_fib_lookup, "4.18"),
-    ("bpf_redirect_neigh", BpfHelper::BPF_FUNC_redirect_neigh, "5.10"),
-    ("bpf_redirect_peer", BpfHelper::BPF_FUNC_redirect_peer, "5.10"),
+    (
+        "bpf_redirect_neigh",
+        BpfHelper::BPF_FUNC_redirect_neigh,
+        "5.10",
+    ),
+    (
+        "bpf_redirect_peer",
+        BpfHelper::BPF_FUNC_redirect_peer,
+        "5.10",
+    ),
     ("bpf_jiffies64", BpfHelper::BPF_FUNC_jiffies64, "5.5"),
 ];
 

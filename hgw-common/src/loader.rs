@@ -43,8 +43,13 @@ pub enum LoaderError {
         "this kernel's struct bpf_ct_opts is {found:?} bytes in its BTF; hgw's programs pass the {CT_OPTS_SIZE}-byte layout: fast_path = \"established\" cannot run on this kernel; use \"all\" or \"off\""
     )]
     CtOptsSize { found: Option<u32> },
-    #[error("loading kernel module {module} (fast_path = \"established\" needs conntrack): modprobe {module}: {reason}")]
-    Modprobe { module: &'static str, reason: String },
+    #[error(
+        "loading kernel module {module} (fast_path = \"established\" needs conntrack): modprobe {module}: {reason}"
+    )]
+    Modprobe {
+        module: &'static str,
+        reason: String,
+    },
     #[error("reading the eBPF object's ELF: {0}")]
     Elf(#[from] object::Error),
     #[error("the eBPF object's call to {name} at file offset {offset} is not a call instruction")]
@@ -152,11 +157,8 @@ fn kernel_facts(conntrack: bool) -> Result<KernelFacts, LoaderError> {
         None
     } else {
         load_module(CONNTRACK_MODULE)?;
-        let module = KernelBtf::module(CONNTRACK_MODULE, &vmlinux)?.ok_or(
-            LoaderError::KfuncMissing {
-                name: KFUNCS[0].0,
-            },
-        )?;
+        let module = KernelBtf::module(CONNTRACK_MODULE, &vmlinux)?
+            .ok_or(LoaderError::KfuncMissing { name: KFUNCS[0].0 })?;
         Some(module)
     };
     let (home, btf, btf_index) = match &module {
@@ -165,7 +167,9 @@ fn kernel_facts(conntrack: bool) -> Result<KernelFacts, LoaderError> {
     };
     let mut kfuncs = Vec::with_capacity(KFUNCS.len());
     for &(name, params) in KFUNCS {
-        let function = btf.function(name).ok_or(LoaderError::KfuncMissing { name })?;
+        let function = btf
+            .function(name)
+            .ok_or(LoaderError::KfuncMissing { name })?;
         if function.params != params {
             return Err(LoaderError::KfuncSignature {
                 name,

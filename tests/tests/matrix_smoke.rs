@@ -50,14 +50,21 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
     // Status says the same, and where the conntrack kfuncs came from: the module's BTF
     // where nf_conntrack is a module (it has an initstate; a built-in one has not).
     let module = std::path::Path::new("/sys/module/nf_conntrack/initstate").exists();
-    let home = if module { "module nf_conntrack" } else { "vmlinux" };
+    let home = if module {
+        "module nf_conntrack"
+    } else {
+        "vmlinux"
+    };
     let kfuncs = (mode == "established").then_some(home);
     for status in lab.statuses()? {
         let kernel = status.kernel.context("status names no kernel features")?;
         assert_eq!(kernel.attach, if cls_bpf { "cls_bpf" } else { "tcx" });
         assert_eq!(kernel.conntrack_kfuncs.as_deref(), kfuncs, "{kernel}");
         assert!(
-            kernel.features.iter().all(|(name, found)| *found || name == "tcx"),
+            kernel
+                .features
+                .iter()
+                .all(|(name, found)| *found || name == "tcx"),
             "{kernel}"
         );
     }

@@ -154,7 +154,10 @@ pub fn matrix(agent: &Path) -> anyhow::Result<()> {
 /// The checks' test binaries (in `TESTS` order), built by `cargo test` (the lab tests'
 /// profile), found by asking cargo rather than guessing among target/debug/deps/<name>-<hash>.
 fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
-    println!("matrix: cargo test --no-run --test {}", TESTS.join(" --test "));
+    println!(
+        "matrix: cargo test --no-run --test {}",
+        TESTS.join(" --test ")
+    );
     let mut args = vec!["test", "--no-run", "--message-format=json"];
     for test in TESTS {
         args.extend(["--test", test]);

@@ -102,9 +102,8 @@ fn debian_packages() -> anyhow::Result<()> {
 }
 
 fn on_path(command: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(command).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
 }
 
 fn not_installed<'a>(packages: &[&'a str]) -> anyhow::Result<Vec<&'a str>> {

@@ -28,9 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hgw_common::{
-    Endpoint, NextHop, NodeConfig, loader::ConntrackHome, status::KernelStatus,
-};
+use hgw_common::{Endpoint, NextHop, NodeConfig, loader::ConntrackHome, status::KernelStatus};
 use ipnet::IpNet;
 use log::{info, warn};
 use tokio::{
@@ -150,8 +148,11 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     let (listener, _lock) = bind_status_socket(&config)?;
     // The status socket is removed whenever the agent stops before its loop.
     let socket = SocketGuard(config.status_socket.clone());
-    let (snapshot, snapshot_rx) =
-        watch::channel(Arc::new(waiting_status(&config, kernel_status, "starting".into())));
+    let (snapshot, snapshot_rx) = watch::channel(Arc::new(waiting_status(
+        &config,
+        kernel_status,
+        "starting".into(),
+    )));
     let counters = Arc::new(OnceLock::new());
     status::spawn_server(listener, snapshot_rx.clone(), counters.clone());
     let reconciles = Reconciles::default();
