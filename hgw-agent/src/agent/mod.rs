@@ -41,7 +41,9 @@ use tokio::{
 use crate::{
     caps::{self, CapsError},
     cni::{CniError, NodeFiles},
-    config::{Attach, Config, ConfigError, EtcdConfig, FastPath, Network, Peer, Source},
+    config::{
+        Attach, Config, ConfigError, EtcdConfig, FastPath, KubeConfig, Network, Peer, Source,
+    },
     conntrack::{self, ConntrackError},
     datapath::{self, Datapath, DatapathError},
     etcd::{self, EtcdError, EtcdSource},
@@ -50,6 +52,7 @@ use crate::{
     masq::{self, MasqError},
     metrics::{self, Health, MetricsError, Reconciles, Trigger},
     setup::{self, SetupError},
+    source::kube::{self as kube_source, KubeError, KubeSource},
     status::{self, Status},
     tc::Scanner,
 };
@@ -90,6 +93,8 @@ pub enum AgentError {
     Conntrack(#[from] ConntrackError),
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error(transparent)]
     Cni(#[from] CniError),
     #[error(transparent)]
@@ -193,12 +198,25 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             };
             (source.network, sources::etcd_peers(source.peers))
         }
+        Source::Kube(kube) => {
+            let wait = wait_for_kube(kube, &config.node_name, &uplink_networks, &snapshot);
+            let source = tokio::select! {
+                source = wait => Some(source?),
+                () = shutdown.recv() => None,
+            };
+            let Some(source) = source else {
+                info!("stopped while waiting for the Kubernetes API: routes left as they were");
+                return Ok(());
+            };
+            (source.network, source.peers)
+        }
     };
     let addresses = kernel.addresses(None).await?;
     let bridge_index = kernel.link(&config.bridge).await?.map(|l| l.index);
     let from = match config.source {
         Source::Static { .. } => "",
         Source::Etcd(_) => "etcd network: ",
+        Source::Kube(_) => "kube network: ",
     };
     check_network(&network, &uplink_networks, &addresses, bridge_index, from)?;
 
@@ -1022,5 +1040,40 @@ async fn wait_for_etcd(
             () = shutdown.recv() => return Ok(None),
         }
         backoff = (backoff * 2).min(ETCD_RETRY_MAX);
+    }
+}
+
+/// `kube::start`, retried while the API server cannot be reached or this node has no
+/// pod CIDR yet (every second, as kubelet's node gets one within seconds; up to 30 s
+/// apart for an unreachable server): meanwhile the node keeps the routes it has and
+/// status says what the agent waits for.
+async fn wait_for_kube(
+    kube: &KubeConfig,
+    node_name: &str,
+    uplink_networks: &[IpNet],
+    snapshot: &watch::Sender<Arc<Status>>,
+) -> Result<KubeSource, AgentError> {
+    let mut backoff = ETCD_RETRY_FIRST;
+    set_waiting(
+        snapshot,
+        "waiting for the Kubernetes API: connecting".into(),
+    );
+    loop {
+        let error = match kube_source::start(kube, node_name, uplink_networks).await {
+            Ok(source) => return Ok(source),
+            Err(error) if error.is_transient() => error,
+            Err(error) => return Err(error.into()),
+        };
+        let wait = match error {
+            KubeError::NoPodCidr { .. } => ETCD_RETRY_FIRST,
+            _ => {
+                let wait = backoff;
+                backoff = (backoff * 2).min(ETCD_RETRY_MAX);
+                wait
+            }
+        };
+        warn!("{error}; retrying in {wait:?}, routes left as they are");
+        set_waiting(snapshot, format!("waiting for the Kubernetes API: {error}"));
+        tokio::time::sleep(wait).await;
     }
 }
