@@ -166,6 +166,8 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         None => Health::default(),
     };
 
+    // What a source that is running into trouble says (the kube source), for status.
+    let mut source_trouble = None;
     let (network, peers) = match &config.source {
         Source::Static { network, peers } => {
             check_static_peers(&config, peers, &uplink_networks)?;
@@ -208,6 +210,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
                 info!("stopped while waiting for the Kubernetes API: routes left as they were");
                 return Ok(());
             };
+            source_trouble = Some(source.trouble);
             (source.network, source.peers)
         }
     };
@@ -269,6 +272,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         tc_dirty: HashSet::new(),
         tc_all_dirty: false,
         routing_dirty: false,
+        source_trouble,
     };
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
@@ -388,6 +392,7 @@ struct Agent {
     tc_all_dirty: bool,
     /// The kernel's routing changed since the generation was last bumped.
     routing_dirty: bool,
+    source_trouble: Option<watch::Receiver<Option<String>>>,
 }
 
 impl Agent {
@@ -463,6 +468,7 @@ impl Agent {
                 () = sleep_until(self.fdb_due), if self.fdb_due.is_some() => {
                     self.dump_fdb_if_needed().await;
                 }
+                Ok(()) = trouble_changed(&mut self.source_trouble) => {}
                 _ = resync.tick() => self.resync().await,
                 reply = self.health.ping() => {
                     let _ = reply.send(());
@@ -707,7 +713,11 @@ impl Agent {
             counters: Default::default(),
             endpoints: self.reconciler.endpoints(),
             map_entries: self.reconciler.map_entries(),
-            waiting: (!peers_known).then(|| "waiting for the first peer set".to_owned()),
+            waiting: match &self.source_trouble {
+                _ if !peers_known => Some("waiting for the first peer set".to_owned()),
+                Some(trouble) => trouble.borrow().clone(),
+                None => None,
+            },
             hooks: match &self.scanner {
                 Some(scanner) => self.reconciler.hook_status(&self.observed, scanner.names()),
                 None => Vec::new(),
@@ -1075,5 +1085,15 @@ async fn wait_for_kube(
         warn!("{error}; retrying in {wait:?}, routes left as they are");
         set_waiting(snapshot, format!("waiting for the Kubernetes API: {error}"));
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// A change of what the source says is wrong; never, without such a source.
+async fn trouble_changed(
+    trouble: &mut Option<watch::Receiver<Option<String>>>,
+) -> Result<(), watch::error::RecvError> {
+    match trouble {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }

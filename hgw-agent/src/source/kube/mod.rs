@@ -104,6 +104,8 @@ fn watch_error(error: &watcher::Error) -> String {
 pub struct KubeSource {
     pub network: Network,
     pub peers: watch::Receiver<PeerSet>,
+    /// Why the API server cannot be followed now (`None`: it can), for status.
+    pub trouble: watch::Receiver<Option<String>>,
 }
 
 async fn client(config: &KubeConfig) -> Result<Client, KubeError> {
@@ -194,8 +196,19 @@ pub async fn start(
             .join(", ")
     );
     let (tx, rx) = watch::channel(None);
-    tokio::spawn(follow(api, space, node_name.to_owned(), own, tx));
-    Ok(KubeSource { network, peers: rx })
+    let (trouble_tx, trouble) = watch::channel(None);
+    tokio::spawn(follow(
+        api,
+        space,
+        node_name.to_owned(),
+        own,
+        (tx, trouble_tx),
+    ));
+    Ok(KubeSource {
+        network,
+        peers: rx,
+        trouble,
+    })
 }
 
 /// This node's public IPs: a `public-ip(v6)-overwrite` annotation, else the uplink's
@@ -299,7 +312,7 @@ async fn follow(
     space: SubnetSpace,
     own: String,
     own_ips: Vec<IpAddr>,
-    tx: watch::Sender<PeerSet>,
+    (tx, trouble): (watch::Sender<PeerSet>, watch::Sender<Option<String>>),
 ) {
     let stream = watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
@@ -309,6 +322,10 @@ async fn follow(
     let mut listed = false;
     let mut failing = false;
     while let Some(event) = stream.next().await {
+        if event.is_ok() && std::mem::take(&mut failing) {
+            info!("kube: following the nodes again");
+            trouble.send_replace(None);
+        }
         let publish = match event {
             Ok(watcher::Event::Init) => {
                 listing = Some(Nodes::default());
@@ -334,18 +351,16 @@ async fn follow(
                 listed
             }
             Err(e) => {
-                warn!(
-                    "kube: {}; retrying with backoff, routes left as they are",
-                    watch_error(&e)
-                );
+                let why = watch_error(&e);
+                warn!("kube: {why}; retrying with backoff, routes left as they are");
+                trouble.send_replace(Some(format!(
+                    "the Kubernetes API: {why} (retrying; routes and maps kept)"
+                )));
                 failing = true;
                 false
             }
         };
         if publish {
-            if std::mem::take(&mut failing) {
-                info!("kube: following the nodes again");
-            }
             let peers = nodes.peers(&own, &own_ips);
             if tx.send(Some(Arc::new(peers))).is_err() {
                 return;
