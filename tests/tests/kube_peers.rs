@@ -556,3 +556,56 @@ fn a_forbidden_or_expired_token_is_named_as_the_permission() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[test]
+fn this_nodes_late_pod_cidr_is_waited_for_and_public_ip_overwrite_honoured() -> anyhow::Result<()> {
+    let mut kube = KubeLab::up(2, 1, 1)?;
+    let n2 = kube.lab.nodes[1].clone();
+    // n2 is reached on a second address, named by flannel's overwrite annotation.
+    const OVERWRITE: &str = "172.31.0.202";
+    ip(&[
+        "-n",
+        &n2.ns,
+        "addr",
+        "add",
+        &format!("{OVERWRITE}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    kube.api.modify_node(&n2.name, |node| {
+        node["spec"] = json!({});
+        node["metadata"]["annotations"] =
+            json!({format!("{PREFIX}public-ip-overwrite"): OVERWRITE});
+    })?;
+    let waiting = kube.restart_waiting_for(1, "pod cidr not assigned")?;
+    assert!(waiting.contains(&n2.name), "{waiting}");
+    let assigned = Instant::now();
+    kube.api.modify_node(&n2.name, |node| {
+        node["spec"] = json!({"podCIDRs": [n2.pod_cidr, n2.pod_cidr6]});
+    })?;
+    kube.lab.agent(1).expect("agent").wait_ready(TIMEOUT)?;
+    let took = assigned.elapsed();
+    eprintln!("n2 ready {took:?} after its pod CIDRs were assigned");
+    assert!(
+        took < Duration::from_secs(3),
+        "ready {took:?} after the assignment"
+    );
+    let annotations = &kube.api.node(&n2.name).expect("n2")["metadata"]["annotations"];
+    assert_eq!(
+        annotations[format!("{PREFIX}public-ip")],
+        json!(OVERWRITE),
+        "{annotations}"
+    );
+    let status = kube
+        .lab
+        .agent(0)
+        .expect("agent")
+        .wait_for(TIMEOUT, |s| has_peer(s, &n2.pod_cidr))?;
+    let peer = status
+        .peers
+        .iter()
+        .find(|p| p.pod_cidr == n2.pod_cidr)
+        .expect("peer");
+    assert_eq!(peer.node_ip, OVERWRITE, "{status}");
+    Ok(())
+}
