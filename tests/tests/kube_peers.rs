@@ -212,6 +212,15 @@ fn three_nodes_from_node_objects_talk_over_the_fast_path_in_both_families() -> a
             );
         }
     }
+    // Followed with a watch that asks for bookmarks.
+    assert!(
+        kube.api
+            .requests()
+            .iter()
+            .any(|r| r.uri.contains("watch=") && r.uri.contains("allowWatchBookmarks=true")),
+        "no watch with bookmarks: {:#?}",
+        kube.api.requests()
+    );
     // Announced through nodes/status with strategic merge patches, as flanneld does.
     let patches = kube.api.patches();
     assert!(!patches.is_empty());
