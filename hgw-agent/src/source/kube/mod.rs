@@ -342,14 +342,8 @@ async fn follow(
                 listed = true;
                 true
             }
-            Ok(watcher::Event::Apply(node)) => {
-                nodes.apply(&node, &space);
-                listed
-            }
-            Ok(watcher::Event::Delete(node)) => {
-                nodes.delete(&node);
-                listed
-            }
+            Ok(watcher::Event::Apply(node)) => nodes.apply(&node, &space) && listed,
+            Ok(watcher::Event::Delete(node)) => nodes.delete(&node) && listed,
             Err(e) => {
                 let why = watch_error(&e);
                 warn!("kube: {why}; retrying with backoff, routes left as they are");

@@ -183,20 +183,19 @@ pub struct Nodes {
 }
 
 impl Nodes {
-    pub fn apply(&mut self, node: &Node, space: &SubnetSpace) {
+    /// Takes a Node as it is now; whether that changed what the peers are made of
+    /// (kubelet's status updates, most of a Node's changes, do not).
+    pub fn apply(&mut self, node: &Node, space: &SubnetSpace) -> bool {
         let name = name(node).to_owned();
         match announced(node, space) {
-            Some(result) => {
-                self.nodes.insert(name, result);
-            }
-            None => {
-                self.nodes.remove(&name);
-            }
+            Some(result) => self.nodes.insert(name, result.clone()) != Some(result),
+            None => self.nodes.remove(&name).is_some(),
         }
     }
 
-    pub fn delete(&mut self, node: &Node) {
-        self.nodes.remove(name(node));
+    /// Whether the Node was one flannel would read.
+    pub fn delete(&mut self, node: &Node) -> bool {
+        self.nodes.remove(name(node)).is_some()
     }
 
     /// The peers: every Node but `own` that passed its checks, oldest first, minus
@@ -396,5 +395,24 @@ mod tests {
             peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
             ["a"]
         );
+    }
+
+    #[test]
+    fn only_changes_that_matter_to_peers_are_changes() {
+        let mut nodes = Nodes::default();
+        let sp = space();
+        let t = "2026-01-01T00:00:00Z";
+        let n2 = node("n2", t, &["10.244.2.0/24"], &flannel("172.31.0.2"));
+        assert!(nodes.apply(&n2, &sp), "a new flannel node");
+        let mut heartbeat = n2.clone();
+        heartbeat.metadata.resource_version = Some("99".into());
+        heartbeat.metadata.labels = Some([("k".to_owned(), "v".to_owned())].into());
+        assert!(!nodes.apply(&heartbeat, &sp), "a status or label update");
+        let moved = node("n2", t, &["10.244.2.0/24"], &flannel("172.31.0.22"));
+        assert!(nodes.apply(&moved, &sp), "a new public IP");
+        let plain = node("n3", t, &["10.244.3.0/24"], &[]);
+        assert!(!nodes.apply(&plain, &sp), "not a flannel node");
+        assert!(!nodes.delete(&plain), "not a flannel node");
+        assert!(nodes.delete(&n2));
     }
 }
