@@ -562,6 +562,13 @@ impl Config {
         if kube.is_some() && raw.node_name.is_none() {
             // As flanneld: the DaemonSet passes the node's name in NODE_NAME.
             raw.node_name = std::env::var("NODE_NAME").ok();
+            if raw.node_name.is_none() {
+                return Err(ConfigError::invalid(
+                    "node_name",
+                    "",
+                    "missing: set it in the config file, with --node-name or in NODE_NAME",
+                ));
+            }
         }
         let node_name = required(raw.node_name.clone(), "node_name", "node-name")?;
         let uplink = interface_name(required(raw.uplink.clone(), "uplink", "uplink")?, "uplink")?;
