@@ -228,6 +228,10 @@ section! {
         /// schema): the file's [etcd] section.
         #[command(flatten)]
         pub etcd: Option<RawEtcd>,
+        /// Learn the network, this node's pod CIDRs and the peers from the Kubernetes
+        /// API, as flanneld --kube-subnet-mgr does: the file's [kube] section.
+        #[command(flatten)]
+        pub kube: Option<RawKube>,
         /// Where flannel's subnet file goes, for CNI configs written for flannel
         /// (FLANNEL_NETWORK, FLANNEL_SUBNET, FLANNEL_MTU, FLANNEL_IPMASQ)
         /// [default: /run/flannel/subnet.env].
@@ -292,6 +296,28 @@ section! {
         /// etcd password (better: the HGW_ETCD_PASSWORD environment variable).
         #[arg(long = "etcd-password", env = "HGW_ETCD_PASSWORD", hide_env_values = true)]
         pub password: Option<String>,
+    }
+}
+
+section! {
+    /// `[kube]` in the file (an empty `[kube]` turns it on); the flags are
+    /// `--kube-subnet-mgr`, `--kubeconfig` and `--kube-net-conf`.
+    #[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawKube {
+        /// Learn the network, this node's pod CIDRs and the peers from the Kubernetes
+        /// API (flanneld's --kube-subnet-mgr): Nodes' spec.podCIDRs and flannel's
+        /// annotations. The node's name defaults to the NODE_NAME environment variable.
+        #[arg(long = "kube-subnet-mgr", num_args = 0, default_missing_value = "true")]
+        pub enabled: Option<bool>,
+        /// kubeconfig to reach the API server with [default: the in-cluster service
+        /// account].
+        #[arg(long = "kubeconfig")]
+        pub kubeconfig: Option<PathBuf>,
+        /// flannel's network config (the kube-flannel ConfigMap's net-conf.json)
+        /// [default: /etc/kube-flannel/net-conf.json].
+        #[arg(long = "kube-net-conf")]
+        pub net_conf: Option<PathBuf>,
     }
 }
 
@@ -441,7 +467,18 @@ impl Network {
 pub enum Source {
     Static { network: Network, peers: Vec<Peer> },
     Etcd(EtcdConfig),
+    Kube(KubeConfig),
 }
+
+/// The Kubernetes API as the source: where it is, and flannel's network config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeConfig {
+    /// None: the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub net_conf: PathBuf,
+}
+
+pub const DEFAULT_NET_CONF: &str = "/etc/kube-flannel/net-conf.json";
 
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
@@ -521,6 +558,18 @@ impl Config {
     /// Checks every field and every relation between the CIDRs; the first problem
     /// found is returned, naming the field and the value.
     pub fn from_raw(mut raw: RawConfig) -> Result<Self, ConfigError> {
+        let kube = raw.kube.clone().filter(|k| k.enabled != Some(false));
+        if kube.is_some() && raw.node_name.is_none() {
+            // As flanneld: the DaemonSet passes the node's name in NODE_NAME.
+            raw.node_name = std::env::var("NODE_NAME").ok();
+            if raw.node_name.is_none() {
+                return Err(ConfigError::invalid(
+                    "node_name",
+                    "",
+                    "missing: set it in the config file, with --node-name or in NODE_NAME",
+                ));
+            }
+        }
         let node_name = required(raw.node_name.clone(), "node_name", "node-name")?;
         let uplink = interface_name(required(raw.uplink.clone(), "uplink", "uplink")?, "uplink")?;
         let bridge = interface_name(
@@ -534,26 +583,23 @@ impl Config {
                 "the bridge cannot be the uplink",
             ));
         }
-        let source = match raw.etcd.clone() {
-            Some(etcd) => {
-                for (given, field) in [
-                    (raw.pod_cidr.is_some(), "pod_cidr"),
-                    (raw.cluster_cidr.is_some(), "cluster_cidr"),
-                    (raw.pod_cidr_v6.is_some(), "pod_cidr_v6"),
-                    (raw.cluster_cidr_v6.is_some(), "cluster_cidr_v6"),
-                    (!raw.peers.is_empty(), "peers"),
-                ] {
-                    if given {
-                        return Err(ConfigError::invalid(
-                            field,
-                            "(set)",
-                            "comes from etcd when [etcd] is configured; remove it",
-                        ));
-                    }
-                }
+        let source = match (raw.etcd.clone(), kube) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "kube",
+                    "(set)",
+                    "[etcd] and [kube] are two sources of the same peers: keep one",
+                ));
+            }
+            (None, Some(kube)) => {
+                reject_given(&raw, "the Kubernetes API when [kube] is configured")?;
+                Source::Kube(kube_config(kube)?)
+            }
+            (Some(etcd), None) => {
+                reject_given(&raw, "etcd when [etcd] is configured")?;
                 Source::Etcd(etcd_config(etcd)?)
             }
-            None => static_source(
+            (None, None) => static_source(
                 &node_name,
                 [raw.pod_cidr.clone(), raw.cluster_cidr.clone()],
                 [raw.pod_cidr_v6.clone(), raw.cluster_cidr_v6.clone()],
@@ -633,6 +679,50 @@ impl Config {
         names.retain(|name| *name != "peers");
         names
     }
+}
+
+/// With etcd or the Kubernetes API, this node's network and the peers come from there.
+fn reject_given(raw: &RawConfig, from: &str) -> Result<(), ConfigError> {
+    for (given, field) in [
+        (raw.pod_cidr.is_some(), "pod_cidr"),
+        (raw.cluster_cidr.is_some(), "cluster_cidr"),
+        (raw.pod_cidr_v6.is_some(), "pod_cidr_v6"),
+        (raw.cluster_cidr_v6.is_some(), "cluster_cidr_v6"),
+        (!raw.peers.is_empty(), "peers"),
+    ] {
+        if given {
+            return Err(ConfigError::invalid(
+                field,
+                "(set)",
+                format!("comes from {from}; remove it"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn kube_config(raw: RawKube) -> Result<KubeConfig, ConfigError> {
+    let absolute = |path: PathBuf, field: &str| {
+        if path.is_absolute() && !path.display().to_string().ends_with('/') {
+            Ok(path)
+        } else {
+            Err(ConfigError::invalid(
+                field,
+                path.display(),
+                "expected an absolute file path",
+            ))
+        }
+    };
+    Ok(KubeConfig {
+        kubeconfig: raw
+            .kubeconfig
+            .map(|p| absolute(p, "kube.kubeconfig"))
+            .transpose()?,
+        net_conf: absolute(
+            raw.net_conf.unwrap_or_else(|| DEFAULT_NET_CONF.into()),
+            "kube.net_conf",
+        )?,
+    })
 }
 
 fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
@@ -1574,5 +1664,47 @@ pod_cidr = "10.244.2.0/24"
         assert!(e.contains("ct_recheck_ms") && e.contains("1001"), "{e}");
         let parsed = toml::from_str::<RawConfig>("ct_recheck_ms = 250\n").expect("a file field");
         assert_eq!(parsed.ct_recheck_ms, Some(250));
+    }
+
+    #[test]
+    fn kube_from_the_file_or_the_flags() {
+        let kube = |raw: RawConfig| match Config::from_raw(raw).expect("valid").source {
+            Source::Kube(kube) => kube,
+            other => panic!("kube expected, got {other:?}"),
+        };
+        let base = "node_name = \"n1\"\nuplink = \"eth0\"\n";
+        let got = kube(file(&format!("{base}[kube]\n")));
+        assert_eq!(got.kubeconfig, None, "in-cluster by default");
+        assert_eq!(got.net_conf, PathBuf::from(DEFAULT_NET_CONF));
+        let got = kube(file(base).with_flags(flags(&[
+            "--kube-subnet-mgr",
+            "--kubeconfig=/etc/hgw/kubeconfig",
+            "--kube-net-conf=/n.json",
+        ])));
+        assert_eq!(got.kubeconfig, Some(PathBuf::from("/etc/hgw/kubeconfig")));
+        assert_eq!(got.net_conf, PathBuf::from("/n.json"));
+    }
+
+    #[test]
+    fn kube_config_errors_name_the_field() {
+        let error = |text: &str| {
+            Config::from_raw(file(text))
+                .expect_err("refused")
+                .to_string()
+        };
+        let base = "node_name = \"n1\"\nuplink = \"eth0\"\n";
+        let e = error(&format!("{base}[kube]\nkubeconfig = \"rel/k\"\n"));
+        assert!(e.contains("kube.kubeconfig") && e.contains("rel/k"), "{e}");
+        let e = error(&format!("{base}[kube]\nnet_conf = \"/etc/\"\n"));
+        assert!(e.contains("kube.net_conf"), "{e}");
+        let e = error(&format!("{base}pod_cidr = \"10.244.1.0/24\"\n[kube]\n"));
+        assert!(
+            e.contains("pod_cidr") && e.contains("Kubernetes API"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{base}[kube]\n[etcd]\nendpoints = [\"http://10.0.0.5:2379\"]\n"
+        ));
+        assert!(e.contains("kube") && e.contains("keep one"), "{e}");
     }
 }

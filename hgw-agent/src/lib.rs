@@ -16,6 +16,7 @@ pub mod nft;
 pub mod pin_owner;
 pub mod probe;
 pub mod setup;
+pub mod source;
 pub mod status;
 pub mod tc;
 pub mod uninstall;

@@ -40,7 +40,9 @@ use tokio::{
 use crate::{
     caps::{self, CapsError},
     cni::{CniError, NodeFiles},
-    config::{Attach, Config, ConfigError, EtcdConfig, FastPath, Network, Peer, Source},
+    config::{
+        Attach, Config, ConfigError, EtcdConfig, FastPath, KubeConfig, Network, Peer, Source,
+    },
     conntrack::{self, ConntrackError},
     datapath::{self, Datapath, DatapathError},
     etcd::{self, EtcdError, EtcdSource},
@@ -49,6 +51,7 @@ use crate::{
     masq::{self, MasqError},
     metrics::{self, Health, MetricsError, Reconciles, Trigger},
     setup::{self, SetupError},
+    source::kube::{self as kube_source, KubeError, KubeSource},
     status::{self, Status},
     tc::Scanner,
 };
@@ -89,6 +92,8 @@ pub enum AgentError {
     Conntrack(#[from] ConntrackError),
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error(transparent)]
     Cni(#[from] CniError),
     #[error(transparent)]
@@ -163,6 +168,8 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         None => Health::default(),
     };
 
+    // What a source that is running into trouble says (the kube source), for status.
+    let mut source_trouble = None;
     let (network, peers) = match &config.source {
         Source::Static { network, peers } => {
             check_static_peers(&config, peers, &uplink_networks)?;
@@ -195,12 +202,26 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             };
             (source.network, sources::etcd_peers(source.peers))
         }
+        Source::Kube(kube) => {
+            let wait = wait_for_kube(kube, &config.node_name, &uplink_networks, &snapshot);
+            let source = tokio::select! {
+                source = wait => Some(source?),
+                () = shutdown.recv() => None,
+            };
+            let Some(source) = source else {
+                info!("stopped while waiting for the Kubernetes API: routes left as they were");
+                return Ok(());
+            };
+            source_trouble = Some(source.trouble);
+            (source.network, source.peers)
+        }
     };
     let addresses = kernel.addresses(None).await?;
     let bridge_index = kernel.link(&config.bridge).await?.map(|l| l.index);
     let from = match config.source {
         Source::Static { .. } => "",
         Source::Etcd(_) => "etcd network: ",
+        Source::Kube(_) => "kube network: ",
     };
     check_network(&network, &uplink_networks, &addresses, bridge_index, from)?;
 
@@ -253,6 +274,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         tc_dirty: HashSet::new(),
         tc_all_dirty: false,
         routing_dirty: false,
+        source_trouble,
     };
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
@@ -377,6 +399,7 @@ struct Agent {
     tc_all_dirty: bool,
     /// The kernel's routing changed since the generation was last bumped.
     routing_dirty: bool,
+    source_trouble: Option<watch::Receiver<Option<String>>>,
 }
 
 impl Agent {
@@ -452,6 +475,7 @@ impl Agent {
                 () = sleep_until(self.fdb_due), if self.fdb_due.is_some() => {
                     self.dump_fdb_if_needed().await;
                 }
+                Ok(()) = trouble_changed(&mut self.source_trouble) => {}
                 _ = resync.tick() => self.resync().await,
                 reply = self.health.ping() => {
                     let _ = reply.send(());
@@ -696,7 +720,11 @@ impl Agent {
             counters: Default::default(),
             endpoints: self.reconciler.endpoints(),
             map_entries: self.reconciler.map_entries(),
-            waiting: (!peers_known).then(|| "waiting for the first peer set".to_owned()),
+            waiting: match &self.source_trouble {
+                _ if !peers_known => Some("waiting for the first peer set".to_owned()),
+                Some(trouble) => trouble.borrow().clone(),
+                None => None,
+            },
             hooks: match &self.scanner {
                 Some(scanner) => self.reconciler.hook_status(&self.observed, scanner.names()),
                 None => Vec::new(),
@@ -1029,5 +1057,50 @@ async fn wait_for_etcd(
             () = shutdown.recv() => return Ok(None),
         }
         backoff = (backoff * 2).min(ETCD_RETRY_MAX);
+    }
+}
+
+/// `kube::start`, retried while the API server cannot be reached or this node has no
+/// pod CIDR yet (every second, as kubelet's node gets one within seconds; up to 30 s
+/// apart for an unreachable server): meanwhile the node keeps the routes it has and
+/// status says what the agent waits for.
+async fn wait_for_kube(
+    kube: &KubeConfig,
+    node_name: &str,
+    uplink_networks: &[IpNet],
+    snapshot: &watch::Sender<Arc<Status>>,
+) -> Result<KubeSource, AgentError> {
+    let mut backoff = ETCD_RETRY_FIRST;
+    set_waiting(
+        snapshot,
+        "waiting for the Kubernetes API: connecting".into(),
+    );
+    loop {
+        let error = match kube_source::start(kube, node_name, uplink_networks).await {
+            Ok(source) => return Ok(source),
+            Err(error) if error.is_transient() => error,
+            Err(error) => return Err(error.into()),
+        };
+        let wait = match error {
+            KubeError::NoPodCidr { .. } => ETCD_RETRY_FIRST,
+            _ => {
+                let wait = backoff;
+                backoff = (backoff * 2).min(ETCD_RETRY_MAX);
+                wait
+            }
+        };
+        warn!("{error}; retrying in {wait:?}, routes left as they are");
+        set_waiting(snapshot, format!("waiting for the Kubernetes API: {error}"));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A change of what the source says is wrong; never, without such a source.
+async fn trouble_changed(
+    trouble: &mut Option<watch::Receiver<Option<String>>>,
+) -> Result<(), watch::error::RecvError> {
+    match trouble {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }

@@ -57,7 +57,7 @@ async fn watch_file(path: PathBuf, reload: Reload, running: Config, tx: watch::S
         };
         let Source::Static { peers, .. } = &config.source else {
             warn!(
-                "{}: changed to etcd; restart the agent to apply it",
+                "{}: changed its peer source; restart the agent to apply it",
                 path.display()
             );
             continue;

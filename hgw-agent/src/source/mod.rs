@@ -1,0 +1,4 @@
+//! Peer sources that live in their own folders (the others are still `etcd` and
+//! `agent::sources`).
+
+pub mod kube;
