@@ -190,8 +190,9 @@ struct CtOpts {
 }
 const _: () = assert!(size_of::<CtOpts>() == hgw_common::CT_OPTS_SIZE as usize);
 
-// Conntrack kfuncs: the agent's loader points each call at the function's id in vmlinux
-// BTF (rustc emits no BTF for extern functions, so aya cannot).
+// Conntrack kfuncs: the agent's loader points each call at the function's id in the BTF
+// holding it, vmlinux's or the nf_conntrack module's (rustc emits no BTF for extern
+// functions, so aya cannot).
 unsafe extern "C" {
     fn bpf_skb_ct_lookup(
         skb: *mut __sk_buff,
@@ -626,20 +627,18 @@ impl<H: IpHeader> Flow<H> {
     /// or SYN-ACK mostly finds nothing.
     #[inline(always)]
     fn cached(&mut self) -> Option<NextHop> {
-        let entry = H::flows().get_ptr_mut(&self.key)?;
+        // Copied at once: an LRU element that is evicted or replaced is reused without
+        // waiting for readers, so fields read one by one could mix two flows' entries.
+        let entry = H::flows().get_ptr(&self.key)?;
+        // SAFETY: a map value, valid for this read.
+        let entry = unsafe { *entry };
         self.found = true;
         if self.tcp_flags & TCP_STATE_FLAGS != 0 {
             return None;
         }
-        // SAFETY: a map value, valid while the program runs. Its next hop is only ever
-        // written whole, by an update (which links a new element); the generation and
-        // recheck time are renewed in place (`remember`), and any mix of old and new
-        // ones is either stale or vouches for the same next hop.
-        let (generation, recheck_at) = unsafe { ((*entry).generation, (*entry).recheck_at) };
         // SAFETY: plain helper call.
         let now = unsafe { bpf_jiffies64() };
-        // SAFETY: as above.
-        (generation == self.generation && now < recheck_at).then(|| unsafe { (*entry).hop })
+        (entry.generation == self.generation && now < entry.recheck_at).then_some(entry.hop)
     }
 
     /// After the full path: remember a forwarded flow (not once it closes), forget one
@@ -648,34 +647,17 @@ impl<H: IpHeader> Flow<H> {
     fn remember(self, verdict: Option<&(NextHop, Cache)>) {
         match verdict {
             Some((hop, Cache::Keep)) if self.tcp_flags & TCP_STATE_FLAGS == 0 => {
-                // SAFETY: plain helper call.
-                let recheck_at = unsafe { bpf_jiffies64() } + u64::from(self.recheck);
-                // A stale entry (a recheck) that names the same next hop is renewed in
-                // place: an update would take a free element of the LRU map and give
-                // back the old one, evicting flows when none is free.
-                let stale = if self.found {
-                    H::flows().get_ptr_mut(&self.key)
-                } else {
-                    None
+                let entry = CachedFlow {
+                    hop: *hop,
+                    generation: self.generation,
+                    _pad: 0,
+                    // SAFETY: plain helper call.
+                    recheck_at: unsafe { bpf_jiffies64() } + u64::from(self.recheck),
                 };
-                // SAFETY: a map value, valid while the program runs; its next hop is
-                // never written in place, and each field is written once (see `cached`).
-                if let Some(entry) = stale.filter(|&entry| unsafe { (*entry).hop } == *hop) {
-                    unsafe {
-                        (*entry).generation = self.generation;
-                        (*entry).recheck_at = recheck_at;
-                    }
-                } else {
-                    let entry = CachedFlow {
-                        hop: *hop,
-                        generation: self.generation,
-                        _pad: 0,
-                        recheck_at,
-                    };
-                    // A full table evicts the least recently used flow; a failure
-                    // leaves this one to the full path, which is only slower.
-                    let _ = H::flows().insert(&self.key, entry, 0);
-                }
+                // An update of an existing key replaces its element (never written in
+                // place: see `cached`). A full table evicts the least recently used
+                // flow; a failure leaves this one to the full path, which is only slower.
+                let _ = H::flows().insert(&self.key, entry, 0);
             }
             _ if self.found => {
                 let _ = H::flows().remove(&self.key);

@@ -1005,6 +1005,33 @@ fn a_map_write_makes_cached_flows_look_up_again() {
     );
 }
 
+/// A new generation with nothing changed for the flow: its next packet takes the full
+/// path once (conntrack and the route looked up again), which confirms the same next
+/// hop, and the flow is cached again, on both sides.
+#[test]
+fn a_new_generation_alone_is_one_full_decision_then_cached_again() {
+    let mut node = Node::with_recheck(recheck_jiffies(60_000));
+    for ipv6 in [false, true] {
+        let flow = node.flow(ipv6, Proto::Udp);
+        let family = flow.family();
+        node.insert_established(&flow, true, ESTABLISHED);
+        for (program, frame) in [(PROG_TO_PEER, flow.to_peer(0)), (PROG_TO_POD, flow.to_pod(0))] {
+            let what = format!("{family:?} {program}");
+            node.expect_forward(program, &frame, family, &[], &format!("{what}: first"));
+            node.expect_forward(program, &frame, family, &[Counter::CtCached], &what);
+            node.bump_generation();
+            node.expect_forward(program, &frame, family, &[], &format!("{what}: rechecked"));
+            node.expect_forward(
+                program,
+                &frame,
+                family,
+                &[Counter::CtCached],
+                &format!("{what}: cached again"),
+            );
+        }
+    }
+}
+
 /// SYN, FIN and RST always take the full path (conntrack sees what the kernel path
 /// would make of them) and the flow's next packet looks conntrack up again: a SYN
 /// reopening the 4-tuple must not find the old connection's verdict.
