@@ -55,8 +55,9 @@ pub enum ProbeError {
     },
 }
 
-/// Probes the kernel for what `mode` uses; `None` for `off`, which loads no program.
-pub fn probe(mode: FastPath) -> Result<Option<KernelStatus>, ProbeError> {
+/// Probes the kernel for what `mode` uses and picks the attach (said in the log); `None`
+/// for `off`, which loads no program.
+pub fn probe(mode: FastPath) -> Result<Option<(KernelStatus, HookKind)>, ProbeError> {
     if mode == FastPath::Off {
         return Ok(None);
     }
@@ -90,13 +91,16 @@ pub fn probe(mode: FastPath) -> Result<Option<KernelStatus>, ProbeError> {
             .unwrap_or_else(|e| assume_present(name, &e));
         require(name, since, found)?;
     }
-    features.insert(TCX.to_owned(), crate::tc::tcx_supported());
-    Ok(Some(KernelStatus {
+    let tcx = crate::tc::tcx_supported();
+    features.insert(TCX.to_owned(), tcx);
+    let hook = HookKind::choose(tcx);
+    let status = KernelStatus {
         release,
-        attach: HookKind::detect().name().to_owned(),
+        attach: hook.name().to_owned(),
         conntrack_kfuncs: None,
         features,
-    }))
+    };
+    Ok(Some((status, hook)))
 }
 
 /// A probe that could not tell (not a missing feature: the probe itself failed) does not

@@ -123,11 +123,6 @@ impl KernelBtf {
         self.structs.get(name).map(|s| s.size)
     }
 
-    /// Whether this BTF defines struct `name`.
-    pub fn has_struct(&self, name: &str) -> bool {
-        self.structs.contains_key(name)
-    }
-
     /// The byte offset of `member` in struct `name`.
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
         let found = self.structs.get(name).ok_or_else(|| BtfError::NoStruct {
@@ -250,10 +245,6 @@ impl KernelBtf {
     }
 }
 
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
-const BPF_BTF_GET_NEXT_ID: libc::c_long = 23;
-
 /// `struct bpf_btf_info`.
 #[repr(C)]
 #[derive(Default)]
@@ -270,7 +261,9 @@ struct BtfInfo {
 /// program's `fd_array` for calls to the module's kfuncs. The kernel hands these out
 /// by id only (`BPF_BTF_GET_NEXT_ID`, `BPF_BTF_GET_FD_BY_ID`: CAP_SYS_ADMIN).
 pub fn module_btf_fd(name: &str) -> Result<std::os::fd::OwnedFd, BtfError> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+
+    use crate::sys::{BPF_BTF_GET_FD_BY_ID, BPF_BTF_GET_NEXT_ID, bpf, obj_info};
     let error = |operation, source| BtfError::ModuleFd {
         module: name.to_owned(),
         operation,
@@ -279,8 +272,9 @@ pub fn module_btf_fd(name: &str) -> Result<std::os::fd::OwnedFd, BtfError> {
     let mut id = 0u32;
     loop {
         // { start_id, next_id, open_flags }
-        let mut attr = [id, 0, 0, 0];
-        bpf(BPF_BTF_GET_NEXT_ID, &mut attr).map_err(|e| {
+        let mut attr = [id, 0, 0];
+        // SAFETY: BPF_BTF_GET_NEXT_ID's layout, no pointers.
+        unsafe { bpf(BPF_BTF_GET_NEXT_ID, &mut attr) }.map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOENT) {
                 BtfError::NoModuleBtf {
                     module: name.to_owned(),
@@ -291,8 +285,9 @@ pub fn module_btf_fd(name: &str) -> Result<std::os::fd::OwnedFd, BtfError> {
         })?;
         id = attr[1];
         // { btf_id, next_id, open_flags }
-        let mut attr = [id, 0, 0, 0];
-        let fd = match bpf(BPF_BTF_GET_FD_BY_ID, &mut attr) {
+        let mut attr = [id, 0, 0];
+        // SAFETY: BPF_BTF_GET_FD_BY_ID's layout, no pointers.
+        let fd = match unsafe { bpf(BPF_BTF_GET_FD_BY_ID, &mut attr) } {
             // SAFETY: BPF_BTF_GET_FD_BY_ID returned a new fd, ours alone.
             Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
             // Gone since it was listed.
@@ -305,44 +300,14 @@ pub fn module_btf_fd(name: &str) -> Result<std::os::fd::OwnedFd, BtfError> {
             name_len: found.len() as u32,
             ..BtfInfo::default()
         };
-        let mut attr = InfoAttr {
-            bpf_fd: fd.as_raw_fd() as u32,
-            info_len: size_of::<BtfInfo>() as u32,
-            info: &raw mut info as u64,
-        };
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map_err(|e| error("BPF_OBJ_GET_INFO_BY_FD", e))?;
+        // SAFETY: a BTF object's info; `name` points at `found`, `name_len` long.
+        unsafe { obj_info(fd.as_fd(), &mut info) }
+            .map_err(|e| error("BPF_OBJ_GET_INFO_BY_FD", e))?;
         let len = found.iter().position(|&b| b == 0).unwrap_or(found.len());
         if info.kernel_btf != 0 && &found[..len] == name.as_bytes() {
             return Ok(fd);
         }
     }
-}
-
-/// `bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// The bpf(2) syscall with the attribute block `attr` (the leading members of `union
-/// bpf_attr` the command reads; the kernel zero-fills the rest).
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
-    // SAFETY: attr is a live, writable block of the size passed, laid out as the
-    // command's part of `union bpf_attr`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(rc as i32)
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ pub mod btf;
 pub mod loader;
 #[cfg(feature = "user")]
 pub mod status;
+#[cfg(feature = "user")]
+pub mod sys;
 
 use bytemuck::{Pod, Zeroable};
 

@@ -111,11 +111,12 @@ impl std::fmt::Display for ConntrackHome {
     }
 }
 
-/// What loading in `established` mode needs from the running kernel, checked without
-/// loading anything: the agent calls it before it changes anything on the node. Loads
-/// the conntrack module when conntrack is not built in and the module is not loaded.
-pub fn check_kernel() -> Result<ConntrackHome, LoaderError> {
-    Ok(kernel_facts(true)?.home)
+/// What loading needs from the running kernel, found and checked without loading
+/// anything (the agent calls it before it changes anything on the node), then handed to
+/// [`load_pinned`]. With `conntrack` (`established` mode) it loads the conntrack module
+/// when conntrack is not built in and the module is not loaded.
+pub fn check_kernel(conntrack: bool) -> Result<KernelFacts, LoaderError> {
+    kernel_facts(conntrack)
 }
 
 /// A kfunc call's target: the function's BTF id and the `fd_array` index of the BTF
@@ -126,9 +127,11 @@ struct KfuncTarget {
     btf_index: u16,
 }
 
-/// What the programs need from this kernel in `established` mode.
-struct KernelFacts {
-    home: ConntrackHome,
+/// What the programs need from this kernel: where the conntrack kfuncs are (in
+/// `established` mode), found once by [`check_kernel`].
+pub struct KernelFacts {
+    /// `None`: no conntrack (`all` mode).
+    home: Option<ConntrackHome>,
     /// Each kfunc's target (`None`: missing, allowed without `conntrack`).
     kfuncs: Vec<(&'static str, Option<KfuncTarget>)>,
     /// The module BTF the targets with `btf_index` 1 refer to.
@@ -145,7 +148,7 @@ fn kernel_facts(conntrack: bool) -> Result<KernelFacts, LoaderError> {
     if !conntrack {
         // Calls the verifier prunes as dead code: patched to `r0 = 0`.
         return Ok(KernelFacts {
-            home: ConntrackHome::Vmlinux,
+            home: None,
             kfuncs: KFUNCS.iter().map(|&(name, _)| (name, None)).collect(),
             module_btf: None,
             status_offset: 0,
@@ -186,18 +189,26 @@ fn kernel_facts(conntrack: bool) -> Result<KernelFacts, LoaderError> {
         ));
     }
     // Conntrack's own structs are the module's when it is one; look there first.
-    let lookup = |name: &str| [btf, &vmlinux].into_iter().find(|b| b.has_struct(name));
-    match lookup("bpf_ct_opts").and_then(|b| b.struct_size("bpf_ct_opts")) {
-        Some(size) if size >= CT_OPTS_SIZE => {}
-        found => return Err(LoaderError::CtOptsSize { found }),
+    let lookup = |name: &str| {
+        [btf, &vmlinux]
+            .into_iter()
+            .find_map(|b| b.struct_size(name).map(|size| (b, size)))
+    };
+    match lookup("bpf_ct_opts") {
+        Some((_, size)) if size >= CT_OPTS_SIZE => {}
+        found => {
+            return Err(LoaderError::CtOptsSize {
+                found: found.map(|(_, size)| size),
+            });
+        }
     }
-    let nf_conn = lookup("nf_conn").unwrap_or(&vmlinux);
+    let nf_conn = lookup("nf_conn").map_or(&vmlinux, |(b, _)| b);
     let module_btf = match home {
         ConntrackHome::Vmlinux => None,
         ConntrackHome::Module(name) => Some(crate::btf::module_btf_fd(name)?),
     };
     Ok(KernelFacts {
-        home,
+        home: Some(home),
         kfuncs,
         module_btf,
         status_offset: nf_conn.member_offset("nf_conn", "status")?,
@@ -227,11 +238,18 @@ fn load_module(name: &'static str) -> Result<(), LoaderError> {
     Ok(())
 }
 
+impl KernelFacts {
+    /// Where the conntrack kfuncs are; `None` without conntrack.
+    pub fn home(&self) -> Option<ConntrackHome> {
+        self.home
+    }
+}
+
 /// Loads hgw's eBPF object `elf` (as built from hgw-ebpf); with `conntrack`
 /// (`established` mode) its programs look up each packet's conntrack entry, which needs
 /// the kernel's conntrack kfuncs.
 pub fn load(elf: &[u8], conntrack: bool) -> Result<Ebpf, LoaderError> {
-    Ok(load_pinned(elf, conntrack, None)?.0)
+    Ok(load_pinned(elf, check_kernel(conntrack)?, None)?.0)
 }
 
 /// [`load`], with the maps of [`PINNED_MAPS`] pinned in `pin_dir` (a directory on a
@@ -239,12 +257,11 @@ pub fn load(elf: &[u8], conntrack: bool) -> Result<Ebpf, LoaderError> {
 /// size, max entries, flags) is the object's, and replaced otherwise.
 pub fn load_pinned(
     elf: &[u8],
-    conntrack: bool,
+    facts: KernelFacts,
     pin_dir: Option<&std::path::Path>,
 ) -> Result<(Ebpf, PinnedMaps), LoaderError> {
-    let facts = kernel_facts(conntrack)?;
     let object = with_kfunc_calls(elf, &facts.kfuncs)?;
-    let conntrack = u32::from(conntrack);
+    let conntrack = u32::from(facts.home.is_some());
     let mut loader = EbpfLoader::new();
     loader
         .override_global(GLOBAL_CONNTRACK, &conntrack, true)

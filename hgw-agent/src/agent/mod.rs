@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hgw_common::{Endpoint, NextHop, NodeConfig, loader::ConntrackHome, status::KernelStatus};
+use hgw_common::{Endpoint, NextHop, NodeConfig, loader::KernelFacts, status::KernelStatus};
 use ipnet::IpNet;
 use log::{info, warn};
 use tokio::{
@@ -44,7 +44,7 @@ use crate::{
         Attach, Config, ConfigError, EtcdConfig, FastPath, KubeConfig, Network, Peer, Source,
     },
     conntrack::{self, ConntrackError},
-    datapath::{self, Datapath, DatapathError},
+    datapath::{self, Datapath, DatapathError, HookKind},
     etcd::{self, EtcdError, EtcdSource},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link},
     lock::AgentLock,
@@ -141,13 +141,21 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     let kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
-    let mut kernel_status = crate::probe::probe(config.fast_path)?;
-    if let Some(found) = &mut kernel_status {
-        if config.fast_path == FastPath::Established {
-            found.conntrack_kfuncs = Some(check_established()?.to_string());
+    // What the kernel offers and how the fast path will use it, decided once.
+    let fast_path = match crate::probe::probe(config.fast_path)? {
+        None => None,
+        Some((mut status, hook)) => {
+            let facts = if config.fast_path == FastPath::Established {
+                check_established()?
+            } else {
+                hgw_common::loader::check_kernel(false).map_err(DatapathError::from)?
+            };
+            status.conntrack_kfuncs = facts.home().map(|home| home.to_string());
+            info!("{status}");
+            Some((status, hook, facts))
         }
-        info!("{found}");
-    }
+    };
+    let kernel_status = fast_path.as_ref().map(|(status, ..)| status.clone());
     let uplink_networks = kernel.networks(uplink.index).await?;
     let mut shutdown = Shutdown::new()?;
     let (listener, _lock) = bind_status_socket(&config)?;
@@ -155,7 +163,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     let socket = SocketGuard(config.status_socket.clone());
     let (snapshot, snapshot_rx) = watch::channel(Arc::new(waiting_status(
         &config,
-        kernel_status,
+        kernel_status.clone(),
         "starting".into(),
     )));
     let counters = Arc::new(OnceLock::new());
@@ -235,7 +243,12 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     };
     masq::set(config.ip_masq, &network)?;
     let files = NodeFiles::write(&config, &network, uplink.mtu)?;
-    let datapath = attach_datapath(&config, &network, &bridge, &uplink)?;
+    let datapath = attach_datapath(
+        &config,
+        &network,
+        (&bridge, &uplink),
+        fast_path.map(|(_, hook, facts)| (hook, facts)),
+    )?;
     if let Some(datapath) = &datapath {
         match datapath.counter_reader() {
             Ok(reader) => {
@@ -253,6 +266,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     // Without the fast path nothing is redirected, so nothing is skipped.
     let scanner = datapath.is_some().then(|| Scanner::new(kernel.handle()));
     let mut agent = Agent {
+        kernel_status,
         observed: Observed::new(
             (&config.uplink, uplink),
             (&config.bridge, bridge),
@@ -306,8 +320,8 @@ impl Drop for SocketGuard {
 /// The kernel can run `established` mode: its kfuncs and conntrack sysctls are there,
 /// and IPVS (kube-proxy's ipvs mode), whose NAT sets no conntrack NAT bits, is not in
 /// use.
-fn check_established() -> Result<ConntrackHome, AgentError> {
-    let home = hgw_common::loader::check_kernel().map_err(DatapathError::from)?;
+fn check_established() -> Result<KernelFacts, AgentError> {
+    let facts = hgw_common::loader::check_kernel(true).map_err(DatapathError::from)?;
     conntrack::timeouts(0)?;
     if conntrack::ipvs_in_use() {
         return Err(ConfigError::invalid(
@@ -320,16 +334,18 @@ fn check_established() -> Result<ConntrackHome, AgentError> {
         )
         .into());
     }
-    Ok(home)
+    Ok(facts)
 }
 
+/// The fast path the way `kernel` (the attach and the loader's facts, `None` with
+/// `off`) says.
 fn attach_datapath(
     config: &Config,
     network: &Network,
-    bridge: &Link,
-    uplink: &Link,
+    (bridge, uplink): (&Link, &Link),
+    kernel: Option<(HookKind, KernelFacts)>,
 ) -> Result<Option<Datapath>, AgentError> {
-    if config.fast_path == FastPath::Off {
+    let Some(kernel) = kernel else {
         // Programs an earlier agent pinned would go on forwarding: off means none.
         if let Some(dir) = &config.pin_dir {
             match datapath::remove_pins(dir) {
@@ -348,9 +364,8 @@ fn attach_datapath(
         }
         info!("fast path off: kernel routes only");
         return Ok(None);
-    }
-    let conntrack = config.fast_path == FastPath::Established;
-    if conntrack {
+    };
+    if config.fast_path == FastPath::Established {
         conntrack::ensure_tracking()?;
     }
     let node = node_config(network, bridge, uplink, config)?;
@@ -359,7 +374,7 @@ fn attach_datapath(
         (&config.uplink, uplink.index),
         node,
         config.attach,
-        conntrack,
+        kernel,
         config.pin_dir.as_deref(),
     )?;
     let to_peer = match config.attach {
@@ -376,6 +391,8 @@ fn attach_datapath(
 
 struct Agent {
     config: Config,
+    /// What the kernel offers the fast path, as probed at start (`None` with `off`).
+    kernel_status: Option<KernelStatus>,
     network: Network,
     kernel: Kernel,
     node: NodeFacts,
@@ -729,7 +746,7 @@ impl Agent {
                 Some(scanner) => self.reconciler.hook_status(&self.observed, scanner.names()),
                 None => Vec::new(),
             },
-            kernel: self.snapshot.borrow().kernel.clone(),
+            kernel: self.kernel_status.clone(),
         };
         self.snapshot.send_replace(Arc::new(status));
     }

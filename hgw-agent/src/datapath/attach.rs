@@ -45,8 +45,8 @@ pub enum HookKind {
 impl HookKind {
     /// tcx where the kernel has it (probed, not guessed from the version), else
     /// cls_bpf; [`FORCE_CLS_BPF`] picks cls_bpf. Says which, and why.
-    pub fn choose() -> Self {
-        let (forced, tcx) = Self::inputs();
+    pub fn choose(tcx: bool) -> Self {
+        let forced = std::env::var_os(FORCE_CLS_BPF).is_some_and(|v| v == "1");
         if tcx && !forced {
             info!("attaching with tcx (the kernel has it)");
             return HookKind::Tcx;
@@ -61,20 +61,6 @@ impl HookKind {
             );
         }
         HookKind::ClsBpf
-    }
-
-    /// What [`HookKind::choose`] picks, without a word.
-    pub fn detect() -> Self {
-        match Self::inputs() {
-            (false, true) => HookKind::Tcx,
-            _ => HookKind::ClsBpf,
-        }
-    }
-
-    /// Whether cls_bpf is forced, and whether the kernel has tcx.
-    fn inputs() -> (bool, bool) {
-        let forced = std::env::var_os(FORCE_CLS_BPF).is_some_and(|v| v == "1");
-        (forced, crate::tc::tcx_supported())
     }
 
     pub const fn name(self) -> &'static str {
@@ -118,8 +104,7 @@ impl HookLink {
         match self {
             HookLink::Tcx { pin, .. } => {
                 if let Some(pin) = &pin {
-                    // The link goes with its last reference: the pin, then our fd.
-                    let _ = std::fs::remove_file(pin);
+                    let _ = pins::unpin_link(pin);
                 }
             }
             HookLink::Filter(mut filter) => {
@@ -196,7 +181,16 @@ impl Datapath {
                 // An earlier agent's tcx link would run before any filter and take the
                 // traffic: it goes now that this filter is in place.
                 if let Some(dir) = &self.pins {
-                    pins::remove_link_pin(&pins::link_pin_path(dir, program, interface));
+                    let pin = pins::link_pin_path(dir, program, interface);
+                    if pin.exists() {
+                        match pins::unpin_link(&pin) {
+                            Ok(()) => info!(
+                                "{}: an earlier agent's tcx link detached (this agent attaches with cls_bpf)",
+                                pin.display()
+                            ),
+                            Err(e) => warn!("removing {}: {e}", pin.display()),
+                        }
+                    }
                 }
                 Ok(HookLink::Filter(link))
             }
@@ -365,10 +359,10 @@ pub fn remove_filters() -> usize {
     remove_filters_but(|_, _| false)
 }
 
-/// At start, with cls_bpf: an earlier agent's filters on hooks this configuration does
-/// not use (`hgw_to_pod` off the uplink; `hgw_to_peer` on the bridge with
-/// [`Attach::Ports`], on any other interface with [`Attach::Bridge`]) would go on
-/// forwarding with its programs. (With tcx their pins go in `prepare_pin_dir`.)
+/// At start, whichever way this agent attaches: an earlier agent's filters on hooks
+/// this configuration does not use (`hgw_to_pod` off the uplink; `hgw_to_peer` on the
+/// bridge with [`Attach::Ports`], on any other interface with [`Attach::Bridge`]) would
+/// go on forwarding with its programs. (Its tcx links' pins go in `prepare_pin_dir`.)
 pub(super) fn remove_unused_filters(bridge: &str, uplink: &str, attach: Attach) -> usize {
     remove_filters_but(|interface, program| match (program, attach) {
         (PROG_TO_POD, _) => interface == uplink,

@@ -32,12 +32,12 @@ use std::{
 use ipnet::IpNet;
 use log::{info, warn};
 
-use hgw_common::loader::{self, LoaderError, PinnedMap};
+use hgw_common::loader::{self, KernelFacts, LoaderError, PinnedMap};
 
 use crate::config::Attach;
 
 use attach::HookLink;
-pub use attach::{FILTER_HANDLE, FILTER_PRIORITY, FORCE_CLS_BPF, HookKind, remove_filters};
+pub use attach::{FILTER_PRIORITY, FORCE_CLS_BPF, HookKind, remove_filters};
 pub use pins::{marked_qdiscs, remove_pins};
 
 /// The programs, built by build.rs from hgw-ebpf.
@@ -143,18 +143,19 @@ fn program_error(
 }
 
 impl Datapath {
-    /// Loads the programs (`conntrack`: in `established` mode), writes the node config, attaches `hgw_to_pod` to the uplink's
-    /// ingress and, with [`Attach::Bridge`], `hgw_to_peer` to the bridge's ingress (with
-    /// [`Attach::Ports`] the agent attaches it to each port with [`Datapath::attach_port`]).
+    /// Loads the programs for the kernel `facts` describe (with conntrack lookups in
+    /// `established` mode), writes the node config, attaches `hgw_to_pod` to the
+    /// uplink's ingress and, with [`Attach::Bridge`], `hgw_to_peer` to the bridge's
+    /// ingress (with [`Attach::Ports`] the agent attaches it to each port with
+    /// [`Datapath::attach_port`]), the `hook` way.
     pub fn attach(
         (bridge, bridge_ifindex): (&str, u32),
         (uplink, uplink_ifindex): (&str, u32),
         node: NodeConfig,
         attach: Attach,
-        conntrack: bool,
+        (hook, facts): (HookKind, KernelFacts),
         pins: Option<&Path>,
     ) -> Result<Self, DatapathError> {
-        let hook = HookKind::choose();
         if let Some(dir) = pins {
             pins::prepare_pin_dir(dir, bridge, attach)?;
         }
@@ -162,19 +163,16 @@ impl Datapath {
         for interface in [bridge, uplink] {
             attach::refuse_foreign_hgw(interface, pins)?;
         }
-        if hook == HookKind::ClsBpf {
-            let n = attach::remove_unused_filters(bridge, uplink, attach);
-            if n > 0 {
-                info!(
-                    "removed {n} cls_bpf filters of an earlier agent on hooks this configuration does not use"
-                );
-            }
+        // Whichever way this agent attaches: an earlier agent's filter on a hook this
+        // one leaves alone would go on forwarding with that agent's maps.
+        let n = attach::remove_unused_filters(bridge, uplink, attach);
+        if n > 0 {
+            info!(
+                "removed {n} cls_bpf filters of an earlier agent on hooks this configuration does not use"
+            );
         }
-        let (mut ebpf, maps) = loader::load_pinned(
-            PROGRAMS,
-            conntrack,
-            pins.map(|dir| dir.join("maps")).as_deref(),
-        )?;
+        let (mut ebpf, maps) =
+            loader::load_pinned(PROGRAMS, facts, pins.map(|dir| dir.join("maps")).as_deref())?;
         let reused: Vec<&str> = maps
             .iter()
             .filter(|(_, m)| *m == PinnedMap::Reused)

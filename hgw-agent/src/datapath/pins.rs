@@ -4,9 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+use std::os::fd::AsFd as _;
+
 use aya::programs::links::{FdLink, PinnedLink};
-use hgw_common::PROG_TO_PEER;
-use log::{info, warn};
+use hgw_common::{PROG_TO_PEER, sys};
+use log::{debug, info, warn};
 
 use super::DatapathError;
 use crate::config::Attach;
@@ -35,7 +37,7 @@ pub(super) fn adoptable(path: &Path, interface: &str) -> Option<FdLink> {
     if on_interface && let Ok(link) = PinnedLink::from_pin(path) {
         return Some(FdLink::from(link));
     }
-    let _ = std::fs::remove_file(path);
+    let _ = unpin_link(path);
     None
 }
 
@@ -44,25 +46,11 @@ pub(super) fn adoptable(path: &Path, interface: &str) -> Option<FdLink> {
 /// CAP_SYS_ADMIN, unlike naming a hook's programs by id). A link whose device is gone
 /// has interface 0.
 fn pinned_tcx_link(path: &Path) -> Option<(u32, u32)> {
-    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_LINK_TYPE_TCX: u32 = 11;
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    #[repr(C)]
-    struct InfoByFd {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
     /// `struct bpf_link_info` up to its union (8-byte aligned), of which tcx uses the
     /// first two words: ifindex, attach_type.
     #[repr(C)]
+    #[derive(Default)]
     struct LinkInfo {
         kind: u32,
         id: u32,
@@ -70,48 +58,11 @@ fn pinned_tcx_link(path: &Path) -> Option<(u32, u32)> {
         _pad: u32,
         union: [u32; 16],
     }
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let get = ObjGet {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: `get` is a valid BPF_OBJ_GET attr whose path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const get,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the kernel just gave us this fd; the OwnedFd closes it.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    let mut info = LinkInfo {
-        kind: 0,
-        id: 0,
-        prog_id: 0,
-        _pad: 0,
-        union: [0; 16],
-    };
-    let attr = InfoByFd {
-        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
-        info_len: std::mem::size_of::<LinkInfo>() as u32,
-        info: &raw mut info as u64,
-    };
-    // SAFETY: `attr` points at `info`, which is as long as `info_len` says.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw const attr,
-            std::mem::size_of::<InfoByFd>(),
-        )
-    };
-    (rc == 0 && info.kind == BPF_LINK_TYPE_TCX).then_some((info.prog_id, info.union[0]))
+    let fd = sys::obj_get(path).ok()?;
+    let mut info = LinkInfo::default();
+    // SAFETY: a link's info, no pointers in it.
+    let found = unsafe { sys::obj_info(fd.as_fd(), &mut info) }.is_ok();
+    (found && info.kind == BPF_LINK_TYPE_TCX).then_some((info.prog_id, info.union[0]))
 }
 
 /// bpffs mounted where the pins go (mounted when missing: at /sys/fs/bpf for a path
@@ -172,7 +123,7 @@ pub(super) fn prepare_pin_dir(
                 Attach::Bridge => interface != bridge,
             };
         if !exists || unused {
-            let _ = std::fs::remove_file(entry.path());
+            let _ = unpin_link(&entry.path());
         }
     }
     Ok(())
@@ -205,11 +156,7 @@ pub(super) fn remove_earlier_pins(own: Option<&Path>) {
 }
 
 /// Removes the link and map pins under `dir` and the directories, if they are there;
-/// each pinned link is detached first. Returns how many pins went.
-///
-/// Unlinking a link's pin alone drops the link's last reference only after an RCU
-/// grace period, so its program would stay on the hook for a moment: long enough for
-/// the hook checks that follow (a new agent's, uninstall's) to see it.
+/// each pinned link is detached first ([`unpin_link`]). Returns how many pins went.
 pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
     let mut count = 0;
     if let Ok(marks) = std::fs::read_dir(dir.join(QDISCS)) {
@@ -225,12 +172,11 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
         };
         for entry in entries {
             let path = entry?.path();
-            if sub.ends_with("links")
-                && let Err(e) = detach_pinned_link(&path)
-            {
-                warn!("detaching the link pinned at {}: {e}", path.display());
+            if sub.ends_with("links") {
+                unpin_link(&path)?;
+            } else {
+                std::fs::remove_file(path)?;
             }
-            std::fs::remove_file(path)?;
             count += 1;
         }
         std::fs::remove_dir(&sub)?;
@@ -244,36 +190,20 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
 
 /// Detaches the BPF link pinned at `path` at once (BPF_OBJ_GET, then BPF_LINK_DETACH:
 /// no capability beyond access to the pin), leaving the pin.
-pub(super) fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-    use std::os::unix::ffi::OsStrExt as _;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // union bpf_attr, BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags; zero-padded to
-    // the size the kernel reads.
-    let mut attr = [0u64; 16];
-    attr[0] = c_path.as_ptr() as u64;
-    // SAFETY: attr is a zeroed bpf_attr of 128 bytes holding a pointer to a
-    // NUL-terminated path that outlives the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), 128u32) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    sys::link_detach(sys::obj_get(path)?.as_fd())
+}
+
+/// Removes the link pin at `path`, detaching its link first: unlinking a link's last
+/// pin drops it only after an RCU grace period, so its program would stay on the hook
+/// for a moment, long enough for the hook checks that follow (this agent's, a new
+/// agent's, uninstall's) to see it. A link already gone is no error.
+pub(super) fn unpin_link(path: &Path) -> std::io::Result<()> {
+    // A link whose device went is detached already.
+    if let Err(e) = detach_pinned_link(path) {
+        debug!("detaching the link pinned at {}: {e}", path.display());
     }
-    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    let link = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(fd.unsigned_abs());
-    // SAFETY: attr is a zeroed bpf_attr whose first u32 is link_detach.link_fd, an fd
-    // open for the call (`link` closes it after).
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), 128u32) };
-    drop(link);
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    std::fs::remove_file(path)
 }
 
 /// Under the pin directory, one empty directory per `clsact` qdisc hgw added, named
@@ -300,23 +230,6 @@ pub fn marked_qdiscs(dir: &Path) -> Vec<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
-}
-
-/// Detaches the tcx link pinned at `path` and removes the pin, if it is there.
-pub(super) fn remove_link_pin(path: &Path) {
-    if !path.exists() {
-        return;
-    }
-    if let Err(e) = detach_pinned_link(path) {
-        warn!("detaching the link pinned at {}: {e}", path.display());
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => info!(
-            "{}: an earlier agent's tcx link detached (this agent attaches with cls_bpf)",
-            path.display()
-        ),
-        Err(e) => warn!("removing {}: {e}", path.display()),
-    }
 }
 
 const BPFFS_DEFAULT: &str = "/sys/fs/bpf";

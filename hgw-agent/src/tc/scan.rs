@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use futures::TryStreamExt as _;
+use hgw_common::sys;
 use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption};
 
 use super::{Filter, Hooks, PARENT_EGRESS, PARENT_INGRESS};
@@ -60,7 +61,6 @@ pub fn tcx_supported() -> bool {
 
 /// `BPF_PROG_QUERY` of a tcx hook.
 fn query_tcx(ifindex: u32, egress: bool) -> std::io::Result<Vec<u32>> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
     const BPF_TCX_INGRESS: u32 = 46;
     const BPF_TCX_EGRESS: u32 = 47;
     /// `union bpf_attr`'s `query` member, up to `revision` (6.6).
@@ -92,21 +92,15 @@ fn query_tcx(ifindex: u32, egress: bool) -> std::io::Result<Vec<u32>> {
             count: u32::try_from(ids.len()).unwrap_or(u32::MAX),
             ..Query::default()
         };
-        // SAFETY: `query` is a valid BPF_PROG_QUERY attr; `prog_ids` points at `ids`,
-        // which holds `count` u32s and outlives the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_QUERY,
-                &raw mut query,
-                std::mem::size_of::<Query>(),
-            )
+        // SAFETY: BPF_PROG_QUERY's layout; `prog_ids` points at `ids`, which holds
+        // `count` u32s and outlives the call.
+        let error = match unsafe { sys::bpf(sys::BPF_PROG_QUERY, &mut query) } {
+            Ok(_) => {
+                ids.truncate(query.count as usize);
+                return Ok(ids);
+            }
+            Err(error) => error,
         };
-        if rc == 0 {
-            ids.truncate(query.count as usize);
-            return Ok(ids);
-        }
-        let error = std::io::Error::last_os_error();
         match error.raw_os_error() {
             // More programs than room: the kernel said how many there are.
             Some(libc::ENOSPC) if query.count as usize > ids.len() => {
