@@ -284,6 +284,44 @@ pub fn ensure_clsact(ns: &str, dev: &str) -> anyhow::Result<()> {
     run_in_ok(ns, "tc", &["qdisc", "add", "dev", dev, "clsact"]).map(drop)
 }
 
+/// Every program-holding filter on `dev`'s ingress in `ns` (`tc -j filter show`):
+/// (priority, program name, program id). None without an `ingress`/`clsact` qdisc (tc
+/// refuses to list a hook that does not exist); any other tc failure is an error.
+pub fn ingress_filters(ns: &str, dev: &str) -> anyhow::Result<Vec<(u64, String, u64)>> {
+    if !qdiscs(ns, dev)?
+        .iter()
+        .any(|q| q["kind"] == "clsact" || q["kind"] == "ingress")
+    {
+        return Ok(Vec::new());
+    }
+    let out = run_in_ok(ns, "tc", &["-j", "filter", "show", "dev", dev, "ingress"])?;
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("tc filter JSON: {}", String::from_utf8_lossy(&out.stdout)))?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| {
+            let options = f.get("options")?;
+            Some((
+                f["pref"].as_u64()?,
+                options["bpf_name"].as_str()?.to_owned(),
+                options["prog"]["id"].as_u64()?,
+            ))
+        })
+        .collect())
+}
+
+/// hgw's filters on `dev`'s ingress in `ns`, as [`ingress_filters`] lists them.
+pub fn hgw_filters(ns: &str, dev: &str) -> anyhow::Result<Vec<(u64, String, u64)>> {
+    Ok(ingress_filters(ns, dev)?
+        .into_iter()
+        .filter(|(_, name, _)| name.starts_with("hgw_"))
+        .collect())
+}
+
 /// `tc qdisc del dev DEV PARENT` (`root`, `ingress`, `clsact`) in `ns`.
 pub fn delete_qdisc(ns: &str, dev: &str, parent: &str) -> anyhow::Result<()> {
     run_in_ok(ns, "tc", &["qdisc", "del", "dev", dev, parent]).map(drop)

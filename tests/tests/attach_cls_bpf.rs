@@ -21,11 +21,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
+use hgw_agent::datapath::{FILTER_PRIORITY, FORCE_CLS_BPF};
 use hgw_tests::{
     Hook, Lab, PacketMatch, Probe, UdpFlow, Verdict, add_kube_proxy_invalid_drop, counter,
-    hgw_programs, invalid_drops, paced_tcp_stream, probe_pin_dir, qdiscs, run_in_ok, uninstall,
+    hgw_filters, hgw_programs, ingress_filters, invalid_drops, paced_tcp_stream, probe_pin_dir,
+    qdiscs, uninstall,
 };
-use serde_json::Value;
 
 const PORT_DEV: &str = "veth1";
 const UPLINK_DEV: &str = "eth0";
@@ -36,43 +37,13 @@ const GAP: Duration = Duration::from_secs(3);
 const SETTLE: Duration = Duration::from_millis(1500);
 const READY: Duration = Duration::from_secs(15);
 
-/// hgw's filters on `dev`'s ingress in `ns`: (priority, program name, program id).
-fn hgw_filters(ns: &str, dev: &str) -> anyhow::Result<Vec<(u64, String, u64)>> {
-    Ok(ingress_filters(ns, dev)?
-        .into_iter()
-        .filter(|(_, name, _)| name.starts_with("hgw_"))
-        .collect())
-}
-
-/// Every program-holding filter on `dev`'s ingress (`tc -j filter show`).
-fn ingress_filters(ns: &str, dev: &str) -> anyhow::Result<Vec<(u64, String, u64)>> {
-    let out = run_in_ok(ns, "tc", &["-j", "filter", "show", "dev", dev, "ingress"])?;
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Vec::new());
-    }
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("tc filter JSON: {}", String::from_utf8_lossy(&out.stdout)))?;
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|f| {
-            let options = f.get("options")?;
-            Some((
-                f["pref"].as_u64()?,
-                options["bpf_name"].as_str()?.to_owned(),
-                options["prog"]["id"].as_u64()?,
-            ))
-        })
-        .collect())
-}
-
 /// Exactly one hgw filter of `program` on `dev`, last; its program id.
 fn one_hgw_filter(ns: &str, dev: &str, program: &str) -> anyhow::Result<u64> {
     let filters = hgw_filters(ns, dev)?;
     match filters.as_slice() {
-        [(65535, name, id)] if name == program => Ok(*id),
+        [(pref, name, id)] if *pref == u64::from(FILTER_PRIORITY) && name == program => Ok(*id),
         _ => anyhow::bail!(
-            "{ns} {dev} ingress: hgw filters {filters:?}, expected one {program} at priority 65535"
+            "{ns} {dev} ingress: hgw filters {filters:?}, expected one {program} at priority {FILTER_PRIORITY}"
         ),
     }
 }
@@ -85,7 +56,7 @@ fn has_clsact(ns: &str, dev: &str) -> anyhow::Result<bool> {
 fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() -> anyhow::Result<()>
 {
     // SAFETY: set before any thread of this test binary starts (one test in it).
-    unsafe { std::env::set_var("HGW_FORCE_CLS_BPF", "1") };
+    unsafe { std::env::set_var(FORCE_CLS_BPF, "1") };
     let mut lab = Lab::up(2, 1)?;
     let pin_dir = probe_pin_dir(&lab)?;
     let (n1, n2) = (lab.nodes[0].clone(), lab.nodes[1].clone());

@@ -10,8 +10,9 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use hgw_agent::datapath::FORCE_CLS_BPF;
 use hgw_tests::{
-    Lab, counter, counter_sum, hgw_programs, ping, run_in, tcp_transfer, udp_replied_exchange,
+    Lab, counter, counter_sum, hgw_filters, hgw_programs, ping, tcp_transfer, udp_replied_exchange,
     uninstall,
 };
 
@@ -33,7 +34,10 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
     for status in lab.statuses()? {
         assert_eq!(status.fast_path, mode, "the agent runs another mode");
     }
-    let cls_bpf = !kernel_has_tcx()? || std::env::var_os("HGW_FORCE_CLS_BPF").is_some();
+    // The kernel's answer to a tcx query (not its version), and the agent's own rule
+    // for forcing cls_bpf.
+    let tcx = hgw_agent::tc::tcx_supported();
+    let cls_bpf = !tcx || std::env::var_os(FORCE_CLS_BPF).is_some_and(|v| v == "1");
     let said = if cls_bpf {
         "attaching as cls_bpf filters"
     } else {
@@ -60,13 +64,7 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
         let kernel = status.kernel.context("status names no kernel features")?;
         assert_eq!(kernel.attach, if cls_bpf { "cls_bpf" } else { "tcx" });
         assert_eq!(kernel.conntrack_kfuncs.as_deref(), kfuncs, "{kernel}");
-        assert!(
-            kernel
-                .features
-                .iter()
-                .all(|(name, found)| *found || name == "tcx"),
-            "{kernel}"
-        );
+        assert_eq!(kernel.features.get("tcx"), Some(&tcx), "{kernel}");
     }
     let before = lab.statuses()?;
 
@@ -147,16 +145,6 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether this kernel has tcx (6.6 and later).
-fn kernel_has_tcx() -> anyhow::Result<bool> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    Ok((major, minor) >= (6, 6))
-}
-
 /// hgw's programs on the hooks of `ns`: tcx programs, or cls_bpf filters on the ingress
 /// of the uplink and the pod's port (one line each).
 fn hgw_hooks(ns: &str, cls_bpf: bool) -> anyhow::Result<Vec<String>> {
@@ -165,13 +153,10 @@ fn hgw_hooks(ns: &str, cls_bpf: bool) -> anyhow::Result<Vec<String>> {
     }
     let mut found = Vec::new();
     for dev in ["eth0", "veth1", "cni0"] {
-        // Without a qdisc on the hook, tc fails: no filter there.
-        let out = run_in(ns, "tc", &["filter", "show", "dev", dev, "ingress"])?;
         found.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| l.contains(" hgw_"))
-                .map(|l| format!("{dev}: {l}")),
+            hgw_filters(ns, dev)?
+                .into_iter()
+                .map(|(pref, name, id)| format!("{dev}: pref {pref} {name} id {id}")),
         );
     }
     Ok(found)

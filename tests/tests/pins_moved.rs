@@ -28,12 +28,6 @@ fn an_earlier_agents_pins_in_another_pin_dir_are_removed() -> anyhow::Result<()>
             && log.contains(&old_dir.to_string_lossy().into_owned()),
         "no word of the earlier pins, naming their directory: {log}"
     );
-    // Detached at once (an unlinked pin drops its link only after an RCU grace
-    // period, while the agent looks at the hooks right away).
-    assert!(
-        !log.contains("detaching "),
-        "an earlier link was not detached: {log}"
-    );
     assert!(
         !old_dir.join("links").exists(),
         "the earlier link pins are still there"

@@ -1015,7 +1015,10 @@ fn a_new_generation_alone_is_one_full_decision_then_cached_again() {
         let flow = node.flow(ipv6, Proto::Udp);
         let family = flow.family();
         node.insert_established(&flow, true, ESTABLISHED);
-        for (program, frame) in [(PROG_TO_PEER, flow.to_peer(0)), (PROG_TO_POD, flow.to_pod(0))] {
+        for (program, frame) in [
+            (PROG_TO_PEER, flow.to_peer(0)),
+            (PROG_TO_POD, flow.to_pod(0)),
+        ] {
             let what = format!("{family:?} {program}");
             node.expect_forward(program, &frame, family, &[], &format!("{what}: first"));
             node.expect_forward(program, &frame, family, &[Counter::CtCached], &what);
