@@ -1,12 +1,11 @@
 //! `cargo xtask matrix`: hgw on the kernels operators run. The lab's smoke test
 //! (tests/tests/matrix_smoke.rs) runs in each fast-path mode, and the ClusterIP and
 //! FORWARD policy tests against kernel routes alone, on this machine's kernel and, under
-//! QEMU, on Debian 12's newest 6.1 and 6.12 kernels. Each cell is a required pass or
-//! an expected failure that names its reason and must fail with the agent's own words
-//! for it; anything else (an unexpected failure, or an expected failure that now passes
-//! and should become a required pass) fails the run. The table goes to stdout and to
+//! QEMU, on Debian 12's newest 6.1 and 6.12 kernels. Every cell must pass. The table
+//! goes to stdout and to
 //! target/matrix.md, the logs to target/matrix/<kernel>/<check>.log.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,66 +46,31 @@ const CHECKS: [Check; 3] = [
         tests: &["service_clusterip", "network_policy"],
     },
 ];
-/// The test targets the checks run.
-const TESTS: [&str; 3] = ["matrix_smoke", "service_clusterip", "network_policy"];
 /// How long one test binary may take (coreutils `timeout`, host and guest alike).
 const TEST_TIMEOUT_S: u64 = 300;
-
-/// What a cell must show.
-#[derive(Clone, Copy)]
-enum Expect {
-    Pass,
-    /// The test fails, and its output (the agent's log) contains `said`.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "every cell passes today; a kernel that cannot run a mode is listed with one"
-        )
-    )]
-    Fail {
-        reason: &'static str,
-        said: &'static str,
-    },
-}
 
 /// A Debian kernel: the newest package `<prefix>N<suffix>` in the archive.
 struct Guest {
     prefix: &'static str,
     suffix: &'static str,
-    /// One per check, in `CHECKS` order.
-    expects: [Expect; 3],
 }
 
 const GUESTS: [Guest; 2] = [
     Guest {
         prefix: "linux-image-6.12.",
         suffix: "+deb12-amd64-unsigned",
-        expects: [Expect::Pass; 3],
     },
     Guest {
         prefix: "linux-image-6.1.0-",
-        suffix: "-amd64-unsigned",
         // No tcx before 6.6: the agent attaches as cls_bpf filters.
-        expects: [Expect::Pass; 3],
+        suffix: "-amd64-unsigned",
     },
 ];
-
-/// This machine's kernel: conntrack built in, tcx; everything must pass.
-const HOST: [Expect; 3] = [Expect::Pass; 3];
 
 /// What a cell showed.
 enum Outcome {
     Pass,
     Fail(String),
-    Expected {
-        reason: &'static str,
-        said: String,
-    },
-    /// Expected to fail, but passed: the expectation must become a required pass.
-    Passed {
-        reason: &'static str,
-    },
 }
 
 struct Cell {
@@ -130,7 +94,7 @@ pub fn matrix(agent: &Path) -> anyhow::Result<()> {
     for guest in &GUESTS {
         let package = matrix_vm::newest_package(guest.prefix, guest.suffix)?;
         let kernel = matrix_vm::fetch(&package)?;
-        columns.push(guest_column(&kernel, guest.expects, &tests, agent, &out)?);
+        columns.push(guest_column(&kernel, &tests, agent, &out)?);
         kernels.push(kernel.version);
     }
     matrix_vm::prune(&kernels)?;
@@ -142,7 +106,7 @@ pub fn matrix(agent: &Path) -> anyhow::Result<()> {
     let failed = columns
         .iter()
         .flat_map(|c| c.cells.iter())
-        .filter(|c| matches!(c.outcome, Outcome::Fail(_) | Outcome::Passed { .. }))
+        .filter(|c| matches!(c.outcome, Outcome::Fail(_)))
         .count();
     ensure!(
         failed == 0,
@@ -151,17 +115,18 @@ pub fn matrix(agent: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The checks' test binaries (in `TESTS` order), built by `cargo test` (the lab tests'
-/// profile), found by asking cargo rather than guessing among target/debug/deps/<name>-<hash>.
-fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
-    println!(
-        "matrix: cargo test --no-run --test {}",
-        TESTS.join(" --test ")
-    );
+/// Test target -> its binary.
+type Binaries = BTreeMap<&'static str, PathBuf>;
+
+/// Every check's test binaries, built by `cargo test` (the lab tests' profile), found by
+/// asking cargo rather than guessing among target/debug/deps/<name>-<hash>.
+fn test_binaries() -> anyhow::Result<Binaries> {
+    let names: BTreeSet<&'static str> = CHECKS.iter().flat_map(|c| c.tests).copied().collect();
     let mut args = vec!["test", "--no-run", "--message-format=json"];
-    for test in TESTS {
-        args.extend(["--test", test]);
+    for &name in &names {
+        args.extend(["--test", name]);
     }
+    println!("matrix: cargo {}", args.join(" "));
     let out = capture(cargo().args(args))?;
     ensure!(
         out.status.success(),
@@ -172,26 +137,22 @@ fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    TESTS
-        .iter()
+    names
+        .into_iter()
         .map(|name| {
             messages
                 .iter()
-                .filter(|m| m["target"]["name"] == *name)
+                .filter(|m| m["target"]["name"] == name)
                 .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+                .map(|path| (name, path))
                 .with_context(|| format!("cargo built no {name} executable"))
         })
         .collect()
 }
 
-/// The binaries `check` runs.
-fn binaries<'a>(check: &Check, tests: &'a [PathBuf]) -> Vec<&'a Path> {
-    check
-        .tests
-        .iter()
-        .filter_map(|name| TESTS.iter().position(|t| t == name))
-        .map(|i| tests[i].as_path())
-        .collect()
+/// The binaries `check` runs (every one was built: `test_binaries` fails otherwise).
+fn binaries<'a>(check: &Check, tests: &'a Binaries) -> impl Iterator<Item = &'a Path> {
+    check.tests.iter().map(|name| tests[name].as_path())
 }
 
 /// A fresh results directory for one kernel.
@@ -205,12 +166,12 @@ fn fresh_dir(out: &Path, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Each check on this machine's kernel, as `cargo test` runs the tests.
-fn host_column(tests: &[PathBuf], agent: &Path, out: &Path) -> anyhow::Result<Column> {
+fn host_column(tests: &Binaries, agent: &Path, out: &Path) -> anyhow::Result<Column> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .context("reading /proc/sys/kernel/osrelease")?;
     let dir = fresh_dir(out, "host")?;
     let mut cells = Vec::new();
-    for (check, expect) in CHECKS.iter().zip(HOST) {
+    for check in &CHECKS {
         println!("matrix: this machine ({}): {}", release.trim(), check.name);
         let log = dir.join(format!("{}.log", check.name));
         let file =
@@ -234,7 +195,7 @@ fn host_column(tests: &[PathBuf], agent: &Path, out: &Path) -> anyhow::Result<Co
         }
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         cells.push(Cell {
-            outcome: classify(expect, code, &text, &log),
+            outcome: classify(code, &text, &log),
             secs: started.elapsed().as_secs(),
         });
     }
@@ -248,8 +209,7 @@ fn host_column(tests: &[PathBuf], agent: &Path, out: &Path) -> anyhow::Result<Co
 /// One boot of `kernel` running each check.
 fn guest_column(
     kernel: &Kernel,
-    expects: [Expect; 3],
-    tests: &[PathBuf],
+    tests: &Binaries,
     agent: &Path,
     out: &Path,
 ) -> anyhow::Result<Column> {
@@ -304,7 +264,7 @@ fn guest_column(
         boot.elapsed.as_secs()
     );
     let mut cells = Vec::new();
-    for (check, expect) in CHECKS.iter().zip(expects) {
+    for check in &CHECKS {
         let log = dir.join(format!("{}.log", check.name));
         let rc =
             std::fs::read_to_string(dir.join(format!("{}.rc", check.name))).unwrap_or_default();
@@ -312,7 +272,6 @@ fn guest_column(
         let (code, secs) = (fields.next().flatten(), fields.next().flatten());
         let outcome = match code {
             Some(code) => classify(
-                expect,
                 i32::try_from(code).ok(),
                 &std::fs::read_to_string(&log).unwrap_or_default(),
                 &log,
@@ -335,56 +294,19 @@ fn guest_column(
     })
 }
 
-/// A cell's outcome from the test's exit code and output.
-fn classify(expect: Expect, code: Option<i32>, text: &str, log: &Path) -> Outcome {
-    match (expect, code) {
-        (Expect::Pass, Some(0)) => Outcome::Pass,
-        (Expect::Fail { reason, .. }, Some(0)) => Outcome::Passed { reason },
-        (Expect::Fail { reason, said }, _) if text.contains(said) => Outcome::Expected {
-            reason,
-            said: said_line(text, said),
-        },
-        (expect, code) => {
-            let why = match code {
-                Some(124) => format!("timed out after {TEST_TIMEOUT_S} s"),
-                Some(c) => format!("exit {c}"),
-                None => "killed by a signal".to_owned(),
-            };
-            let wanted = match expect {
-                Expect::Pass => String::new(),
-                Expect::Fail { said, .. } => format!(" (expected a failure saying \"{said}\")"),
-            };
-            Outcome::Fail(format!(
-                "{why}{wanted}; log {}:\n{}",
-                log.display(),
-                first_error(text)
-            ))
-        }
-    }
-}
-
-/// The agent's own words: the first output line containing `said`, without a log
-/// line's `[time LEVEL target]`, an error chain's `N: ` and an `Error: `, at most 300
-/// characters.
-fn said_line(text: &str, said: &str) -> String {
-    let mut line = text
-        .lines()
-        .find(|l| l.contains(said))
-        .unwrap_or(said)
-        .trim();
-    if line.starts_with('[')
-        && let Some((_, rest)) = line.split_once("] ")
-    {
-        line = rest;
-    }
-    if let Some((index, rest)) = line.split_once(": ")
-        && !index.is_empty()
-        && index.bytes().all(|b| b.is_ascii_digit())
-    {
-        line = rest;
-    }
-    let line = line.strip_prefix("Error: ").unwrap_or(line);
-    line.chars().take(300).collect()
+/// A cell's outcome from its tests' exit code and output.
+fn classify(code: Option<i32>, text: &str, log: &Path) -> Outcome {
+    let why = match code {
+        Some(0) => return Outcome::Pass,
+        Some(124) => format!("timed out after {TEST_TIMEOUT_S} s"),
+        Some(c) => format!("exit {c}"),
+        None => "killed by a signal".to_owned(),
+    };
+    Outcome::Fail(format!(
+        "{why}; log {}:\n{}",
+        log.display(),
+        first_error(text)
+    ))
 }
 
 /// The lines of a failed test's output that say why: its error, else the last lines.
@@ -403,8 +325,7 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// The table (kernel x mode) and, under it, each expected failure's reason and the
-/// agent's words, and each required cell's failure.
+/// The table (kernel x check) and, under it, each failure.
 fn render(columns: &[Column], took: Duration) -> String {
     let mut table = format!(
         "# hgw kernel matrix\n\n| kernel | {} |\n|---|{}\n",
@@ -419,24 +340,6 @@ fn render(columns: &[Column], took: Duration) -> String {
             let mode = check.name;
             let text = match &cell.outcome {
                 Outcome::Pass => format!("pass ({} s)", cell.secs),
-                Outcome::Expected { reason, said } => {
-                    n += 1;
-                    let _ = writeln!(
-                        notes,
-                        "{n}. {}, `{mode}`: expected failure: {reason}; the agent said: `{said}`",
-                        column.kernel
-                    );
-                    format!("expected failure ({n})")
-                }
-                Outcome::Passed { reason } => {
-                    n += 1;
-                    let _ = writeln!(
-                        notes,
-                        "{n}. {}, `{mode}`: PASSES, but was expected to fail ({reason}): make it a required pass in xtask/src/matrix.rs",
-                        column.kernel
-                    );
-                    format!("**unexpected pass** ({n})")
-                }
                 Outcome::Fail(why) => {
                     n += 1;
                     let _ = writeln!(notes, "{n}. {}, `{mode}`: FAILED: {why}", column.kernel);
@@ -463,58 +366,21 @@ fn render(columns: &[Column], took: Duration) -> String {
 mod tests {
     use std::path::Path;
 
-    use super::{Expect, Outcome, classify, said_line};
-
-    /// What the 6.1 `all` cell expected before the agent attached with cls_bpf.
-    const NO_TCX: Expect = Expect::Fail {
-        reason: "no tcx before Linux 6.6",
-        said: "Parent Qdisc",
-    };
-
-    const AGENT_DIED: &str = "Error: agent on node 0 exited while waiting\n\
-        --- agent log ---\n\
-        [2026-12-05T12:12:05Z INFO  hgw_agent::cni] wrote n1-subnet.env\n\
-        Error: hgw-agent run\n\nCaused by:\n    \
-        0: attaching program hgw_to_pod: netlink error: [\"Parent Qdisc doesn\\'t exists\"]\n    \
-        1: netlink error: [\"Parent Qdisc doesn\\'t exists\"]\n";
+    use super::{Outcome, classify};
 
     #[test]
-    fn an_expected_failure_quotes_the_agent() {
-        match classify(NO_TCX, Some(101), AGENT_DIED, Path::new("all.log")) {
-            Outcome::Expected { said, .. } => assert_eq!(
-                said,
-                "attaching program hgw_to_pod: netlink error: [\"Parent Qdisc doesn\\'t exists\"]"
-            ),
-            _ => panic!("not an expected failure"),
-        }
-        assert_eq!(
-            said_line(
-                "[2026-12-05T12:12:05Z ERROR hgw_agent] Error: no conntrack kfunc x",
-                "kfunc"
-            ),
-            "no conntrack kfunc x"
-        );
-    }
-
-    #[test]
-    fn other_failures_and_passes_of_expected_failures_fail_the_cell() {
+    fn a_cell_passes_on_exit_0_alone_and_a_failure_quotes_the_error() {
         let log = Path::new("x.log");
-        let other = "Error: `ip link add br0 type bridge` failed: Unknown device type\n";
-        assert!(matches!(
-            classify(NO_TCX, Some(101), other, log),
-            Outcome::Fail(_)
-        ));
-        assert!(matches!(
-            classify(NO_TCX, Some(0), "", log),
-            Outcome::Passed { .. }
-        ));
-        assert!(matches!(
-            classify(Expect::Pass, None, "", log),
-            Outcome::Fail(_)
-        ));
-        assert!(matches!(
-            classify(Expect::Pass, Some(0), "", log),
-            Outcome::Pass
-        ));
+        assert!(matches!(classify(Some(0), "", log), Outcome::Pass));
+        assert!(matches!(classify(None, "", log), Outcome::Fail(_)));
+        let text = "noise\nError: agent on node 0 exited while waiting\nCaused by: x\n";
+        match classify(Some(101), text, log) {
+            Outcome::Fail(why) => {
+                assert!(why.starts_with("exit 101; log x.log:"), "{why}");
+                assert!(why.contains("Error: agent on node 0 exited"), "{why}");
+                assert!(!why.contains("noise"), "{why}");
+            }
+            Outcome::Pass => panic!("exit 101 passed"),
+        }
     }
 }
