@@ -9,6 +9,7 @@ use std::{
 
 use ipnet::IpNet;
 
+use crate::cidr::{Taken, overlaps};
 use crate::config::{Network, Peer};
 
 /// What the desired state is computed against: facts of this node.
@@ -74,7 +75,7 @@ pub fn desired(network: &Network, peers: &[Peer], node: &NodeFacts) -> DesiredSt
                 reason,
             };
             let reason = refuse(network, pod_cidr, node_ip, node).or_else(|| {
-                let other = taken.find(pod_cidr)?;
+                let (other, _) = taken.find(pod_cidr)?;
                 let hop = &state.routes[&other];
                 Some(format!(
                     "{pod_cidr} overlaps {other} of peer {} ({})",
@@ -85,7 +86,7 @@ pub fn desired(network: &Network, peers: &[Peer], node: &NodeFacts) -> DesiredSt
                 state.skipped.push(skip(reason));
                 continue;
             }
-            taken.insert(pod_cidr);
+            taken.insert(pod_cidr, ());
             state.routes.insert(
                 pod_cidr,
                 Hop {
@@ -98,42 +99,6 @@ pub fn desired(network: &Network, peers: &[Peer], node: &NodeFacts) -> DesiredSt
         }
     }
     state
-}
-
-/// The accepted prefixes as address ranges (start -> end, per family): they are
-/// disjoint, so an overlap check is one lookup, not a scan (thousands of peers).
-#[derive(Default)]
-struct Taken {
-    ranges: [BTreeMap<u128, (u128, IpNet)>; 2],
-}
-
-impl Taken {
-    fn span(net: IpNet) -> (usize, u128, u128) {
-        match net.trunc() {
-            IpNet::V4(v4) => (
-                0,
-                u32::from(v4.network()).into(),
-                u32::from(v4.broadcast()).into(),
-            ),
-            IpNet::V6(v6) => (1, v6.network().into(), v6.broadcast().into()),
-        }
-    }
-
-    /// The accepted prefix `net` overlaps, if any: only the last range starting at or
-    /// before `net`'s end can reach into it.
-    fn find(&self, net: IpNet) -> Option<IpNet> {
-        let (family, start, end) = Self::span(net);
-        self.ranges[family]
-            .range(..=end)
-            .next_back()
-            .filter(|(_, (last, _))| *last >= start)
-            .map(|(_, (_, net))| *net)
-    }
-
-    fn insert(&mut self, net: IpNet) {
-        let (family, start, end) = Self::span(net);
-        self.ranges[family].insert(start, (end, net));
-    }
 }
 
 /// Why a peer route must not be installed, if it must not.
@@ -164,10 +129,6 @@ fn refuse(network: &Network, pod_cidr: IpNet, node_ip: IpAddr, node: &NodeFacts)
         ));
     }
     None
-}
-
-pub fn overlaps(a: IpNet, b: IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// Why a peer's node IP cannot be reached the host-gw way from this uplink, if it

@@ -1,8 +1,8 @@
 //! Wakes the static source when its config file may have changed: inotify on the file's
 //! directory (editors replace a file by renaming over it, and a Kubernetes ConfigMap
 //! volume swaps a `..data` symlink, so the directory's events are the ones that tell),
-//! with a slow timer behind it for filesystems that send no events. The caller compares
-//! contents: a wake-up is a hint, never a change by itself.
+//! with a slow timer behind it for a watch that goes stale (every second without
+//! inotify). The caller compares contents: a wake-up is a hint, never a change.
 
 use std::{
     os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
@@ -12,8 +12,11 @@ use std::{
 
 use tokio::io::unix::AsyncFd;
 
-/// How often the file is read again without an event (a filesystem without inotify).
-const FALLBACK_EVERY: Duration = Duration::from_secs(1);
+/// How often the file is read again without inotify.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+/// With inotify: how often anyway, for a watch that went stale unseen (the directory
+/// replaced, a network filesystem whose remote changes send no event).
+const SAFETY_NET_EVERY: Duration = Duration::from_secs(30);
 /// Events that come together (an editor's write, rename and chmod) are taken as one.
 const SETTLE: Duration = Duration::from_millis(5);
 
@@ -26,12 +29,17 @@ impl FileWatch {
     /// Watches `path`'s directory; without inotify (an error is returned for the log),
     /// the timer alone.
     pub fn new(path: &Path) -> (Self, Option<std::io::Error>) {
-        let mut fallback = tokio::time::interval(FALLBACK_EVERY);
-        fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (inotify, error) = match watch_dir(path) {
             Ok(fd) => (Some(fd), None),
             Err(e) => (None, Some(e)),
         };
+        let every = if inotify.is_some() {
+            SAFETY_NET_EVERY
+        } else {
+            POLL_EVERY
+        };
+        let mut fallback = tokio::time::interval(every);
+        fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         (Self { inotify, fallback }, error)
     }
 

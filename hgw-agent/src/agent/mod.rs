@@ -40,18 +40,16 @@ use tokio::{
 use crate::{
     caps::{self, CapsError},
     cni::{CniError, NodeFiles},
-    config::{
-        Attach, Config, ConfigError, EtcdConfig, FastPath, KubeConfig, Network, Peer, Source,
-    },
+    config::{Attach, Config, ConfigError, FastPath, Network, Peer, Source},
     conntrack::{self, ConntrackError},
     datapath::{self, Datapath, DatapathError, HookKind},
-    etcd::{self, EtcdError, EtcdSource},
+    etcd::{self, EtcdError},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link},
     lock::AgentLock,
     masq::{self, MasqError},
     metrics::{self, Health, MetricsError, Reconciles, Trigger},
     setup::{self, SetupError},
-    source::kube::{self as kube_source, KubeError, KubeSource},
+    source::kube::{self as kube_source, KubeError},
     status::{self, Status},
     tc::Scanner,
 };
@@ -64,9 +62,10 @@ pub use sources::Reload;
 
 /// The backstop: everything is compared with the kernel this often.
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
-/// How soon an unreachable etcd is asked again at start, doubling up to the maximum.
-const ETCD_RETRY_FIRST: Duration = Duration::from_secs(1);
-const ETCD_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How soon an unreachable source (etcd, the Kubernetes API) is asked again at start,
+/// doubling up to the maximum.
+const SOURCE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const SOURCE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often unresolved and stale next hops are asked for again; meanwhile the kernel
 /// path carries their traffic (and resolves them itself when a packet needs it).
 const RESOLVE_RETRY_EVERY: Duration = Duration::from_secs(10);
@@ -197,21 +196,36 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
                     )
                 })?,
             };
-            let Some(source) = wait_for_etcd(
-                etcd,
-                (public_ip, &uplink_networks),
+            let nets = &uplink_networks[..];
+            let wait = wait_for_source(
+                "etcd",
                 &snapshot,
-                &mut shutdown,
-            )
-            .await?
-            else {
+                || etcd::start(etcd.clone(), public_ip, nets),
+                |e: &EtcdError| matches!(e, EtcdError::Client { .. }).then_some(Retry::Backoff),
+            );
+            let source = tokio::select! {
+                source = wait => Some(source?),
+                () = shutdown.recv() => None,
+            };
+            let Some(source) = source else {
                 info!("stopped while waiting for etcd: routes left as they were");
                 return Ok(());
             };
             (source.network, sources::etcd_peers(source.peers))
         }
         Source::Kube(kube) => {
-            let wait = wait_for_kube(kube, &config.node_name, &uplink_networks, &snapshot);
+            let nets = &uplink_networks[..];
+            // A Node gets its pod CIDR within seconds of joining: asked every second.
+            let wait = wait_for_source(
+                "the Kubernetes API",
+                &snapshot,
+                || kube_source::start(kube, &config.node_name, nets),
+                |e: &KubeError| match e {
+                    KubeError::NoPodCidr { .. } => Some(Retry::Every(SOURCE_RETRY_FIRST)),
+                    e if e.is_transient() => Some(Retry::Backoff),
+                    _ => None,
+                },
+            );
             let source = tokio::select! {
                 source = wait => Some(source?),
                 () = shutdown.recv() => None,
@@ -1046,68 +1060,46 @@ fn bind_status_socket(config: &Config) -> Result<(UnixListener, AgentLock), Agen
     Ok((listener, lock))
 }
 
-/// `etcd::start`, retried while etcd cannot be reached, as flanneld does (backoff from
-/// 1 s, doubling, up to 30 s): meanwhile the node keeps the routes it has (nothing is
-/// swept and no program attached before etcd answers) and status says what the agent
-/// waits for. `None` when SIGTERM or SIGINT came first.
-async fn wait_for_etcd(
-    etcd: &EtcdConfig,
-    (public_ip, uplink_networks): (Ipv4Addr, &[IpNet]),
-    snapshot: &watch::Sender<Arc<Status>>,
-    shutdown: &mut Shutdown,
-) -> Result<Option<EtcdSource>, AgentError> {
-    let mut backoff = ETCD_RETRY_FIRST;
-    set_waiting(snapshot, "waiting for etcd: connecting".into());
-    loop {
-        let error = tokio::select! {
-            result = etcd::start(etcd.clone(), public_ip, uplink_networks) => match result {
-                Ok(source) => return Ok(Some(source)),
-                Err(error @ EtcdError::Client { .. }) => error,
-                Err(error) => return Err(error.into()),
-            },
-            () = shutdown.recv() => return Ok(None),
-        };
-        warn!("{error}; retrying in {backoff:?}, routes left as they are");
-        set_waiting(snapshot, format!("waiting for etcd: {error}"));
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = shutdown.recv() => return Ok(None),
-        }
-        backoff = (backoff * 2).min(ETCD_RETRY_MAX);
-    }
+/// How a source that could not start is tried again.
+enum Retry {
+    /// From 1 s, doubling, up to 30 s, as flanneld retries etcd.
+    Backoff,
+    /// Every so often: something that comes by itself soon (a Node's pod CIDR).
+    Every(Duration),
 }
 
-/// `kube::start`, retried while the API server cannot be reached or this node has no
-/// pod CIDR yet (every second, as kubelet's node gets one within seconds; up to 30 s
-/// apart for an unreachable server): meanwhile the node keeps the routes it has and
-/// status says what the agent waits for.
-async fn wait_for_kube(
-    kube: &KubeConfig,
-    node_name: &str,
-    uplink_networks: &[IpNet],
+/// A source's `start`, retried while `retry` says how (an error it gives no way is
+/// returned): meanwhile the node keeps the routes it has (nothing is swept and no
+/// program attached before the source answers) and status says what the agent waits
+/// for (`what`). The caller stops waiting on SIGTERM or SIGINT.
+async fn wait_for_source<S, E, Fut>(
+    what: &str,
     snapshot: &watch::Sender<Arc<Status>>,
-) -> Result<KubeSource, AgentError> {
-    let mut backoff = ETCD_RETRY_FIRST;
-    set_waiting(
-        snapshot,
-        "waiting for the Kubernetes API: connecting".into(),
-    );
+    mut start: impl FnMut() -> Fut,
+    retry: impl Fn(&E) -> Option<Retry>,
+) -> Result<S, AgentError>
+where
+    Fut: Future<Output = Result<S, E>>,
+    E: std::fmt::Display + Into<AgentError>,
+{
+    let mut backoff = SOURCE_RETRY_FIRST;
+    set_waiting(snapshot, format!("waiting for {what}: connecting"));
     loop {
-        let error = match kube_source::start(kube, node_name, uplink_networks).await {
+        let error = match start().await {
             Ok(source) => return Ok(source),
-            Err(error) if error.is_transient() => error,
-            Err(error) => return Err(error.into()),
+            Err(error) => error,
         };
-        let wait = match error {
-            KubeError::NoPodCidr { .. } => ETCD_RETRY_FIRST,
-            _ => {
+        let wait = match retry(&error) {
+            None => return Err(error.into()),
+            Some(Retry::Every(wait)) => wait,
+            Some(Retry::Backoff) => {
                 let wait = backoff;
-                backoff = (backoff * 2).min(ETCD_RETRY_MAX);
+                backoff = (backoff * 2).min(SOURCE_RETRY_MAX);
                 wait
             }
         };
         warn!("{error}; retrying in {wait:?}, routes left as they are");
-        set_waiting(snapshot, format!("waiting for the Kubernetes API: {error}"));
+        set_waiting(snapshot, format!("waiting for {what}: {error}"));
         tokio::time::sleep(wait).await;
     }
 }

@@ -34,6 +34,7 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use crate::cidr::{Taken, overlaps};
 use crate::config::{EtcdConfig, Network, NetworkV6, Peer, PeerV6};
 
 mod listing;
@@ -177,14 +178,10 @@ fn from_u128(value: u128, v6: bool) -> IpAddr {
     }
 }
 
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
-}
-
 /// The first of `uplink`'s networks that `net` overlaps: a subnet there would take the
 /// node's own traffic (its uplink addresses, SSH included) for pods.
 fn uplink_overlap(net: &IpNet, uplink: &[IpNet]) -> Option<IpNet> {
-    uplink.iter().map(IpNet::trunc).find(|u| overlaps(net, u))
+    uplink.iter().map(IpNet::trunc).find(|u| overlaps(*net, *u))
 }
 
 impl Pool {
@@ -371,7 +368,7 @@ impl SubnetSpace {
     }
 
     /// A network over the uplink's networks would hand the node's own traffic to pods.
-    fn check_uplink(&self, key: &str, uplink: &[IpNet]) -> Result<(), EtcdError> {
+    pub(crate) fn check_uplink(&self, key: &str, uplink: &[IpNet]) -> Result<(), EtcdError> {
         for (fields, pool) in self.pools() {
             if let Some(net) = uplink_overlap(&pool.network, uplink) {
                 return Err(EtcdError::BadConfig {
@@ -536,39 +533,6 @@ fn check_subnets(
     Ok(())
 }
 
-/// The subnets taken so far, per family, for overlap checks in O(log n): disjoint
-/// ranges by first address.
-#[derive(Default)]
-struct Taken {
-    ranges: [BTreeMap<u128, (u128, String)>; 2],
-}
-
-impl Taken {
-    fn family(net: &IpNet) -> usize {
-        usize::from(net.addr().is_ipv6())
-    }
-
-    fn span(net: &IpNet) -> (u128, u128) {
-        (to_u128(net.network()), to_u128(net.broadcast()))
-    }
-
-    /// The key of a taken subnet that overlaps `net`. The ranges are disjoint, so only
-    /// the last one starting at or before `net`'s end can reach into it.
-    fn find(&self, net: &IpNet) -> Option<&str> {
-        let (start, end) = Self::span(net);
-        self.ranges[Self::family(net)]
-            .range(..=end)
-            .next_back()
-            .filter(|(_, (last, _))| *last >= start)
-            .map(|(_, (_, key))| key.as_str())
-    }
-
-    fn insert(&mut self, net: &IpNet, key: &str) {
-        let (start, end) = Self::span(net);
-        self.ranges[Self::family(net)].insert(start, (end, key.to_owned()));
-    }
-}
-
 /// This node, as the peer set must leave it out.
 struct Own<'a> {
     key: &'a str,
@@ -593,7 +557,7 @@ fn peers_from_entries(
     order.sort_by_key(|(key, entry)| (entry.create_revision, *key));
     let mut taken = Taken::default();
     for net in own.subnet.nets() {
-        taken.insert(&net, own.key);
+        taken.insert(net, own.key);
     }
     let mut addresses: HashMap<IpAddr, &str> = HashMap::new();
     addresses.insert(own.public_ip.into(), own.key);
@@ -620,7 +584,7 @@ fn peers_from_entries(
         let nets: Vec<IpNet> = subnet.key.nets().collect();
         if let Some((net, other)) = nets
             .iter()
-            .find_map(|net| taken.find(net).map(|other| (net, other)))
+            .find_map(|net| taken.find(*net).map(|(_, &other)| (net, other)))
         {
             let whose = if other == own.key {
                 "this node's subnet".to_owned()
@@ -650,7 +614,7 @@ fn peers_from_entries(
             continue;
         }
         for net in &nets {
-            taken.insert(net, key);
+            taken.insert(*net, key.as_str());
         }
         for ip in ips {
             addresses.insert(ip, key);
@@ -958,12 +922,12 @@ async fn acquire(
         {
             if let Some(subnet_key) = SubnetKey::parse(prefix, key) {
                 for net in subnet_key.nets() {
-                    taken.insert(&net, key);
+                    taken.insert(net, key.as_str());
                 }
             }
         }
         let free = |net: &IpNet| {
-            taken.find(net).is_none() && uplink_overlap(net, &shared.uplink).is_none()
+            taken.find(*net).is_none() && uplink_overlap(net, &shared.uplink).is_none()
         };
         let pick = |pool: &Pool, preferred: Option<IpNet>| -> Result<IpNet, EtcdError> {
             preferred

@@ -62,8 +62,8 @@ pub enum KubeError {
         #[source]
         source: kube::Error,
     },
-    #[error("node {node}: pod cidr not assigned (its spec.podCIDRs is empty)")]
-    NoPodCidr { node: String },
+    #[error("node {node}: pod cidr not assigned (its spec.podCIDRs has no {family} CIDR)")]
+    NoPodCidr { node: String, family: &'static str },
     #[error("node {node}: {reason}")]
     BadNode { node: String, reason: String },
 }
@@ -158,11 +158,14 @@ pub async fn start(
         reason,
     };
     let cidrs = nodes::pod_cidrs(&node).map_err(bad)?;
-    let (Some(pod_cidr), true) = (cidrs.v4, cidrs.v6.is_some() || space.v6.is_none()) else {
-        return Err(KubeError::NoPodCidr {
-            node: node_name.to_owned(),
-        });
+    let missing = |family| KubeError::NoPodCidr {
+        node: node_name.to_owned(),
+        family,
     };
+    let pod_cidr = cidrs.v4.ok_or_else(|| missing("IPv4"))?;
+    if space.v6.is_some() && cidrs.v6.is_none() {
+        return Err(missing("IPv6"));
+    }
     nodes::check_in_network(&cidrs, &space).map_err(bad)?;
     let own = own_addresses(&node, &space, uplink).map_err(bad)?;
     announce(&api, &node, &own).await?;
@@ -319,7 +322,6 @@ async fn follow(
     let mut nodes = Nodes::default();
     // The list in progress; it replaces `nodes` when whole.
     let mut listing: Option<Nodes> = None;
-    let mut listed = false;
     let mut failing = false;
     while let Some(event) = stream.next().await {
         if event.is_ok() && std::mem::take(&mut failing) {
@@ -336,14 +338,13 @@ async fn follow(
                 false
             }
             Ok(watcher::Event::InitDone) => {
-                let mut whole = listing.take().unwrap_or_default();
-                // Keep what was already warned about: said once, not on every list.
-                std::mem::swap(&mut whole.nodes, &mut nodes.nodes);
-                listed = true;
+                // The warnings already given stay: said once, not on every list.
+                nodes.nodes = listing.take().unwrap_or_default().nodes;
                 true
             }
-            Ok(watcher::Event::Apply(node)) => nodes.apply(&node, &space) && listed,
-            Ok(watcher::Event::Delete(node)) => nodes.delete(&node) && listed,
+            // (The watcher sends these only after the first whole list.)
+            Ok(watcher::Event::Apply(node)) => nodes.apply(&node, &space),
+            Ok(watcher::Event::Delete(node)) => nodes.delete(&node),
             Err(e) => {
                 let why = watch_error(&e);
                 warn!("kube: {why}; retrying with backoff, routes left as they are");

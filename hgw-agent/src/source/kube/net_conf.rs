@@ -47,25 +47,15 @@ pub fn parse(path: &Path, text: &str, uplink: &[IpNet]) -> Result<SubnetSpace, K
             )));
         }
     }
-    let space = SubnetSpace::parse(&shown, text).map_err(|e| match e {
+    // etcd's checks, as flanneld applies the same ones to either source.
+    let checked = SubnetSpace::parse(&shown, text).and_then(|space| {
+        space.check_uplink(&shown, uplink)?;
+        Ok(space)
+    });
+    checked.map_err(|e| match e {
         crate::etcd::EtcdError::BadConfig { reason, .. } => bad(reason),
         other => bad(other.to_string()),
-    })?;
-    for (field, pool) in
-        std::iter::once(("Network", &space.v4)).chain(space.v6.as_ref().map(|p| ("IPv6Network", p)))
-    {
-        if let Some(net) = uplink
-            .iter()
-            .map(IpNet::trunc)
-            .find(|u| u.contains(&pool.network.network()) || pool.network.contains(&u.network()))
-        {
-            return Err(bad(format!(
-                "{field} {} overlaps the uplink's network {net}",
-                pool.network
-            )));
-        }
-    }
-    Ok(space)
+    })
 }
 
 #[cfg(test)]
@@ -101,19 +91,8 @@ mod tests {
             "Backend.Type",
         );
         refused(r#"{"Network":"10.244.0.0/16"}"#, "Backend.Type");
+        // etcd's checks (tested there), with the file named.
         refused(r#"{"Backend":{"Type":"host-gw"}}"#, "Network is missing");
-        refused(
-            r#"{"Network":"0.0.0.0/0","Backend":{"Type":"host-gw"}}"#,
-            "Network 0.0.0.0/0 is a default route",
-        );
-        refused(
-            r#"{"Network":"10.244.0.0/16","EnableIPv4":false,"Backend":{"Type":"host-gw"}}"#,
-            "EnableIPv4",
-        );
-        refused(
-            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"Backend":{"Type":"host-gw"}}"#,
-            "IPv6Network is missing",
-        );
         refused(
             r#"{"Network":"172.31.0.0/16","Backend":{"Type":"host-gw"}}"#,
             "Network 172.31.0.0/16 overlaps the uplink's network 172.31.0.0/24",
