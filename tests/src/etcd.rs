@@ -45,22 +45,8 @@ impl Etcd {
             child: None,
         };
         ip(&["netns", "add", &ns])?;
-        let sw = format!("{}-sw", lab.id);
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", "etcd", "netns", &sw,
-        ])?;
-        ip(&["-n", &sw, "link", "set", "etcd", "master", "br0", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ETCD_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        lab.attach_to_switch(&ns, "etcd", &format!("{ETCD_IP}/24"))?;
         etcd.resume()?;
         Ok(etcd)
     }

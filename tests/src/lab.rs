@@ -638,6 +638,18 @@ impl Lab {
         self.add_namespace(suffix)
     }
 
+    /// Wires namespace `ns` to the lab's switch: its `eth0` with `cidr` (an address on
+    /// the nodes' segment, `A.B.C.D/24`), the switch's end named `port` in `br0`.
+    pub fn attach_to_switch(&self, ns: &str, port: &str, cidr: &str) -> anyhow::Result<()> {
+        let sw = format!("{}-sw", self.id);
+        ip(&[
+            "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", &sw,
+        ])?;
+        ip(&["-n", &sw, "link", "set", port, "master", "br0", "up"])?;
+        ip(&["-n", ns, "addr", "add", cidr, "dev", "eth0"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"]).map(drop)
+    }
+
     /// `ip netns add <id>-<suffix>` with lo up and IPv6 duplicate address detection off
     /// (for interfaces made later); recorded for cleanup as soon as it exists.
     fn add_namespace(&mut self, suffix: &str) -> anyhow::Result<String> {

@@ -6,8 +6,8 @@ mod kube_lab;
 
 use std::time::{Duration, Instant};
 
-use hgw_tests::{FLANNEL_GRANTS, hgw_routes, log_lines, udp_replied_exchange};
-use kube_lab::{KubeLab, PREFIX, TIMEOUT, flannel_annotations, has_peer, ip};
+use hgw_tests::{FLANNEL_GRANTS, hgw_routes, log_lines, run_in_ok, udp_replied_exchange};
+use kube_lab::{KubeLab, PREFIX, TIMEOUT, flannel_annotations, has_peer};
 use serde_json::json;
 
 /// (Re)starts `node`'s agent and waits until its status, not ready, says it waits
@@ -171,15 +171,11 @@ fn this_nodes_late_pod_cidr_is_waited_for_and_public_ip_overwrite_honoured() -> 
     let n2 = kube.lab.nodes[1].clone();
     // n2 is reached on a second address, named by flannel's overwrite annotation.
     const OVERWRITE: &str = "172.31.0.202";
-    ip(&[
-        "-n",
+    run_in_ok(
         &n2.ns,
-        "addr",
-        "add",
-        &format!("{OVERWRITE}/24"),
-        "dev",
-        "eth0",
-    ])?;
+        "ip",
+        &["addr", "add", &format!("{OVERWRITE}/24"), "dev", "eth0"],
+    )?;
     kube.api.modify_node(&n2.name, |node| {
         node["spec"] = json!({});
         node["metadata"]["annotations"] =

@@ -203,7 +203,8 @@ fn bad_nodes_are_skipped_with_a_warning_naming_them() -> anyhow::Result<()> {
             "bad-overlap",
             "10.244.1.0/25",
             json!({format!("{PREFIX}public-ip"): "172.31.0.51"}),
-            "overlaps",
+            // n1's own pod CIDR on n1, peer n1's on the others.
+            "10.244.1.0/25 overlaps",
         ),
         (
             "bad-offlink",

@@ -1,5 +1,5 @@
-//! A small Kubernetes API server for the lab: it serves Node objects over plain HTTP the
-//! way kube-apiserver does (list with a resourceVersion, get, watch streams with
+//! A small Kubernetes API server for the lab: it serves Node objects over HTTPS (its
+//! own CA: kubectl sends a bearer token only over TLS) the way kube-apiserver does (list with a resourceVersion, get, watch streams with
 //! bookmarks, `410 Gone` for an expired resourceVersion, merge and strategic merge
 //! patches on `nodes/{name}` and `nodes/{name}/status`, bearer tokens with 401 and 403),
 //! since no package on these machines ships a kube-apiserver. `kubectl` works against it

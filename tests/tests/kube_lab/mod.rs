@@ -28,21 +28,7 @@ impl KubeLab {
     pub fn up(nodes: usize, pods: usize, agents: usize) -> anyhow::Result<KubeLab> {
         let mut lab = Lab::up(nodes, pods)?;
         let ns = lab.add_extra_namespace("kube")?;
-        let sw = format!("{}-sw", lab.id);
-        ip(&[
-            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", "kube", "netns", &sw,
-        ])?;
-        ip(&["-n", &sw, "link", "set", "kube", "master", "br0", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{API_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        lab.attach_to_switch(&ns, "kube", &format!("{API_IP}/24"))?;
         let api = KubeApi::start_in(&ns, format!("{API_IP}:6443").parse()?)?;
         api.add_token(
             TOKEN,
@@ -107,17 +93,6 @@ impl KubeLab {
         }
         Ok(start.elapsed())
     }
-}
-
-pub fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("ip").args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// The annotations flanneld writes for a host-gw node (pkg/subnet/kube `AcquireLease`).
