@@ -156,8 +156,9 @@ pub struct Endpoint {
 }
 const _: () = assert!(size_of::<Endpoint>() == 12);
 
-/// A flow as one program sees it: addresses and ports in network order.
-#[repr(C)]
+/// A flow as one program sees it: addresses and ports in network order. 8-byte
+/// aligned (no padding at that size), so the programs build and hash it in words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowKeyV4 {
     pub src: [u8; 4],
@@ -173,7 +174,7 @@ pub struct FlowKeyV4 {
 const _: () = assert!(size_of::<FlowKeyV4>() == 16);
 
 /// [`FlowKeyV4`] for IPv6.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowKeyV6 {
     pub src: [u8; 16],

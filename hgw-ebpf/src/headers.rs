@@ -107,9 +107,3 @@ const _: () = assert!(size_of::<TcpHead>() == 16);
 /// The ports of a UDP (or TCP) header, as one word.
 #[repr(C, align(4))]
 pub struct Ports(pub [u8; 4]);
-
-/// A map key on the stack aligned for 64-bit stores and loads (the flow keys are made
-/// of byte arrays); the same size and layout as the key itself.
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-pub struct Aligned<T>(pub T);

@@ -55,7 +55,7 @@ use hgw_common::{
 use network_types::eth::EthHdr;
 
 mod headers;
-use headers::{Aligned, Ip4, Ip6, Ports, TcpHead, halves};
+use headers::{Ip4, Ip6, Ports, TcpHead, halves};
 
 #[map]
 static HGW_ROUTES_V4: LpmTrie<[u8; 4], NextHop> =
@@ -80,11 +80,11 @@ static HGW_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 static HGW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 #[map]
-static HGW_FLOWS_V4: LruHashMap<Aligned<FlowKeyV4>, CachedFlow> =
+static HGW_FLOWS_V4: LruHashMap<FlowKeyV4, CachedFlow> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 #[map]
-static HGW_FLOWS_V6: LruHashMap<Aligned<FlowKeyV6>, CachedFlow> =
+static HGW_FLOWS_V6: LruHashMap<FlowKeyV6, CachedFlow> =
     LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 
 #[map]
@@ -810,7 +810,7 @@ fn bare_segment<H: IpHeader>(ctx: &TcContext, ip: *const H) -> bool {
 }
 
 /// Whether the flow cache may remember a flow the full path forwards.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Cache {
     Keep,
     Skip,
@@ -935,7 +935,7 @@ struct TupleV6 {
 impl IpHeader for Ip4 {
     type Addr = [u8; 4];
     type Tuple = TupleV4;
-    type FlowKey = Aligned<FlowKeyV4>;
+    type FlowKey = FlowKeyV4;
     const FAMILY: Family = Family::Ipv4;
     const LEN: usize = Ip4::LEN;
 
@@ -1022,14 +1022,14 @@ impl IpHeader for Ip4 {
     unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> Self::FlowKey {
         // SAFETY: guaranteed by the caller.
         let hdr = unsafe { &*ip };
-        Aligned(FlowKeyV4 {
+        FlowKeyV4 {
             src: hdr.src_addr,
             dst: hdr.dst_addr,
             ports,
             proto,
             side,
             _pad: [0; 2],
-        })
+        }
     }
 
     fn flows() -> &'static LruHashMap<Self::FlowKey, CachedFlow> {
@@ -1082,7 +1082,7 @@ const NEXTHDR_EXPERIMENT2: u8 = 254;
 impl IpHeader for Ip6 {
     type Addr = [u8; 16];
     type Tuple = TupleV6;
-    type FlowKey = Aligned<FlowKeyV6>;
+    type FlowKey = FlowKeyV6;
     const FAMILY: Family = Family::Ipv6;
     const LEN: usize = Ip6::LEN;
 
@@ -1172,14 +1172,14 @@ impl IpHeader for Ip6 {
     unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> Self::FlowKey {
         // SAFETY: guaranteed by the caller.
         let hdr = unsafe { &*ip };
-        Aligned(FlowKeyV6 {
+        FlowKeyV6 {
             src: hdr.src_addr,
             dst: hdr.dst_addr,
             ports,
             proto,
             side,
             _pad: [0; 2],
-        })
+        }
     }
 
     fn flows() -> &'static LruHashMap<Self::FlowKey, CachedFlow> {
