@@ -126,19 +126,24 @@ impl Datapath {
         (bridge, bridge_ifindex): (&str, u32),
         (uplink, uplink_ifindex): (&str, u32),
     ) -> Result<(), DatapathError> {
+        // The old link goes first: it is on another device (gone, or renamed), and
+        // under the same name it shares the new link's pin path, so taking it off
+        // after the new one is pinned would detach the new one.
         if self.uplink.as_ref().map(|(i, _)| *i) != Some(uplink_ifindex) {
-            let link = self.attach_hook(PROG_TO_POD, (uplink, uplink_ifindex))?;
-            if let Some((_, old)) = self.uplink.replace((uplink_ifindex, link)) {
+            if let Some((_, old)) = self.uplink.take() {
                 old.detach();
             }
+            let link = self.attach_hook(PROG_TO_POD, (uplink, uplink_ifindex))?;
+            self.uplink = Some((uplink_ifindex, link));
         }
         if self.attach == Attach::Bridge
             && self.bridge.as_ref().map(|(i, _)| *i) != Some(bridge_ifindex)
         {
-            let link = self.attach_hook(PROG_TO_PEER, (bridge, bridge_ifindex))?;
-            if let Some((_, old)) = self.bridge.replace((bridge_ifindex, link)) {
+            if let Some((_, old)) = self.bridge.take() {
                 old.detach();
             }
+            let link = self.attach_hook(PROG_TO_PEER, (bridge, bridge_ifindex))?;
+            self.bridge = Some((bridge_ifindex, link));
         }
         Ok(())
     }
