@@ -82,16 +82,16 @@ impl FastPath {
     }
 }
 
-/// Where the bridge-side program runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+/// Where the bridge-side program runs. Unset, the kernel decides: `ports` with tcx,
+/// `bridge` with cls_bpf (see `HookKind::placement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Attach {
     /// The bridge's ingress (cni0): pod traffic has been through the bridge first.
     Bridge,
     /// Each bridge port's ingress (the pods' host-side veths), followed as pods come
-    /// and go: the bridge is skipped for forwarded traffic. The default: the bench
-    /// measured it faster on every metric (1.42x kernel pps against 1.31x on cni0).
-    #[default]
+    /// and go: the bridge is skipped for forwarded traffic. The bench measured it
+    /// faster on every metric (1.42x kernel pps against 1.31x on cni0).
     Ports,
 }
 
@@ -210,7 +210,8 @@ section! {
         #[arg(long)]
         pub ct_recheck_ms: Option<u32>,
         /// Where the bridge-side program runs: on the bridge, or on each of its ports
-        /// (the pods' veths, skipping the bridge) [default: ports].
+        /// (the pods' veths, skipping the bridge) [default: ports with tcx, bridge on
+        /// kernels without it, where a port's qdisc is the CNI plugins'].
         #[arg(long, value_enum)]
         pub attach: Option<Attach>,
         /// Where `hgw-agent status` reaches this agent [default: /run/hgw/hgw.sock].
@@ -538,8 +539,8 @@ pub struct Config {
     pub fast_path: FastPath,
     /// How long (ms) a carried flow's verdict is reused; 0: never.
     pub ct_recheck_ms: u32,
-    /// Where the bridge-side program runs.
-    pub attach: Attach,
+    /// Where the bridge-side program runs (`None`: as the kernel's hook kind suits).
+    pub attach: Option<Attach>,
     pub status_socket: PathBuf,
     /// flannel's subnet file, written once the network is known.
     pub subnet_env: PathBuf,
@@ -640,7 +641,7 @@ impl Config {
                     ));
                 }
             },
-            attach: *raw.attach.get_or_insert_default(),
+            attach: raw.attach,
             status_socket: raw
                 .status_socket
                 .get_or_insert_with(|| DEFAULT_STATUS_SOCKET.into())
@@ -1382,7 +1383,7 @@ pod_cidr = "10.244.2.0/24"
         assert_eq!(config.bridge, "cni0");
         assert!(config.setup_node);
         assert_eq!(config.fast_path, FastPath::All);
-        assert_eq!(config.attach, Attach::Ports);
+        assert_eq!(config.attach, None);
         assert_eq!(static_peers(&config), ["n2"]);
     }
 
@@ -1410,7 +1411,7 @@ pod_cidr = "10.244.2.0/24"
         raw.peers[1].pod_cidr_v6 = None;
         let config = Config::from_raw(raw).expect("valid");
         assert!(config.setup_node);
-        assert_eq!(config.attach, Attach::Bridge);
+        assert_eq!(config.attach, Some(Attach::Bridge));
         assert_eq!(config.fast_path, FastPath::Established);
         assert_eq!(config.status_socket, PathBuf::from("/tmp/hgw.sock"));
         assert_eq!(static_peers(&config), ["n2", "n3"]);
@@ -1490,9 +1491,13 @@ pod_cidr = "10.244.2.0/24"
         assert_eq!(static_peers(&reread), ["n2", "n3"]);
         assert!(reread.restart_needed(&running).is_empty());
         // A default written out is no change.
-        let explicit = format!("bridge = \"cni0\"\nattach = \"ports\"\n{FILE}");
+        let explicit = format!("bridge = \"cni0\"\n{FILE}");
         let reread = Config::from_raw(file(&explicit)).expect("valid");
         assert!(reread.restart_needed(&running).is_empty());
+        // Unset, `attach` is the kernel's choice: written out, it overrides that.
+        let pinned = format!("attach = \"ports\"\n{FILE}");
+        let reread = Config::from_raw(file(&pinned)).expect("valid");
+        assert_eq!(reread.restart_needed(&running), ["attach"]);
 
         let changed = FILE
             .replace("fast_path = \"all\"", "fast_path = \"off\"")

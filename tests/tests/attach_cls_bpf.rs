@@ -73,7 +73,8 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
     let on_uplink = Probe::load(any_udp, Verdict::Next)?;
     let _uplink_filter = on_uplink.attach_legacy(&n2.ns, UPLINK_DEV, Hook::Ingress, 1, &pin_dir)?;
 
-    lab.start_agents(&[], READY)?;
+    // On the ports, as a user may still ask (without it, cls_bpf means cni0).
+    lab.start_agents(&["--attach=ports"], READY)?;
     let mut flow = UdpFlow::open(&a.ns, &b.ns, b.ip)?;
     let port = flow.server_addr().port();
     for agent in lab.agents() {
@@ -81,6 +82,11 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
         ensure!(
             log.contains("attaching as cls_bpf filters"),
             "node {}: the agent does not say it attaches with cls_bpf:\n{log}",
+            agent.node
+        );
+        ensure!(
+            log.contains("attach = ports without tcx"),
+            "node {}: the agent does not warn about its qdiscs on the pod veths:\n{log}",
             agent.node
         );
     }
@@ -149,7 +155,7 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
             "datagrams lost while no agent ran"
         );
         std::thread::sleep(GAP.saturating_sub(killed.elapsed()));
-        let agent = lab.start_agent(0, &[])?;
+        let agent = lab.start_agent(0, &["--attach=ports"])?;
         let after = agent.wait_ready(READY)?;
         let grew = counter(&after, "ipv4.fwd_to_peer") - counter(&before, "ipv4.fwd_to_peer");
         ensure!(
@@ -219,7 +225,7 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
     port_filter.remove()?;
 
     // Without pinning, the agent deletes its filters when it stops.
-    let agent = lab.start_agent(0, &["--pin-dir", "none"])?;
+    let agent = lab.start_agent(0, &["--attach=ports", "--pin-dir", "none"])?;
     agent.wait_ready(READY)?;
     one_hgw_filter(&n1.ns, UPLINK_DEV, "hgw_to_pod")?;
     ensure!(agent.stop()?.success(), "n1's agent did not exit 0");

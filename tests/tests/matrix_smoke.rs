@@ -66,6 +66,19 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
         assert_eq!(kernel.conntrack_kfuncs.as_deref(), kfuncs, "{kernel}");
         assert_eq!(kernel.features.get("tcx"), Some(&tcx), "{kernel}");
     }
+    // Where the bridge-side program went: each pod veth with tcx; cni0 with cls_bpf,
+    // whose qdisc on a pod veth would fail the CNI bandwidth plugin's ADD.
+    let on = |dev: &str| -> anyhow::Result<bool> {
+        Ok(hgw_hooks(&lab.nodes[0].ns, cls_bpf)?
+            .iter()
+            .any(|hook| hook.starts_with(&format!("{dev}:"))))
+    };
+    let (port, bridge) = (on("veth1")?, on("cni0")?);
+    assert_eq!(
+        (port, bridge),
+        (!cls_bpf, cls_bpf),
+        "n1: hgw's bridge-side program on veth1 {port}, on cni0 {bridge} (cls_bpf {cls_bpf})"
+    );
     let before = lab.statuses()?;
 
     let (from, to) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
@@ -146,10 +159,14 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
 }
 
 /// hgw's programs on the hooks of `ns`: tcx programs, or cls_bpf filters on the ingress
-/// of the uplink and the pod's port (one line each).
+/// of the uplink, the pod's port and the bridge (one line each, `DEV: ...`).
 fn hgw_hooks(ns: &str, cls_bpf: bool) -> anyhow::Result<Vec<String>> {
     if !cls_bpf {
-        return hgw_programs(ns);
+        // `DEV ingress NAME id ID`, as `DEV: ...` like the filters below.
+        return Ok(hgw_programs(ns)?
+            .into_iter()
+            .map(|p| p.replacen(' ', ": ", 1))
+            .collect());
     }
     let mut found = Vec::new();
     for dev in ["eth0", "veth1", "cni0"] {

@@ -26,7 +26,7 @@ struct Check {
     tests: &'static [&'static str],
 }
 
-const CHECKS: [Check; 3] = [
+const CHECKS: [Check; 4] = [
     Check {
         name: "established",
         mode: "established",
@@ -44,6 +44,13 @@ const CHECKS: [Check; 3] = [
         name: "nat-forward",
         mode: "established",
         tests: &["service_clusterip", "network_policy"],
+    },
+    // The routing table and rules, ICMP (frag-needed) and tc shaping stay the kernel's:
+    // each test sends what kernel routes alone would carry and checks it went there.
+    Check {
+        name: "routes-icmp-tc",
+        mode: "established",
+        tests: &["route_duties", "pmtu", "tc_bandwidth"],
     },
 ];
 /// How long one test binary may take (coreutils `timeout`, host and guest alike).
@@ -357,7 +364,7 @@ fn render(columns: &[Column], took: Duration) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone). Logs in {logs}. Took {} s.\n",
+        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone); `routes-icmp-tc`: route_duties.rs, pmtu.rs and tc_bandwidth.rs (where kernel routes, ICMP and shaping put the packets). Logs in {logs}. Took {} s.\n",
         took.as_secs()
     )
 }

@@ -155,6 +155,11 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         }
     };
     let kernel_status = fast_path.as_ref().map(|(status, ..)| status.clone());
+    let attach = match &fast_path {
+        Some((_, hook, _)) => hook.placement(config.attach),
+        // Nothing is attached (`off`).
+        None => config.attach.unwrap_or(Attach::Ports),
+    };
     let uplink_networks = kernel.networks(uplink.index).await?;
     let mut shutdown = Shutdown::new()?;
     let (listener, _lock) = bind_status_socket(&config)?;
@@ -261,7 +266,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         &config,
         &network,
         (&bridge, &uplink),
-        fast_path.map(|(_, hook, facts)| (hook, facts)),
+        fast_path.map(|(_, hook, facts)| (hook, attach, facts)),
     )?;
     if let Some(datapath) = &datapath {
         match datapath.counter_reader() {
@@ -286,7 +291,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             (&config.bridge, bridge),
             network.pod_cidrs().collect(),
         ),
-        reconciler: Reconciler::new(kernel.clone(), datapath, config.attach == Attach::Ports),
+        reconciler: Reconciler::new(kernel.clone(), datapath, attach == Attach::Ports),
         config,
         network,
         kernel,
@@ -357,9 +362,9 @@ fn attach_datapath(
     config: &Config,
     network: &Network,
     (bridge, uplink): (&Link, &Link),
-    kernel: Option<(HookKind, KernelFacts)>,
+    kernel: Option<(HookKind, Attach, KernelFacts)>,
 ) -> Result<Option<Datapath>, AgentError> {
-    let Some(kernel) = kernel else {
+    let Some((hook, attach, facts)) = kernel else {
         // Programs an earlier agent pinned would go on forwarding: off means none.
         if let Some(dir) = &config.pin_dir {
             match datapath::remove_pins(dir) {
@@ -387,11 +392,11 @@ fn attach_datapath(
         (&config.bridge, bridge.index),
         (&config.uplink, uplink.index),
         node,
-        config.attach,
-        kernel,
+        attach,
+        (hook, facts),
         config.pin_dir.as_deref(),
     )?;
-    let to_peer = match config.attach {
+    let to_peer = match attach {
         Attach::Bridge => format!("{} ingress", config.bridge),
         Attach::Ports => format!("ingress of each port of {}", config.bridge),
     };

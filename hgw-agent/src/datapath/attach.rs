@@ -69,6 +69,23 @@ impl HookKind {
             HookKind::ClsBpf => "cls_bpf",
         }
     }
+
+    /// Where the bridge-side program goes: as configured, else on the ports with tcx
+    /// and on the bridge with cls_bpf. A cls_bpf filter needs a qdisc, and a pod veth's
+    /// qdisc is the CNI plugins': the bandwidth plugin adds an `ingress` qdisc there and
+    /// fails the pod's ADD ("file exists") if hgw's clsact came first.
+    pub fn placement(self, configured: Option<Attach>) -> Attach {
+        match (self, configured) {
+            (_, Some(Attach::Bridge)) | (HookKind::ClsBpf, None) => Attach::Bridge,
+            (HookKind::Tcx, _) => Attach::Ports,
+            (HookKind::ClsBpf, Some(Attach::Ports)) => {
+                warn!(
+                    "attach = ports without tcx: hgw adds a clsact qdisc to each pod veth, and a CNI plugin that adds its own there (bandwidth) then fails that pod's ADD"
+                );
+                Attach::Ports
+            }
+        }
+    }
 }
 
 /// A program on one interface's ingress.
