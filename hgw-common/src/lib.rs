@@ -202,8 +202,10 @@ pub struct CachedFlow {
 }
 const _: () = assert!(size_of::<CachedFlow>() == 40);
 
-/// This node, as the fast path needs to know it.
-#[repr(C)]
+/// This node, as the fast path needs to know it. 8-byte aligned (as the kernel keeps
+/// an array map's values; the layout is the same, with no padding), so the programs
+/// read its IPv6 addresses and masks as two 64-bit words rather than four 32-bit ones.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct NodeConfig {
     /// This node's pod CIDR: network address, network byte order.
@@ -238,6 +240,13 @@ pub struct NodeConfig {
     pub ct: CtTimeouts,
 }
 const _: () = assert!(size_of::<NodeConfig>() == 160);
+const _: () = assert!(
+    core::mem::offset_of!(NodeConfig, pod_net_v6) % 8 == 0
+        && core::mem::offset_of!(NodeConfig, pod_mask_v6) % 8 == 0
+        && core::mem::offset_of!(NodeConfig, gateway_v6) % 8 == 0
+        && core::mem::offset_of!(NodeConfig, cluster_net_v6) % 8 == 0
+        && core::mem::offset_of!(NodeConfig, cluster_mask_v6) % 8 == 0
+);
 
 /// Conntrack timeouts for `established` mode, from the node's `net.netfilter`
 /// sysctls. Fast-path packets do not pass conntrack, so they do not refresh their

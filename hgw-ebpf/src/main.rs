@@ -344,7 +344,7 @@ fn forward<H: IpHeader>(
     let l4 = transport(ctx, ip);
     let mut flow = Flow::<H>::of(&l4, ip, side, timeouts);
     if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
-        check_ttl_and_mtu(ctx, ip, hop.mtu)?;
+        check_ttl_and_fit(ctx, ip, hop.mtu)?;
         // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
         // parse).
         unsafe { send(ctx, eth, ip, &hop) };
@@ -1265,6 +1265,22 @@ fn check_ttl_and_mtu<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Re
         return Err(Counter::PassMtu);
     }
     Ok(len)
+}
+
+/// [`check_ttl_and_mtu`] for a cached flow, which needs no [`wire_len`]: a packet that
+/// fits as a whole fits as segments too, so `gso_size` (in skb_shared_info, a cache
+/// line of its own) is read only for packets larger than the MTU.
+#[inline(always)]
+fn check_ttl_and_fit<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Result<(), Counter> {
+    // SAFETY: the caller got ip from parse.
+    let hdr = unsafe { &*ip };
+    if hdr.ttl() <= 1 {
+        return Err(Counter::PassTtl);
+    }
+    if hdr.packet_len() > mtu && wire_len(ctx, hdr) > mtu {
+        return Err(Counter::PassMtu);
+    }
+    Ok(())
 }
 
 /// The largest IP packet this one puts on the wire: itself, or, for a GSO packet
