@@ -51,6 +51,96 @@ pub fn uninstall(ns: &str, pins: &Path, socket: &Path) -> anyhow::Result<std::pr
     )
 }
 
+/// `hgw-agent status --json --status-socket SOCKET`, parsed: the status of the agent
+/// listening there, whoever started it.
+pub fn status_at(socket: &Path) -> anyhow::Result<Status> {
+    let bin = check_agent_bin()?;
+    let mut cmd = Command::new(&bin);
+    cmd.args(["status", "--json", "--status-socket"])
+        .arg(socket);
+    let what = describe(&cmd);
+    let out = output_with_timeout(&mut cmd, STATUS_TIMEOUT)?;
+    if !out.status.success() {
+        bail!(
+            "`{what}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "`{what}` printed no status JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Polls [`status_at`] until the agent at `socket` is ready, for an agent a test started
+/// as `child` (not through the lab); fails at once when `child` exits, and on timeout,
+/// with `log()`.
+pub fn wait_ready_at(
+    socket: &Path,
+    child: &mut Child,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> anyhow::Result<Status> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(status) = status_at(socket)
+            && status.ready
+        {
+            return Ok(status);
+        }
+        if let Some(exit) = child.try_wait()? {
+            bail!("the agent exited ({exit}):\n{}", log());
+        }
+        if Instant::now() >= deadline {
+            bail!("not ready within {timeout:?}:\n{}", log());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A process's credentials, from `/proc/PID/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    /// The effective uid.
+    pub uid: u32,
+    /// Capability sets, as bit masks.
+    pub effective: u64,
+    pub permitted: u64,
+    pub bounding: u64,
+    pub inheritable: u64,
+    pub ambient: u64,
+    pub no_new_privs: bool,
+}
+
+/// The credentials of process `pid`.
+pub fn credentials(pid: u32) -> anyhow::Result<Credentials> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    let mask = |name: &str| -> anyhow::Result<u64> { Ok(u64::from_str_radix(field(name)?, 16)?) };
+    Ok(Credentials {
+        uid: field("Uid:")?
+            .split_whitespace()
+            .nth(1)
+            .context("no effective uid")?
+            .parse()?,
+        effective: mask("CapEff:")?,
+        permitted: mask("CapPrm:")?,
+        bounding: mask("CapBnd:")?,
+        inheritable: mask("CapInh:")?,
+        ambient: mask("CapAmb:")?,
+        no_new_privs: field("NoNewPrivs:")? == "1",
+    })
+}
+
 /// Fails with a hint when the agent binary has not been built.
 pub(crate) fn check_agent_bin() -> anyhow::Result<PathBuf> {
     let bin = agent_bin();
@@ -130,25 +220,7 @@ impl Agent {
 
     /// `hgw-agent status --json --status-socket S`, parsed.
     pub fn status(&self) -> anyhow::Result<Status> {
-        let bin = check_agent_bin()?;
-        let mut cmd = Command::new(&bin);
-        cmd.args(["status", "--json", "--status-socket"])
-            .arg(&self.socket);
-        let what = describe(&cmd);
-        let out = output_with_timeout(&mut cmd, STATUS_TIMEOUT)?;
-        if !out.status.success() {
-            bail!(
-                "`{what}` failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "`{what}` printed no status JSON: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        status_at(&self.socket)
     }
 
     /// Polls [`Agent::status`] until it reports ready.

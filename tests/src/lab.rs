@@ -35,6 +35,18 @@ use crate::netns::{delete_namespace_quietly, in_netns, list_namespaces};
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The IPv6 cluster CIDR; node i has fd00:244:i::/64 (i in hex).
 pub const CLUSTER_CIDR_V6: &str = "fd00:244::/32";
+/// The lab's network as flannel's net-conf.json (kube-flannel's ConfigMap): both
+/// cluster CIDRs, host-gw.
+pub fn net_conf_json() -> String {
+    serde_json::json!({
+        "Network": CLUSTER_CIDR,
+        "EnableIPv6": true,
+        "IPv6Network": CLUSTER_CIDR_V6,
+        "Backend": {"Type": "host-gw"},
+    })
+    .to_string()
+}
+
 /// How long [`Lab::run_agent_to_exit`] lets an agent run before calling it hung.
 const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -34,7 +34,8 @@ mod tc;
 mod traffic;
 
 pub use agent::{
-    Agent, PeerStatus, Status, agent_bin, built_agent_bin, counter, counter_sum, peer, uninstall,
+    Agent, Credentials, PeerStatus, Status, agent_bin, built_agent_bin, counter, counter_sum,
+    credentials, peer, status_at, uninstall, wait_ready_at,
 };
 pub use cni::{CniPod, POD_IFNAME, PortMapping, exec_plugin, read_conflist};
 pub use etcd::{ETCD_IP, Etcd, LogLine, check_key_rejected, log_lines};
@@ -50,7 +51,7 @@ pub use kube_api::{
     ADMIN_TOKEN, FLANNEL_GRANTS, KubeApi, PatchError, ReceivedPatch, Request, merge_patch,
     strategic_merge_patch,
 };
-pub use lab::{CLUSTER_CIDR, CLUSTER_CIDR_V6, Lab, Node, Pod, is_lab_id};
+pub use lab::{CLUSTER_CIDR, CLUSTER_CIDR_V6, Lab, Node, Pod, is_lab_id, net_conf_json};
 pub use netfilter::{
     CNI_PATH, HostPort, KUBE_MARK_MASQ, OutsideHost, Proto, REPLY_BODY, ServicePort, TcpAnswer,
     UdpAnswer, iptables_restore, is_ok_reply, kube_proxy_iptables, kube_proxy_nftables, nft_apply,

@@ -120,7 +120,108 @@ fn strings(value: &Value) -> Vec<&str> {
 
 #[test]
 fn the_daemonset_is_shaped_like_flannels() -> anyhow::Result<()> {
-    let (_, text) = deploy("daemonset.yaml")?;
+    let config = shaped_like_flannels("daemonset.yaml")?;
+    assert!(
+        matches!(config.source, hgw_agent::config::Source::Etcd(_)),
+        "daemonset.yaml's agent does not read etcd: {:?}",
+        config.source
+    );
+    Ok(())
+}
+
+/// The kube variant: flannel's kube subnet manager's permissions (and no more), bound to
+/// the DaemonSet's service account; kube-flannel's net-conf.json where the agent reads
+/// it; NODE_NAME from the downward API; a `[kube]` config.
+#[test]
+fn the_kube_daemonset_has_flannels_permissions_and_network_config() -> anyhow::Result<()> {
+    let config = shaped_like_flannels("daemonset-kube.yaml")?;
+    let hgw_agent::config::Source::Kube(kube) = &config.source else {
+        panic!(
+            "daemonset-kube.yaml's agent does not read the Kubernetes API: {:?}",
+            config.source
+        );
+    };
+    assert_eq!(kube.kubeconfig, None, "not the in-cluster service account");
+    assert_eq!(
+        kube.net_conf,
+        PathBuf::from(hgw_agent::config::DEFAULT_NET_CONF)
+    );
+
+    let (_, text) = deploy("daemonset-kube.yaml")?;
+    let docs = documents(&text)?;
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k);
+    let ds = kind("DaemonSet").context("no DaemonSet")?;
+    let namespace = &ds["metadata"]["namespace"];
+    let spec = &ds["spec"]["template"]["spec"];
+    let account = kind("ServiceAccount").context("no ServiceAccount")?;
+    assert_eq!(account["metadata"]["namespace"], *namespace);
+    assert_eq!(spec["serviceAccountName"], account["metadata"]["name"]);
+
+    let binding = kind("ClusterRoleBinding").context("no ClusterRoleBinding")?;
+    let role = kind("ClusterRole").context("no ClusterRole")?;
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let subjects = binding["subjects"].as_sequence().context("subjects")?;
+    assert!(
+        subjects.iter().any(|s| s["kind"] == "ServiceAccount"
+            && s["name"] == account["metadata"]["name"]
+            && s["namespace"] == *namespace),
+        "the ClusterRole is not bound to the service account: {subjects:?}"
+    );
+    let mut grants = Vec::new();
+    for rule in role["rules"].as_sequence().context("rules")? {
+        assert_eq!(strings(&rule["apiGroups"]), [""], "{rule:?}");
+        for resource in strings(&rule["resources"]) {
+            for verb in strings(&rule["verbs"]) {
+                grants.push((verb, resource));
+            }
+        }
+    }
+    grants.sort_unstable();
+    let mut flannels = hgw_tests::FLANNEL_GRANTS.to_vec();
+    flannels.sort_unstable();
+    assert_eq!(grants, flannels, "not flannel's ClusterRole");
+
+    let agent = &spec["containers"][0];
+    let node_name = agent["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "NODE_NAME")
+        .context("no NODE_NAME")?;
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    let volume = spec["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|v| v["configMap"]["name"] == "kube-flannel-cfg")
+        .context("no volume of kube-flannel's ConfigMap")?;
+    let mount = agent["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == volume["name"])
+        .context("kube-flannel's ConfigMap is not mounted")?;
+    let net_conf = PathBuf::from(mount["mountPath"].as_str().context("mountPath")?);
+    let items = volume["configMap"]["items"]
+        .as_sequence()
+        .context("items")?;
+    assert!(
+        items.iter().any(|i| i["key"] == "net-conf.json"
+            && Some(net_conf.join(i["path"].as_str().unwrap_or_default()))
+                == Some(PathBuf::from(hgw_agent::config::DEFAULT_NET_CONF))),
+        "net-conf.json is not at {}: {items:?}",
+        hgw_agent::config::DEFAULT_NET_CONF
+    );
+    Ok(())
+}
+
+/// The checks both DaemonSets pass; the agent config its ConfigMap and flags make.
+fn shaped_like_flannels(yaml: &str) -> anyhow::Result<hgw_agent::config::Config> {
+    let (_, text) = deploy(yaml)?;
     let docs = documents(&text)?;
     let kind = |k: &str| docs.iter().find(|d| d["kind"] == k);
     let ds = kind("DaemonSet").context("no DaemonSet")?;
@@ -199,7 +300,8 @@ fn the_daemonset_is_shaped_like_flannels() -> anyhow::Result<()> {
     // The ConfigMap's file, with the node name the DaemonSet passes as a flag, is a
     // config the agent accepts.
     let toml = map["data"]["hgw.toml"].as_str().context("no hgw.toml")?;
-    let file = std::env::temp_dir().join(format!("hgw-configmap-{}.toml", std::process::id()));
+    let file =
+        std::env::temp_dir().join(format!("hgw-configmap-{yaml}-{}.toml", std::process::id()));
     std::fs::write(&file, toml)?;
     let flags = hgw_agent::config::RawConfig {
         node_name: Some("node-1".into()),
@@ -207,10 +309,16 @@ fn the_daemonset_is_shaped_like_flannels() -> anyhow::Result<()> {
     };
     let config = hgw_agent::config::Config::load(Some(&file), flags);
     let _ = std::fs::remove_file(&file);
-    let config = config.context("the ConfigMap's hgw.toml")?;
+    let config = config.with_context(|| format!("{yaml}: the ConfigMap's hgw.toml"))?;
     assert!(
         config.metrics_addr.is_some(),
         "the probes need metrics_addr"
     );
-    Ok(())
+    // The image `cargo xtask image` makes, run as the image's entrypoint is.
+    assert_eq!(
+        agent["image"].as_str(),
+        Some(format!("{}:{}", xtask::image::NAME, xtask::image::TAG).as_str())
+    );
+    assert_eq!(strings(&agent["command"]), [xtask::image::AGENT_PATH]);
+    Ok(config)
 }

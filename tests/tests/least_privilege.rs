@@ -14,8 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
-use hgw_tests::{Lab, Status, agent_bin, counter, hgw_programs, hgw_routes, udp_replied_exchange};
+use anyhow::{Context as _, ensure};
+use hgw_tests::{
+    Credentials, Lab, Status, agent_bin, counter, credentials, hgw_programs, hgw_routes, status_at,
+    udp_replied_exchange, wait_ready_at,
+};
 
 const NOBODY: u32 = 65534;
 const THREE: &str = "bpf,+net_admin,+perfmon";
@@ -78,36 +81,14 @@ impl Reduced {
     }
 
     fn status(&self) -> anyhow::Result<Status> {
-        let out = Command::new(agent_bin())
-            .args(["status", "--json", "--status-socket"])
-            .arg(&self.socket)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(serde_json::from_slice(&out.stdout)?)
+        status_at(&self.socket)
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Status> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(status) = self.status()
-                && status.ready
-            {
-                return Ok(status);
-            }
-            if let Some(exit) = self.child.try_wait()? {
-                bail!("the agent exited ({exit}):\n{}", self.log());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "not ready within {timeout:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let log = self.log.clone();
+        wait_ready_at(&self.socket, &mut self.child, timeout, || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        })
     }
 
     /// For an agent that must refuse to start.
@@ -142,25 +123,6 @@ fn nobody_dir(lab: &Lab) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// (uid, CapEff) of a running process.
-fn identity(pid: u32) -> anyhow::Result<(u32, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))
-    };
-    let uid = field("Uid:")?
-        .split_whitespace()
-        .nth(1)
-        .context("no effective uid")?
-        .parse()?;
-    let caps = u64::from_str_radix(field("CapEff:")?, 16)?;
-    Ok((uid, caps))
-}
-
 #[test]
 fn the_agent_runs_as_nobody_with_three_capabilities() -> anyhow::Result<()> {
     let mut lab = Lab::up(2, 1)?;
@@ -170,7 +132,11 @@ fn the_agent_runs_as_nobody_with_three_capabilities() -> anyhow::Result<()> {
     agent.wait_ready(Duration::from_secs(15))?;
 
     // `ip netns exec` and setpriv exec in place: the child's pid is the agent's.
-    let (uid, caps) = identity(agent.child.id())?;
+    let Credentials {
+        uid,
+        effective: caps,
+        ..
+    } = credentials(agent.child.id())?;
     assert_eq!(uid, NOBODY, "the agent is not running as nobody");
     assert_eq!(caps, THREE_MASK, "effective capabilities {caps:#x}");
     let meta = std::fs::metadata(&agent.socket)?;

@@ -52,6 +52,9 @@ enum Task {
     Matrix,
     /// A 3-node lab with an agent per node: traffic between all pods, counters.
     Demo,
+    /// Build the agent, then its OCI image (no base image pulled): target/oci/hgw-agent/
+    /// (an OCI image layout) and target/oci/hgw-agent.tar (the same, as one archive).
+    Image,
     /// Benchmark: kernel routing vs hgw's fast path vs a direct veth pair, and the
     /// programs' in-kernel cost; writes bench/results/<date>.{md,json,svg}.
     Bench(bench::BenchArgs),
@@ -103,6 +106,7 @@ fn dispatch(task: Task) -> anyhow::Result<ExitCode> {
             build()?;
             matrix::matrix(&hgw_tests::built_agent_bin())?;
         }
+        Task::Image => image()?,
         Task::Demo => return demo::demo(),
         Task::Bench(args) => return bench::bench(args),
     }
@@ -113,6 +117,25 @@ fn build() -> anyhow::Result<()> {
     setup::setup()?;
     println!("build: cargo build --release -p hgw-agent");
     run(cargo().args(["build", "--release", "-p", "hgw-agent"]))
+}
+
+fn image() -> anyhow::Result<()> {
+    build()?;
+    let image = xtask::image::build(
+        &hgw_tests::built_agent_bin(),
+        &util::root().join("target/oci"),
+    )?;
+    println!(
+        "image: {} ({}, {}:{}), layer {:.1} MiB ({:.1} MiB unpacked), and {}",
+        image.dir.display(),
+        image.digest,
+        xtask::image::NAME,
+        xtask::image::TAG,
+        image.layer_bytes as f64 / 1048576.0,
+        image.rootfs_bytes as f64 / 1048576.0,
+        image.archive.display()
+    );
+    Ok(())
 }
 
 fn test() -> anyhow::Result<()> {

@@ -34,6 +34,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     // The lab's Kubernetes API server makes its TLS certificates with openssl.
     "openssl",
+    // oci_image.rs enters the image's root with capsh --chroot, then cuts the bounding
+    // set to the DaemonSet's capabilities (setpriv, once it has, cannot chroot).
+    "libcap2-bin",
 ];
 /// Commands and the Debian package bringing each, installed only where the command is
 /// missing: kube_api_server.rs runs kubectl against the lab's API server, and a machine

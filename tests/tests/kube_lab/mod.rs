@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use hgw_tests::{CLUSTER_CIDR, CLUSTER_CIDR_V6, FLANNEL_GRANTS, KubeApi, Lab, Status};
+use hgw_tests::{FLANNEL_GRANTS, KubeApi, Lab, Status, net_conf_json};
 use serde_json::{Value, json};
 
 /// Where the API server listens on the lab segment (the nodes are .1 to .N, etcd .250).
@@ -37,16 +37,7 @@ impl KubeLab {
         );
         let kubeconfig = api.write_kubeconfig(TOKEN)?.display().to_string();
         let net_conf = lab.dir().join("net-conf.json");
-        std::fs::write(
-            &net_conf,
-            json!({
-                "Network": CLUSTER_CIDR,
-                "EnableIPv6": true,
-                "IPv6Network": CLUSTER_CIDR_V6,
-                "Backend": {"Type": "host-gw"},
-            })
-            .to_string(),
-        )?;
+        std::fs::write(&net_conf, net_conf_json())?;
         for node in &lab.nodes {
             api.add_node(json!({
                 "metadata": {"name": node.name},
