@@ -449,6 +449,7 @@ impl Agent {
             self.set_peers(&set).await;
         }
         self.publish();
+        self.reconciler.resolve_pending(&self.observed).await;
         let mut resync = tokio::time::interval(RESYNC_EVERY);
         let mut retry = tokio::time::interval(RESOLVE_RETRY_EVERY);
         let mut tcx = tokio::time::interval(TCX_QUERY_EVERY);
@@ -523,6 +524,7 @@ impl Agent {
                 }
             }
             self.publish();
+            self.reconciler.resolve_pending(&self.observed).await;
         }
     }
 
