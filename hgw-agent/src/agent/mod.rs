@@ -448,6 +448,7 @@ impl Agent {
         if let Some(set) = first {
             self.set_peers(&set).await;
         }
+        self.reconciler.publish_generation();
         self.publish();
         self.reconciler.resolve_pending(&self.observed).await;
         let mut resync = tokio::time::interval(RESYNC_EVERY);
@@ -523,6 +524,7 @@ impl Agent {
                     }
                 }
             }
+            self.reconciler.publish_generation();
             self.publish();
             self.reconciler.resolve_pending(&self.observed).await;
         }
@@ -844,6 +846,9 @@ impl FastPathMaps for Datapath {
 
     fn bump_generation(&mut self) -> Result<(), DatapathError> {
         Datapath::bump_generation(self)
+    }
+    fn publish_generation(&mut self) -> Result<(), DatapathError> {
+        Datapath::publish_generation(self)
     }
 
     fn own_programs(&self) -> Vec<u32> {

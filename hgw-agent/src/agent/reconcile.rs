@@ -90,6 +90,9 @@ pub trait FastPathMaps {
     fn devices(&self) -> Vec<(u32, u32)>;
     /// Makes every cached flow stale, with no map write (the kernel's routing changed).
     fn bump_generation(&mut self) -> Result<(), DatapathError>;
+    /// Makes the writes since the last call visible to cached flows (one generation
+    /// change for all of them).
+    fn publish_generation(&mut self) -> Result<(), DatapathError>;
     /// The ids of hgw's own programs.
     fn own_programs(&self) -> Vec<u32>;
 }
@@ -752,6 +755,14 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
+    /// The maps' writes of this pass reach the cached flows: one generation change.
+    pub fn publish_generation(&mut self) {
+        let Some(maps) = &mut self.maps else { return };
+        if let Err(e) = maps.publish_generation() {
+            warn!("{e}");
+        }
+    }
+
     /// The kernel's routing changed: every cached flow asks the FIB again.
     pub fn routing_changed(&mut self) {
         let Some(maps) = &mut self.maps else { return };
@@ -1002,6 +1013,9 @@ mod tests {
         }
         fn bump_generation(&mut self) -> Result<(), DatapathError> {
             self.generation += 1;
+            Ok(())
+        }
+        fn publish_generation(&mut self) -> Result<(), DatapathError> {
             Ok(())
         }
         fn own_programs(&self) -> Vec<u32> {
