@@ -11,6 +11,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use crate::cidr::{Taken, overlaps};
+use crate::source::peer_blocks::PeerBlocks;
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
@@ -375,11 +376,20 @@ impl RawPeer {
 
 impl RawConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        Self::from_file_with(path, &mut PeerBlocks::default())
+    }
+
+    /// [`RawConfig::from_file`], parsing only the `[[peers]]` blocks `blocks` has not
+    /// seen (a file read again after one peer changed).
+    pub fn from_file_with(
+        path: &std::path::Path,
+        blocks: &mut PeerBlocks,
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        blocks.parse(&text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
         })
@@ -667,8 +677,18 @@ impl Config {
 
     /// Reads the file (if any) and lays the flags over it, then checks the result.
     pub fn load(file: Option<&std::path::Path>, flags: RawConfig) -> Result<Self, ConfigError> {
+        Self::load_with(file, flags, &mut PeerBlocks::default())
+    }
+
+    /// [`Config::load`], with the file's `[[peers]]` blocks kept in `blocks` from one
+    /// read to the next.
+    pub fn load_with(
+        file: Option<&std::path::Path>,
+        flags: RawConfig,
+        blocks: &mut PeerBlocks,
+    ) -> Result<Self, ConfigError> {
         let raw = match file {
-            Some(path) => RawConfig::from_file(path)?,
+            Some(path) => RawConfig::from_file_with(path, blocks)?,
             None => RawConfig::default(),
         };
         Self::from_raw(raw.with_flags(flags))

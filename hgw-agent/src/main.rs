@@ -4,7 +4,7 @@
 //! (what flannel's host-gw backend does) and attaches TC programs that forward the same
 //! traffic without the kernel's routing and netfilter path.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::PoisonError};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use hgw_agent::{
     agent,
     config::{Config, ConfigError, DEFAULT_PIN_DIR, DEFAULT_STATUS_SOCKET, FastPath, RawConfig},
+    source::peer_blocks::PeerBlocks,
     status,
 };
 
@@ -70,12 +71,14 @@ struct RunArgs {
 }
 
 impl RunArgs {
-    fn into_config(self) -> Result<Config, ConfigError> {
-        let mut flags = self.flags;
+    /// The config from the file and flags; `blocks` keeps the file's peers for the
+    /// next read.
+    fn config(&self, blocks: &mut PeerBlocks) -> Result<Config, ConfigError> {
+        let mut flags = self.flags.clone();
         if self.no_fast_path {
             flags.fast_path = Some(FastPath::Off);
         }
-        Config::load(self.config.as_deref(), flags)
+        Config::load_with(self.config.as_deref(), flags, blocks)
     }
 }
 
@@ -90,12 +93,19 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             // The same file and flags, read again when the file changes.
             let file = args.config.clone();
-            let reread = args.clone();
+            let mut blocks = PeerBlocks::default();
             let config = args
-                .into_config()
+                .config(&mut blocks)
                 .context("invalid configuration; nothing was changed")?;
+            let blocks = std::sync::Mutex::new(blocks);
             let reload = file.map(|path| -> (PathBuf, agent::Reload) {
-                (path, Box::new(move || reread.clone().into_config()))
+                (
+                    path,
+                    Box::new(move || {
+                        let mut blocks = blocks.lock().unwrap_or_else(PoisonError::into_inner);
+                        args.config(&mut blocks)
+                    }),
+                )
             });
             log::info!(
                 "hgw-agent {} starting on node {}",

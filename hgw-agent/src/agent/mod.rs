@@ -453,7 +453,9 @@ impl Agent {
         if let Some(set) = first {
             self.set_peers(&set).await;
         }
+        self.reconciler.publish_generation();
         self.publish();
+        self.reconciler.resolve_pending(&self.observed).await;
         let mut resync = tokio::time::interval(RESYNC_EVERY);
         let mut retry = tokio::time::interval(RESOLVE_RETRY_EVERY);
         let mut tcx = tokio::time::interval(TCX_QUERY_EVERY);
@@ -527,7 +529,9 @@ impl Agent {
                     }
                 }
             }
+            self.reconciler.publish_generation();
             self.publish();
+            self.reconciler.resolve_pending(&self.observed).await;
         }
     }
 
@@ -847,6 +851,9 @@ impl FastPathMaps for Datapath {
 
     fn bump_generation(&mut self) -> Result<(), DatapathError> {
         Datapath::bump_generation(self)
+    }
+    fn publish_generation(&mut self) -> Result<(), DatapathError> {
+        Datapath::publish_generation(self)
     }
 
     fn own_programs(&self) -> Vec<u32> {

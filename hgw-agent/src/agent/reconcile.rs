@@ -15,7 +15,7 @@ use std::{
 use futures::StreamExt as _;
 use hgw_common::{Endpoint, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig};
 use ipnet::IpNet;
-use log::{debug, info, warn};
+use log::{Level, debug, info, log, warn};
 
 use super::{
     desired::{DesiredState, Hop},
@@ -31,6 +31,20 @@ use crate::{
 /// How many route requests are in flight at once: the kernel answers them in order,
 /// and waiting for each before sending the next is what makes one-by-one slow.
 const IN_FLIGHT: usize = 64;
+
+/// Up to this many new routes in one pass are each named at info; more (a first peer set
+/// of thousands) are summed up in one info line and named at debug, since a log line
+/// per route is a write per route.
+const LOG_EACH_UP_TO: usize = 32;
+
+/// The level that names each of `count` routes written in one pass.
+fn each_level(count: usize) -> Level {
+    if count <= LOG_EACH_UP_TO {
+        Level::Info
+    } else {
+        Level::Debug
+    }
+}
 
 /// The kernel's main routing table, and its neighbour resolution.
 pub trait RouteTable {
@@ -76,6 +90,9 @@ pub trait FastPathMaps {
     fn devices(&self) -> Vec<(u32, u32)>;
     /// Makes every cached flow stale, with no map write (the kernel's routing changed).
     fn bump_generation(&mut self) -> Result<(), DatapathError>;
+    /// Makes the writes since the last call visible to cached flows (one generation
+    /// change for all of them).
+    fn publish_generation(&mut self) -> Result<(), DatapathError>;
     /// The ids of hgw's own programs.
     fn own_programs(&self) -> Vec<u32>;
 }
@@ -113,6 +130,9 @@ pub struct Reconciler<R, M> {
     /// Per hooked interface, the other tcx programs running before hgw's that were
     /// last warned about.
     warned_before: HashMap<u32, Vec<u32>>,
+    /// New next hops to ask the kernel for, once the routes and map entries that need
+    /// them are written and published ([`Reconciler::resolve_pending`]).
+    pending_resolve: HashSet<IpAddr>,
 }
 
 impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
@@ -134,6 +154,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             devices: devices.into_iter().collect(),
             warned: HashSet::new(),
             warned_before: HashMap::new(),
+            pending_resolve: HashSet::new(),
         }
     }
 
@@ -172,20 +193,32 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             .iter()
             .map(|s| (s.pod_cidr, s.node_ip))
             .collect();
-        let mut changed = Vec::new();
-        for (cidr, hop) in &next.routes {
-            match self.desired.routes.get(cidr) {
-                Some(old) if old.node_ip == hop.node_ip => {}
-                old => {
-                    if old.is_none() {
-                        info!(
-                            "peer {} ({}): {cidr} via {}",
-                            hop.peer, hop.source, hop.node_ip
-                        );
-                    }
-                    changed.push(*cidr);
-                }
+        let changed: Vec<IpNet> = next
+            .routes
+            .iter()
+            .filter(|(cidr, hop)| {
+                self.desired
+                    .routes
+                    .get(cidr)
+                    .is_none_or(|old| old.node_ip != hop.node_ip)
+            })
+            .map(|(cidr, _)| *cidr)
+            .collect();
+        let level = each_level(changed.len());
+        for cidr in &changed {
+            if !self.desired.routes.contains_key(cidr) {
+                let hop = &next.routes[cidr];
+                log!(
+                    level,
+                    "peer {} ({}): {cidr} via {}",
+                    hop.peer,
+                    hop.source,
+                    hop.node_ip
+                );
             }
+        }
+        if level != Level::Info {
+            info!("{} peer routes new or changed", changed.len());
         }
         let gone: Vec<(IpNet, Hop)> = self
             .desired
@@ -205,22 +238,34 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         self.by_hop = self.desired.by_next_hop();
         let first = !self.peers_known;
         self.peers_known = true;
-        // The new next hops are asked for now (the others every few seconds).
-        let new_hops: Vec<IpAddr> = changed
+        // The new next hops are asked for next (the others every few seconds).
+        let new_hops = changed
             .iter()
             .filter_map(|cidr| self.desired.routes.get(cidr))
             .map(|hop| hop.node_ip)
-            .filter(|ip| observed.next_hops.get(ip).is_none_or(|n| n.mac.is_none()))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+            .filter(|ip| observed.next_hops.get(ip).is_none_or(|n| n.mac.is_none()));
+        self.pending_resolve.extend(new_hops);
         self.install(changed, observed).await;
         self.remove_unwanted(observed).await;
         if first {
             // Before the first set nothing was written to the map: write every entry.
             self.write_all_map_entries(observed);
         }
-        self.resolve(new_hops, observed).await;
+    }
+
+    /// Asks the kernel for the next hops new since the last call that are still wanted
+    /// and unknown. Called after the status is published: thousands of neighbour
+    /// requests (each an ARP or NS sent) wait behind the routes, not in front of them.
+    pub async fn resolve_pending(&mut self, observed: &Observed) {
+        if self.pending_resolve.is_empty() {
+            return;
+        }
+        let ips: Vec<IpAddr> = std::mem::take(&mut self.pending_resolve)
+            .into_iter()
+            .filter(|ip| self.by_hop.contains_key(ip))
+            .filter(|ip| observed.next_hops.get(ip).is_none_or(|n| n.mac.is_none()))
+            .collect();
+        self.resolve(ips, observed).await;
     }
 
     /// Compares everything with what the kernel holds now (`observed`, fresh from
@@ -411,12 +456,15 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
+        let level = each_level(results.len());
+        let mut installed = 0;
         for (cidr, gateway, result) in results {
             match result {
                 Ok(()) => {
                     let peer = self.desired.routes.get(&cidr).map(|h| h.peer.clone());
                     if self.state.get(&cidr) != Some(&RouteState::Installed) {
-                        info!(
+                        log!(
+                            level,
                             "route {cidr} via {gateway} dev {} ({})",
                             observed.uplink_name,
                             peer.unwrap_or_default()
@@ -424,6 +472,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                     }
                     self.state.insert(cidr, RouteState::Installed);
                     self.write_map_entry(cidr, observed);
+                    installed += 1;
                 }
                 Err(KernelError::ForeignRoute { protocol, .. }) => {
                     self.note_foreign(cidr, protocol)
@@ -433,6 +482,9 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                     self.state.insert(cidr, RouteState::Failed);
                 }
             }
+        }
+        if level != Level::Info {
+            info!("{installed} routes installed on {}", observed.uplink_name);
         }
     }
 
@@ -703,6 +755,14 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
+    /// The maps' writes of this pass reach the cached flows: one generation change.
+    pub fn publish_generation(&mut self) {
+        let Some(maps) = &mut self.maps else { return };
+        if let Err(e) = maps.publish_generation() {
+            warn!("{e}");
+        }
+    }
+
     /// The kernel's routing changed: every cached flow asks the FIB again.
     pub fn routing_changed(&mut self) {
         let Some(maps) = &mut self.maps else { return };
@@ -955,6 +1015,9 @@ mod tests {
             self.generation += 1;
             Ok(())
         }
+        fn publish_generation(&mut self) -> Result<(), DatapathError> {
+            Ok(())
+        }
         fn own_programs(&self) -> Vec<u32> {
             vec![HGW_PROGRAM]
         }
@@ -1089,6 +1152,7 @@ mod tests {
         let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
         let mut set = peers(1000);
         block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
+        block_on(r.resolve_pending(&observed));
         assert_eq!(routes.table.borrow().len(), 1000);
         assert_eq!(r.maps.as_ref().expect("present").routes.len(), 1000);
         assert_eq!(

@@ -118,6 +118,8 @@ pub struct Datapath {
     generation: Array<MapData, u32>,
     /// What `generation` holds (only the agent writes it).
     generation_now: u32,
+    /// Maps written since `generation` was last changed ([`Datapath::publish_generation`]).
+    generation_pending: bool,
     /// Bridge ports `hgw_to_peer` is attached to (Attach::Ports).
     ports: HashMap<u32, HookLink>,
     attach: Attach,
@@ -230,6 +232,7 @@ impl Datapath {
             own: Vec::new(),
             generation,
             generation_now,
+            generation_pending: false,
             ports: HashMap::new(),
             attach,
             uplink: None,
@@ -238,6 +241,7 @@ impl Datapath {
             hook,
         };
         datapath.set_config(node)?;
+        datapath.publish_generation()?;
         for program in [PROG_TO_PEER, PROG_TO_POD] {
             let prog = datapath.program(program)?;
             prog.load().map_err(program_error("loading", program))?;
@@ -275,14 +279,25 @@ impl Datapath {
     }
 
     /// After a write to the config, routes or endpoints (done or not: a failed one
-    /// may have changed something too), every cached flow is stale: the programs
-    /// look its next packet up again.
+    /// may have changed something too), every cached flow is stale: noted here, and
+    /// made so for the programs by [`Datapath::publish_generation`].
     fn next_generation(&mut self, result: Result<(), DatapathError>) -> Result<(), DatapathError> {
+        self.generation_pending = true;
+        result
+    }
+
+    /// Changes the generation if the maps were written since it last changed: the
+    /// programs look every cached flow's next packet up again. Once per pass of the
+    /// agent's loop, so that 5,000 entries written together cost one generation write,
+    /// not 5,000.
+    pub fn publish_generation(&mut self) -> Result<(), DatapathError> {
+        if !std::mem::take(&mut self.generation_pending) {
+            return Ok(());
+        }
         self.generation_now = self.generation_now.wrapping_add(1);
         self.generation
             .set(0, self.generation_now, 0)
-            .map_err(map_error("writing", MAP_GENERATION))?;
-        result
+            .map_err(map_error("writing", MAP_GENERATION))
     }
 
     /// Sets interface `ifindex`'s `DEVICE_*` bits (non-zero: zero is no entry).

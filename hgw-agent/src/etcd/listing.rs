@@ -13,8 +13,13 @@ use etcd_client::{Client, GetOptions, KeyValue};
 
 use super::{Entry, EtcdError, Shared};
 
-/// Entries per listing request.
+/// Entries per listing request at first, and after a page with a large value or a
+/// failed page: few enough that values at etcd's request limit fit in one message.
 const PAGE: i64 = 16;
+/// Entries per listing request at most: pages grow (x4) while their values are a
+/// flannel lease's few hundred bytes, so thousands of subnets take a few round trips,
+/// not hundreds.
+const PAGE_MAX: i64 = 1024;
 /// The largest gRPC message the agent decodes (the client's default is 4 MiB, which a
 /// few large values under `subnets/` exceed): a page of [`PAGE`] values at etcd's
 /// default request limit (1.5 MiB) fits, and so does one watch response of a few.
@@ -54,20 +59,37 @@ pub(super) async fn list(
     let mut from = prefix;
     let mut revision = 0;
     let mut entries = BTreeMap::new();
+    let mut page = PAGE;
     loop {
-        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-        // Every page at the first one's revision: one consistent listing, which the watch
-        // continues from. A compaction meanwhile fails it, and the caller lists again.
-        if revision != 0 {
-            options = options.with_revision(revision);
+        let options = |page| {
+            let options = GetOptions::new().with_range(end.clone()).with_limit(page);
+            // Every page at the first one's revision: one consistent listing, which the
+            // watch continues from. A compaction meanwhile fails it, and the caller lists
+            // again.
+            if revision != 0 {
+                options.with_revision(revision)
+            } else {
+                options
+            }
+        };
+        let response = match kv.get(from.clone(), Some(options(page))).await {
+            // Too large together for one message, maybe: asked again at the smallest.
+            Err(_) if page > PAGE => {
+                page = PAGE;
+                kv.get(from.clone(), Some(options(page))).await
+            }
+            other => other,
         }
-        let response = kv
-            .get(from.clone(), Some(options))
-            .await
-            .map_err(shared.error("listing subnets"))?;
+        .map_err(shared.error("listing subnets"))?;
         if revision == 0 {
             revision = response.header().map_or(0, |h| h.revision());
         }
+        let largest = response.kvs().iter().map(|kv| kv.value().len()).max();
+        page = if largest.unwrap_or(0) <= MAX_VALUE {
+            (page * 4).min(PAGE_MAX)
+        } else {
+            PAGE
+        };
         entries.extend(response.kvs().iter().filter_map(entry));
         let Some(last) = response.kvs().last() else {
             break;

@@ -2,3 +2,4 @@
 //! `agent::sources`).
 
 pub mod kube;
+pub mod peer_blocks;
