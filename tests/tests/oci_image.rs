@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use hgw_tests::{
-    Credentials, KubeApi, Lab, Status, agent_bin, counter, credentials, net_conf_json, set_sysctls,
+    Credentials, KubeApi, LAB_API_IP, LAB_API_PORT, Lab, Status, agent_bin, counter, credentials, net_conf_json, set_sysctls,
     status_at, udp_replied_exchange, wait_ready_at,
 };
 use serde::Deserialize as _;
@@ -37,9 +37,6 @@ use serde_yaml::Value;
 const DAEMONSET: &str = "daemonset-kube.yaml";
 /// kube-flannel.yml's ConfigMap, which the DaemonSet mounts and does not define.
 const FLANNEL_CONFIGMAP: &str = "kube-flannel-cfg";
-/// The lab's API server on the nodes' segment (nodes are .1 to .N).
-const API_IP: &str = "172.31.0.251";
-const API_PORT: u16 = 6443;
 const TOKEN: &str = "hgw-daemonset-token";
 /// Where kubelet mounts a pod's service account token.
 const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -600,9 +597,7 @@ fn the_agent_runs_from_its_image_with_the_daemonsets_privileges_and_volumes() ->
     let started = Instant::now();
     let ds = DaemonSet::read()?;
     let mut lab = Lab::up(2, 1)?;
-    let api_ns = lab.add_extra_namespace("kube")?;
-    lab.attach_to_switch(&api_ns, "kube", &format!("{API_IP}/24"))?;
-    let api = KubeApi::start_in(&api_ns, format!("{API_IP}:{API_PORT}").parse()?)?;
+    let api = KubeApi::start_on_lab(&mut lab)?;
     let grants: Vec<(&str, &str)> = ds
         .grants
         .iter()
@@ -707,8 +702,8 @@ fn the_agent_runs_from_its_image_with_the_daemonsets_privileges_and_volumes() ->
             };
             env.push((name.clone(), value));
         }
-        env.push(("KUBERNETES_SERVICE_HOST".into(), API_IP.into()));
-        env.push(("KUBERNETES_SERVICE_PORT".into(), API_PORT.to_string()));
+        env.push(("KUBERNETES_SERVICE_HOST".into(), LAB_API_IP.into()));
+        env.push(("KUBERNETES_SERVICE_PORT".into(), LAB_API_PORT.to_string()));
         let argv: Vec<String> = if ds.command.is_empty() {
             config.entrypoint.clone()
         } else {

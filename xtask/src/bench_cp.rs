@@ -192,7 +192,6 @@ struct Prepared {
 }
 
 /// Where the lab's API server listens (the lab node is .1, etcd .250).
-const API_IP: &str = "172.31.0.251";
 const TOKEN: &str = "hgw-node-token";
 const FLANNEL: &str = "flannel.alpha.coreos.com/";
 
@@ -245,9 +244,7 @@ fn prepare(source: Source, peers: usize) -> anyhow::Result<Prepared> {
             config
         }
         Source::Kube => {
-            let api_ns = lab.add_extra_namespace("kube")?;
-            lab.attach_to_switch(&api_ns, "kube", &format!("{API_IP}/24"))?;
-            let api = KubeApi::start_in(&api_ns, format!("{API_IP}:6443").parse()?)?;
+            let api = KubeApi::start_on_lab(&mut lab)?;
             api.add_token(
                 TOKEN,
                 "system:serviceaccount:kube-flannel:hgw",

@@ -46,6 +46,9 @@ pub use store::{ReceivedPatch, Request};
 
 /// The token [`KubeApi::start`] grants everything to (as `system:admin`).
 pub const ADMIN_TOKEN: &str = "hgw-lab-admin";
+/// Where [`KubeApi::start_on_lab`] listens: on the lab nodes' segment (they are .1 to .N).
+pub const LAB_API_IP: &str = "172.31.0.251";
+pub const LAB_API_PORT: u16 = 6443;
 
 /// What flannel's ClusterRole grants (kube-flannel.yml): what a node agent reading peers
 /// from Nodes and announcing its own needs.
@@ -106,6 +109,14 @@ impl KubeApi {
     /// node's, where clients in that namespace reach it.
     pub fn start_in(ns: &str, addr: SocketAddr) -> anyhow::Result<KubeApi> {
         Self::start_with(Some(ns.to_owned()), addr)
+    }
+
+    /// Listens at [`LAB_API_IP`]:[`LAB_API_PORT`] in a namespace of its own on `lab`'s
+    /// switch, where every lab node reaches it.
+    pub fn start_on_lab(lab: &mut crate::Lab) -> anyhow::Result<KubeApi> {
+        let ns = lab.add_extra_namespace("kube")?;
+        lab.attach_to_switch(&ns, "kube", &format!("{LAB_API_IP}/24"))?;
+        Self::start_in(&ns, format!("{LAB_API_IP}:{LAB_API_PORT}").parse()?)
     }
 
     fn start_with(ns: Option<String>, addr: SocketAddr) -> anyhow::Result<KubeApi> {

@@ -8,7 +8,6 @@ use hgw_tests::{FLANNEL_GRANTS, KubeApi, Lab, Status, net_conf_json};
 use serde_json::{Value, json};
 
 /// Where the API server listens on the lab segment (the nodes are .1 to .N, etcd .250).
-const API_IP: &str = "172.31.0.251";
 const TOKEN: &str = "hgw-node-token";
 pub const TIMEOUT: Duration = Duration::from_secs(15);
 pub const PREFIX: &str = "flannel.alpha.coreos.com/";
@@ -27,9 +26,7 @@ impl KubeLab {
     /// CIDRs in spec.podCIDRs) and kube-mode agents on `0..agents`, each ready.
     pub fn up(nodes: usize, pods: usize, agents: usize) -> anyhow::Result<KubeLab> {
         let mut lab = Lab::up(nodes, pods)?;
-        let ns = lab.add_extra_namespace("kube")?;
-        lab.attach_to_switch(&ns, "kube", &format!("{API_IP}/24"))?;
-        let api = KubeApi::start_in(&ns, format!("{API_IP}:6443").parse()?)?;
+        let api = KubeApi::start_on_lab(&mut lab)?;
         api.add_token(
             TOKEN,
             "system:serviceaccount:kube-flannel:hgw",
