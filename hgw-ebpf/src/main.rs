@@ -344,7 +344,7 @@ fn forward<H: IpHeader>(
     let l4 = transport(ctx, ip);
     let mut flow = Flow::<H>::of(&l4, ip, side, timeouts);
     if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
-        check_ttl_and_fit(ctx, ip, hop.mtu)?;
+        check_ttl_and_mtu(ctx, ip, hop.mtu)?;
         // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
         // parse).
         unsafe { send(ctx, eth, ip, &hop) };
@@ -1252,7 +1252,11 @@ fn parse<H: IpHeader>(
 
 /// TTL <= 1 and packets too large for the egress go to the kernel, which answers with
 /// ICMP time exceeded / fragmentation needed (ICMPv6 packet too big) as a router must.
-/// The packet's [`wire_len`], for the FIB's own MTU check.
+/// The packet's length on the wire, for the FIB's own MTU check: a packet that fits as
+/// a whole fits as segments too, so [`wire_len`] (which reads `gso_size`, in
+/// skb_shared_info, a cache line of its own) runs only for packets larger than `mtu`.
+/// (A GSO packet that fits whole is then checked whole against a locked route MTU
+/// too: where only its segments would fit, the kernel forwards it.)
 #[inline(always)]
 fn check_ttl_and_mtu<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Result<u32, Counter> {
     // SAFETY: the caller got ip from parse.
@@ -1260,27 +1264,16 @@ fn check_ttl_and_mtu<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Re
     if hdr.ttl() <= 1 {
         return Err(Counter::PassTtl);
     }
-    let len = wire_len(ctx, hdr);
+    let whole = hdr.packet_len();
+    let len = if whole <= mtu {
+        whole
+    } else {
+        wire_len(ctx, hdr)
+    };
     if len > mtu {
         return Err(Counter::PassMtu);
     }
     Ok(len)
-}
-
-/// [`check_ttl_and_mtu`] for a cached flow, which needs no [`wire_len`]: a packet that
-/// fits as a whole fits as segments too, so `gso_size` (in skb_shared_info, a cache
-/// line of its own) is read only for packets larger than the MTU.
-#[inline(always)]
-fn check_ttl_and_fit<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Result<(), Counter> {
-    // SAFETY: the caller got ip from parse.
-    let hdr = unsafe { &*ip };
-    if hdr.ttl() <= 1 {
-        return Err(Counter::PassTtl);
-    }
-    if hdr.packet_len() > mtu && wire_len(ctx, hdr) > mtu {
-        return Err(Counter::PassMtu);
-    }
-    Ok(())
 }
 
 /// The largest IP packet this one puts on the wire: itself, or, for a GSO packet
