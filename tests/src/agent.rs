@@ -165,15 +165,20 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `ip netns exec NS <agent-bin> ARGS` with stdout and stderr appended to `log`.
+    /// Starts `ip netns exec NS BIN ARGS` with stdout and stderr appended to `log`; `BIN`
+    /// is `bin`, else [`agent_bin`].
     pub(crate) fn spawn(
         node: usize,
         ns: &str,
+        bin: Option<&Path>,
         args: &[&str],
         socket: PathBuf,
         log: PathBuf,
     ) -> anyhow::Result<Agent> {
-        let bin = check_agent_bin()?;
+        let bin = match bin {
+            Some(bin) => bin.to_owned(),
+            None => check_agent_bin()?,
+        };
         let out = File::options()
             .create(true)
             .append(true)

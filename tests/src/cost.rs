@@ -698,6 +698,7 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
     config.set(
         0,
         NodeConfig {
+            _layout: [0; 8],
             pod_net_v4: [10, 244, 1, 0],
             pod_mask_v4: [255, 255, 255, 0],
             pod_net_v6: net6(2, 0),

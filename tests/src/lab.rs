@@ -99,6 +99,9 @@ pub struct Lab {
     namespaces: Vec<String>,
     /// Set by [`Lab::keep`]: Drop then leaves everything in place.
     kept: bool,
+    /// The agent binary this lab's agents run, if not [`crate::agent::agent_bin`]'s
+    /// (the bench compares two builds with it).
+    agent_bin: Option<PathBuf>,
 }
 
 impl Lab {
@@ -131,6 +134,7 @@ impl Lab {
             dir,
             namespaces: Vec::new(),
             kept: false,
+            agent_bin: None,
         };
         lab.build(nodes, pods, wiring)
             .with_context(|| format!("building lab {}", lab.id))?;
@@ -360,6 +364,12 @@ impl Lab {
         Ok((status, reader.join().unwrap_or_default(), socket))
     }
 
+    /// Runs this lab's agents (those started from now on) from `bin` instead of the
+    /// built agent; `status` still asks with the built one.
+    pub fn set_agent_bin(&mut self, bin: PathBuf) {
+        self.agent_bin = Some(bin);
+    }
+
     /// The agents, in the order they were first started.
     pub fn agents(&self) -> &[Agent] {
         &self.agents
@@ -455,7 +465,14 @@ impl Lab {
             args.extend(["--pin-dir", &pin_dir_arg]);
         }
         args.extend_from_slice(extra_args);
-        let agent = Agent::spawn(node, &self.nodes[node].ns, &args, socket, log)?;
+        let agent = Agent::spawn(
+            node,
+            &self.nodes[node].ns,
+            self.agent_bin.as_deref(),
+            &args,
+            socket,
+            log,
+        )?;
         let i = match slot {
             Some(i) => {
                 self.agents[i] = agent;

@@ -265,6 +265,7 @@ impl Node {
         };
         let mut config: Array<MapData, NodeConfig> = take_map(&mut ebpf, MAP_CONFIG);
         let node = NodeConfig {
+            _layout: [0; 8],
             pod_net_v4: v4("10.244.1.0"),
             pod_mask_v4: v4("255.255.255.0"),
             pod_net_v6: v6("fd00:244:1::"),

@@ -50,7 +50,9 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     tests: Vec<Test>,
     /// An extra hgw mode, NAME=AGENT ARGS (e.g. `hgw-bridge=--attach bridge`): its own
-    /// lab with agents started with those arguments. Repeatable.
+    /// lab with agents started with those arguments. `NAME=@PATH ARGS` runs the agent
+    /// binary at PATH instead of the built one (another build of hgw, compared in the
+    /// same run). Repeatable.
     #[arg(long = "variant", value_name = "NAME=ARGS")]
     variants: Vec<String>,
     /// Instead of the traffic tests: the agent applying 1,000 and 5,000 static peers,
@@ -104,11 +106,23 @@ pub fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
                 && !modes.iter().any(|m| m.name == name),
             "--variant {v:?}: the name must be new and made of letters, digits, - and _"
         );
-        modes.push(Mode::new(
-            name,
-            Kind::Hgw,
-            args.split_whitespace().map(str::to_owned).collect(),
-        ));
+        let mut args: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
+        let bin = match args.first().and_then(|a| a.strip_prefix('@')) {
+            Some(path) => {
+                let bin = PathBuf::from(path);
+                anyhow::ensure!(
+                    bin.is_file(),
+                    "--variant {v:?}: no agent binary at {}",
+                    bin.display()
+                );
+                args.remove(0);
+                Some(bin)
+            }
+            None => None,
+        };
+        let mut mode = Mode::new(name, Kind::Hgw, args);
+        mode.agent_bin = bin;
+        modes.push(mode);
     }
     modes.push(mode("floor", Kind::Floor, &["--no-fast-path"]));
     modes.push(mode("direct", Kind::Direct, &[]));
@@ -383,6 +397,9 @@ fn set_up(
         let mut lab = Lab::up_pair(1)?;
         if direct.is_none() {
             direct = Some(lab.add_direct_pair()?);
+        }
+        if let Some(bin) = &mode.agent_bin {
+            lab.set_agent_bin(bin.clone());
         }
         let args: Vec<&str> = mode.agent_args.iter().map(String::as_str).collect();
         for node in 0..2 {

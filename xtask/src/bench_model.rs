@@ -29,6 +29,10 @@ pub struct Mode {
     pub fast_path: Option<String>,
     /// Extra agent arguments (hgw variants).
     pub agent_args: Vec<String>,
+    /// Another agent binary than the built one (a variant given as `NAME=@PATH ARGS`):
+    /// two builds compared in one run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_bin: Option<std::path::PathBuf>,
 }
 
 impl Mode {
@@ -50,6 +54,7 @@ impl Mode {
             kind,
             fast_path,
             agent_args,
+            agent_bin: None,
         }
     }
 

@@ -160,11 +160,16 @@ impl Report {
         for m in self
             .modes
             .iter()
-            .filter(|m| m.kind == Kind::Hgw && !m.agent_args.is_empty())
+            .filter(|m| m.kind == Kind::Hgw && (!m.agent_args.is_empty() || m.agent_bin.is_some()))
         {
+            let bin = m
+                .agent_bin
+                .as_ref()
+                .map(|b| format!(" (agent binary {})", b.display()))
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
-                "\n`{}`: agents run with `{}`.",
+                "\n`{}`: agents run with `{}`{bin}.",
                 m.name,
                 m.agent_args.join(" ")
             );

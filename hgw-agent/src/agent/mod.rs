@@ -888,6 +888,7 @@ fn node_config(
 ) -> Result<NodeConfig, ConntrackError> {
     let v6 = network.v6;
     Ok(NodeConfig {
+        _layout: [0; 8],
         pod_net_v4: network.pod_cidr.network().octets(),
         pod_mask_v4: network.pod_cidr.netmask().octets(),
         pod_net_v6: v6
