@@ -48,8 +48,8 @@ pub use kernel::{
     drop_all_forwarding, hgw_programs, hgw_routes, tcx_programs, unblock_neighbour_discovery,
 };
 pub use kube_api::{
-    ADMIN_TOKEN, FLANNEL_GRANTS, KubeApi, LAB_API_IP, LAB_API_PORT, PatchError, ReceivedPatch, Request, merge_patch,
-    strategic_merge_patch,
+    ADMIN_TOKEN, FLANNEL_GRANTS, KubeApi, LAB_API_IP, LAB_API_PORT, PatchError, ReceivedPatch,
+    Request, merge_patch, strategic_merge_patch,
 };
 pub use lab::{CLUSTER_CIDR, CLUSTER_CIDR_V6, Lab, Node, Pod, is_lab_id, net_conf_json};
 pub use netfilter::{

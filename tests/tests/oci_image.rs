@@ -27,8 +27,8 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use hgw_tests::{
-    Credentials, KubeApi, LAB_API_IP, LAB_API_PORT, Lab, Status, agent_bin, counter, credentials, net_conf_json, set_sysctls,
-    status_at, udp_replied_exchange, wait_ready_at,
+    Credentials, KubeApi, LAB_API_IP, LAB_API_PORT, Lab, Status, agent_bin, counter, credentials,
+    net_conf_json, set_sysctls, status_at, udp_replied_exchange, wait_ready_at,
 };
 use serde::Deserialize as _;
 use serde_json::{Value as Json, json};

@@ -414,7 +414,7 @@ fn remove_filters_but(keep: impl Fn(&str, &str) -> bool) -> usize {
 /// so an hgw program already on the hook means another agent is alive. Its links die
 /// with it; we do not take them away from under it. Naming the programs on a hook
 /// needs CAP_SYS_ADMIN (their info is read by id); without it, the agent lock
-/// ([`crate::lock::AgentLock`], taken first) is what keeps a second agent out. (A
+/// ([`crate::node::lock::AgentLock`], taken first) is what keeps a second agent out. (A
 /// cls_bpf filter outlives its agent: there the lock alone tells a live one.)
 pub(super) fn refuse_foreign_hgw(
     interface: &str,

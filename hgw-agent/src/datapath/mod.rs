@@ -11,7 +11,9 @@
 //! place.
 
 mod attach;
+pub mod pin_owner;
 mod pins;
+pub mod probe;
 
 use aya::{
     Ebpf,
@@ -68,7 +70,7 @@ pub enum DatapathError {
         source: aya::programs::tc::TcError,
     },
     #[error(transparent)]
-    PinOwner(#[from] crate::pin_owner::PinOwnerError),
+    PinOwner(#[from] pin_owner::PinOwnerError),
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the eBPF object")]
