@@ -13,13 +13,11 @@ pub mod datapath;
 pub mod etcd;
 /// Routes, neighbours and links over netlink.
 pub mod kernel;
-/// Prometheus metrics, `/healthz` and `/readyz`.
-pub mod metrics;
 /// The host around the fast path: capabilities, lock, set-up, nftables, CNI files, uninstall.
 pub mod node;
+/// What the agent answers: `status` on a Unix socket; metrics and health over HTTP.
+pub mod serve;
 /// Peer sources other than the config file (the Kubernetes API).
 pub mod source;
-/// `hgw-agent status` over the Unix socket.
-pub mod status;
 /// tc hooks: tcx support, and what else sits on an interface's ingress and egress.
 pub mod tc;

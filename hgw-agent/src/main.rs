@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use hgw_agent::{
     agent,
     config::{Config, ConfigError, DEFAULT_PIN_DIR, DEFAULT_STATUS_SOCKET, FastPath, RawConfig},
+    serve::status,
     source::peer_blocks::PeerBlocks,
-    status,
 };
 
 #[derive(Parser)]

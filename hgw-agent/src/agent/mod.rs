@@ -42,7 +42,6 @@ use crate::{
     datapath::{self, Datapath, DatapathError, HookKind},
     etcd::{self, EtcdError},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link},
-    metrics::{self, Health, MetricsError, Reconciles, Trigger},
     node::{
         caps::{self, CapsError},
         cni::{CniError, NodeFiles},
@@ -51,8 +50,12 @@ use crate::{
         masq::{self, MasqError},
         setup::{self, SetupError},
     },
+    serve::{
+        http::Health,
+        metrics::{self, MetricsError, Reconciles, Trigger},
+        status::{self, Status},
+    },
     source::kube::{self as kube_source, KubeError},
-    status::{self, Status},
     tc::Scanner,
 };
 use desired::{NodeFacts, off_link};
