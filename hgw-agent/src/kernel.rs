@@ -58,7 +58,7 @@ fn netlink(
     object: impl ToString,
 ) -> impl FnOnce(rtnetlink::Error) -> KernelError {
     move |source| {
-        crate::metrics::count_netlink_error();
+        crate::serve::metrics::count_netlink_error();
         KernelError::Netlink {
             operation,
             object: object.to_string(),

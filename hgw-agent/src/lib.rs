@@ -1,23 +1,23 @@
 //! hgw's node agent as a library: the binary (`main.rs`) is its command line, and the
 //! integration tests load the same eBPF object through [`datapath`].
 
+/// The event loop: peers and kernel events in, routes and map entries out.
 pub mod agent;
-pub mod caps;
+/// Overlap checks over CIDRs.
 pub mod cidr;
-pub mod cni;
+/// The config file and flags, checked.
 pub mod config;
-pub mod conntrack;
+/// The eBPF fast path: load, attach, pin, and the maps.
 pub mod datapath;
+/// Peers from flannel's etcd keys, and this node's lease.
 pub mod etcd;
+/// Routes, neighbours and links over netlink.
 pub mod kernel;
-pub mod lock;
-pub mod masq;
-pub mod metrics;
-pub mod nft;
-pub mod pin_owner;
-pub mod probe;
-pub mod setup;
+/// The host around the fast path: capabilities, lock, set-up, nftables, CNI files, uninstall.
+pub mod node;
+/// What the agent answers: `status` on a Unix socket; metrics and health over HTTP.
+pub mod serve;
+/// Peer sources other than the config file (the Kubernetes API).
 pub mod source;
-pub mod status;
+/// tc hooks: tcx support, and what else sits on an interface's ingress and egress.
 pub mod tc;
-pub mod uninstall;

@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use hgw_agent::{
     agent,
     config::{Config, ConfigError, DEFAULT_PIN_DIR, DEFAULT_STATUS_SOCKET, FastPath, RawConfig},
+    serve::status,
     source::peer_blocks::PeerBlocks,
-    status,
 };
 
 #[derive(Parser)]
@@ -122,7 +122,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let pin_dir = (pin_dir != std::path::Path::new("none")).then_some(pin_dir);
             runtime
-                .block_on(hgw_agent::uninstall::uninstall(
+                .block_on(hgw_agent::node::uninstall::uninstall(
                     pin_dir.as_deref(),
                     &status_socket,
                 ))

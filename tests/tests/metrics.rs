@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use hgw_agent::metrics::samples;
+use hgw_agent::serve::metrics::samples;
 use hgw_tests::{Etcd, Lab, Status, in_netns, paced_tcp_stream};
 
 /// Inside each node's network namespace: the nodes never share it.

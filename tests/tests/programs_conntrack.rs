@@ -65,7 +65,7 @@ const RST_S: u32 = 3;
 /// `recheck`: jiffies a carried flow's verdict is reused (0: the flow cache off, every
 /// packet looks conntrack up, which the cases before the flow cache's own check).
 fn timeouts(recheck: u32) -> CtTimeouts {
-    let hz = hgw_agent::conntrack::hz().expect("the kernel tick");
+    let hz = hgw_agent::node::conntrack::hz().expect("the kernel tick");
     CtTimeouts {
         tcp_ms: ESTABLISHED * 1000,
         tcp_refresh_below: REFRESH_BELOW * hz,
@@ -923,7 +923,7 @@ fn running_low_entries_are_refreshed_once_and_closing_ones_never() {
 
 /// `ms` in jiffies, rounded up.
 fn recheck_jiffies(ms: u32) -> u32 {
-    let hz = hgw_agent::conntrack::hz().expect("the kernel tick");
+    let hz = hgw_agent::node::conntrack::hz().expect("the kernel tick");
     (ms * hz).div_ceil(1000)
 }
 

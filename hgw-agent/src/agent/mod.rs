@@ -38,19 +38,24 @@ use tokio::{
 };
 
 use crate::{
-    caps::{self, CapsError},
-    cni::{CniError, NodeFiles},
     config::{Attach, Config, ConfigError, FastPath, Network, Peer, Source},
-    conntrack::{self, ConntrackError},
     datapath::{self, Datapath, DatapathError, HookKind},
     etcd::{self, EtcdError},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link},
-    lock::AgentLock,
-    masq::{self, MasqError},
-    metrics::{self, Health, MetricsError, Reconciles, Trigger},
-    setup::{self, SetupError},
+    node::{
+        caps::{self, CapsError},
+        cni::{CniError, NodeFiles},
+        conntrack::{self, ConntrackError},
+        lock::AgentLock,
+        masq::{self, MasqError},
+        setup::{self, SetupError},
+    },
+    serve::{
+        http::Health,
+        metrics::{self, MetricsError, Reconciles, Trigger},
+        status::{self, Status},
+    },
     source::kube::{self as kube_source, KubeError},
-    status::{self, Status},
     tc::Scanner,
 };
 use desired::{NodeFacts, off_link};
@@ -106,9 +111,9 @@ pub enum AgentError {
     #[error(transparent)]
     Caps(#[from] CapsError),
     #[error(transparent)]
-    Probe(#[from] crate::probe::ProbeError),
+    Probe(#[from] crate::datapath::probe::ProbeError),
     #[error(transparent)]
-    AnotherAgent(#[from] crate::lock::LockError),
+    AnotherAgent(#[from] crate::node::lock::LockError),
 }
 
 /// SIGTERM and SIGINT, as one future.
@@ -141,7 +146,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
     // What the kernel offers and how the fast path will use it, decided once.
-    let fast_path = match crate::probe::probe(config.fast_path)? {
+    let fast_path = match crate::datapath::probe::probe(config.fast_path)? {
         None => None,
         Some((mut status, hook)) => {
             let facts = if config.fast_path == FastPath::Established {

@@ -24,7 +24,7 @@ use super::{
 use crate::{
     datapath::DatapathError,
     kernel::{HgwRoute, KernelError, PrefixOwners, format_mac},
-    status::{HookStatus, PeerStatus},
+    serve::status::{HookStatus, PeerStatus},
     tc::Role,
 };
 

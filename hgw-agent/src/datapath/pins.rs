@@ -90,12 +90,12 @@ pub(super) fn prepare_pin_dir(
     if !on_bpffs(mount_point) {
         mount_bpffs(mount_point).map_err(error("mounting bpffs"))?;
         info!("mounted bpffs at {}", mount_point.display());
-        crate::pin_owner::warn_if_private_mount(mount_point);
+        super::pin_owner::warn_if_private_mount(mount_point);
     }
     std::fs::create_dir_all(dir).map_err(error("creating"))?;
     // Before anything in it is trusted: interfaces' names and indexes repeat across
     // network namespaces.
-    crate::pin_owner::claim(dir)?;
+    super::pin_owner::claim(dir)?;
     for sub in ["maps", "links"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(error("creating"))?;
     }
@@ -134,7 +134,7 @@ pub(super) fn prepare_pin_dir(
 /// the traffic while this agent's counters stay at 0. Their pins go, and with them the
 /// programs (no process holds them: the agent lock keeps a second agent out).
 pub(super) fn remove_earlier_pins(own: Option<&Path>) {
-    for dir in crate::pin_owner::earlier_pin_dirs(own) {
+    for dir in super::pin_owner::earlier_pin_dirs(own) {
         // The qdiscs it made are still hgw's, for this agent's `uninstall`.
         if let Some(own) = own {
             for ifindex in marked_qdiscs(&dir) {
@@ -182,7 +182,7 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
         std::fs::remove_dir(&sub)?;
     }
     if dir.exists() {
-        crate::pin_owner::unmark(dir)?;
+        super::pin_owner::unmark(dir)?;
         std::fs::remove_dir(dir)?;
     }
     Ok(count)

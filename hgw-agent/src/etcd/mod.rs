@@ -655,7 +655,7 @@ struct Shared {
 impl Shared {
     fn error(&self, operation: &'static str) -> impl FnOnce(etcd_client::Error) -> EtcdError + '_ {
         move |source| {
-            crate::metrics::count_etcd_error();
+            crate::serve::metrics::count_etcd_error();
             EtcdError::Client {
                 operation,
                 endpoints: self.endpoints.clone(),

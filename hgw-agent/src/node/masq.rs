@@ -108,9 +108,9 @@ pub fn remove() -> Result<(), MasqError> {
 }
 
 fn nft(script: &str, action: &'static str) -> Result<(), MasqError> {
-    crate::nft::apply(script).map_err(|e| match e {
-        crate::nft::NftError::Spawn(source) => MasqError::NoNft { action, source },
-        crate::nft::NftError::Failed(reason) => MasqError::Nft { action, reason },
+    super::nft::apply(script).map_err(|e| match e {
+        super::nft::NftError::Spawn(source) => MasqError::NoNft { action, source },
+        super::nft::NftError::Failed(reason) => MasqError::Nft { action, reason },
     })
 }
 

@@ -8,7 +8,8 @@ use std::path::Path;
 
 use log::info;
 
-use crate::{conntrack, kernel::Kernel, masq, setup};
+use super::{conntrack, masq, setup};
+use crate::kernel::Kernel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UninstallError {

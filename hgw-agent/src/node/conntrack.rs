@@ -150,7 +150,7 @@ pub fn ensure_tracking() -> Result<(), ConntrackError> {
          \t}}\n\
          }}\n"
     );
-    crate::nft::apply(&script).map_err(|e| ConntrackError::Nft {
+    super::nft::apply(&script).map_err(|e| ConntrackError::Nft {
         reason: e.to_string(),
     })
 }

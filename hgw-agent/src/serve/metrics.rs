@@ -1,22 +1,22 @@
-//! Prometheus metrics, `/healthz` and `/readyz` over HTTP on `metrics_addr`.
+//! Prometheus metrics on `metrics_addr` (served by [`super::http`] with `/healthz` and
+//! `/readyz`).
 //!
 //! Everything is read at scrape time from what the agent already keeps: the fast path's
 //! per-CPU counters (summed over the CPUs, through the same [`CounterReader`] as
 //! status), the status snapshot the loop publishes, the reconcile histogram and two
-//! error counters. A scrape never waits for the agent's loop; only `/healthz` asks the
-//! loop, to prove it still turns.
+//! error counters.
 
 use std::{
     net::SocketAddr,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use hgw_common::COUNTER_NOT_IP_NAME;
-use log::{debug, warn};
+use log::warn;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -29,13 +29,13 @@ use prometheus_client::{
     },
     registry::{Registry, Unit},
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot, watch},
-};
+use tokio::{net::TcpListener, sync::watch};
 
-use crate::{datapath::CounterReader, status::Status};
+use super::{
+    http::{self, Health},
+    status::Status,
+};
+use crate::datapath::CounterReader;
 
 /// How many interfaces of the status carry the `DEVICE_*` flag `flag`.
 fn hooks_with(status: &Status, flag: &str) -> u64 {
@@ -60,14 +60,6 @@ pub fn count_netlink_error() {
 pub fn count_etcd_error() {
     ETCD_ERRORS.fetch_add(1, Ordering::Relaxed);
 }
-
-/// How long `/healthz` waits for the loop's answer.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
-/// A client that has not sent its request within this is dropped.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest request head read.
-const MAX_REQUEST: usize = 8 * 1024;
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -142,38 +134,6 @@ impl Drop for ReconcileTimer {
     }
 }
 
-/// The loop's side of `/healthz`: pings to answer.
-#[derive(Debug, Default)]
-pub struct Health {
-    pings: Option<mpsc::Receiver<oneshot::Sender<()>>>,
-    /// Set once the loop listens for pings; before, `/healthz` answers for the start.
-    listening: Arc<AtomicBool>,
-}
-
-impl Health {
-    /// The next `/healthz` ping; answer it by sending `()`. The first call marks the
-    /// event loop as running. Never resolves without a metrics server.
-    pub async fn ping(&mut self) -> oneshot::Sender<()> {
-        self.listening.store(true, Ordering::Relaxed);
-        if let Some(pings) = &mut self.pings
-            && let Some(reply) = pings.recv().await
-        {
-            return reply;
-        }
-        std::future::pending().await
-    }
-}
-
-/// What the server reads from.
-struct Shared {
-    registry: Registry,
-    snapshot: watch::Receiver<Arc<Status>>,
-    /// Set for good once a snapshot said ready.
-    was_ready: AtomicBool,
-    pings: mpsc::Sender<oneshot::Sender<()>>,
-    listening: Arc<AtomicBool>,
-}
-
 /// Listens on `addr` and serves `/metrics`, `/healthz` and `/readyz` on tasks of its
 /// own. The returned [`Health`] is for the agent's loop.
 pub fn spawn_server(
@@ -197,160 +157,7 @@ pub fn spawn_server(
         snapshot: snapshot.clone(),
         counters,
     }));
-    let (pings, rx) = mpsc::channel(16);
-    let listening = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Shared {
-        registry,
-        snapshot,
-        was_ready: AtomicBool::new(false),
-        pings,
-        listening: listening.clone(),
-    });
-    tokio::spawn(watch_ready(shared.clone()));
-    tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!("metrics: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                if let Err(e) = serve(stream, &shared).await {
-                    debug!("metrics client: {e}");
-                }
-            });
-        }
-    });
-    Ok(Health {
-        pings: Some(rx),
-        listening,
-    })
-}
-
-/// Latches readiness: `/readyz` says 200 from the first snapshot that is ready on,
-/// also between two requests. A peer that goes away later is not this node's fault
-/// (and the peer gauges show it).
-async fn watch_ready(shared: Arc<Shared>) {
-    let mut snapshot = shared.snapshot.clone();
-    loop {
-        if snapshot.borrow_and_update().ready {
-            shared.was_ready.store(true, Ordering::Relaxed);
-            return;
-        }
-        if snapshot.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// One request, one answer, then the connection closes.
-async fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(CLIENT_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
-    let request_line = head.lines().next().unwrap_or_default();
-    let mut parts = request_line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    // The query string does not choose anything.
-    let path = target.split('?').next().unwrap_or("");
-    let (code, content_type, body) = if method != "GET" && method != "HEAD" {
-        (405, "text/plain", "only GET\n".to_owned())
-    } else {
-        match path {
-            "/metrics" => metrics(shared),
-            "/healthz" => health(shared).await,
-            "/readyz" => ready(shared),
-            _ => (
-                404,
-                "text/plain",
-                "not found: /metrics, /healthz, /readyz\n".into(),
-            ),
-        }
-    };
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        500 => "Internal Server Error",
-        _ => "Service Unavailable",
-    };
-    let mut answer = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        answer.push_str(&body);
-    }
-    tokio::time::timeout(CLIENT_TIMEOUT, async {
-        stream.write_all(answer.as_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await
-    .unwrap_or(Ok(()))
-}
-
-/// Reads up to the end of the request head (the body of a GET is ignored).
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
-}
-
-fn metrics(shared: &Shared) -> (u16, &'static str, String) {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &shared.registry) {
-        Ok(()) => (200, OPENMETRICS, body),
-        Err(e) => (500, "text/plain", format!("encoding the metrics: {e}\n")),
-    }
-}
-
-async fn health(shared: &Shared) -> (u16, &'static str, String) {
-    if !shared.listening.load(Ordering::Relaxed) {
-        // Starting (or waiting for etcd): the runtime answers, which is all there is.
-        return (200, "text/plain", "ok: starting\n".into());
-    }
-    let (reply, answered) = oneshot::channel();
-    if shared.pings.try_send(reply).is_err() {
-        return (
-            503,
-            "text/plain",
-            "the event loop is not taking pings\n".into(),
-        );
-    }
-    match tokio::time::timeout(HEALTH_TIMEOUT, answered).await {
-        Ok(Ok(())) => (200, "text/plain", "ok\n".into()),
-        Ok(Err(_)) => (503, "text/plain", "the event loop stopped\n".into()),
-        Err(_) => (
-            503,
-            "text/plain",
-            format!("the event loop did not answer within {HEALTH_TIMEOUT:?}\n"),
-        ),
-    }
-}
-
-fn ready(shared: &Shared) -> (u16, &'static str, String) {
-    let status = shared.snapshot.borrow().clone();
-    if shared.was_ready.load(Ordering::Relaxed) || status.ready {
-        shared.was_ready.store(true, Ordering::Relaxed);
-        return (200, "text/plain", "ready\n".into());
-    }
-    let why = status
-        .waiting
-        .clone()
-        .unwrap_or_else(|| "converging: routes or next hops missing".into());
-    (503, "text/plain", format!("not ready: {why}\n"))
+    Ok(http::spawn(listener, registry, snapshot))
 }
 
 /// Reads the counters and the latest status at scrape time.
@@ -522,11 +329,11 @@ pub fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::status::PeerStatus;
+    use crate::serve::status::PeerStatus;
 
     fn peer(pod_cidr: &str, route: bool, foreign: bool, mac: bool) -> PeerStatus {
         PeerStatus {
@@ -541,7 +348,8 @@ mod tests {
         }
     }
 
-    fn status(peers: Vec<PeerStatus>, ready: bool) -> Status {
+    /// A status of node n1 with these peers.
+    pub(in crate::serve) fn status(peers: Vec<PeerStatus>, ready: bool) -> Status {
         Status {
             node: "n1".into(),
             pod_cidr: Some("10.244.1.0/24".into()),

@@ -13,7 +13,8 @@ use aya::{
 use hgw_common::status::KernelStatus;
 use log::warn;
 
-use crate::{config::FastPath, datapath::HookKind};
+use super::HookKind;
+use crate::config::FastPath;
 
 /// tcx, the link-based tc hooks (Linux 6.6); before it, a clsact qdisc's cls_bpf filter.
 const TCX: &str = "tcx";
