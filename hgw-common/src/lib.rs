@@ -208,7 +208,7 @@ const _: () = assert!(size_of::<CachedFlow>() == 40);
 ///
 /// Every packet reads this value; what an IPv4 packet and a flow-cache hit read comes
 /// first, in its first 44 bytes (at most two cache lines wherever the kernel puts the
-/// value), the IPv6 prefixes after the conntrack timeouts.
+/// value), then the IPv6 prefixes, then what only the full path reads.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct NodeConfig {
@@ -230,9 +230,11 @@ pub struct NodeConfig {
     pub bridge_mac: [u8; 6],
     /// The uplink's MAC: only frames sent to it are for this node.
     pub uplink_mac: [u8; 6],
-    /// How the fast path keeps the conntrack entries of the flows it carries
-    /// (`recheck`, which every cached packet reads, first).
-    pub ct: CtTimeouts,
+    /// Jiffies a carried flow's verdict is trusted without a conntrack lookup (as
+    /// netfilter's flowtable trusts its entries until its next garbage collection);
+    /// 0: every packet looks conntrack up (the flow cache is off).
+    pub ct_recheck: u32,
+    pub _pad: u32,
     /// This node's IPv6 pod CIDR: network address. All zero with the mask when the
     /// node has no IPv6 pod CIDR (IPv6 off).
     pub pod_net_v6: [u8; 16],
@@ -243,16 +245,19 @@ pub struct NodeConfig {
     /// The IPv6 cluster CIDR; zero without IPv6.
     pub cluster_net_v6: [u8; 16],
     pub cluster_mask_v6: [u8; 16],
+    /// How the fast path keeps the conntrack entries of the flows it carries
+    /// (`established` mode; read only on the full path).
+    pub ct: CtTimeouts,
     /// Zero. It makes this layout's size differ from the one before it (160 bytes): a
     /// pinned config map is reused only where the size matches, so the programs an
     /// upgrade replaces, still attached while the new agent starts, keep reading a map
     /// of their own layout.
-    pub _layout: [u8; 8],
+    pub _layout: [u8; 4],
 }
 const _: () = assert!(size_of::<NodeConfig>() == 168);
-const _: () = assert!(
-    core::mem::offset_of!(NodeConfig, ct) + core::mem::offset_of!(CtTimeouts, recheck) + 4 <= 44
-);
+// What every IPv4 packet and every cached one reads, then IPv6's own prefixes.
+const _: () = assert!(core::mem::offset_of!(NodeConfig, ct_recheck) + 4 <= 44);
+const _: () = assert!(core::mem::offset_of!(NodeConfig, cluster_mask_v6) + 16 <= 128);
 const _: () = assert!(
     core::mem::offset_of!(NodeConfig, pod_net_v6) % 8 == 0
         && core::mem::offset_of!(NodeConfig, pod_mask_v6) % 8 == 0
@@ -269,10 +274,6 @@ const _: () = assert!(
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtTimeouts {
-    /// Jiffies a carried flow's verdict is trusted without a conntrack lookup (as
-    /// netfilter's flowtable trusts its entries until its next garbage collection);
-    /// 0: every packet looks conntrack up. First: every cached packet reads it.
-    pub recheck: u32,
     /// An established TCP entry's timeout (`nf_conntrack_tcp_timeout_established`).
     pub tcp_ms: u32,
     /// Refresh a TCP entry when less than this is left (3/4 of `tcp_ms`).
@@ -296,7 +297,7 @@ pub struct CtTimeouts {
     /// ... unless at most this is left (`rst_ms`): an entry an RST closed stays short.
     pub rst_closing: u32,
 }
-const _: () = assert!(size_of::<CtTimeouts>() == 40);
+const _: () = assert!(size_of::<CtTimeouts>() == 36);
 
 impl NodeConfig {
     /// Whether `addr` (network byte order) lies in this node's pod CIDR. An unset

@@ -62,9 +62,7 @@ const REFRESH_BELOW: u32 = 90;
 const FIN_S: u32 = 10;
 const RST_S: u32 = 3;
 
-/// `recheck`: jiffies a carried flow's verdict is reused (0: the flow cache off, every
-/// packet looks conntrack up, which the cases before the flow cache's own check).
-fn timeouts(recheck: u32) -> CtTimeouts {
+fn timeouts() -> CtTimeouts {
     let hz = hgw_agent::node::conntrack::hz().expect("the kernel tick");
     CtTimeouts {
         tcp_ms: ESTABLISHED * 1000,
@@ -76,7 +74,6 @@ fn timeouts(recheck: u32) -> CtTimeouts {
         closing: FIN_S.max(RST_S) * hz,
         fin_refresh_below: FIN_S * hz / 2,
         rst_closing: RST_S * hz,
-        recheck,
     }
 }
 
@@ -265,7 +262,7 @@ impl Node {
         };
         let mut config: Array<MapData, NodeConfig> = take_map(&mut ebpf, MAP_CONFIG);
         let node = NodeConfig {
-            _layout: [0; 8],
+            _layout: [0; 4],
             pod_net_v4: v4("10.244.1.0"),
             pod_mask_v4: v4("255.255.255.0"),
             pod_net_v6: v6("fd00:244:1::"),
@@ -280,7 +277,12 @@ impl Node {
             cluster_mask_v4: v4("255.255.0.0"),
             cluster_net_v6: v6("fd00:244::"),
             cluster_mask_v6: mask6(32),
-            ct: timeouts(recheck),
+            // Jiffies a carried flow's verdict is reused (0: the flow cache off, every
+            // packet looks conntrack up, which the cases before the flow cache's own
+            // check want).
+            ct_recheck: recheck,
+            _pad: 0,
+            ct: timeouts(),
         };
         config.set(0, node, 0).expect("write config");
         let hop = NextHop {

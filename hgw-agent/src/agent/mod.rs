@@ -28,7 +28,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hgw_common::{Endpoint, NextHop, NodeConfig, loader::KernelFacts, status::KernelStatus};
+use hgw_common::{
+    CtTimeouts, Endpoint, NextHop, NodeConfig, loader::KernelFacts, status::KernelStatus,
+};
 use ipnet::IpNet;
 use log::{info, warn};
 use tokio::{
@@ -346,7 +348,7 @@ impl Drop for SocketGuard {
 /// use.
 fn check_established() -> Result<KernelFacts, AgentError> {
     let facts = hgw_common::loader::check_kernel(true).map_err(DatapathError::from)?;
-    conntrack::timeouts(0)?;
+    conntrack::timeouts()?;
     if conntrack::ipvs_in_use() {
         return Err(ConfigError::invalid(
             "fast_path",
@@ -893,7 +895,7 @@ fn node_config(
 ) -> Result<NodeConfig, ConntrackError> {
     let v6 = network.v6;
     Ok(NodeConfig {
-        _layout: [0; 8],
+        _layout: [0; 4],
         pod_net_v4: network.pod_cidr.network().octets(),
         pod_mask_v4: network.pod_cidr.netmask().octets(),
         pod_net_v6: v6
@@ -916,12 +918,14 @@ fn node_config(
         cluster_mask_v6: v6
             .map(|v6| v6.cluster_cidr.netmask().octets())
             .unwrap_or_default(),
-        // Only `established` mode needs conntrack at all; `all` mode caches flows'
-        // route verdicts too.
+        // `all` mode caches flows' route verdicts too.
+        ct_recheck: conntrack::recheck(config.ct_recheck_ms)?,
+        _pad: 0,
+        // Only `established` mode needs conntrack at all.
         ct: if config.fast_path == FastPath::Established {
-            conntrack::timeouts(config.ct_recheck_ms)?
+            conntrack::timeouts()?
         } else {
-            conntrack::recheck_only(config.ct_recheck_ms)?
+            CtTimeouts::default()
         },
     })
 }

@@ -154,7 +154,7 @@ fn load_with_cluster(
         .set(
             0,
             NodeConfig {
-                _layout: [0; 8],
+                _layout: [0; 4],
                 pod_net_v4: v4.own.0.clone().try_into().expect("4 bytes"),
                 pod_mask_v4: netmask(v4.own.1, 4).try_into().expect("4 bytes"),
                 pod_net_v6,
@@ -169,6 +169,8 @@ fn load_with_cluster(
                 cluster_mask_v4: netmask(cluster_v4.1, 4).try_into().expect("4 bytes"),
                 cluster_net_v6: cluster_v6.0.try_into().expect("16 bytes"),
                 cluster_mask_v6: netmask(cluster_v6.1, 16).try_into().expect("16 bytes"),
+                ct_recheck: 0,
+                _pad: 0,
                 ct: CtTimeouts::default(),
             },
             0,
