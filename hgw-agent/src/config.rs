@@ -10,7 +10,7 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
-use crate::agent::desired::{NodeFacts, Refusal, desired};
+use crate::agent::desired::{DesiredState, NodeFacts, Refusal, desired};
 use crate::source::peer_blocks::PeerBlocks;
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
@@ -940,22 +940,30 @@ fn static_source(
         };
         peers.push(peer);
     }
-    check_peers(&network, &peers, None)?;
+    // What the peers must be beside each other and this node is the desired state's
+    // to check (`check_peers`), at the agent's start and on each reload.
     Ok(Source::Static { network, peers })
 }
 
 /// Static peers are the admin's word: one the desired state would leave out is a config
 /// error, naming its field. Without `node` (the config alone), the checks that need the
-/// node's interfaces wait for the agent's start.
+/// node's interfaces are left out. The state is kept by the file source, which checks
+/// each reload's changes against it.
 pub fn check_peers(
     network: &Network,
     peers: &[Peer],
     node: Option<&NodeFacts>,
-) -> Result<(), ConfigError> {
+) -> Result<DesiredState, ConfigError> {
     let state = desired(network, peers, node);
-    let Some(skipped) = state.skipped().into_iter().next() else {
-        return Ok(());
-    };
+    match refused(&state) {
+        Some(e) => Err(e),
+        None => Ok(state),
+    }
+}
+
+/// The config error of the first static peer `state` leaves out, if any.
+pub fn refused(state: &DesiredState) -> Option<ConfigError> {
+    let skipped = state.skipped().into_iter().next()?;
     // Named by their place in the file, which `peers` (maybe a part of it) carry.
     let index = |key: &str| match state.peer(key).map(|p| p.origin) {
         Some(Origin::Static { index }) => index,
@@ -1002,7 +1010,7 @@ pub fn check_peers(
         Refusal::OffLink { reason, .. } => reason.clone(),
         _ => skipped.reason.clone(),
     };
-    Err(ConfigError::invalid(field, value, reason))
+    Some(ConfigError::invalid(field, value, reason))
 }
 
 /// A node's pod CIDR and the cluster CIDR it must lie in: both or neither.
@@ -1168,11 +1176,17 @@ mod tests {
         }
     }
 
-    fn error(peers: &[(&str, &str, &str)]) -> String {
-        match Config::from_raw(raw(peers)) {
-            Ok(config) => panic!("accepted {config:?}"),
-            Err(err) => err.to_string(),
+    /// The config and its static peers' checks, as the agent's start runs them.
+    fn checked(raw: RawConfig) -> Result<Config, ConfigError> {
+        let config = Config::from_raw(raw)?;
+        if let Source::Static { network, peers } = &config.source {
+            check_peers(network, peers, None)?;
         }
+        Ok(config)
+    }
+
+    fn error(peers: &[(&str, &str, &str)]) -> String {
+        error_of(raw(peers))
     }
 
     #[test]
@@ -1291,7 +1305,7 @@ mod tests {
     }
 
     fn error_of(r: RawConfig) -> String {
-        match Config::from_raw(r) {
+        match checked(r) {
             Ok(config) => panic!("accepted {config:?}"),
             Err(err) => err.to_string(),
         }

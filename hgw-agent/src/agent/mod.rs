@@ -259,12 +259,8 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         (None, Source::Static { peers, .. }) => {
             // Static peers are the admin's word: one that cannot be reached is a config
             // error, before anything changes on the node.
-            check_peers(&network, peers, Some(&node))?;
-            let check: sources::CheckPeers = {
-                let (network, node) = (network, node.clone());
-                Box::new(move |peers| check_peers(&network, peers, Some(&node)))
-            };
-            sources::static_peers(peers.clone(), reload, config.clone(), check)
+            let checked = check_peers(&network, peers, Some(&node))?;
+            sources::static_peers(peers.clone(), reload, config.clone(), checked)
         }
         (None, _) => unreachable!("every other source has its receiver"),
     };

@@ -1026,6 +1026,8 @@ mod tests {
         devices: BTreeMap<u32, u32>,
         writes: usize,
         generation: u32,
+        /// Route writes not yet published (one generation for all of them).
+        pending: bool,
     }
 
     impl FastPathMaps for FakeMaps {
@@ -1034,11 +1036,13 @@ mod tests {
         }
         fn set_route(&mut self, cidr: IpNet, next_hop: NextHop) -> Result<(), DatapathError> {
             self.writes += 1;
+            self.pending = true;
             self.routes.insert(cidr, next_hop);
             Ok(())
         }
         fn remove_route(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
             self.writes += 1;
+            self.pending = true;
             self.routes.remove(&cidr);
             Ok(())
         }
@@ -1079,6 +1083,9 @@ mod tests {
             Ok(())
         }
         fn publish_generation(&mut self) -> Result<(), DatapathError> {
+            if std::mem::take(&mut self.pending) {
+                self.generation += 1;
+            }
             Ok(())
         }
         fn own_programs(&self) -> Vec<u32> {
@@ -1365,6 +1372,48 @@ mod tests {
                 .expect("present")
                 .routes
                 .contains_key(&foreign)
+        );
+    }
+
+    /// A new peer costs one write of its map entry and one generation in its pass:
+    /// none at the route's install and another when the rest of the pass runs.
+    #[test]
+    fn a_new_peer_is_written_once() {
+        let routes = FakeRoutes::default();
+        let mut observed = observed();
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
+        let set = peers(3);
+        block_on(r.apply_peers(PeerBatch::All(set[..2].to_vec()), &observed));
+        observe_routes(&mut observed, &routes);
+        // Its next hop is known already (a neighbour of the node's).
+        observed.apply(KernelEvent::Neighbour {
+            neighbour: Neighbour {
+                ifindex: UPLINK,
+                ip: IpAddr::V4(set[2].node_ip),
+                mac: Some([2, 3, 3, 3, 3, 3]),
+                stale: false,
+            },
+            deleted: false,
+        });
+        r.publish_generation();
+        r.maps.as_mut().expect("present").writes = 0;
+        let generation = r.maps.as_ref().expect("present").generation;
+        block_on(r.apply_peers(
+            PeerBatch::Changes(vec![(set[2].key().to_owned(), Some(set[2].clone()))]),
+            &observed,
+        ));
+        // The route's own echo changes nothing more.
+        observe_routes(&mut observed, &routes);
+        let cidr = IpNet::V4(set[2].pod_cidr);
+        block_on(r.on_change(Change::Prefix(cidr), &observed));
+        r.publish_generation();
+        let maps = r.maps.as_ref().expect("present");
+        assert_eq!(maps.writes, 1);
+        assert_eq!(maps.routes[&cidr].dst_mac, [2, 3, 3, 3, 3, 3]);
+        assert_eq!(
+            maps.generation,
+            generation + 1,
+            "one generation for the pass"
         );
     }
 

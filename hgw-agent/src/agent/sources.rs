@@ -8,7 +8,7 @@
 //! and sends only the peers that differ.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -19,8 +19,8 @@ use std::{
 use log::{info, warn};
 use tokio::sync::Notify;
 
-use super::file_watch::FileWatch;
-use crate::config::{Config, ConfigError, Peer, Source};
+use super::{desired::DesiredState, file_watch::FileWatch};
+use crate::config::{Config, ConfigError, Peer, Source, refused};
 
 /// One change of a source's peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,22 +185,22 @@ impl Drop for PeerReceiver {
 /// Reads the config again (the same file and flags).
 pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send>;
 
-/// Checks a static peer set against this node (the desired state's checks).
-pub type CheckPeers = Box<dyn Fn(&[Peer]) -> Result<(), ConfigError> + Send>;
-
 /// The static peers, known at once; with a config file, the peers that differ are sent
 /// whenever the file changes and still reads as a valid config. Only the peers are
 /// applied live; other changes are named in a warning and wait for a restart.
+///
+/// `checked` is the desired state of `peers` (the start's check): each reload's changes
+/// are checked against it, so a reload costs its changed peers, not all of them.
 pub fn static_peers(
     peers: Vec<Peer>,
     reload: Option<(PathBuf, Reload)>,
     running: Config,
-    check: CheckPeers,
+    checked: DesiredState,
 ) -> PeerReceiver {
     let (tx, rx) = peer_channel();
     let _ = tx.send([PeerChange::All(peers.clone())]);
     if let Some((path, reload)) = reload {
-        tokio::spawn(watch_file(path, reload, (running, check), peers, tx));
+        tokio::spawn(watch_file(path, reload, (running, checked), peers, tx));
     }
     rx
 }
@@ -220,7 +220,7 @@ pub fn diff(old: &HashMap<String, Peer>, new: &[Peer]) -> Vec<PeerChange> {
         .cloned()
         .map(PeerChange::Upsert)
         .collect();
-    let keys: std::collections::HashSet<&str> = new.iter().map(Peer::key).collect();
+    let keys: HashSet<&str> = new.iter().map(Peer::key).collect();
     changes.extend(
         old.keys()
             .filter(|k| !keys.contains(k.as_str()))
@@ -232,7 +232,7 @@ pub fn diff(old: &HashMap<String, Peer>, new: &[Peer]) -> Vec<PeerChange> {
 async fn watch_file(
     path: PathBuf,
     reload: Reload,
-    (running, check): (Config, CheckPeers),
+    (running, mut checked): (Config, DesiredState),
     peers: Vec<Peer>,
     tx: PeerSender,
 ) {
@@ -272,18 +272,28 @@ async fn watch_file(
             );
             continue;
         };
-        // The reload checked the peers against each other; the node's own checks
-        // concern each peer alone, so only the changed ones need them.
-        let changes = diff(&known, peers);
-        let changed: Vec<Peer> = changes
+        // Every peer whose entry differs, its place in the file included (errors name
+        // it), is checked against the others and this node; a refused one leaves the
+        // whole file unapplied, and the check's state as it was.
+        let mut entries: Vec<(String, Option<Peer>)> = peers
             .iter()
-            .filter_map(|c| match c {
-                PeerChange::Upsert(peer) => Some(peer.clone()),
-                _ => None,
-            })
+            .filter(|p| known.get(p.key()) != Some(*p))
+            .map(|p| (p.key().to_owned(), Some(p.clone())))
             .collect();
-        if let Err(e) = check(&changed) {
+        let keys: HashSet<&str> = peers.iter().map(Peer::key).collect();
+        entries.extend(
+            known
+                .keys()
+                .filter(|k| !keys.contains(k.as_str()))
+                .map(|k| (k.clone(), None)),
+        );
+        checked.apply(entries.clone());
+        if let Some(e) = refused(&checked) {
             warn!("{}: changed but not applied: {e}", path.display());
+            checked.apply(entries.into_iter().map(|(key, _)| {
+                let old = known.get(&key).cloned();
+                (key, old)
+            }));
             continue;
         }
         let restart = config.restart_needed(&running);
@@ -294,6 +304,8 @@ async fn watch_file(
                 restart.join(", ")
             );
         }
+        // The loop gets the peers whose routes may change: a place in the file is none.
+        let changes = diff(&known, peers);
         info!(
             "{}: changed; applying its {} peers ({} changed)",
             path.display(),
