@@ -242,6 +242,11 @@ impl DesiredState {
         self.peers.get(key)
     }
 
+    /// Every peer the source gave.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values()
+    }
+
     /// The peers left out now, oldest first.
     pub fn skipped(&self) -> Vec<&Skipped> {
         let mut skipped: Vec<(Rank, &Skipped)> = self

@@ -200,40 +200,61 @@ pub fn static_peers(
     let (tx, rx) = peer_channel();
     let _ = tx.send([PeerChange::All(peers.clone())]);
     if let Some((path, reload)) = reload {
-        tokio::spawn(watch_file(path, reload, (running, checked), peers, tx));
+        tokio::spawn(watch_file(path, reload, (running, checked), tx));
     }
     rx
 }
 
-/// The changes that make `old` into `new`, by key (a peer's place in the file is not a
-/// change: a valid static set has no conflicts for it to settle).
-pub fn diff(old: &HashMap<String, Peer>, new: &[Peer]) -> Vec<PeerChange> {
-    let same = |a: &Peer, b: &Peer| {
-        Peer {
-            origin: b.origin,
-            ..a.clone()
-        } == *b
-    };
-    let mut changes: Vec<PeerChange> = new
+/// One peer's entry in a reread file that differs from the one held: its key, the new
+/// entry (`None`: gone) and the old one (`None`: new).
+type Entry = (String, Option<Peer>, Option<Peer>);
+
+/// The entries of `new` that differ from the peers `held`, a peer's place in the file
+/// included (errors name it).
+fn entries(held: &DesiredState, new: &[Peer]) -> Vec<Entry> {
+    let mut entries: Vec<Entry> = new
         .iter()
-        .filter(|p| !old.get(p.key()).is_some_and(|o| same(o, p)))
-        .cloned()
-        .map(PeerChange::Upsert)
+        .filter(|p| held.peer(p.key()) != Some(*p))
+        .map(|p| {
+            (
+                p.key().to_owned(),
+                Some(p.clone()),
+                held.peer(p.key()).cloned(),
+            )
+        })
         .collect();
     let keys: HashSet<&str> = new.iter().map(Peer::key).collect();
-    changes.extend(
-        old.keys()
-            .filter(|k| !keys.contains(k.as_str()))
-            .map(|k| PeerChange::Remove(k.clone())),
+    entries.extend(
+        held.peers()
+            .filter(|p| !keys.contains(p.key()))
+            .map(|p| (p.key().to_owned(), None, Some(p.clone()))),
     );
-    changes
+    entries
+}
+
+/// What the loop needs of `entries`: the peers whose routes may change (a place in the
+/// file is no such change: a valid static set has no conflicts for it to settle).
+fn changes(entries: Vec<Entry>) -> Vec<PeerChange> {
+    entries
+        .into_iter()
+        .filter_map(|(key, new, old)| match (new, old) {
+            (None, _) => Some(PeerChange::Remove(key)),
+            (Some(new), Some(old)) => {
+                let moved_only = Peer {
+                    origin: new.origin,
+                    ..old
+                } == new;
+                (!moved_only).then_some(PeerChange::Upsert(new))
+            }
+            (Some(new), None) => Some(PeerChange::Upsert(new)),
+        })
+        .collect()
 }
 
 async fn watch_file(
     path: PathBuf,
     reload: Reload,
     (running, mut checked): (Config, DesiredState),
-    peers: Vec<Peer>,
     tx: PeerSender,
 ) {
     let (mut watch, error) = FileWatch::new(&path);
@@ -243,8 +264,6 @@ async fn watch_file(
             path.display()
         );
     }
-    let mut known: HashMap<String, Peer> =
-        peers.into_iter().map(|p| (p.key().to_owned(), p)).collect();
     // The file's bytes: only a change of content is applied (an event or a touch that
     // leaves them alone is not).
     let mut seen = std::fs::read(&path).ok();
@@ -272,28 +291,17 @@ async fn watch_file(
             );
             continue;
         };
-        // Every peer whose entry differs, its place in the file included (errors name
-        // it), is checked against the others and this node; a refused one leaves the
-        // whole file unapplied, and the check's state as it was.
-        let mut entries: Vec<(String, Option<Peer>)> = peers
-            .iter()
-            .filter(|p| known.get(p.key()) != Some(*p))
-            .map(|p| (p.key().to_owned(), Some(p.clone())))
-            .collect();
-        let keys: HashSet<&str> = peers.iter().map(Peer::key).collect();
-        entries.extend(
-            known
-                .keys()
-                .filter(|k| !keys.contains(k.as_str()))
-                .map(|k| (k.clone(), None)),
+        // Every peer whose entry differs is checked against the others and this node;
+        // a refused one leaves the whole file unapplied, and the state as it was.
+        let entries = entries(&checked, peers);
+        checked.apply(
+            entries
+                .iter()
+                .map(|(key, new, _)| (key.clone(), new.clone())),
         );
-        checked.apply(entries.clone());
         if let Some(e) = refused(&checked) {
             warn!("{}: changed but not applied: {e}", path.display());
-            checked.apply(entries.into_iter().map(|(key, _)| {
-                let old = known.get(&key).cloned();
-                (key, old)
-            }));
+            checked.apply(entries.into_iter().map(|(key, _, old)| (key, old)));
             continue;
         }
         let restart = config.restart_needed(&running);
@@ -304,18 +312,13 @@ async fn watch_file(
                 restart.join(", ")
             );
         }
-        // The loop gets the peers whose routes may change: a place in the file is none.
-        let changes = diff(&known, peers);
+        let changes = changes(entries);
         info!(
             "{}: changed; applying its {} peers ({} changed)",
             path.display(),
             peers.len(),
             changes.len()
         );
-        known = peers
-            .iter()
-            .map(|p| (p.key().to_owned(), p.clone()))
-            .collect();
         if tx.send(changes).is_err() {
             return;
         }
@@ -383,32 +386,41 @@ mod tests {
     }
 
     #[test]
-    fn a_file_diff_names_only_the_peers_that_differ() {
-        let old: HashMap<String, Peer> = [peer("a", "172.31.0.2", 0), peer("b", "172.31.0.3", 1)]
-            .into_iter()
-            .map(|p| (p.name.clone(), p))
-            .collect();
-        // b moved up a place (not a change), a changed its IP, c is new, nothing gone.
+    fn a_reread_file_sends_only_the_peers_that_differ() {
+        use crate::agent::{desired::desired, fixtures};
+        let mut b = peer("b", "172.31.0.3", 1);
+        b.pod_cidr = "10.244.3.0/24".parse().expect("cidr");
+        let held = desired(
+            &fixtures::network(),
+            &[peer("a", "172.31.0.2", 0), b.clone()],
+            None,
+        );
+        // b moved up a place (checked, but no change), a changed its IP, c is new.
+        let mut c = peer("c", "172.31.0.4", 2);
+        c.pod_cidr = "10.244.4.0/24".parse().expect("cidr");
         let new = [
-            peer("b", "172.31.0.3", 0),
+            Peer {
+                origin: Origin::Static { index: 0 },
+                ..b
+            },
             peer("a", "172.31.0.9", 1),
-            peer("c", "172.31.0.4", 2),
+            c,
         ];
-        let mut changes = diff(&old, &new);
-        changes.sort_by_key(|c| match c {
+        let found = entries(&held, &new);
+        assert_eq!(found.len(), 3, "{found:?}");
+        let mut sent = changes(found);
+        sent.sort_by_key(|c| match c {
             PeerChange::Upsert(p) => p.name.clone(),
             other => format!("{other:?}"),
         });
         assert_eq!(
-            changes,
+            sent,
             [
                 PeerChange::Upsert(new[1].clone()),
                 PeerChange::Upsert(new[2].clone())
             ]
         );
-        assert_eq!(
-            diff(&old, &[peer("a", "172.31.0.2", 0)]),
-            [PeerChange::Remove("b".into())]
-        );
+        let gone = changes(entries(&held, &[peer("a", "172.31.0.2", 0)]));
+        assert_eq!(gone, [PeerChange::Remove("b".into())]);
     }
 }
