@@ -50,6 +50,12 @@ impl<T> Taken<T> {
             .map(|(_, (_, net, owner))| (*net, owner))
     }
 
+    /// Gives `net` back (it was accepted as it is).
+    pub fn remove(&mut self, net: IpNet) {
+        let (family, start, _) = Self::span(net);
+        self.ranges[family].remove(&start);
+    }
+
     /// Accepts `net` for `owner`; the caller has checked it overlaps nothing taken.
     pub fn insert(&mut self, net: IpNet, owner: T) {
         let (family, start, end) = Self::span(net);
@@ -85,6 +91,8 @@ mod tests {
                 "{cidr}"
             );
         }
+        taken.remove(net("10.244.8.0/22"));
+        assert!(taken.find(net("10.244.9.0/24")).is_none());
         assert!(overlaps(net("10.0.0.0/8"), net("10.1.0.0/16")));
         assert!(!overlaps(net("10.0.0.0/16"), net("10.1.0.0/16")));
     }

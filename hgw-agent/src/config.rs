@@ -2,7 +2,7 @@
 //! whole before the agent touches anything. Errors name the field and the value.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
@@ -10,7 +10,7 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
-use crate::cidr::{Taken, overlaps};
+use crate::agent::desired::{DesiredState, NodeFacts, Refusal, desired};
 use crate::source::peer_blocks::PeerBlocks;
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
@@ -413,10 +413,36 @@ pub struct Peer {
     pub pod_cidr: Ipv4Net,
     /// Dual stack: its IPv6 node address and pod CIDR.
     pub v6: Option<PeerV6>,
-    /// Where it came from: "static", or its etcd key.
+    /// Where it came from: "static", its etcd key, or its Node (`node/NAME`).
     pub source: String,
     /// The etcd lease that keeps it (none for static peers and etcd reservations).
     pub lease: Option<i64>,
+    /// Which of two conflicting peers is older.
+    pub origin: Origin,
+    /// The backend it announces, where its source says (flannel's backend type).
+    pub backend: Option<String>,
+}
+
+/// Which source a peer came from, and how old it is there: of two peers that conflict,
+/// the older keeps its routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `peers[index]` of the config.
+    Static { index: usize },
+    /// Its etcd entry's create revision.
+    Etcd { revision: i64 },
+    /// Its Node's creation time, in seconds.
+    Kube { created: i64 },
+}
+
+impl Origin {
+    pub fn order(self) -> i64 {
+        match self {
+            Self::Static { index } => index as i64,
+            Self::Etcd { revision } => revision,
+            Self::Kube { created } => created,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,6 +452,14 @@ pub struct PeerV6 {
 }
 
 impl Peer {
+    /// What names it in its source: a static peer's name, an etcd key, `node/NAME`.
+    pub fn key(&self) -> &str {
+        match self.origin {
+            Origin::Static { .. } => &self.name,
+            _ => &self.source,
+        }
+    }
+
     /// Its routes, one per family (IPv4 first): pod CIDR via node IP.
     pub fn hops(&self) -> impl Iterator<Item = (IpNet, IpAddr)> {
         let v4 = (IpNet::V4(self.pod_cidr), IpAddr::V4(self.node_ip));
@@ -847,10 +881,6 @@ fn static_source(
 
     let mut peers: Vec<Peer> = Vec::with_capacity(raw_peers.len());
     let mut names = HashSet::new();
-    // Each accepted peer's pod CIDRs and node IPs, with its index: a new peer is
-    // checked against them in one lookup each, not against every earlier peer.
-    let mut taken: Taken<usize> = Taken::default();
-    let mut ips: HashMap<IpAddr, usize> = HashMap::new();
     for (i, raw_peer) in raw_peers.into_iter().enumerate() {
         let field = |name: &str| format!("peers[{i}].{name}");
         if raw_peer.name.is_empty() {
@@ -905,58 +935,82 @@ fn static_source(
             v6,
             source: "static".into(),
             lease: None,
+            origin: Origin::Static { index: i },
+            backend: None,
         };
-        for (hop_cidr, hop_ip) in peer.hops() {
-            let suffix = Family::of(hop_ip).suffix();
-            let cidr_field = field(&format!("pod_cidr{suffix}"));
-            let ip_field = field(&format!("node_ip{suffix}"));
-            let (own, cluster) = network
-                .pod_cidrs()
-                .zip(network.cluster_cidrs())
-                .find(|(own, _)| own.addr().is_ipv4() == hop_cidr.addr().is_ipv4())
-                .expect("a node network per peer family");
-            if !cluster.contains(&hop_cidr) {
-                return Err(ConfigError::invalid(
-                    cidr_field,
-                    hop_cidr,
-                    format!("not inside cluster_cidr{suffix} {cluster}"),
-                ));
-            }
-            if overlaps(hop_cidr, own) {
-                return Err(ConfigError::invalid(
-                    cidr_field,
-                    hop_cidr,
-                    format!("overlaps this node's pod_cidr{suffix} {own}"),
-                ));
-            }
-            if let Some((known_cidr, &other)) = taken.find(hop_cidr) {
-                return Err(ConfigError::invalid(
-                    cidr_field,
-                    hop_cidr,
-                    format!(
-                        "overlaps peers[{other}].pod_cidr{suffix} {known_cidr} ({})",
-                        peers[other].name
-                    ),
-                ));
-            }
-            if let Some(&other) = ips.get(&hop_ip) {
-                return Err(ConfigError::invalid(
-                    ip_field,
-                    hop_ip,
-                    format!(
-                        "is also the node_ip{suffix} of peers[{other}] ({})",
-                        peers[other].name
-                    ),
-                ));
-            }
-        }
-        for (hop_cidr, hop_ip) in peer.hops() {
-            taken.insert(hop_cidr, i);
-            ips.insert(hop_ip, i);
-        }
         peers.push(peer);
     }
+    // What the peers must be beside each other and this node is the desired state's
+    // to check (`check_peers`), at the agent's start and on each reload.
     Ok(Source::Static { network, peers })
+}
+
+/// Static peers are the admin's word: one the desired state would leave out is a config
+/// error, naming its field. Without `node` (the config alone), the checks that need the
+/// node's interfaces are left out. The state is kept by the file source, which checks
+/// each reload's changes against it.
+pub fn check_peers(
+    network: &Network,
+    peers: &[Peer],
+    node: Option<&NodeFacts>,
+) -> Result<DesiredState, ConfigError> {
+    let state = desired(network, peers, node);
+    match refused(&state) {
+        Some(e) => Err(e),
+        None => Ok(state),
+    }
+}
+
+/// The config error of the first static peer `state` leaves out, if any.
+pub fn refused(state: &DesiredState) -> Option<ConfigError> {
+    let skipped = state.skipped().into_iter().next()?;
+    // Named by their place in the file, which `peers` (maybe a part of it) carry.
+    let index = |key: &str| match state.peer(key).map(|p| p.origin) {
+        Some(Origin::Static { index }) => index,
+        _ => 0,
+    };
+    let refusal = &skipped.refusal;
+    let suffix = if refusal.is_ipv6() { "_v6" } else { "" };
+    let i = index(&skipped.key);
+    let peer = state.peer(&skipped.key).expect("a skipped peer is held");
+    let (field, value) = if refusal.is_about_node_ip() {
+        let ip = peer
+            .hops()
+            .map(|(_, ip)| ip)
+            .find(|ip| ip.is_ipv6() == refusal.is_ipv6())
+            .expect("a hop of the refused family");
+        (format!("peers[{i}].node_ip{suffix}"), ip.to_string())
+    } else {
+        let cidr = peer
+            .hops()
+            .map(|(cidr, _)| cidr)
+            .find(|cidr| cidr.addr().is_ipv6() == refusal.is_ipv6())
+            .expect("a hop of the refused family");
+        (format!("peers[{i}].pod_cidr{suffix}"), cidr.to_string())
+    };
+    let other = |key: &str| (index(key), state.peer(key).map_or("", |p| &p.name));
+    let reason = match refusal {
+        Refusal::Outside {
+            network: Some(cluster),
+            ..
+        } => format!("not inside cluster_cidr{suffix} {cluster}"),
+        Refusal::OverlapsOwn { own, .. } => format!("overlaps this node's pod_cidr{suffix} {own}"),
+        Refusal::Overlaps {
+            other_cidr,
+            other: key,
+            ..
+        } => {
+            let (j, name) = other(key);
+            format!("overlaps peers[{j}].pod_cidr{suffix} {other_cidr} ({name})")
+        }
+        Refusal::RepeatedIp { other: key, .. } => {
+            let (j, name) = other(key);
+            format!("is also the node_ip{suffix} of peers[{j}] ({name})")
+        }
+        Refusal::OffLink { reason, .. } => reason.clone(),
+        _ => skipped.reason.clone(),
+    };
+    Some(ConfigError::invalid(field, value, reason))
 }
 
 /// A node's pod CIDR and the cluster CIDR it must lie in: both or neither.
@@ -1052,10 +1106,6 @@ enum Family {
 }
 
 impl Family {
-    fn of(ip: IpAddr) -> Self {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
-    }
-
     /// How the family's config fields end: `pod_cidr`, `pod_cidr_v6`.
     fn suffix(self) -> &'static str {
         match self {
@@ -1126,11 +1176,17 @@ mod tests {
         }
     }
 
-    fn error(peers: &[(&str, &str, &str)]) -> String {
-        match Config::from_raw(raw(peers)) {
-            Ok(config) => panic!("accepted {config:?}"),
-            Err(err) => err.to_string(),
+    /// The config and its static peers' checks, as the agent's start runs them.
+    fn checked(raw: RawConfig) -> Result<Config, ConfigError> {
+        let config = Config::from_raw(raw)?;
+        if let Source::Static { network, peers } = &config.source {
+            check_peers(network, peers, None)?;
         }
+        Ok(config)
+    }
+
+    fn error(peers: &[(&str, &str, &str)]) -> String {
+        error_of(raw(peers))
     }
 
     #[test]
@@ -1249,7 +1305,7 @@ mod tests {
     }
 
     fn error_of(r: RawConfig) -> String {
-        match Config::from_raw(r) {
+        match checked(r) {
             Ok(config) => panic!("accepted {config:?}"),
             Err(err) => err.to_string(),
         }

@@ -54,6 +54,48 @@ fn peer_file_changes_apply_without_a_restart() -> anyhow::Result<()> {
         agent.log()
     );
 
+    // An edit whose peers the desired state refuses (one off the uplink's subnet, one
+    // over n3's pod CIDR) changes nothing either, and says which field and why.
+    let n3_ip = lab.nodes[2].uplink_ip.to_string();
+    for (bad, field, why) in [
+        (
+            n3_entry.replace(&n3_ip, "192.0.2.33"),
+            "node_ip",
+            "not on the subnet of uplink",
+        ),
+        (
+            format!(
+                "{full}\n[[peers]]\nname = \"over\"\nnode_ip = \"{}\"\npod_cidr = \"{n3}\"\n",
+                {
+                    let [a, b, c, _] = lab.nodes[0].uplink_ip.octets();
+                    format!("{a}.{b}.{c}.77")
+                }
+            ),
+            "pod_cidr",
+            "overlaps peers[",
+        ),
+    ] {
+        let text = if bad.starts_with(&full) {
+            bad.clone()
+        } else {
+            full.replace(&n3_entry, &bad)
+        };
+        std::fs::write(&path, &text)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let status = agent.status()?;
+        assert!(
+            has_peer(&status, &n3) && !status.peers.iter().any(|p| p.name == "over"),
+            "a refused file changed the peers:\n{status}"
+        );
+        let log = agent.log();
+        assert!(
+            log.lines().any(|l| l.contains("changed but not applied")
+                && l.contains(field)
+                && l.contains(why)),
+            "no warning naming {field} and saying {why:?}:\n{log}"
+        );
+    }
+
     std::fs::write(&path, &without_n3)?;
     agent.wait_for(Duration::from_secs(5), |s| !has_peer(s, &n3))?;
     let routes = hgw_routes(&lab.nodes[0].ns)?;

@@ -1,5 +1,5 @@
 //! What the agent's unit tests build on: a node with pod CIDR 10.244.1.0/24 in
-//! 10.244.0.0/16, uplink eth0 (ifindex 2), bridge cni0 (ifindex 3).
+//! 10.0.0.0/8, uplink eth0 (ifindex 2), bridge cni0 (ifindex 3).
 
 use ipnet::IpNet;
 
@@ -12,7 +12,7 @@ pub const BRIDGE: u32 = 3;
 pub fn network() -> Network {
     Network {
         pod_cidr: "10.244.1.0/24".parse().expect("a valid literal"),
-        cluster_cidr: "10.244.0.0/16".parse().expect("a valid literal"),
+        cluster_cidr: "10.0.0.0/8".parse().expect("a valid literal"),
         v6: None,
     }
 }
@@ -24,6 +24,7 @@ pub fn node(uplink: &str, addresses: &[&str]) -> NodeFacts {
         uplink_name: "eth0".into(),
         uplink_networks: vec![net(uplink)],
         addresses: addresses.iter().map(|a| net(a)).collect(),
+        public_ips: Vec::new(),
     }
 }
 

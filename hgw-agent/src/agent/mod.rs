@@ -5,8 +5,9 @@
 //!                                    kernel events --> observed --^      status snapshot
 //! ```
 //!
-//! Sources publish whole peer sets ([`sources`]); the desired state is a pure function
-//! of the network, the peers and the node ([`desired`]); what the kernel holds is
+//! Sources publish their peers' changes ([`sources`]); the desired state follows them,
+//! checking every peer, as a pure function of the network, the peers and the node
+//! ([`desired`]); what the kernel holds is
 //! observed from dumps and typed events ([`observed`]); the [`reconcile::Reconciler`] is
 //! the only writer, and writes only differences. Status is served from a snapshot the
 //! loop publishes, on tasks of its own.
@@ -40,7 +41,7 @@ use tokio::{
 };
 
 use crate::{
-    config::{Attach, Config, ConfigError, FastPath, Network, Peer, Source},
+    config::{Attach, Config, ConfigError, FastPath, Network, Source, check_peers},
     datapath::{self, Datapath, DatapathError, HookKind},
     etcd::{self, EtcdError},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link},
@@ -60,12 +61,12 @@ use crate::{
     source::kube::{self as kube_source, KubeError},
     tc::Scanner,
 };
-use desired::{NodeFacts, off_link};
+use desired::{DesiredState, NodeFacts};
 use observed::{Change, Observed};
 use port_search::PortSearch;
 use reconcile::{FastPathMaps, MapEntries, Reconciler, RouteTable};
-use sources::PeerSet;
 pub use sources::Reload;
+use sources::{PeerBatch, PeerReceiver};
 
 /// The backstop: everything is compared with the kernel this often.
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
@@ -189,14 +190,10 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
 
     // What a source that is running into trouble says (the kube source), for status.
     let mut source_trouble = None;
-    let (network, peers) = match &config.source {
-        Source::Static { network, peers } => {
-            check_static_peers(&config, peers, &uplink_networks)?;
-            (
-                *network,
-                sources::static_peers(peers.clone(), reload, config.clone()),
-            )
-        }
+    // The static source starts once the node's facts are known (its peers are
+    // checked against them); the others have answered by then.
+    let (network, peers, public_ips) = match &config.source {
+        Source::Static { network, .. } => (*network, None, Vec::new()),
         Source::Etcd(etcd) => {
             let public_ip = match etcd.public_ip {
                 Some(ip) => ip,
@@ -223,7 +220,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
                 info!("stopped while waiting for etcd: routes left as they were");
                 return Ok(());
             };
-            (source.network, sources::etcd_peers(source.peers))
+            (source.network, Some(source.peers), source.public_ips)
         }
         Source::Kube(kube) => {
             let nets = &uplink_networks[..];
@@ -247,7 +244,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
                 return Ok(());
             };
             source_trouble = Some(source.trouble);
-            (source.network, source.peers)
+            (source.network, Some(source.peers), source.public_ips)
         }
     };
     let addresses = kernel.addresses(None).await?;
@@ -258,6 +255,22 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         Source::Kube(_) => "kube network: ",
     };
     check_network(&network, &uplink_networks, &addresses, bridge_index, from)?;
+    let node = NodeFacts {
+        uplink_name: config.uplink.clone(),
+        addresses: other_addresses(&addresses, bridge_index),
+        uplink_networks,
+        public_ips,
+    };
+    let peers = match (peers, &config.source) {
+        (Some(peers), _) => peers,
+        (None, Source::Static { peers, .. }) => {
+            // Static peers are the admin's word: one that cannot be reached is a config
+            // error, before anything changes on the node.
+            let checked = check_peers(&network, peers, Some(&node))?;
+            sources::static_peers(peers.clone(), reload, config.clone(), checked)
+        }
+        (None, _) => unreachable!("every other source has its receiver"),
+    };
 
     let bridge = if config.setup_node {
         setup::apply(&kernel, &config, &network).await?
@@ -283,11 +296,6 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             Err(e) => warn!("status will show no counters: {e}"),
         }
     }
-    let node = NodeFacts {
-        uplink_name: config.uplink.clone(),
-        uplink_networks,
-        addresses: other_addresses(&addresses, bridge.index),
-    };
     let events = crate::kernel::subscribe()?;
     // Without the fast path nothing is redirected, so nothing is skipped.
     let scanner = datapath.is_some().then(|| Scanner::new(kernel.handle()));
@@ -298,11 +306,15 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             (&config.bridge, bridge),
             network.pod_cidrs().collect(),
         ),
-        reconciler: Reconciler::new(kernel.clone(), datapath, attach == Attach::Ports),
+        reconciler: Reconciler::new(
+            kernel.clone(),
+            datapath,
+            attach == Attach::Ports,
+            DesiredState::new(network, Some(node)),
+        ),
         config,
         network,
         kernel,
-        node,
         snapshot,
         last_fdb_dump: None,
         port_search: PortSearch::default(),
@@ -421,7 +433,6 @@ struct Agent {
     kernel_status: Option<KernelStatus>,
     network: Network,
     kernel: Kernel,
-    node: NodeFacts,
     observed: Observed,
     reconciler: Reconciler<Kernel, Datapath>,
     snapshot: watch::Sender<Arc<Status>>,
@@ -449,16 +460,14 @@ impl Agent {
     async fn event_loop(
         &mut self,
         mut events: crate::kernel::KernelEvents,
-        mut peers: watch::Receiver<PeerSet>,
+        mut peers: PeerReceiver,
         mut shutdown: Shutdown,
     ) {
         // Subscribed first, then dumped: nothing falls between the two.
         self.resync().await;
-        // The borrow ends here: held across the await below, it would block the
-        // source's next send, and with it this (single) thread, for good.
-        let first = peers.borrow_and_update().clone();
-        if let Some(set) = first {
-            self.set_peers(&set).await;
+        // What the source has already sent (the static peers): applied at once.
+        if let Some(batch) = peers.try_recv() {
+            self.set_peers(batch).await;
         }
         self.reconciler.publish_generation();
         self.publish();
@@ -508,14 +517,9 @@ impl Agent {
                     drop(timer);
                     self.dump_fdb_if_needed().await;
                 }
-                changed = peers.changed(), if peers_open => match changed {
-                    Ok(()) => {
-                        let set = peers.borrow_and_update().clone();
-                        if let Some(set) = set {
-                            self.set_peers(&set).await;
-                        }
-                    }
-                    Err(_) => peers_open = false,
+                batch = peers.recv(), if peers_open => match batch {
+                    Some(batch) => self.set_peers(batch).await,
+                    None => peers_open = false,
                 },
                 () = sleep_until(self.fdb_due), if self.fdb_due.is_some() => {
                     self.dump_fdb_if_needed().await;
@@ -542,10 +546,9 @@ impl Agent {
         }
     }
 
-    async fn set_peers(&mut self, peers: &[Peer]) {
+    async fn set_peers(&mut self, batch: PeerBatch) {
         let _timer = self.reconciles.time(Trigger::Peers);
-        let desired = desired::desired(&self.network, peers, &self.node);
-        self.reconciler.set_desired(desired, &self.observed).await;
+        self.reconciler.apply_peers(batch, &self.observed).await;
     }
 
     async fn on_event(&mut self, event: KernelEvent) {
@@ -753,7 +756,7 @@ impl Agent {
     }
 
     /// Publishes what status shows. Never waits: readers take the latest snapshot.
-    fn publish(&self) {
+    fn publish(&mut self) {
         let peers_known = self.reconciler.peers_known();
         let status = Status {
             node: self.config.node_name.clone(),
@@ -877,10 +880,10 @@ fn first_ipv4(networks: &[IpNet]) -> Option<Ipv4Addr> {
 
 /// The node's addresses on interfaces other than the bridge (whose gateway address
 /// is inside the pod CIDR by design).
-fn other_addresses(addresses: &[(u32, IpNet)], bridge: u32) -> Vec<IpNet> {
+fn other_addresses(addresses: &[(u32, IpNet)], bridge: Option<u32>) -> Vec<IpNet> {
     addresses
         .iter()
-        .filter(|(index, _)| *index != bridge)
+        .filter(|(index, _)| Some(*index) != bridge)
         .map(|(_, net)| *net)
         .collect()
 }
@@ -947,30 +950,6 @@ async fn check_interfaces(kernel: &Kernel, config: &Config) -> Result<Link, Agen
     Ok(uplink)
 }
 
-/// Static peers are the admin's word: one that cannot be reached is a config error.
-fn check_static_peers(
-    config: &Config,
-    peers: &[Peer],
-    networks: &[IpNet],
-) -> Result<(), ConfigError> {
-    for (i, peer) in peers.iter().enumerate() {
-        for (_, node_ip) in peer.hops() {
-            if let Some(reason) = off_link(node_ip, &config.uplink, networks) {
-                let field = if node_ip.is_ipv4() {
-                    "node_ip"
-                } else {
-                    "node_ip_v6"
-                };
-                return Err(ConfigError::invalid(
-                    format!("peers[{i}].{field}"),
-                    node_ip,
-                    reason,
-                ));
-            }
-        }
-    }
-    Ok(())
-}
 /// This node's CIDRs must never take the node's own traffic (SSH included) for pods:
 /// no default route, no overlap with the uplink's networks, no address of the node's
 /// inside them but the bridge's (the gateway).
@@ -996,8 +975,10 @@ fn check_network(
                 "a default route: it would take all of the node's traffic for pods".into(),
             ));
         }
-        let overlaps = |net: &IpNet| cidr.contains(&net.network()) || net.contains(&cidr.network());
-        if let Some(net) = uplink_networks.iter().find(|net| overlaps(&net.trunc())) {
+        if let Some(net) = uplink_networks
+            .iter()
+            .find(|net| crate::cidr::overlaps(cidr, net.trunc()))
+        {
             return Err(invalid(format!(
                 "overlaps the uplink's network {}",
                 net.trunc()

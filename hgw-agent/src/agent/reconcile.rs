@@ -18,8 +18,9 @@ use ipnet::IpNet;
 use log::{Level, debug, info, log, warn};
 
 use super::{
-    desired::{DesiredState, Hop},
+    desired::{Delta, DesiredState},
     observed::{Change, Observed},
+    sources::PeerBatch,
 };
 use crate::{
     datapath::DatapathError,
@@ -119,14 +120,16 @@ pub struct Reconciler<R, M> {
     /// empty set is not yet the truth, and a restart must not delete routes in use).
     peers_known: bool,
     state: HashMap<IpNet, RouteState>,
+    /// What status shows of the peers, made again only after something it shows
+    /// changed (`None`): most loop passes (a pod, a tc hook, a route's own echo)
+    /// change nothing of it.
+    peer_status: Option<Vec<PeerStatus>>,
     /// What the fast path's route map holds.
     map: HashMap<IpNet, NextHop>,
     /// What the endpoint map holds: local pods for direct delivery.
     endpoints: HashMap<IpAddr, Endpoint>,
     /// What the devices map holds: ifindex -> `DEVICE_*` bits, never 0.
     devices: HashMap<u32, u32>,
-    /// Skipped peer routes already warned about.
-    warned: HashSet<(IpNet, IpAddr)>,
     /// Per hooked interface, the other tcx programs running before hgw's that were
     /// last warned about.
     warned_before: HashMap<u32, Vec<u32>>,
@@ -136,7 +139,7 @@ pub struct Reconciler<R, M> {
 }
 
 impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
-    pub fn new(routes: R, maps: Option<M>, follow_ports: bool) -> Self {
+    pub fn new(routes: R, maps: Option<M>, follow_ports: bool, desired: DesiredState) -> Self {
         // Entries already in the maps (pinned ones) are known, so that the ones no peer
         // wants go once the source has spoken, and the rest cost no write.
         let (map, endpoints) = maps.as_ref().map(M::entries).unwrap_or_default();
@@ -145,14 +148,14 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             routes,
             maps,
             follow_ports,
-            desired: DesiredState::default(),
+            desired,
             by_hop: HashMap::new(),
             peers_known: false,
             state: HashMap::new(),
+            peer_status: None,
             map: map.into_iter().collect(),
             endpoints: endpoints.into_iter().collect(),
             devices: devices.into_iter().collect(),
-            warned: HashSet::new(),
             warned_before: HashMap::new(),
             pending_resolve: HashSet::new(),
         }
@@ -177,79 +180,91 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             .count()
     }
 
-    /// Makes `next` the desired state and applies the difference: only routes that
-    /// are new, changed or gone are written.
-    pub async fn set_desired(&mut self, next: DesiredState, observed: &Observed) {
-        for skipped in &next.skipped {
-            if !self.warned.contains(&(skipped.pod_cidr, skipped.node_ip)) {
-                warn!(
-                    "peer {} ({}): {}; no route or map entry for {}",
-                    skipped.peer, skipped.source, skipped.reason, skipped.pod_cidr
-                );
-            }
+    /// Takes what a source sent: the desired state follows it change by change, and
+    /// only the routes and map entries it changed are written. A whole set (the first,
+    /// or a relist) also sweeps whatever hgw holds that no peer wants.
+    pub async fn apply_peers(&mut self, batch: PeerBatch, observed: &Observed) {
+        let (delta, whole) = match batch {
+            PeerBatch::All(peers) => (self.desired.replace_all(peers), true),
+            PeerBatch::Changes(changes) => (self.desired.apply(changes), false),
+        };
+        self.apply_delta(delta, whole, observed).await;
+    }
+
+    async fn apply_delta(&mut self, delta: Delta, whole: bool, observed: &Observed) {
+        for skipped in &delta.skipped {
+            let cidrs: Vec<String> = skipped.pod_cidrs.iter().map(|c| c.to_string()).collect();
+            warn!(
+                "peer {} ({}): {}; no route or map entry for {}",
+                skipped.peer,
+                skipped.source,
+                skipped.reason,
+                cidrs.join(", ")
+            );
         }
-        self.warned = next
-            .skipped
-            .iter()
-            .map(|s| (s.pod_cidr, s.node_ip))
-            .collect();
-        let changed: Vec<IpNet> = next
-            .routes
-            .iter()
-            .filter(|(cidr, hop)| {
-                self.desired
-                    .routes
-                    .get(cidr)
-                    .is_none_or(|old| old.node_ip != hop.node_ip)
-            })
-            .map(|(cidr, _)| *cidr)
-            .collect();
-        let level = each_level(changed.len());
-        for cidr in &changed {
-            if !self.desired.routes.contains_key(cidr) {
-                let hop = &next.routes[cidr];
+        let level = each_level(delta.changed.len());
+        for (cidr, old) in &delta.changed {
+            let hop = &self.desired.routes[cidr];
+            let node_ip = hop.node_ip;
+            if old.is_none() {
                 log!(
                     level,
-                    "peer {} ({}): {cidr} via {}",
+                    "peer {} ({}): {cidr} via {node_ip}",
                     hop.peer,
                     hop.source,
-                    hop.node_ip
                 );
             }
+            if let Some(old) = old {
+                self.unindex(*old, *cidr);
+            }
+            self.by_hop.entry(node_ip).or_default().push(*cidr);
         }
         if level != Level::Info {
-            info!("{} peer routes new or changed", changed.len());
+            info!("{} peer routes new or changed", delta.changed.len());
         }
-        let gone: Vec<(IpNet, Hop)> = self
-            .desired
-            .routes
-            .iter()
-            .filter(|(cidr, _)| !next.routes.contains_key(cidr))
-            .map(|(cidr, hop)| (*cidr, hop.clone()))
-            .collect();
-        for (cidr, hop) in &gone {
+        for (cidr, hop) in &delta.removed {
             info!(
                 "peer {} ({}) is gone: removing {cidr} via {}",
                 hop.peer, hop.source, hop.node_ip
             );
             self.state.remove(cidr);
+            self.peer_status = None;
+            self.unindex(hop.node_ip, *cidr);
         }
-        self.desired = next;
-        self.by_hop = self.desired.by_next_hop();
+        if !delta.changed.is_empty() || !delta.removed.is_empty() {
+            self.peer_status = None;
+        }
         let first = !self.peers_known;
         self.peers_known = true;
         // The new next hops are asked for next (the others every few seconds).
-        let new_hops = changed
+        let new_hops = delta
+            .changed
             .iter()
-            .filter_map(|cidr| self.desired.routes.get(cidr))
+            .filter_map(|(cidr, _)| self.desired.routes.get(cidr))
             .map(|hop| hop.node_ip)
             .filter(|ip| observed.next_hops.get(ip).is_none_or(|n| n.mac.is_none()));
         self.pending_resolve.extend(new_hops);
+        let changed: Vec<IpNet> = delta.changed.iter().map(|(cidr, _)| *cidr).collect();
         self.install(changed, observed).await;
-        self.remove_unwanted(observed).await;
+        if whole {
+            self.remove_unwanted(observed).await;
+        } else {
+            let gone: Vec<IpNet> = delta.removed.iter().map(|(cidr, _)| *cidr).collect();
+            self.remove_gone(gone, observed).await;
+        }
         if first {
             // Before the first set nothing was written to the map: write every entry.
             self.write_all_map_entries(observed);
+        }
+    }
+
+    /// `cidr` no longer goes via `ip`.
+    fn unindex(&mut self, ip: IpAddr, cidr: IpNet) {
+        if let Some(cidrs) = self.by_hop.get_mut(&ip) {
+            cidrs.retain(|c| *c != cidr);
+            if cidrs.is_empty() {
+                self.by_hop.remove(&ip);
+            }
         }
     }
 
@@ -271,6 +286,8 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
     /// Compares everything with what the kernel holds now (`observed`, fresh from
     /// dumps) and writes only the differences.
     pub async fn resync(&mut self, observed: &Observed) {
+        // The next hops' MACs may have changed in the dumps.
+        self.peer_status = None;
         let mut install = Vec::new();
         let mut foreign = Vec::new();
         for (cidr, hop) in &self.desired.routes {
@@ -315,6 +332,10 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         match change {
             Change::NextHop { ip, deleted } => {
                 let cidrs = self.by_hop.get(&ip).cloned().unwrap_or_default();
+                if !cidrs.is_empty() {
+                    // Status shows each next hop's MAC.
+                    self.peer_status = None;
+                }
                 let mac = |m: Option<[u8; 6]>| m.map_or("unresolved".into(), format_mac);
                 let old = cidrs
                     .iter()
@@ -388,7 +409,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         let want = (Some(hop.node_ip), Some(observed.uplink.index));
         match (&owners.ours, &owners.foreign, self.state.get(&cidr)) {
             (Some(ours), _, _) if *ours == want => {
-                self.state.insert(cidr, RouteState::Installed);
+                self.set_state(cidr, RouteState::Installed);
             }
             (None, Some(protocol), _) => self.note_foreign(cidr, protocol.clone()),
             (None, None, Some(RouteState::Foreign(_))) => {
@@ -409,10 +430,18 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
+    fn set_state(&mut self, cidr: IpNet, state: RouteState) {
+        if self.state.get(&cidr) != Some(&state) {
+            self.state.insert(cidr, state);
+            self.peer_status = None;
+        }
+    }
+
     fn note_foreign(&mut self, cidr: IpNet, protocol: String) {
         let previous = self
             .state
             .insert(cidr, RouteState::Foreign(protocol.clone()));
+        self.peer_status = None;
         if !matches!(previous, Some(RouteState::Foreign(_))) {
             let peer = self.desired.routes.get(&cidr).map(|h| h.peer.as_str());
             warn!(
@@ -470,7 +499,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                             peer.unwrap_or_default()
                         );
                     }
-                    self.state.insert(cidr, RouteState::Installed);
+                    self.set_state(cidr, RouteState::Installed);
                     self.write_map_entry(cidr, observed);
                     installed += 1;
                 }
@@ -479,12 +508,35 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 }
                 Err(e) => {
                     warn!("{e}");
-                    self.state.insert(cidr, RouteState::Failed);
+                    self.set_state(cidr, RouteState::Failed);
                 }
             }
         }
         if level != Level::Info {
             info!("{installed} routes installed on {}", observed.uplink_name);
+        }
+    }
+
+    /// The routes and map entries of pod CIDRs no peer wants any more (the stale scan
+    /// of what changed only).
+    async fn remove_gone(&mut self, gone: Vec<IpNet>, observed: &Observed) {
+        let routes: Vec<HgwRoute> = gone
+            .iter()
+            .filter(|cidr| !self.desired.routes.contains_key(cidr))
+            .filter_map(|cidr| {
+                let (gateway, oif) = observed.prefixes.get(cidr)?.ours?;
+                Some(HgwRoute {
+                    destination: *cidr,
+                    gateway,
+                    oif,
+                })
+            })
+            .collect();
+        self.delete_routes(routes).await;
+        for cidr in gone {
+            if !self.takes(cidr) {
+                self.remove_map_entry(cidr);
+            }
         }
     }
 
@@ -512,6 +564,19 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 })
             })
             .collect();
+        self.delete_routes(unwanted).await;
+        let stale: Vec<IpNet> = self
+            .map
+            .keys()
+            .filter(|cidr| !self.takes(**cidr))
+            .copied()
+            .collect();
+        for cidr in stale {
+            self.remove_map_entry(cidr);
+        }
+    }
+
+    async fn delete_routes(&self, unwanted: Vec<HgwRoute>) {
         let routes = &self.routes;
         let results: Vec<(IpNet, Result<(), KernelError>)> = futures::stream::iter(unwanted)
             .map(|route| async move { (route.destination, routes.delete(route).await) })
@@ -523,15 +588,6 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 Ok(()) => info!("removed stale hgw route to {cidr}"),
                 Err(e) => warn!("{e}"),
             }
-        }
-        let stale: Vec<IpNet> = self
-            .map
-            .keys()
-            .filter(|cidr| !self.takes(**cidr))
-            .copied()
-            .collect();
-        for cidr in stale {
-            self.remove_map_entry(cidr);
         }
     }
 
@@ -871,7 +927,14 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 })
     }
 
-    pub fn peer_status(&self, observed: &Observed) -> Vec<PeerStatus> {
+    pub fn peer_status(&mut self, observed: &Observed) -> Vec<PeerStatus> {
+        if self.peer_status.is_none() {
+            self.peer_status = Some(self.make_peer_status(observed));
+        }
+        self.peer_status.clone().unwrap_or_default()
+    }
+
+    fn make_peer_status(&self, observed: &Observed) -> Vec<PeerStatus> {
         self.desired
             .routes
             .iter()
@@ -903,8 +966,8 @@ mod tests {
     use super::*;
     use crate::agent::fixtures::{self, UPLINK, network, observed};
     use crate::{
-        agent::desired::{NodeFacts, desired},
-        config::Peer,
+        agent::desired::{DesiredState, NodeFacts},
+        config::{Origin, Peer},
         kernel::{KernelEvent, Neighbour, RouteOwner},
     };
 
@@ -963,6 +1026,8 @@ mod tests {
         devices: BTreeMap<u32, u32>,
         writes: usize,
         generation: u32,
+        /// Route writes not yet published (one generation for all of them).
+        pending: bool,
     }
 
     impl FastPathMaps for FakeMaps {
@@ -971,11 +1036,13 @@ mod tests {
         }
         fn set_route(&mut self, cidr: IpNet, next_hop: NextHop) -> Result<(), DatapathError> {
             self.writes += 1;
+            self.pending = true;
             self.routes.insert(cidr, next_hop);
             Ok(())
         }
         fn remove_route(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
             self.writes += 1;
+            self.pending = true;
             self.routes.remove(&cidr);
             Ok(())
         }
@@ -1016,6 +1083,9 @@ mod tests {
             Ok(())
         }
         fn publish_generation(&mut self) -> Result<(), DatapathError> {
+            if std::mem::take(&mut self.pending) {
+                self.generation += 1;
+            }
             Ok(())
         }
         fn own_programs(&self) -> Vec<u32> {
@@ -1036,7 +1106,7 @@ mod tests {
             devices: BTreeMap::from([(UPLINK, DEVICE_INGRESS)]),
             ..FakeMaps::default()
         };
-        let mut r = Reconciler::new(&routes, Some(maps), true);
+        let mut r = Reconciler::new(&routes, Some(maps), true, desired_state());
         observed.apply(KernelEvent::Link {
             index: 20,
             name: Some("veth20".into()),
@@ -1101,6 +1171,10 @@ mod tests {
         fixtures::node("172.31.0.1/16", &[])
     }
 
+    fn desired_state() -> DesiredState {
+        DesiredState::new(network(), Some(node()))
+    }
+
     fn peers(n: u16) -> Vec<Peer> {
         (2..2 + n)
             .map(|i| Peer {
@@ -1114,6 +1188,8 @@ mod tests {
                 v6: None,
                 source: "static".into(),
                 lease: None,
+                origin: Origin::Static { index: i.into() },
+                backend: None,
             })
             .collect()
     }
@@ -1149,9 +1225,9 @@ mod tests {
     fn one_changed_peer_writes_one_route_and_one_map_entry() {
         let routes = FakeRoutes::default();
         let mut observed = observed();
-        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
         let mut set = peers(1000);
-        block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
+        block_on(r.apply_peers(PeerBatch::All(set.clone()), &observed));
         block_on(r.resolve_pending(&observed));
         assert_eq!(routes.table.borrow().len(), 1000);
         assert_eq!(r.maps.as_ref().expect("present").routes.len(), 1000);
@@ -1176,21 +1252,48 @@ mod tests {
             },
             deleted: false,
         });
-        block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
+        block_on(r.apply_peers(PeerBatch::All(set.clone()), &observed));
         let writes = routes.writes.borrow().clone();
         assert_eq!(
             writes,
             vec![format!("replace {} via 172.31.9.9", set[500].pod_cidr)]
         );
         assert_eq!(r.maps.as_ref().expect("present").writes, 1);
+
+        // One peer changed and one gone, as changes: their routes and entries only.
+        observe_routes(&mut observed, &routes);
+        routes.writes.borrow_mut().clear();
+        r.maps.as_mut().expect("present").writes = 0;
+        let gone = set[7].clone();
+        set[8].node_ip = "172.31.9.8".parse().expect("a valid literal");
+        block_on(r.apply_peers(
+            PeerBatch::Changes(vec![
+                (gone.key().to_owned(), None),
+                (set[8].key().to_owned(), Some(set[8].clone())),
+            ]),
+            &observed,
+        ));
+        let mut writes = routes.writes.borrow().clone();
+        writes.sort();
+        assert_eq!(
+            writes,
+            vec![
+                format!("del {}", gone.pod_cidr),
+                format!("replace {} via 172.31.9.8", set[8].pod_cidr),
+            ]
+        );
+        // The gone peer's entry removed; the moved one's next hop has no MAC either way,
+        // so its entry is the same and not written.
+        assert_eq!(r.maps.as_ref().expect("present").writes, 1);
+        assert_eq!(r.routes_installed(), 999);
     }
 
     #[test]
     fn a_resync_with_nothing_changed_writes_nothing() {
         let routes = FakeRoutes::default();
         let mut observed = observed();
-        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
-        block_on(r.set_desired(desired(&network(), &peers(50), &node()), &observed));
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
+        block_on(r.apply_peers(PeerBatch::All(peers(50)), &observed));
         observe_routes(&mut observed, &routes);
         routes.writes.borrow_mut().clear();
         r.maps.as_mut().expect("present").writes = 0;
@@ -1215,13 +1318,13 @@ mod tests {
             .insert(left, Ok("172.31.0.9".parse().expect("a valid literal")));
         let mut observed = observed();
         observe_routes(&mut observed, &routes);
-        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
         block_on(r.resync(&observed));
         assert!(
             routes.table.borrow().contains_key(&left),
             "kept until the source speaks"
         );
-        block_on(r.set_desired(desired(&network(), &peers(1), &node()), &observed));
+        block_on(r.apply_peers(PeerBatch::All(peers(1)), &observed));
         assert!(
             !routes.table.borrow().contains_key(&left),
             "swept once it has"
@@ -1239,8 +1342,8 @@ mod tests {
             .insert(foreign, Err("static".into()));
         let mut observed = observed();
         observe_routes(&mut observed, &routes);
-        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
-        block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
+        block_on(r.apply_peers(PeerBatch::All(set.clone()), &observed));
         assert_eq!(routes.table.borrow()[&foreign], Err("static".into()));
         let maps = r.maps.as_ref().expect("present");
         assert!(!maps.routes.contains_key(&foreign));
@@ -1272,13 +1375,55 @@ mod tests {
         );
     }
 
+    /// A new peer costs one write of its map entry and one generation in its pass:
+    /// none at the route's install and another when the rest of the pass runs.
+    #[test]
+    fn a_new_peer_is_written_once() {
+        let routes = FakeRoutes::default();
+        let mut observed = observed();
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
+        let set = peers(3);
+        block_on(r.apply_peers(PeerBatch::All(set[..2].to_vec()), &observed));
+        observe_routes(&mut observed, &routes);
+        // Its next hop is known already (a neighbour of the node's).
+        observed.apply(KernelEvent::Neighbour {
+            neighbour: Neighbour {
+                ifindex: UPLINK,
+                ip: IpAddr::V4(set[2].node_ip),
+                mac: Some([2, 3, 3, 3, 3, 3]),
+                stale: false,
+            },
+            deleted: false,
+        });
+        r.publish_generation();
+        r.maps.as_mut().expect("present").writes = 0;
+        let generation = r.maps.as_ref().expect("present").generation;
+        block_on(r.apply_peers(
+            PeerBatch::Changes(vec![(set[2].key().to_owned(), Some(set[2].clone()))]),
+            &observed,
+        ));
+        // The route's own echo changes nothing more.
+        observe_routes(&mut observed, &routes);
+        let cidr = IpNet::V4(set[2].pod_cidr);
+        block_on(r.on_change(Change::Prefix(cidr), &observed));
+        r.publish_generation();
+        let maps = r.maps.as_ref().expect("present");
+        assert_eq!(maps.writes, 1);
+        assert_eq!(maps.routes[&cidr].dst_mac, [2, 3, 3, 3, 3, 3]);
+        assert_eq!(
+            maps.generation,
+            generation + 1,
+            "one generation for the pass"
+        );
+    }
+
     #[test]
     fn a_next_hop_mac_updates_only_its_map_entries() {
         let routes = FakeRoutes::default();
         let mut observed = observed();
-        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false);
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
         let set = peers(10);
-        block_on(r.set_desired(desired(&network(), &set, &node()), &observed));
+        block_on(r.apply_peers(PeerBatch::All(set.clone()), &observed));
         assert!(!r.ready(&observed), "no MAC known yet");
         r.maps.as_mut().expect("present").writes = 0;
         let ip = IpAddr::V4(set[3].node_ip);

@@ -5,7 +5,7 @@
 //! the entries rejected in the latest peer set, no more.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap},
     hash::{BuildHasher as _, RandomState},
 };
 
@@ -117,34 +117,37 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// Which rejected entries were warned about: those rejected in the latest peer set, as
-/// hashes. An entry rejected again is not warned about again; one that is gone (or was
-/// rewritten) is forgotten, so what is remembered follows what etcd holds now.
+/// Which rejected entries were warned about, as a hash of each one's value by key: an
+/// entry rejected again is not warned about again, and one gone (or accepted) is
+/// forgotten, so what is remembered is at most one hash per key etcd holds now.
 #[derive(Debug, Default)]
 pub(super) struct Warned {
-    before: HashSet<u64>,
-    now: HashSet<u64>,
+    by_key: HashMap<String, u64>,
     // Keyed per process, so a writer cannot choose values that collide.
     hasher: RandomState,
 }
 
 impl Warned {
-    /// Notes `key` as rejected in this peer set; true if it is new since the last one.
+    /// Notes `key` as rejected with `entry`; true if it was not, with this value.
     pub(super) fn first(&mut self, key: &str, entry: &Entry) -> bool {
         let hash = self.hasher.hash_one((key, &entry.value, entry.oversize));
-        self.now.insert(hash);
-        !self.before.contains(&hash)
+        self.by_key.insert(key.to_owned(), hash) != Some(hash)
     }
 
-    /// The peer set is complete: what it rejected is what is remembered.
-    pub(super) fn end_set(&mut self) {
-        self.before = std::mem::take(&mut self.now);
+    /// `key` is gone, or accepted.
+    pub(super) fn forget(&mut self, key: &str) {
+        self.by_key.remove(key);
+    }
+
+    /// Keeps only the keys `keep` says are still there (a new listing).
+    pub(super) fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.by_key.retain(|key, _| keep(key));
     }
 
     /// How many rejected entries are remembered.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.before.len() + self.now.len()
+        self.by_key.len()
     }
 }
 

@@ -8,19 +8,22 @@
 //!   dual stack `<prefix>/subnets/10.244.3.0-24&fd00:244:3::-64` with `"PublicIPv6"`, each
 //!   attached to the owner's lease (a key without a lease is a reservation, respected).
 //!
-//! The config and every entry get the checks of a static config: no default route, room
-//! for pods, bounds inside the network, nothing over the uplink's networks, one entry per
-//! node address. A bad config is refused naming its key; a bad entry is left out with a
-//! warning naming its key, and the older of two entries wins.
+//! The config gets the checks of a static config: no default route, room for pods,
+//! bounds inside the network, nothing over the uplink's networks; a bad config is refused
+//! naming its key. An entry is parsed here (a malformed one is left out with a warning
+//! naming its key); the desired state checks it as it checks every peer (inside the
+//! network, off the uplink's networks, one entry per node address, the older of two
+//! entries winning), and its warnings name the key too.
 //!
 //! This node claims its subnet (both families, one key) in a transaction that succeeds
 //! only if the key is new (or still the entry it found for its own PublicIP). A task of
 //! its own keeps the lease alive; the watch loop follows the subnets from the listed
-//! revision, lists again on a broken watch or a compaction, and publishes each whole valid
-//! peer set, newest first: a set the agent has not taken yet is replaced by a newer one.
+//! revision, lists again on a broken watch or a compaction, and sends the agent the whole
+//! peer set of each listing (the first is the one made while claiming the subnet), and
+//! each entry's change in between.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
@@ -34,8 +37,9 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use crate::agent::sources::{PeerChange, PeerReceiver, PeerSender, peer_channel};
 use crate::cidr::{Taken, overlaps};
-use crate::config::{EtcdConfig, Network, NetworkV6, Peer, PeerV6};
+use crate::config::{EtcdConfig, Network, NetworkV6, Origin, Peer, PeerV6};
 
 mod listing;
 use listing::{Warned, list};
@@ -383,6 +387,21 @@ impl SubnetSpace {
         Ok(())
     }
 
+    /// The network of a node holding `own`.
+    fn network(&self, own: SubnetKey) -> Network {
+        Network {
+            pod_cidr: own.v4,
+            cluster_cidr: self.v4_network(),
+            v6: own
+                .v6
+                .zip(self.v6_network())
+                .map(|(pod_cidr, cluster_cidr)| NetworkV6 {
+                    pod_cidr,
+                    cluster_cidr,
+                }),
+        }
+    }
+
     fn v4_network(&self) -> Ipv4Net {
         match self.v4.network {
             IpNet::V4(net) => net,
@@ -455,23 +474,10 @@ struct Entry {
     mod_revision: i64,
 }
 
-/// An entry that passed the checks it can pass alone (IPv6 only with `EnableIPv6`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Subnet {
-    key: SubnetKey,
-    public_ip: Ipv4Addr,
-    public_ipv6: Option<Ipv6Addr>,
-}
-
-/// The checks of one entry by itself: a subnet key, flannel's value, addresses of the
-/// right family, subnets inside the network and off the uplink's networks.
-fn check_entry(
-    prefix: &str,
-    key: &str,
-    entry: &Entry,
-    space: &SubnetSpace,
-    uplink: &[IpNet],
-) -> Result<Subnet, String> {
+/// One entry as a peer: a subnet key, flannel's value, addresses of the right family
+/// (IPv6 only with `EnableIPv6`). What it must be beside the network and the other
+/// peers is the desired state's to check.
+fn peer_of(prefix: &str, key: &str, entry: &Entry, space: &SubnetSpace) -> Result<Peer, String> {
     let Some(mut subnet_key) = SubnetKey::parse(prefix, key) else {
         return Err(
             "not a subnet key (want <prefix>/subnets/A.B.C.D-LEN, or A.B.C.D-LEN&IPV6-LEN)".into(),
@@ -493,22 +499,70 @@ fn check_entry(
         .public_ip
         .parse::<Ipv4Addr>()
         .map_err(|_| format!("PublicIP {:?} is not an IPv4 address", attrs.public_ip))?;
-    let public_ipv6 = match (subnet_key.v6, &attrs.public_ipv6) {
+    let v6 = match (subnet_key.v6, &attrs.public_ipv6) {
         (None, _) => None,
         (Some(_), None) => {
             return Err("an IPv6 subnet without PublicIPv6".into());
         }
-        (Some(_), Some(text)) => Some(
-            text.parse::<Ipv6Addr>()
+        (Some(pod_cidr), Some(text)) => Some(PeerV6 {
+            node_ip: text
+                .parse::<Ipv6Addr>()
                 .map_err(|_| format!("PublicIPv6 {text:?} is not an IPv6 address"))?,
-        ),
+            pod_cidr,
+        }),
     };
-    check_subnets(&subnet_key, space, uplink)?;
-    Ok(Subnet {
-        key: subnet_key,
-        public_ip,
-        public_ipv6,
+    Ok(Peer {
+        name: format!("{}-{}", subnet_key.v4.network(), subnet_key.v4.prefix_len()),
+        node_ip: public_ip,
+        pod_cidr: subnet_key.v4,
+        v6,
+        source: key.to_owned(),
+        lease: (entry.lease != 0).then_some(entry.lease),
+        origin: Origin::Etcd {
+            revision: entry.create_revision,
+        },
+        // Older flannel entries say none: taken as host-gw.
+        backend: (!attrs.backend_type.is_empty()).then_some(attrs.backend_type),
     })
+}
+
+/// The peers of a listing, but this node's own entry; a malformed entry is named in a
+/// warning (once while it stands).
+fn peers_of(
+    prefix: &str,
+    own_key: &str,
+    entries: &BTreeMap<String, Entry>,
+    space: &SubnetSpace,
+    warned: &mut Warned,
+) -> Vec<Peer> {
+    warned.retain(|key| entries.contains_key(key));
+    entries
+        .iter()
+        .filter(|(key, _)| *key != own_key)
+        .filter_map(|(key, entry)| checked(prefix, key, entry, space, warned))
+        .collect()
+}
+
+/// `entry` as a peer, or `None` with a warning.
+fn checked(
+    prefix: &str,
+    key: &str,
+    entry: &Entry,
+    space: &SubnetSpace,
+    warned: &mut Warned,
+) -> Option<Peer> {
+    match peer_of(prefix, key, entry, space) {
+        Ok(peer) => {
+            warned.forget(key);
+            Some(peer)
+        }
+        Err(reason) => {
+            if warned.first(key, entry) {
+                warn!("etcd key {key}: ignored: {reason}");
+            }
+            None
+        }
+    }
 }
 
 /// The subnets of a key must lie inside the network and off the uplink's networks.
@@ -533,115 +587,12 @@ fn check_subnets(
     Ok(())
 }
 
-/// This node, as the peer set must leave it out.
-struct Own<'a> {
-    key: &'a str,
-    subnet: SubnetKey,
-    public_ip: Ipv4Addr,
-    public_ipv6: Option<Ipv6Addr>,
-}
-
-/// Turns the subnet entries into peers, oldest entry first: this node's own entry and
-/// anything malformed, outside the network, over the uplink's networks, overlapping an
-/// older entry or repeating an older entry's node address is left out with a warning
-/// naming the key.
-fn peers_from_entries(
-    prefix: &str,
-    entries: &BTreeMap<String, Entry>,
-    space: &SubnetSpace,
-    own: &Own,
-    uplink: &[IpNet],
-    warned: &mut Warned,
-) -> Vec<Peer> {
-    let mut order: Vec<(&String, &Entry)> = entries.iter().collect();
-    order.sort_by_key(|(key, entry)| (entry.create_revision, *key));
-    let mut taken = Taken::default();
-    for net in own.subnet.nets() {
-        taken.insert(net, own.key);
-    }
-    let mut addresses: HashMap<IpAddr, &str> = HashMap::new();
-    addresses.insert(own.public_ip.into(), own.key);
-    if let Some(ip) = own.public_ipv6 {
-        addresses.insert(ip.into(), own.key);
-    }
-    let mut peers: Vec<Peer> = Vec::new();
-    for (key, entry) in order {
-        if key == own.key {
-            continue;
-        }
-        let mut skip = |reason: String| {
-            if warned.first(key, entry) {
-                warn!("etcd key {key}: ignored: {reason}");
-            }
-        };
-        let subnet = match check_entry(prefix, key, entry, space, uplink) {
-            Ok(subnet) => subnet,
-            Err(reason) => {
-                skip(reason);
-                continue;
-            }
-        };
-        let nets: Vec<IpNet> = subnet.key.nets().collect();
-        if let Some((net, other)) = nets
-            .iter()
-            .find_map(|net| taken.find(*net).map(|(_, &other)| (net, other)))
-        {
-            let whose = if other == own.key {
-                "this node's subnet".to_owned()
-            } else {
-                format!("the older entry {other}")
-            };
-            skip(format!("{net} overlaps {whose}"));
-            continue;
-        }
-        let ips =
-            std::iter::once(IpAddr::V4(subnet.public_ip)).chain(subnet.public_ipv6.map(IpAddr::V6));
-        if let Some((ip, other)) = ips
-            .clone()
-            .find_map(|ip| addresses.get(&ip).map(|other| (ip, *other)))
-        {
-            let field = if ip.is_ipv4() {
-                "PublicIP"
-            } else {
-                "PublicIPv6"
-            };
-            let whose = if other == own.key {
-                "this node's address".to_owned()
-            } else {
-                format!("already the address of the older entry {other}")
-            };
-            skip(format!("{field} {ip} is {whose}"));
-            continue;
-        }
-        for net in &nets {
-            taken.insert(*net, key.as_str());
-        }
-        for ip in ips {
-            addresses.insert(ip, key);
-        }
-        let v6 = match (subnet.key.v6, subnet.public_ipv6) {
-            (Some(pod_cidr), Some(node_ip)) => Some(PeerV6 { node_ip, pod_cidr }),
-            _ => None,
-        };
-        peers.push(Peer {
-            name: format!("{}-{}", subnet.key.v4.network(), subnet.key.v4.prefix_len()),
-            node_ip: subnet.public_ip,
-            pod_cidr: subnet.key.v4,
-            v6,
-            source: key.clone(),
-            lease: (entry.lease != 0).then_some(entry.lease),
-        });
-    }
-    warned.end_set();
-    peers
-}
-
-/// A connected source: this node's network, and the peers as they change. Each message
-/// is the whole valid peer set (the first one is the first listing); a set the agent has
-/// not taken yet is replaced by a newer one, so at most one older set waits before it.
+/// A connected source: this node's network, the public IPs it announces, and the peers
+/// as they change.
 pub struct EtcdSource {
     pub network: Network,
-    pub peers: mpsc::Receiver<Vec<Peer>>,
+    pub public_ips: Vec<IpAddr>,
+    pub peers: PeerReceiver,
 }
 
 struct Shared {
@@ -666,15 +617,6 @@ impl Shared {
 
     fn subnets_prefix(&self) -> String {
         format!("{}/subnets/", self.config.prefix)
-    }
-
-    fn own<'a>(&self, key: &'a str, subnet: SubnetKey) -> Own<'a> {
-        Own {
-            key,
-            subnet,
-            public_ip: self.public_ip,
-            public_ipv6: self.public_ipv6,
-        }
     }
 }
 
@@ -743,24 +685,14 @@ pub async fn start(
         .await
         .map_err(shared.error("granting a lease"))?
         .id();
-    let own = acquire(&mut client, &shared, &space, lease, None).await?;
+    let (own, listed) = acquire(&mut client, &shared, &space, lease, None).await?;
     info!(
         "etcd: this node holds {} (lease {lease:x}, TTL {} s)",
         own.key(&shared.config.prefix),
         shared.config.lease_ttl
     );
 
-    let network = Network {
-        pod_cidr: own.v4,
-        cluster_cidr: space.v4_network(),
-        v6: own
-            .v6
-            .zip(space.v6_network())
-            .map(|(pod_cidr, cluster_cidr)| NetworkV6 {
-                pod_cidr,
-                cluster_cidr,
-            }),
-    };
+    let network = space.network(own);
     let (lease_tx, lease_rx) = watch::channel(lease);
     let (lost_tx, lost_rx) = mpsc::channel(1);
     tokio::spawn(keep_alive(
@@ -770,16 +702,21 @@ pub async fn start(
         lease_rx,
         lost_tx,
     ));
-    let (newest_tx, newest_rx) = watch::channel(None);
-    let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(forward(newest_rx, tx));
+    let (tx, rx) = peer_channel();
     let lease = Lease {
         id: lease,
         renewed: lease_tx,
         lost: lost_rx,
     };
-    tokio::spawn(run(client, shared, space, own, lease, newest_tx));
-    Ok(EtcdSource { network, peers: rx })
+    let public_ips = std::iter::once(IpAddr::V4(shared.public_ip))
+        .chain(shared.public_ipv6.map(IpAddr::V6))
+        .collect();
+    tokio::spawn(run(client, shared, space, (own, listed), lease, tx));
+    Ok(EtcdSource {
+        network,
+        public_ips,
+        peers: rx,
+    })
 }
 
 async fn connect(shared: &Shared) -> Result<Client, EtcdError> {
@@ -854,14 +791,15 @@ fn own_entry_unfit(
 /// still fits, else `preferred`, else the first free one, in each family. Each claim is
 /// one transaction (both families are one key) that only succeeds if nobody changed the
 /// keys since we looked, so two nodes never share a subnet; an own entry that no longer
-/// fits is deleted in the same transaction.
+/// fits is deleted in the same transaction. The listing it claimed on comes back too:
+/// the watch goes on from it, so the subnets are listed once at start.
 async fn acquire(
     client: &mut Client,
     shared: &Shared,
     space: &SubnetSpace,
     lease: i64,
     preferred: Option<SubnetKey>,
-) -> Result<SubnetKey, EtcdError> {
+) -> Result<(SubnetKey, Listing), EtcdError> {
     let prefix = &shared.config.prefix;
     let value = serde_json::to_string(&LeaseAttrs {
         public_ip: shared.public_ip.to_string(),
@@ -870,7 +808,7 @@ async fn acquire(
     })
     .expect("plain strings serialize");
     loop {
-        let (entries, _) = list(client, shared).await?;
+        let (entries, revision) = list(client, shared).await?;
         let ip = shared.public_ip.to_string();
         let mut mine: Vec<(&String, &Entry)> = entries
             .iter()
@@ -888,10 +826,11 @@ async fn acquire(
             match unfit {
                 // A reservation for this node is used as it is, never rewritten.
                 None if entry.lease == 0 => {
-                    return Ok(SubnetKey {
+                    let own = SubnetKey {
                         v6: subnet_key.v6.filter(|_| space.v6.is_some()),
                         ..subnet_key
-                    });
+                    };
+                    return Ok((own, (entries, revision)));
                 }
                 Some(reason) if entry.lease == 0 => {
                     return Err(EtcdError::BadConfig {
@@ -903,7 +842,7 @@ async fn acquire(
                     let compare =
                         Compare::mod_revision(key.as_str(), CompareOp::Equal, entry.mod_revision);
                     if claim(client, shared, key, &value, lease, vec![compare], vec![]).await? {
-                        return Ok(subnet_key);
+                        return Ok((subnet_key, (entries, revision)));
                     }
                     continue;
                 }
@@ -959,7 +898,7 @@ async fn acquire(
             deletes.push(TxnOp::delete(old_key.as_str(), None));
         }
         if claim(client, shared, &key, &value, lease, compares, deletes).await? {
-            return Ok(subnet_key);
+            return Ok((subnet_key, (entries, revision)));
         }
         // Someone else changed it between our list and our claim: look again.
     }
@@ -989,24 +928,8 @@ async fn claim(
     Ok(response.succeeded())
 }
 
-/// Hands the agent the newest whole peer set. The watch loop only ever replaces the
-/// newest set, so neither it nor the lease keeper waits for a slow agent; whatever
-/// came while the agent was busy is taken once it has room.
-async fn forward(mut newest: watch::Receiver<Option<Vec<Peer>>>, agent: mpsc::Sender<Vec<Peer>>) {
-    loop {
-        tokio::select! {
-            changed = newest.changed() => if changed.is_err() { return },
-            () = agent.closed() => return,
-        }
-        let Ok(permit) = agent.reserve().await else {
-            return;
-        };
-        let Some(peers) = newest.borrow_and_update().clone() else {
-            continue;
-        };
-        permit.send(peers);
-    }
-}
+/// The subnet entries at one revision, and that revision.
+type Listing = (BTreeMap<String, Entry>, i64);
 
 /// This node's lease as the watch loop holds it: its id, published to the keeper,
 /// and the keeper's word when it is gone.
@@ -1099,23 +1022,24 @@ async fn run(
     mut client: Client,
     shared: Shared,
     space: SubnetSpace,
-    mut own: SubnetKey,
+    (mut own, listed): (SubnetKey, Listing),
     mut lease: Lease,
-    newest: watch::Sender<Option<Vec<Peer>>>,
+    tx: PeerSender,
 ) {
     let mut warned = Warned::default();
+    let mut listed = Some(listed);
     loop {
         let result = watch(
             &mut client,
             &shared,
             &space,
-            own,
-            &newest,
+            (own, listed.take()),
+            &tx,
             &mut warned,
             &mut lease,
         )
         .await;
-        if newest.is_closed() {
+        if tx.is_closed() {
             return;
         }
         match result {
@@ -1163,7 +1087,7 @@ async fn renew(
         .await
         .map_err(shared.error("granting a lease"))?
         .id();
-    let own = acquire(client, shared, space, lease, Some(own)).await?;
+    let (own, _) = acquire(client, shared, space, lease, Some(own)).await?;
     Ok((lease, own))
 }
 
@@ -1172,30 +1096,28 @@ enum WatchEnd {
     LeaseLost,
 }
 
+/// Sends the whole peer set of a listing (`listed`, else a new one), then each change
+/// the watch brings, until the watch breaks or the lease is lost.
 async fn watch(
     client: &mut Client,
     shared: &Shared,
     space: &SubnetSpace,
-    own: SubnetKey,
-    newest: &watch::Sender<Option<Vec<Peer>>>,
+    (own, listed): (SubnetKey, Option<Listing>),
+    tx: &PeerSender,
     warned: &mut Warned,
     lease: &mut Lease,
 ) -> Result<WatchEnd, EtcdError> {
     let prefix = &shared.config.prefix;
     let own_key = own.key(prefix);
-    let own = shared.own(&own_key, own);
-    let (mut entries, revision) = list(client, shared).await?;
-    let mut publish = |entries: &BTreeMap<String, Entry>| {
-        newest.send_replace(Some(peers_from_entries(
-            prefix,
-            entries,
-            space,
-            &own,
-            &shared.uplink,
-            warned,
-        )));
+    let (entries, revision) = match listed {
+        Some(listed) => listed,
+        None => list(client, shared).await?,
     };
-    publish(&entries);
+    let peers = peers_of(prefix, &own_key, &entries, space, warned);
+    drop(entries);
+    if tx.send([PeerChange::All(peers)]).is_err() {
+        return Ok(WatchEnd::Broken);
+    }
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
@@ -1212,7 +1134,7 @@ async fn watch(
                     return Ok(WatchEnd::LeaseLost);
                 }
             }
-            () = newest.closed() => return Ok(WatchEnd::Broken),
+            () = tx.closed() => return Ok(WatchEnd::Broken),
             message = stream.message() => {
                 let Some(response) = message.map_err(shared.error("watching subnets"))? else {
                     return Ok(WatchEnd::Broken);
@@ -1220,22 +1142,32 @@ async fn watch(
                 if response.canceled() || response.compact_revision() != 0 {
                     return Ok(WatchEnd::Broken);
                 }
+                let mut changes = Vec::new();
                 for event in response.events() {
                     let Some(kv) = event.kv() else { continue };
                     let Ok(key) = kv.key_str() else { continue };
                     match event.event_type() {
+                        EventType::Delete if key == own_key => return Ok(WatchEnd::LeaseLost),
+                        EventType::Put if key == own_key => {}
                         EventType::Put => {
-                            entries.extend(listing::entry(kv));
+                            let peer = listing::entry(kv).and_then(|(key, entry)| {
+                                checked(prefix, &key, &entry, space, warned)
+                            });
+                            changes.push(match peer {
+                                Some(peer) => PeerChange::Upsert(peer),
+                                // Whatever it was before, it is no peer now.
+                                None => PeerChange::Remove(key.to_owned()),
+                            });
                         }
                         EventType::Delete => {
-                            entries.remove(key);
-                            if key == own_key {
-                                return Ok(WatchEnd::LeaseLost);
-                            }
+                            warned.forget(key);
+                            changes.push(PeerChange::Remove(key.to_owned()));
                         }
                     }
                 }
-                publish(&entries);
+                if tx.send(changes).is_err() {
+                    return Ok(WatchEnd::Broken);
+                }
             }
         }
     }
@@ -1244,6 +1176,7 @@ async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::desired::{NodeFacts, desired};
 
     const KEY: &str = "/p/config";
 
@@ -1455,26 +1388,38 @@ mod tests {
         ]
     }
 
+    /// The peers an agent with `own` would route to: parsed here, checked by the
+    /// desired state (as the agent does), oldest first.
     fn peers(space: &SubnetSpace, own: &str, entries: &[(&str, Entry)]) -> Vec<Peer> {
         let entries: BTreeMap<String, Entry> = entries
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect();
         let own_key = SubnetKey::parse("/p", own).expect("own key");
-        let own = Own {
-            key: own,
-            subnet: own_key,
-            public_ip: Ipv4Addr::new(172, 31, 0, 1),
-            public_ipv6: space.v6.map(|_| "fd00:172:31::1".parse().expect("ip")),
+        let listed = peers_of("/p", own, &entries, space, &mut Warned::default());
+        let network = space.network(own_key);
+        let mut public_ips = vec![IpAddr::V4(Ipv4Addr::new(172, 31, 0, 1))];
+        if space.v6.is_some() {
+            public_ips.push("fd00:172:31::1".parse().expect("ip"));
+        }
+        let node = NodeFacts {
+            uplink_name: "eth0".into(),
+            uplink_networks: uplink(),
+            addresses: Vec::new(),
+            public_ips,
         };
-        peers_from_entries(
-            "/p",
-            &entries,
-            space,
-            &own,
-            &uplink(),
-            &mut Warned::default(),
-        )
+        let state = desired(&network, &listed, Some(&node));
+        let mut kept: Vec<Peer> = listed
+            .into_iter()
+            .filter(|p| {
+                state
+                    .routes
+                    .get(&IpNet::V4(p.pod_cidr))
+                    .is_some_and(|hop| hop.key == p.source)
+            })
+            .collect();
+        kept.sort_by_key(|p| p.origin.order());
+        kept
     }
 
     fn sources(peers: &[Peer]) -> Vec<&str> {
@@ -1543,21 +1488,15 @@ mod tests {
     /// stays at what etcd holds now, never at everything ever written.
     #[test]
     fn rejected_writes_are_remembered_only_while_they_stand() {
-        let own_key = SubnetKey::parse("/p", "/p/subnets/10.244.1.0-24").expect("own key");
-        let own = Own {
-            key: "/p/subnets/10.244.1.0-24",
-            subnet: own_key,
-            public_ip: Ipv4Addr::new(172, 31, 0, 1),
-            public_ipv6: None,
-        };
-        let mut warned = Default::default();
+        let own = "/p/subnets/10.244.1.0-24";
+        let mut warned = Warned::default();
         for n in 0..300 {
             let junk = format!("junk {n} {}", "x".repeat(10_000));
             let entries = BTreeMap::from([
                 ("/p/subnets/10.244.2.0-24".to_owned(), entry(&junk, 2)),
                 ("/p/subnets/10.244.3.0-24".to_owned(), entry("not json", 3)),
             ]);
-            let peers = peers_from_entries("/p", &entries, &space(), &own, &uplink(), &mut warned);
+            let peers = peers_of("/p", own, &entries, &space(), &mut warned);
             assert!(peers.is_empty());
         }
         assert!(
@@ -1771,43 +1710,5 @@ mod tests {
             Some("fd00:172:31::1".parse().expect("ip"))
         );
         assert_eq!(first_global_ipv6(&up[..2]), None);
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_slow_agent_gets_the_newest_set_not_every_set() {
-        let (newest_tx, newest_rx) = watch::channel(None);
-        let (tx, mut rx) = mpsc::channel(1);
-        tokio::spawn(forward(newest_rx, tx));
-        let set = |n: usize| {
-            (0..n)
-                .map(|i| Peer {
-                    name: format!("p{i}"),
-                    node_ip: Ipv4Addr::new(172, 31, 0, 2),
-                    pod_cidr: "10.244.2.0/24".parse().expect("cidr"),
-                    v6: None,
-                    source: "static".into(),
-                    lease: None,
-                })
-                .collect::<Vec<_>>()
-        };
-        // 100 sets published without waiting, while the agent takes none.
-        for n in 1..=100 {
-            newest_tx.send_replace(Some(set(n)));
-            tokio::task::yield_now().await;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let mut got = Vec::new();
-        while let Ok(peers) = rx.try_recv() {
-            got.push(peers.len());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(got.last(), Some(&100), "the newest set arrives: {got:?}");
-        assert!(
-            got.len() <= 2,
-            "at most one older set waits before it: {got:?}"
-        );
-        drop(rx);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(newest_tx.is_closed(), "the forwarder ends with the agent");
     }
 }

@@ -11,14 +11,14 @@
 //!   False;
 //! - the peers: every other Node flannel would read ([`nodes`]), from kube-rs's watcher
 //!   (list, then watch from its resourceVersion with bookmarks, a new list after `410
-//!   Gone` or a broken watch, retried with backoff). The first peer set goes out after
-//!   the first whole list, so nothing is swept on a partial view; while the API server
-//!   cannot be reached the last set stands.
+//!   Gone` or a broken watch, retried with backoff). The whole peer set goes out after
+//!   each whole list, so nothing is swept on a partial view, and each Node's change in
+//!   between; while the API server cannot be reached the last peers stand.
 
 mod net_conf;
 pub mod nodes;
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use futures::StreamExt as _;
 use ipnet::IpNet;
@@ -36,7 +36,7 @@ use log::{info, warn};
 use tokio::sync::watch;
 
 use crate::{
-    agent::sources::PeerSet,
+    agent::sources::{PeerChange, PeerReceiver, PeerSender, peer_channel},
     config::{KubeConfig, Network, NetworkV6},
     etcd::SubnetSpace,
 };
@@ -100,10 +100,12 @@ fn watch_error(error: &watcher::Error) -> String {
     }
 }
 
-/// A connected source: this node's network and the peers as they change.
+/// A connected source: this node's network, the public IPs it announces, and the
+/// peers as they change.
 pub struct KubeSource {
     pub network: Network,
-    pub peers: watch::Receiver<PeerSet>,
+    pub public_ips: Vec<IpAddr>,
+    pub peers: PeerReceiver,
     /// Why the API server cannot be followed now (`None`: it can), for status.
     pub trouble: watch::Receiver<Option<String>>,
 }
@@ -198,17 +200,12 @@ pub async fn start(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let (tx, rx) = watch::channel(None);
+    let (tx, rx) = peer_channel();
     let (trouble_tx, trouble) = watch::channel(None);
-    tokio::spawn(follow(
-        api,
-        space,
-        node_name.to_owned(),
-        own,
-        (tx, trouble_tx),
-    ));
+    tokio::spawn(follow(api, space, node_name.to_owned(), (tx, trouble_tx)));
     Ok(KubeSource {
         network,
+        public_ips: own,
         peers: rx,
         trouble,
     })
@@ -309,13 +306,12 @@ async fn announce(api: &Api<Node>, node: &Node, own: &[IpAddr]) -> Result<(), Ku
     Ok(())
 }
 
-/// Follows the Nodes for as long as the agent takes peer sets.
+/// Follows the Nodes for as long as the agent takes their changes.
 async fn follow(
     api: Api<Node>,
     space: SubnetSpace,
     own: String,
-    own_ips: Vec<IpAddr>,
-    (tx, trouble): (watch::Sender<PeerSet>, watch::Sender<Option<String>>),
+    (tx, trouble): (PeerSender, watch::Sender<Option<String>>),
 ) {
     let stream = watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
@@ -328,23 +324,31 @@ async fn follow(
             info!("kube: following the nodes again");
             trouble.send_replace(None);
         }
-        let publish = match event {
+        let change = match event {
             Ok(watcher::Event::Init) => {
                 listing = Some(Nodes::default());
-                false
+                None
             }
             Ok(watcher::Event::InitApply(node)) => {
                 listing.get_or_insert_default().apply(&node, &space);
-                false
+                None
             }
             Ok(watcher::Event::InitDone) => {
                 // The warnings already given stay: said once, not on every list.
                 nodes.nodes = listing.take().unwrap_or_default().nodes;
-                true
+                Some(PeerChange::All(nodes.peers(&own)))
             }
             // (The watcher sends these only after the first whole list.)
-            Ok(watcher::Event::Apply(node)) => nodes.apply(&node, &space),
-            Ok(watcher::Event::Delete(node)) => nodes.delete(&node),
+            Ok(watcher::Event::Apply(node)) => nodes.apply(&node, &space).then(|| {
+                let name = nodes::name(&node);
+                match nodes.peer(name, &own) {
+                    Some(peer) => PeerChange::Upsert(peer),
+                    None => PeerChange::Remove(nodes::key(name)),
+                }
+            }),
+            Ok(watcher::Event::Delete(node)) => nodes
+                .delete(&node)
+                .then(|| PeerChange::Remove(nodes::key(nodes::name(&node)))),
             Err(e) => {
                 let why = watch_error(&e);
                 warn!("kube: {why}; retrying with backoff, routes left as they are");
@@ -352,14 +356,13 @@ async fn follow(
                     "the Kubernetes API: {why} (retrying; routes and maps kept)"
                 )));
                 failing = true;
-                false
+                None
             }
         };
-        if publish {
-            let peers = nodes.peers(&own, &own_ips);
-            if tx.send(Some(Arc::new(peers))).is_err() {
-                return;
-            }
+        if let Some(change) = change
+            && tx.send([change]).is_err()
+        {
+            return;
         }
     }
 }

@@ -1,12 +1,12 @@
 //! Nodes as flannel's kube subnet manager reads them: the pod CIDRs from
-//! `spec.podCIDRs` (`spec.podCIDR` on old API servers) and flannel's annotations. Each
-//! Node gets the checks it can pass alone here; what needs the node's own facts
-//! (overlaps, the uplink's networks, a next hop off the uplink's subnet) is checked by
-//! the desired state, as for every source.
+//! `spec.podCIDRs` (`spec.podCIDR` on old API servers) and flannel's annotations. A
+//! Node is parsed here (one that does not parse is named in a warning); the desired
+//! state checks it as it checks every peer (its backend, inside the network, overlaps,
+//! the uplink's networks, a repeated or off-subnet public IP).
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Node;
 use log::warn;
 
 use crate::{
-    config::{Peer, PeerV6},
+    config::{Origin, Peer, PeerV6},
     etcd::SubnetSpace,
 };
 
@@ -103,20 +103,21 @@ pub fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// What a flannel node announces, checked alone: a host-gw backend, a public IP of
-/// each family the network has, pod CIDRs in the network.
+/// What a flannel node announces, parsed: its backend, a public IP of each family the
+/// network has, its pod CIDRs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announced {
-    /// When the Node was created (RFC 3339, sorts as time): the older of two
-    /// conflicting Nodes wins, whatever their names.
-    pub created: String,
+    /// When the Node was created, in seconds: the older of two conflicting Nodes wins,
+    /// whatever their names.
+    pub created: i64,
+    pub backend: String,
     pub pod_cidr: Ipv4Net,
     pub public_ip: Ipv4Addr,
     pub v6: Option<PeerV6>,
 }
 
 /// `None` for a Node flannel would not read (no `kube-subnet-manager: "true"`);
-/// `Err` says why a flannel node cannot be a peer.
+/// `Err` says why a flannel node does not parse as a peer.
 pub fn announced(node: &Node, space: &SubnetSpace) -> Option<Result<Announced, String>> {
     if annotation(node, SUBNET_MANAGER) != Some("true") {
         return None;
@@ -125,14 +126,9 @@ pub fn announced(node: &Node, space: &SubnetSpace) -> Option<Result<Announced, S
 }
 
 fn check(node: &Node, space: &SubnetSpace) -> Result<Announced, String> {
-    match annotation(node, BACKEND_TYPE) {
-        Some("host-gw") => {}
-        other => {
-            return Err(format!(
-                "{BACKEND_TYPE} is {other:?}, not \"host-gw\": its pods are not reachable the host-gw way"
-            ));
-        }
-    }
+    let backend = annotation(node, BACKEND_TYPE)
+        .unwrap_or_default()
+        .to_owned();
     let cidrs = pod_cidrs(node)?;
     let pod_cidr = cidrs
         .v4
@@ -143,12 +139,11 @@ fn check(node: &Node, space: &SubnetSpace) -> Result<Announced, String> {
             text.parse::<Ipv4Addr>()
                 .map_err(|_| format!("{PUBLIC_IP} {text:?} is not an IPv4 address"))
         })?;
+    // An IPv6 pod CIDR in an IPv4 network is used for IPv4 only.
     let cidrs = PodCidrs {
         v4: cidrs.v4,
-        // An IPv6 pod CIDR in an IPv4 network is used for IPv4 only.
         v6: cidrs.v6.filter(|_| space.v6.is_some()),
     };
-    check_in_network(&cidrs, space)?;
     let v6 = match cidrs.v6 {
         None => None,
         Some(pod_cidr) => {
@@ -164,10 +159,10 @@ fn check(node: &Node, space: &SubnetSpace) -> Result<Announced, String> {
         .metadata
         .creation_timestamp
         .as_ref()
-        .map(|t| t.0.to_string())
-        .unwrap_or_default();
+        .map_or(0, |t| t.0.as_second());
     Ok(Announced {
         created,
+        backend,
         pod_cidr,
         public_ip,
         v6,
@@ -198,60 +193,52 @@ impl Nodes {
         self.nodes.remove(name(node)).is_some()
     }
 
-    /// The peers: every Node but `own` that passed its checks, oldest first, minus
-    /// those repeating an older Node's public IP (or this node's). Each Node left out
-    /// is named in a warning, once per reason.
-    pub fn peers(&mut self, own: &str, own_ips: &[IpAddr]) -> Vec<Peer> {
-        let mut order: Vec<(&String, &Announced)> = Vec::new();
-        let mut skipped: HashMap<String, String> = HashMap::new();
-        for (name, result) in &self.nodes {
-            match result {
-                _ if name == own => {}
-                Ok(announced) => order.push((name, announced)),
-                Err(reason) => {
-                    skipped.insert(name.clone(), reason.clone());
-                }
-            }
-        }
-        order.sort_by(|a, b| (&a.1.created, a.0).cmp(&(&b.1.created, b.0)));
-        let mut addresses: HashMap<IpAddr, &str> =
-            own_ips.iter().map(|ip| (*ip, "this node")).collect();
-        let mut peers = Vec::with_capacity(order.len());
-        for (name, node) in order {
-            let ips = std::iter::once(IpAddr::V4(node.public_ip))
-                .chain(node.v6.map(|v6| IpAddr::V6(v6.node_ip)));
-            if let Some((ip, other)) = ips
-                .clone()
-                .find_map(|ip| addresses.get(&ip).map(|other| (ip, *other)))
-            {
-                let whose = if other == "this node" {
-                    "this node's public IP".to_owned()
-                } else {
-                    format!("already the public IP of the older Node {other}")
-                };
-                skipped.insert(name.clone(), format!("{ip} is {whose}"));
-                continue;
-            }
-            for ip in ips {
-                addresses.insert(ip, name);
-            }
-            peers.push(Peer {
-                name: name.clone(),
-                node_ip: node.public_ip,
-                pod_cidr: node.pod_cidr,
-                v6: node.v6,
-                source: format!("node/{name}"),
-                lease: None,
-            });
-        }
-        for (name, reason) in &skipped {
-            if self.warned.get(name) != Some(reason) {
-                warn!("kube node/{name}: ignored: {reason}");
-            }
-        }
-        self.warned = skipped;
-        peers
+    /// The peers: every Node but `own` that parses. Each Node left out is named in a
+    /// warning, once per reason.
+    pub fn peers(&mut self, own: &str) -> Vec<Peer> {
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        self.warned.retain(|name, _| self.nodes.contains_key(name));
+        names
+            .iter()
+            .filter_map(|name| self.peer(name, own))
+            .collect()
     }
+
+    /// Node `name` as a peer, if it is one (a warning says why a flannel node is not).
+    pub fn peer(&mut self, name: &str, own: &str) -> Option<Peer> {
+        if name == own {
+            return None;
+        }
+        match self.nodes.get(name)? {
+            Ok(node) => {
+                self.warned.remove(name);
+                Some(Peer {
+                    name: name.to_owned(),
+                    node_ip: node.public_ip,
+                    pod_cidr: node.pod_cidr,
+                    v6: node.v6,
+                    source: key(name),
+                    lease: None,
+                    origin: Origin::Kube {
+                        created: node.created,
+                    },
+                    backend: Some(node.backend.clone()),
+                })
+            }
+            Err(reason) => {
+                if self.warned.get(name) != Some(reason) {
+                    warn!("kube node/{name}: ignored: {reason}");
+                    self.warned.insert(name.to_owned(), reason.clone());
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A Node's peer key (and source).
+pub fn key(name: &str) -> String {
+    format!("node/{name}")
 }
 
 #[cfg(test)]
@@ -313,14 +300,7 @@ mod tests {
     #[test]
     fn bad_nodes_are_refused_saying_why() {
         let t = "2026-01-01T00:00:00Z";
-        let mut vxlan = flannel("172.31.0.2");
-        vxlan[1] = (BACKEND_TYPE, "vxlan");
-        assert!(reason(&node("a", t, &["10.244.2.0/24"], &vxlan)).contains("\"vxlan\""));
         assert!(reason(&node("a", t, &[], &flannel("172.31.0.2"))).contains("not assigned"));
-        assert!(
-            reason(&node("a", t, &["10.245.2.0/24"], &flannel("172.31.0.2")))
-                .contains("outside the Network 10.244.0.0/16")
-        );
         assert!(reason(&node("a", t, &["10.244.2.0/24"], &flannel("x"))).contains("public-ip"));
         assert!(
             reason(&node(
@@ -336,65 +316,69 @@ mod tests {
         );
     }
 
+    /// The peers an agent on `me` routes to: parsed here, checked by the desired
+    /// state, as the agent does.
+    fn routed(nodes: &mut Nodes) -> (Vec<String>, Vec<String>) {
+        use crate::agent::desired::{NodeFacts, desired};
+        let network = crate::config::Network {
+            pod_cidr: "10.244.1.0/24".parse().expect("cidr"),
+            cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
+            v6: None,
+        };
+        let node = NodeFacts {
+            uplink_name: "eth0".into(),
+            uplink_networks: vec!["172.31.0.1/24".parse().expect("net")],
+            addresses: Vec::new(),
+            public_ips: vec!["172.31.0.1".parse().expect("ip")],
+        };
+        let state = desired(&network, &nodes.peers("me"), Some(&node));
+        let names = state.routes.values().map(|h| h.peer.clone()).collect();
+        let reasons = state
+            .skipped()
+            .into_iter()
+            .map(|s| format!("{}: {}", s.peer, s.reason))
+            .collect();
+        (names, reasons)
+    }
+
     #[test]
     fn the_older_node_keeps_a_repeated_public_ip() {
         let mut nodes = Nodes::default();
         let sp = space();
+        for (name, created, cidr, ip) in [
+            ("b", "2026-01-01T00:00:00Z", "10.244.2.0/24", "172.31.0.2"),
+            ("a", "2026-01-02T00:00:00Z", "10.244.3.0/24", "172.31.0.2"),
+            ("me", "2026-01-01T00:00:00Z", "10.244.1.0/24", "172.31.0.1"),
+            ("c", "2026-01-03T00:00:00Z", "10.244.4.0/24", "172.31.0.1"),
+        ] {
+            nodes.apply(&node(name, created, &[cidr], &flannel(ip)), &sp);
+        }
+        let mut vxlan = flannel("172.31.0.5");
+        vxlan[1] = (BACKEND_TYPE, "vxlan");
         nodes.apply(
-            &node(
-                "b",
-                "2026-01-01T00:00:00Z",
-                &["10.244.2.0/24"],
-                &flannel("172.31.0.2"),
-            ),
+            &node("v", "2026-01-01T00:00:00Z", &["10.244.5.0/24"], &vxlan),
             &sp,
         );
+        let outside = flannel("172.31.0.6");
         nodes.apply(
-            &node(
-                "a",
-                "2026-01-02T00:00:00Z",
-                &["10.244.3.0/24"],
-                &flannel("172.31.0.2"),
-            ),
+            &node("o", "2026-01-01T00:00:00Z", &["10.245.2.0/24"], &outside),
             &sp,
         );
-        nodes.apply(
-            &node(
-                "me",
-                "2026-01-01T00:00:00Z",
-                &["10.244.1.0/24"],
-                &flannel("172.31.0.1"),
-            ),
-            &sp,
-        );
-        nodes.apply(
-            &node(
-                "c",
-                "2026-01-03T00:00:00Z",
-                &["10.244.4.0/24"],
-                &flannel("172.31.0.1"),
-            ),
-            &sp,
-        );
-        let peers = nodes.peers("me", &["172.31.0.1".parse().expect("ip")]);
-        let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        let (names, reasons) = routed(&mut nodes);
         assert_eq!(names, ["b"]);
-        assert!(
-            nodes.warned["a"].contains("older Node b"),
-            "{:?}",
-            nodes.warned
-        );
-        assert!(
-            nodes.warned["c"].contains("this node's"),
-            "{:?}",
-            nodes.warned
-        );
+        for want in [
+            "a: 172.31.0.2 is already the public IP of the older Node b",
+            "c: public IP 172.31.0.1 is this node's address",
+            "v: backend type \"vxlan\", not \"host-gw\"",
+            "o: 10.245.2.0/24 is outside the Network 10.244.0.0/16",
+        ] {
+            assert!(
+                reasons.iter().any(|r| r.starts_with(want)),
+                "{want:?} in {reasons:?}"
+            );
+        }
         nodes.delete(&node("b", "2026-01-01T00:00:00Z", &[], &[]));
-        let peers = nodes.peers("me", &["172.31.0.1".parse().expect("ip")]);
-        assert_eq!(
-            peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
-            ["a"]
-        );
+        assert_eq!(routed(&mut nodes).0, ["a"]);
     }
 
     #[test]
