@@ -205,10 +205,6 @@ const _: () = assert!(size_of::<CachedFlow>() == 40);
 /// This node, as the fast path needs to know it. 8-byte aligned (as the kernel keeps
 /// an array map's values; the layout is the same, with no padding), so the programs
 /// read its IPv6 addresses and masks as two 64-bit words rather than four 32-bit ones.
-///
-/// Every packet reads this value; what an IPv4 packet and a flow-cache hit read comes
-/// first, in its first 44 bytes (at most two cache lines wherever the kernel puts the
-/// value), then the IPv6 prefixes, then what only the full path reads.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct NodeConfig {
@@ -216,12 +212,11 @@ pub struct NodeConfig {
     pub pod_net_v4: [u8; 4],
     /// This node's pod CIDR: netmask, network byte order.
     pub pod_mask_v4: [u8; 4],
-    /// The pods' gateway (the bridge's address in the pod CIDR): the node's own, never
-    /// a pod's.
-    pub gateway_v4: [u8; 4],
-    /// The cluster CIDR: only sources inside it are forwarded from the uplink.
-    pub cluster_net_v4: [u8; 4],
-    pub cluster_mask_v4: [u8; 4],
+    /// This node's IPv6 pod CIDR: network address. All zero with the mask when the
+    /// node has no IPv6 pod CIDR (IPv6 off).
+    pub pod_net_v6: [u8; 16],
+    /// This node's IPv6 pod CIDR: netmask.
+    pub pod_mask_v6: [u8; 16],
     /// The bridge the local pods hang off (cni0): where packets to local pods go.
     pub bridge_ifindex: u32,
     /// The bridge's MTU.
@@ -230,34 +225,21 @@ pub struct NodeConfig {
     pub bridge_mac: [u8; 6],
     /// The uplink's MAC: only frames sent to it are for this node.
     pub uplink_mac: [u8; 6],
-    /// Jiffies a carried flow's verdict is trusted without a conntrack lookup (as
-    /// netfilter's flowtable trusts its entries until its next garbage collection);
-    /// 0: every packet looks conntrack up (the flow cache is off).
-    pub ct_recheck: u32,
-    pub _pad: u32,
-    /// This node's IPv6 pod CIDR: network address. All zero with the mask when the
-    /// node has no IPv6 pod CIDR (IPv6 off).
-    pub pod_net_v6: [u8; 16],
-    /// This node's IPv6 pod CIDR: netmask.
-    pub pod_mask_v6: [u8; 16],
+    /// The pods' gateway (the bridge's address in the pod CIDR): the node's own, never
+    /// a pod's.
+    pub gateway_v4: [u8; 4],
     /// The IPv6 gateway; zero without IPv6.
     pub gateway_v6: [u8; 16],
+    /// The cluster CIDR: only sources inside it are forwarded from the uplink.
+    pub cluster_net_v4: [u8; 4],
+    pub cluster_mask_v4: [u8; 4],
     /// The IPv6 cluster CIDR; zero without IPv6.
     pub cluster_net_v6: [u8; 16],
     pub cluster_mask_v6: [u8; 16],
-    /// How the fast path keeps the conntrack entries of the flows it carries
-    /// (`established` mode; read only on the full path).
+    /// How the fast path keeps the conntrack entries of the flows it carries.
     pub ct: CtTimeouts,
-    /// Zero. It makes this layout's size differ from the one before it (160 bytes): a
-    /// pinned config map is reused only where the size matches, so the programs an
-    /// upgrade replaces, still attached while the new agent starts, keep reading a map
-    /// of their own layout.
-    pub _layout: [u8; 4],
 }
-const _: () = assert!(size_of::<NodeConfig>() == 168);
-// What every IPv4 packet and every cached one reads, then IPv6's own prefixes.
-const _: () = assert!(core::mem::offset_of!(NodeConfig, ct_recheck) + 4 <= 44);
-const _: () = assert!(core::mem::offset_of!(NodeConfig, cluster_mask_v6) + 16 <= 128);
+const _: () = assert!(size_of::<NodeConfig>() == 160);
 const _: () = assert!(
     core::mem::offset_of!(NodeConfig, pod_net_v6) % 8 == 0
         && core::mem::offset_of!(NodeConfig, pod_mask_v6) % 8 == 0
@@ -296,8 +278,12 @@ pub struct CtTimeouts {
     pub fin_refresh_below: u32,
     /// ... unless at most this is left (`rst_ms`): an entry an RST closed stays short.
     pub rst_closing: u32,
+    /// Jiffies a carried flow's verdict is trusted without a conntrack lookup (as
+    /// netfilter's flowtable trusts its entries until its next garbage collection);
+    /// 0: every packet looks conntrack up.
+    pub recheck: u32,
 }
-const _: () = assert!(size_of::<CtTimeouts>() == 36);
+const _: () = assert!(size_of::<CtTimeouts>() == 40);
 
 impl NodeConfig {
     /// Whether `addr` (network byte order) lies in this node's pod CIDR. An unset
@@ -379,10 +365,6 @@ counters! {
     /// Of `fwd_to_pod`: delivered straight into the pod's veth (bpf_redirect_peer),
     /// skipping the bridge.
     FwdToPodDirect = "fwd_to_pod_direct",
-    /// Of the forwarded: the flow's conntrack verdict and next hop came from the flow
-    /// cache (checked less than `ct_recheck_ms` ago, the maps unchanged since): no
-    /// conntrack or route lookup.
-    CtCached = "ct_cached",
     /// This node has no pod CIDR of the packet's family (IPv6 while IPv6 is off).
     PassFamilyOff = "pass_family_off",
     /// Not unicast to this node: broadcast or multicast, or not sent to the
@@ -438,6 +420,10 @@ counters! {
     /// Of `pass_tcp_syn`: a SYN on the 4-tuple of a connection whose FIN or RST the
     /// fast path carried; its entry was expired so the kernel starts a new one.
     CtReopen = "ct_reopen",
+    /// Of the forwarded: the flow's conntrack verdict and next hop came from the flow
+    /// cache (checked less than `ct_recheck_ms` ago, the maps unchanged since): no
+    /// conntrack or route lookup.
+    CtCached = "ct_cached",
     /// A tc filter, another program or a qdisc on the way that a redirect would skip
     /// (`DEVICE_INGRESS` on the ingress interface, the bridge too when hgw sits on its
     /// ports): the kernel runs them. (A pod whose host veth or bridge has `DEVICE_EGRESS`
@@ -477,22 +463,15 @@ impl Family {
 /// Counters per family.
 pub const COUNTERS_PER_FAMILY: u32 = Counter::ALL.len() as u32;
 
-/// Slots per family in [`MAP_COUNTERS`]: [`COUNTERS_PER_FAMILY`] and unused ones after
-/// them, so that each family's block, whose first slots a forwarded packet updates
-/// (`fwd_*`, `ct_cached`: one cache line), starts 256 bytes after the one before.
-pub const COUNTER_BLOCK: u32 = 32;
-const _: () = assert!(COUNTERS_PER_FAMILY <= COUNTER_BLOCK);
-const _: () = assert!((Counter::CtCached as u32) < 8 && (Counter::FwdToPodDirect as u32) < 8);
-
 /// Where `counter` of `family` lives in [`MAP_COUNTERS`].
 #[inline(always)]
 pub const fn counter_index(family: Family, counter: Counter) -> u32 {
-    family as u32 * COUNTER_BLOCK + counter as u32
+    family as u32 * COUNTERS_PER_FAMILY + counter as u32
 }
 
 /// Slot in [`MAP_COUNTERS`] for frames that are neither IPv4 nor IPv6 (ARP, VLAN-tagged,
 /// runts): they have no family. Shown as `pass_not_ip`.
-pub const COUNTER_NOT_IP: u32 = Family::ALL.len() as u32 * COUNTER_BLOCK;
+pub const COUNTER_NOT_IP: u32 = Family::ALL.len() as u32 * COUNTERS_PER_FAMILY;
 /// The name of [`COUNTER_NOT_IP`].
 pub const COUNTER_NOT_IP_NAME: &str = "pass_not_ip";
 

@@ -16,7 +16,7 @@
 //! carries no NAT. Everything else (the first packets of every flow, every NAT'd flow,
 //! every SYN, ICMP) is decided by the kernel, with all its netfilter rules. As in the
 //! flowtable, an accepted flow is remembered ([`Flow`]): its next packets skip the
-//! conntrack and route lookups for a while (`ct_recheck`) or until the agent writes a
+//! conntrack and route lookups for a while (`ct.recheck`) or until the agent writes a
 //! map, whichever comes first.
 //!
 //! Every packet the fast path is not sure of goes on unchanged (`TC_ACT_UNSPEC`: under
@@ -288,51 +288,43 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
     if !H::owns(config, src) || H::is_gateway(config, src) {
         return Err(Counter::PassSource);
     }
-    forward(
-        ctx,
-        eth,
-        ip,
-        FLOW_TO_PEER,
-        config.ct_recheck,
-        send_to_peer,
-        |l4| {
-            let next_hop = *H::route(dst).ok_or(Counter::PassNoRoute)?;
-            // An unknown (or just deleted) MAC goes to the kernel rather than to
-            // bpf_redirect_neigh with the node IP: the agent's route resolves it and queues
-            // the packet just the same, and the kernel path stays the one place where all
-            // of a router's duties (ICMP errors, netfilter) apply while the fast path
-            // cannot act.
-            if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
-                return Err(Counter::PassNoMac);
-            }
-            let wire_len = check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
-            // The redirect skips what follows on this hook and, from a port, the bridge's
-            // own ingress, where the kernel path goes next; the uplink's egress it keeps.
-            let ingress = ingress_ifindex(ctx);
-            if device_has(ingress, DEVICE_INGRESS)
-                || (ingress != config.bridge_ifindex
-                    && device_has(config.bridge_ifindex, DEVICE_INGRESS))
+    forward(ctx, eth, ip, FLOW_TO_PEER, &config.ct, send_to_peer, |l4| {
+        let next_hop = *H::route(dst).ok_or(Counter::PassNoRoute)?;
+        // An unknown (or just deleted) MAC goes to the kernel rather than to
+        // bpf_redirect_neigh with the node IP: the agent's route resolves it and queues
+        // the packet just the same, and the kernel path stays the one place where all
+        // of a router's duties (ICMP errors, netfilter) apply while the fast path
+        // cannot act.
+        if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
+            return Err(Counter::PassNoMac);
+        }
+        let wire_len = check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
+        // The redirect skips what follows on this hook and, from a port, the bridge's
+        // own ingress, where the kernel path goes next; the uplink's egress it keeps.
+        let ingress = ingress_ifindex(ctx);
+        if device_has(ingress, DEVICE_INGRESS)
+            || (ingress != config.bridge_ifindex
+                && device_has(config.bridge_ifindex, DEVICE_INGRESS))
+        {
+            return Err(Counter::PassTcHook);
+        }
+        let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+        // Last, so that only packets about to be forwarded pay for it (never a SYN):
+        // routed by the kernel, the packet enters the stack on the bridge; the fast
+        // path goes only where the kernel would, the same interface and neighbour.
+        // (Conntrack's side effects above are what the kernel does on seeing the
+        // packet anyway.)
+        let route = kernel_route(ctx, ip, &l4, config.bridge_ifindex, wire_len);
+        match route.rc {
+            BPF_FIB_LKUP_RET_SUCCESS
+                if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac =>
             {
-                return Err(Counter::PassTcHook);
+                Ok((next_hop, cache))
             }
-            let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
-            // Last, so that only packets about to be forwarded pay for it (never a SYN):
-            // routed by the kernel, the packet enters the stack on the bridge; the fast
-            // path goes only where the kernel would, the same interface and neighbour.
-            // (Conntrack's side effects above are what the kernel does on seeing the
-            // packet anyway.)
-            let route = kernel_route(ctx, ip, &l4, config.bridge_ifindex, wire_len);
-            match route.rc {
-                BPF_FIB_LKUP_RET_SUCCESS
-                    if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac =>
-                {
-                    Ok((next_hop, cache))
-                }
-                BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::PassMtu),
-                _ => Err(Counter::PassRoute),
-            }
-        },
-    )
+            BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::PassMtu),
+            _ => Err(Counter::PassRoute),
+        }
+    })
 }
 
 /// Forwards a packet whose IP header and addresses the caller checked: with the
@@ -345,12 +337,12 @@ fn forward<H: IpHeader>(
     eth: *mut EthHdr,
     ip: *mut H,
     side: u8,
-    recheck: u32,
+    timeouts: &CtTimeouts,
     send: unsafe fn(&TcContext, *mut EthHdr, *mut H, &NextHop),
     full_path: impl FnOnce(Result<Transport, Counter>) -> Result<(NextHop, Cache), Counter>,
 ) -> Result<(), Counter> {
     let l4 = transport(ctx, ip);
-    let mut flow = Flow::<H>::of(&l4, ip, side, recheck);
+    let mut flow = Flow::<H>::of(&l4, ip, side, timeouts);
     if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
         check_ttl_and_mtu(ctx, ip, hop.mtu)?;
         // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
@@ -408,60 +400,52 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
     if !H::in_cluster(config, src) || H::owns(config, src) {
         return Err(Counter::PassSource);
     }
-    forward(
-        ctx,
-        eth,
-        ip,
-        FLOW_TO_POD,
-        config.ct_recheck,
-        send_to_pod,
-        |l4| {
-            let wire_len = check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
-            let ingress = ingress_ifindex(ctx);
-            if device_has(ingress, DEVICE_INGRESS) {
-                return Err(Counter::PassTcHook);
-            }
-            let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
-            // The kernel would send it into the bridge to the pod itself (the pod CIDR's
-            // connected route, no gateway); the pod's MAC is the bridge's business, so an
-            // unresolved one is no reason.
-            let route = kernel_route(ctx, ip, &l4, ingress, wire_len);
-            match route.rc {
-                BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
-                    if route.ifindex == config.bridge_ifindex && route.direct => {}
-                BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassMtu),
-                _ => return Err(Counter::PassRoute),
-            }
-            // A known pod: straight into its namespace, past the bridge, as the gateway
-            // would have sent it, unless a qdisc or filter on the bridge's or the pod's
-            // egress would be skipped (a pod's bandwidth limit). Otherwise through the
-            // bridge, whose egress and the port's run as on the kernel path, and whose
-            // neighbour table (ARP or NDP) knows the pod's MAC, or resolves it while the
-            // packet waits.
-            let hop = match H::endpoint(dst) {
-                Some(endpoint)
-                    if !device_has(endpoint.ifindex, DEVICE_EGRESS)
-                        && !device_has(config.bridge_ifindex, DEVICE_EGRESS) =>
-                {
-                    NextHop {
-                        ifindex: endpoint.ifindex,
-                        mtu: config.bridge_mtu,
-                        dst_mac: endpoint.mac,
-                        src_mac: config.bridge_mac,
-                        flags: NEXT_HOP_POD,
-                    }
-                }
-                _ => NextHop {
-                    ifindex: config.bridge_ifindex,
+    forward(ctx, eth, ip, FLOW_TO_POD, &config.ct, send_to_pod, |l4| {
+        let wire_len = check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
+        let ingress = ingress_ifindex(ctx);
+        if device_has(ingress, DEVICE_INGRESS) {
+            return Err(Counter::PassTcHook);
+        }
+        let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+        // The kernel would send it into the bridge to the pod itself (the pod CIDR's
+        // connected route, no gateway); the pod's MAC is the bridge's business, so an
+        // unresolved one is no reason.
+        let route = kernel_route(ctx, ip, &l4, ingress, wire_len);
+        match route.rc {
+            BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
+                if route.ifindex == config.bridge_ifindex && route.direct => {}
+            BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassMtu),
+            _ => return Err(Counter::PassRoute),
+        }
+        // A known pod: straight into its namespace, past the bridge, as the gateway
+        // would have sent it, unless a qdisc or filter on the bridge's or the pod's
+        // egress would be skipped (a pod's bandwidth limit). Otherwise through the
+        // bridge, whose egress and the port's run as on the kernel path, and whose
+        // neighbour table (ARP or NDP) knows the pod's MAC, or resolves it while the
+        // packet waits.
+        let hop = match H::endpoint(dst) {
+            Some(endpoint)
+                if !device_has(endpoint.ifindex, DEVICE_EGRESS)
+                    && !device_has(config.bridge_ifindex, DEVICE_EGRESS) =>
+            {
+                NextHop {
+                    ifindex: endpoint.ifindex,
                     mtu: config.bridge_mtu,
-                    dst_mac: [0; 6],
-                    src_mac: [0; 6],
-                    flags: NEXT_HOP_BRIDGE,
-                },
-            };
-            Ok((hop, cache))
-        },
-    )
+                    dst_mac: endpoint.mac,
+                    src_mac: config.bridge_mac,
+                    flags: NEXT_HOP_POD,
+                }
+            }
+            _ => NextHop {
+                ifindex: config.bridge_ifindex,
+                mtu: config.bridge_mtu,
+                dst_mac: [0; 6],
+                src_mac: [0; 6],
+                flags: NEXT_HOP_BRIDGE,
+            },
+        };
+        Ok((hop, cache))
+    })
 }
 
 /// TTL - 1, into the pod: with its MAC from the bridge's, or through the bridge, whose
@@ -591,7 +575,7 @@ fn transport<H: IpHeader>(ctx: &TcContext, ip: *const H) -> Result<Transport, Co
     })
 }
 
-/// A packet's flow in the flow cache (`ct_recheck` set): the
+/// A packet's flow in the flow cache (`established` mode with `ct.recheck` set): the
 /// flowtable model's fast lane. A flow conntrack accepted is remembered with its next
 /// hop; its further packets skip the conntrack and route lookups until `recheck`
 /// jiffies have passed (then one packet looks again, refreshing the entry as it goes)
@@ -611,9 +595,14 @@ const TCP_STATE_FLAGS: u8 = TCP_SYN | TCP_FIN | TCP_RST;
 
 impl<H: IpHeader> Flow<H> {
     #[inline(always)]
-    fn of(l4: &Result<Transport, Counter>, ip: *const H, side: u8, recheck: u32) -> Option<Self> {
+    fn of(
+        l4: &Result<Transport, Counter>,
+        ip: *const H,
+        side: u8,
+        timeouts: &CtTimeouts,
+    ) -> Option<Self> {
         let l4 = l4.as_ref().ok()?;
-        if recheck == 0 {
+        if timeouts.recheck == 0 {
             return None;
         }
         // Read before any lookup: a map written after this makes what the lookups find
@@ -626,7 +615,7 @@ impl<H: IpHeader> Flow<H> {
             // SAFETY: the caller got ip from parse.
             key: unsafe { H::flow_key(ip, l4.ports, l4.proto, side) },
             generation,
-            recheck,
+            recheck: timeouts.recheck,
             tcp_flags: l4.tcp_flags,
             found: false,
         })

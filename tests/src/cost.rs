@@ -698,7 +698,6 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
     config.set(
         0,
         NodeConfig {
-            _layout: [0; 4],
             pod_net_v4: [10, 244, 1, 0],
             pod_mask_v4: [255, 255, 255, 0],
             pod_net_v6: net6(2, 0),
@@ -713,13 +712,6 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
             cluster_mask_v4: [255, 0, 0, 0],
             cluster_net_v6: net6(0, 0),
             cluster_mask_v6: mask6(16),
-            // Cached: trusted for the whole run (jiffies).
-            ct_recheck: if matches!(mode, Mode::Cached | Mode::AllCached) {
-                1_000_000
-            } else {
-                0
-            },
-            _pad: 0,
             // Never refreshed (nothing is below 0 left), never closing: each run of an
             // established hit is the lookup and the forward, no timeout change.
             ct: CtTimeouts {
@@ -727,6 +719,12 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
                 udp_ms: 3_600_000,
                 // A carried FIN sets this: kept long, so every run finds the entry.
                 fin_ms: 3_600_000,
+                // Cached: trusted for the whole run (jiffies).
+                recheck: if matches!(mode, Mode::Cached | Mode::AllCached) {
+                    1_000_000
+                } else {
+                    0
+                },
                 ..CtTimeouts::default()
             },
         },

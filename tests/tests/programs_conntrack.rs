@@ -62,7 +62,9 @@ const REFRESH_BELOW: u32 = 90;
 const FIN_S: u32 = 10;
 const RST_S: u32 = 3;
 
-fn timeouts() -> CtTimeouts {
+/// `recheck`: jiffies a carried flow's verdict is reused (0: the flow cache off, every
+/// packet looks conntrack up, which the cases before the flow cache's own check).
+fn timeouts(recheck: u32) -> CtTimeouts {
     let hz = hgw_agent::node::conntrack::hz().expect("the kernel tick");
     CtTimeouts {
         tcp_ms: ESTABLISHED * 1000,
@@ -74,6 +76,7 @@ fn timeouts() -> CtTimeouts {
         closing: FIN_S.max(RST_S) * hz,
         fin_refresh_below: FIN_S * hz / 2,
         rst_closing: RST_S * hz,
+        recheck,
     }
 }
 
@@ -262,7 +265,6 @@ impl Node {
         };
         let mut config: Array<MapData, NodeConfig> = take_map(&mut ebpf, MAP_CONFIG);
         let node = NodeConfig {
-            _layout: [0; 4],
             pod_net_v4: v4("10.244.1.0"),
             pod_mask_v4: v4("255.255.255.0"),
             pod_net_v6: v6("fd00:244:1::"),
@@ -277,12 +279,7 @@ impl Node {
             cluster_mask_v4: v4("255.255.0.0"),
             cluster_net_v6: v6("fd00:244::"),
             cluster_mask_v6: mask6(32),
-            // Jiffies a carried flow's verdict is reused (0: the flow cache off, every
-            // packet looks conntrack up, which the cases before the flow cache's own
-            // check want).
-            ct_recheck: recheck,
-            _pad: 0,
-            ct: timeouts(),
+            ct: timeouts(recheck),
         };
         config.set(0, node, 0).expect("write config");
         let hop = NextHop {

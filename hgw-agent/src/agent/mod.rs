@@ -29,9 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hgw_common::{
-    CtTimeouts, Endpoint, NextHop, NodeConfig, loader::KernelFacts, status::KernelStatus,
-};
+use hgw_common::{Endpoint, NextHop, NodeConfig, loader::KernelFacts, status::KernelStatus};
 use ipnet::IpNet;
 use log::{info, warn};
 use tokio::{
@@ -360,7 +358,7 @@ impl Drop for SocketGuard {
 /// use.
 fn check_established() -> Result<KernelFacts, AgentError> {
     let facts = hgw_common::loader::check_kernel(true).map_err(DatapathError::from)?;
-    conntrack::timeouts()?;
+    conntrack::timeouts(0)?;
     if conntrack::ipvs_in_use() {
         return Err(ConfigError::invalid(
             "fast_path",
@@ -898,7 +896,6 @@ fn node_config(
 ) -> Result<NodeConfig, ConntrackError> {
     let v6 = network.v6;
     Ok(NodeConfig {
-        _layout: [0; 4],
         pod_net_v4: network.pod_cidr.network().octets(),
         pod_mask_v4: network.pod_cidr.netmask().octets(),
         pod_net_v6: v6
@@ -921,14 +918,12 @@ fn node_config(
         cluster_mask_v6: v6
             .map(|v6| v6.cluster_cidr.netmask().octets())
             .unwrap_or_default(),
-        // `all` mode caches flows' route verdicts too.
-        ct_recheck: conntrack::recheck(config.ct_recheck_ms)?,
-        _pad: 0,
-        // Only `established` mode needs conntrack at all.
+        // Only `established` mode needs conntrack at all; `all` mode caches flows'
+        // route verdicts too.
         ct: if config.fast_path == FastPath::Established {
-            conntrack::timeouts()?
+            conntrack::timeouts(config.ct_recheck_ms)?
         } else {
-            CtTimeouts::default()
+            conntrack::recheck_only(config.ct_recheck_ms)?
         },
     })
 }

@@ -28,20 +28,31 @@ pub enum ConntrackError {
     Nft { reason: String },
 }
 
-/// The timeouts, from this network namespace's `net.netfilter` sysctls.
-pub fn timeouts() -> Result<CtTimeouts, ConntrackError> {
+/// The timeouts, from this network namespace's `net.netfilter` sysctls, and how long a
+/// carried flow's verdict is trusted (`recheck_ms`, 0: never).
+pub fn timeouts(recheck_ms: u32) -> Result<CtTimeouts, ConntrackError> {
     let hz = u64::from(hz()?);
     let established = seconds("nf_conntrack_tcp_timeout_established")?;
     let udp = seconds("nf_conntrack_udp_timeout_stream")?;
     let time_wait = seconds("nf_conntrack_tcp_timeout_time_wait")?;
     let close = seconds("nf_conntrack_tcp_timeout_close")?;
-    Ok(timeouts_from(hz, established, udp, time_wait, close))
+    Ok(timeouts_from(
+        hz,
+        established,
+        udp,
+        time_wait,
+        close,
+        recheck_ms,
+    ))
 }
 
-/// How long a carried flow's cached verdict (conntrack's, in `established` mode, and
-/// the kernel's route and tc hooks) is trusted, in jiffies: `recheck_ms`, 0: never.
-pub fn recheck(recheck_ms: u32) -> Result<u32, ConntrackError> {
-    Ok(recheck_jiffies(u64::from(hz()?), recheck_ms))
+/// `all` mode's: no conntrack timeouts, only how long a flow's cached verdict (the
+/// kernel's route and tc hooks, asked on a cache miss) is trusted.
+pub fn recheck_only(recheck_ms: u32) -> Result<CtTimeouts, ConntrackError> {
+    Ok(CtTimeouts {
+        recheck: recheck_jiffies(u64::from(hz()?), recheck_ms),
+        ..CtTimeouts::default()
+    })
 }
 
 /// `ms` in jiffies, rounded up: a recheck is never sooner than asked, and a non-zero
@@ -51,7 +62,14 @@ fn recheck_jiffies(hz: u64, ms: u32) -> u32 {
 }
 
 /// The programs' view of the timeouts (in seconds), with `hz` jiffies a second.
-fn timeouts_from(hz: u64, established: u64, udp: u64, time_wait: u64, close: u64) -> CtTimeouts {
+fn timeouts_from(
+    hz: u64,
+    established: u64,
+    udp: u64,
+    time_wait: u64,
+    close: u64,
+    recheck_ms: u32,
+) -> CtTimeouts {
     let sat = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
     let ms = |s: u64| sat(s.saturating_mul(1000));
     // Refreshed once three quarters are left: one kfunc call per flow and quarter, and
@@ -70,6 +88,7 @@ fn timeouts_from(hz: u64, established: u64, udp: u64, time_wait: u64, close: u64
         closing: sat(time_wait.max(close).saturating_mul(hz)).min(tcp_refresh_below / 2),
         fin_refresh_below: sat(time_wait.saturating_mul(hz) / 2),
         rst_closing: sat(close.saturating_mul(hz)),
+        recheck: recheck_jiffies(hz, recheck_ms),
     }
 }
 
@@ -162,7 +181,7 @@ mod tests {
     fn kernel_defaults_at_250_hz() {
         // Linux's defaults: established 5 days, UDP stream 120 s, TIME_WAIT 120 s,
         // CLOSE 10 s.
-        let t = timeouts_from(250, 432_000, 120, 120, 10);
+        let t = timeouts_from(250, 432_000, 120, 120, 10, 100);
         assert_eq!(t.tcp_ms, 432_000_000);
         assert_eq!(t.tcp_refresh_below, 432_000 * 250 * 3 / 4);
         assert_eq!(t.udp_ms, 120_000);
@@ -170,13 +189,14 @@ mod tests {
         assert_eq!((t.fin_ms, t.rst_ms), (120_000, 10_000));
         assert_eq!(t.closing, 120 * 250);
         assert_eq!((t.fin_refresh_below, t.rst_closing), (60 * 250, 10 * 250));
+        assert_eq!(t.recheck, 25);
     }
 
     #[test]
     fn a_short_established_timeout_still_leaves_room_to_refresh() {
         // Established 8 s, TIME_WAIT 120 s: live entries (up to 8 s left) must not all
         // look closing.
-        let t = timeouts_from(250, 8, 8, 120, 10);
+        let t = timeouts_from(250, 8, 8, 120, 10, 0);
         assert_eq!(t.tcp_refresh_below, 8 * 250 * 3 / 4);
         assert!(t.closing < t.tcp_refresh_below, "{t:?}");
     }
@@ -191,7 +211,7 @@ mod tests {
 
     #[test]
     fn huge_timeouts_saturate() {
-        let t = timeouts_from(1000, u64::MAX / 2, 1, 1, 1);
+        let t = timeouts_from(1000, u64::MAX / 2, 1, 1, 1, 0);
         assert_eq!(t.tcp_ms, u32::MAX);
         assert_eq!(t.tcp_refresh_below, u32::MAX);
     }

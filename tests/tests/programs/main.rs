@@ -28,7 +28,7 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use hgw_common::{
-    COUNTER_BLOCK, COUNTER_NOT_IP, COUNTER_NOT_IP_NAME, COUNTERS_LEN, Counter, CtTimeouts,
+    COUNTER_NOT_IP, COUNTER_NOT_IP_NAME, COUNTERS_LEN, COUNTERS_PER_FAMILY, Counter, CtTimeouts,
     Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICES, MAP_ENDPOINTS_V4, MAP_ENDPOINTS_V6,
     MAP_ROUTES_V4, MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER,
     PROG_TO_POD, counter_index,
@@ -79,11 +79,9 @@ fn slot_name(index: u32) -> String {
     if index == COUNTER_NOT_IP {
         return COUNTER_NOT_IP_NAME.to_string();
     }
-    let family = Family::ALL[(index / COUNTER_BLOCK) as usize];
-    match Counter::ALL.get((index % COUNTER_BLOCK) as usize) {
-        Some(counter) => format!("{} {}", family.name(), counter.name()),
-        None => format!("{} unused slot {index}", family.name()),
-    }
+    let family = Family::ALL[(index / COUNTERS_PER_FAMILY) as usize];
+    let counter = Counter::ALL[(index % COUNTERS_PER_FAMILY) as usize];
+    format!("{} {}", family.name(), counter.name())
 }
 
 struct Programs {
@@ -154,7 +152,6 @@ fn load_with_cluster(
         .set(
             0,
             NodeConfig {
-                _layout: [0; 4],
                 pod_net_v4: v4.own.0.clone().try_into().expect("4 bytes"),
                 pod_mask_v4: netmask(v4.own.1, 4).try_into().expect("4 bytes"),
                 pod_net_v6,
@@ -169,8 +166,6 @@ fn load_with_cluster(
                 cluster_mask_v4: netmask(cluster_v4.1, 4).try_into().expect("4 bytes"),
                 cluster_net_v6: cluster_v6.0.try_into().expect("16 bytes"),
                 cluster_mask_v6: netmask(cluster_v6.1, 16).try_into().expect("16 bytes"),
-                ct_recheck: 0,
-                _pad: 0,
                 ct: CtTimeouts::default(),
             },
             0,
