@@ -1268,7 +1268,7 @@ fn check_ttl_and_mtu<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Re
     let len = if whole <= mtu {
         whole
     } else {
-        wire_len(ctx, hdr)
+        wire_len(ctx, hdr, whole)
     };
     if len > mtu {
         return Err(Counter::PassMtu);
@@ -1276,12 +1276,11 @@ fn check_ttl_and_mtu<H: IpHeader>(ctx: &TcContext, ip: *const H, mtu: u32) -> Re
     Ok(len)
 }
 
-/// The largest IP packet this one puts on the wire: itself, or, for a GSO packet
-/// (TCP/UDP from a pod's veth), which is larger than the MTU as a whole but leaves as
-/// segments, headers + gso_size.
+/// The largest IP packet this one (`whole` bytes long) puts on the wire: itself, or,
+/// for a GSO packet (TCP/UDP from a pod's veth), which is larger than the MTU as a whole
+/// but leaves as segments, headers + gso_size.
 #[inline(always)]
-fn wire_len<H: IpHeader>(ctx: &TcContext, hdr: &H) -> u32 {
-    let whole = hdr.packet_len();
+fn wire_len<H: IpHeader>(ctx: &TcContext, hdr: &H, whole: u32) -> u32 {
     // SAFETY: the context is a valid __sk_buff for the program's lifetime.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0 {
