@@ -42,6 +42,22 @@ pub struct Status {
     /// with `fast_path = "off"`: nothing probed).
     #[serde(default)]
     pub kernel: Option<KernelStatus>,
+    /// The last peer change the agent applied (`None` before the first).
+    #[serde(default)]
+    pub last_change: Option<AppliedChange>,
+}
+
+/// A peer change (a source's whole set, or the peers that changed since) applied to the
+/// kernel routes and the fast-path map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedChange {
+    /// Pod CIDRs it added, moved or removed.
+    pub routes: usize,
+    /// From taking the change to having its routes and map entries in place, in µs.
+    pub took_us: u64,
+    /// When they were in place, in µs since the Unix epoch: a bench compares it with its
+    /// own clock, where polling for the result would add the polling's delay.
+    pub done_unix_us: u64,
 }
 
 /// The running kernel as the fast path sees it: probed once at start.
@@ -258,6 +274,14 @@ impl std::fmt::Display for Status {
         )?;
         if let Some(kernel) = &self.kernel {
             writeln!(f, "{kernel}")?;
+        }
+        if let Some(change) = &self.last_change {
+            writeln!(
+                f,
+                "last peer change: {} routes applied in {:.1} ms",
+                change.routes,
+                change.took_us as f64 / 1e3
+            )?;
         }
         writeln!(f)?;
         writeln!(

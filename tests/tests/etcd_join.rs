@@ -43,6 +43,14 @@ fn a_joining_node_is_everywhere_within_a_second() -> anyhow::Result<()> {
                         .iter()
                         .any(|p| p.pod_cidr == new_cidr && p.route && p.mac.is_some())
                 })?;
+                // Status tells the last change apart: n4's one pod CIDR, in well under
+                // the second it took to see it.
+                let change = agent.status()?.last_change;
+                assert!(
+                    change.is_some_and(|c| c.routes == 1 && c.took_us < 1_000_000),
+                    "n{}: status names {change:?} as the last peer change, not n4's one route",
+                    node + 1
+                );
                 let routes = hgw_routes(&lab.nodes[node].ns)?;
                 assert!(
                     routes

@@ -29,7 +29,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hgw_common::{Endpoint, NextHop, NodeConfig, loader::KernelFacts, status::KernelStatus};
+use hgw_common::{
+    Endpoint, NextHop, NodeConfig,
+    loader::KernelFacts,
+    status::{AppliedChange, KernelStatus},
+};
 use ipnet::IpNet;
 use log::{info, warn};
 use tokio::{
@@ -325,6 +329,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         tc_all_dirty: false,
         routing_dirty: false,
         source_trouble,
+        last_change: None,
     };
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
@@ -452,6 +457,7 @@ struct Agent {
     /// The kernel's routing changed since the generation was last bumped.
     routing_dirty: bool,
     source_trouble: Option<watch::Receiver<Option<String>>>,
+    last_change: Option<AppliedChange>,
 }
 
 impl Agent {
@@ -546,7 +552,22 @@ impl Agent {
 
     async fn set_peers(&mut self, batch: PeerBatch) {
         let _timer = self.reconciles.time(Trigger::Peers);
-        self.reconciler.apply_peers(batch, &self.observed).await;
+        let start = Instant::now();
+        let routes = self.reconciler.apply_peers(batch, &self.observed).await;
+        // A batch that changed nothing (a lease renewed, a Node's other fields) is not
+        // what status shows; the first set is, empty or not (the agent's start).
+        if routes == 0 && self.last_change.is_some() {
+            return;
+        }
+        self.last_change = Some(AppliedChange {
+            routes,
+            took_us: micros(start.elapsed()),
+            done_unix_us: micros(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default(),
+            ),
+        });
     }
 
     async fn on_event(&mut self, event: KernelEvent) {
@@ -778,6 +799,7 @@ impl Agent {
                 None => Vec::new(),
             },
             kernel: self.kernel_status.clone(),
+            last_change: self.last_change,
         };
         self.snapshot.send_replace(Arc::new(status));
     }
@@ -991,6 +1013,10 @@ fn check_network(
     }
     Ok(())
 }
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// What status says before the agent knows its network: not ready, and why.
 fn waiting_status(config: &Config, kernel: Option<KernelStatus>, waiting: String) -> Status {
     Status {
@@ -1008,6 +1034,7 @@ fn waiting_status(config: &Config, kernel: Option<KernelStatus>, waiting: String
         waiting: Some(waiting),
         hooks: Vec::new(),
         kernel,
+        last_change: None,
     }
 }
 

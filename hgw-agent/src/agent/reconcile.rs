@@ -183,12 +183,15 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
     /// Takes what a source sent: the desired state follows it change by change, and
     /// only the routes and map entries it changed are written. A whole set (the first,
     /// or a relist) also sweeps whatever hgw holds that no peer wants.
-    pub async fn apply_peers(&mut self, batch: PeerBatch, observed: &Observed) {
+    /// Returns how many pod CIDRs the batch added, moved or removed.
+    pub async fn apply_peers(&mut self, batch: PeerBatch, observed: &Observed) -> usize {
         let (delta, whole) = match batch {
             PeerBatch::All(peers) => (self.desired.replace_all(peers), true),
             PeerBatch::Changes(changes) => (self.desired.apply(changes), false),
         };
+        let routes = delta.changed.len() + delta.removed.len();
         self.apply_delta(delta, whole, observed).await;
+        routes
     }
 
     async fn apply_delta(&mut self, delta: Delta, whole: bool, observed: &Observed) {

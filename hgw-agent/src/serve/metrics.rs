@@ -365,6 +365,7 @@ pub(super) mod tests {
             waiting: None,
             hooks: Vec::new(),
             kernel: None,
+            last_change: None,
         }
     }
 
