@@ -41,7 +41,6 @@ use tokio::{
 use crate::{
     config::{Attach, Config, ConfigError, FastPath, Network, Source, check_peers},
     datapath::{self, Datapath, DatapathError, HookKind},
-    etcd::{self, EtcdError},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link},
     node::{
         caps::{self, CapsError},
@@ -56,6 +55,7 @@ use crate::{
         metrics::{self, MetricsError, Reconciles, Trigger},
         status::{self, Status},
     },
+    source::etcd::{self, EtcdError},
     source::kube::{self as kube_source, KubeError},
     tc::Scanner,
 };
