@@ -15,7 +15,7 @@ pub mod kernel;
 pub mod node;
 /// What the agent answers: `status` on a Unix socket; metrics and health over HTTP.
 pub mod serve;
-/// Peer sources other than the config file (etcd, the Kubernetes API).
+/// Peer sources: the config file, etcd, the Kubernetes API.
 pub mod source;
 /// tc hooks: tcx support, and what else sits on an interface's ingress and egress.
 pub mod tc;

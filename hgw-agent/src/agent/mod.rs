@@ -13,9 +13,8 @@
 //! loop publishes, on tasks of its own.
 
 pub mod desired;
-mod file_watch;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 pub mod observed;
 mod port_search;
 pub mod reconcile;
@@ -38,6 +37,7 @@ use tokio::{
     sync::watch,
 };
 
+pub use crate::source::file::Reload;
 use crate::{
     config::{Attach, Config, ConfigError, FastPath, Network, Source, check_peers},
     datapath::{self, Datapath, DatapathError, HookKind},
@@ -63,7 +63,6 @@ use desired::{DesiredState, NodeFacts};
 use observed::{Change, Observed};
 use port_search::PortSearch;
 use reconcile::{FastPathMaps, MapEntries, Reconciler, RouteTable};
-pub use sources::Reload;
 use sources::{PeerBatch, PeerReceiver};
 
 /// The backstop: everything is compared with the kernel this often.
@@ -265,7 +264,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             // Static peers are the admin's word: one that cannot be reached is a config
             // error, before anything changes on the node.
             let checked = check_peers(&network, peers, Some(&node))?;
-            sources::static_peers(peers.clone(), reload, config.clone(), checked)
+            crate::source::file::static_peers(peers.clone(), reload, config.clone(), checked)
         }
         (None, _) => unreachable!("every other source has its receiver"),
     };
