@@ -2,10 +2,11 @@
 //! whole before the agent touches anything. Errors name the field and the value.
 //!
 //! From the given to the checked: `raw` is the file and the flags as given, merged;
-//! `validated` checks them into a [`Config`]; `source` is where the network and the
-//! peers come from (etcd, the Kubernetes API); `static_peers` is the static source
-//! and its peers' checks; `peer` holds the peer and network types every source makes;
-//! `fields` checks single values (CIDRs, interface names, file paths).
+//! `validated` checks them into a [`Config`](crate::config::Config); `source` is where
+//! the network and the peers come from (etcd, the Kubernetes API); `static_peers` is
+//! the static source and its peers' checks; `peer` holds the peer and network types
+//! every source makes; `fields` checks single values (CIDRs, interface names, file
+//! paths).
 
 use std::path::PathBuf;
 

@@ -81,7 +81,8 @@ macro_rules! section {
 
 section! {
     /// The configuration as given (the file, then the flags over it): every field is a
-    /// TOML field and a flag of the same name, checked by [`Config::from_raw`].
+    /// TOML field and a flag of the same name, checked by
+    /// [`Config::from_raw`](super::Config::from_raw).
     #[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
     #[serde(deny_unknown_fields)]
     pub struct RawConfig {
