@@ -9,15 +9,13 @@ pub mod cidr;
 pub mod config;
 /// The eBPF fast path: load, attach, pin, and the maps.
 pub mod datapath;
-/// Peers from flannel's etcd keys, and this node's lease.
-pub mod etcd;
 /// Routes, neighbours and links over netlink.
 pub mod kernel;
 /// The host around the fast path: capabilities, lock, set-up, nftables, CNI files, uninstall.
 pub mod node;
 /// What the agent answers: `status` on a Unix socket; metrics and health over HTTP.
 pub mod serve;
-/// Peer sources other than the config file (the Kubernetes API).
+/// Peer sources: the config file, etcd, the Kubernetes API.
 pub mod source;
 /// tc hooks: tcx support, and what else sits on an interface's ingress and egress.
 pub mod tc;

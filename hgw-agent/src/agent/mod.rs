@@ -13,9 +13,8 @@
 //! loop publishes, on tasks of its own.
 
 pub mod desired;
-mod file_watch;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 pub mod observed;
 mod port_search;
 pub mod reconcile;
@@ -42,10 +41,10 @@ use tokio::{
     sync::watch,
 };
 
+pub use crate::source::file::Reload;
 use crate::{
     config::{Attach, Config, ConfigError, FastPath, Network, Source, check_peers},
     datapath::{self, Datapath, DatapathError, HookKind},
-    etcd::{self, EtcdError},
     kernel::{HgwRoute, Kernel, KernelError, KernelEvent, Link},
     node::{
         caps::{self, CapsError},
@@ -60,6 +59,7 @@ use crate::{
         metrics::{self, MetricsError, Reconciles, Trigger},
         status::{self, Status},
     },
+    source::etcd::{self, EtcdError},
     source::kube::{self as kube_source, KubeError},
     tc::Scanner,
 };
@@ -67,7 +67,6 @@ use desired::{DesiredState, NodeFacts};
 use observed::{Change, Observed};
 use port_search::PortSearch;
 use reconcile::{FastPathMaps, MapEntries, Reconciler, RouteTable};
-pub use sources::Reload;
 use sources::{PeerBatch, PeerReceiver};
 
 /// The backstop: everything is compared with the kernel this often.
@@ -269,7 +268,7 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
             // Static peers are the admin's word: one that cannot be reached is a config
             // error, before anything changes on the node.
             let checked = check_peers(&network, peers, Some(&node))?;
-            sources::static_peers(peers.clone(), reload, config.clone(), checked)
+            crate::source::file::static_peers(peers.clone(), reload, config.clone(), checked)
         }
         (None, _) => unreachable!("every other source has its receiver"),
     };

@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use crate::{
     agent::sources::{PeerChange, PeerReceiver, PeerSender, peer_channel},
     config::{KubeConfig, Network, NetworkV6},
-    etcd::SubnetSpace,
+    source::etcd::SubnetSpace,
 };
 use nodes::{
     BACKEND_DATA, BACKEND_TYPE, BACKEND_V6_DATA, Nodes, PUBLIC_IP, PUBLIC_IP_OVERWRITE,

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::KubeError;
-use crate::etcd::SubnetSpace;
+use crate::source::etcd::SubnetSpace;
 
 #[derive(Deserialize)]
 struct Backend {
@@ -53,7 +53,7 @@ pub fn parse(path: &Path, text: &str, uplink: &[IpNet]) -> Result<SubnetSpace, K
         Ok(space)
     });
     checked.map_err(|e| match e {
-        crate::etcd::EtcdError::BadConfig { reason, .. } => bad(reason),
+        crate::source::etcd::EtcdError::BadConfig { reason, .. } => bad(reason),
         other => bad(other.to_string()),
     })
 }

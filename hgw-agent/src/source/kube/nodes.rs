@@ -15,7 +15,7 @@ use log::warn;
 
 use crate::{
     config::{Origin, Peer, PeerV6},
-    etcd::SubnetSpace,
+    source::etcd::SubnetSpace,
 };
 
 /// flannel's annotation prefix (flanneld's default `--kube-annotation-prefix`).

@@ -1,13 +1,5 @@
-//! The desired state: which routes and fast-path entries this node should have, given
-//! the network, the peers and what the node is. The one place where peers are checked
-//! (every source's, and the static config's): a peer is accepted whole, or left out
-//! with a [`Refusal`] that the caller words for its input (a config field, an etcd key,
-//! a Node). No I/O, no kernel: unit-tested as it is.
-//!
-//! It is kept up to date change by change ([`DesiredState::apply`]): a changed peer
-//! costs lookups, not a pass over every peer. Of two peers that conflict (overlapping
-//! pod CIDRs, the same node IP) the older keeps its routes, whatever order the changes
-//! come in; when it goes, the younger one is considered again.
+//! The desired state and its changes: which peer holds which route, the older of two
+//! that conflict first.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -16,204 +8,15 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::cidr::{Taken, overlaps};
-use crate::config::{Network, Origin, Peer};
-
-/// What the desired state is computed against: facts of this node.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeFacts {
-    pub uplink_name: String,
-    /// The uplink's networks (address + prefix): every peer must be on one of them.
-    pub uplink_networks: Vec<IpNet>,
-    /// Every address of the node's other interfaces, but the bridge's (the gateway).
-    pub addresses: Vec<IpNet>,
-    /// The public IPs this node announces to its source (etcd, the Kubernetes API).
-    pub public_ips: Vec<IpAddr>,
-}
-
-/// One peer route: a pod CIDR via a node IP on the uplink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hop {
-    pub node_ip: IpAddr,
-    pub peer: String,
-    /// "static", the etcd key or the Node (`node/NAME`) it came from.
-    pub source: String,
-    pub lease: Option<i64>,
-    /// The key of the peer that holds it.
-    pub key: String,
-}
-
-/// Why a peer cannot have its routes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// A node IP is one this node announces as its own.
-    OwnPublicIp(IpAddr),
-    /// A node IP that cannot be reached the host-gw way (see [`off_link`]).
-    OffLink {
-        ip: IpAddr,
-        reason: String,
-    },
-    DefaultRoute(IpNet),
-    /// A pod CIDR outside the cluster network of its family (`None`: the node has no
-    /// network of that family).
-    Outside {
-        cidr: IpNet,
-        network: Option<IpNet>,
-    },
-    OverlapsOwn {
-        cidr: IpNet,
-        own: IpNet,
-    },
-    OverUplink {
-        cidr: IpNet,
-        net: IpNet,
-    },
-    ContainsAddress {
-        cidr: IpNet,
-        addr: IpAddr,
-    },
-    /// A backend other than host-gw, where the source says which.
-    Backend(String),
-    /// A pod CIDR overlaps an older peer's (`other`, its key).
-    Overlaps {
-        cidr: IpNet,
-        other_cidr: IpNet,
-        other: String,
-    },
-    /// A node IP is already an older peer's.
-    RepeatedIp {
-        ip: IpAddr,
-        other: String,
-    },
-}
-
-impl Refusal {
-    /// A refusal that another peer's going away may lift.
-    fn is_conflict(&self) -> bool {
-        matches!(self, Self::Overlaps { .. } | Self::RepeatedIp { .. })
-    }
-
-    /// The pod CIDR (or else the node IP) it is about, whose family names the field.
-    pub fn is_ipv6(&self) -> bool {
-        match self {
-            Self::OwnPublicIp(ip)
-            | Self::OffLink { ip, .. }
-            | Self::RepeatedIp { ip, .. }
-            | Self::ContainsAddress { addr: ip, .. } => {
-                // ContainsAddress is about the CIDR, whose family is the address's.
-                ip.is_ipv6()
-            }
-            Self::DefaultRoute(cidr)
-            | Self::Outside { cidr, .. }
-            | Self::OverlapsOwn { cidr, .. }
-            | Self::OverUplink { cidr, .. }
-            | Self::Overlaps { cidr, .. } => cidr.addr().is_ipv6(),
-            Self::Backend(_) => false,
-        }
-    }
-
-    /// Whether it is about a node IP (else a pod CIDR or the backend).
-    pub fn is_about_node_ip(&self) -> bool {
-        matches!(
-            self,
-            Self::OwnPublicIp(_) | Self::OffLink { .. } | Self::RepeatedIp { .. }
-        )
-    }
-
-    /// Said in the words of the peer's source; `other` is the older peer it conflicts
-    /// with, if any.
-    pub fn describe(&self, peer: &Peer, other: Option<&Peer>) -> String {
-        let ip_field = |ip: &IpAddr| match (&peer.origin, ip.is_ipv6()) {
-            (Origin::Etcd { .. }, false) => "PublicIP",
-            (Origin::Etcd { .. }, true) => "PublicIPv6",
-            (Origin::Kube { .. }, _) => "public IP",
-            (Origin::Static { .. }, _) => "node IP",
-        };
-        let older = |key: &str| match (&peer.origin, other) {
-            (Origin::Etcd { .. }, _) => format!("the older entry {key}"),
-            (Origin::Kube { .. }, Some(o)) => format!("the older Node {}", o.name),
-            (_, Some(o)) => format!("peer {} ({})", o.name, o.source),
-            (_, None) => key.to_owned(),
-        };
-        match self {
-            Self::OwnPublicIp(ip) => format!("{} {ip} is this node's address", ip_field(ip)),
-            Self::OffLink { ip, reason } => format!("node IP {ip} {reason}"),
-            Self::DefaultRoute(cidr) => format!("{cidr} is a default route"),
-            Self::Outside {
-                cidr,
-                network: Some(net),
-            } => {
-                let name = if net.addr().is_ipv6() {
-                    "IPv6Network"
-                } else {
-                    "Network"
-                };
-                format!("{cidr} is outside the {name} {net}")
-            }
-            Self::Outside {
-                cidr,
-                network: None,
-            } => format!("{cidr}: this node has no network of its family"),
-            Self::OverlapsOwn { cidr, own } => {
-                format!("{cidr} overlaps this node's pod CIDR {own}")
-            }
-            Self::OverUplink { cidr, net } => {
-                format!("{cidr} overlaps the uplink's network {net}")
-            }
-            Self::ContainsAddress { cidr, addr } => {
-                format!("{cidr} contains the node's own address {addr}")
-            }
-            Self::Backend(found) => format!(
-                "backend type {found:?}, not \"host-gw\": its pods are not reachable the host-gw way"
-            ),
-            Self::Overlaps {
-                cidr,
-                other_cidr,
-                other,
-            } => match peer.origin {
-                Origin::Etcd { .. } => format!("{cidr} overlaps {}", older(other)),
-                _ => format!("{cidr} overlaps {other_cidr} of {}", older(other)),
-            },
-            Self::RepeatedIp { ip, other } => match peer.origin {
-                Origin::Kube { .. } => format!("{ip} is already the public IP of {}", older(other)),
-                _ => format!(
-                    "{} {ip} is already the address of {}",
-                    ip_field(ip),
-                    older(other)
-                ),
-            },
-        }
-    }
-}
-
-/// A peer left out, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Skipped {
-    pub key: String,
-    pub peer: String,
-    pub source: String,
-    pub pod_cidrs: Vec<IpNet>,
-    pub refusal: Refusal,
-    /// The refusal in the source's words.
-    pub reason: String,
-}
-
-/// What one [`DesiredState::apply`] changed in the routes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Delta {
-    /// Pod CIDRs new, or with another next hop (with the one they had).
-    pub changed: Vec<(IpNet, Option<IpAddr>)>,
-    /// Pod CIDRs no longer wanted, with the hop they had.
-    pub removed: Vec<(IpNet, Hop)>,
-    /// Peers left out, new or for a new reason (each said once).
-    pub skipped: Vec<Skipped>,
-}
+use super::{Delta, Hop, NodeFacts, Refusal, Skipped};
+use crate::cidr::Taken;
+use crate::config::{Network, Peer};
 
 #[derive(Debug, Default)]
 pub struct DesiredState {
-    network: Option<Network>,
+    pub(super) network: Option<Network>,
     /// `None`: not known yet (the config's own checks); the node's checks wait.
-    node: Option<NodeFacts>,
+    pub(super) node: Option<NodeFacts>,
     /// Every peer the source gave, by key.
     peers: HashMap<String, Peer>,
     /// Pod CIDR -> next hop, every one reachable the host-gw way.
@@ -457,93 +260,10 @@ impl DesiredState {
         }
         self.peers.insert(key, peer);
     }
-
-    /// Why `peer` must not have its routes, whatever the other peers: a route that would
-    /// hand the node's own traffic to a peer, one outside the network, a next hop that
-    /// cannot be reached in one hop, a backend other than host-gw.
-    fn refuse(&self, peer: &Peer) -> Option<Refusal> {
-        if let Some(backend) = peer.backend.as_ref().filter(|b| *b != "host-gw") {
-            return Some(Refusal::Backend(backend.clone()));
-        }
-        for (cidr, ip) in peer.hops() {
-            if let Some(refusal) = self.refuse_hop(cidr, ip) {
-                return Some(refusal);
-            }
-        }
-        None
-    }
-
-    fn refuse_hop(&self, cidr: IpNet, ip: IpAddr) -> Option<Refusal> {
-        if cidr.prefix_len() == 0 {
-            return Some(Refusal::DefaultRoute(cidr));
-        }
-        if let Some(node) = &self.node {
-            if node.public_ips.contains(&ip) {
-                return Some(Refusal::OwnPublicIp(ip));
-            }
-            if let Some(reason) = off_link(ip, &node.uplink_name, &node.uplink_networks) {
-                return Some(Refusal::OffLink { ip, reason });
-            }
-            if let Some(net) = node
-                .uplink_networks
-                .iter()
-                .find(|net| overlaps(net.trunc(), cidr))
-            {
-                return Some(Refusal::OverUplink {
-                    cidr,
-                    net: net.trunc(),
-                });
-            }
-            if let Some(addr) = node.addresses.iter().find(|a| cidr.contains(&a.addr())) {
-                return Some(Refusal::ContainsAddress {
-                    cidr,
-                    addr: addr.addr(),
-                });
-            }
-        }
-        let network = self.network.as_ref()?;
-        let family = |net: &IpNet| net.addr().is_ipv4() == cidr.addr().is_ipv4();
-        let cluster = network.cluster_cidrs().find(family);
-        if !cluster.is_some_and(|net| net.contains(&cidr)) {
-            return Some(Refusal::Outside {
-                cidr,
-                network: cluster,
-            });
-        }
-        if let Some(own) = network.pod_cidrs().find(|own| overlaps(*own, cidr)) {
-            return Some(Refusal::OverlapsOwn { cidr, own });
-        }
-        None
-    }
 }
 
 fn rank(peer: &Peer) -> Rank {
     (peer.origin.order(), peer.key().to_owned())
-}
-
-/// Why a peer's node IP cannot be reached the host-gw way from this uplink, if it
-/// cannot.
-pub fn off_link(node_ip: IpAddr, uplink: &str, networks: &[IpNet]) -> Option<String> {
-    if networks.iter().any(|n| n.addr() == node_ip) {
-        return Some("is this node's own uplink address".into());
-    }
-    if networks.iter().any(|n| n.contains(&node_ip)) {
-        return None;
-    }
-    let have: Vec<String> = networks
-        .iter()
-        .filter(|n| n.addr().is_ipv4() == node_ip.is_ipv4())
-        .map(|n| n.to_string())
-        .collect();
-    let family = if node_ip.is_ipv4() { "IPv4" } else { "IPv6" };
-    Some(format!(
-        "not on the subnet of uplink {uplink} ({}): host-gw needs every peer on the same L2 segment",
-        if have.is_empty() {
-            format!("no {family} address")
-        } else {
-            have.join(", ")
-        }
-    ))
 }
 
 /// A whole peer set at once (a test's, or a config's check).
@@ -556,33 +276,9 @@ pub fn desired(network: &Network, peers: &[Peer], node: Option<&NodeFacts>) -> D
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::fixtures::{self, network};
+    use crate::agent::desired::test_support::{etcd_peer, names, node, peer};
+    use crate::agent::fixtures::network;
     use crate::config::{NetworkV6, PeerV6};
-
-    fn node() -> NodeFacts {
-        fixtures::node("172.31.0.1/24", &["192.168.9.1/24"])
-    }
-
-    fn peer(name: &str, node_ip: &str, pod_cidr: &str) -> Peer {
-        etcd_peer(name, node_ip, pod_cidr, 0)
-    }
-
-    fn etcd_peer(name: &str, node_ip: &str, pod_cidr: &str, revision: i64) -> Peer {
-        Peer {
-            name: name.into(),
-            node_ip: node_ip.parse().expect("a valid literal"),
-            pod_cidr: pod_cidr.parse().expect("a valid literal"),
-            v6: None,
-            source: format!("/p/subnets/{name}"),
-            lease: None,
-            origin: Origin::Etcd { revision },
-            backend: None,
-        }
-    }
-
-    fn names(state: &DesiredState) -> Vec<&str> {
-        state.routes.values().map(|h| h.peer.as_str()).collect()
-    }
 
     #[test]
     fn every_reachable_peer_gets_a_route() {
@@ -602,58 +298,6 @@ mod tests {
             "172.31.0.3".parse::<IpAddr>().expect("present")
         );
         assert_eq!(hop.peer, "n3");
-    }
-
-    #[test]
-    fn routes_that_would_take_the_nodes_own_traffic_are_skipped() {
-        let mut own = node();
-        own.public_ips = vec!["172.31.0.7".parse().expect("ip")];
-        let mut vxlan = peer("vxlan", "172.31.0.2", "10.244.2.0/24");
-        vxlan.backend = Some("vxlan".into());
-        let cases = [
-            (
-                peer("off", "192.168.200.2", "10.244.2.0/24"),
-                "not on the subnet",
-            ),
-            (
-                peer("self", "172.31.0.1", "10.244.2.0/24"),
-                "own uplink address",
-            ),
-            (
-                peer("public", "172.31.0.7", "10.244.2.0/24"),
-                "PublicIP 172.31.0.7 is this node's address",
-            ),
-            (
-                peer("own", "172.31.0.2", "10.244.1.0/25"),
-                "this node's pod CIDR",
-            ),
-            (
-                peer("uplink", "172.31.0.2", "172.31.0.0/24"),
-                "uplink's network",
-            ),
-            (
-                peer("addr", "172.31.0.2", "192.168.9.0/24"),
-                "node's own address",
-            ),
-            (
-                peer("outside", "172.31.0.2", "11.0.0.0/24"),
-                "outside the Network",
-            ),
-            (peer("default", "172.31.0.2", "0.0.0.0/0"), "default route"),
-            (vxlan, "not \"host-gw\""),
-        ];
-        for (peer, reason) in cases {
-            let state = desired(&network(), std::slice::from_ref(&peer), Some(&own));
-            assert!(state.routes.is_empty(), "{}: {state:?}", peer.name);
-            let skipped = state.skipped();
-            assert_eq!(skipped.len(), 1, "{}", peer.name);
-            assert!(
-                skipped[0].reason.contains(reason),
-                "{}: {:?} should say {reason:?}",
-                peer.name,
-                skipped[0].reason
-            );
-        }
     }
 
     #[test]

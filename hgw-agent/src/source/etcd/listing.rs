@@ -11,7 +11,7 @@ use std::{
 
 use etcd_client::{Client, GetOptions, KeyValue};
 
-use super::{Entry, EtcdError, Shared};
+use super::{EtcdError, connect::Shared, entries::Entry};
 
 /// Entries per listing request at first, and after a page with a large value or a
 /// failed page: few enough that values at etcd's request limit fit in one message.
