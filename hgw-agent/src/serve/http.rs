@@ -245,7 +245,8 @@ async fn health(shared: &Shared) -> Answer {
 
 /// Latches readiness: `/readyz` says 200 from the first snapshot that is ready on,
 /// also between two requests. A peer that goes away later is not this node's fault
-/// (and the peer gauges show it).
+/// (and the peer gauges show it), nor is a source gone quiet while the routes and maps
+/// it gave stay: the answer says that one after "ready".
 async fn watch_ready(shared: Arc<Shared>) {
     let mut snapshot = shared.snapshot.clone();
     loop {
@@ -263,7 +264,11 @@ fn ready(shared: &Shared) -> Answer {
     let status = shared.snapshot.borrow().clone();
     if shared.was_ready.load(Ordering::Relaxed) || status.ready {
         shared.was_ready.store(true, Ordering::Relaxed);
-        return (StatusCode::OK, TEXT, "ready\n".into());
+        let body = match &status.waiting {
+            Some(why) => format!("ready; {why}\n"),
+            None => "ready\n".into(),
+        };
+        return (StatusCode::OK, TEXT, body);
     }
     let why = status
         .waiting
@@ -364,13 +369,30 @@ mod tests {
         let answer = exchange(addr, &get("/nothing-here", "GET")).await;
         assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
 
-        // Ready once, ready for good.
-        snapshot.send_modify(|status| Arc::make_mut(status).ready = true);
+        // Ready once (what it waited for came), ready for good.
+        snapshot.send_modify(|status| {
+            let status = Arc::make_mut(status);
+            status.ready = true;
+            status.waiting = None;
+        });
         let answer = exchange(addr, &get("/readyz", "GET")).await;
         assert!(answer.ends_with("\r\n\r\nready\n"), "{answer}");
         snapshot.send_modify(|status| Arc::make_mut(status).ready = false);
         let answer = exchange(addr, &get("/readyz", "GET")).await;
         assert!(answer.ends_with("\r\n\r\nready\n"), "{answer}");
+        // A source in trouble later: still ready (routes and maps stay), and it says why.
+        snapshot.send_modify(|status| {
+            Arc::make_mut(status).waiting =
+                Some("the Kubernetes API is unreachable: routes and maps kept".into());
+        });
+        let answer = exchange(addr, &get("/readyz", "GET")).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(
+            answer.ends_with(
+                "\r\n\r\nready; the Kubernetes API is unreachable: routes and maps kept\n"
+            ),
+            "{answer}"
+        );
     }
 
     #[tokio::test]
