@@ -57,6 +57,29 @@ struct Sample {
 }
 
 const STATUS_SAMPLES: usize = 5;
+/// Runs per source and size: one start's share of noise is ±15% on two cores.
+const RUNS: usize = 3;
+
+impl Sample {
+    /// Each measure's median over `runs` (each run a fresh lab), with `ip -batch`'s own.
+    fn median(runs: &[Sample]) -> Sample {
+        fn mid<T: Copy + Ord>(mut v: Vec<T>) -> T {
+            v.sort();
+            v[v.len() / 2]
+        }
+        let of = |f: fn(&Sample) -> Duration| mid(runs.iter().map(f).collect());
+        Sample {
+            source: runs[0].source,
+            peers: runs[0].peers,
+            ip_batch: of(|s| s.ip_batch),
+            agent: of(|s| s.agent),
+            agent_polled: of(|s| s.agent_polled),
+            change: of(|s| s.change),
+            status: of(|s| s.status),
+            peak_rss_kib: runs.iter().map(|s| s.peak_rss_kib).max().unwrap_or(0),
+        }
+    }
+}
 
 /// How long `hgw-agent status --json` takes, the command as a user runs it.
 fn status_time(agent: &hgw_tests::Agent) -> anyhow::Result<Duration> {
@@ -466,7 +489,7 @@ fn narrowed() -> (Vec<usize>, Vec<Source>) {
         |v| {
             Source::ALL
                 .into_iter()
-                .filter(|s| v.split(',').any(|n| s.name().starts_with(n.trim())))
+                .filter(|s| v.split(',').any(|n| s.name().contains(n.trim())))
                 .collect()
         },
     );
@@ -494,8 +517,14 @@ pub fn control_plane(out: &Path) -> anyhow::Result<()> {
     let mut samples = Vec::new();
     for &peers in &sizes {
         for &source in &sources {
-            println!("control plane: {peers} peers from {} ...", source.name());
-            let s = measure(source, peers)?;
+            println!(
+                "control plane: {peers} peers from {}, {RUNS} runs ...",
+                source.name()
+            );
+            let runs = (0..RUNS)
+                .map(|_| measure(source, peers))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let s = Sample::median(&runs);
             let applied = s.agent.saturating_sub(fixed_of(source));
             println!(
                 "  ip -batch {:?}, agent {:?} = fixed start + peers {applied:?} ({:.1}x), one change {:?}, status {:?}, peak RSS {} KiB",
@@ -510,7 +539,7 @@ pub fn control_plane(out: &Path) -> anyhow::Result<()> {
         }
     }
     let mut md = String::from(
-        "# hgw control-plane bench\n\nOne lab node; its peers are on-link but do not exist (their next hops stay unresolved, costing the agent the same route and map work). Sources: a static peer file, flannel-style subnet entries in a real etcd (Debian's etcd-server in the lab), or Node objects as flanneld's kube subnet manager announces them, served by the test crate's Kubernetes API server in the lab. `fixed start` = agent start until ready with no peers (checks, loading and attaching the programs, the source's first answer), by the agent's account as `agent` below, median of 3; `agent` = agent start until every route and fast-path entry is in place, by the agent's own account (the end of its last applied peer change in `status`, on the wall clock the bench shares; `polled` = when the bench's polling, every few ms, saw them, which adds the polling's delay and CPU); `peers applied` = `agent` - `fixed start`; `ip -batch` = the same routes installed by `ip -batch`; `one change` = a peer's node IP changed (file edit: seen through inotify on the file's directory; etcd: one put; kube: one Node's `public-ip` annotation, both seen through the watch) until its kernel route follows; `status` = `hgw-agent status --json` as a user runs it (the process included), median of 5.\n\n",
+        "# hgw control-plane bench\n\nOne lab node; its peers are on-link but do not exist (their next hops stay unresolved, costing the agent the same route and map work). Sources: a static peer file, flannel-style subnet entries in a real etcd (Debian's etcd-server in the lab), or Node objects as flanneld's kube subnet manager announces them, served by the test crate's Kubernetes API server in the lab. `fixed start` = agent start until ready with no peers (checks, loading and attaching the programs, the source's first answer), by the agent's account as `agent` below, median of 3; `agent` = agent start until every route and fast-path entry is in place, by the agent's own account (the end of its last applied peer change in `status`, on the wall clock the bench shares; `polled` = when the bench's polling, every few ms, saw them, which adds the polling's delay and CPU); `peers applied` = `agent` - `fixed start`; `ip -batch` = the same routes installed by `ip -batch`; `one change` = a peer's node IP changed (file edit: seen through inotify on the file's directory; etcd: one put; kube: one Node's `public-ip` annotation, both seen through the watch) until its kernel route follows; `status` = `hgw-agent status --json` as a user runs it (the process included), median of 5. Every figure per source and size is the median of 3 runs, each on a fresh lab (peak RSS: the highest).\n\n",
     );
     for (source, took) in &fixed {
         let _ = writeln!(md, "Fixed start, {}: {:.0} ms  ", source.name(), ms(*took));
