@@ -17,11 +17,16 @@ const POLL_EVERY: Duration = Duration::from_secs(1);
 /// With inotify: how often anyway, for a watch that went stale unseen (the directory
 /// replaced, a network filesystem whose remote changes send no event).
 const SAFETY_NET_EVERY: Duration = Duration::from_secs(30);
-/// Events that come together (an editor's write, rename and chmod) are taken as one.
+/// Events that come together (an editor's write, rename and chmod) are taken as one:
+/// a wake-up that has not seen the file written whole waits this long for more.
 const SETTLE: Duration = Duration::from_millis(5);
+/// The file written whole: a writer closed it, or a file was renamed onto its name.
+const COMPLETE: u32 = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO;
 
 pub struct FileWatch {
     inotify: Option<AsyncFd<OwnedFd>>,
+    /// The file's name in the watched directory.
+    name: Vec<u8>,
     fallback: tokio::time::Interval,
 }
 
@@ -40,26 +45,49 @@ impl FileWatch {
         };
         let mut fallback = tokio::time::interval(every);
         fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        (Self { inotify, fallback }, error)
+        let name = path
+            .file_name()
+            .map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec())
+            .unwrap_or_default();
+        (
+            Self {
+                inotify,
+                name,
+                fallback,
+            },
+            error,
+        )
     }
 
-    /// Returns when the file may have changed.
+    /// Returns when the file may have changed: at once when it was written whole, else
+    /// once events stop coming for [`SETTLE`] (a write under way, a rename of the
+    /// directory's other entries, as a ConfigMap volume does).
     pub async fn changed(&mut self) {
         let Some(inotify) = &self.inotify else {
             self.fallback.tick().await;
             return;
         };
-        tokio::select! {
+        let mut whole = tokio::select! {
             _ = self.fallback.tick() => return,
-            ready = inotify.readable() => {
-                if let Ok(mut guard) = ready {
-                    drain(inotify.get_ref());
+            ready = inotify.readable() => match ready {
+                Ok(mut guard) => {
+                    let whole = drain(inotify.get_ref(), &self.name);
+                    guard.clear_ready();
+                    whole
+                }
+                Err(_) => false,
+            },
+        };
+        let settled = tokio::time::Instant::now() + SETTLE;
+        while !whole {
+            match tokio::time::timeout_at(settled, inotify.readable()).await {
+                Ok(Ok(mut guard)) => {
+                    whole = drain(inotify.get_ref(), &self.name);
                     guard.clear_ready();
                 }
+                _ => break,
             }
         }
-        tokio::time::sleep(SETTLE).await;
-        drain(inotify.get_ref());
     }
 }
 
@@ -93,9 +121,73 @@ fn watch_dir(path: &Path) -> std::io::Result<AsyncFd<OwnedFd>> {
         .map_err(std::io::Error::from)
 }
 
-/// Reads every pending event (their content does not matter: the caller rereads).
-fn drain(fd: &OwnedFd) {
+/// Reads every pending event; whether one says the file `name` was written whole (the
+/// others matter only as a wake-up: the caller rereads).
+fn drain(fd: &OwnedFd, name: &[u8]) -> bool {
     let mut buf = [0u8; 4096];
-    // SAFETY: buf is writable for its length; the fd is non-blocking.
-    while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    let mut whole = false;
+    loop {
+        // SAFETY: buf is writable for its length; the fd is non-blocking.
+        let read = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let Ok(read @ 1..) = usize::try_from(read) else {
+            return whole;
+        };
+        whole |= written_whole(&buf[..read], name);
+    }
+}
+
+/// Whether the `struct inotify_event`s in `events` include [`COMPLETE`] for `name`.
+fn written_whole(mut events: &[u8], name: &[u8]) -> bool {
+    const HEAD: usize = 16;
+    let mut whole = false;
+    while events.len() >= HEAD {
+        let word = |at: usize| {
+            u32::from_ne_bytes([events[at], events[at + 1], events[at + 2], events[at + 3]])
+        };
+        let (mask, len) = (word(4), word(12) as usize);
+        let Some(event_name) = events.get(HEAD..HEAD + len) else {
+            break;
+        };
+        // The name is NUL-padded to an alignment.
+        let event_name = event_name.split(|b| *b == 0).next().unwrap_or_default();
+        whole |= mask & COMPLETE != 0 && event_name == name;
+        events = &events[HEAD + len..];
+    }
+    whole
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(mask: u32, name: &str) -> Vec<u8> {
+        let mut padded = name.as_bytes().to_vec();
+        padded.resize(name.len().div_ceil(16) * 16, 0);
+        let mut e = Vec::new();
+        for word in [1, mask, 0, padded.len() as u32] {
+            e.extend(word.to_ne_bytes());
+        }
+        e.extend(padded);
+        e
+    }
+
+    #[test]
+    fn only_a_complete_write_of_the_file_counts_as_whole() {
+        let modify = event(libc::IN_MODIFY, "hgw.toml");
+        let closed = event(libc::IN_CLOSE_WRITE, "hgw.toml");
+        let renamed = event(libc::IN_MOVED_TO, "hgw.toml");
+        let other = event(libc::IN_CLOSE_WRITE, "hgw.toml.swp");
+        assert!(!written_whole(&modify, b"hgw.toml"));
+        assert!(!written_whole(&other, b"hgw.toml"));
+        assert!(written_whole(
+            &[modify.clone(), closed].concat(),
+            b"hgw.toml"
+        ));
+        assert!(written_whole(&[other, renamed].concat(), b"hgw.toml"));
+        // A cut-off event is not read past.
+        assert!(!written_whole(
+            &event(libc::IN_CLOSE_WRITE, "hgw.toml")[..20],
+            b"hgw.toml"
+        ));
+    }
 }
