@@ -1,0 +1,286 @@
+//! hgw's routes: installed many at once, put back when deleted, left to a foreign
+//! route that holds the prefix (and taken when it goes), and deleted when no peer wants
+//! them.
+
+use std::net::IpAddr;
+
+use futures::StreamExt as _;
+use ipnet::IpNet;
+use log::{Level, info, log, warn};
+
+use super::{FastPathMaps, IN_FLIGHT, Reconciler, RouteState, RouteTable, each_level};
+use crate::{
+    agent::observed::Observed,
+    kernel::{HgwRoute, KernelError},
+};
+
+impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
+    /// A prefix's owners changed: hgw's route deleted (reinstall), someone else's put
+    /// on it (step aside), someone else's gone (take it).
+    pub(super) async fn on_prefix(&mut self, cidr: IpNet, observed: &Observed) {
+        let Some(hop) = self.desired.routes.get(&cidr) else {
+            return;
+        };
+        let owners = observed.prefixes.get(&cidr).cloned().unwrap_or_default();
+        let want = (Some(hop.node_ip), Some(observed.uplink.index));
+        match (&owners.ours, &owners.foreign, self.state.get(&cidr)) {
+            (Some(ours), _, _) if *ours == want => {
+                self.set_state(cidr, RouteState::Installed);
+            }
+            (None, Some(protocol), _) => self.note_foreign(cidr, protocol.clone()),
+            (None, None, Some(RouteState::Foreign(_))) => {
+                info!(
+                    "the foreign route to {cidr} is gone; installing hgw's ({})",
+                    hop.peer
+                );
+                self.install(vec![cidr], observed).await;
+            }
+            (None, None, _) => {
+                warn!(
+                    "route to {cidr} ({}) was deleted; reinstalling it",
+                    hop.peer
+                );
+                self.install(vec![cidr], observed).await;
+            }
+            (Some(_), _, _) => self.install(vec![cidr], observed).await,
+        }
+    }
+
+    fn set_state(&mut self, cidr: IpNet, state: RouteState) {
+        if self.state.get(&cidr) != Some(&state) {
+            self.state.insert(cidr, state);
+            self.peer_status = None;
+        }
+    }
+
+    pub(super) fn note_foreign(&mut self, cidr: IpNet, protocol: String) {
+        let previous = self
+            .state
+            .insert(cidr, RouteState::Foreign(protocol.clone()));
+        self.peer_status = None;
+        if !matches!(previous, Some(RouteState::Foreign(_))) {
+            let peer = self.desired.routes.get(&cidr).map(|h| h.peer.as_str());
+            warn!(
+                "peer {}: {}",
+                peer.unwrap_or_default(),
+                KernelError::ForeignRoute {
+                    destination: cidr,
+                    protocol,
+                }
+            );
+        }
+        self.remove_map_entry(cidr);
+    }
+
+    /// Installs the routes to `cidrs`, many requests in flight at once.
+    pub(super) async fn install(&mut self, cidrs: Vec<IpNet>, observed: &Observed) {
+        let oif = observed.uplink.index;
+        let jobs: Vec<(IpNet, IpAddr, bool)> = cidrs
+            .into_iter()
+            .filter_map(|cidr| {
+                let hop = self.desired.routes.get(&cidr)?;
+                let ours_there = observed
+                    .prefixes
+                    .get(&cidr)
+                    .is_some_and(|o| o.ours.is_some() && o.foreign.is_none());
+                Some((cidr, hop.node_ip, ours_there))
+            })
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let routes = &self.routes;
+        let results: Vec<(IpNet, IpAddr, Result<(), KernelError>)> = futures::stream::iter(jobs)
+            .map(|(cidr, gateway, ours_there)| async move {
+                (
+                    cidr,
+                    gateway,
+                    routes.install(cidr, gateway, oif, ours_there).await,
+                )
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        let level = each_level(results.len());
+        let mut installed = 0;
+        for (cidr, gateway, result) in results {
+            match result {
+                Ok(()) => {
+                    let peer = self.desired.routes.get(&cidr).map(|h| h.peer.clone());
+                    if self.state.get(&cidr) != Some(&RouteState::Installed) {
+                        log!(
+                            level,
+                            "route {cidr} via {gateway} dev {} ({})",
+                            observed.uplink_name,
+                            peer.unwrap_or_default()
+                        );
+                    }
+                    self.set_state(cidr, RouteState::Installed);
+                    self.write_map_entry(cidr, observed);
+                    installed += 1;
+                }
+                Err(KernelError::ForeignRoute { protocol, .. }) => {
+                    self.note_foreign(cidr, protocol)
+                }
+                Err(e) => {
+                    warn!("{e}");
+                    self.set_state(cidr, RouteState::Failed);
+                }
+            }
+        }
+        if level != Level::Info {
+            info!("{installed} routes installed on {}", observed.uplink_name);
+        }
+    }
+
+    /// The routes and map entries of pod CIDRs no peer wants any more (the stale scan
+    /// of what changed only).
+    pub(super) async fn remove_gone(&mut self, gone: Vec<IpNet>, observed: &Observed) {
+        let routes: Vec<HgwRoute> = gone
+            .iter()
+            .filter(|cidr| !self.desired.routes.contains_key(cidr))
+            .filter_map(|cidr| {
+                let (gateway, oif) = observed.prefixes.get(cidr)?.ours?;
+                Some(HgwRoute {
+                    destination: *cidr,
+                    gateway,
+                    oif,
+                })
+            })
+            .collect();
+        self.delete_routes(routes).await;
+        for cidr in gone {
+            if !self.takes(cidr) {
+                self.remove_map_entry(cidr);
+            }
+        }
+    }
+
+    /// hgw's routes and map entries no desired route wants: left by an earlier run or
+    /// a removed peer. Nothing goes before the first whole peer set.
+    pub(super) async fn remove_unwanted(&mut self, observed: &Observed) {
+        if !self.peers_known {
+            return;
+        }
+        let uplink = observed.uplink.index;
+        let unwanted: Vec<HgwRoute> = observed
+            .prefixes
+            .iter()
+            .filter_map(|(cidr, owners)| {
+                let (gateway, oif) = owners.ours?;
+                let wanted = self
+                    .desired
+                    .routes
+                    .get(cidr)
+                    .is_some_and(|hop| gateway == Some(hop.node_ip) && oif == Some(uplink));
+                (!wanted && !self.desired.routes.contains_key(cidr)).then_some(HgwRoute {
+                    destination: *cidr,
+                    gateway,
+                    oif,
+                })
+            })
+            .collect();
+        self.delete_routes(unwanted).await;
+        let stale: Vec<IpNet> = self
+            .map
+            .keys()
+            .filter(|cidr| !self.takes(**cidr))
+            .copied()
+            .collect();
+        for cidr in stale {
+            self.remove_map_entry(cidr);
+        }
+    }
+
+    async fn delete_routes(&self, unwanted: Vec<HgwRoute>) {
+        let routes = &self.routes;
+        let results: Vec<(IpNet, Result<(), KernelError>)> = futures::stream::iter(unwanted)
+            .map(|route| async move { (route.destination, routes.delete(route).await) })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        for (cidr, result) in results {
+            match result {
+                Ok(()) => info!("removed stale hgw route to {cidr}"),
+                Err(e) => warn!("{e}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{
+        FakeMaps, FakeRoutes, block_on, desired_state, observe_routes, peers,
+    };
+    use super::super::*;
+    use crate::agent::fixtures::observed;
+    use crate::kernel::{KernelEvent, RouteOwner};
+
+    #[test]
+    fn nothing_is_swept_before_the_first_peer_set() {
+        let routes = FakeRoutes::default();
+        let left: IpNet = "10.200.0.0/24".parse().expect("a valid literal");
+        routes
+            .table
+            .borrow_mut()
+            .insert(left, Ok("172.31.0.9".parse().expect("a valid literal")));
+        let mut observed = observed();
+        observe_routes(&mut observed, &routes);
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
+        block_on(r.resync(&observed));
+        assert!(
+            routes.table.borrow().contains_key(&left),
+            "kept until the source speaks"
+        );
+        block_on(r.apply_peers(PeerBatch::All(peers(1)), &observed));
+        assert!(
+            !routes.table.borrow().contains_key(&left),
+            "swept once it has"
+        );
+    }
+
+    #[test]
+    fn a_foreign_route_is_left_alone_and_kept_out_of_the_map() {
+        let routes = FakeRoutes::default();
+        let set = peers(2);
+        let foreign = IpNet::V4(set[0].pod_cidr);
+        routes
+            .table
+            .borrow_mut()
+            .insert(foreign, Err("static".into()));
+        let mut observed = observed();
+        observe_routes(&mut observed, &routes);
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
+        block_on(r.apply_peers(PeerBatch::All(set.clone()), &observed));
+        assert_eq!(routes.table.borrow()[&foreign], Err("static".into()));
+        let maps = r.maps.as_ref().expect("present");
+        assert!(!maps.routes.contains_key(&foreign));
+        assert_eq!(maps.routes.len(), 1);
+        let status = r.peer_status(&observed);
+        assert_eq!(
+            status
+                .iter()
+                .find(|p| p.pod_cidr == foreign.to_string())
+                .and_then(|p| p.foreign_route.clone()),
+            Some("static".into())
+        );
+        // Its owner removes it: hgw takes the prefix.
+        routes.table.borrow_mut().remove(&foreign);
+        observed.apply(KernelEvent::Route {
+            destination: foreign,
+            owner: RouteOwner::Foreign("static".into()),
+            deleted: true,
+            replaced: false,
+        });
+        block_on(r.on_change(Change::Prefix(foreign), &observed));
+        assert!(routes.table.borrow()[&foreign].is_ok());
+        assert!(
+            r.maps
+                .as_ref()
+                .expect("present")
+                .routes
+                .contains_key(&foreign)
+        );
+    }
+}

@@ -1,0 +1,394 @@
+//! The agent's start: everything checked before anything changes on the node, the
+//! source waited for and its network checked, the node set up, the fast path attached,
+//! and the loop started.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+};
+
+use hgw_common::loader::KernelFacts;
+use ipnet::IpNet;
+use log::{info, warn};
+use tokio::sync::watch;
+
+use super::{
+    Agent, AgentError, Reload, Shutdown,
+    adapters::node_config,
+    desired::{DesiredState, NodeFacts},
+    observed::Observed,
+    port_search::PortSearch,
+    reconcile::Reconciler,
+    waiting::{
+        Retry, SOURCE_RETRY_FIRST, SocketGuard, bind_status_socket, wait_for_source, waiting_status,
+    },
+};
+use crate::{
+    config::{Attach, Config, ConfigError, FastPath, Network, Source, check_peers},
+    datapath::{self, Datapath, DatapathError, HookKind},
+    kernel::{Kernel, Link},
+    node::{caps, cni::NodeFiles, conntrack, masq, setup},
+    serve::{
+        http::Health,
+        metrics::{self, Reconciles},
+        status,
+    },
+    source::etcd::{self, EtcdError},
+    source::kube::{self as kube_source, KubeError},
+    tc::Scanner,
+};
+
+/// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
+/// programs are detached (their tcx links close with the process).
+pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
+    caps::check(config.fast_path)?;
+    let kernel = Kernel::connect()?;
+    // Everything is checked before anything is changed on the node.
+    let uplink = check_interfaces(&kernel, &config).await?;
+    // What the kernel offers and how the fast path will use it, decided once.
+    let fast_path = match crate::datapath::probe::probe(config.fast_path)? {
+        None => None,
+        Some((mut status, hook)) => {
+            let facts = if config.fast_path == FastPath::Established {
+                check_established()?
+            } else {
+                hgw_common::loader::check_kernel(false).map_err(DatapathError::from)?
+            };
+            status.conntrack_kfuncs = facts.home().map(|home| home.to_string());
+            info!("{status}");
+            Some((status, hook, facts))
+        }
+    };
+    let kernel_status = fast_path.as_ref().map(|(status, ..)| status.clone());
+    let attach = match &fast_path {
+        Some((_, hook, _)) => hook.placement(config.attach),
+        // Nothing is attached (`off`).
+        None => config.attach.unwrap_or(Attach::Ports),
+    };
+    let uplink_networks = kernel.networks(uplink.index).await?;
+    let mut shutdown = Shutdown::new()?;
+    let (listener, _lock) = bind_status_socket(&config)?;
+    // The status socket is removed whenever the agent stops before its loop.
+    let socket = SocketGuard(config.status_socket.clone());
+    let (snapshot, snapshot_rx) = watch::channel(Arc::new(waiting_status(
+        &config,
+        kernel_status.clone(),
+        "starting".into(),
+    )));
+    let counters = Arc::new(OnceLock::new());
+    status::spawn_server(listener, snapshot_rx.clone(), counters.clone());
+    let reconciles = Reconciles::default();
+    let health = match config.metrics_addr {
+        Some(addr) => {
+            metrics::spawn_server(addr, reconciles.clone(), snapshot_rx, counters.clone())?
+        }
+        None => Health::default(),
+    };
+
+    // What a source that is running into trouble says (the kube source), for status.
+    let mut source_trouble = None;
+    // The static source starts once the node's facts are known (its peers are
+    // checked against them); the others have answered by then.
+    let (network, peers, public_ips) = match &config.source {
+        Source::Static { network, .. } => (*network, None, Vec::new()),
+        Source::Etcd(etcd) => {
+            let public_ip = match etcd.public_ip {
+                Some(ip) => ip,
+                None => first_ipv4(&uplink_networks).ok_or_else(|| {
+                    ConfigError::invalid(
+                        "etcd.public_ip",
+                        "",
+                        format!("not set, and uplink {} has no IPv4 address", config.uplink),
+                    )
+                })?,
+            };
+            let nets = &uplink_networks[..];
+            let wait = wait_for_source(
+                "etcd",
+                &snapshot,
+                || etcd::start(etcd.clone(), public_ip, nets),
+                |e: &EtcdError| matches!(e, EtcdError::Client { .. }).then_some(Retry::Backoff),
+            );
+            let source = tokio::select! {
+                source = wait => Some(source?),
+                () = shutdown.recv() => None,
+            };
+            let Some(source) = source else {
+                info!("stopped while waiting for etcd: routes left as they were");
+                return Ok(());
+            };
+            (source.network, Some(source.peers), source.public_ips)
+        }
+        Source::Kube(kube) => {
+            let nets = &uplink_networks[..];
+            // A Node gets its pod CIDR within seconds of joining: asked every second.
+            let wait = wait_for_source(
+                "the Kubernetes API",
+                &snapshot,
+                || kube_source::start(kube, &config.node_name, nets),
+                |e: &KubeError| match e {
+                    KubeError::NoPodCidr { .. } => Some(Retry::Every(SOURCE_RETRY_FIRST)),
+                    e if e.is_transient() => Some(Retry::Backoff),
+                    _ => None,
+                },
+            );
+            let source = tokio::select! {
+                source = wait => Some(source?),
+                () = shutdown.recv() => None,
+            };
+            let Some(source) = source else {
+                info!("stopped while waiting for the Kubernetes API: routes left as they were");
+                return Ok(());
+            };
+            source_trouble = Some(source.trouble);
+            (source.network, Some(source.peers), source.public_ips)
+        }
+    };
+    let addresses = kernel.addresses(None).await?;
+    let bridge_index = kernel.link(&config.bridge).await?.map(|l| l.index);
+    let from = match config.source {
+        Source::Static { .. } => "",
+        Source::Etcd(_) => "etcd network: ",
+        Source::Kube(_) => "kube network: ",
+    };
+    check_network(&network, &uplink_networks, &addresses, bridge_index, from)?;
+    let node = NodeFacts {
+        uplink_name: config.uplink.clone(),
+        addresses: other_addresses(&addresses, bridge_index),
+        uplink_networks,
+        public_ips,
+    };
+    let peers = match (peers, &config.source) {
+        (Some(peers), _) => peers,
+        (None, Source::Static { peers, .. }) => {
+            // Static peers are the admin's word: one that cannot be reached is a config
+            // error, before anything changes on the node.
+            let checked = check_peers(&network, peers, Some(&node))?;
+            crate::source::file::static_peers(peers.clone(), reload, config.clone(), checked)
+        }
+        (None, _) => unreachable!("every other source has its receiver"),
+    };
+
+    let bridge = if config.setup_node {
+        setup::apply(&kernel, &config, &network).await?
+    } else {
+        kernel
+            .link(&config.bridge)
+            .await?
+            .ok_or_else(|| ConfigError::invalid("bridge", &config.bridge, "no such interface"))?
+    };
+    masq::set(config.ip_masq, &network)?;
+    let files = NodeFiles::write(&config, &network, uplink.mtu)?;
+    let datapath = attach_datapath(
+        &config,
+        &network,
+        (&bridge, &uplink),
+        fast_path.map(|(_, hook, facts)| (hook, attach, facts)),
+    )?;
+    if let Some(datapath) = &datapath {
+        match datapath.counter_reader() {
+            Ok(reader) => {
+                let _ = counters.set(reader);
+            }
+            Err(e) => warn!("status will show no counters: {e}"),
+        }
+    }
+    let events = crate::kernel::subscribe()?;
+    // Without the fast path nothing is redirected, so nothing is skipped.
+    let scanner = datapath.is_some().then(|| Scanner::new(kernel.handle()));
+    let mut agent = Agent {
+        kernel_status,
+        observed: Observed::new(
+            (&config.uplink, uplink),
+            (&config.bridge, bridge),
+            network.pod_cidrs().collect(),
+        ),
+        reconciler: Reconciler::new(
+            kernel.clone(),
+            datapath,
+            attach == Attach::Ports,
+            DesiredState::new(network, Some(node)),
+        ),
+        config,
+        network,
+        kernel,
+        snapshot,
+        last_fdb_dump: None,
+        port_search: PortSearch::default(),
+        fdb_due: None,
+        files,
+        reconciles,
+        health,
+        scanner,
+        tc_dirty: HashSet::new(),
+        tc_all_dirty: false,
+        routing_dirty: false,
+        source_trouble,
+        last_change: None,
+    };
+    std::mem::forget(socket);
+    agent.event_loop(events, peers, shutdown).await;
+    if agent.config.pin_dir.is_some() && agent.config.fast_path != FastPath::Off {
+        info!(
+            "shutting down: kernel routes stay, and the pinned fast path keeps forwarding (`hgw-agent uninstall` removes it)"
+        );
+    } else {
+        info!("shutting down: kernel routes stay, fast path detached");
+    }
+    Ok(())
+}
+
+/// The kernel can run `established` mode: its kfuncs and conntrack sysctls are there,
+/// and IPVS (kube-proxy's ipvs mode), whose NAT sets no conntrack NAT bits, is not in
+/// use.
+fn check_established() -> Result<KernelFacts, AgentError> {
+    let facts = hgw_common::loader::check_kernel(true).map_err(DatapathError::from)?;
+    conntrack::timeouts(0)?;
+    if conntrack::ipvs_in_use() {
+        return Err(ConfigError::invalid(
+            "fast_path",
+            FastPath::Established.name(),
+            format!(
+                "IPVS is active in this network namespace ({}: kube-proxy's ipvs mode?); its NAT is invisible to the conntrack checks of this mode; use \"off\", or kube-proxy's iptables or nftables mode",
+                conntrack::IPVS
+            ),
+        )
+        .into());
+    }
+    Ok(facts)
+}
+
+/// The fast path the way `kernel` (the attach and the loader's facts, `None` with
+/// `off`) says.
+fn attach_datapath(
+    config: &Config,
+    network: &Network,
+    (bridge, uplink): (&Link, &Link),
+    kernel: Option<(HookKind, Attach, KernelFacts)>,
+) -> Result<Option<Datapath>, AgentError> {
+    let Some((hook, attach, facts)) = kernel else {
+        // Programs an earlier agent pinned would go on forwarding: off means none.
+        if let Some(dir) = &config.pin_dir {
+            match datapath::remove_pins(dir) {
+                Ok(0) => {}
+                Ok(n) => info!("fast path off: removed {n} pins an earlier agent left"),
+                Err(e) => warn!(
+                    "fast path off, but {} could not be cleared: {e}",
+                    dir.display()
+                ),
+            }
+        }
+        // So would an earlier agent's cls_bpf filters (they outlive it, pinned or not).
+        match datapath::remove_filters() {
+            0 => {}
+            n => info!("fast path off: removed {n} cls_bpf filters an earlier agent left"),
+        }
+        info!("fast path off: kernel routes only");
+        return Ok(None);
+    };
+    if config.fast_path == FastPath::Established {
+        conntrack::ensure_tracking()?;
+    }
+    let node = node_config(network, bridge, uplink, config)?;
+    let datapath = Datapath::attach(
+        (&config.bridge, bridge.index),
+        (&config.uplink, uplink.index),
+        node,
+        attach,
+        (hook, facts),
+        config.pin_dir.as_deref(),
+    )?;
+    let to_peer = match attach {
+        Attach::Bridge => format!("{} ingress", config.bridge),
+        Attach::Ports => format!("ingress of each port of {}", config.bridge),
+    };
+    info!(
+        "fast path ({}) attached: {to_peer} -> peers, {} ingress -> pods",
+        config.fast_path.name(),
+        config.uplink
+    );
+    Ok(Some(datapath))
+}
+
+fn first_ipv4(networks: &[IpNet]) -> Option<Ipv4Addr> {
+    networks.iter().find_map(|n| match n.addr() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// The node's addresses on interfaces other than the bridge (whose gateway address
+/// is inside the pod CIDR by design).
+fn other_addresses(addresses: &[(u32, IpNet)], bridge: Option<u32>) -> Vec<IpNet> {
+    addresses
+        .iter()
+        .filter(|(index, _)| Some(*index) != bridge)
+        .map(|(_, net)| *net)
+        .collect()
+}
+
+/// The uplink exists, and so does the bridge unless the agent is to create it.
+async fn check_interfaces(kernel: &Kernel, config: &Config) -> Result<Link, AgentError> {
+    let uplink = kernel
+        .link(&config.uplink)
+        .await?
+        .ok_or_else(|| ConfigError::invalid("uplink", &config.uplink, "no such interface"))?;
+    if !config.setup_node && kernel.link(&config.bridge).await?.is_none() {
+        return Err(ConfigError::invalid(
+            "bridge",
+            &config.bridge,
+            "no such interface (create it, or let the agent do so with --setup-node)",
+        )
+        .into());
+    }
+    Ok(uplink)
+}
+
+/// This node's CIDRs must never take the node's own traffic (SSH included) for pods:
+/// no default route, no overlap with the uplink's networks, no address of the node's
+/// inside them but the bridge's (the gateway).
+fn check_network(
+    network: &Network,
+    uplink_networks: &[IpNet],
+    addresses: &[(u32, IpNet)],
+    bridge: Option<u32>,
+    from: &str,
+) -> Result<(), ConfigError> {
+    let mut cidrs = vec![
+        ("pod_cidr", IpNet::V4(network.pod_cidr)),
+        ("cluster_cidr", IpNet::V4(network.cluster_cidr)),
+    ];
+    if let Some(v6) = network.v6 {
+        cidrs.push(("pod_cidr_v6", IpNet::V6(v6.pod_cidr)));
+        cidrs.push(("cluster_cidr_v6", IpNet::V6(v6.cluster_cidr)));
+    }
+    for (field, cidr) in cidrs {
+        let invalid = |reason: String| ConfigError::invalid(format!("{from}{field}"), cidr, reason);
+        if cidr.prefix_len() == 0 {
+            return Err(invalid(
+                "a default route: it would take all of the node's traffic for pods".into(),
+            ));
+        }
+        if let Some(net) = uplink_networks
+            .iter()
+            .find(|net| crate::cidr::overlaps(cidr, net.trunc()))
+        {
+            return Err(invalid(format!(
+                "overlaps the uplink's network {}",
+                net.trunc()
+            )));
+        }
+        if let Some((_, addr)) = addresses
+            .iter()
+            .find(|(index, addr)| Some(*index) != bridge && cidr.contains(&addr.addr()))
+        {
+            return Err(invalid(format!(
+                "contains the node's own address {}",
+                addr.addr()
+            )));
+        }
+    }
+    Ok(())
+}
