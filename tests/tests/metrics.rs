@@ -2,7 +2,8 @@
 //! counter lies between the status read just before and the one just after), peers and
 //! routes are counted by state, reconciles are timed; `/healthz` answers while the
 //! loop turns; `/readyz` is 503 while the agent waits (here for etcd) and turns 200
-//! exactly when the first peer set is applied.
+//! exactly when the first peer set is applied; at SIGTERM the agent waits for the
+//! server's requests under way, for 2 s at most.
 
 use std::{
     io::{Read as _, Write as _},
@@ -199,5 +200,29 @@ fn readyz_turns_200_when_the_first_peer_set_is_applied() -> anyhow::Result<()> {
     );
     eprintln!("{unready_answers} answers of 503 after etcd came back");
     assert_eq!(get(&ns, "/healthz")?.0, 200);
+
+    // SIGTERM with a request under way that never ends: the agent waits for its
+    // server (answering what it can) no longer than its stop allows, says so, exits 0.
+    let addr: SocketAddr = METRICS.parse()?;
+    let unfinished = in_netns(&ns, move || -> anyhow::Result<TcpStream> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        write!(stream, "GET /metrics HTTP/1.1\r\n")?;
+        Ok(stream)
+    })??;
+    let agent = lab.agent_mut(1).context("n2's agent")?;
+    let exit = agent.stop()?;
+    assert!(
+        exit.success(),
+        "the agent stopped with {exit}\n{}",
+        agent.log()
+    );
+    assert!(
+        agent
+            .log()
+            .contains("metrics: requests still under way after 2s were cut off"),
+        "the unfinished request was not named:\n{}",
+        agent.log()
+    );
+    drop(unfinished);
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::{Arc, OnceLock},
+    time::Duration,
 };
 
 use hgw_common::loader::KernelFacts;
@@ -237,8 +238,20 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
     } else {
         info!("shutting down: kernel routes stay, fast path detached");
     }
+    // The status sender goes with the agent: the metrics server stops taking requests
+    // and answers those under way, for as long as a stop may take.
+    let server = agent.health.take_server();
+    drop(agent);
+    if let Some(server) = server
+        && tokio::time::timeout(SERVER_STOP, server).await.is_err()
+    {
+        warn!("metrics: requests still under way after {SERVER_STOP:?} were cut off");
+    }
     Ok(())
 }
+
+/// How long the metrics server's last requests may hold up the agent's exit.
+const SERVER_STOP: Duration = Duration::from_secs(2);
 
 /// The kernel can run `established` mode: its kfuncs and conntrack sysctls are there,
 /// and IPVS (kube-proxy's ipvs mode), whose NAT sets no conntrack NAT bits, is not in

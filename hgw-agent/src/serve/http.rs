@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot, watch},
-    task::JoinSet,
+    task::{JoinHandle, JoinSet},
 };
 
 use super::status::Status;
@@ -52,9 +52,17 @@ pub struct Health {
     pings: Option<mpsc::Receiver<oneshot::Sender<()>>>,
     /// Set once the loop listens for pings; before, `/healthz` answers for the start.
     listening: Arc<AtomicBool>,
+    /// The server's accept task: it ends once the loop's status sender is gone and the
+    /// requests under way have their answers.
+    server: Option<JoinHandle<()>>,
 }
 
 impl Health {
+    /// The server's task, for the agent to wait on as it stops (`None` without one).
+    pub fn take_server(&mut self) -> Option<JoinHandle<()>> {
+        self.server.take()
+    }
+
     /// The next `/healthz` ping; answer it by sending `()`. The first call marks the
     /// event loop as running. Never resolves without a metrics server.
     pub async fn ping(&mut self) -> oneshot::Sender<()> {
@@ -95,10 +103,11 @@ pub fn spawn(
         listening: listening.clone(),
     });
     tokio::spawn(watch_ready(shared.clone()));
-    tokio::spawn(accept(listener, shared));
+    let server = tokio::spawn(accept(listener, shared));
     Health {
         pings: Some(rx),
         listening,
+        server: Some(server),
     }
 }
 
