@@ -48,15 +48,17 @@ pub struct Status {
 }
 
 /// A peer change (a source's whole set, or the peers that changed since) applied to the
-/// kernel routes and the fast-path map.
+/// kernel routes and the fast-path map: what the desired state changed, written; a
+/// route the kernel refused shows in the peer's own entry (`route`), not here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedChange {
-    /// Pod CIDRs it added, moved or removed.
+    /// Pod CIDRs it added, moved or removed in the desired state.
     pub routes: usize,
     /// From taking the change to having its routes and map entries in place, in µs.
     pub took_us: u64,
-    /// When they were in place, in µs since the Unix epoch: a bench compares it with its
-    /// own clock, where polling for the result would add the polling's delay.
+    /// When they were in place (the fast path's flow caches are told a moment later),
+    /// in µs since the Unix epoch: a bench compares it with its own clock, where
+    /// polling for the result would add the polling's delay.
     pub done_unix_us: u64,
 }
 

@@ -209,6 +209,10 @@ fn readyz_turns_200_when_the_first_peer_set_is_applied() -> anyhow::Result<()> {
         write!(stream, "GET /metrics HTTP/1.1\r\n")?;
         Ok(stream)
     })??;
+    // Accepted in order: once a later request is answered, the unfinished one is taken
+    // and its head being read.
+    assert_eq!(get(&ns, "/healthz")?.0, 200);
+    std::thread::sleep(Duration::from_millis(100));
     let agent = lab.agent_mut(1).context("n2's agent")?;
     let exit = agent.stop()?;
     assert!(

@@ -254,8 +254,9 @@ async fn health(shared: &Shared) -> Answer {
 
 /// Latches readiness: `/readyz` says 200 from the first snapshot that is ready on,
 /// also between two requests. A peer that goes away later is not this node's fault
-/// (and the peer gauges show it), nor is a source gone quiet while the routes and maps
-/// it gave stay: the answer says that one after "ready".
+/// (and the peer gauges show it), nor is a source in trouble while the routes and maps
+/// it gave stay (the kube source says so in `waiting`): the answer says that one after
+/// "ready".
 async fn watch_ready(shared: Arc<Shared>) {
     let mut snapshot = shared.snapshot.clone();
     loop {

@@ -60,8 +60,9 @@ impl FileWatch {
     }
 
     /// Returns when the file may have changed: at once when it was written whole, else
-    /// once events stop coming for [`SETTLE`] (a write under way, a rename of the
-    /// directory's other entries, as a ConfigMap volume does).
+    /// [`SETTLE`] after the first event (a write under way, a rename of the
+    /// directory's other entries, as a ConfigMap volume does), or sooner if the file is
+    /// written whole meanwhile.
     pub async fn changed(&mut self) {
         let Some(inotify) = &self.inotify else {
             self.fallback.tick().await;
