@@ -146,8 +146,10 @@ fn route_owner(msg: &RouteMessage, ours: bool) -> RouteOwner {
 }
 
 /// How many kernel events may wait for the agent; past that they are dropped and the
-/// agent is told to resync from dumps (bounded memory under an event flood).
-const EVENT_QUEUE: usize = 4096;
+/// agent is told to resync from dumps (bounded memory under an event flood). The
+/// agent's own first pass makes one route event per peer while it is busy installing:
+/// 4,096 made every start with 5,000 peers end in a warning and a resync.
+const EVENT_QUEUE: usize = 16_384;
 /// The multicast socket's receive buffer: a burst of events waits there, not lost.
 const EVENT_SOCKET_BUFFER: usize = 4 << 20;
 
