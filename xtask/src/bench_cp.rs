@@ -63,11 +63,7 @@ const RUNS: usize = 3;
 impl Sample {
     /// Each measure's median over `runs` (each run a fresh lab), with `ip -batch`'s own.
     fn median(runs: &[Sample]) -> Sample {
-        fn mid<T: Copy + Ord>(mut v: Vec<T>) -> T {
-            v.sort();
-            v[v.len() / 2]
-        }
-        let of = |f: fn(&Sample) -> Duration| mid(runs.iter().map(f).collect());
+        let of = |f: fn(&Sample) -> Duration| median(runs.iter().map(f).collect());
         Sample {
             source: runs[0].source,
             peers: runs[0].peers,
@@ -81,6 +77,12 @@ impl Sample {
     }
 }
 
+/// The middle of `v` (the upper one of an even count).
+fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
+    v.sort();
+    v[v.len() / 2]
+}
+
 /// How long `hgw-agent status --json` takes, the command as a user runs it.
 fn status_time(agent: &hgw_tests::Agent) -> anyhow::Result<Duration> {
     let mut times = Vec::with_capacity(STATUS_SAMPLES);
@@ -89,8 +91,7 @@ fn status_time(agent: &hgw_tests::Agent) -> anyhow::Result<Duration> {
         agent.status()?;
         times.push(start.elapsed());
     }
-    times.sort();
-    Ok(times[STATUS_SAMPLES / 2])
+    Ok(median(times))
 }
 
 /// Peer `i`: node IP 172.30.a.b (on the node's extra /16), pod CIDR 10.a.b.0/24.
@@ -316,8 +317,7 @@ fn fixed_start(source: Source) -> anyhow::Result<Duration> {
         let mut p = prepare(source, 0)?;
         times.push(start_applied(&mut p, 0)?.own);
     }
-    times.sort();
-    Ok(times[FIXED_SAMPLES / 2])
+    Ok(median(times))
 }
 
 /// The same routes with ip -batch: the floor for putting them into the kernel.

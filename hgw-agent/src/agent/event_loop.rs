@@ -126,8 +126,7 @@ impl Agent {
     }
 
     async fn set_peers(&mut self, batch: PeerBatch) {
-        let _timer = self.reconciles.time(Trigger::Peers);
-        let start = Instant::now();
+        let timer = self.reconciles.time(Trigger::Peers);
         let routes = self.reconciler.apply_peers(batch, &self.observed).await;
         // A batch that changed nothing (a lease renewed, a Node's other fields) is not
         // what status shows; the first set is, empty or not (the agent's start).
@@ -136,7 +135,7 @@ impl Agent {
         }
         self.last_change = Some(AppliedChange {
             routes,
-            took_us: micros(start.elapsed()),
+            took_us: micros(timer.elapsed()),
             done_unix_us: micros(
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

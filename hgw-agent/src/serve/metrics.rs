@@ -126,6 +126,13 @@ pub struct ReconcileTimer {
     start: Instant,
 }
 
+impl ReconcileTimer {
+    /// The time since it was made.
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.start.elapsed()
+    }
+}
+
 impl Drop for ReconcileTimer {
     fn drop(&mut self) {
         self.family
