@@ -30,10 +30,12 @@ pub const MAP_ENDPOINTS_V4: &str = "HGW_ENDPOINTS";
 pub const MAP_ENDPOINTS_V6: &str = "HGW_ENDPOINTS6";
 /// Per-CPU `u64` packet counters, indexed by [`counter_index`] and [`COUNTER_NOT_IP`].
 pub const MAP_COUNTERS: &str = "HGW_COUNTERS";
-/// LRU hash, `established` mode: a carried IPv4 flow ([`FlowKeyV4`]) -> [`CachedFlow`],
-/// where its packets went and until when conntrack's verdict on it stands.
+/// The flow cache of IPv4 flows: an array of [`FLOW_SLOTS`] [`FlowSlotV4`]s, each flow in
+/// the one slot its key hashes to ([`flow_slot`]), with where its packets went and until
+/// when conntrack's verdict on it stands. Mmapable, so that the slots start on a page
+/// and each lies on one cache line (IPv6: two).
 pub const MAP_FLOWS_V4: &str = "HGW_FLOWS_V4";
-/// The same for IPv6 flows ([`FlowKeyV6`]).
+/// The same for IPv6 flows ([`FlowSlotV6`]).
 pub const MAP_FLOWS_V6: &str = "HGW_FLOWS_V6";
 /// Array with one `u32` at index 0, which the agent changes after every write to the
 /// config, routes or endpoints maps: a [`CachedFlow`] of another generation is stale.
@@ -56,9 +58,13 @@ pub const DEVICE_INGRESS: u32 = 1;
 /// (`bpf_redirect_peer` past a pod's host veth, or past the bridge) would skip them.
 pub const DEVICE_EGRESS: u32 = 2;
 
-/// Most flows per family whose verdict is cached; the least recently used go first
-/// (and their next packet looks conntrack up again).
-pub const FLOWS_MAX_ENTRIES: u32 = 65_536;
+/// Slots per family in the flow cache (a power of two): a flow whose slot another flow
+/// took looks conntrack up again with its next packet, and takes the slot back.
+pub const FLOW_SLOTS: u32 = 1 << FLOW_SLOT_BITS;
+/// log2 of [`FLOW_SLOTS`].
+pub const FLOW_SLOT_BITS: u32 = 16;
+/// `BPF_F_MMAPABLE`: an array map whose values start on a page boundary.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Most local pods one node can deliver to directly.
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 4_096;
@@ -201,6 +207,74 @@ pub struct CachedFlow {
     pub recheck_at: u64,
 }
 const _: () = assert!(size_of::<CachedFlow>() == 40);
+
+/// A slot of [`MAP_FLOWS_V4`]: one cache line. Written and read by several CPUs without
+/// a lock, 8 bytes at a time, so a reader may find two writers' words mixed, or a write
+/// half done: `check` ([`flow_check`] of the words before it) tells a whole slot from
+/// such a mix, which counts as empty.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowSlotV4 {
+    pub key: FlowKeyV4,
+    pub flow: CachedFlow,
+    pub check: u64,
+}
+const _: () = assert!(size_of::<FlowSlotV4>() == 64);
+
+/// A slot of [`MAP_FLOWS_V6`]: two cache lines (its 88 bytes padded to 96, so a slot
+/// starts at a line or in the middle of one and never reaches a third).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowSlotV6 {
+    pub key: FlowKeyV6,
+    pub flow: CachedFlow,
+    pub check: u64,
+    pub _pad: u64,
+}
+const _: () = assert!(size_of::<FlowSlotV6>() == 96);
+
+/// Odd 64-bit constants (from splitmix64) for the flow cache's hashes.
+const MIX_A: u64 = 0x9e37_79b9_7f4a_7c15;
+const MIX_B: u64 = 0xbf58_476d_1ce4_e5b9;
+const MIX_C: u64 = 0x94d0_49bb_1331_11eb;
+
+/// The slot of a flow key, given as its 64-bit words: a multiplicative hash whose top
+/// bits take every bit of every word into account, so flows that differ in one port
+/// spread over the slots.
+#[inline(always)]
+pub fn flow_slot(key: impl IntoIterator<Item = u64>) -> u32 {
+    let h = key
+        .into_iter()
+        .fold(MIX_A, |h, word| (h ^ word).wrapping_mul(MIX_B));
+    ((h ^ (h >> 31)).wrapping_mul(MIX_C) >> (64 - FLOW_SLOT_BITS)) as u32
+}
+
+/// The check word of a slot's key and flow, given as their 64-bit words: a sum of a
+/// bijection of each word ([`flow_check_term`]), so a mix of two slots' words, or a
+/// slot half written over another or over zeros, gives another value up to a chance of
+/// about 2^-63; odd, so an all-zero slot never passes. The words' terms are
+/// independent, so the CPU computes them side by side.
+#[inline(always)]
+pub fn flow_check(words: impl IntoIterator<Item = u64>) -> u64 {
+    let sum = words.into_iter().enumerate().fold(0u64, |sum, (i, word)| {
+        sum.wrapping_add(flow_check_term(i, word))
+    });
+    flow_check_finish(sum)
+}
+
+/// Word `index`'s term of [`flow_check`]: its product with an odd constant of its own,
+/// folded (each step a bijection).
+#[inline(always)]
+pub fn flow_check_term(index: usize, word: u64) -> u64 {
+    let m = word.wrapping_mul(MIX_A.wrapping_add(MIX_C.wrapping_mul(index as u64)) | 1);
+    m ^ (m >> 29)
+}
+
+/// [`flow_check`] from the sum of its terms.
+#[inline(always)]
+pub fn flow_check_finish(sum: u64) -> u64 {
+    sum | 1
+}
 
 /// This node, as the fast path needs to know it. 8-byte aligned (as the kernel keeps
 /// an array map's values; the layout is the same, with no padding), so the programs
@@ -492,4 +566,98 @@ mod user {
     unsafe impl aya::Pod for super::FlowKeyV6 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CachedFlow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowSlotV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowSlotV6 {}
+}
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::*;
+
+    fn key_v4(port: u16) -> FlowKeyV4 {
+        let mut ports = [0; 4];
+        ports[..2].copy_from_slice(&port.to_be_bytes());
+        ports[2..].copy_from_slice(&5201u16.to_be_bytes());
+        FlowKeyV4 {
+            src: [10, 244, 0, 5],
+            dst: [10, 244, 1, 7],
+            ports,
+            proto: 17,
+            side: FLOW_TO_PEER,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The first seven words of a slot, which its check covers.
+    fn body(slot: &FlowSlotV4) -> [u64; 7] {
+        let words: [u64; 8] = bytemuck::cast(*slot);
+        std::array::from_fn(|i| words[i])
+    }
+
+    fn sealed(mut slot: FlowSlotV4) -> FlowSlotV4 {
+        slot.check = flow_check(body(&slot));
+        slot
+    }
+
+    fn slot_v4(port: u16, ifindex: u32) -> FlowSlotV4 {
+        sealed(FlowSlotV4 {
+            key: key_v4(port),
+            flow: CachedFlow {
+                hop: NextHop {
+                    ifindex,
+                    mtu: 1500,
+                    dst_mac: [2, 0, 0, 0, 1, ifindex as u8],
+                    src_mac: [2, 0, 0, 0, 0, 1],
+                    flags: NEXT_HOP_MAC_KNOWN,
+                },
+                generation: 7,
+                _pad: 0,
+                recheck_at: 4_294_000_000 + u64::from(port),
+            },
+            check: 0,
+        })
+    }
+
+    fn whole(slot: &FlowSlotV4) -> bool {
+        flow_check(body(slot)) == slot.check
+    }
+
+    #[test]
+    fn flows_that_differ_in_one_port_spread_over_the_slots() {
+        let slots: std::collections::HashSet<u32> = (0..1000u16)
+            .map(|p| flow_slot(bytemuck::cast::<_, [u64; 2]>(key_v4(32768 + p))))
+            .collect();
+        // 1,000 keys thrown at random into 65,536 slots share about 8.
+        assert!(slots.len() >= 980, "{} distinct slots", slots.len());
+        assert!(slots.iter().all(|&s| s < FLOW_SLOTS));
+    }
+
+    #[test]
+    fn a_mix_of_two_slots_or_of_a_slot_and_zeros_is_not_whole() {
+        assert!(!whole(&FlowSlotV4::zeroed()));
+        for port in 1..200u16 {
+            let a = slot_v4(port, 3);
+            let mut refreshed = a;
+            refreshed.flow.recheck_at += 100;
+            // Another flow with another next hop, the same flow with another next hop,
+            // the same flow refreshed.
+            for b in [slot_v4(port + 1, 4), slot_v4(port, 4), sealed(refreshed)] {
+                assert!(whole(&a) && whole(&b));
+                let (wa, wb): ([u64; 8], [u64; 8]) = (bytemuck::cast(a), bytemuck::cast(b));
+                for mask in 0..256u32 {
+                    let mix: [u64; 8] =
+                        std::array::from_fn(|i| if mask >> i & 1 == 1 { wb[i] } else { wa[i] });
+                    let zeros: [u64; 8] =
+                        std::array::from_fn(|i| if mask >> i & 1 == 1 { 0 } else { wa[i] });
+                    for m in [mix, zeros] {
+                        if m != wa && m != wb {
+                            assert!(!whole(&bytemuck::cast(m)), "port {port} mask {mask:#x}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -42,15 +42,16 @@ use aya_ebpf::{
         bpf_redirect_peer,
     },
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use hgw_common::{
-    COUNTER_NOT_IP, COUNTERS_LEN, CachedFlow, Counter, CtTimeouts, DEVICE_EGRESS, DEVICE_INGRESS,
-    DEVICES_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, Endpoint, FLOW_TO_PEER, FLOW_TO_POD,
-    FLOWS_MAX_ENTRIES, Family, FlowKeyV4, FlowKeyV6, IPS_ASSURED, IPS_CONFIRMED, IPS_DST_NAT,
-    IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST, IPS_SRC_NAT, NEXT_HOP_BRIDGE, NEXT_HOP_MAC_KNOWN,
-    NEXT_HOP_POD, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES, ROUTES_V6_MAX_ENTRIES, counter_index,
+    BPF_F_MMAPABLE, COUNTER_NOT_IP, COUNTERS_LEN, CachedFlow, Counter, CtTimeouts, DEVICE_EGRESS,
+    DEVICE_INGRESS, DEVICES_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, Endpoint, FLOW_SLOTS, FLOW_TO_PEER,
+    FLOW_TO_POD, Family, FlowKeyV4, FlowKeyV6, FlowSlotV4, FlowSlotV6, IPS_ASSURED, IPS_CONFIRMED,
+    IPS_DST_NAT, IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST, IPS_SRC_NAT, NEXT_HOP_BRIDGE,
+    NEXT_HOP_MAC_KNOWN, NEXT_HOP_POD, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES,
+    ROUTES_V6_MAX_ENTRIES, counter_index, flow_check_finish, flow_check_term, flow_slot,
 };
 use network_types::eth::EthHdr;
 
@@ -80,12 +81,10 @@ static HGW_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 static HGW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 #[map]
-static HGW_FLOWS_V4: LruHashMap<FlowKeyV4, CachedFlow> =
-    LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+static HGW_FLOWS_V4: Array<FlowSlotV4> = Array::with_max_entries(FLOW_SLOTS, BPF_F_MMAPABLE);
 
 #[map]
-static HGW_FLOWS_V6: LruHashMap<FlowKeyV6, CachedFlow> =
-    LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+static HGW_FLOWS_V6: Array<FlowSlotV6> = Array::with_max_entries(FLOW_SLOTS, BPF_F_MMAPABLE);
 
 #[map]
 static HGW_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
@@ -581,8 +580,13 @@ fn transport<H: IpHeader>(ctx: &TcContext, ip: *const H) -> Result<Transport, Co
 /// jiffies have passed (then one packet looks again, refreshing the entry as it goes)
 /// or any map changed (the generation). SYN, FIN and RST always take the full path and
 /// forget the flow, as netfilter's flowtable hands them back to conntrack.
+///
+/// The cache is direct-mapped: each flow has one slot (one cache line for IPv4), which
+/// a later flow of the same slot takes over; a hash table would touch a bucket and an
+/// element of two or three lines for every packet.
 struct Flow<H: IpHeader> {
     key: H::FlowKey,
+    slot: u32,
     generation: u32,
     recheck: u32,
     tcp_flags: u8,
@@ -611,9 +615,11 @@ impl<H: IpHeader> Flow<H> {
             .get_ptr(0)
             // SAFETY: a map value, read once.
             .map_or(0, |g| unsafe { core::ptr::read_volatile(g) });
+        // SAFETY: the caller got ip from parse.
+        let key = unsafe { H::flow_key(ip, l4.ports, l4.proto, side) };
         Some(Flow {
-            // SAFETY: the caller got ip from parse.
-            key: unsafe { H::flow_key(ip, l4.ports, l4.proto, side) },
+            slot: H::slot_of(&key),
+            key,
             generation,
             recheck: timeouts.recheck,
             tcp_flags: l4.tcp_flags,
@@ -622,16 +628,12 @@ impl<H: IpHeader> Flow<H> {
     }
 
     /// The next hop, if the flow's cached verdict stands for this packet. Packets with
-    /// flags look too, to learn whether there is an entry to forget: a lookup costs a
-    /// fraction of a delete, which locks its bucket even to find nothing, and a SYN
-    /// or SYN-ACK mostly finds nothing.
+    /// flags look too, to learn whether there is an entry to forget.
     #[inline(always)]
     fn cached(&mut self) -> Option<NextHop> {
-        // Copied at once: an LRU element that is evicted or replaced is reused without
-        // waiting for readers, so fields read one by one could mix two flows' entries.
-        let entry = H::flows().get_ptr(&self.key)?;
-        // SAFETY: a map value, valid for this read.
-        let entry = unsafe { *entry };
+        let slot = H::flows().get_ptr(self.slot)?;
+        // SAFETY: a map value; read_slot copies it before it checks anything.
+        let entry = unsafe { H::read_slot(slot, &self.key) }?;
         self.found = true;
         if self.tcp_flags & TCP_STATE_FLAGS != 0 {
             return None;
@@ -645,6 +647,9 @@ impl<H: IpHeader> Flow<H> {
     /// that is no longer (or now closing).
     #[inline(always)]
     fn remember(self, verdict: Option<&(NextHop, Cache)>) {
+        let Some(slot) = H::flows().get_ptr_mut(self.slot) else {
+            return;
+        };
         match verdict {
             Some((hop, Cache::Keep)) if self.tcp_flags & TCP_STATE_FLAGS == 0 => {
                 let entry = CachedFlow {
@@ -654,18 +659,19 @@ impl<H: IpHeader> Flow<H> {
                     // SAFETY: plain helper call.
                     recheck_at: unsafe { bpf_jiffies64() } + u64::from(self.recheck),
                 };
-                // An update of an existing key replaces its element (never written in
-                // place: see `cached`). A full table evicts the least recently used
-                // flow; a failure leaves this one to the full path, which is only slower.
-                let _ = H::flows().insert(&self.key, entry, 0);
+                // Whatever flow held the slot goes; its next packet takes the full path.
+                // SAFETY: a map value of this family's slot type.
+                unsafe { H::write_slot(slot, self.key, entry) };
             }
-            _ if self.found => {
-                let _ = H::flows().remove(&self.key);
-            }
+            // SAFETY: as above.
+            _ if self.found => unsafe { H::clear_slot(slot) },
             _ => {}
         }
     }
 }
+
+/// Words of a [`CachedFlow`].
+const FLOW_WORDS: usize = size_of::<CachedFlow>() / 8;
 
 /// `established` mode: whether conntrack already accepted this packet's flow, as
 /// netfilter's flowtable requires before it takes a flow: a confirmed entry that has
@@ -864,7 +870,12 @@ trait IpHeader: Sized {
     /// `struct bpf_sock_tuple` for this family.
     type Tuple;
     /// The flow cache's key for this family.
-    type FlowKey: 'static;
+    type FlowKey: Copy + 'static;
+    /// A slot of the flow cache of this family: the key, a [`CachedFlow`], the check
+    /// word.
+    type Slot: 'static;
+    /// The key's size in 8-byte words.
+    const KEY_WORDS: usize;
     const FAMILY: Family;
     /// The fixed header, all the fast path ever forwards (no options, no extension
     /// headers).
@@ -901,7 +912,82 @@ trait IpHeader: Sized {
     /// # Safety
     /// `ip` must point to a whole header inside the packet.
     unsafe fn flow_key(ip: *const Self, ports: [u8; 4], proto: u8, side: u8) -> Self::FlowKey;
-    fn flows() -> &'static LruHashMap<Self::FlowKey, CachedFlow>;
+    /// The flow cache of this family.
+    fn flows() -> &'static Array<Self::Slot>;
+    /// The slot of `key` in [`IpHeader::flows`].
+    #[inline(always)]
+    fn slot_of(key: &Self::FlowKey) -> u32 {
+        let words = (&raw const *key).cast::<u64>();
+        // SAFETY: a flow key is KEY_WORDS 8-byte-aligned words.
+        flow_slot((0..Self::KEY_WORDS).map(|i| unsafe { *words.add(i) }))
+    }
+    /// The flow in `slot` if the slot holds `key` and was written whole. Each word is
+    /// read once (volatile), and checked and used as read: other CPUs write slots
+    /// without a lock, 8 bytes at a time.
+    ///
+    /// # Safety
+    /// `slot` must point to a slot of [`IpHeader::flows`].
+    #[inline(always)]
+    unsafe fn read_slot(slot: *const Self::Slot, key: &Self::FlowKey) -> Option<CachedFlow> {
+        let (slot, key) = (slot.cast::<u64>(), (&raw const *key).cast::<u64>());
+        let mut sum = 0u64;
+        for i in 0..Self::KEY_WORDS {
+            // SAFETY: guaranteed by the caller; the key is KEY_WORDS aligned words.
+            let (word, want) = unsafe { (core::ptr::read_volatile(slot.add(i)), *key.add(i)) };
+            if word != want {
+                return None;
+            }
+            sum = sum.wrapping_add(flow_check_term(i, word));
+        }
+        let mut flow = [0u64; FLOW_WORDS];
+        for (i, word) in flow.iter_mut().enumerate() {
+            let i = Self::KEY_WORDS + i;
+            // SAFETY: guaranteed by the caller: the flow follows the key.
+            *word = unsafe { core::ptr::read_volatile(slot.add(i)) };
+            sum = sum.wrapping_add(flow_check_term(i, *word));
+        }
+        // SAFETY: guaranteed by the caller: the check word follows the flow.
+        let check = unsafe { core::ptr::read_volatile(slot.add(Self::KEY_WORDS + FLOW_WORDS)) };
+        // SAFETY: a CachedFlow is FLOW_WORDS words, any bit pattern valid (Pod).
+        let flow = unsafe { core::mem::transmute::<[u64; FLOW_WORDS], CachedFlow>(flow) };
+        (flow_check_finish(sum) == check).then_some(flow)
+    }
+    /// Puts `key`'s `flow` into `slot`, with its check word.
+    ///
+    /// # Safety
+    /// As for [`IpHeader::read_slot`].
+    #[inline(always)]
+    unsafe fn write_slot(slot: *mut Self::Slot, key: Self::FlowKey, flow: CachedFlow) {
+        let (slot, key) = (slot.cast::<u64>(), (&raw const key).cast::<u64>());
+        // SAFETY: a CachedFlow is FLOW_WORDS words (Pod, no padding).
+        let flow = unsafe { core::mem::transmute::<CachedFlow, [u64; FLOW_WORDS]>(flow) };
+        let mut sum = 0u64;
+        for i in 0..Self::KEY_WORDS + FLOW_WORDS {
+            let word = match i.checked_sub(Self::KEY_WORDS) {
+                Some(f) => flow[f],
+                // SAFETY: the key is KEY_WORDS aligned words.
+                None => unsafe { *key.add(i) },
+            };
+            sum = sum.wrapping_add(flow_check_term(i, word));
+            // SAFETY: guaranteed by the caller.
+            unsafe { core::ptr::write_volatile(slot.add(i), word) };
+        }
+        let check = slot.wrapping_add(Self::KEY_WORDS + FLOW_WORDS);
+        // SAFETY: guaranteed by the caller: the check word follows the flow.
+        unsafe { core::ptr::write_volatile(check, flow_check_finish(sum)) };
+    }
+    /// Empties `slot` with one store: a check word of 0 never passes.
+    ///
+    /// # Safety
+    /// As for [`IpHeader::read_slot`].
+    #[inline(always)]
+    unsafe fn clear_slot(slot: *mut Self::Slot) {
+        let check = slot
+            .cast::<u64>()
+            .wrapping_add(Self::KEY_WORDS + FLOW_WORDS);
+        // SAFETY: guaranteed by the caller.
+        unsafe { core::ptr::write_volatile(check, 0) };
+    }
     /// The FIB lookup's inputs from this header: family, protocol, TOS or flow info,
     /// addresses (the ports and ingress interface are the caller's).
     ///
@@ -936,6 +1022,8 @@ impl IpHeader for Ip4 {
     type Addr = [u8; 4];
     type Tuple = TupleV4;
     type FlowKey = FlowKeyV4;
+    type Slot = FlowSlotV4;
+    const KEY_WORDS: usize = size_of::<FlowKeyV4>() / 8;
     const FAMILY: Family = Family::Ipv4;
     const LEN: usize = Ip4::LEN;
 
@@ -1032,7 +1120,8 @@ impl IpHeader for Ip4 {
         }
     }
 
-    fn flows() -> &'static LruHashMap<Self::FlowKey, CachedFlow> {
+    #[inline(always)]
+    fn flows() -> &'static Array<FlowSlotV4> {
         &HGW_FLOWS_V4
     }
 
@@ -1083,6 +1172,8 @@ impl IpHeader for Ip6 {
     type Addr = [u8; 16];
     type Tuple = TupleV6;
     type FlowKey = FlowKeyV6;
+    type Slot = FlowSlotV6;
+    const KEY_WORDS: usize = size_of::<FlowKeyV6>() / 8;
     const FAMILY: Family = Family::Ipv6;
     const LEN: usize = Ip6::LEN;
 
@@ -1182,7 +1273,8 @@ impl IpHeader for Ip6 {
         }
     }
 
-    fn flows() -> &'static LruHashMap<Self::FlowKey, CachedFlow> {
+    #[inline(always)]
+    fn flows() -> &'static Array<FlowSlotV6> {
         &HGW_FLOWS_V6
     }
 

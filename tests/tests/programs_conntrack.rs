@@ -27,9 +27,10 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use hgw_common::{
-    COUNTERS_LEN, Counter, CtTimeouts, Family, MAP_CONFIG, MAP_COUNTERS, MAP_GENERATION,
-    MAP_ROUTES_V4, MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER,
-    PROG_TO_POD, counter_index,
+    COUNTERS_LEN, Counter, CtTimeouts, FLOW_TO_PEER, Family, FlowSlotV4, FlowSlotV6, MAP_CONFIG,
+    MAP_COUNTERS, MAP_FLOWS_V4, MAP_FLOWS_V6, MAP_GENERATION, MAP_ROUTES_V4, MAP_ROUTES_V6,
+    NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD, counter_index, flow_check,
+    flow_slot,
 };
 use hgw_tests::frames::{
     ACK, BRIDGE_MAC, FIN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RST, SYN,
@@ -165,6 +166,37 @@ impl Flow {
         ]
         .map(str::to_owned)
         .to_vec()
+    }
+
+    /// The flow cache's key of the local pod's packets, as `hgw_to_peer` builds it
+    /// ([`hgw_common::FlowKeyV4`] or `V6`: source, destination, ports, protocol, side,
+    /// two zero bytes), as words: two for IPv4, five for IPv6.
+    fn peer_side_key(&self) -> Vec<u64> {
+        let octets = |ip: IpAddr| match ip {
+            IpAddr::V4(ip) => ip.octets().to_vec(),
+            IpAddr::V6(ip) => ip.octets().to_vec(),
+        };
+        let proto = match self.proto {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        };
+        let bytes = [
+            octets(self.local.0),
+            octets(self.remote.0),
+            self.local.1.to_be_bytes().to_vec(),
+            self.remote.1.to_be_bytes().to_vec(),
+            vec![proto, FLOW_TO_PEER, 0, 0],
+        ]
+        .concat();
+        bytes
+            .chunks(8)
+            .map(|word| u64::from_ne_bytes(word.try_into().expect("8 bytes")))
+            .collect()
+    }
+
+    /// The slot of [`Flow::peer_side_key`] in the flow cache.
+    fn peer_side_slot(&self) -> u32 {
+        flow_slot(self.peer_side_key())
     }
 
     /// The local pod's packet to the remote: what `hgw_to_peer` sees.
@@ -1170,6 +1202,156 @@ fn a_route_change_moves_a_cached_flow_on_its_next_packets() {
                 &[Counter::CtCached],
                 &format!("{what}, cached"),
             );
+        }
+    }
+}
+
+/// The flow cache's slot of `flow` on the bridge side, as its 64-bit words (IPv4: 8,
+/// IPv6: the first 11: key, flow, check).
+fn read_slot(node: &Node, flow: &Flow) -> Vec<u64> {
+    let index = flow.peer_side_slot();
+    if flow.family() == Family::Ipv4 {
+        let map: Array<&MapData, FlowSlotV4> =
+            Array::try_from(node.ebpf.map(MAP_FLOWS_V4).expect("IPv4 flows")).expect("array");
+        bytemuck::cast::<_, [u64; 8]>(map.get(&index, 0).expect("slot")).to_vec()
+    } else {
+        let map: Array<&MapData, FlowSlotV6> =
+            Array::try_from(node.ebpf.map(MAP_FLOWS_V6).expect("IPv6 flows")).expect("array");
+        bytemuck::cast::<_, [u64; 12]>(map.get(&index, 0).expect("slot"))[..11].to_vec()
+    }
+}
+
+fn write_slot(node: &mut Node, flow: &Flow, words: &[u64]) {
+    let index = flow.peer_side_slot();
+    if flow.family() == Family::Ipv4 {
+        let mut map: Array<&mut MapData, FlowSlotV4> =
+            Array::try_from(node.ebpf.map_mut(MAP_FLOWS_V4).expect("IPv4 flows")).expect("array");
+        let slot: [u64; 8] = words.try_into().expect("8 words");
+        map.set(index, bytemuck::cast::<_, FlowSlotV4>(slot), 0)
+            .expect("write slot");
+    } else {
+        let mut map: Array<&mut MapData, FlowSlotV6> =
+            Array::try_from(node.ebpf.map_mut(MAP_FLOWS_V6).expect("IPv6 flows")).expect("array");
+        let slot: [u64; 12] = std::array::from_fn(|i| words.get(i).copied().unwrap_or(0));
+        map.set(index, bytemuck::cast::<_, FlowSlotV6>(slot), 0)
+            .expect("write slot");
+    }
+}
+
+/// The check word a slot's key and flow (all its words but the last) call for.
+fn sealed(words: &[u64]) -> Vec<u64> {
+    let (body, _) = words.split_at(words.len() - 1);
+    [body, &[flow_check(body.iter().copied())]].concat()
+}
+
+/// Slots are written by several CPUs without a lock, 8 bytes at a time: a slot whose
+/// check word does not match its words (a write half done, two writers' words mixed)
+/// is never used, even when it holds the packet's key; nor is a whole slot of another
+/// flow. The packet takes the full path, which writes the slot again.
+#[test]
+fn a_torn_slot_or_another_flows_is_not_used() {
+    const WRONG_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xe2, 0x66];
+    let mut node = Node::with_recheck(recheck_jiffies(60_000));
+    for ipv6 in [false, true] {
+        let flow = node.flow(ipv6, Proto::Udp);
+        let family = flow.family();
+        node.insert_established(&flow, true, ESTABLISHED);
+        let frame = flow.to_peer(0);
+        let what = format!("{family:?}");
+        node.expect_forward(PROG_TO_PEER, &frame, family, &[], &format!("{what}: first"));
+        node.expect_forward(PROG_TO_PEER, &frame, family, &[Counter::CtCached], &what);
+        let whole = read_slot(&node, &flow);
+        assert_eq!(whole, sealed(&whole), "{what}: the program's slot is whole");
+        let key_words = flow.peer_side_key().len();
+        assert_eq!(
+            whole[..key_words],
+            flow.peer_side_key(),
+            "{what}: the slot's key"
+        );
+
+        // The next hop's MAC (the first six bytes of the hop's second word) changed
+        // without its check: a torn write.
+        let mut torn = whole.clone();
+        let mac_word = key_words + 1;
+        let mut bytes = torn[mac_word].to_le_bytes();
+        bytes[..6].copy_from_slice(&WRONG_MAC);
+        torn[mac_word] = u64::from_le_bytes(bytes);
+        assert_ne!(
+            torn[mac_word], whole[mac_word],
+            "{what}: the MAC word changed"
+        );
+        write_slot(&mut node, &flow, &torn);
+        node.expect_forward(PROG_TO_PEER, &frame, family, &[], &format!("{what}: torn"));
+        assert_eq!(
+            read_slot(&node, &flow),
+            whole,
+            "{what}: the full path wrote it whole"
+        );
+        node.expect_forward(
+            PROG_TO_PEER,
+            &frame,
+            family,
+            &[Counter::CtCached],
+            &format!("{what}: cached again"),
+        );
+
+        // The same wrong MAC in a whole slot of another flow (another source port):
+        // the key does not match.
+        let mut other = torn.clone();
+        other[key_words - 1] ^= 1 << 8;
+        write_slot(&mut node, &flow, &sealed(&other));
+        node.expect_forward(
+            PROG_TO_PEER,
+            &frame,
+            family,
+            &[],
+            &format!("{what}: another flow's slot"),
+        );
+        assert_eq!(
+            read_slot(&node, &flow),
+            whole,
+            "{what}: the slot taken back"
+        );
+    }
+}
+
+/// Two flows whose keys hash to one slot: each takes the slot from the other (the
+/// full path, then cached while it holds the slot), and both are forwarded right.
+#[test]
+fn two_flows_of_one_slot_take_it_in_turn() {
+    let mut node = Node::with_recheck(recheck_jiffies(60_000));
+    for ipv6 in [false, true] {
+        let a = node.flow(ipv6, Proto::Udp);
+        let slot = a.peer_side_slot();
+        // Another flow between the same pods whose ports put it in the same slot
+        // (one in 65,536: found within a few hundred thousand port pairs).
+        let b = (1..=u16::MAX)
+            .flat_map(|remote| (1024..=u16::MAX).map(move |local| (local, remote)))
+            .map(|(local, remote)| Flow {
+                local: (a.local.0, local),
+                remote: (a.remote.0, remote),
+                ..a
+            })
+            .find(|b| b.peer_side_slot() == slot && (b.local, b.remote) != (a.local, a.remote))
+            .expect("a flow of the same slot");
+        let family = a.family();
+        for flow in [&a, &b] {
+            node.insert_established(flow, true, ESTABLISHED);
+        }
+        let what = format!("{family:?}");
+        for round in 0..2 {
+            for (name, flow) in [("a", &a), ("b", &b)] {
+                let frame = flow.to_peer(0);
+                let what = format!("{what} round {round}: {name}");
+                node.expect_forward(PROG_TO_PEER, &frame, family, &[], &what);
+                node.expect_forward(
+                    PROG_TO_PEER,
+                    &frame,
+                    family,
+                    &[Counter::CtCached],
+                    &format!("{what}, cached"),
+                );
+            }
         }
     }
 }

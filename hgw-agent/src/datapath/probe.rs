@@ -39,7 +39,8 @@ const HELPERS: &[(&str, BpfHelper, &str)] = &[
 /// The map types the programs use.
 const MAPS: &[(&str, MapType, &str)] = &[
     ("lpm_trie", MapType::LpmTrie, "4.11"),
-    ("lru_hash", MapType::LruHash, "4.10"),
+    // The flow caches, mmapable (BPF_F_MMAPABLE, 5.5, as bpf_jiffies64 above).
+    ("array", MapType::Array, "3.19"),
     ("percpu_array", MapType::PerCpuArray, "4.6"),
 ];
 
