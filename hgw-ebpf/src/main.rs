@@ -647,9 +647,8 @@ impl<H: IpHeader> Flow<H> {
     /// that is no longer (or now closing).
     #[inline(always)]
     fn remember(self, verdict: Option<&(NextHop, Cache)>) {
-        let Some(slot) = H::flows().get_ptr_mut(self.slot) else {
-            return;
-        };
+        // Only a flow to keep, or one found to forget, looks its slot up again.
+        let slot = || H::flows().get_ptr_mut(self.slot);
         match verdict {
             Some((hop, Cache::Keep)) if self.tcp_flags & TCP_STATE_FLAGS == 0 => {
                 let entry = CachedFlow {
@@ -660,11 +659,17 @@ impl<H: IpHeader> Flow<H> {
                     recheck_at: unsafe { bpf_jiffies64() } + u64::from(self.recheck),
                 };
                 // Whatever flow held the slot goes; its next packet takes the full path.
-                // SAFETY: a map value of this family's slot type.
-                unsafe { H::write_slot(slot, self.key, entry) };
+                if let Some(slot) = slot() {
+                    // SAFETY: a map value of this family's slot type.
+                    unsafe { H::write_slot(slot, self.key, entry) };
+                }
             }
-            // SAFETY: as above.
-            _ if self.found => unsafe { H::clear_slot(slot) },
+            _ if self.found => {
+                if let Some(slot) = slot() {
+                    // SAFETY: as above.
+                    unsafe { H::clear_slot(slot) };
+                }
+            }
             _ => {}
         }
     }
