@@ -525,6 +525,19 @@ impl Node {
         self.expect_forward_to(program, frame, family, also, PEER2_MAC, what);
     }
 
+    /// [`Node::expect_forward`] twice: the full path (nothing but the forward counted),
+    /// then from the flow cache (`ct_cached` too).
+    fn expect_full_then_cached(&self, program: &str, frame: &[u8], family: Family, what: &str) {
+        self.expect_forward(program, frame, family, &[], what);
+        self.expect_forward(
+            program,
+            frame,
+            family,
+            &[Counter::CtCached],
+            &format!("{what}, cached"),
+        );
+    }
+
     /// [`Node::expect_forward`], `hgw_to_peer` sending to `peer_mac`.
     fn expect_forward_to(
         &self,
@@ -1013,8 +1026,7 @@ fn a_map_write_makes_cached_flows_look_up_again() {
     let family = flow.family();
     node.insert_established(&flow, true, ESTABLISHED);
     let frame = flow.to_peer(0);
-    node.expect_forward(PROG_TO_PEER, &frame, family, &[], "first");
-    node.expect_forward(PROG_TO_PEER, &frame, family, &[Counter::CtCached], "cached");
+    node.expect_full_then_cached(PROG_TO_PEER, &frame, family, "first");
     const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xe2, 0x99];
     // Without a new generation the cached next hop stands: the check below can fail.
     node.set_peer_mac(NEW_MAC, false);
@@ -1052,17 +1064,9 @@ fn a_new_generation_alone_is_one_full_decision_then_cached_again() {
             (PROG_TO_POD, flow.to_pod(0)),
         ] {
             let what = format!("{family:?} {program}");
-            node.expect_forward(program, &frame, family, &[], &format!("{what}: first"));
-            node.expect_forward(program, &frame, family, &[Counter::CtCached], &what);
+            node.expect_full_then_cached(program, &frame, family, &format!("{what}: first"));
             node.bump_generation();
-            node.expect_forward(program, &frame, family, &[], &format!("{what}: rechecked"));
-            node.expect_forward(
-                program,
-                &frame,
-                family,
-                &[Counter::CtCached],
-                &format!("{what}: cached again"),
-            );
+            node.expect_full_then_cached(program, &frame, family, &format!("{what}: rechecked"));
         }
     }
 }
@@ -1080,14 +1084,7 @@ fn syn_fin_and_rst_are_never_cached_and_forget_the_flow() {
             node.insert_established(&flow, true, ESTABLISHED);
             let what = format!("{family:?}, {name}");
             let data = flow.to_peer(ACK);
-            node.expect_forward(PROG_TO_PEER, &data, family, &[], &format!("{what}: first"));
-            node.expect_forward(
-                PROG_TO_PEER,
-                &data,
-                family,
-                &[Counter::CtCached],
-                &format!("{what}: cached"),
-            );
+            node.expect_full_then_cached(PROG_TO_PEER, &data, family, &format!("{what}: first"));
             let flagged = flow.to_peer(flags);
             if flags == SYN {
                 node.expect_pass(PROG_TO_PEER, &flagged, family, Counter::PassTcpSyn, &what);
@@ -1149,14 +1146,7 @@ fn a_route_change_moves_a_cached_flow_on_its_next_packets() {
         node.insert_established(&flow, true, ESTABLISHED);
         for (program, frame) in both_sides(&flow, 0) {
             let what = format!("{family:?}, {program}");
-            node.expect_forward(program, &frame, family, &[], &format!("{what}: first"));
-            node.expect_forward(
-                program,
-                &frame,
-                family,
-                &[Counter::CtCached],
-                &format!("{what}: cached"),
-            );
+            node.expect_full_then_cached(program, &frame, family, &format!("{what}: first"));
         }
         let add: Vec<String> = blackholes
             .iter()
@@ -1194,14 +1184,7 @@ fn a_route_change_moves_a_cached_flow_on_its_next_packets() {
         node.bump_generation();
         for (program, frame) in both_sides(&flow, 0) {
             let what = format!("{family:?}, {program}, the routes gone");
-            node.expect_forward(program, &frame, family, &[], &what);
-            node.expect_forward(
-                program,
-                &frame,
-                family,
-                &[Counter::CtCached],
-                &format!("{what}, cached"),
-            );
+            node.expect_full_then_cached(program, &frame, family, &what);
         }
     }
 }
@@ -1258,8 +1241,7 @@ fn a_torn_slot_or_another_flows_is_not_used() {
         node.insert_established(&flow, true, ESTABLISHED);
         let frame = flow.to_peer(0);
         let what = format!("{family:?}");
-        node.expect_forward(PROG_TO_PEER, &frame, family, &[], &format!("{what}: first"));
-        node.expect_forward(PROG_TO_PEER, &frame, family, &[Counter::CtCached], &what);
+        node.expect_full_then_cached(PROG_TO_PEER, &frame, family, &format!("{what}: first"));
         let whole = read_slot(&node, &flow);
         assert_eq!(whole, sealed(&whole), "{what}: the program's slot is whole");
         let key_words = flow.peer_side_key().len();
@@ -1343,14 +1325,7 @@ fn two_flows_of_one_slot_take_it_in_turn() {
             for (name, flow) in [("a", &a), ("b", &b)] {
                 let frame = flow.to_peer(0);
                 let what = format!("{what} round {round}: {name}");
-                node.expect_forward(PROG_TO_PEER, &frame, family, &[], &what);
-                node.expect_forward(
-                    PROG_TO_PEER,
-                    &frame,
-                    family,
-                    &[Counter::CtCached],
-                    &format!("{what}, cached"),
-                );
+                node.expect_full_then_cached(PROG_TO_PEER, &frame, family, &what);
             }
         }
     }
