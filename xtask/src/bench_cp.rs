@@ -6,7 +6,9 @@
 //! peers do not exist (their next hops stay unresolved), which costs the agent the same
 //! route and map work as real ones. The agent's fixed start (checks, loading and
 //! attaching the programs, the source's first answer) is measured on its own, with no
-//! peers, and taken off: `peers applied` is what the peers add.
+//! peers, right before each run with peers, and taken off: `peers applied` is what the
+//! peers add, and its ratio to `ip -batch` is taken per run (a start's time moves by
+//! ±15% between starts on two cores; pairs taken together share the machine's state).
 
 use std::{
     fmt::Write as _,
@@ -20,8 +22,6 @@ use serde_json::json;
 
 const SIZES: [usize; 2] = [1_000, 5_000];
 const TIMEOUT: Duration = Duration::from_secs(120);
-/// Each fixed start is the median of this many agent starts with no peers.
-const FIXED_SAMPLES: usize = 3;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -46,8 +46,13 @@ struct Sample {
     source: Source,
     peers: usize,
     ip_batch: Duration,
+    /// A start of the same source with no peers, just before this run.
+    fixed: Duration,
     /// Agent start until every route and map entry is in place, by the agent's clock.
     agent: Duration,
+    /// The agent's own account of applying the peer set (`last_change.took_us`): from
+    /// taking the set to its routes and map entries in place.
+    own_apply: Duration,
     /// The same, as polling saw it.
     agent_polled: Duration,
     change: Duration,
@@ -58,9 +63,20 @@ struct Sample {
 
 const STATUS_SAMPLES: usize = 5;
 /// Runs per source and size: one start's share of noise is ±15% on two cores.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 impl Sample {
+    /// What the peers added to this run's start (0: less than the start without them
+    /// took, so below the noise between starts).
+    fn applied(&self) -> Duration {
+        self.agent.saturating_sub(self.fixed)
+    }
+
+    /// `peers applied / ip -batch` of this run.
+    fn ratio(&self) -> f64 {
+        self.applied().as_secs_f64() / self.ip_batch.as_secs_f64()
+    }
+
     /// Each measure's median over `runs` (each run a fresh lab), with `ip -batch`'s own.
     fn median(runs: &[Sample]) -> Sample {
         let of = |f: fn(&Sample) -> Duration| median(runs.iter().map(f).collect());
@@ -68,7 +84,9 @@ impl Sample {
             source: runs[0].source,
             peers: runs[0].peers,
             ip_batch: of(|s| s.ip_batch),
+            fixed: of(|s| s.fixed),
             agent: of(|s| s.agent),
+            own_apply: of(|s| s.own_apply),
             agent_polled: of(|s| s.agent_polled),
             change: of(|s| s.change),
             status: of(|s| s.status),
@@ -312,12 +330,8 @@ fn prepare(source: Source, peers: usize) -> anyhow::Result<Prepared> {
 
 /// Agent start until ready with no peers: what every start costs whatever the peers.
 fn fixed_start(source: Source) -> anyhow::Result<Duration> {
-    let mut times = Vec::with_capacity(FIXED_SAMPLES);
-    for _ in 0..FIXED_SAMPLES {
-        let mut p = prepare(source, 0)?;
-        times.push(start_applied(&mut p, 0)?.own);
-    }
-    Ok(median(times))
+    let mut p = prepare(source, 0)?;
+    Ok(start_applied(&mut p, 0)?.own)
 }
 
 /// The same routes with ip -batch: the floor for putting them into the kernel.
@@ -360,6 +374,8 @@ fn ip_batch(lab: &Lab, ns: &str, peers: usize) -> anyhow::Result<Duration> {
 struct Applied {
     own: Duration,
     polled: Duration,
+    /// The agent's own time for applying its last peer change.
+    apply: Duration,
 }
 
 /// Starts the lab's agent and waits until its `peers` routes and map entries are in
@@ -384,10 +400,15 @@ fn start_applied(p: &mut Prepared, peers: usize) -> anyhow::Result<Applied> {
         own <= polled,
         "the agent says its peers were in place {own:?} after its start, later than polling saw them ({polled:?})"
     );
-    Ok(Applied { own, polled })
+    Ok(Applied {
+        own,
+        polled,
+        apply: Duration::from_micros(change.took_us),
+    })
 }
 
 fn measure(source: Source, peers: usize) -> anyhow::Result<Sample> {
+    let fixed = fixed_start(source)?;
     let mut p = prepare(source, peers)?;
     let ns = p.ns.clone();
     let ip_batch = ip_batch(&p.lab, &ns, peers)?;
@@ -395,6 +416,7 @@ fn measure(source: Source, peers: usize) -> anyhow::Result<Sample> {
     let Applied {
         own: agent,
         polled: agent_polled,
+        apply: own_apply,
     } = start_applied(&mut p, peers)?;
 
     // One peer moves to another node IP, its route follows.
@@ -431,7 +453,9 @@ fn measure(source: Source, peers: usize) -> anyhow::Result<Sample> {
         source,
         peers,
         ip_batch,
+        fixed,
         agent,
+        own_apply,
         agent_polled,
         change,
         status,
@@ -487,6 +511,13 @@ fn peak_rss(pid: u32) -> anyhow::Result<u64> {
         .unwrap_or(0))
 }
 
+/// The runs' own `peers applied / ip -batch`: median, lowest, highest.
+fn ratios(runs: &[Sample]) -> (f64, f64, f64) {
+    let mut r: Vec<f64> = runs.iter().map(Sample::ratio).collect();
+    r.sort_by(f64::total_cmp);
+    (r[r.len() / 2], r[0], r[r.len() - 1])
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -511,71 +542,64 @@ fn narrowed() -> (Vec<usize>, Vec<Source>) {
 
 pub fn control_plane(out: &Path) -> anyhow::Result<()> {
     let (sizes, sources) = narrowed();
-    let mut fixed = Vec::new();
-    for &source in &sources {
-        println!(
-            "control plane: {} fixed start (no peers) ...",
-            source.name()
-        );
-        let took = fixed_start(source)?;
-        println!("  {took:?}");
-        fixed.push((source, took));
-    }
-    let fixed_of = |source: Source| {
-        fixed
-            .iter()
-            .find(|(s, _)| *s == source)
-            .map_or(Duration::ZERO, |(_, d)| *d)
-    };
-    let mut samples = Vec::new();
+    let mut results: Vec<(Sample, Vec<Sample>)> = Vec::new();
     for &peers in &sizes {
         for &source in &sources {
             println!(
-                "control plane: {peers} peers from {}, {RUNS} runs ...",
+                "control plane: {peers} peers from {}, {RUNS} runs, each after a start with no peers ...",
                 source.name()
             );
             let runs = (0..RUNS)
                 .map(|_| measure(source, peers))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let s = Sample::median(&runs);
-            let applied = s.agent.saturating_sub(fixed_of(source));
+            let (ratio, low, high) = ratios(&runs);
             println!(
-                "  ip -batch {:?}, agent {:?} = fixed start + peers {applied:?} ({:.1}x), one change {:?}, status {:?}, peak RSS {} KiB",
-                s.ip_batch,
-                s.agent,
-                applied.as_secs_f64() / s.ip_batch.as_secs_f64(),
-                s.change,
-                s.status,
-                s.peak_rss_kib
+                "  ip -batch {:?}, agent {:?} = fixed start {:?} + peers; peers / ip -batch {ratio:.2}x ({low:.2}-{high:.2}), the agent's own apply {:?}, one change {:?}, status {:?}, peak RSS {} KiB",
+                s.ip_batch, s.agent, s.fixed, s.own_apply, s.change, s.status, s.peak_rss_kib
             );
-            samples.push(s);
+            results.push((s, runs));
         }
     }
     let mut md = String::from(
-        "# hgw control-plane bench\n\nOne lab node; its peers are on-link but do not exist (their next hops stay unresolved, costing the agent the same route and map work). Sources: a static peer file, flannel-style subnet entries in a real etcd (Debian's etcd-server in the lab), or Node objects as flanneld's kube subnet manager announces them, served by the test crate's Kubernetes API server in the lab. `fixed start` = agent start until ready with no peers (checks, loading and attaching the programs, the source's first answer), by the agent's account as `agent` below, median of 3; `agent` = agent start until every route and fast-path entry is in place, by the agent's own account (the end of its last applied peer change in `status`, on the wall clock the bench shares; `polled` = when the bench's polling, every few ms, saw them, which adds the polling's delay and CPU); `peers applied` = `agent` - `fixed start`; `ip -batch` = the same routes installed by `ip -batch`; `one change` = a peer's node IP changed (file edit: seen through inotify on the file's directory; etcd: one put; kube: one Node's `public-ip` annotation, both seen through the watch) until its kernel route follows; `status` = `hgw-agent status --json` as a user runs it (the process included), median of 5. Every figure per source and size is the median of 3 runs, each on a fresh lab (peak RSS: the highest).\n\n",
+        "# hgw control-plane bench\n\nOne lab node; its peers are on-link but do not exist (their next hops stay unresolved, costing the agent the same route and map work). Sources: a static peer file, flannel-style subnet entries in a real etcd (Debian's etcd-server in the lab), or Node objects as flanneld's kube subnet manager announces them, served by the test crate's Kubernetes API server in the lab. Each run: `fixed start` = an agent start until ready with no peers (checks, loading and attaching the programs, the source's first answer), by the agent's account as `agent` below; then a fresh lab with the peers: `ip -batch` = the same routes installed by `ip -batch` (then flushed); `agent` = agent start until every route and fast-path entry is in place, by the agent's own account (the end of its last applied peer change in `status`, on the wall clock the bench shares; `polled` = when the bench's polling saw them, which adds the polling's delay); `peers applied` = `agent` - `fixed start` of the same run; `own apply` = the agent's own time from taking the peer set to its routes and map entries in place (`status`: `last_change.took_us`); `one change` = a peer's node IP changed (file edit: seen through inotify on the file's directory; etcd: one put; kube: one Node's `public-ip` annotation, both seen through the watch) until its kernel route follows; `status` = `hgw-agent status --json` as a user runs it (the process included), median of 5. Every figure per source and size is the median of the runs' own (peak RSS: the highest); `peers applied / ip -batch` is the median of the runs' own ratios, with their range.\n\n",
     );
-    for (source, took) in &fixed {
-        let _ = writeln!(md, "Fixed start, {}: {:.0} ms  ", source.name(), ms(*took));
+    for source in &sources {
+        let fixed: Vec<Duration> = results
+            .iter()
+            .flat_map(|(_, runs)| runs)
+            .filter(|s| s.source == *source)
+            .map(|s| s.fixed)
+            .collect();
+        if !fixed.is_empty() {
+            let _ = writeln!(
+                md,
+                "Fixed start, {}: {:.0} ms (median of {} starts)  ",
+                source.name(),
+                ms(median(fixed.clone())),
+                fixed.len()
+            );
+        }
     }
-    md.push_str("\n| source | peers | ip -batch | agent | polled | peers applied | peers applied / ip -batch | one change | status | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|\n");
-    for s in &samples {
-        // A start with peers that took less than the median start without them: the
-        // peers' share is below the noise between starts, not 0.
-        let (applied, ratio) = match s.agent.checked_sub(fixed_of(s.source)) {
-            Some(applied) => (
-                format!("{:.0} ms", ms(applied)),
-                format!("{:.2}x", applied.as_secs_f64() / s.ip_batch.as_secs_f64()),
-            ),
-            None => ("< start noise".to_owned(), "-".to_owned()),
+    let _ = writeln!(md, "\n{RUNS} runs per row.");
+    md.push_str("\n| source | peers | ip -batch | fixed start | agent | polled | peers applied | peers applied / ip -batch | own apply | own apply / ip -batch | one change | status | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (s, runs) in &results {
+        let (ratio, low, high) = ratios(runs);
+        let applied = match median(runs.iter().map(Sample::applied).collect()) {
+            Duration::ZERO => "< start noise".to_owned(),
+            a => format!("{:.0} ms", ms(a)),
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {applied} | {ratio} | {:.0} ms | {:.0} ms | {:.1} MiB |",
+            "| {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {applied} | {ratio:.2}x ({low:.2}-{high:.2}) | {:.0} ms | {:.2}x | {:.0} ms | {:.0} ms | {:.1} MiB |",
             s.source.name(),
             s.peers,
             ms(s.ip_batch),
+            ms(s.fixed),
             ms(s.agent),
             ms(s.agent_polled),
+            ms(s.own_apply),
+            s.own_apply.as_secs_f64() / s.ip_batch.as_secs_f64(),
             ms(s.change),
             ms(s.status),
             s.peak_rss_kib as f64 / 1024.0
