@@ -54,8 +54,8 @@ pub use kube_api::{
 pub use lab::{CLUSTER_CIDR, CLUSTER_CIDR_V6, Lab, Node, Pod, is_lab_id, net_conf_json};
 pub use netfilter::{
     CNI_PATH, HostPort, KUBE_MARK_MASQ, OutsideHost, Proto, REPLY_BODY, ServicePort, TcpAnswer,
-    UdpAnswer, iptables_restore, is_ok_reply, kube_proxy_iptables, kube_proxy_nftables, nft_apply,
-    restart_agents, run_with_input, tcp_request, udp_requests,
+    UdpAnswer, ip6tables_restore, iptables_restore, is_ok_reply, kube_proxy_iptables,
+    kube_proxy_nftables, nft_apply, restart_agents, run_with_input, tcp_request, udp_requests,
 };
 pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
 pub use stream::paced_tcp_stream;

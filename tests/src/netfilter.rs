@@ -102,6 +102,13 @@ pub fn iptables_restore(ns: &str, rules: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ip6tables-restore --noflush` in `ns`.
+pub fn ip6tables_restore(ns: &str, rules: &str) -> anyhow::Result<()> {
+    run_with_input(ns, "ip6tables-restore", &["-w", "--noflush"], &[], rules)
+        .with_context(|| format!("ip6tables-restore in {ns} of:\n{rules}"))?;
+    Ok(())
+}
+
 /// `nft -f -` in `ns`.
 pub fn nft_apply(ns: &str, script: &str) -> anyhow::Result<()> {
     run_with_input(ns, "nft", &["-f", "-"], &[], script)

@@ -55,6 +55,12 @@ pub struct BenchArgs {
     /// same run). Repeatable.
     #[arg(long = "variant", value_name = "NAME=ARGS")]
     variants: Vec<String>,
+    /// Two more modes whose nodes carry kube-proxy's iptables rules (no Services), as a
+    /// Kubernetes node does: `kernel-kp` (kernel routes) and `hgw-kp` (the default
+    /// mode). There conntrack tracks every forwarded packet in both, as it does on a
+    /// node, where the bench's `kernel` mode tracks nothing.
+    #[arg(long)]
+    kube_proxy: bool,
     /// Instead of the traffic tests: the agent applying 1,000 and 5,000 static peers,
     /// against `ip -batch` installing the same routes; one peer change; peak RSS.
     #[arg(long)]
@@ -68,11 +74,20 @@ pub struct BenchArgs {
 }
 
 /// Names `--variant` may not take.
-const BUILT_IN: &[&str] = &["kernel", "hgw", "hgw-all", "hgw-bridge", "floor", "direct"];
+const BUILT_IN: &[&str] = &[
+    "kernel",
+    "hgw",
+    "hgw-all",
+    "hgw-bridge",
+    "kernel-kp",
+    "hgw-kp",
+    "floor",
+    "direct",
+];
 
-/// The modes for `variants` (`NAME=AGENT ARGS`): kernel, hgw, hgw-all, hgw-bridge, the
-/// variants, floor, direct.
-pub fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
+/// The modes for `variants` (`NAME=AGENT ARGS`): kernel, hgw, hgw-all, hgw-bridge,
+/// with `kube_proxy` kernel-kp and hgw-kp, the variants, floor, direct.
+pub fn modes(variants: &[String], kube_proxy: bool) -> anyhow::Result<Vec<Mode>> {
     let mode = |name: &str, kind, agent_args: &[&str]| {
         Mode::new(
             name,
@@ -93,6 +108,16 @@ pub fn modes(variants: &[String]) -> anyhow::Result<Vec<Mode>> {
         // The agent's other attachment: the bridge-side program on cni0.
         mode("hgw-bridge", Kind::Hgw, &["--attach", "bridge"]),
     ];
+    if kube_proxy {
+        for (name, kind, args) in [
+            ("kernel-kp", Kind::Kernel, &["--no-fast-path"][..]),
+            ("hgw-kp", Kind::Hgw, &["--attach", "ports"][..]),
+        ] {
+            let mut m = mode(name, kind, args);
+            m.kube_proxy = true;
+            modes.push(m);
+        }
+    }
     for v in variants {
         let (name, args) = v
             .split_once('=')
@@ -223,7 +248,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         (args.rounds, Duration::from_secs_f64(args.duration), 3000)
     };
 
-    let modes = modes(&args.variants)?;
+    let modes = modes(&args.variants, args.kube_proxy)?;
     crate::build()?;
     let floor_path = crate::bench_floor::build()?;
     let floor_object = Object::read(&floor_path)?;
@@ -400,6 +425,13 @@ fn set_up(
         }
         if let Some(bin) = &mode.agent_bin {
             lab.set_agent_bin(bin.clone());
+        }
+        if mode.kube_proxy {
+            let rules = hgw_tests::kube_proxy_iptables(&[], hgw_tests::CLUSTER_CIDR);
+            for node in &lab.nodes {
+                hgw_tests::iptables_restore(&node.ns, &rules)?;
+                hgw_tests::ip6tables_restore(&node.ns, &rules)?;
+            }
         }
         let args: Vec<&str> = mode.agent_args.iter().map(String::as_str).collect();
         for node in 0..2 {

@@ -33,6 +33,9 @@ pub struct Mode {
     /// two builds compared in one run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_bin: Option<std::path::PathBuf>,
+    /// The nodes carry kube-proxy's iptables rules (no Services) for both families, as
+    /// a Kubernetes node does: conntrack tracks every forwarded packet whatever the mode.
+    pub kube_proxy: bool,
 }
 
 impl Mode {
@@ -55,6 +58,7 @@ impl Mode {
             fast_path,
             agent_args,
             agent_bin: None,
+            kube_proxy: false,
         }
     }
 
