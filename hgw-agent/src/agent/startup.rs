@@ -43,7 +43,7 @@ use crate::{
 
 /// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
 /// programs are detached (their tcx links close with the process).
-pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
+pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
     caps::check(config.fast_path)?;
     let kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
@@ -161,15 +161,15 @@ pub async fn run(config: Config, reload: Option<(PathBuf, Reload)>) -> Result<()
         uplink_networks,
         public_ips,
     };
-    let peers = match (peers, &config.source) {
+    let peers = match (peers, config.take_static_peers()) {
         (Some(peers), _) => peers,
-        (None, Source::Static { peers, .. }) => {
+        (None, Some(peers)) => {
             // Static peers are the admin's word: one that cannot be reached is a config
             // error, before anything changes on the node.
-            let checked = check_peers(&network, peers, Some(&node))?;
-            crate::source::file::static_peers(peers.clone(), reload, config.clone(), checked)
+            let checked = check_peers(&network, &peers, Some(&node))?;
+            crate::source::file::static_peers(peers, reload, config.clone(), checked)
         }
-        (None, _) => unreachable!("every other source has its receiver"),
+        (None, None) => unreachable!("every other source has its receiver"),
     };
 
     let bridge = if config.setup_node {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::{
-    Attach, ConfigError, FastPath, RawConfig, Source,
+    Attach, ConfigError, FastPath, Peer, RawConfig, Source,
     fields::{file_path, interface_name, required},
     source::{etcd_config, kube_config, reject_given},
     static_peers::static_source,
@@ -203,6 +203,17 @@ impl Config {
         names.retain(|name| *name != "peers");
         names
     }
+
+    /// The static peers, moved out (`None` for another source): the config keeps
+    /// neither them nor their given form, so the agent holds one copy of thousands of
+    /// peers, its desired state's, and not two more for the config it runs with.
+    pub fn take_static_peers(&mut self) -> Option<Vec<Peer>> {
+        let Source::Static { peers, .. } = &mut self.source else {
+            return None;
+        };
+        self.given.peers = Vec::new();
+        Some(std::mem::take(peers))
+    }
 }
 
 #[cfg(test)]
@@ -281,6 +292,19 @@ mod tests {
         // `setup_node = false`.
         assert_eq!(config.uplink, "eth0");
         assert!(config.setup_node);
+    }
+
+    #[test]
+    fn taken_static_peers_leave_the_config_without_them_and_needing_no_restart() {
+        let mut running = Config::from_raw(file(FILE)).expect("valid");
+        let peers = running.take_static_peers().expect("a static source");
+        assert_eq!(
+            peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["n2"]
+        );
+        assert_eq!(running.take_static_peers(), Some(Vec::new()));
+        let reread = Config::from_raw(file(FILE)).expect("valid");
+        assert!(reread.restart_needed(&running).is_empty());
     }
 
     #[test]

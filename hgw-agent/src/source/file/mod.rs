@@ -31,7 +31,7 @@ pub fn static_peers(
     checked: DesiredState,
 ) -> PeerReceiver {
     let (tx, rx) = peer_channel();
-    let _ = tx.send([PeerChange::All(peers.clone())]);
+    let _ = tx.send([PeerChange::All(peers)]);
     if let Some((path, reload)) = reload {
         tokio::spawn(watch_file(path, reload, (running, checked), tx));
     }
