@@ -97,15 +97,17 @@ pub fn run_with_input(
 
 /// `iptables-restore --noflush` in `ns`: kube-proxy's way of writing its rules.
 pub fn iptables_restore(ns: &str, rules: &str) -> anyhow::Result<()> {
-    run_with_input(ns, "iptables-restore", &["-w", "--noflush"], &[], rules)
-        .with_context(|| format!("iptables-restore in {ns} of:\n{rules}"))?;
-    Ok(())
+    restore(ns, "iptables-restore", rules)
 }
 
 /// `ip6tables-restore --noflush` in `ns`.
 pub fn ip6tables_restore(ns: &str, rules: &str) -> anyhow::Result<()> {
-    run_with_input(ns, "ip6tables-restore", &["-w", "--noflush"], &[], rules)
-        .with_context(|| format!("ip6tables-restore in {ns} of:\n{rules}"))?;
+    restore(ns, "ip6tables-restore", rules)
+}
+
+fn restore(ns: &str, tool: &str, rules: &str) -> anyhow::Result<()> {
+    run_with_input(ns, tool, &["-w", "--noflush"], &[], rules)
+        .with_context(|| format!("{tool} in {ns} of:\n{rules}"))?;
     Ok(())
 }
 

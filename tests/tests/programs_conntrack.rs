@@ -1228,7 +1228,8 @@ fn sealed(words: &[u64]) -> Vec<u64> {
 }
 
 /// The full path wrote the slot again, whole, with `whole`'s key, next hop and
-/// generation (its recheck time is the rewrite's own: a tick may have passed).
+/// generation, and a recheck time no earlier than `whole`'s (the rewrite's own: a
+/// tick may have passed since).
 fn assert_rewritten(slot: &[u64], whole: &[u64], what: &str) {
     assert_eq!(slot, sealed(slot), "{what}: the slot written whole");
     // Key, next hop (three words), generation: all but the recheck time and check.
@@ -1237,6 +1238,12 @@ fn assert_rewritten(slot: &[u64], whole: &[u64], what: &str) {
         slot[..kept],
         whole[..kept],
         "{what}: key, next hop, generation"
+    );
+    assert!(
+        slot[kept] >= whole[kept],
+        "{what}: recheck at {} before the first write's {}",
+        slot[kept],
+        whole[kept]
     );
 }
 

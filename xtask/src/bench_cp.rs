@@ -72,9 +72,11 @@ impl Sample {
         self.agent.saturating_sub(self.fixed)
     }
 
-    /// `peers applied / ip -batch` of this run.
+    /// `peers applied / ip -batch` of this run, signed: a start with peers that took
+    /// less than the start without them is noise below 0, kept as such (clamped to 0
+    /// it would pull the median up).
     fn ratio(&self) -> f64 {
-        self.applied().as_secs_f64() / self.ip_batch.as_secs_f64()
+        (self.agent.as_secs_f64() - self.fixed.as_secs_f64()) / self.ip_batch.as_secs_f64()
     }
 
     /// Each measure's median over `runs` (each run a fresh lab), with `ip -batch`'s own.
