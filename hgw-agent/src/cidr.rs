@@ -13,7 +13,7 @@ pub fn overlaps(a: IpNet, b: IpNet) -> bool {
 
 /// Accepted prefixes, disjoint, each with what claimed it, as address ranges (start ->
 /// (end, prefix, owner), per family).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Taken<T> {
     ranges: [BTreeMap<u128, (u128, IpNet, T)>; 2],
 }

@@ -270,6 +270,9 @@ fn kube_node(i: usize) -> serde_json::Value {
 
 fn prepare(source: Source, peers: usize) -> anyhow::Result<Prepared> {
     let mut lab = Lab::up(1, 0)?;
+    if let Some(bin) = std::env::var_os("HGW_CP_AGENT") {
+        lab.set_agent_bin(bin.into());
+    }
     let ns = lab.nodes[0].ns.clone();
     run_in_ok(&ns, "ip", &["addr", "add", "172.30.0.1/16", "dev", "eth0"])?;
     let (mut etcd, mut kube) = (None, None);
@@ -524,7 +527,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// `HGW_CP_SIZES=5000` and `HGW_CP_SOURCES=file,kube` narrow a run while profiling.
+/// `HGW_CP_SIZES=5000` and `HGW_CP_SOURCES=file,kube` narrow a run while profiling;
+/// `HGW_CP_AGENT=PATH` runs another build of the agent (two builds compared in turns).
 fn narrowed() -> (Vec<usize>, Vec<Source>) {
     let sizes = std::env::var("HGW_CP_SIZES")
         .ok()

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use super::{
     Agent, Shutdown,
     adapters::node_config,
+    desired::DesiredState,
     observed::Change,
     sources::{PeerBatch, PeerReceiver},
 };
@@ -35,6 +36,13 @@ const EVENT_BATCH: usize = 1024;
 /// netlink event.
 const TCX_QUERY_EVERY: Duration = Duration::from_secs(1);
 
+/// Peers for the reconciler: what a source sent, or a whole set already checked into a
+/// desired state (the static peers at the start).
+enum Peers {
+    Sent(PeerBatch),
+    Checked(Box<DesiredState>),
+}
+
 impl Agent {
     pub(super) async fn event_loop(
         &mut self,
@@ -44,9 +52,12 @@ impl Agent {
     ) {
         // Subscribed first, then dumped: nothing falls between the two.
         self.resync().await;
-        // What the source has already sent (the static peers): applied at once.
-        if let Some(batch) = peers.try_recv() {
-            self.set_peers(batch).await;
+        // The first set, checked at the start (the static peers) or already sent:
+        // applied at once.
+        if let Some(checked) = self.checked_peers.take() {
+            self.set_peers(Peers::Checked(Box::new(checked))).await;
+        } else if let Some(batch) = peers.try_recv() {
+            self.set_peers(Peers::Sent(batch)).await;
         }
         self.reconciler.publish_generation();
         self.publish();
@@ -97,7 +108,7 @@ impl Agent {
                     self.dump_fdb_if_needed().await;
                 }
                 batch = peers.recv(), if peers_open => match batch {
-                    Some(batch) => self.set_peers(batch).await,
+                    Some(batch) => self.set_peers(Peers::Sent(batch)).await,
                     None => peers_open = false,
                 },
                 () = sleep_until(self.fdb_due), if self.fdb_due.is_some() => {
@@ -125,9 +136,16 @@ impl Agent {
         }
     }
 
-    async fn set_peers(&mut self, batch: PeerBatch) {
+    async fn set_peers(&mut self, peers: Peers) {
         let timer = self.reconciles.time(Trigger::Peers);
-        let routes = self.reconciler.apply_peers(batch, &self.observed).await;
+        let routes = match peers {
+            Peers::Sent(batch) => self.reconciler.apply_peers(batch, &self.observed).await,
+            Peers::Checked(state) => {
+                self.reconciler
+                    .apply_checked_peers(*state, &self.observed)
+                    .await
+            }
+        };
         // A batch that changed nothing (a lease renewed, a Node's other fields) is not
         // what status shows; the first set is, empty or not (the agent's start).
         if routes == 0 && self.last_change.is_some() {

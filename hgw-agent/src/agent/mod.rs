@@ -58,6 +58,7 @@ use crate::{
     source::kube::KubeError,
     tc::Scanner,
 };
+use desired::DesiredState;
 use observed::Observed;
 use port_search::PortSearch;
 use reconcile::Reconciler;
@@ -127,6 +128,9 @@ struct Agent {
     kernel: Kernel,
     observed: Observed,
     reconciler: Reconciler<Kernel, Datapath>,
+    /// The first whole peer set, checked at the start into its desired state (the
+    /// static peers), until the loop applies it.
+    checked_peers: Option<DesiredState>,
     snapshot: watch::Sender<Arc<Status>>,
     last_fdb_dump: Option<Instant>,
     /// Which pods without a port are still looked for, and when.

@@ -161,13 +161,15 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         uplink_networks,
         public_ips,
     };
-    let peers = match (peers, config.take_static_peers()) {
-        (Some(peers), _) => peers,
+    let (peers, checked_peers) = match (peers, config.take_static_peers()) {
+        (Some(peers), _) => (peers, None),
         (None, Some(peers)) => {
             // Static peers are the admin's word: one that cannot be reached is a config
-            // error, before anything changes on the node.
-            let checked = check_peers(&network, &peers, Some(&node))?;
-            crate::source::file::static_peers(peers, reload, config.clone(), checked)
+            // error, before anything changes on the node. Checked, they are the loop's
+            // first set as they are, not sent to be checked again.
+            let checked = check_peers(&network, peers, Some(&node))?;
+            let changes = crate::source::file::static_peers(reload, config.clone(), &checked);
+            (changes, Some(checked))
         }
         (None, None) => unreachable!("every other source has its receiver"),
     };
@@ -212,6 +214,7 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
             attach == Attach::Ports,
             DesiredState::new(network, Some(node)),
         ),
+        checked_peers,
         config,
         network,
         kernel,

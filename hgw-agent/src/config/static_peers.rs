@@ -12,7 +12,7 @@ use super::{
     ConfigError, Network, NetworkV6, Origin, Peer, PeerV6, RawPeer, Source,
     fields::{Family, cidr, required, v4_net, v6_net},
 };
-use crate::agent::desired::{DesiredState, NodeFacts, Refusal, desired};
+use crate::agent::desired::{DesiredState, NodeFacts, Refusal};
 
 /// The static network and peers: `v4` and `v6` are [pod CIDR, cluster CIDR].
 pub(super) fn static_source(
@@ -109,10 +109,11 @@ pub(super) fn static_source(
 /// each reload's changes against it.
 pub fn check_peers(
     network: &Network,
-    peers: &[Peer],
+    peers: Vec<Peer>,
     node: Option<&NodeFacts>,
 ) -> Result<DesiredState, ConfigError> {
-    let state = desired(network, peers, node);
+    let mut state = DesiredState::new(*network, node.cloned());
+    state.replace_all(peers);
     match refused(&state) {
         Some(e) => Err(e),
         None => Ok(state),

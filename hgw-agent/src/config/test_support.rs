@@ -28,7 +28,7 @@ pub(super) fn raw(peers: &[(&str, &str, &str)]) -> RawConfig {
 pub(super) fn checked(raw: RawConfig) -> Result<Config, ConfigError> {
     let config = Config::from_raw(raw)?;
     if let Source::Static { network, peers } = &config.source {
-        check_peers(network, peers, None)?;
+        check_peers(network, peers.clone(), None)?;
     }
     Ok(config)
 }

@@ -12,7 +12,7 @@ use super::{Delta, Hop, NodeFacts, Refusal, Skipped};
 use crate::cidr::Taken;
 use crate::config::{Network, Peer};
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct DesiredState {
     pub(super) network: Option<Network>,
     /// `None`: not known yet (the config's own checks); the node's checks wait.
@@ -50,6 +50,11 @@ impl DesiredState {
         self.peers.values()
     }
 
+    /// Every peer the source gave, moved out.
+    pub fn into_peers(self) -> Vec<Peer> {
+        self.peers.into_values().collect()
+    }
+
     /// The peers left out now, oldest first.
     pub fn skipped(&self) -> Vec<&Skipped> {
         let mut skipped: Vec<(Rank, &Skipped)> = self
@@ -59,6 +64,17 @@ impl DesiredState {
             .collect();
         skipped.sort_by(|a, b| a.0.cmp(&b.0));
         skipped.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// What the whole state is, as one change from nothing: every route new, every
+    /// peer left out said (a state built before anything was applied, such as the
+    /// static peers checked at the start).
+    pub fn everything(&self) -> Delta {
+        Delta {
+            changed: self.routes.keys().map(|cidr| (*cidr, None)).collect(),
+            removed: Vec::new(),
+            skipped: self.skipped().into_iter().cloned().collect(),
+        }
     }
 
     /// Makes `peers` the whole peer set: only the peers that differ from the ones held

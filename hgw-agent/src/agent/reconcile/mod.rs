@@ -205,6 +205,25 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         routes
     }
 
+    /// Takes a whole peer set already checked into a desired state (the static peers,
+    /// at the start) as [`Reconciler::apply_peers`] takes it sent: as it is in place of a
+    /// state that holds no peers yet, else peer by peer.
+    pub async fn apply_checked_peers(
+        &mut self,
+        checked: DesiredState,
+        observed: &Observed,
+    ) -> usize {
+        let delta = if self.desired.peers().next().is_none() {
+            self.desired = checked;
+            self.desired.everything()
+        } else {
+            self.desired.replace_all(checked.into_peers())
+        };
+        let routes = delta.changed.len() + delta.removed.len();
+        self.apply_delta(delta, true, observed).await;
+        routes
+    }
+
     async fn apply_delta(&mut self, delta: Delta, whole: bool, observed: &Observed) {
         for skipped in &delta.skipped {
             let cidrs: Vec<String> = skipped.pod_cidrs.iter().map(|c| c.to_string()).collect();
@@ -482,5 +501,41 @@ mod tests {
         observe_routes(&mut observed, &routes);
         block_on(r.resync(&observed));
         assert_eq!(routes.writes.borrow().len(), 1, "{:?}", routes.writes);
+    }
+
+    #[test]
+    fn a_checked_set_is_applied_as_the_same_set_sent_whole() {
+        let observed = observed();
+        let (sent_routes, held_routes) = (FakeRoutes::default(), FakeRoutes::default());
+        let mut sent = Reconciler::new(
+            &sent_routes,
+            Some(FakeMaps::default()),
+            false,
+            desired_state(),
+        );
+        let n = block_on(sent.apply_peers(PeerBatch::All(peers(50)), &observed));
+        let checked = || {
+            let mut checked = desired_state();
+            checked.replace_all(peers(50));
+            checked
+        };
+        let mut held = Reconciler::new(
+            &held_routes,
+            Some(FakeMaps::default()),
+            false,
+            desired_state(),
+        );
+        assert_eq!(block_on(held.apply_checked_peers(checked(), &observed)), n);
+        assert_eq!(n, 50);
+        assert!(held.peers_known(), "the first whole set");
+        assert_eq!(*held_routes.table.borrow(), *sent_routes.table.borrow());
+        let maps = |r: &Reconciler<&FakeRoutes, FakeMaps>| {
+            r.maps.as_ref().expect("present").routes.clone()
+        };
+        assert_eq!(maps(&held), maps(&sent));
+        assert_eq!(held.pending_resolve, sent.pending_resolve);
+        // Over peers held already, the same set again changes nothing.
+        assert_eq!(block_on(held.apply_checked_peers(checked(), &observed)), 0);
+        assert_eq!(*held_routes.table.borrow(), *sent_routes.table.borrow());
     }
 }

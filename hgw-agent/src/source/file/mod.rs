@@ -18,22 +18,21 @@ use watch::FileWatch;
 /// Reads the config again (the same file and flags).
 pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send>;
 
-/// The static peers, known at once; with a config file, the peers that differ are sent
+/// The changes of the static peers: with a config file, the peers that differ are sent
 /// whenever the file changes and still reads as a valid config. Only the peers are
 /// applied live; other changes are named in a warning and wait for a restart.
 ///
-/// `checked` is the desired state of `peers` (the start's check): each reload's changes
-/// are checked against it, so a reload costs its changed peers, not all of them.
+/// The start's peers are not sent: `checked`, their desired state (the start's check),
+/// is the loop's first whole set as it is. Each reload's changes are checked against a
+/// copy of it, so a reload costs its changed peers, not all of them.
 pub fn static_peers(
-    peers: Vec<Peer>,
     reload: Option<(PathBuf, Reload)>,
     running: Config,
-    checked: DesiredState,
+    checked: &DesiredState,
 ) -> PeerReceiver {
     let (tx, rx) = peer_channel();
-    let _ = tx.send([PeerChange::All(peers)]);
     if let Some((path, reload)) = reload {
-        tokio::spawn(watch_file(path, reload, (running, checked), tx));
+        tokio::spawn(watch_file(path, reload, (running, checked.clone()), tx));
     }
     rx
 }
