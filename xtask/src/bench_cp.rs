@@ -587,6 +587,9 @@ pub fn control_plane(out: &Path) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(bin) = std::env::var_os("HGW_CP_AGENT") {
+        let _ = writeln!(md, "\nAgent: {} (HGW_CP_AGENT)", bin.to_string_lossy());
+    }
     let _ = writeln!(md, "\n{RUNS} runs per row.");
     md.push_str("\n| source | peers | ip -batch | fixed start | agent | polled | peers applied | peers applied / ip -batch | own apply | own apply / ip -batch | one change | status | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (s, runs) in &results {
