@@ -29,7 +29,7 @@ use super::{
 use crate::{
     config::{Attach, Config, ConfigError, FastPath, Network, Source, check_peers},
     datapath::{self, Datapath, DatapathError, HookKind},
-    kernel::{Kernel, Link},
+    kernel::{Kernel, Link, NeighbourLimits},
     node::{caps, cni::NodeFiles, conntrack, masq, setup},
     serve::{
         http::Health,
@@ -232,6 +232,11 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         source_trouble,
         last_change: None,
     };
+    // Every next hop is resolved ahead of traffic: more of them than the kernel's
+    // neighbour table keeps is said.
+    agent
+        .reconciler
+        .set_neighbour_limits([NeighbourLimits::read(false), NeighbourLimits::read(true)]);
     std::mem::forget(socket);
     agent.event_loop(events, peers, shutdown).await;
     if agent.config.pin_dir.is_some() && agent.config.fast_path != FastPath::Off {

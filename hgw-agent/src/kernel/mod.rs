@@ -14,7 +14,7 @@ use rtnetlink::Handle;
 
 pub use events::{KernelEvent, KernelEvents, RouteOwner, subscribe};
 pub use link::{Link, link_name, port_of};
-pub use neigh::{Neighbour, format_mac};
+pub use neigh::{Neighbour, NeighbourLimits, format_mac};
 pub use route::{HgwRoute, PrefixOwners, main_route};
 
 #[derive(Debug, thiserror::Error)]

@@ -22,6 +22,34 @@ pub struct Neighbour {
     pub stale: bool,
 }
 
+/// The kernel's neighbour table of one family, one for every network namespace: above
+/// `soft` entries (`gc_thresh2`) it evicts entries unused for 5 s, and it holds at most
+/// `hard` (`gc_thresh3`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeighbourLimits {
+    pub soft: usize,
+    pub hard: usize,
+}
+
+impl NeighbourLimits {
+    /// The running kernel's for IPv4 or IPv6; `None` where its sysctls are not to be
+    /// seen (they are only in the host's network namespace).
+    pub fn read(ipv6: bool) -> Option<Self> {
+        let family = if ipv6 { "ipv6" } else { "ipv4" };
+        let read = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/{family}/neigh/default/{name}"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(Self {
+            soft: read("gc_thresh2")?,
+            hard: read("gc_thresh3")?,
+        })
+    }
+}
+
 impl Neighbour {
     pub fn from_message(msg: &NeighbourMessage) -> Option<Self> {
         let mut ip = None;

@@ -36,7 +36,7 @@ use super::{
 };
 use crate::{
     datapath::DatapathError,
-    kernel::{HgwRoute, KernelError, PrefixOwners, format_mac},
+    kernel::{HgwRoute, KernelError, NeighbourLimits, PrefixOwners, format_mac},
     serve::status::PeerStatus,
 };
 
@@ -147,6 +147,11 @@ pub struct Reconciler<R, M> {
     /// New next hops to ask the kernel for, once the routes and map entries that need
     /// them are written and published ([`Reconciler::resolve_pending`]).
     pending_resolve: HashSet<IpAddr>,
+    /// The kernel's neighbour tables, IPv4 and IPv6, where known
+    /// ([`Reconciler::set_neighbour_limits`]), and whether the next hops of each family
+    /// outgrew it, said once until they fit again.
+    neighbour_limits: [Option<NeighbourLimits>; 2],
+    neighbours_outgrown: [bool; 2],
 }
 
 impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
@@ -169,6 +174,8 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             devices: devices.into_iter().collect(),
             warned_before: HashMap::new(),
             pending_resolve: HashSet::new(),
+            neighbour_limits: [None; 2],
+            neighbours_outgrown: [false; 2],
         }
     }
 
@@ -288,6 +295,9 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         if first {
             // Before the first set nothing was written to the map: write every entry.
             self.write_all_map_entries(observed);
+        }
+        for warning in self.neighbour_warnings() {
+            warn!("{warning}");
         }
     }
 

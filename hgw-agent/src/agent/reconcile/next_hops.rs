@@ -7,7 +7,10 @@ use futures::StreamExt as _;
 use log::warn;
 
 use super::{FastPathMaps, IN_FLIGHT, Reconciler, RouteTable};
-use crate::{agent::observed::Observed, kernel::KernelError};
+use crate::{
+    agent::observed::Observed,
+    kernel::{KernelError, NeighbourLimits},
+};
 
 impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
     /// Asks the kernel for the next hops new since the last call that are still wanted
@@ -68,5 +71,89 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         if let Some(e) = errors.first() {
             warn!("{e} (and {} more)", errors.len() - 1);
         }
+    }
+
+    /// The kernel's neighbour tables (IPv4, IPv6), read at the start where they are to
+    /// be seen: next hops beyond them are said in a warning.
+    pub fn set_neighbour_limits(&mut self, limits: [Option<NeighbourLimits>; 2]) {
+        self.neighbour_limits = limits;
+    }
+
+    /// What to say of next hops that outgrew their family's neighbour table since the
+    /// last call: each family once, until its next hops fit again.
+    pub(super) fn neighbour_warnings(&mut self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (i, ipv6) in [false, true].into_iter().enumerate() {
+            let Some(limits) = self.neighbour_limits[i] else {
+                continue;
+            };
+            let next_hops = self.by_hop.keys().filter(|ip| ip.is_ipv6() == ipv6).count();
+            let warning = outgrown(next_hops, limits, ipv6);
+            if warning.is_some() && !self.neighbours_outgrown[i] {
+                warnings.extend(warning);
+            }
+            self.neighbours_outgrown[i] = next_hops > limits.soft;
+        }
+        warnings
+    }
+}
+
+/// Why `next_hops` peers' next hops of one family cannot all keep their neighbour
+/// entries, if they cannot. The agent asks the kernel to resolve every next hop ahead of
+/// traffic and to probe stale ones; beyond the table's soft limit the kernel evicts
+/// entries, and those next hops' traffic takes the kernel path until resolved again.
+fn outgrown(next_hops: usize, limits: NeighbourLimits, ipv6: bool) -> Option<String> {
+    if next_hops <= limits.soft {
+        return None;
+    }
+    let (family, sysctl) = if ipv6 {
+        ("IPv6", "net.ipv6.neigh.default")
+    } else {
+        ("IPv4", "net.ipv4.neigh.default")
+    };
+    Some(format!(
+        "{next_hops} {family} next hops, more than {sysctl}.gc_thresh2 ({}) neighbour entries (at most gc_thresh3, {}, for every interface and namespace): the kernel evicts next hops' entries, whose traffic then takes the kernel path until they are resolved again; raise gc_thresh1-3 for this many nodes",
+        limits.soft, limits.hard
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::fixtures::observed;
+    use crate::agent::reconcile::test_support::{
+        FakeMaps, FakeRoutes, block_on, desired_state, peers,
+    };
+    use crate::agent::sources::PeerBatch;
+
+    #[test]
+    fn next_hops_beyond_the_neighbour_table_are_said_once() {
+        let limits = NeighbourLimits { soft: 10, hard: 20 };
+        assert_eq!(outgrown(10, limits, false), None);
+        let said = outgrown(11, limits, false).expect("over the soft limit");
+        assert!(
+            said.starts_with("11 IPv4 next hops")
+                && said.contains("net.ipv4.neigh.default.gc_thresh2 (10)")
+                && said.contains("gc_thresh3, 20"),
+            "{said}"
+        );
+
+        let routes = FakeRoutes::default();
+        let observed = observed();
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
+        r.set_neighbour_limits([Some(limits), Some(limits)]);
+        block_on(r.apply_peers(PeerBatch::All(peers(5)), &observed));
+        assert!(r.neighbour_warnings().is_empty(), "5 next hops fit");
+        block_on(r.apply_peers(PeerBatch::All(peers(12)), &observed));
+        assert_eq!(r.neighbours_outgrown, [true, false], "said while applying");
+        assert!(r.neighbour_warnings().is_empty(), "said once");
+        // Back under the limit, then over it again: said again.
+        block_on(r.apply_peers(PeerBatch::All(peers(5)), &observed));
+        assert_eq!(r.neighbours_outgrown, [false, false]);
+        r.neighbours_outgrown = [false, false];
+        block_on(r.apply_peers(PeerBatch::All(peers(30)), &observed));
+        assert_eq!(r.neighbours_outgrown, [true, false]);
+        r.neighbours_outgrown = [false, false];
+        assert_eq!(r.neighbour_warnings().len(), 1, "said again");
     }
 }
