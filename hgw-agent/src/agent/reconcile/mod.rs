@@ -36,9 +36,10 @@ use super::{
 };
 use crate::{
     datapath::DatapathError,
-    kernel::{HgwRoute, KernelError, NeighbourLimits, PrefixOwners, format_mac},
+    kernel::{HgwRoute, KernelError, PrefixOwners, format_mac},
     serve::status::PeerStatus,
 };
+use next_hops::NeighbourWatch;
 
 /// How many route requests are in flight at once: the kernel answers them in order,
 /// and waiting for each before sending the next is what makes one-by-one slow.
@@ -147,11 +148,9 @@ pub struct Reconciler<R, M> {
     /// New next hops to ask the kernel for, once the routes and map entries that need
     /// them are written and published ([`Reconciler::resolve_pending`]).
     pending_resolve: HashSet<IpAddr>,
-    /// The kernel's neighbour tables, IPv4 and IPv6, where known
-    /// ([`Reconciler::set_neighbour_limits`]), and whether the next hops of each family
-    /// outgrew it, said once until they fit again.
-    neighbour_limits: [Option<NeighbourLimits>; 2],
-    neighbours_outgrown: [bool; 2],
+    /// The kernel's neighbour tables ([`Reconciler::set_neighbour_limits`]) against
+    /// the next hops.
+    neighbours: NeighbourWatch,
 }
 
 impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
@@ -174,8 +173,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             devices: devices.into_iter().collect(),
             warned_before: HashMap::new(),
             pending_resolve: HashSet::new(),
-            neighbour_limits: [None; 2],
-            neighbours_outgrown: [false; 2],
+            neighbours: NeighbourWatch::default(),
         }
     }
 

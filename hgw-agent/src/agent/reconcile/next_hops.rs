@@ -76,23 +76,40 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
     /// The kernel's neighbour tables (IPv4, IPv6), read at the start where they are to
     /// be seen: next hops beyond them are said in a warning.
     pub fn set_neighbour_limits(&mut self, limits: [Option<NeighbourLimits>; 2]) {
-        self.neighbour_limits = limits;
+        self.neighbours.limits = limits;
     }
 
     /// What to say of next hops that outgrew their family's neighbour table since the
-    /// last call: each family once, until its next hops fit again.
+    /// last call.
     pub(super) fn neighbour_warnings(&mut self) -> Vec<String> {
+        let by_hop = &self.by_hop;
+        self.neighbours
+            .check(|ipv6| by_hop.keys().filter(|ip| ip.is_ipv6() == ipv6).count())
+    }
+}
+
+/// The kernel's neighbour tables (IPv4, IPv6) where known, and whether each family's
+/// next hops outgrew its table: said once, until they fit again.
+#[derive(Debug, Default)]
+pub(super) struct NeighbourWatch {
+    limits: [Option<NeighbourLimits>; 2],
+    outgrown: [bool; 2],
+}
+
+impl NeighbourWatch {
+    /// What to say, given the next hops of a family (`true`: IPv6), counted only
+    /// where its table is known.
+    fn check(&mut self, next_hops: impl Fn(bool) -> usize) -> Vec<String> {
         let mut warnings = Vec::new();
         for (i, ipv6) in [false, true].into_iter().enumerate() {
-            let Some(limits) = self.neighbour_limits[i] else {
+            let Some(limits) = self.limits[i] else {
                 continue;
             };
-            let next_hops = self.by_hop.keys().filter(|ip| ip.is_ipv6() == ipv6).count();
-            let warning = outgrown(next_hops, limits, ipv6);
-            if warning.is_some() && !self.neighbours_outgrown[i] {
-                warnings.extend(warning);
+            let warning = outgrown(next_hops(ipv6), limits, ipv6);
+            if !self.outgrown[i] {
+                warnings.extend(warning.clone());
             }
-            self.neighbours_outgrown[i] = next_hops > limits.soft;
+            self.outgrown[i] = warning.is_some();
         }
         warnings
     }
@@ -137,23 +154,26 @@ mod tests {
                 && said.contains("gc_thresh3, 20"),
             "{said}"
         );
+        let mut watch = NeighbourWatch {
+            limits: [Some(limits), None],
+            ..NeighbourWatch::default()
+        };
+        let counts = |v4: usize, v6: usize| move |ipv6: bool| if ipv6 { v6 } else { v4 };
+        assert!(watch.check(counts(10, 99)).is_empty(), "fits; IPv6 unknown");
+        assert_eq!(watch.check(counts(11, 99)), [said]);
+        assert!(watch.check(counts(12, 0)).is_empty(), "said once");
+        assert!(watch.check(counts(5, 0)).is_empty(), "fits again");
+        assert_eq!(watch.check(counts(30, 0)).len(), 1, "said again");
 
+        // The reconciler checks after applying peers.
         let routes = FakeRoutes::default();
         let observed = observed();
         let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
         r.set_neighbour_limits([Some(limits), Some(limits)]);
         block_on(r.apply_peers(PeerBatch::All(peers(5)), &observed));
-        assert!(r.neighbour_warnings().is_empty(), "5 next hops fit");
+        assert_eq!(r.neighbours.outgrown, [false, false]);
         block_on(r.apply_peers(PeerBatch::All(peers(12)), &observed));
-        assert_eq!(r.neighbours_outgrown, [true, false], "said while applying");
+        assert_eq!(r.neighbours.outgrown, [true, false], "said while applying");
         assert!(r.neighbour_warnings().is_empty(), "said once");
-        // Back under the limit, then over it again: said again.
-        block_on(r.apply_peers(PeerBatch::All(peers(5)), &observed));
-        assert_eq!(r.neighbours_outgrown, [false, false]);
-        r.neighbours_outgrown = [false, false];
-        block_on(r.apply_peers(PeerBatch::All(peers(30)), &observed));
-        assert_eq!(r.neighbours_outgrown, [true, false]);
-        r.neighbours_outgrown = [false, false];
-        assert_eq!(r.neighbour_warnings().len(), 1, "said again");
     }
 }
