@@ -15,15 +15,38 @@ const FORWARD_DROP_TABLE: &str = "hgw_lab_forward_drop";
 const NEIGHBOUR_BLOCK_TABLE: &str = "hgw_lab_nd_block";
 
 /// Routes in `ns` carrying hgw's protocol tag, IPv4 then IPv6, one `ip route` line
-/// each, e.g. `10.244.2.0/24 via 172.31.0.2 dev eth0 onlink`.
+/// each as flannel's would read, e.g. `10.244.2.0/24 via 172.31.0.2 dev eth0 onlink`:
+/// the nexthop object's id (`nhid N`) left out, its gateway and device kept (the
+/// kernel lists them with the route).
 pub fn hgw_routes(ns: &str) -> anyhow::Result<Vec<String>> {
     let proto = HGW_ROUTE_PROTOCOL.to_string();
     let mut routes = Vec::new();
     for family in ["-4", "-6"] {
         let out = run_in_ok(ns, "ip", &[family, "route", "show", "proto", &proto])?;
-        routes.extend(lines(&out.stdout));
+        routes.extend(lines(&out.stdout).iter().map(|l| without_nexthop_id(l)));
     }
     Ok(routes)
+}
+
+/// `ip route`'s line without its `nhid N`.
+fn without_nexthop_id(line: &str) -> String {
+    let mut words = Vec::new();
+    let mut rest = line.split_whitespace();
+    while let Some(word) = rest.next() {
+        if word == "nhid" {
+            rest.next();
+        } else {
+            words.push(word);
+        }
+    }
+    words.join(" ")
+}
+
+/// hgw's nexthop objects in `ns` (`ip nexthop` lines with hgw's protocol).
+pub fn hgw_nexthops(ns: &str) -> anyhow::Result<Vec<String>> {
+    let proto = HGW_ROUTE_PROTOCOL.to_string();
+    let out = run_in_ok(ns, "ip", &["nexthop", "show", "protocol", &proto])?;
+    Ok(lines(&out.stdout))
 }
 
 /// tcx programs attached in `ns` whose name starts with `hgw`, as

@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant};
 
 use hgw_tests::{
-    Lab, UdpFlow, add_kube_proxy_invalid_drop, agent_bin, counter, hgw_programs, hgw_routes,
-    invalid_drops, paced_tcp_stream, run_in_ok,
+    Lab, UdpFlow, add_kube_proxy_invalid_drop, agent_bin, counter, hgw_nexthops, hgw_programs,
+    hgw_routes, invalid_drops, paced_tcp_stream, run_in_ok,
 };
 
 const GAP: Duration = Duration::from_secs(3);
@@ -145,7 +145,16 @@ fn stopping_leaves_the_pinned_fast_path_and_uninstall_removes_it() -> anyhow::Re
             .concat(),
         )
     };
+    assert!(
+        !hgw_nexthops(&n1.ns)?.is_empty(),
+        "the routes left by the stopped agent are on hgw's nexthops"
+    );
     uninstall(&[])?;
+    assert!(
+        hgw_nexthops(&n1.ns)?.is_empty(),
+        "hgw nexthops left after uninstall: {:?}",
+        hgw_nexthops(&n1.ns)?
+    );
     assert!(
         hgw_programs(&n1.ns)?.is_empty(),
         "programs still attached after uninstall: {:?}",

@@ -5,7 +5,7 @@
 //! resolve next hops over NDP, and the counters move in the IPv6 block only.
 
 use hgw_tests::{
-    HGW_ROUTE_PROTOCOL, Lab, counter_sum, ping, run_in_ok, tcp_transfer, udp_replied_exchange,
+    Lab, counter_sum, hgw_routes, ping, run_in_ok, tcp_transfer, udp_replied_exchange,
 };
 
 /// The lab's table for [`drop_established_forwarding`].
@@ -37,18 +37,7 @@ fn ipv6_pods_talk_through_the_fast_path_with_routes_and_ndp() -> anyhow::Result<
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
 
     // The kernel route (the fallback) and a resolved IPv6 next hop on each node.
-    let routes = run_in_ok(
-        &n1.ns,
-        "ip",
-        &[
-            "-6",
-            "route",
-            "show",
-            "proto",
-            &HGW_ROUTE_PROTOCOL.to_string(),
-        ],
-    )?;
-    let routes = String::from_utf8_lossy(&routes.stdout);
+    let routes = hgw_routes(&n1.ns)?.join("\n");
     let want = format!("{} via {} dev eth0", n2.pod_cidr6, n2.uplink_ip6);
     assert!(routes.contains(&want), "no `{want}` in:\n{routes}");
     let status = lab.agents()[0].status()?;

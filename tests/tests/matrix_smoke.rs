@@ -5,15 +5,15 @@
 //! the agent dies). The agents attach the way the kernel allows (tcx from 6.6, cls_bpf
 //! filters before) and say so. A SIGKILLed agent's successor puts its programs in place
 //! (no second program on a hook) and the flow stays on the fast path; `uninstall`
-//! takes hgw's programs off. Under plain `cargo test` it is one more default-mode check.
+//! takes hgw's programs off. The peer routes sit on nexthop objects of their own. Under plain `cargo test` it is one more default-mode check.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use hgw_agent::datapath::FORCE_CLS_BPF;
 use hgw_tests::{
-    Lab, counter, counter_sum, hgw_filters, hgw_programs, ping, tcp_transfer, udp_replied_exchange,
-    uninstall,
+    Lab, counter, counter_sum, hgw_filters, hgw_nexthops, hgw_programs, hgw_routes, ping,
+    tcp_transfer, udp_replied_exchange, uninstall,
 };
 
 /// Generous: under QEMU's emulation (TCG) an agent starts several times slower.
@@ -79,6 +79,17 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
         (!cls_bpf, cls_bpf),
         "n1: hgw's bridge-side program on veth1 {port}, on cni0 {bridge} (cls_bpf {cls_bpf})"
     );
+    // Each peer route (both families) on a nexthop object of its own, as the agent
+    // installs them wherever the kernel has them (5.3+).
+    for node in &lab.nodes {
+        let (routes, nexthops) = (hgw_routes(&node.ns)?, hgw_nexthops(&node.ns)?);
+        assert_eq!(
+            (routes.len(), nexthops.len()),
+            (2, 2),
+            "{}: routes {routes:?}, nexthops {nexthops:?}",
+            node.name
+        );
+    }
     let before = lab.statuses()?;
 
     let (from, to) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
@@ -154,6 +165,11 @@ fn pods_on_two_nodes_talk_through_the_fast_path() -> anyhow::Result<()> {
     assert!(
         left.is_empty(),
         "n1: hgw's programs after uninstall: {left:?}"
+    );
+    let (routes, nexthops) = (hgw_routes(&n1)?, hgw_nexthops(&n1)?);
+    assert!(
+        routes.is_empty() && nexthops.is_empty(),
+        "n1: hgw's routes {routes:?} and nexthops {nexthops:?} after uninstall"
     );
     Ok(())
 }

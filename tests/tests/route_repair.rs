@@ -1,38 +1,130 @@
-//! An admin deletes a route hgw installed (IPv4, then IPv6): the agent puts it back
-//! within 200 ms, from the netlink event rather than a poll.
+//! An admin deletes a route hgw installed (IPv4, then IPv6), or flushes the nexthop
+//! objects hgw's routes sit on, which takes the routes with them: the agent puts them
+//! back within 200 ms, from the netlink event rather than a poll, each on a nexthop of
+//! its own again, and leaves no nexthop behind. The uplink going down and up: back
+//! within a second.
 
 use std::time::{Duration, Instant};
 
-use hgw_tests::{Lab, hgw_routes, run_in_ok};
+use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, Node, hgw_nexthops, hgw_routes, run_in_ok};
+
+/// `peer`'s routes on `node` (both families), as [`hgw_routes`] shows them.
+fn peer_routes(peer: &Node) -> [String; 2] {
+    [
+        format!("{} via {} dev eth0", peer.pod_cidr, peer.uplink_ip),
+        format!("{} via {} dev eth0", peer.pod_cidr6, peer.uplink_ip6),
+    ]
+}
+
+/// Waits until every one of `routes` is on `node`, for at most `limit` after `since`.
+fn wait_back(
+    node: &Node,
+    routes: &[String],
+    what: &str,
+    since: Instant,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    loop {
+        let now = hgw_routes(&node.ns)?;
+        if routes
+            .iter()
+            .all(|want| now.iter().any(|r| r.starts_with(want)))
+        {
+            eprintln!("{what}: routes back after {:?}", since.elapsed());
+            return Ok(());
+        }
+        let waited = since.elapsed();
+        assert!(
+            waited < limit,
+            "{what}: routes not back after {waited:?}: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
 
 #[test]
 fn a_deleted_hgw_route_is_back_within_200ms() -> anyhow::Result<()> {
     let lab = Lab::up_with_agents(2, 1)?;
     let (node, peer) = (&lab.nodes[0], &lab.nodes[1]);
-    for (cidr, via) in [
-        (&peer.pod_cidr, peer.uplink_ip.to_string()),
-        (&peer.pod_cidr6, peer.uplink_ip6.to_string()),
-    ] {
-        let route = format!("{cidr} via {via} dev eth0");
-        for attempt in 0..3 {
-            run_in_ok(&node.ns, "ip", &["route", "del", cidr])?;
-            let deleted = Instant::now();
-            loop {
-                if hgw_routes(&node.ns)?.iter().any(|r| r.starts_with(&route)) {
-                    break;
-                }
-                let waited = deleted.elapsed();
-                assert!(
-                    waited < Duration::from_millis(200),
-                    "{cidr} attempt {attempt}: route not back after {waited:?}"
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            eprintln!(
-                "{cidr} attempt {attempt}: route back after {:?}",
-                deleted.elapsed()
+    let routes = peer_routes(peer);
+    let back = |what: &str| {
+        wait_back(
+            node,
+            &routes,
+            what,
+            Instant::now(),
+            Duration::from_millis(200),
+        )
+    };
+    let on_own_nexthops = |what: &str| -> anyhow::Result<()> {
+        let nexthops = hgw_nexthops(&node.ns)?;
+        let proto = HGW_ROUTE_PROTOCOL.to_string();
+        let raw = run_in_ok(&node.ns, "ip", &["route", "show", "proto", &proto])?;
+        let raw6 = run_in_ok(&node.ns, "ip", &["-6", "route", "show", "proto", &proto])?;
+        let listed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&raw.stdout),
+            String::from_utf8_lossy(&raw6.stdout)
+        );
+        assert_eq!(
+            nexthops.len(),
+            2,
+            "{what}: one nexthop per route, none left over: {nexthops:?}"
+        );
+        for (nexthop, gateway) in nexthops
+            .iter()
+            .zip([peer.uplink_ip.to_string(), peer.uplink_ip6.to_string()])
+        {
+            assert!(
+                nexthop.contains(&format!("via {gateway} dev eth0")) && nexthop.contains("onlink"),
+                "{what}: {nexthop}"
+            );
+            let id = nexthop.split_whitespace().nth(1).unwrap_or_default();
+            assert!(
+                listed.contains(&format!("nhid {id} via {gateway}")),
+                "{what}: no route on nexthop {id}: {listed}"
             );
         }
+        Ok(())
+    };
+    on_own_nexthops("at start")?;
+    for cidr in [&peer.pod_cidr, &peer.pod_cidr6] {
+        for attempt in 0..3 {
+            run_in_ok(&node.ns, "ip", &["route", "del", cidr])?;
+            back(&format!("{cidr} attempt {attempt}"))?;
+        }
     }
+    on_own_nexthops("after the routes were deleted")?;
+    run_in_ok(&node.ns, "ip", &["nexthop", "flush"])?;
+    back("nexthops flushed")?;
+    on_own_nexthops("after the nexthops were flushed")?;
+    Ok(())
+}
+
+/// The uplink goes down (the kernel drops the nexthops on it and their routes, IPv4
+/// without a route event) and comes back: the agent's resync puts both routes back
+/// within a second, each on a nexthop of its own, none left over.
+#[test]
+fn routes_are_back_after_the_uplink_goes_down_and_up() -> anyhow::Result<()> {
+    let lab = Lab::up_with_agents(2, 1)?;
+    let node = &lab.nodes[0];
+    run_in_ok(&node.ns, "ip", &["link", "set", "eth0", "down"])?;
+    std::thread::sleep(Duration::from_millis(300));
+    eprintln!(
+        "uplink down: routes {:?}, nexthops {:?}",
+        hgw_routes(&node.ns)?,
+        hgw_nexthops(&node.ns)?
+    );
+    run_in_ok(&node.ns, "ip", &["link", "set", "eth0", "up"])?;
+    let routes = peer_routes(&lab.nodes[1]);
+    wait_back(
+        node,
+        &routes,
+        "uplink up",
+        Instant::now(),
+        Duration::from_secs(1),
+    )?;
+    let nexthops = hgw_nexthops(&node.ns)?;
+    assert_eq!(nexthops.len(), 2, "one nexthop per route: {nexthops:?}");
     Ok(())
 }

@@ -1,9 +1,16 @@
 //! At start the agent removes routes carrying hgw's tag that no peer wants (left by an
-//! earlier run), and never touches anyone else's routes, also to pod CIDRs.
+//! earlier run), plain or on hgw's nexthops, and hgw's nexthops no route uses; it never
+//! touches anyone else's routes, also to pod CIDRs, nor anyone else's nexthops.
 
 use std::time::Duration;
 
-use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, hgw_routes, peer, ping, run_in_ok};
+use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, hgw_nexthops, hgw_routes, peer, ping, run_in_ok};
+
+/// Nexthop ids as hgw hands them out (from 0x68670000), for leftovers and a foreign one
+/// on the id the agent would take next.
+const STALE_NEXTHOP: u32 = 0x6867_0010;
+const UNUSED_NEXTHOP: u32 = 0x6867_0011;
+const FOREIGN_NEXTHOP: u32 = 0x6867_0012;
 
 #[test]
 fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
@@ -18,6 +25,12 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
         "-4 route add 10.244.50.0/24 via 172.31.0.2 dev eth0 proto static".into(),
         "-6 route add fd00:244:50::/64 via fd00:172:31::2 dev eth0 proto static".into(),
         "-4 route add 192.0.2.0/24 via 172.31.0.2 dev eth0".into(),
+        // An earlier run's route on its nexthop, and a nexthop of hgw's without a route.
+        format!("nexthop add id {STALE_NEXTHOP} via 172.31.0.61 dev eth0 onlink proto {proto}"),
+        format!("-4 route add 10.244.61.0/24 nhid {STALE_NEXTHOP} proto {proto}"),
+        format!("nexthop add id {UNUSED_NEXTHOP} via 172.31.0.62 dev eth0 onlink proto {proto}"),
+        // Someone else's, on the id after hgw's highest: the agent skips it.
+        format!("nexthop add id {FOREIGN_NEXTHOP} via 172.31.0.63 dev eth0 onlink"),
     ] {
         let args: Vec<&str> = route.split_whitespace().collect();
         run_in_ok(&ns, "ip", &args)?;
@@ -26,7 +39,7 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
     lab.start_agent(0, &[])?
         .wait_ready(Duration::from_secs(15))?;
     let routes = hgw_routes(&ns)?;
-    for stale in ["10.244.60.0/24", "fd00:244:60::/64"] {
+    for stale in ["10.244.60.0/24", "fd00:244:60::/64", "10.244.61.0/24"] {
         assert!(
             !routes.iter().any(|r| r.starts_with(stale)),
             "stale hgw route {stale} kept: {routes:?}"
@@ -37,6 +50,29 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
             .iter()
             .any(|r| r.starts_with(&format!("{} via", lab.nodes[1].pod_cidr))),
         "peer route missing: {routes:?}"
+    );
+    let nexthops = hgw_nexthops(&ns)?;
+    assert_eq!(
+        nexthops.len(),
+        routes.len(),
+        "one of hgw's nexthops per route, the leftovers gone: {nexthops:?}"
+    );
+    for gone in [STALE_NEXTHOP, UNUSED_NEXTHOP, FOREIGN_NEXTHOP] {
+        assert!(
+            !nexthops
+                .iter()
+                .any(|n| n.starts_with(&format!("id {gone} "))),
+            "{gone}: {nexthops:?}"
+        );
+    }
+    let foreign = run_in_ok(
+        &ns,
+        "ip",
+        &["nexthop", "show", "id", &FOREIGN_NEXTHOP.to_string()],
+    )?;
+    assert!(
+        String::from_utf8_lossy(&foreign.stdout).contains("via 172.31.0.63"),
+        "someone else's nexthop touched"
     );
 
     // Foreign routes survive the start-up sweep, and a restart's sweep too.

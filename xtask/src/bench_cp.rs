@@ -46,6 +46,8 @@ struct Sample {
     source: Source,
     peers: usize,
     ip_batch: Duration,
+    /// The same routes on nexthop objects of their own, as the agent installs them.
+    ip_batch_nexthops: Duration,
     /// A start of the same source with no peers, just before this run.
     fixed: Duration,
     /// Agent start until every route and map entry is in place, by the agent's clock.
@@ -86,6 +88,7 @@ impl Sample {
             source: runs[0].source,
             peers: runs[0].peers,
             ip_batch: of(|s| s.ip_batch),
+            ip_batch_nexthops: of(|s| s.ip_batch_nexthops),
             fixed: of(|s| s.fixed),
             agent: of(|s| s.agent),
             own_apply: of(|s| s.own_apply),
@@ -172,15 +175,16 @@ impl RouteMonitor {
         Ok(RouteMonitor { child, lines })
     }
 
-    /// How long from `since` until a route to `cidr` via [`MOVED_TO`] was announced.
+    /// How long from `since` until a route to `cidr` via [`MOVED_TO`] was announced
+    /// (on a nexthop object, `CIDR nhid N via ...`).
     fn wait_moved(&self, cidr: &str, since: Instant) -> anyhow::Result<Duration> {
-        let want = format!("{cidr} via {MOVED_TO}");
+        let via = format!(" via {MOVED_TO} ");
         loop {
             let (at, line) = self
                 .lines
                 .recv_timeout(TIMEOUT)
                 .context("no route change announced")?;
-            if line.contains(&want) && !line.starts_with("Deleted") {
+            if line.starts_with(&format!("{cidr} ")) && line.contains(&via) {
                 return Ok(at.duration_since(since));
             }
         }
@@ -339,13 +343,26 @@ fn fixed_start(source: Source) -> anyhow::Result<Duration> {
     Ok(start_applied(&mut p, 0)?.own)
 }
 
-/// The same routes with ip -batch: the floor for putting them into the kernel.
-fn ip_batch(lab: &Lab, ns: &str, peers: usize) -> anyhow::Result<Duration> {
+/// The same routes with ip -batch: what flannel's routes take to put into the kernel,
+/// each `via` its peer (`nexthops` false); or, as the agent installs them, each on a
+/// nexthop object of its own (`ip nexthop add id N via ...`, `ip route add ... nhid N`),
+/// which the kernel files by id rather than all in one chain per device.
+fn ip_batch(lab: &Lab, ns: &str, peers: usize, nexthops: bool) -> anyhow::Result<Duration> {
     let batch = lab.dir().join("routes.batch");
     let lines: String = (0..peers)
         .map(|i| {
             let (ip, cidr) = peer(i);
-            format!("route replace {cidr} via {ip} dev eth0 onlink proto {HGW_ROUTE_PROTOCOL}\n")
+            if nexthops {
+                let id = 1_000 + i;
+                format!(
+                    "nexthop add id {id} via {ip} dev eth0 onlink proto {HGW_ROUTE_PROTOCOL}\n\
+                     route add {cidr} nhid {id} proto {HGW_ROUTE_PROTOCOL}\n"
+                )
+            } else {
+                format!(
+                    "route replace {cidr} via {ip} dev eth0 onlink proto {HGW_ROUTE_PROTOCOL}\n"
+                )
+            }
         })
         .collect();
     std::fs::write(&batch, lines).context("writing the ip batch file")?;
@@ -367,11 +384,14 @@ fn ip_batch(lab: &Lab, ns: &str, peers: usize) -> anyhow::Result<Duration> {
         hgw_route_count(ns)? == peers,
         "ip -batch did not install {peers} routes"
     );
-    run_in_ok(
-        ns,
-        "ip",
-        &["route", "flush", "proto", &HGW_ROUTE_PROTOCOL.to_string()],
-    )?;
+    let proto = HGW_ROUTE_PROTOCOL.to_string();
+    if nexthops {
+        // Deleting a nexthop takes the routes on it along (`ip route flush` cannot: it
+        // sends each route back with both its nexthop id and its gateway, refused).
+        run_in_ok(ns, "ip", &["nexthop", "flush", "protocol", &proto])?;
+    } else {
+        run_in_ok(ns, "ip", &["route", "flush", "proto", &proto])?;
+    }
     Ok(took)
 }
 
@@ -416,7 +436,8 @@ fn measure(source: Source, peers: usize) -> anyhow::Result<Sample> {
     let fixed = fixed_start(source)?;
     let mut p = prepare(source, peers)?;
     let ns = p.ns.clone();
-    let ip_batch = ip_batch(&p.lab, &ns, peers)?;
+    let ip_batch_nexthops = ip_batch(&p.lab, &ns, peers, true)?;
+    let ip_batch = ip_batch(&p.lab, &ns, peers, false)?;
 
     let Applied {
         own: agent,
@@ -458,6 +479,7 @@ fn measure(source: Source, peers: usize) -> anyhow::Result<Sample> {
         source,
         peers,
         ip_batch,
+        ip_batch_nexthops,
         fixed,
         agent,
         own_apply,
@@ -561,14 +583,21 @@ pub fn control_plane(out: &Path) -> anyhow::Result<()> {
             let s = Sample::median(&runs);
             let (ratio, low, high) = ratios(&runs);
             println!(
-                "  ip -batch {:?}, agent {:?} = fixed start {:?} + peers; peers / ip -batch {ratio:.2}x ({low:.2}-{high:.2}), the agent's own apply {:?}, one change {:?}, status {:?}, peak RSS {} KiB",
-                s.ip_batch, s.agent, s.fixed, s.own_apply, s.change, s.status, s.peak_rss_kib
+                "  ip -batch {:?} (on nexthops {:?}), agent {:?} = fixed start {:?} + peers; peers / ip -batch {ratio:.2}x ({low:.2}-{high:.2}), the agent's own apply {:?}, one change {:?}, status {:?}, peak RSS {} KiB",
+                s.ip_batch,
+                s.ip_batch_nexthops,
+                s.agent,
+                s.fixed,
+                s.own_apply,
+                s.change,
+                s.status,
+                s.peak_rss_kib
             );
             results.push((s, runs));
         }
     }
     let mut md = String::from(
-        "# hgw control-plane bench\n\nOne lab node; its peers are on-link but do not exist (their next hops stay unresolved, costing the agent the same route and map work). Sources: a static peer file, flannel-style subnet entries in a real etcd (Debian's etcd-server in the lab), or Node objects as flanneld's kube subnet manager announces them, served by the test crate's Kubernetes API server in the lab. Each run: `fixed start` = an agent start until ready with no peers (checks, loading and attaching the programs, the source's first answer), by the agent's account as `agent` below; then a fresh lab with the peers: `ip -batch` = the same routes installed by `ip -batch` (then flushed); `agent` = agent start until every route and fast-path entry is in place, by the agent's own account (the end of its last applied peer change in `status`, on the wall clock the bench shares; `polled` = when the bench's polling saw them, which adds the polling's delay); `peers applied` = `agent` - `fixed start` of the same run; `own apply` = the agent's own time from taking the peer set to its routes and map entries in place (`status`: `last_change.took_us`); `one change` = a peer's node IP changed (file edit: seen through inotify on the file's directory; etcd: one put; kube: one Node's `public-ip` annotation, both seen through the watch) until its kernel route follows; `status` = `hgw-agent status --json` as a user runs it (the process included), median of 5. Every figure per source and size is the median of the runs' own (peak RSS: the highest); `peers applied / ip -batch` is the median of the runs' own ratios, with their range.\n\n",
+        "# hgw control-plane bench\n\nOne lab node; its peers are on-link but do not exist (their next hops stay unresolved, costing the agent the same route and map work). Sources: a static peer file, flannel-style subnet entries in a real etcd (Debian's etcd-server in the lab), or Node objects as flanneld's kube subnet manager announces them, served by the test crate's Kubernetes API server in the lab. Each run: `fixed start` = an agent start until ready with no peers (checks, loading and attaching the programs, the source's first answer), by the agent's account as `agent` below; then a fresh lab with the peers: `ip -batch` = the same routes installed by `ip -batch` (then flushed) as flannel writes them, each `via` its peer's node IP; `ip -batch, nexthops` = the same routes as the agent installs them, each on a nexthop object of its own (`nhid`; the kernel files a plain route's gateway in one hash chain per device, so each plain insert walks all earlier ones); `agent` = agent start until every route and fast-path entry is in place, by the agent's own account (the end of its last applied peer change in `status`, on the wall clock the bench shares; `polled` = when the bench's polling saw them, which adds the polling's delay); `peers applied` = `agent` - `fixed start` of the same run; `own apply` = the agent's own time from taking the peer set to its routes and map entries in place (`status`: `last_change.took_us`); `one change` = a peer's node IP changed (file edit: seen through inotify on the file's directory; etcd: one put; kube: one Node's `public-ip` annotation, both seen through the watch) until its kernel route follows; `status` = `hgw-agent status --json` as a user runs it (the process included), median of 5. Every figure per source and size is the median of the runs' own (peak RSS: the highest); `peers applied / ip -batch` is the median of the runs' own ratios, with their range.\n\n",
     );
     for source in &sources {
         let fixed: Vec<Duration> = results
@@ -591,7 +620,7 @@ pub fn control_plane(out: &Path) -> anyhow::Result<()> {
         let _ = writeln!(md, "\nAgent: {} (HGW_CP_AGENT)", bin.to_string_lossy());
     }
     let _ = writeln!(md, "\n{RUNS} runs per row.");
-    md.push_str("\n| source | peers | ip -batch | fixed start | agent | polled | peers applied | peers applied / ip -batch | own apply | own apply / ip -batch | one change | status | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\n| source | peers | ip -batch | ip -batch, nexthops | fixed start | agent | polled | peers applied | peers applied / ip -batch | own apply | own apply / ip -batch | one change | status | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (s, runs) in &results {
         let (ratio, low, high) = ratios(runs);
         let applied = match median(runs.iter().map(Sample::applied).collect()) {
@@ -600,10 +629,11 @@ pub fn control_plane(out: &Path) -> anyhow::Result<()> {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {applied} | {ratio:.2}x ({low:.2}-{high:.2}) | {:.0} ms | {:.2}x | {:.0} ms | {:.0} ms | {:.1} MiB |",
+            "| {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {applied} | {ratio:.2}x ({low:.2}-{high:.2}) | {:.0} ms | {:.2}x | {:.0} ms | {:.0} ms | {:.1} MiB |",
             s.source.name(),
             s.peers,
             ms(s.ip_batch),
+            ms(s.ip_batch_nexthops),
             ms(s.fixed),
             ms(s.agent),
             ms(s.agent_polled),

@@ -19,7 +19,7 @@ use super::{
     sources::{PeerBatch, PeerReceiver},
 };
 use crate::{
-    kernel::KernelEvent,
+    kernel::{KernelEvent, RouteOwner},
     serve::{metrics::Trigger, status::Status},
 };
 
@@ -163,6 +163,25 @@ impl Agent {
     }
 
     async fn on_event(&mut self, event: KernelEvent) {
+        // The route on it went too, silently for IPv4: as if it were deleted. Not while
+        // the uplink is down (the kernel drops the nexthops on it then; it says so after
+        // the link's own event): its coming up resyncs every route from a dump.
+        let event = match event {
+            KernelEvent::NexthopDeleted { .. } if !self.observed.uplink.up => return,
+            KernelEvent::NexthopDeleted { id } => match self.kernel.route_on_nexthop(id) {
+                Some(destination) => KernelEvent::Route {
+                    destination,
+                    owner: RouteOwner::Hgw {
+                        gateway: None,
+                        oif: None,
+                    },
+                    deleted: true,
+                    replaced: false,
+                },
+                None => return,
+            },
+            other => other,
+        };
         // A route of any table (hgw's own too: a flow the FIB sent elsewhere while
         // hgw's route was missing must look again) and a link going away or down
         // (IPv4 drops its routes without a word) change what the FIB answers.

@@ -247,6 +247,9 @@ impl Observed {
             KernelEvent::Tc { ifindex: None } => Some(Change::Tc(None)),
             KernelEvent::Routing => Some(Change::Routing),
             KernelEvent::Lost => Some(Change::Resync),
+            // The event loop turns it into its route's deletion (the kernel knows the
+            // nexthop's route, this view does not).
+            KernelEvent::NexthopDeleted { .. } => None,
         }
     }
 

@@ -45,7 +45,7 @@ use crate::{
 /// programs are detached (their tcx links close with the process).
 pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
     caps::check(config.fast_path)?;
-    let kernel = Kernel::connect()?;
+    let mut kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
     // What the kernel offers and how the fast path will use it, decided once.
@@ -198,6 +198,7 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
             Err(e) => warn!("status will show no counters: {e}"),
         }
     }
+    kernel.use_nexthops().await;
     let events = crate::kernel::subscribe()?;
     // Without the fast path nothing is redirected, so nothing is skipped.
     let scanner = datapath.is_some().then(|| Scanner::new(kernel.handle()));

@@ -55,6 +55,8 @@ pub enum KernelEvent {
     /// kernel's routing decisions may have changed (main-table routes come as
     /// [`KernelEvent::Route`], which means the same besides).
     Routing,
+    /// One of hgw's nexthop objects was deleted, and the routes on it with it.
+    NexthopDeleted { id: u32 },
     /// Events were lost (the socket's buffer overran): what is known must be rebuilt
     /// from dumps.
     Lost,
@@ -160,7 +162,9 @@ pub struct KernelEvents {
     pub overflowed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Subscribes to neighbour, route, rule, link and tc (qdisc and filter) events.
+/// Subscribes to neighbour, route, rule, link and tc (qdisc and filter) events, and to
+/// the deletion of hgw's nexthops (on a socket of their own: rtnetlink's messages do
+/// not include nexthops).
 pub fn subscribe() -> Result<KernelEvents, KernelError> {
     use std::sync::atomic::Ordering;
     let (mut connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
@@ -179,6 +183,22 @@ pub fn subscribe() -> Result<KernelEvents, KernelError> {
     tokio::spawn(connection);
     let (tx, events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
     let overflowed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A kernel without nexthop objects refuses the group; hgw's routes are plain there.
+    if let Ok(mut deleted) = super::nexthop::deleted_nexthops() {
+        let tx = tx.clone();
+        let flag = overflowed.clone();
+        tokio::spawn(async move {
+            while let Some(id) = deleted.recv().await {
+                match tx.try_send(KernelEvent::NexthopDeleted { id }) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+        });
+    }
     let flag = overflowed.clone();
     tokio::spawn(async move {
         while let Some((message, _)) = messages.next().await {

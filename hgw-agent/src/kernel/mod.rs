@@ -5,9 +5,10 @@
 mod events;
 mod link;
 mod neigh;
+mod nexthop;
 mod route;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use rtnetlink::Handle;
@@ -15,6 +16,7 @@ use rtnetlink::Handle;
 pub use events::{KernelEvent, KernelEvents, RouteOwner, subscribe};
 pub use link::{Link, link_name, port_of};
 pub use neigh::{Neighbour, NeighbourLimits, format_mac};
+pub use nexthop::{NexthopError, remove_all as remove_hgw_nexthops};
 pub use route::{HgwRoute, PrefixOwners, main_route};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,8 @@ fn netlink(
 #[derive(Clone)]
 pub struct Kernel {
     handle: Handle,
+    /// hgw's nexthop objects, once [`Kernel::use_nexthops`] found them usable.
+    nexthops: Option<Arc<nexthop::Nexthops>>,
 }
 
 impl Kernel {
@@ -70,7 +74,10 @@ impl Kernel {
     pub fn connect() -> Result<Self, KernelError> {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(KernelError::Connect)?;
         tokio::spawn(connection);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            nexthops: None,
+        })
     }
 
     /// The request handle, for the tc dumps (`crate::tc`).

@@ -4,11 +4,13 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use futures::TryStreamExt as _;
 use hgw_common::ROUTE_PROTOCOL;
 use ipnet::IpNet;
+use log::{debug, info};
 use rtnetlink::{
     RouteMessageBuilder,
     packet_route::route::{
@@ -83,10 +85,57 @@ fn route_destination(msg: &RouteMessage) -> Option<IpNet> {
 }
 
 impl Kernel {
-    /// `ip route add DEST via GATEWAY dev OIF onlink proto hgw`, created exclusively:
-    /// a route already on the prefix is replaced only if it carries hgw's tag
-    /// (NLM_F_REPLACE alone would take over anyone's route); otherwise
-    /// [`KernelError::ForeignRoute`].
+    /// Puts hgw's routes on nexthop objects from now on (see [`super::nexthop`]), taking
+    /// over an earlier agent's. Left as plain routes, said once, where the kernel has
+    /// no nexthop objects (before 5.3) or its route dumps would not show their gateways
+    /// (`net.ipv4.nexthop_compat_mode` 0: the agent reads its routes' gateways there).
+    pub async fn use_nexthops(&mut self) {
+        let compat = std::fs::read_to_string("/proc/sys/net/ipv4/nexthop_compat_mode");
+        if compat.is_ok_and(|c| c.trim() == "0") {
+            info!("routes without nexthop objects: net.ipv4.nexthop_compat_mode is 0");
+            return;
+        }
+        let routes = match self.main_table().await {
+            Ok(routes) => routes,
+            Err(e) => {
+                info!("routes without nexthop objects: {e}");
+                return;
+            }
+        };
+        let on_nexthops: Vec<(IpNet, u32)> = routes
+            .iter()
+            .filter(|m| HgwRoute::from_message(m).is_some())
+            .filter_map(|m| {
+                let id = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::NhId(id) => Some(*id),
+                    _ => None,
+                })?;
+                Some((route_destination(m)?, id))
+            })
+            .collect();
+        match super::nexthop::Nexthops::open(&on_nexthops).await {
+            Ok(nexthops) => {
+                info!(
+                    "routes on nexthop objects of their own ({} already on them)",
+                    on_nexthops.len()
+                );
+                self.nexthops = Some(Arc::new(nexthops));
+            }
+            Err(e) => info!("routes without nexthop objects: {e}"),
+        }
+    }
+
+    /// The destination whose route was on hgw's nexthop `id` (just deleted): IPv4 drops
+    /// such a route without an event of its own.
+    pub fn route_on_nexthop(&self, id: u32) -> Option<IpNet> {
+        self.nexthops.as_ref()?.destination_of(id)
+    }
+
+    /// `ip route add DEST nhid ID proto hgw` on a nexthop `via GATEWAY dev OIF onlink`
+    /// of the route's own (or, without nexthop objects, `ip route add DEST via GATEWAY
+    /// dev OIF onlink proto hgw`), created exclusively: a route already on the prefix is
+    /// replaced only if it carries hgw's tag (NLM_F_REPLACE alone would take over
+    /// anyone's route); otherwise [`KernelError::ForeignRoute`].
     ///
     /// `ours_there`: the caller's view says hgw's route holds the prefix (a changed next
     /// hop), so it is replaced in one request, without asking who owns the prefix.
@@ -97,35 +146,35 @@ impl Kernel {
         oif: u32,
         ours_there: bool,
     ) -> Result<(), KernelError> {
-        // The same route for either family, tagged and on-link.
-        fn tagged<T>(route: RouteMessageBuilder<T>, oif: u32) -> RouteMessage {
-            route
-                .output_interface(oif)
-                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-                .onlink()
-                .build()
-        }
-        let route = match (destination, gateway) {
-            (IpNet::V4(net), IpAddr::V4(gateway)) => tagged(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(net.network(), net.prefix_len())
-                    .gateway(gateway),
-                oif,
-            ),
-            (IpNet::V6(net), IpAddr::V6(gateway)) => tagged(
-                RouteMessageBuilder::<Ipv6Addr>::new()
-                    .destination_prefix(net.network(), net.prefix_len())
-                    .gateway(gateway),
-                oif,
-            ),
-            _ => {
-                return Err(KernelError::InvalidRoute {
-                    destination,
-                    gateway,
-                    reason: "destination and gateway are of different families".into(),
-                });
+        let plain = plain_route(destination, gateway, oif)?;
+        if let Some(nexthops) = &self.nexthops
+            && let Some(id) = nexthops.for_route(destination, gateway, oif).await
+        {
+            let mut route = route_to(destination);
+            route.attributes.push(RouteAttribute::NhId(id));
+            match self.put_route(route, destination, ours_there).await {
+                Ok(()) => return Ok(()),
+                Err(e @ KernelError::ForeignRoute { .. }) => {
+                    nexthops.release(destination).await;
+                    return Err(e);
+                }
+                // Whatever the kernel has against the nexthop, the plain route is what
+                // the agent installed before nexthop objects.
+                Err(e) => {
+                    debug!("{e}; installing it without a nexthop object");
+                    nexthops.release(destination).await;
+                }
             }
-        };
+        }
+        self.put_route(plain, destination, ours_there).await
+    }
+
+    async fn put_route(
+        &self,
+        route: RouteMessage,
+        destination: IpNet,
+        ours_there: bool,
+    ) -> Result<(), KernelError> {
         if !ours_there {
             match self.handle.route().add(route.clone()).execute().await {
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
@@ -219,39 +268,74 @@ impl Kernel {
         Ok(routes)
     }
 
-    /// Deletes a route hgw installed: the request carries hgw's tag, and the kernel
-    /// deletes only a route with the same protocol, so someone else's route on the
-    /// prefix is never taken.
+    /// Deletes a route hgw installed, then its nexthop: the request carries hgw's tag,
+    /// and the kernel deletes only a route with the same protocol, so someone else's
+    /// route on the prefix is never taken. Neither gateway nor device is named: the
+    /// kernel matches neither against a route on a nexthop object (IPv4 then finds
+    /// nothing), and hgw has one route per prefix.
     pub async fn delete_route(&self, route: &HgwRoute) -> Result<(), KernelError> {
-        fn tagged<T>(route: RouteMessageBuilder<T>, oif: Option<u32>) -> RouteMessage {
-            let route = route.protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
-            match oif {
-                Some(oif) => route.output_interface(oif).build(),
-                None => route.build(),
-            }
-        }
-        let message = match (route.destination, route.gateway) {
-            (IpNet::V4(net), gateway) => {
-                let builder = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(net.network(), net.prefix_len());
-                match gateway {
-                    Some(IpAddr::V4(gateway)) => tagged(builder.gateway(gateway), route.oif),
-                    _ => tagged(builder, route.oif),
-                }
-            }
-            (IpNet::V6(net), gateway) => {
-                let builder = RouteMessageBuilder::<Ipv6Addr>::new()
-                    .destination_prefix(net.network(), net.prefix_len());
-                match gateway {
-                    Some(IpAddr::V6(gateway)) => tagged(builder.gateway(gateway), route.oif),
-                    _ => tagged(builder, route.oif),
-                }
-            }
-        };
-        match self.handle.route().del(message).execute().await {
+        let result = match self
+            .handle
+            .route()
+            .del(route_to(route.destination))
+            .execute()
+            .await
+        {
             // Gone already: done.
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
             other => other.map_err(netlink("deleting route to", route.destination)),
+        };
+        if result.is_ok()
+            && let Some(nexthops) = &self.nexthops
+        {
+            nexthops.release(route.destination).await;
         }
+        result
+    }
+}
+
+/// A main-table unicast route to `destination` tagged with hgw's protocol, with no
+/// next hop yet.
+fn route_to(destination: IpNet) -> RouteMessage {
+    match destination {
+        IpNet::V4(net) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .build(),
+        IpNet::V6(net) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .build(),
+    }
+}
+
+/// `DEST via GATEWAY dev OIF onlink proto hgw`.
+fn plain_route(destination: IpNet, gateway: IpAddr, oif: u32) -> Result<RouteMessage, KernelError> {
+    // The same route for either family, tagged and on-link.
+    fn tagged<T>(route: RouteMessageBuilder<T>, oif: u32) -> RouteMessage {
+        route
+            .output_interface(oif)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .onlink()
+            .build()
+    }
+    match (destination, gateway) {
+        (IpNet::V4(net), IpAddr::V4(gateway)) => Ok(tagged(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(net.network(), net.prefix_len())
+                .gateway(gateway),
+            oif,
+        )),
+        (IpNet::V6(net), IpAddr::V6(gateway)) => Ok(tagged(
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(net.network(), net.prefix_len())
+                .gateway(gateway),
+            oif,
+        )),
+        _ => Err(KernelError::InvalidRoute {
+            destination,
+            gateway,
+            reason: "destination and gateway are of different families".into(),
+        }),
     }
 }

@@ -27,6 +27,8 @@ pub enum UninstallError {
     Tc(#[from] crate::tc::TcError),
     #[error(transparent)]
     Kernel(#[from] crate::kernel::KernelError),
+    #[error("removing hgw's nexthops: {0}")]
+    Nexthops(#[from] crate::kernel::NexthopError),
     #[error("{0}")]
     Rules(String),
 }
@@ -38,6 +40,7 @@ pub struct Removed {
     pub routes: usize,
     pub filters: usize,
     pub qdiscs: usize,
+    pub nexthops: usize,
 }
 
 pub async fn uninstall(
@@ -72,12 +75,13 @@ pub async fn uninstall(
         kernel.delete_route(&route).await?;
         removed.routes += 1;
     }
+    removed.nexthops = crate::kernel::remove_hgw_nexthops().await?;
     conntrack::remove_tracking().map_err(|e| UninstallError::Rules(e.to_string()))?;
     masq::remove().map_err(|e| UninstallError::Rules(e.to_string()))?;
     setup::remove_forward_accepts().map_err(|e| UninstallError::Rules(e.to_string()))?;
     info!(
-        "uninstalled: {} pins (the programs went with their links), {} cls_bpf filters, {} clsact qdiscs hgw added, {} routes, hgw's nftables tables and FORWARD rules",
-        removed.pins, removed.filters, removed.qdiscs, removed.routes
+        "uninstalled: {} pins (the programs went with their links), {} cls_bpf filters, {} clsact qdiscs hgw added, {} routes, {} nexthops, hgw's nftables tables and FORWARD rules",
+        removed.pins, removed.filters, removed.qdiscs, removed.routes, removed.nexthops
     );
     Ok(removed)
 }
