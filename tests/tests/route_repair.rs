@@ -126,5 +126,11 @@ fn routes_are_back_after_the_uplink_goes_down_and_up() -> anyhow::Result<()> {
     )?;
     let nexthops = hgw_nexthops(&node.ns)?;
     assert_eq!(nexthops.len(), 2, "one nexthop per route: {nexthops:?}");
+    // No install tried on the down uplink, so no warning per route.
+    let log = lab.agents()[0].log();
+    assert!(
+        !log.contains("reinstalling it") && !log.contains("Network is down"),
+        "{log}"
+    );
     Ok(())
 }

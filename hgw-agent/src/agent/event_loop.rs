@@ -163,11 +163,8 @@ impl Agent {
     }
 
     async fn on_event(&mut self, event: KernelEvent) {
-        // The route on it went too, silently for IPv4: as if it were deleted. Not while
-        // the uplink is down (the kernel drops the nexthops on it then; it says so after
-        // the link's own event): its coming up resyncs every route from a dump.
+        // The route on it went too, silently for IPv4: as if it were deleted.
         let event = match event {
-            KernelEvent::NexthopDeleted { .. } if !self.observed.uplink.up => return,
             KernelEvent::NexthopDeleted { id } => match self.kernel.route_on_nexthop(id) {
                 Some(destination) => KernelEvent::Route {
                     destination,

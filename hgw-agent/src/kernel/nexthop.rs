@@ -304,9 +304,11 @@ impl NexthopSocket {
 /// `RTNLGRP_NEXTHOP`: the kernel's nexthop events.
 const RTNLGRP_NEXTHOP: u32 = 32;
 
-/// The ids of hgw's nexthops as they are deleted, by anyone (`ip nexthop flush`, the
-/// device going down), read by their own task: IPv4 deletes the routes on a nexthop
-/// without a route event, so this is how the agent learns that they went.
+/// The ids of hgw's nexthops as they are deleted by a request (`ip nexthop del` or
+/// `flush`, anyone's), read by their own task: IPv4 deletes the routes on a nexthop
+/// without a route event, so this is how the agent learns that they went. (A device
+/// going down drops its nexthops without any event, as it does IPv4 routes; the
+/// agent's resync when the uplink comes up puts them back.)
 pub fn deleted_nexthops() -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<u32>> {
     let (connection, _, mut messages) =
         rtnetlink::proto::new_connection_with_socket::<NexthopMessage, TokioSocket>(NETLINK_ROUTE)?;

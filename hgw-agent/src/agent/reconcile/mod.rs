@@ -548,6 +548,10 @@ mod tests {
         // Over peers held already, the same set again changes nothing.
         assert_eq!(block_on(held.apply_checked_peers(checked(), &observed)), 0);
         assert_eq!(*held_routes.table.borrow(), *sent_routes.table.borrow());
-        assert_eq!(held_routes.writes.borrow().len(), n, "nothing written again");
+        assert_eq!(
+            held_routes.writes.borrow().len(),
+            n,
+            "nothing written again"
+        );
     }
 }

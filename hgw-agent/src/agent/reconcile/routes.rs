@@ -28,6 +28,10 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 self.set_state(cidr, RouteState::Installed);
             }
             (None, Some(protocol), _) => self.note_foreign(cidr, protocol.clone()),
+            // The kernel drops the routes (and nexthops) on a device going down, and
+            // refuses new ones there: the uplink's coming up resyncs them all, rather
+            // than a failed install and a warning per route now.
+            (None, None, _) if !observed.uplink.up => self.set_state(cidr, RouteState::Failed),
             (None, None, Some(RouteState::Foreign(_))) => {
                 info!(
                     "the foreign route to {cidr} is gone; installing hgw's ({})",
@@ -238,6 +242,43 @@ mod tests {
             !routes.table.borrow().contains_key(&left),
             "swept once it has"
         );
+    }
+
+    #[test]
+    fn a_route_dropped_with_the_uplink_down_waits_for_it_to_come_up() {
+        let routes = FakeRoutes::default();
+        let set = peers(2);
+        let mut observed = observed();
+        let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
+        block_on(r.apply_peers(PeerBatch::All(set.clone()), &observed));
+        observe_routes(&mut observed, &routes);
+        assert_eq!(r.routes_installed(), 2);
+        let writes = routes.writes.borrow().len();
+        // The uplink goes down; the kernel drops the route.
+        observed.uplink.up = false;
+        let gone = IpNet::V4(set[0].pod_cidr);
+        routes.table.borrow_mut().remove(&gone);
+        observed.apply(KernelEvent::Route {
+            destination: gone,
+            owner: RouteOwner::Hgw {
+                gateway: None,
+                oif: None,
+            },
+            deleted: true,
+            replaced: false,
+        });
+        block_on(r.on_change(Change::Prefix(gone), &observed));
+        assert_eq!(
+            routes.writes.borrow().len(),
+            writes,
+            "no install on a down uplink"
+        );
+        assert_eq!(r.routes_installed(), 1, "status says the route is missing");
+        // Up again: the resync puts it back.
+        observed.uplink.up = true;
+        block_on(r.resync(&observed));
+        assert!(routes.table.borrow().contains_key(&gone));
+        assert_eq!(r.routes_installed(), 2);
     }
 
     #[test]
