@@ -150,23 +150,36 @@ struct FibParams {
 }
 const _: () = assert!(size_of::<FibParams>() == 64);
 
-impl FibParams {
-    #[inline(always)]
-    fn new(family: u8, l4_protocol: u8) -> Self {
-        FibParams {
-            family,
-            l4_protocol,
-            sport: [0; 2],
-            dport: [0; 2],
-            tot_len: 0,
-            ifindex: 0,
-            tos_or_flowinfo: [0; 4],
-            src: [0; 16],
-            dst: [0; 16],
-            vlan: [0; 4],
-            smac: [0; 6],
-            dmac: [0; 6],
-        }
+/// Zeroes `*value` in place, in 4-byte words that LLVM cannot merge: zero stores it may
+/// merge become calls to a byte-by-byte `memset` (bpf-linker has LLVM expand memcpy
+/// in order, which leaves memset a call), one call per part of a struct zeroed around
+/// the fields set. Moving the value afterwards could bring the calls back: fill it in
+/// place.
+///
+/// # Safety
+/// `value` must be valid for writes, and all zeros a valid `T`.
+#[inline(always)]
+unsafe fn zero_in_place<T>(value: *mut T) {
+    const { assert!(size_of::<T>().is_multiple_of(4) && align_of::<T>() >= 4) };
+    let words = value.cast::<u32>();
+    for i in 0..size_of::<T>() / 4 {
+        // SAFETY: word i of the value (the size is a multiple of 4, the alignment at
+        // least 4), guaranteed writable by the caller.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+}
+
+/// A `T` of all zeros (see [`zero_in_place`]).
+///
+/// # Safety
+/// All zeros must be a valid `T`.
+#[inline(always)]
+unsafe fn zeroed<T>() -> T {
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: a local; all zeros is a valid T (the caller).
+    unsafe {
+        zero_in_place(value.as_mut_ptr());
+        value.assume_init()
     }
 }
 
@@ -287,61 +300,96 @@ fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Cou
     if !H::owns(config, src) || H::is_gateway(config, src) {
         return Err(Counter::PassSource);
     }
-    forward(ctx, eth, ip, FLOW_TO_PEER, &config.ct, send_to_peer, |l4| {
-        let next_hop = *H::route(dst).ok_or(Counter::PassNoRoute)?;
-        // An unknown (or just deleted) MAC goes to the kernel rather than to
-        // bpf_redirect_neigh with the node IP: the agent's route resolves it and queues
-        // the packet just the same, and the kernel path stays the one place where all
-        // of a router's duties (ICMP errors, netfilter) apply while the fast path
-        // cannot act.
-        if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
-            return Err(Counter::PassNoMac);
-        }
-        let wire_len = check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
-        // The redirect skips what follows on this hook and, from a port, the bridge's
-        // own ingress, where the kernel path goes next; the uplink's egress it keeps.
-        let ingress = ingress_ifindex(ctx);
-        if device_has(ingress, DEVICE_INGRESS)
-            || (ingress != config.bridge_ifindex
-                && device_has(config.bridge_ifindex, DEVICE_INGRESS))
-        {
-            return Err(Counter::PassTcHook);
-        }
-        let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
-        // Last, so that only packets about to be forwarded pay for it (never a SYN):
-        // routed by the kernel, the packet enters the stack on the bridge; the fast
-        // path goes only where the kernel would, the same interface and neighbour.
-        // (Conntrack's side effects above are what the kernel does on seeing the
-        // packet anyway.)
-        let route = kernel_route(ctx, ip, &l4, config.bridge_ifindex, wire_len);
-        match route.rc {
-            BPF_FIB_LKUP_RET_SUCCESS
-                if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac =>
-            {
-                Ok((next_hop, cache))
-            }
-            BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::PassMtu),
-            _ => Err(Counter::PassRoute),
-        }
-    })
+    forward(
+        ctx,
+        eth,
+        ip,
+        config,
+        dst,
+        FLOW_TO_PEER,
+        send_to_peer,
+        to_peer_full_path,
+    )
 }
+
+/// A local pod's packet to `dst`, a peer's pod: the next hop, if the kernel would send
+/// it there and conntrack accepted its flow.
+#[inline(always)]
+fn to_peer_full_path<H: IpHeader>(
+    ctx: &TcContext,
+    ip: *mut H,
+    config: &NodeConfig,
+    dst: H::Addr,
+    l4: Result<Transport, Counter>,
+) -> Result<(NextHop, Cache), Counter> {
+    let next_hop = *H::route(dst).ok_or(Counter::PassNoRoute)?;
+    // An unknown (or just deleted) MAC goes to the kernel rather than to
+    // bpf_redirect_neigh with the node IP: the agent's route resolves it and queues
+    // the packet just the same, and the kernel path stays the one place where all
+    // of a router's duties (ICMP errors, netfilter) apply while the fast path
+    // cannot act.
+    if next_hop.flags & NEXT_HOP_MAC_KNOWN == 0 {
+        return Err(Counter::PassNoMac);
+    }
+    let wire_len = check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
+    // The redirect skips what follows on this hook and, from a port, the bridge's
+    // own ingress, where the kernel path goes next; the uplink's egress it keeps.
+    let ingress = ingress_ifindex(ctx);
+    if device_has(ingress, DEVICE_INGRESS)
+        || (ingress != config.bridge_ifindex && device_has(config.bridge_ifindex, DEVICE_INGRESS))
+    {
+        return Err(Counter::PassTcHook);
+    }
+    let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+    // Last, so that only packets about to be forwarded pay for it (never a SYN):
+    // routed by the kernel, the packet enters the stack on the bridge; the fast
+    // path goes only where the kernel would, the same interface and neighbour.
+    // (Conntrack's side effects above are what the kernel does on seeing the
+    // packet anyway.)
+    let route = kernel_route(ctx, ip, &l4, config.bridge_ifindex, wire_len);
+    match route.rc {
+        BPF_FIB_LKUP_RET_SUCCESS
+            if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac =>
+        {
+            Ok((next_hop, cache))
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::PassMtu),
+        _ => Err(Counter::PassRoute),
+    }
+}
+
+/// What the full path decides for a packet: its next hop and whether the flow cache may
+/// remember it, or why it goes to the kernel.
+type FullPath<H> = fn(
+    &TcContext,
+    *mut H,
+    &NodeConfig,
+    <H as IpHeader>::Addr,
+    Result<Transport, Counter>,
+) -> Result<(NextHop, Cache), Counter>;
 
 /// Forwards a packet whose IP header and addresses the caller checked: with the
 /// flow's cached next hop if the flow cache holds a verdict that stands, else with
 /// what `full_path` finds (the lookups and conntrack's judgement, given the packet's
 /// transport header), which the cache then remembers or forgets.
+///
+/// `full_path` and `send` are functions, not closures: a constant at each inlined call,
+/// they are inlined too, where rustc's closure was not, and a BPF-to-BPF call and its
+/// return cost more than the code they would share.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one call per direction, inlined")]
 fn forward<H: IpHeader>(
     ctx: &TcContext,
     eth: *mut EthHdr,
     ip: *mut H,
+    config: &NodeConfig,
+    dst: H::Addr,
     side: u8,
-    timeouts: &CtTimeouts,
     send: unsafe fn(&TcContext, *mut EthHdr, *mut H, &NextHop),
-    full_path: impl FnOnce(Result<Transport, Counter>) -> Result<(NextHop, Cache), Counter>,
+    full_path: FullPath<H>,
 ) -> Result<(), Counter> {
     let l4 = transport(ctx, ip);
-    let mut flow = Flow::<H>::of(&l4, ip, side, timeouts);
+    let mut flow = Flow::<H>::of(&l4, ip, side, &config.ct);
     if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
         check_ttl_and_mtu(ctx, ip, hop.mtu)?;
         // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
@@ -350,7 +398,7 @@ fn forward<H: IpHeader>(
         count(H::FAMILY, Counter::CtCached);
         return Ok(());
     }
-    let result = full_path(l4);
+    let result = full_path(ctx, ip, config, dst, l4);
     if let Some(flow) = flow {
         flow.remember(result.as_ref().ok());
     }
@@ -399,52 +447,72 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
     if !H::in_cluster(config, src) || H::owns(config, src) {
         return Err(Counter::PassSource);
     }
-    forward(ctx, eth, ip, FLOW_TO_POD, &config.ct, send_to_pod, |l4| {
-        let wire_len = check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
-        let ingress = ingress_ifindex(ctx);
-        if device_has(ingress, DEVICE_INGRESS) {
-            return Err(Counter::PassTcHook);
-        }
-        let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
-        // The kernel would send it into the bridge to the pod itself (the pod CIDR's
-        // connected route, no gateway); the pod's MAC is the bridge's business, so an
-        // unresolved one is no reason.
-        let route = kernel_route(ctx, ip, &l4, ingress, wire_len);
-        match route.rc {
-            BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
-                if route.ifindex == config.bridge_ifindex && route.direct => {}
-            BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassMtu),
-            _ => return Err(Counter::PassRoute),
-        }
-        // A known pod: straight into its namespace, past the bridge, as the gateway
-        // would have sent it, unless a qdisc or filter on the bridge's or the pod's
-        // egress would be skipped (a pod's bandwidth limit). Otherwise through the
-        // bridge, whose egress and the port's run as on the kernel path, and whose
-        // neighbour table (ARP or NDP) knows the pod's MAC, or resolves it while the
-        // packet waits.
-        let hop = match H::endpoint(dst) {
-            Some(endpoint)
-                if !device_has(endpoint.ifindex, DEVICE_EGRESS)
-                    && !device_has(config.bridge_ifindex, DEVICE_EGRESS) =>
-            {
-                NextHop {
-                    ifindex: endpoint.ifindex,
-                    mtu: config.bridge_mtu,
-                    dst_mac: endpoint.mac,
-                    src_mac: config.bridge_mac,
-                    flags: NEXT_HOP_POD,
-                }
-            }
-            _ => NextHop {
-                ifindex: config.bridge_ifindex,
+    forward(
+        ctx,
+        eth,
+        ip,
+        config,
+        dst,
+        FLOW_TO_POD,
+        send_to_pod,
+        to_pod_full_path,
+    )
+}
+
+/// A packet from the uplink to `dst`, a local pod: the way in, if the kernel would
+/// deliver it there and conntrack accepted its flow.
+#[inline(always)]
+fn to_pod_full_path<H: IpHeader>(
+    ctx: &TcContext,
+    ip: *mut H,
+    config: &NodeConfig,
+    dst: H::Addr,
+    l4: Result<Transport, Counter>,
+) -> Result<(NextHop, Cache), Counter> {
+    let wire_len = check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
+    let ingress = ingress_ifindex(ctx);
+    if device_has(ingress, DEVICE_INGRESS) {
+        return Err(Counter::PassTcHook);
+    }
+    let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
+    // The kernel would send it into the bridge to the pod itself (the pod CIDR's
+    // connected route, no gateway); the pod's MAC is the bridge's business, so an
+    // unresolved one is no reason.
+    let route = kernel_route(ctx, ip, &l4, ingress, wire_len);
+    match route.rc {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
+            if route.ifindex == config.bridge_ifindex && route.direct => {}
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassMtu),
+        _ => return Err(Counter::PassRoute),
+    }
+    // A known pod: straight into its namespace, past the bridge, as the gateway
+    // would have sent it, unless a qdisc or filter on the bridge's or the pod's
+    // egress would be skipped (a pod's bandwidth limit). Otherwise through the
+    // bridge, whose egress and the port's run as on the kernel path, and whose
+    // neighbour table (ARP or NDP) knows the pod's MAC, or resolves it while the
+    // packet waits.
+    let hop = match H::endpoint(dst) {
+        Some(endpoint)
+            if !device_has(endpoint.ifindex, DEVICE_EGRESS)
+                && !device_has(config.bridge_ifindex, DEVICE_EGRESS) =>
+        {
+            NextHop {
+                ifindex: endpoint.ifindex,
                 mtu: config.bridge_mtu,
-                dst_mac: [0; 6],
-                src_mac: [0; 6],
-                flags: NEXT_HOP_BRIDGE,
-            },
-        };
-        Ok((hop, cache))
-    })
+                dst_mac: endpoint.mac,
+                src_mac: config.bridge_mac,
+                flags: NEXT_HOP_POD,
+            }
+        }
+        _ => NextHop {
+            ifindex: config.bridge_ifindex,
+            mtu: config.bridge_mtu,
+            flags: NEXT_HOP_BRIDGE,
+            // SAFETY: NextHop is Pod; the bridge's neighbour entry fills in the MACs.
+            ..unsafe { zeroed() }
+        },
+    };
+    Ok((hop, cache))
 }
 
 /// TTL - 1, into the pod: with its MAC from the bridge's, or through the bridge, whose
@@ -509,8 +577,15 @@ fn kernel_route<H: IpHeader>(
     ingress: u32,
     wire_len: u32,
 ) -> KernelRoute {
-    // SAFETY: the caller got ip from parse.
-    let mut params = unsafe { H::fib_params(ip) };
+    let mut request = core::mem::MaybeUninit::<FibParams>::uninit();
+    // SAFETY: a local, filled in place; all zeros is the empty request; the caller
+    // got ip from parse.
+    let params = unsafe {
+        zero_in_place(request.as_mut_ptr());
+        let params = request.assume_init_mut();
+        H::fib_params(ip, params);
+        params
+    };
     params.ifindex = ingress;
     // With a length, the kernel checks it against the route's MTU (the egress
     // device's, a locked route MTU, the path MTU) before the neighbour lookup.
@@ -525,7 +600,7 @@ fn kernel_route<H: IpHeader>(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb.cast(),
-            (&raw mut params).cast(),
+            (&raw mut *params).cast(),
             size_of::<FibParams>() as i32,
             0,
         )
@@ -993,12 +1068,13 @@ trait IpHeader: Sized {
         // SAFETY: guaranteed by the caller.
         unsafe { core::ptr::write_volatile(check, 0) };
     }
-    /// The FIB lookup's inputs from this header: family, protocol, TOS or flow info,
-    /// addresses (the ports and ingress interface are the caller's).
+    /// The FIB lookup's inputs from this header, written into a zeroed request: family,
+    /// protocol, TOS or flow info, addresses (the ports and ingress interface are the
+    /// caller's).
     ///
     /// # Safety
     /// `ip` must point to a whole header inside the packet.
-    unsafe fn fib_params(ip: *const Self) -> FibParams;
+    unsafe fn fib_params(ip: *const Self, params: &mut FibParams);
     /// TTL (hop limit) - 1, and whatever the header and skb need to stay valid.
     ///
     /// # Safety
@@ -1130,14 +1206,14 @@ impl IpHeader for Ip4 {
         &HGW_FLOWS_V4
     }
 
-    unsafe fn fib_params(ip: *const Self) -> FibParams {
+    unsafe fn fib_params(ip: *const Self, params: &mut FibParams) {
         // SAFETY: guaranteed by the caller.
         let hdr = unsafe { &*ip };
-        let mut params = FibParams::new(AF_INET, hdr.proto);
+        params.family = AF_INET;
+        params.l4_protocol = hdr.proto;
         params.tos_or_flowinfo[0] = hdr.tos;
         params.src[..4].copy_from_slice(&hdr.src_addr);
         params.dst[..4].copy_from_slice(&hdr.dst_addr);
-        params
     }
 
     fn route(addr: [u8; 4]) -> Option<&'static NextHop> {
@@ -1283,15 +1359,15 @@ impl IpHeader for Ip6 {
         &HGW_FLOWS_V6
     }
 
-    unsafe fn fib_params(ip: *const Self) -> FibParams {
+    unsafe fn fib_params(ip: *const Self, params: &mut FibParams) {
         // SAFETY: guaranteed by the caller.
         let hdr = unsafe { &*ip };
-        let mut params = FibParams::new(AF_INET6, hdr.next_hdr);
+        params.family = AF_INET6;
+        params.l4_protocol = hdr.next_hdr;
         // ip6_flowinfo(): traffic class and flow label, without the version.
         params.tos_or_flowinfo = [hdr.vcf[0] & 0x0f, hdr.vcf[1], hdr.vcf[2], hdr.vcf[3]];
         params.src = hdr.src_addr;
         params.dst = hdr.dst_addr;
-        params
     }
 
     fn route(addr: [u8; 16]) -> Option<&'static NextHop> {
