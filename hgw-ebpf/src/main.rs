@@ -374,8 +374,8 @@ type FullPath<H> = fn(
 /// transport header), which the cache then remembers or forgets.
 ///
 /// `full_path` and `send` are functions, not closures: a constant at each inlined call,
-/// they are inlined too, where rustc's closure was not, and a BPF-to-BPF call and its
-/// return cost more than the code they would share.
+/// each is inlined unless it says otherwise, where rustc's closure was left out of line,
+/// and a BPF-to-BPF call and its return cost more than the code they would share.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "one call per direction, inlined")]
 fn forward<H: IpHeader>(
@@ -461,6 +461,11 @@ fn try_to_pod<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Coun
 
 /// A packet from the uplink to `dst`, a local pod: the way in, if the kernel would
 /// deliver it there and conntrack accepted its flow.
+///
+/// A subprogram of its own (its arguments by reference: a BPF call takes five
+/// registers): inlined, LLVM gives one stack slot to a packet pointer on one path and
+/// to the next hop on another, which Linux 6.1's verifier cannot tell apart ("pointer
+/// arithmetic with <<= operator prohibited"); newer ones can.
 #[inline(always)]
 fn to_pod_full_path<H: IpHeader>(
     ctx: &TcContext,
@@ -469,6 +474,33 @@ fn to_pod_full_path<H: IpHeader>(
     dst: H::Addr,
     l4: Result<Transport, Counter>,
 ) -> Result<(NextHop, Cache), Counter> {
+    to_pod_decision(&PodPacket {
+        ctx,
+        ip,
+        config,
+        dst,
+        l4,
+    })
+}
+
+/// [`to_pod_full_path`]'s arguments.
+struct PodPacket<'a, H: IpHeader> {
+    ctx: &'a TcContext,
+    ip: *mut H,
+    config: &'a NodeConfig,
+    dst: H::Addr,
+    l4: Result<Transport, Counter>,
+}
+
+#[inline(never)]
+fn to_pod_decision<H: IpHeader>(packet: &PodPacket<'_, H>) -> Result<(NextHop, Cache), Counter> {
+    let PodPacket {
+        ctx,
+        ip,
+        config,
+        dst,
+        l4,
+    } = *packet;
     let wire_len = check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
     let ingress = ingress_ifindex(ctx);
     if device_has(ingress, DEVICE_INGRESS) {
