@@ -15,7 +15,7 @@
 //! whose path check fails is not reported.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// All traffic over IPv6 (the labs are dual stack) instead of IPv4.
     #[arg(long)]
     ipv6: bool,
+    /// Records a system-wide profile of each measurement (`perf record -a -g`, needs
+    /// perf) into DIR/ROUND-TEST-MODE.data, to see where a mode's time goes.
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
 }
 
 /// Names `--variant` may not take.
@@ -294,7 +298,21 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     duration,
                     interrupt: &interrupt,
                 };
-                match measure(&setup, &modes, mode, test, window) {
+                let profile = args
+                    .perf
+                    .as_deref()
+                    .map(|dir| {
+                        Profile::start(&dir.join(format!(
+                            "{}-{}-{}.data",
+                            round + 1,
+                            test.name(),
+                            modes[mode].name
+                        )))
+                    })
+                    .transpose()?;
+                let measured = measure(&setup, &modes, mode, test, window);
+                drop(profile);
+                match measured {
                     Ok((values, path)) => {
                         let shown: Vec<String> = values
                             .iter()
@@ -638,4 +656,35 @@ fn measure(
         note.push_str(&format!("; {loss:.1}% of datagrams lost"));
     }
     Ok((values, note))
+}
+
+/// A `perf record -a -g` running until dropped.
+struct Profile(std::process::Child);
+
+impl Profile {
+    fn start(out: &Path) -> anyhow::Result<Profile> {
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let child = Command::new("perf")
+            .args(["record", "-a", "-g", "-q", "-o"])
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf record (is perf installed?)")?;
+        // perf takes a moment to open its events on every CPU.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Profile(child))
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        // SIGINT makes perf write its file and exit.
+        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
+            // SAFETY: a plain syscall on our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        let _ = self.0.wait();
+    }
 }

@@ -68,29 +68,35 @@ pub fn other_cpu() -> usize {
     }
 }
 
-/// Machine-wide CPU time from the `cpu` line of /proc/stat, in nanoseconds.
+/// CPU time from /proc/stat, in nanoseconds: the sender's CPU's busy time (its `cpuN`
+/// line) and the machine's softirq time (the `cpu` line).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuTime {
-    /// user + nice + system + irq + softirq + steal.
-    pub busy_ns: u64,
+    /// The sender's CPU: user + nice + system + irq + softirq + steal. (The receiver
+    /// polls on the other CPU, always busy.)
+    pub sender_busy_ns: u64,
+    /// All CPUs.
     pub softirq_ns: u64,
 }
 
 impl CpuTime {
     pub fn now() -> anyhow::Result<CpuTime> {
         let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        let line = stat
-            .lines()
-            .find(|l| l.starts_with("cpu "))
-            .context("/proc/stat has no `cpu` line")?;
-        let f: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .map(|v| v.parse().unwrap_or(0))
-            .collect();
-        let field = |i: usize| f.get(i).copied().unwrap_or(0);
+        let fields = |name: &str| -> anyhow::Result<Vec<u64>> {
+            let line = stat
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(name))
+                .with_context(|| format!("/proc/stat has no `{name}` line"))?;
+            Ok(line
+                .split_whitespace()
+                .skip(1)
+                .map(|v| v.parse().unwrap_or(0))
+                .collect())
+        };
+        let (all, sender) = (fields("cpu")?, fields(&format!("cpu{SENDER_CPU}"))?);
+        let field = |f: &[u64], i: usize| f.get(i).copied().unwrap_or(0);
         // user nice system idle iowait irq softirq steal (guest time is inside user).
-        let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+        let busy = [0, 1, 2, 5, 6, 7].iter().map(|&i| field(&sender, i)).sum();
         // SAFETY: sysconf has no preconditions.
         let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
             .ok()
@@ -98,8 +104,8 @@ impl CpuTime {
             .unwrap_or(100);
         let ns = |ticks: u64| ticks * 1_000_000_000 / hz;
         Ok(CpuTime {
-            busy_ns: ns(busy),
-            softirq_ns: ns(field(6)),
+            sender_busy_ns: ns(busy),
+            softirq_ns: ns(field(&all, 6)),
         })
     }
 }
@@ -109,7 +115,8 @@ impl CpuTime {
 pub struct UdpResult {
     /// Datagrams received per second in the window.
     pub pps: f64,
-    /// Busy CPU time (all CPUs) per received datagram in the window.
+    /// The sender's CPU's busy time per received datagram in the window: sending and,
+    /// in its softirq, the whole path to the receiver's socket.
     pub cpu_ns_per_pkt: f64,
     /// Softirq time (all CPUs) per received datagram in the window.
     pub softirq_ns_per_pkt: f64,
@@ -198,7 +205,7 @@ fn measure_udp(
         let n_f = n as f64;
         Ok(UdpResult {
             pps: n_f / elapsed.as_secs_f64(),
-            cpu_ns_per_pkt: c1.busy_ns.saturating_sub(c0.busy_ns) as f64 / n_f,
+            cpu_ns_per_pkt: c1.sender_busy_ns.saturating_sub(c0.sender_busy_ns) as f64 / n_f,
             softirq_ns_per_pkt: c1.softirq_ns.saturating_sub(c0.softirq_ns) as f64 / n_f,
             received_total: received.load(Ordering::SeqCst),
             sent_total,
@@ -323,15 +330,25 @@ fn receive_udp(server: &UdpSocket, done: &AtomicBool, received: &AtomicU64) -> a
         m.msg_hdr.msg_iov = iov;
         m.msg_hdr.msg_iovlen = 1;
     }
+    // The receiver polls when it has a CPU of its own: one that sleeps is woken by the
+    // sender's softirq (an IPI, about 1.5 us on a VM) whenever it has caught up, a cost
+    // that depends on which side is faster, not on the path under test, and that made
+    // the 1,000-flow numbers swing between modes. On one CPU it would only take the
+    // sender's time; there it waits (SO_RCVTIMEO bounds the wait).
+    let flags = if other_cpu() == SENDER_CPU {
+        libc::MSG_WAITFORONE
+    } else {
+        libc::MSG_DONTWAIT
+    };
     while !done.load(Ordering::Relaxed) {
         // SAFETY: BATCH headers, each with one iovec into its own buffer; all outlive
-        // the call. SO_RCVTIMEO bounds the wait for the first datagram.
+        // the call.
         let n = unsafe {
             libc::recvmmsg(
                 server.as_raw_fd(),
                 msgs.as_mut_ptr(),
                 BATCH as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                flags,
                 std::ptr::null_mut(),
             )
         };
