@@ -86,7 +86,7 @@ pub const METRICS: &[Metric] = &[
     },
     Metric {
         key: "udp_cpu_ns",
-        label: "sender's CPU per UDP packet",
+        label: "sender CPU per UDP packet",
         unit: "ns",
         higher_is_better: false,
     },
