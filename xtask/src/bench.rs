@@ -461,6 +461,9 @@ fn set_up(
         check()?;
         agent.wait_ready(READY_TIMEOUT)?;
     }
+    for lab in &labs {
+        crate::bench_floor::pin_gateways(lab)?;
+    }
     let direct = direct.context("no routed mode to build the direct pair in")?;
     // Once the agents are ready (next hops resolved): the floor turns forwarding off.
     let floor = match modes.iter().position(|m| m.kind == Kind::Floor) {
