@@ -8,6 +8,13 @@ use anyhow::Context as _;
 use hgw_tests::floor::Object;
 
 fn main() -> anyhow::Result<()> {
+    // Ctrl-C reaches the whole process group: xtask notes it and removes its labs once
+    // this returns, but dying here would leave the conntrack case's namespace behind.
+    // The run takes seconds, so it finishes and cleans up instead.
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: plain syscall; SIG_IGN runs no code in the handler's context.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
     let mut args = std::env::args_os().skip(1);
     let (Some(floor), Some(trials), None) = (args.next(), args.next(), args.next()) else {
         anyhow::bail!("usage: prog_cost FLOOR_OBJECT TRIALS");
