@@ -63,11 +63,34 @@ pub fn hgw_programs(ns: &str) -> anyhow::Result<Vec<String>> {
 }
 
 /// Every tcx program attached in `ns`, as `DEV ingress|egress NAME id ID`.
+pub fn tcx_programs(ns: &str) -> anyhow::Result<Vec<String>> {
+    Ok(tcx_attached(ns)?
+        .iter()
+        .map(|p| format!("{} {} {} id {}", p.dev, p.hook, p.name, p.id))
+        .collect())
+}
+
+/// A tcx program attached in a lab namespace, with the kernel's run-time statistics at
+/// the time of the query (zero unless [`enable_run_time_stats`] holds them on).
+#[derive(Clone, Debug)]
+pub struct AttachedProgram {
+    pub dev: String,
+    /// `ingress` or `egress`.
+    pub hook: &'static str,
+    pub name: String,
+    pub id: u32,
+    /// Total time the program ran, in ns, while statistics were on.
+    pub run_time_ns: u64,
+    /// Times it ran while statistics were on.
+    pub run_count: u64,
+}
+
+/// Every tcx program attached in `ns`.
 ///
 /// Debian's bpftool (7.1) predates tcx and does not list them, so this asks the kernel
 /// directly (BPF_PROG_QUERY through aya) from a thread inside `ns`, where the
 /// interface names resolve.
-pub fn tcx_programs(ns: &str) -> anyhow::Result<Vec<String>> {
+pub fn tcx_attached(ns: &str) -> anyhow::Result<Vec<AttachedProgram>> {
     let out = run_in_ok(ns, "ip", &["-o", "link", "show"])?;
     // `3: eth0@if2: <...>`: the name is the second field, up to `@` or `:`.
     let devs: Vec<String> = lines(&out.stdout)
@@ -81,7 +104,7 @@ pub fn tcx_programs(ns: &str) -> anyhow::Result<Vec<String>> {
                 .to_owned()
         })
         .collect();
-    in_netns(ns, || -> anyhow::Result<Vec<String>> {
+    in_netns(ns, || -> anyhow::Result<Vec<AttachedProgram>> {
         let mut found = Vec::new();
         for dev in &devs {
             for (hook, attach) in [
@@ -90,14 +113,28 @@ pub fn tcx_programs(ns: &str) -> anyhow::Result<Vec<String>> {
             ] {
                 let (_, programs) = SchedClassifier::query_tcx(dev, attach)
                     .map_err(|e| anyhow::anyhow!("querying tcx {hook} of {dev} in {ns}: {e}"))?;
-                for p in programs {
-                    let name = p.name_as_str().unwrap_or("?");
-                    found.push(format!("{dev} {hook} {name} id {}", p.id()));
-                }
+                found.extend(programs.iter().map(|p| AttachedProgram {
+                    dev: dev.clone(),
+                    hook,
+                    name: p.name_as_str().unwrap_or("?").to_owned(),
+                    id: p.id(),
+                    run_time_ns: u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    run_count: p.run_count(),
+                }));
             }
         }
         Ok(found)
     })?
+}
+
+/// Turns on the kernel's run-time statistics of every BPF program
+/// ([`AttachedProgram::run_time_ns`], `run_count`) until the returned fd is dropped
+/// (BPF_ENABLE_STATS, Linux 5.8): unlike the `kernel.bpf_stats_enabled` sysctl, nothing
+/// stays changed on the host if the holder dies. Every program run then pays for two
+/// clock reads.
+pub fn enable_run_time_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| anyhow::anyhow!("turning on BPF run-time statistics: {e}"))
 }
 
 /// Makes node `ns` drop every packet on netfilter's forward hook, ahead of (and

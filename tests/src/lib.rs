@@ -44,9 +44,9 @@ pub use flows::{
     sent_packets, set_sysctls,
 };
 pub use kernel::{
-    HGW_ROUTE_PROTOCOL, allow_forwarding, block_neighbour_discovery, block_neighbour_requests,
-    drop_all_forwarding, hgw_nexthops, hgw_programs, hgw_routes, tcx_programs,
-    unblock_neighbour_discovery,
+    AttachedProgram, HGW_ROUTE_PROTOCOL, allow_forwarding, block_neighbour_discovery,
+    block_neighbour_requests, drop_all_forwarding, enable_run_time_stats, hgw_nexthops,
+    hgw_programs, hgw_routes, tcx_attached, tcx_programs, unblock_neighbour_discovery,
 };
 pub use kube_api::{
     ADMIN_TOKEN, FLANNEL_GRANTS, KubeApi, LAB_API_IP, LAB_API_PORT, PatchError, ReceivedPatch,

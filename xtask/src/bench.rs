@@ -75,6 +75,12 @@ pub struct BenchArgs {
     /// perf) into DIR/ROUND-TEST-MODE.data, to see where a mode's time goes.
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
+    /// Also records the BPF programs' time per UDP packet sent in the modes with
+    /// programs (the kernel's run-time statistics of the labs' tcx programs, on for
+    /// the run and off again when it ends). Every program run then pays for two clock
+    /// reads: hgw and floor modes measure a little slower against kernel and direct.
+    #[arg(long)]
+    prog_stats: bool,
 }
 
 /// Names `--variant` may not take.
@@ -205,6 +211,8 @@ struct Setup {
     labs: Vec<Lab>,
     direct: (Pod, Pod),
     ipv6: bool,
+    /// Holds the programs' run-time statistics on (`--prog-stats`).
+    prog_stats: Option<std::os::fd::OwnedFd>,
 }
 
 impl Setup {
@@ -268,7 +276,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     check()?;
 
-    let setup = set_up(&modes, args.ipv6, &floor_object, &check)?;
+    let mut setup = set_up(&modes, args.ipv6, &floor_object, &check)?;
+    if args.prog_stats {
+        setup.prog_stats = Some(hgw_tests::enable_run_time_stats()?);
+    }
     for (mode, lab) in modes.iter().zip(&setup.labs) {
         println!("bench: {}: lab {}", mode.name, lab.id);
     }
@@ -358,6 +369,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         rounds,
         duration_s: duration.as_secs_f64(),
         smoke: args.smoke,
+        prog_stats: args.prog_stats,
         family: if args.ipv6 {
             TrafficFamily::Ipv6
         } else {
@@ -475,6 +487,7 @@ fn set_up(
         labs,
         direct,
         ipv6,
+        prog_stats: None,
     })
 }
 
@@ -512,12 +525,22 @@ fn measure(
     } else {
         None
     };
+    let programs_before = match kind {
+        Kind::Hgw | Kind::Floor if setup.prog_stats.is_some() => {
+            Some(lab_programs(&setup.labs[mode])?)
+        }
+        _ => None,
+    };
     // `min_fwd`: how many packets must have taken the fast path in each direction's
     // program for the numbers to be hgw's.
     let mut udp_loss = None;
-    let (values, min_fwd) = match test {
+    // Packets sent over the whole test (warm-up and the flows' opening included, as the
+    // programs' statistics are), for their time per packet (UDP only: TCP's coalesce).
+    let mut udp_sent = None;
+    let (mut values, min_fwd) = match test {
         Test::Udp => {
             let r = udp_flood(&ends, w)?;
+            udp_sent = Some(("udp_prog_ns", r.sent_total));
             udp_loss = Some(
                 100.0 * r.sent_total.saturating_sub(r.received_total) as f64
                     / r.sent_total.max(1) as f64,
@@ -533,6 +556,7 @@ fn measure(
         }
         Test::UdpFlows => {
             let r = udp_flows(&ends, FLOWS, w)?;
+            udp_sent = Some(("flows_prog_ns", r.sent_total));
             udp_loss = Some(
                 100.0 * r.sent_total.saturating_sub(r.received_total) as f64
                     / r.sent_total.max(1) as f64,
@@ -658,7 +682,76 @@ fn measure(
     if let Some(loss) = udp_loss {
         note.push_str(&format!("; {loss:.1}% of datagrams lost"));
     }
+    if let Some(before) = programs_before {
+        let runs = program_runs(&before, &lab_programs(&setup.labs[mode])?);
+        // Every packet that took the programs' path is a run of each on its way.
+        let counted: u64 = runs.iter().map(|r| r.count).sum();
+        if counted < min_fwd.max(1) {
+            bail!(
+                "--prog-stats, but the programs' run counts grew by {counted}, fewer than the {min_fwd} packets they carried (are run-time statistics on?)"
+            );
+        }
+        let shown: Vec<String> = runs
+            .iter()
+            .map(|r| format!("{} {:.0} ns x {}", r.name, r.ns_per_run(), r.count))
+            .collect();
+        note.push_str(&format!("; programs per run: {}", shown.join(", ")));
+        if let Some((key, sent)) = udp_sent.filter(|&(_, sent)| sent > 0) {
+            let ns: u64 = runs.iter().map(|r| r.time_ns).sum();
+            values.push((key, ns as f64 / sent as f64));
+        }
+    }
     Ok((values, note))
+}
+
+/// Every tcx program attached on the lab's nodes (not in its pods).
+fn lab_programs(lab: &Lab) -> anyhow::Result<Vec<hgw_tests::AttachedProgram>> {
+    let mut all = Vec::new();
+    for node in &lab.nodes {
+        all.extend(hgw_tests::tcx_attached(&node.ns)?);
+    }
+    Ok(all)
+}
+
+/// What one program (by name, over every attachment) ran between two snapshots.
+#[derive(Debug, PartialEq)]
+struct ProgramRuns {
+    name: String,
+    time_ns: u64,
+    count: u64,
+}
+
+impl ProgramRuns {
+    fn ns_per_run(&self) -> f64 {
+        self.time_ns as f64 / self.count.max(1) as f64
+    }
+}
+
+/// The runs between `before` and `after`, per program name, of the programs in both
+/// (matched by id: a program replaced meanwhile is left out), in name order.
+fn program_runs(
+    before: &[hgw_tests::AttachedProgram],
+    after: &[hgw_tests::AttachedProgram],
+) -> Vec<ProgramRuns> {
+    let mut runs: std::collections::BTreeMap<&str, ProgramRuns> = Default::default();
+    // One program may be attached to several hooks: count it once.
+    let mut seen = std::collections::HashSet::new();
+    for a in after {
+        let Some(b) = before.iter().find(|b| b.id == a.id) else {
+            continue;
+        };
+        if !seen.insert(a.id) {
+            continue;
+        }
+        let entry = runs.entry(&a.name).or_insert_with(|| ProgramRuns {
+            name: a.name.clone(),
+            time_ns: 0,
+            count: 0,
+        });
+        entry.time_ns += a.run_time_ns.saturating_sub(b.run_time_ns);
+        entry.count += a.run_count.saturating_sub(b.run_count);
+    }
+    runs.into_values().collect()
 }
 
 /// A `perf record -a -g` running until dropped.
@@ -689,5 +782,59 @@ impl Drop for Profile {
             unsafe { libc::kill(pid, libc::SIGINT) };
         }
         let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hgw_tests::AttachedProgram;
+
+    use super::{ProgramRuns, program_runs};
+
+    fn program(dev: &str, name: &str, id: u32, time: u64, count: u64) -> AttachedProgram {
+        AttachedProgram {
+            dev: dev.to_owned(),
+            hook: "ingress",
+            name: name.to_owned(),
+            id,
+            run_time_ns: time,
+            run_count: count,
+        }
+    }
+
+    #[test]
+    fn program_runs_add_up_per_name_and_count_a_program_on_two_hooks_once() {
+        let before = [
+            program("veth1", "hgw_to_peer", 7, 1_000, 10),
+            program("veth2", "hgw_to_peer", 7, 1_000, 10),
+            program("eth0", "hgw_to_pod", 8, 500, 5),
+            program("eth0", "hgw_to_pod", 9, 0, 0),
+            program("eth0", "gone", 10, 0, 0),
+        ];
+        let after = [
+            program("veth1", "hgw_to_peer", 7, 3_000, 30),
+            program("veth2", "hgw_to_peer", 7, 3_000, 30),
+            program("eth0", "hgw_to_pod", 8, 1_500, 15),
+            program("eth0", "hgw_to_pod", 9, 400, 2),
+            // Attached after the first snapshot: its runs are not all in the window.
+            program("eth0", "new", 11, 900, 9),
+        ];
+        let runs = program_runs(&before, &after);
+        assert_eq!(
+            runs,
+            [
+                ProgramRuns {
+                    name: "hgw_to_peer".into(),
+                    time_ns: 2_000,
+                    count: 20
+                },
+                ProgramRuns {
+                    name: "hgw_to_pod".into(),
+                    time_ns: 1_400,
+                    count: 12
+                },
+            ]
+        );
+        assert_eq!(runs[0].ns_per_run(), 100.0);
     }
 }

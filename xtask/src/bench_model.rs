@@ -97,6 +97,12 @@ pub const METRICS: &[Metric] = &[
         higher_is_better: false,
     },
     Metric {
+        key: "udp_prog_ns",
+        label: "BPF programs per UDP packet (--prog-stats)",
+        unit: "ns",
+        higher_is_better: false,
+    },
+    Metric {
         key: "flows_mpps",
         label: "UDP 64 B received, 1,000 flows",
         unit: "Mpps",
@@ -105,6 +111,12 @@ pub const METRICS: &[Metric] = &[
     Metric {
         key: "flows_softirq_ns",
         label: "softirq per UDP packet, 1,000 flows",
+        unit: "ns",
+        higher_is_better: false,
+    },
+    Metric {
+        key: "flows_prog_ns",
+        label: "BPF programs per UDP packet, 1,000 flows (--prog-stats)",
         unit: "ns",
         higher_is_better: false,
     },

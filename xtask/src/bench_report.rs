@@ -27,6 +27,9 @@ pub struct Report {
     /// Seconds measured per test and mode.
     pub duration_s: f64,
     pub smoke: bool,
+    /// `--prog-stats`: the programs' run-time statistics were on (their clock reads
+    /// slow every program run a little).
+    pub prog_stats: bool,
     pub family: TrafficFamily,
     /// What the samples' metric keys mean.
     pub metrics: &'static [Metric],
@@ -548,6 +551,12 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
     if report.modes.iter().any(|m| m.kube_proxy) {
         command.push_str(" --kube-proxy");
     }
+    let prog_stats = if report.prog_stats {
+        command.push_str(" --prog-stats");
+        " With `--prog-stats` the kernel kept run-time statistics of every BPF program for the whole run (BPF_ENABLE_STATS): the programs' rows are the time the lab's tcx programs ran, over both nodes, per UDP packet sent, and every program run paid for two clock reads, so the modes with programs (hgw's and the floor) measured a little slower against kernel and direct than without the flag."
+    } else {
+        ""
+    };
     let family = match report.family {
         TrafficFamily::Ipv6 => {
             command.push_str(" --ipv6");
@@ -556,7 +565,7 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
         TrafficFamily::Ipv4 => "IPv4",
     };
     let md = format!(
-        "# hgw bench {stamp} UTC\n\nMachine: {machine_line}. Command: `{command}`.\n\n{family} pod to pod across two nodes of the (dual-stack) namespace lab, wired as seed 000: the nodes' uplinks are the two ends of one veth pair, no switch; a routed path crosses the client pod's veth, that pair and the server pod's veth. Modes: `kernel` = plain host-gw routing (agents with `--no-fast-path`, no programs attached); `hgw` = the agents' fast path in its default mode, `established` (only flows conntrack accepted: each TCP connection's handshake and the UDP flow's opening go through the kernel); `hgw-all` = `--fast-path all` (no conntrack lookup); `hgw-bridge` = established mode with the bridge-side program on cni0; `kernel-kp` and `hgw-kp` (with `--kube-proxy`) = `kernel` and `hgw` on nodes that carry kube-proxy's iptables rules with no Services (its FORWARD chain's conntrack matches, its nat chains), as a Kubernetes node does: conntrack tracks every forwarded packet there, where `kernel` mode's nodes track none; `floor` = kernel mode's agents plus the cheapest TC programs that can forward on this wiring (fixed MACs and `bpf_redirect` to the uplink on the pod's host veth, fixed MACs and `bpf_redirect_peer` into the pod on the uplink, no parsing past the ethertype, no lookup, no checks): the practical limit of any program here; `direct` = two namespaces joined by one veth pair, a reference with fewer wires than any routed path. The UDP packet-rate test is a flow conntrack sees as established in every mode: the server answers one datagram before the stream starts; the receiver polls (non-blocking recvmmsg on the other CPU), so the sender's CPU never pays for waking it. The 1,000-flow UDP test does the same for 1,000 flows at once, which differ in source port only (each node's conntrack table holds 1,000 entries; the route lookup sees one destination), the sender taking them in turn, 8 datagrams each. The connection-rate test opens TCP connections one after another (connect, a 64 B request and its response, the client closes), client and server on one CPU: every SYN and FIN goes through the kernel in established mode. A measurement counts only if its traffic took the mode's path: the agents report the mode, the fast-path counters carried at least the packets that arrived, and in established mode the flows' opening packets went to the kernel (in all mode none met a conntrack rule); in floor mode only the floor programs are attached and forwarding is off in both nodes, so the kernel could not have carried what arrived; every routed mode's pods have permanent gateway neighbour entries (the floor needs them, since it redirects neighbour discovery too; the other modes get them so that none pays for a gateway entry gone stale in a one-way flood).\n\n![chart]({stem}.svg)\n\n{}",
+        "# hgw bench {stamp} UTC\n\nMachine: {machine_line}. Command: `{command}`.\n\n{family} pod to pod across two nodes of the (dual-stack) namespace lab, wired as seed 000: the nodes' uplinks are the two ends of one veth pair, no switch; a routed path crosses the client pod's veth, that pair and the server pod's veth. Modes: `kernel` = plain host-gw routing (agents with `--no-fast-path`, no programs attached); `hgw` = the agents' fast path in its default mode, `established` (only flows conntrack accepted: each TCP connection's handshake and the UDP flow's opening go through the kernel); `hgw-all` = `--fast-path all` (no conntrack lookup); `hgw-bridge` = established mode with the bridge-side program on cni0; `kernel-kp` and `hgw-kp` (with `--kube-proxy`) = `kernel` and `hgw` on nodes that carry kube-proxy's iptables rules with no Services (its FORWARD chain's conntrack matches, its nat chains), as a Kubernetes node does: conntrack tracks every forwarded packet there, where `kernel` mode's nodes track none; `floor` = kernel mode's agents plus the cheapest TC programs that can forward on this wiring (fixed MACs and `bpf_redirect` to the uplink on the pod's host veth, fixed MACs and `bpf_redirect_peer` into the pod on the uplink, no parsing past the ethertype, no lookup, no checks): the practical limit of any program here; `direct` = two namespaces joined by one veth pair, a reference with fewer wires than any routed path. The UDP packet-rate test is a flow conntrack sees as established in every mode: the server answers one datagram before the stream starts; the receiver polls (non-blocking recvmmsg on the other CPU), so the sender's CPU never pays for waking it. The 1,000-flow UDP test does the same for 1,000 flows at once, which differ in source port only (each node's conntrack table holds 1,000 entries; the route lookup sees one destination), the sender taking them in turn, 8 datagrams each. The connection-rate test opens TCP connections one after another (connect, a 64 B request and its response, the client closes), client and server on one CPU: every SYN and FIN goes through the kernel in established mode. A measurement counts only if its traffic took the mode's path: the agents report the mode, the fast-path counters carried at least the packets that arrived, and in established mode the flows' opening packets went to the kernel (in all mode none met a conntrack rule); in floor mode only the floor programs are attached and forwarding is off in both nodes, so the kernel could not have carried what arrived; every routed mode's pods have permanent gateway neighbour entries (the floor needs them, since it redirects neighbour discovery too; the other modes get them so that none pays for a gateway entry gone stale in a one-way flood).{prog_stats}\n\n![chart]({stem}.svg)\n\n{}",
         report.markdown_tables()
     );
     let paths = [
@@ -629,6 +638,7 @@ mod tests {
             modes,
             rounds: 2,
             duration_s: 1.0,
+            prog_stats: false,
             smoke: true,
             family: TrafficFamily::Ipv6,
             metrics: METRICS,
@@ -666,6 +676,7 @@ mod tests {
         let mut report = report();
         report.smoke = false;
         report.modes = crate::bench::modes(&[], true).expect("modes");
+        report.prog_stats = true;
         let dir = std::env::temp_dir().join(format!("hgw-report-test-{}", std::process::id()));
         let written = write_report(&report, &dir).expect("write");
         let md = written
@@ -675,9 +686,13 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("clean up");
         let md = md.expect("a markdown file");
         assert!(
-            md.contains("Command: `cargo xtask bench --rounds 2 --duration 1 --kube-proxy --ipv6`"),
+            md.contains("Command: `cargo xtask bench --rounds 2 --duration 1 --kube-proxy --prog-stats --ipv6`"),
             "{}",
             md.lines().nth(2).unwrap_or_default()
+        );
+        assert!(
+            md.contains("run-time statistics of every BPF program"),
+            "--prog-stats is said to slow the modes with programs"
         );
     }
 

@@ -164,8 +164,16 @@ fn test() -> anyhow::Result<()> {
         ])
         .args(["-Z", "build-std=core", "--", "-D", "warnings"]))?;
     // The benchmark's harness and its path checks, briefly: a mode whose traffic did
-    // not take the intended path fails the run; no timing is asserted.
-    run(cargo().args(["xtask", "bench", "--smoke", "--out", "target/bench-smoke"]))?;
+    // not take the intended path, or whose programs' statistics did not count it,
+    // fails the run; no timing is asserted.
+    run(cargo().args([
+        "xtask",
+        "bench",
+        "--smoke",
+        "--prog-stats",
+        "--out",
+        "target/bench-smoke",
+    ]))?;
     Ok(())
 }
 
