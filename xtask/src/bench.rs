@@ -75,9 +75,9 @@ pub struct BenchArgs {
     /// perf) into DIR/ROUND-TEST-MODE.data, to see where a mode's time goes.
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
-    /// Also records the BPF programs' time per UDP packet sent in the modes with
-    /// programs (the kernel's run-time statistics of the labs' tcx programs, on for
-    /// the run and off again when it ends). Every program run then pays for two clock
+    /// Also records the BPF programs' time per UDP packet sent and per TCP connection
+    /// in the modes with programs (the kernel's run-time statistics of the labs' tcx
+    /// programs, on for the run and off again when it ends). Every program run then pays for two clock
     /// reads: hgw and floor modes measure a little slower against kernel and direct.
     #[arg(long)]
     prog_stats: bool,
@@ -534,13 +534,14 @@ fn measure(
     // `min_fwd`: how many packets must have taken the fast path in each direction's
     // program for the numbers to be hgw's.
     let mut udp_loss = None;
-    // Packets sent over the whole test (warm-up and the flows' opening included, as the
-    // programs' statistics are), for their time per packet (UDP only: TCP's coalesce).
-    let mut udp_sent = None;
+    // What the programs' time is given per, counted over the whole test (warm-up and
+    // the flows' opening included, as the programs' statistics are): UDP packets sent,
+    // TCP connections made (TCP's packets coalesce).
+    let mut prog_unit = None;
     let (mut values, min_fwd) = match test {
         Test::Udp => {
             let r = udp_flood(&ends, w)?;
-            udp_sent = Some(("udp_prog_ns", r.sent_total));
+            prog_unit = Some(("udp_prog_ns", r.sent_total));
             udp_loss = Some(
                 100.0 * r.sent_total.saturating_sub(r.received_total) as f64
                     / r.sent_total.max(1) as f64,
@@ -556,7 +557,7 @@ fn measure(
         }
         Test::UdpFlows => {
             let r = udp_flows(&ends, FLOWS, w)?;
-            udp_sent = Some(("flows_prog_ns", r.sent_total));
+            prog_unit = Some(("flows_prog_ns", r.sent_total));
             udp_loss = Some(
                 100.0 * r.sent_total.saturating_sub(r.received_total) as f64
                     / r.sent_total.max(1) as f64,
@@ -571,6 +572,7 @@ fn measure(
         }
         Test::Crr => {
             let r = tcp_crr(&ends, w)?;
+            prog_unit = Some(("crr_prog_ns", r.total));
             // Each connection's request one way and response the other ride the fast
             // path once its handshake is through.
             (vec![("crr_cps", r.per_s)], r.total)
@@ -696,9 +698,9 @@ fn measure(
             .map(|r| format!("{} {:.0} ns x {}", r.name, r.ns_per_run(), r.count))
             .collect();
         note.push_str(&format!("; programs per run: {}", shown.join(", ")));
-        if let Some((key, sent)) = udp_sent.filter(|&(_, sent)| sent > 0) {
+        if let Some((key, units)) = prog_unit.filter(|&(_, units)| units > 0) {
             let ns: u64 = runs.iter().map(|r| r.time_ns).sum();
-            values.push((key, ns as f64 / sent as f64));
+            values.push((key, ns as f64 / units as f64));
         }
     }
     Ok((values, note))

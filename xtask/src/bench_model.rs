@@ -151,6 +151,12 @@ pub const METRICS: &[Metric] = &[
         higher_is_better: true,
     },
     Metric {
+        key: "crr_prog_ns",
+        label: "BPF programs per TCP connection (--prog-stats)",
+        unit: "ns",
+        higher_is_better: false,
+    },
+    Metric {
         key: "tcp1_gbps",
         label: "TCP, 1 stream",
         unit: "Gbit/s",

@@ -553,7 +553,7 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
     }
     let prog_stats = if report.prog_stats {
         command.push_str(" --prog-stats");
-        " With `--prog-stats` the kernel kept run-time statistics of every BPF program for the whole run (BPF_ENABLE_STATS): the programs' rows are the time the lab's tcx programs ran, over both nodes, per UDP packet sent, and every program run paid for two clock reads, so the modes with programs (hgw's and the floor) measured a little slower against kernel and direct than without the flag."
+        " With `--prog-stats` the kernel kept run-time statistics of every BPF program for the whole run (BPF_ENABLE_STATS): the programs' rows are the time the lab's tcx programs ran, over both nodes, per UDP packet sent or TCP connection made, and every program run paid for two clock reads, so the modes with programs (hgw's and the floor) measured a little slower against kernel and direct than without the flag."
     } else {
         ""
     };
