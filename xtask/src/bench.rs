@@ -77,8 +77,9 @@ pub struct BenchArgs {
     perf: Option<PathBuf>,
     /// Also records the BPF programs' time per UDP packet sent and per TCP connection
     /// in the modes with programs (the kernel's run-time statistics of the labs' tcx
-    /// programs, on for the run and off again when it ends). Every program run then pays for two clock
-    /// reads: hgw and floor modes measure a little slower against kernel and direct.
+    /// programs, on for the run and off again when it ends). Every program run then
+    /// pays for two clock reads: hgw and floor modes measure a little slower against
+    /// kernel and direct.
     #[arg(long)]
     prog_stats: bool,
 }
@@ -686,11 +687,16 @@ fn measure(
     }
     if let Some(before) = programs_before {
         let runs = program_runs(&before, &lab_programs(&setup.labs[mode])?);
-        // Every packet that took the programs' path is a run of each on its way.
-        let counted: u64 = runs.iter().map(|r| r.count).sum();
-        if counted < min_fwd.max(1) {
+        // Each direction's program ran for every packet it carried (the counters above
+        // held it to `min_fwd`), so each program's count must have grown as much.
+        if runs.is_empty() {
+            bail!("--prog-stats, but no program of the lab ran in both snapshots");
+        }
+        if let Some(r) = runs.iter().find(|r| r.count < min_fwd.max(1)) {
             bail!(
-                "--prog-stats, but the programs' run counts grew by {counted}, fewer than the {min_fwd} packets they carried (are run-time statistics on?)"
+                "--prog-stats, but {}'s run count grew by {}, fewer than the {min_fwd} packets it carried (are run-time statistics on?)",
+                r.name,
+                r.count
             );
         }
         let shown: Vec<String> = runs
