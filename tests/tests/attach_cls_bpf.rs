@@ -16,7 +16,10 @@
 //!   programs in place; no segment reaches the kernel path; one hgw filter per hook.
 //! - `uninstall` on n1 deletes hgw's filters and the clsact qdisc hgw added where
 //!   nothing else is left (the uplink), and leaves the foreign filter and its qdisc.
-//! - Without pinning (`--pin-dir none`), an agent that stops deletes its filters.
+//! - Without pinning (`--pin-dir none`), an agent that stops deletes its filters and
+//!   the clsact qdisc it added for them.
+//! - An agent in `off` mode after a pinned one deletes the filters it left and the
+//!   clsact qdisc it added.
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +49,18 @@ fn one_hgw_filter(ns: &str, dev: &str, program: &str) -> anyhow::Result<u64> {
             "{ns} {dev} ingress: hgw filters {filters:?}, expected one {program} at priority {FILTER_PRIORITY}"
         ),
     }
+}
+
+/// No hgw filter on the node's port, uplink or bridge.
+fn no_hgw_filters(ns: &str, when: &str) -> anyhow::Result<()> {
+    for dev in [PORT_DEV, UPLINK_DEV, "cni0"] {
+        let filters = hgw_filters(ns, dev)?;
+        ensure!(
+            filters.is_empty(),
+            "{ns} {dev}: hgw filters {when}: {filters:?}"
+        );
+    }
+    Ok(())
 }
 
 fn has_clsact(ns: &str, dev: &str) -> anyhow::Result<bool> {
@@ -201,13 +216,7 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
         "hgw's filter left with the agent (pinned, it stays)"
     );
     uninstall(&n1.ns, &lab.pin_dir(0), &socket)?;
-    for dev in [PORT_DEV, UPLINK_DEV, "cni0"] {
-        ensure!(
-            hgw_filters(&n1.ns, dev)?.is_empty(),
-            "n1 {dev}: hgw filters after uninstall: {:?}",
-            hgw_filters(&n1.ns, dev)?
-        );
-    }
+    no_hgw_filters(&n1.ns, "after uninstall")?;
     let left = ingress_filters(&n1.ns, PORT_DEV)?;
     ensure!(
         matches!(left.as_slice(), [(1, name, _)] if name.starts_with("probe-")),
@@ -224,7 +233,8 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
     );
     port_filter.remove()?;
 
-    // Without pinning, the agent deletes its filters when it stops.
+    // Without pinning, the agent deletes its filters when it stops, and the qdisc it
+    // added for them.
     let agent = lab.start_agent(0, &["--attach=ports", "--pin-dir", "none"])?;
     agent.wait_ready(READY)?;
     one_hgw_filter(&n1.ns, UPLINK_DEV, "hgw_to_pod")?;
@@ -234,5 +244,31 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
         "n1 {UPLINK_DEV}: an unpinned agent's filter stayed after it stopped: {:?}",
         hgw_filters(&n1.ns, UPLINK_DEV)?
     );
+    ensure!(
+        !has_clsact(&n1.ns, UPLINK_DEV)?,
+        "n1 {UPLINK_DEV}: the clsact qdisc an unpinned agent added stayed after it stopped: {:?}",
+        qdiscs(&n1.ns, UPLINK_DEV)?
+    );
+
+    // `off` after a pinned agent: its filters and the qdisc it added go, and nothing
+    // forwards (the agent's log says what it removed).
+    let agent = lab.start_agent(0, &["--attach=ports"])?;
+    agent.wait_ready(READY)?;
+    ensure!(agent.stop()?.success(), "n1's agent did not exit 0");
+    one_hgw_filter(&n1.ns, UPLINK_DEV, "hgw_to_pod")?;
+    let agent = lab.start_agent(0, &["--attach=ports", "--fast-path", "off"])?;
+    agent.wait_ready(READY)?;
+    no_hgw_filters(&n1.ns, "with the fast path off")?;
+    ensure!(
+        !has_clsact(&n1.ns, UPLINK_DEV)?,
+        "n1 {UPLINK_DEV}: the clsact qdisc the pinned agent added stayed with the fast path off: {:?}",
+        qdiscs(&n1.ns, UPLINK_DEV)?
+    );
+    let log = agent.log();
+    ensure!(
+        log.contains("removed 1 clsact qdiscs an earlier agent added"),
+        "the `off` agent did not say it removed the qdisc:\n{log}"
+    );
+    ensure!(agent.stop()?.success(), "n1's agent did not exit 0");
     Ok(())
 }

@@ -184,12 +184,18 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
     };
     masq::set(config.ip_masq, &network)?;
     let files = NodeFiles::write(&config, &network, uplink.mtu)?;
-    let datapath = attach_datapath(
-        &config,
-        &network,
-        (&bridge, &uplink),
-        fast_path.map(|(_, hook, facts)| (hook, attach, facts)),
-    )?;
+    let datapath = match fast_path {
+        Some((_, hook, facts)) => Some(attach_datapath(
+            &config,
+            &network,
+            (&bridge, &uplink),
+            (hook, attach, facts),
+        )?),
+        None => {
+            clear_fast_path(&config, &kernel).await;
+            None
+        }
+    };
     if let Some(datapath) = &datapath {
         match datapath.counter_reader() {
             Ok(reader) => {
@@ -250,7 +256,15 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
     // The status sender goes with the agent: the metrics server stops taking requests
     // and answers those under way, for as long as a stop may take.
     let server = agent.health.take_server();
+    let qdiscs = agent
+        .reconciler
+        .maps()
+        .map(Datapath::qdiscs_to_remove_on_exit)
+        .unwrap_or_default();
+    let scanner = Scanner::new(agent.kernel.handle());
+    // Unpinned, the programs' filters go with the datapath; then the qdiscs added for them.
     drop(agent);
+    remove_added_qdiscs(&scanner, qdiscs).await;
     if let Some(server) = server
         && tokio::time::timeout(SERVER_STOP, server).await.is_err()
     {
@@ -282,34 +296,54 @@ fn check_established() -> Result<KernelFacts, AgentError> {
     Ok(facts)
 }
 
-/// The fast path the way `kernel` (the attach and the loader's facts, `None` with
-/// `off`) says.
+/// `off`: what an earlier agent left on the node's hooks goes, since it would go on
+/// forwarding (pinned programs, cls_bpf filters, which outlive their agent pinned or
+/// not), and so do the `clsact` qdiscs it added for them where nothing else is left.
+async fn clear_fast_path(config: &Config, kernel: &Kernel) {
+    let mut qdiscs = Vec::new();
+    if let Some(dir) = &config.pin_dir {
+        qdiscs = datapath::marked_qdiscs(dir);
+        match datapath::remove_pins(dir) {
+            Ok(0) => {}
+            Ok(n) => info!("fast path off: removed {n} pins an earlier agent left"),
+            Err(e) => warn!(
+                "fast path off, but {} could not be cleared: {e}",
+                dir.display()
+            ),
+        }
+    }
+    match datapath::remove_filters() {
+        0 => {}
+        n => info!("fast path off: removed {n} cls_bpf filters an earlier agent left"),
+    }
+    match remove_added_qdiscs(&Scanner::new(kernel.handle()), qdiscs).await {
+        0 => {}
+        n => info!("fast path off: removed {n} clsact qdiscs an earlier agent added"),
+    }
+    info!("fast path off: kernel routes only");
+}
+
+/// Deletes the `clsact` qdiscs hgw added on `interfaces` where no filter is left (hgw's
+/// own went first); returns how many went. One that cannot be is said, not fatal: an
+/// empty clsact qdisc does nothing.
+async fn remove_added_qdiscs(scanner: &Scanner, interfaces: Vec<u32>) -> usize {
+    let mut removed = 0;
+    for ifindex in interfaces {
+        match scanner.delete_clsact_if_unused(ifindex).await {
+            Ok(gone) => removed += usize::from(gone),
+            Err(e) => warn!("the clsact qdisc hgw added on interface {ifindex} stays: {e}"),
+        }
+    }
+    removed
+}
+
+/// The fast path the way `kernel` (the attach and the loader's facts) says.
 fn attach_datapath(
     config: &Config,
     network: &Network,
     (bridge, uplink): (&Link, &Link),
-    kernel: Option<(HookKind, Attach, KernelFacts)>,
-) -> Result<Option<Datapath>, AgentError> {
-    let Some((hook, attach, facts)) = kernel else {
-        // Programs an earlier agent pinned would go on forwarding: off means none.
-        if let Some(dir) = &config.pin_dir {
-            match datapath::remove_pins(dir) {
-                Ok(0) => {}
-                Ok(n) => info!("fast path off: removed {n} pins an earlier agent left"),
-                Err(e) => warn!(
-                    "fast path off, but {} could not be cleared: {e}",
-                    dir.display()
-                ),
-            }
-        }
-        // So would an earlier agent's cls_bpf filters (they outlive it, pinned or not).
-        match datapath::remove_filters() {
-            0 => {}
-            n => info!("fast path off: removed {n} cls_bpf filters an earlier agent left"),
-        }
-        info!("fast path off: kernel routes only");
-        return Ok(None);
-    };
+    (hook, attach, facts): (HookKind, Attach, KernelFacts),
+) -> Result<Datapath, AgentError> {
     if config.fast_path == FastPath::Established {
         conntrack::ensure_tracking()?;
     }
@@ -331,7 +365,7 @@ fn attach_datapath(
         config.fast_path.name(),
         config.uplink
     );
-    Ok(Some(datapath))
+    Ok(datapath)
 }
 
 fn first_ipv4(networks: &[IpNet]) -> Option<Ipv4Addr> {

@@ -289,8 +289,8 @@ impl Datapath {
 
     /// `program` on `interface`'s ingress as hgw's cls_bpf filter: an earlier agent's
     /// filter there gets this program in place; otherwise the filter is added, with a
-    /// `clsact` qdisc first when the interface has none (marked in the pin directory
-    /// as hgw's, for `uninstall`).
+    /// `clsact` qdisc first when the interface has none (noted as hgw's, and marked in
+    /// the pin directory for `uninstall`).
     fn attach_filter(
         &mut self,
         program: &'static str,
@@ -303,6 +303,7 @@ impl Datapath {
         match tc::qdisc_add_clsact(interface) {
             Ok(()) => {
                 info!("{interface}: clsact qdisc added (it had none)");
+                self.added_qdiscs.insert(ifindex);
                 if let Some(dir) = &self.pins {
                     pins::mark_qdisc(dir, ifindex);
                 }

@@ -1,7 +1,10 @@
 //! Loading the programs: the object's maps (pinned ones reused, or rebuilt when their
 //! layout changed), the node config, the programs' ids, then the first attach.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+};
 
 use aya::{
     Ebpf,
@@ -114,6 +117,7 @@ impl Datapath {
             bridge: None,
             pins: pins.map(Path::to_path_buf),
             hook,
+            added_qdiscs: BTreeSet::new(),
         };
         datapath.set_config(node)?;
         datapath.publish_generation()?;

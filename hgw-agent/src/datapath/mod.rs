@@ -20,7 +20,10 @@ pub mod pin_owner;
 mod pins;
 pub mod probe;
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+};
 
 use aya::{
     Ebpf,
@@ -128,6 +131,9 @@ pub struct Datapath {
     pins: Option<PathBuf>,
     /// tcx or cls_bpf, chosen at start.
     hook: HookKind,
+    /// Interfaces whose `clsact` qdisc this agent added (cls_bpf; with pinning they
+    /// are marked in the pin directory too, for the next agent and `uninstall`).
+    added_qdiscs: BTreeSet<u32>,
 }
 
 fn program_error(
@@ -163,6 +169,17 @@ impl Datapath {
     /// Whether links and maps are pinned (they outlive the agent).
     pub fn pinned(&self) -> bool {
         self.pins.is_some()
+    }
+
+    /// The interfaces whose `clsact` qdisc this agent added and that go with it
+    /// (unpinned, its filters are deleted when it is dropped): for
+    /// [`crate::tc::Scanner::delete_clsact_if_unused`] after that. Pinned, none: the
+    /// filters stay for the next agent.
+    pub fn qdiscs_to_remove_on_exit(&self) -> Vec<u32> {
+        if self.pinned() {
+            return Vec::new();
+        }
+        self.added_qdiscs.iter().copied().collect()
     }
 }
 

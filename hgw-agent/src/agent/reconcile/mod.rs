@@ -177,6 +177,11 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
+    /// The fast path's maps (`None`: fast path off).
+    pub fn maps(&self) -> Option<&M> {
+        self.maps.as_ref()
+    }
+
     pub fn peers_known(&self) -> bool {
         self.peers_known
     }
