@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, hgw_nexthops, hgw_routes, peer, ping, run_in_ok};
 
 /// Nexthop ids as hgw hands them out (from 0x68670000), for leftovers and a foreign one
@@ -100,7 +101,8 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
 /// Someone else's route on a peer's prefix: hgw never takes it over (no NLM_F_REPLACE
 /// over a route it does not own) and keeps the prefix out of the fast path, so packets
 /// get the kernel's answer (here a blackhole) in every mode; once that route goes, hgw
-/// installs its own; when someone replaces hgw's route, hgw lets go again.
+/// installs its own; when someone replaces hgw's route, hgw lets go again, and deletes
+/// the nexthop its route was on.
 #[test]
 fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> anyhow::Result<()> {
     let mut lab = Lab::up(2, 1)?;
@@ -186,6 +188,9 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
         route_of(&n1.ns, &n2.pod_cidr)?.starts_with("blackhole"),
         "hgw took the route back"
     );
+    // The replaced route's nexthop goes with it (n2's IPv6 prefix never had one).
+    wait_until(|| Ok(hgw_nexthops(&n1.ns)?.is_empty()))
+        .with_context(|| format!("hgw's nexthops left: {:?}", hgw_nexthops(&n1.ns)))?;
     assert!(
         !ping(&from.ns, to.ip, 2, &[])?.status.success(),
         "pings got past the kernel's blackhole"

@@ -34,6 +34,10 @@ impl RouteTable for Kernel {
     async fn resolve(&self, oif: u32, ip: IpAddr) -> Result<(), KernelError> {
         self.resolve_neighbour(oif, ip).await
     }
+
+    async fn lost(&self, destination: IpNet) {
+        self.release_nexthop(destination).await;
+    }
 }
 
 impl FastPathMaps for Datapath {

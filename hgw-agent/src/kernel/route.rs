@@ -125,6 +125,14 @@ impl Kernel {
         }
     }
 
+    /// Deletes the nexthop object of hgw's route to `destination`, for a route that went
+    /// without hgw deleting it (replaced by someone else's); none, nothing happens.
+    pub async fn release_nexthop(&self, destination: IpNet) {
+        if let Some(nexthops) = &self.nexthops {
+            nexthops.release(destination).await;
+        }
+    }
+
     /// The destination whose route was on hgw's nexthop `id` (just deleted): IPv4 drops
     /// such a route without an event of its own.
     pub fn route_on_nexthop(&self, id: u32) -> Option<IpNet> {

@@ -73,6 +73,9 @@ pub trait RouteTable {
     fn delete(&self, route: HgwRoute) -> impl Future<Output = Result<(), KernelError>>;
     /// Asks the kernel to resolve (or re-confirm) a next hop.
     fn resolve(&self, oif: u32, ip: IpAddr) -> impl Future<Output = Result<(), KernelError>>;
+    /// hgw's route to `destination` went without hgw deleting it (someone else's took
+    /// its place): what it held of hgw's in the kernel (its nexthop object) goes too.
+    fn lost(&self, destination: IpNet) -> impl Future<Output = ()>;
 }
 
 /// What the route and endpoint maps hold.

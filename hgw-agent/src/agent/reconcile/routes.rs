@@ -27,7 +27,14 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             (Some(ours), _, _) if *ours == want => {
                 self.set_state(cidr, RouteState::Installed);
             }
-            (None, Some(protocol), _) => self.note_foreign(cidr, protocol.clone()),
+            (None, Some(protocol), state) => {
+                // hgw's route was there and someone else's replaced it: its nexthop
+                // object would stay behind, pointed at by nothing.
+                if !matches!(state, Some(RouteState::Foreign(_))) {
+                    self.routes.lost(cidr).await;
+                }
+                self.note_foreign(cidr, protocol.clone());
+            }
             // The kernel drops the routes (and nexthops) on a device going down, and
             // refuses new ones there: the uplink's coming up resyncs them all, rather
             // than a failed install and a warning per route now.
@@ -322,6 +329,39 @@ mod tests {
                 .expect("present")
                 .routes
                 .contains_key(&foreign)
+        );
+        let lost = format!("lost {foreign}");
+        assert!(
+            !routes.writes.borrow().contains(&lost),
+            "a route hgw never had was not lost"
+        );
+        // Someone replaces hgw's route: hgw lets go, and its nexthop goes (once).
+        routes
+            .table
+            .borrow_mut()
+            .insert(foreign, Err("static".into()));
+        for _ in 0..2 {
+            observed.apply(KernelEvent::Route {
+                destination: foreign,
+                owner: RouteOwner::Foreign("static".into()),
+                deleted: false,
+                replaced: true,
+            });
+            block_on(r.on_change(Change::Prefix(foreign), &observed));
+        }
+        assert_eq!(routes.table.borrow()[&foreign], Err("static".into()));
+        assert!(
+            !r.maps
+                .as_ref()
+                .expect("present")
+                .routes
+                .contains_key(&foreign)
+        );
+        let writes = routes.writes.borrow();
+        assert_eq!(
+            writes.iter().filter(|w| **w == lost).count(),
+            1,
+            "{writes:?}"
         );
     }
 }

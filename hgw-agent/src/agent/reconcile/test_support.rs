@@ -65,6 +65,10 @@ impl RouteTable for &FakeRoutes {
         self.resolved.borrow_mut().push(ip);
         Ok(())
     }
+
+    async fn lost(&self, destination: IpNet) {
+        self.writes.borrow_mut().push(format!("lost {destination}"));
+    }
 }
 
 #[derive(Default)]
