@@ -102,7 +102,7 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
 /// over a route it does not own) and keeps the prefix out of the fast path, so packets
 /// get the kernel's answer (here a blackhole) in every mode; once that route goes, hgw
 /// installs its own; when someone replaces hgw's route, hgw lets go again, and deletes
-/// the nexthop its route was on.
+/// the nexthop its route was on, unless the new route is on it.
 #[test]
 fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> anyhow::Result<()> {
     let mut lab = Lab::up(2, 1)?;
@@ -164,6 +164,13 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
         String::from_utf8_lossy(&out.stdout)
     );
 
+    let on_nexthops = hgw_nexthops(&n1.ns)?;
+    assert_eq!(
+        on_nexthops.len(),
+        1,
+        "hgw's route on a nexthop of its own: {on_nexthops:?}"
+    );
+
     // Someone replaces hgw's route: hgw lets go of the prefix.
     run_in_ok(
         &n1.ns,
@@ -195,6 +202,54 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
         !ping(&from.ns, to.ip, 2, &[])?.status.success(),
         "pings got past the kernel's blackhole"
     );
+
+    // The foreign route goes: hgw's comes back, on a new nexthop of its own.
+    run_in_ok(&n1.ns, "ip", &["route", "del", "blackhole", &n2.pod_cidr])?;
+    wait_until(|| {
+        Ok(
+            route_of(&n1.ns, &n2.pod_cidr)?.contains(&format!("proto {HGW_ROUTE_PROTOCOL}"))
+                && hgw_nexthops(&n1.ns)?.len() == 1,
+        )
+    })?;
+    let nexthop = hgw_nexthops(&n1.ns)?[0]
+        .split_whitespace()
+        .nth(1)
+        .context("a nexthop id")?
+        .to_owned();
+
+    // Someone puts a route of their own on hgw's nexthop: hgw lets go of the prefix,
+    // and keeps the nexthop, whose deletion would take that route along.
+    run_in_ok(
+        &n1.ns,
+        "ip",
+        &[
+            "route",
+            "replace",
+            &n2.pod_cidr,
+            "nhid",
+            &nexthop,
+            "proto",
+            "static",
+        ],
+    )?;
+    let kept = format!(
+        "nexthop {nexthop} of {} stays: a route is on it",
+        n2.pod_cidr
+    );
+    wait_until(|| {
+        let status = agent.status()?;
+        Ok(
+            peer(&status, &n2.pod_cidr).foreign_route.as_deref() == Some("static")
+                && agent.log().contains(&kept),
+        )
+    })
+    .with_context(|| format!("the agent did not say {kept:?}:\n{}", agent.log()))?;
+    let shown = route_of(&n1.ns, &n2.pod_cidr)?;
+    assert!(
+        shown.contains(&format!("nhid {nexthop}")) && shown.contains("proto static"),
+        "the foreign route on hgw's nexthop went: {shown:?}"
+    );
+    assert_eq!(hgw_nexthops(&n1.ns)?.len(), 1, "hgw's nexthop went");
     Ok(())
 }
 

@@ -264,7 +264,7 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
     let scanner = Scanner::new(agent.kernel.handle());
     // Unpinned, the programs' filters go with the datapath; then the qdiscs added for them.
     drop(agent);
-    remove_added_qdiscs(&scanner, qdiscs).await;
+    scanner.delete_unused_clsacts(&qdiscs).await;
     if let Some(server) = server
         && tokio::time::timeout(SERVER_STOP, server).await.is_err()
     {
@@ -316,25 +316,14 @@ async fn clear_fast_path(config: &Config, kernel: &Kernel) {
         0 => {}
         n => info!("fast path off: removed {n} cls_bpf filters an earlier agent left"),
     }
-    match remove_added_qdiscs(&Scanner::new(kernel.handle()), qdiscs).await {
+    match Scanner::new(kernel.handle())
+        .delete_unused_clsacts(&qdiscs)
+        .await
+    {
         0 => {}
         n => info!("fast path off: removed {n} clsact qdiscs an earlier agent added"),
     }
     info!("fast path off: kernel routes only");
-}
-
-/// Deletes the `clsact` qdiscs hgw added on `interfaces` where no filter is left (hgw's
-/// own went first); returns how many went. One that cannot be is said, not fatal: an
-/// empty clsact qdisc does nothing.
-async fn remove_added_qdiscs(scanner: &Scanner, interfaces: Vec<u32>) -> usize {
-    let mut removed = 0;
-    for ifindex in interfaces {
-        match scanner.delete_clsact_if_unused(ifindex).await {
-            Ok(gone) => removed += usize::from(gone),
-            Err(e) => warn!("the clsact qdisc hgw added on interface {ifindex} stays: {e}"),
-        }
-    }
-    removed
 }
 
 /// The fast path the way `kernel` (the attach and the loader's facts) says.

@@ -182,10 +182,14 @@ impl Datapath {
     }
 
     /// Takes the program off a port that left the bridge, or forgets one that is gone.
+    /// A clsact qdisc hgw added there is forgotten too: a deleted veth took it along
+    /// (pods come and go by the thousand), and one that merely left the bridge keeps
+    /// it, empty.
     pub fn detach_port(&mut self, ifindex: u32) {
         if let Some(link) = self.ports.remove(&ifindex) {
             link.detach();
         }
+        self.added_qdiscs.remove(&ifindex);
     }
 
     fn attach_hook(

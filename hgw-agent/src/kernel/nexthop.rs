@@ -419,6 +419,11 @@ impl Nexthops {
         None
     }
 
+    /// The nexthop of `destination`'s route.
+    pub fn id_of(&self, destination: IpNet) -> Option<u32> {
+        self.ids().get(&destination).copied()
+    }
+
     /// The destination whose route is on nexthop `id`.
     pub fn destination_of(&self, id: u32) -> Option<IpNet> {
         self.ids()

@@ -105,13 +105,7 @@ impl Kernel {
         let on_nexthops: Vec<(IpNet, u32)> = routes
             .iter()
             .filter(|m| HgwRoute::from_message(m).is_some())
-            .filter_map(|m| {
-                let id = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::NhId(id) => Some(*id),
-                    _ => None,
-                })?;
-                Some((route_destination(m)?, id))
-            })
+            .filter_map(|m| Some((route_destination(m)?, nexthop_id(m)?)))
             .collect();
         match super::nexthop::Nexthops::open(&on_nexthops).await {
             Ok(nexthops) => {
@@ -126,10 +120,22 @@ impl Kernel {
     }
 
     /// Deletes the nexthop object of hgw's route to `destination`, for a route that went
-    /// without hgw deleting it (replaced by someone else's); none, nothing happens.
+    /// without hgw deleting it (replaced by someone else's), unless a route is on it
+    /// still: someone's `nhid N`, which deleting it would take along (silently, for
+    /// IPv4). It then stays hgw's, for the prefix's route when it comes back.
     pub async fn release_nexthop(&self, destination: IpNet) {
-        if let Some(nexthops) = &self.nexthops {
-            nexthops.release(destination).await;
+        let Some(nexthops) = &self.nexthops else {
+            return;
+        };
+        let Some(id) = nexthops.id_of(destination) else {
+            return;
+        };
+        match self.main_table().await {
+            Ok(routes) if !routes.iter().any(|m| nexthop_id(m) == Some(id)) => {
+                nexthops.release(destination).await;
+            }
+            Ok(_) => info!("nexthop {id} of {destination} stays: a route is on it"),
+            Err(e) => debug!("nexthop {id} of {destination} stays: {e}"),
         }
     }
 
@@ -300,6 +306,14 @@ impl Kernel {
         }
         result
     }
+}
+
+/// The nexthop object a route is on.
+fn nexthop_id(route: &RouteMessage) -> Option<u32> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::NhId(id) => Some(*id),
+        _ => None,
+    })
 }
 
 /// A main-table unicast route to `destination` tagged with hgw's protocol, with no

@@ -68,9 +68,8 @@ pub async fn uninstall(
     }
     let kernel = Kernel::connect()?;
     let scanner = crate::tc::Scanner::new(kernel.handle());
-    for ifindex in qdiscs {
-        removed.qdiscs += usize::from(scanner.delete_clsact_if_unused(ifindex).await?);
-    }
+    // Not fatal: an empty clsact qdisc does nothing, and the rest must still go.
+    removed.qdiscs = scanner.delete_unused_clsacts(&qdiscs).await;
     for route in kernel.hgw_routes().await? {
         kernel.delete_route(&route).await?;
         removed.routes += 1;

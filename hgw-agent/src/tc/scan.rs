@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use futures::TryStreamExt as _;
 use hgw_common::sys;
+use log::warn;
 use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption};
 
 use super::{Filter, Hooks, PARENT_EGRESS, PARENT_INGRESS};
@@ -239,13 +240,38 @@ impl Scanner {
         }
     }
 
-    /// Deletes interface `ifindex`'s `clsact` qdisc if no filter is left on it (for
-    /// `uninstall`, on a qdisc hgw added, after hgw's filters went); whether it went.
-    pub async fn delete_clsact_if_unused(&self, ifindex: u32) -> Result<bool, TcError> {
-        let qdiscs = self.qdiscs(Some(ifindex)).await?;
-        if qdiscs.get(&ifindex).and_then(|q| q.clsact.as_deref()) != Some("clsact") {
-            return Ok(false);
+    /// Deletes the `clsact` qdiscs of `interfaces` (ones hgw added, after hgw's filters
+    /// went) that have no filter left on either hook; returns how many went. An
+    /// interface gone, or with another qdisc there, is skipped; one that cannot be
+    /// checked or deleted is said and left (an empty clsact qdisc does nothing).
+    pub async fn delete_unused_clsacts(&self, interfaces: &[u32]) -> usize {
+        if interfaces.is_empty() {
+            return 0;
         }
+        // One dump for all of them: the kernel ignores the index of a dump request.
+        let qdiscs = match self.qdiscs(None).await {
+            Ok(qdiscs) => qdiscs,
+            Err(e) => {
+                warn!("the clsact qdiscs hgw added stay: {e}");
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for &ifindex in interfaces {
+            if qdiscs.get(&ifindex).and_then(|q| q.clsact.as_deref()) != Some("clsact") {
+                continue;
+            }
+            match self.delete_clsact_if_unused(ifindex).await {
+                Ok(gone) => removed += usize::from(gone),
+                Err(e) => warn!("the clsact qdisc hgw added on interface {ifindex} stays: {e}"),
+            }
+        }
+        removed
+    }
+
+    /// Deletes interface `ifindex`'s `clsact` qdisc if no filter is left on it; whether
+    /// it went.
+    async fn delete_clsact_if_unused(&self, ifindex: u32) -> Result<bool, TcError> {
         for parent in [PARENT_INGRESS, PARENT_EGRESS] {
             if !self.filters(ifindex, parent).await?.is_empty() {
                 return Ok(false);

@@ -340,7 +340,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             }
         }
         for (cidr, protocol) in foreign {
-            self.note_foreign(cidr, protocol);
+            self.note_foreign(cidr, protocol).await;
         }
         self.install(install, observed).await;
         self.remove_unwanted(observed).await;

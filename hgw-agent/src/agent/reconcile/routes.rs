@@ -27,14 +27,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             (Some(ours), _, _) if *ours == want => {
                 self.set_state(cidr, RouteState::Installed);
             }
-            (None, Some(protocol), state) => {
-                // hgw's route was there and someone else's replaced it: its nexthop
-                // object would stay behind, pointed at by nothing.
-                if !matches!(state, Some(RouteState::Foreign(_))) {
-                    self.routes.lost(cidr).await;
-                }
-                self.note_foreign(cidr, protocol.clone());
-            }
+            (None, Some(protocol), _) => self.note_foreign(cidr, protocol.clone()).await,
             // The kernel drops the routes (and nexthops) on a device going down, and
             // refuses new ones there: the uplink's coming up resyncs them all, rather
             // than a failed install and a warning per route now.
@@ -64,7 +57,10 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
-    pub(super) fn note_foreign(&mut self, cidr: IpNet, protocol: String) {
+    /// Someone else's route holds `cidr`: out of the fast path, and if it took the
+    /// place of hgw's route, what that route held of hgw's goes (its nexthop object
+    /// would stay behind).
+    pub(super) async fn note_foreign(&mut self, cidr: IpNet, protocol: String) {
         let previous = self
             .state
             .insert(cidr, RouteState::Foreign(protocol.clone()));
@@ -81,6 +77,9 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             );
         }
         self.remove_map_entry(cidr);
+        if previous == Some(RouteState::Installed) {
+            self.routes.lost(cidr).await;
+        }
     }
 
     /// Installs the routes to `cidrs`, many requests in flight at once.
@@ -131,7 +130,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                     installed += 1;
                 }
                 Err(KernelError::ForeignRoute { protocol, .. }) => {
-                    self.note_foreign(cidr, protocol)
+                    self.note_foreign(cidr, protocol).await;
                 }
                 Err(e) => {
                     warn!("{e}");
