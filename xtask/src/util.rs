@@ -14,11 +14,36 @@ pub fn root() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// `cargo` (the one running us, when there is one) in the workspace root.
+/// `cargo` (the one running us, when there is one) in the workspace root, without the
+/// variables `cargo run` set for xtask itself: build scripts that watch them (ring's
+/// watches CARGO_MANIFEST_DIR and CARGO_PKG_*) would otherwise see another environment
+/// than a plain `cargo build` has, and rebuild, with all that depends on them (rustls,
+/// kube: minutes), at every switch between the two.
 pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root());
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(set_by_cargo_run) {
+            cmd.env_remove(key);
+        }
+    }
     cmd
+}
+
+/// Whether cargo sets `key` for the package's binary it runs (not for cargo to read).
+fn set_by_cargo_run(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || matches!(
+            key,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
 }
 
 /// The command line, for messages.
@@ -86,3 +111,30 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+#[cfg(test)]
+mod tests {
+    use super::set_by_cargo_run;
+
+    #[test]
+    fn only_what_cargo_run_sets_for_xtask_is_dropped() {
+        for key in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "OUT_DIR",
+        ] {
+            assert!(set_by_cargo_run(key), "{key}");
+        }
+        // What the nested cargo reads itself, or passes on to the tools it runs.
+        for key in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_JOBS",
+            "RUSTFLAGS",
+        ] {
+            assert!(!set_by_cargo_run(key), "{key}");
+        }
+    }
+}
