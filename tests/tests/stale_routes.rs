@@ -102,7 +102,8 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
 /// over a route it does not own) and keeps the prefix out of the fast path, so packets
 /// get the kernel's answer (here a blackhole) in every mode; once that route goes, hgw
 /// installs its own; when someone replaces hgw's route, hgw lets go again, and deletes
-/// the nexthop its route was on, unless the new route is on it.
+/// the nexthop its route was on, unless the new route is on it (then also at the next
+/// agent's start).
 #[test]
 fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> anyhow::Result<()> {
     let mut lab = Lab::up(2, 1)?;
@@ -250,6 +251,21 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
         "the foreign route on hgw's nexthop went: {shown:?}"
     );
     assert_eq!(hgw_nexthops(&n1.ns)?.len(), 1, "hgw's nexthop went");
+
+    // Nor does the next agent's sweep of unused nexthops take it.
+    lab.agent_mut(0).context("agent on n1")?.stop()?;
+    lab.start_agent(0, &["--fast-path", "all"])?
+        .wait_ready(Duration::from_secs(15))?;
+    let shown = route_of(&n1.ns, &n2.pod_cidr)?;
+    assert!(
+        shown.contains(&format!("nhid {nexthop}")) && shown.contains("proto static"),
+        "the foreign route on hgw's nexthop went when the agent restarted: {shown:?}"
+    );
+    assert_eq!(
+        hgw_nexthops(&n1.ns)?.len(),
+        1,
+        "hgw's nexthop went when the agent restarted"
+    );
     Ok(())
 }
 

@@ -349,9 +349,14 @@ pub struct Nexthops {
 
 impl Nexthops {
     /// Takes over the nexthops an earlier agent left: those hgw's routes point at keep
-    /// their routes' ids; hgw's others carry no route of ours and are deleted.
-    /// `routes`: hgw's routes that point at a nexthop, with its id.
-    pub async fn open(routes: &[(IpNet, u32)]) -> Result<Self, NexthopError> {
+    /// their routes' ids; hgw's others carry no route of ours and are deleted, unless
+    /// someone else's route is on one (deleting it would take that route along).
+    /// `routes`: hgw's routes that point at a nexthop, with its id; `in_use`: the
+    /// nexthop ids of every route.
+    pub async fn open(
+        routes: &[(IpNet, u32)],
+        in_use: &HashSet<u32>,
+    ) -> Result<Self, NexthopError> {
         let socket = NexthopSocket::connect().map_err(NexthopError::Kernel)?;
         let ours: HashSet<u32> = socket
             .list()
@@ -365,8 +370,7 @@ impl Nexthops {
             .filter(|(_, id)| ours.contains(id))
             .copied()
             .collect();
-        let used: HashSet<u32> = ids.values().copied().collect();
-        for id in ours.difference(&used) {
+        for id in ours.difference(in_use) {
             match socket.delete(*id).await {
                 Ok(()) => info!("removed hgw's unused nexthop {id}"),
                 Err(e) => debug!("removing hgw's unused nexthop {id}: {e}"),

@@ -107,7 +107,8 @@ impl Kernel {
             .filter(|m| HgwRoute::from_message(m).is_some())
             .filter_map(|m| Some((route_destination(m)?, nexthop_id(m)?)))
             .collect();
-        match super::nexthop::Nexthops::open(&on_nexthops).await {
+        let in_use = routes.iter().filter_map(nexthop_id).collect();
+        match super::nexthop::Nexthops::open(&on_nexthops, &in_use).await {
             Ok(nexthops) => {
                 info!(
                     "routes on nexthop objects of their own ({} already on them)",
