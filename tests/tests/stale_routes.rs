@@ -234,7 +234,7 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
         ],
     )?;
     let kept = format!(
-        "nexthop {nexthop} of {} stays: a route is on it",
+        "nexthop {nexthop} of {} stays: the route that replaced hgw's is on it",
         n2.pod_cidr
     );
     wait_until(|| {

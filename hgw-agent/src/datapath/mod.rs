@@ -173,7 +173,7 @@ impl Datapath {
 
     /// The interfaces whose `clsact` qdisc this agent added and that go with it
     /// (unpinned, its filters are deleted when it is dropped): for
-    /// [`crate::tc::Scanner::delete_clsact_if_unused`] after that. Pinned, none: the
+    /// [`crate::tc::Scanner::delete_unused_clsacts`] after that. Pinned, none: the
     /// filters stay for the next agent.
     pub fn qdiscs_to_remove_on_exit(&self) -> Vec<u32> {
         if self.pinned() {

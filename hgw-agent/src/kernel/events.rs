@@ -69,8 +69,11 @@ pub enum RouteOwner {
         gateway: Option<IpAddr>,
         oif: Option<u32>,
     },
-    /// Someone else's (its protocol).
-    Foreign(String),
+    /// Someone else's: its protocol, and the nexthop object it is on, if any.
+    Foreign {
+        protocol: String,
+        nexthop: Option<u32>,
+    },
 }
 
 impl KernelEvent {
@@ -143,7 +146,10 @@ fn route_owner(msg: &RouteMessage, ours: bool) -> RouteOwner {
             oif: route.and_then(|r| r.oif),
         }
     } else {
-        RouteOwner::Foreign(format!("{:?}", msg.header.protocol).to_lowercase())
+        RouteOwner::Foreign {
+            protocol: format!("{:?}", msg.header.protocol).to_lowercase(),
+            nexthop: super::route::nexthop_id(msg),
+        }
     }
 }
 

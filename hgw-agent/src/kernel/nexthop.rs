@@ -428,6 +428,12 @@ impl Nexthops {
         self.ids().get(&destination).copied()
     }
 
+    /// Lets go of `destination`'s nexthop without deleting it: someone else's route is
+    /// on it. (A later start spares it while a route is on it.)
+    pub fn forget(&self, destination: IpNet) {
+        self.ids().remove(&destination);
+    }
+
     /// The destination whose route is on nexthop `id`.
     pub fn destination_of(&self, id: u32) -> Option<IpNet> {
         self.ids()

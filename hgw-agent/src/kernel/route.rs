@@ -21,11 +21,12 @@ use rtnetlink::{
 use super::{Kernel, KernelError, netlink};
 
 /// Who holds a prefix of the main table: hgw (its route's gateway and interface) and/or
-/// someone else (the protocol of their route).
+/// someone else (the protocol of their route, and the nexthop object it is on).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PrefixOwners {
     pub ours: Option<(Option<IpAddr>, Option<u32>)>,
     pub foreign: Option<String>,
+    pub foreign_nexthop: Option<u32>,
 }
 
 /// A route carrying hgw's protocol tag, as found in the main table.
@@ -121,22 +122,23 @@ impl Kernel {
     }
 
     /// Deletes the nexthop object of hgw's route to `destination`, for a route that went
-    /// without hgw deleting it (replaced by someone else's), unless a route is on it
-    /// still: someone's `nhid N`, which deleting it would take along (silently, for
-    /// IPv4). It then stays hgw's, for the prefix's route when it comes back.
-    pub async fn release_nexthop(&self, destination: IpNet) {
+    /// without hgw deleting it: replaced by someone else's, which is on nexthop
+    /// `replaced_by` (if any). If that is hgw's own nexthop (`ip route replace PREFIX
+    /// nhid N`), deleting it would take that route along (silently, for IPv4): it stays,
+    /// no longer hgw's to change or delete.
+    pub async fn release_nexthop(&self, destination: IpNet, replaced_by: Option<u32>) {
         let Some(nexthops) = &self.nexthops else {
             return;
         };
-        let Some(id) = nexthops.id_of(destination) else {
-            return;
-        };
-        match self.main_table().await {
-            Ok(routes) if !routes.iter().any(|m| nexthop_id(m) == Some(id)) => {
-                nexthops.release(destination).await;
+        match nexthops.id_of(destination) {
+            Some(id) if replaced_by == Some(id) => {
+                nexthops.forget(destination);
+                info!(
+                    "nexthop {id} of {destination} stays: the route that replaced hgw's is on it"
+                );
             }
-            Ok(_) => info!("nexthop {id} of {destination} stays: a route is on it"),
-            Err(e) => debug!("nexthop {id} of {destination} stays: {e}"),
+            Some(_) => nexthops.release(destination).await,
+            None => {}
         }
     }
 
@@ -237,6 +239,7 @@ impl Kernel {
                 ));
             } else if entry.foreign.is_none() {
                 entry.foreign = Some(format!("{:?}", message.header.protocol).to_lowercase());
+                entry.foreign_nexthop = nexthop_id(&message);
             }
         }
         Ok(owners)
@@ -310,7 +313,7 @@ impl Kernel {
 }
 
 /// The nexthop object a route is on.
-fn nexthop_id(route: &RouteMessage) -> Option<u32> {
+pub(super) fn nexthop_id(route: &RouteMessage) -> Option<u32> {
     route.attributes.iter().find_map(|a| match a {
         RouteAttribute::NhId(id) => Some(*id),
         _ => None,

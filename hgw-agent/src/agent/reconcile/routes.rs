@@ -27,7 +27,10 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             (Some(ours), _, _) if *ours == want => {
                 self.set_state(cidr, RouteState::Installed);
             }
-            (None, Some(protocol), _) => self.note_foreign(cidr, protocol.clone()).await,
+            (None, Some(protocol), _) => {
+                self.note_foreign(cidr, protocol.clone(), owners.foreign_nexthop)
+                    .await;
+            }
             // The kernel drops the routes (and nexthops) on a device going down, and
             // refuses new ones there: the uplink's coming up resyncs them all, rather
             // than a failed install and a warning per route now.
@@ -57,10 +60,15 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
-    /// Someone else's route holds `cidr`: out of the fast path, and if it took the
-    /// place of hgw's route, what that route held of hgw's goes (its nexthop object
-    /// would stay behind).
-    pub(super) async fn note_foreign(&mut self, cidr: IpNet, protocol: String) {
+    /// Someone else's route holds `cidr` (on nexthop object `nexthop`, if any): out of
+    /// the fast path, and if it took the place of hgw's route, what that route held of
+    /// hgw's goes (its nexthop object would stay behind).
+    pub(super) async fn note_foreign(
+        &mut self,
+        cidr: IpNet,
+        protocol: String,
+        nexthop: Option<u32>,
+    ) {
         let previous = self
             .state
             .insert(cidr, RouteState::Foreign(protocol.clone()));
@@ -78,7 +86,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
         self.remove_map_entry(cidr);
         if previous == Some(RouteState::Installed) {
-            self.routes.lost(cidr).await;
+            self.routes.lost(cidr, nexthop).await;
         }
     }
 
@@ -130,7 +138,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                     installed += 1;
                 }
                 Err(KernelError::ForeignRoute { protocol, .. }) => {
-                    self.note_foreign(cidr, protocol).await;
+                    self.note_foreign(cidr, protocol, None).await;
                 }
                 Err(e) => {
                     warn!("{e}");
@@ -316,7 +324,10 @@ mod tests {
         routes.table.borrow_mut().remove(&foreign);
         observed.apply(KernelEvent::Route {
             destination: foreign,
-            owner: RouteOwner::Foreign("static".into()),
+            owner: RouteOwner::Foreign {
+                protocol: "static".into(),
+                nexthop: None,
+            },
             deleted: true,
             replaced: false,
         });
@@ -342,7 +353,10 @@ mod tests {
         for _ in 0..2 {
             observed.apply(KernelEvent::Route {
                 destination: foreign,
-                owner: RouteOwner::Foreign("static".into()),
+                owner: RouteOwner::Foreign {
+                    protocol: "static".into(),
+                    nexthop: None,
+                },
                 deleted: false,
                 replaced: true,
             });

@@ -66,7 +66,7 @@ impl RouteTable for &FakeRoutes {
         Ok(())
     }
 
-    async fn lost(&self, destination: IpNet) {
+    async fn lost(&self, destination: IpNet, _replaced_by: Option<u32>) {
         self.writes.borrow_mut().push(format!("lost {destination}"));
     }
 }
@@ -182,7 +182,10 @@ pub(super) fn observe_routes(observed: &mut Observed, routes: &FakeRoutes) {
                 gateway: Some(*gateway),
                 oif: Some(UPLINK),
             },
-            Err(protocol) => RouteOwner::Foreign(protocol.clone()),
+            Err(protocol) => RouteOwner::Foreign {
+                protocol: protocol.clone(),
+                nexthop: None,
+            },
         };
         observed.apply(KernelEvent::Route {
             destination: *destination,
