@@ -101,9 +101,8 @@ fn stale_hgw_routes_go_and_foreign_routes_stay() -> anyhow::Result<()> {
 /// Someone else's route on a peer's prefix: hgw never takes it over (no NLM_F_REPLACE
 /// over a route it does not own) and keeps the prefix out of the fast path, so packets
 /// get the kernel's answer (here a blackhole) in every mode; once that route goes, hgw
-/// installs its own; when someone replaces hgw's route, hgw lets go again, and deletes
-/// the nexthop its route was on, unless the new route is on it (then also at the next
-/// agent's start).
+/// installs its own; when someone replaces hgw's route, hgw lets go again, and of the
+/// nexthop its route was on, which the next start deletes unless a route is on it.
 #[test]
 fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> anyhow::Result<()> {
     let mut lab = Lab::up(2, 1)?;
@@ -165,6 +164,7 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
         String::from_utf8_lossy(&out.stdout)
     );
 
+    let first = nexthop_of(&n1.ns, &n2.pod_cidr)?;
     let on_nexthops = hgw_nexthops(&n1.ns)?;
     assert_eq!(
         on_nexthops.len(),
@@ -196,30 +196,25 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
         route_of(&n1.ns, &n2.pod_cidr)?.starts_with("blackhole"),
         "hgw took the route back"
     );
-    // The replaced route's nexthop goes with it (n2's IPv6 prefix never had one).
-    wait_until(|| Ok(hgw_nexthops(&n1.ns)?.is_empty()))
-        .with_context(|| format!("hgw's nexthops left: {:?}", hgw_nexthops(&n1.ns)))?;
     assert!(
         !ping(&from.ns, to.ip, 2, &[])?.status.success(),
         "pings got past the kernel's blackhole"
     );
 
-    // The foreign route goes: hgw's comes back, on a new nexthop of its own.
+    // The foreign route goes: hgw's comes back, on a new nexthop of its own (the one
+    // it let go of is neither changed nor used again).
     run_in_ok(&n1.ns, "ip", &["route", "del", "blackhole", &n2.pod_cidr])?;
     wait_until(|| {
-        Ok(
-            route_of(&n1.ns, &n2.pod_cidr)?.contains(&format!("proto {HGW_ROUTE_PROTOCOL}"))
-                && hgw_nexthops(&n1.ns)?.len() == 1,
-        )
+        Ok(route_of(&n1.ns, &n2.pod_cidr)?.contains(&format!("proto {HGW_ROUTE_PROTOCOL}")))
     })?;
-    let nexthop = hgw_nexthops(&n1.ns)?[0]
-        .split_whitespace()
-        .nth(1)
-        .context("a nexthop id")?
-        .to_owned();
+    let second = nexthop_of(&n1.ns, &n2.pod_cidr)?;
+    assert_ne!(
+        first, second,
+        "hgw's route came back on the nexthop it let go of"
+    );
 
     // Someone puts a route of their own on hgw's nexthop: hgw lets go of the prefix,
-    // and keeps the nexthop, whose deletion would take that route along.
+    // and the nexthop stays, with that route on it.
     run_in_ok(
         &n1.ns,
         "ip",
@@ -228,45 +223,57 @@ fn a_foreign_route_on_a_peer_prefix_is_left_alone_and_out_of_the_fast_path() -> 
             "replace",
             &n2.pod_cidr,
             "nhid",
-            &nexthop,
+            &second,
             "proto",
             "static",
         ],
     )?;
-    let kept = format!(
-        "nexthop {nexthop} of {} stays: the route that replaced hgw's is on it",
+    let let_go = format!(
+        "hgw's route to {} was replaced: its nexthop {second} is no longer used",
         n2.pod_cidr
     );
     wait_until(|| {
         let status = agent.status()?;
         Ok(
             peer(&status, &n2.pod_cidr).foreign_route.as_deref() == Some("static")
-                && agent.log().contains(&kept),
+                && agent.log().contains(&let_go),
         )
     })
-    .with_context(|| format!("the agent did not say {kept:?}:\n{}", agent.log()))?;
-    let shown = route_of(&n1.ns, &n2.pod_cidr)?;
-    assert!(
-        shown.contains(&format!("nhid {nexthop}")) && shown.contains("proto static"),
-        "the foreign route on hgw's nexthop went: {shown:?}"
-    );
-    assert_eq!(hgw_nexthops(&n1.ns)?.len(), 1, "hgw's nexthop went");
+    .with_context(|| format!("the agent did not say {let_go:?}:\n{}", agent.log()))?;
+    let on_second = |when: &str| -> anyhow::Result<()> {
+        let shown = route_of(&n1.ns, &n2.pod_cidr)?;
+        anyhow::ensure!(
+            shown.contains(&format!("nhid {second}")) && shown.contains("proto static"),
+            "the foreign route on hgw's nexthop went {when}: {shown:?}"
+        );
+        Ok(())
+    };
+    on_second("when hgw let go of the prefix")?;
 
-    // Nor does the next agent's sweep of unused nexthops take it.
+    // The next agent's start deletes the nexthop no route is on, and spares the one
+    // the foreign route is on.
     lab.agent_mut(0).context("agent on n1")?.stop()?;
     lab.start_agent(0, &["--fast-path", "all"])?
         .wait_ready(Duration::from_secs(15))?;
-    let shown = route_of(&n1.ns, &n2.pod_cidr)?;
+    on_second("when the agent restarted")?;
+    let left = hgw_nexthops(&n1.ns)?;
     assert!(
-        shown.contains(&format!("nhid {nexthop}")) && shown.contains("proto static"),
-        "the foreign route on hgw's nexthop went when the agent restarted: {shown:?}"
-    );
-    assert_eq!(
-        hgw_nexthops(&n1.ns)?.len(),
-        1,
-        "hgw's nexthop went when the agent restarted"
+        matches!(left.as_slice(), [only] if only.starts_with(&format!("id {second} "))),
+        "hgw's nexthops after the restart: {left:?}, expected only {second} (not {first})"
     );
     Ok(())
+}
+
+/// The nexthop id of the route to `cidr`.
+fn nexthop_of(ns: &str, cidr: &str) -> anyhow::Result<String> {
+    let shown = route_of(ns, cidr)?;
+    let mut words = shown.split_whitespace();
+    words
+        .by_ref()
+        .find(|w| *w == "nhid")
+        .and_then(|_| words.next())
+        .map(str::to_owned)
+        .with_context(|| format!("no nexthop in {shown:?}"))
 }
 
 /// `ip route show exact CIDR` (either family), trimmed.

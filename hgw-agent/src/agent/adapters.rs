@@ -35,8 +35,8 @@ impl RouteTable for Kernel {
         self.resolve_neighbour(oif, ip).await
     }
 
-    async fn lost(&self, destination: IpNet, replaced_by: Option<u32>) {
-        self.release_nexthop(destination, replaced_by).await;
+    async fn lost(&self, destination: IpNet) {
+        self.forget_nexthop(destination);
     }
 }
 

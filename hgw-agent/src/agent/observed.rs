@@ -225,14 +225,8 @@ impl Observed {
                 match (owner, deleted) {
                     (RouteOwner::Hgw { gateway, oif }, false) => entry.ours = Some((gateway, oif)),
                     (RouteOwner::Hgw { .. }, true) => entry.ours = None,
-                    (RouteOwner::Foreign { protocol, nexthop }, false) => {
-                        entry.foreign = Some(protocol);
-                        entry.foreign_nexthop = nexthop;
-                    }
-                    (RouteOwner::Foreign { .. }, true) => {
-                        entry.foreign = None;
-                        entry.foreign_nexthop = None;
-                    }
+                    (RouteOwner::Foreign(protocol), false) => entry.foreign = Some(protocol),
+                    (RouteOwner::Foreign(_), true) => entry.foreign = None,
                 }
                 let changed = *entry != before;
                 if *entry == PrefixOwners::default() {
@@ -444,10 +438,7 @@ mod tests {
             deleted,
             replaced: false,
         };
-        let foreign = RouteOwner::Foreign {
-            protocol: "static".into(),
-            nexthop: None,
-        };
+        let foreign = RouteOwner::Foreign("static".into());
         assert_eq!(
             o.apply(event(foreign.clone(), false)),
             Some(Change::Prefix(prefix))

@@ -69,11 +69,8 @@ pub enum RouteOwner {
         gateway: Option<IpAddr>,
         oif: Option<u32>,
     },
-    /// Someone else's: its protocol, and the nexthop object it is on, if any.
-    Foreign {
-        protocol: String,
-        nexthop: Option<u32>,
-    },
+    /// Someone else's (its protocol).
+    Foreign(String),
 }
 
 impl KernelEvent {
@@ -146,10 +143,7 @@ fn route_owner(msg: &RouteMessage, ours: bool) -> RouteOwner {
             oif: route.and_then(|r| r.oif),
         }
     } else {
-        RouteOwner::Foreign {
-            protocol: format!("{:?}", msg.header.protocol).to_lowercase(),
-            nexthop: super::route::nexthop_id(msg),
-        }
+        RouteOwner::Foreign(format!("{:?}", msg.header.protocol).to_lowercase())
     }
 }
 

@@ -428,10 +428,10 @@ impl Nexthops {
         self.ids().get(&destination).copied()
     }
 
-    /// Lets go of `destination`'s nexthop without deleting it: someone else's route is
-    /// on it. (A later start spares it while a route is on it.)
-    pub fn forget(&self, destination: IpNet) {
-        self.ids().remove(&destination);
+    /// Lets go of `destination`'s nexthop without deleting it (someone else's route may
+    /// be on it); its id, if there was one.
+    pub fn forget(&self, destination: IpNet) -> Option<u32> {
+        self.ids().remove(&destination)
     }
 
     /// The destination whose route is on nexthop `id`.

@@ -21,12 +21,11 @@ use rtnetlink::{
 use super::{Kernel, KernelError, netlink};
 
 /// Who holds a prefix of the main table: hgw (its route's gateway and interface) and/or
-/// someone else (the protocol of their route, and the nexthop object it is on).
+/// someone else (the protocol of their route).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PrefixOwners {
     pub ours: Option<(Option<IpAddr>, Option<u32>)>,
     pub foreign: Option<String>,
-    pub foreign_nexthop: Option<u32>,
 }
 
 /// A route carrying hgw's protocol tag, as found in the main table.
@@ -121,24 +120,17 @@ impl Kernel {
         }
     }
 
-    /// Deletes the nexthop object of hgw's route to `destination`, for a route that went
-    /// without hgw deleting it: replaced by someone else's, which is on nexthop
-    /// `replaced_by` (if any). If that is hgw's own nexthop (`ip route replace PREFIX
-    /// nhid N`), deleting it would take that route along (silently, for IPv4): it stays,
-    /// no longer hgw's to change or delete.
-    pub async fn release_nexthop(&self, destination: IpNet, replaced_by: Option<u32>) {
-        let Some(nexthops) = &self.nexthops else {
-            return;
-        };
-        match nexthops.id_of(destination) {
-            Some(id) if replaced_by == Some(id) => {
-                nexthops.forget(destination);
-                info!(
-                    "nexthop {id} of {destination} stays: the route that replaced hgw's is on it"
-                );
-            }
-            Some(_) => nexthops.release(destination).await,
-            None => {}
+    /// Lets go of the nexthop object of hgw's route to `destination`, for a route that
+    /// went without hgw deleting it (someone else's took its place): not changed or
+    /// reused any more, since the route that took the prefix may be on it (`ip route
+    /// replace PREFIX nhid N`), and not deleted now, which would take any such route
+    /// along (silently, for IPv4). The next agent's start deletes it if no route is on
+    /// it ([`super::nexthop::Nexthops::open`]); `uninstall` does in any case.
+    pub fn forget_nexthop(&self, destination: IpNet) {
+        if let Some(id) = self.nexthops.as_ref().and_then(|n| n.forget(destination)) {
+            info!(
+                "hgw's route to {destination} was replaced: its nexthop {id} is no longer used or changed (the next start deletes it if no route is on it)"
+            );
         }
     }
 
@@ -165,12 +157,20 @@ impl Kernel {
     ) -> Result<(), KernelError> {
         let plain = plain_route(destination, gateway, oif)?;
         if let Some(nexthops) = &self.nexthops
+            && let known = nexthops.id_of(destination).is_some()
             && let Some(id) = nexthops.for_route(destination, gateway, oif).await
         {
             let mut route = route_to(destination);
             route.attributes.push(RouteAttribute::NhId(id));
             match self.put_route(route, destination, ours_there).await {
                 Ok(()) => return Ok(()),
+                // A nexthop of an earlier route of ours may be what the route there is on
+                // (`ip route add PREFIX nhid N` after hgw's route went): let go of it as
+                // of a replaced route. One made just now carries nothing: it goes.
+                Err(e @ KernelError::ForeignRoute { .. }) if known => {
+                    nexthops.forget(destination);
+                    return Err(e);
+                }
                 Err(e @ KernelError::ForeignRoute { .. }) => {
                     nexthops.release(destination).await;
                     return Err(e);
@@ -239,7 +239,6 @@ impl Kernel {
                 ));
             } else if entry.foreign.is_none() {
                 entry.foreign = Some(format!("{:?}", message.header.protocol).to_lowercase());
-                entry.foreign_nexthop = nexthop_id(&message);
             }
         }
         Ok(owners)
@@ -313,7 +312,7 @@ impl Kernel {
 }
 
 /// The nexthop object a route is on.
-pub(super) fn nexthop_id(route: &RouteMessage) -> Option<u32> {
+fn nexthop_id(route: &RouteMessage) -> Option<u32> {
     route.attributes.iter().find_map(|a| match a {
         RouteAttribute::NhId(id) => Some(*id),
         _ => None,

@@ -73,10 +73,9 @@ pub trait RouteTable {
     fn delete(&self, route: HgwRoute) -> impl Future<Output = Result<(), KernelError>>;
     /// Asks the kernel to resolve (or re-confirm) a next hop.
     fn resolve(&self, oif: u32, ip: IpAddr) -> impl Future<Output = Result<(), KernelError>>;
-    /// hgw's route to `destination` went without hgw deleting it: someone else's, on
-    /// nexthop object `replaced_by` if any, took its place. What it held of hgw's in the
-    /// kernel (its nexthop object) goes too, unless that route is on it.
-    fn lost(&self, destination: IpNet, replaced_by: Option<u32>) -> impl Future<Output = ()>;
+    /// hgw's route to `destination` went without hgw deleting it (someone else's took
+    /// its place): what it held of hgw's in the kernel (its nexthop object) is let go.
+    fn lost(&self, destination: IpNet) -> impl Future<Output = ()>;
 }
 
 /// What the route and endpoint maps hold.
@@ -336,13 +335,12 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 Some(PrefixOwners {
                     ours: None,
                     foreign: Some(protocol),
-                    foreign_nexthop,
-                }) => foreign.push((*cidr, protocol.clone(), *foreign_nexthop)),
+                }) => foreign.push((*cidr, protocol.clone())),
                 _ => install.push(*cidr),
             }
         }
-        for (cidr, protocol, nexthop) in foreign {
-            self.note_foreign(cidr, protocol, nexthop).await;
+        for (cidr, protocol) in foreign {
+            self.note_foreign(cidr, protocol).await;
         }
         self.install(install, observed).await;
         self.remove_unwanted(observed).await;

@@ -27,10 +27,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
             (Some(ours), _, _) if *ours == want => {
                 self.set_state(cidr, RouteState::Installed);
             }
-            (None, Some(protocol), _) => {
-                self.note_foreign(cidr, protocol.clone(), owners.foreign_nexthop)
-                    .await;
-            }
+            (None, Some(protocol), _) => self.note_foreign(cidr, protocol.clone()).await,
             // The kernel drops the routes (and nexthops) on a device going down, and
             // refuses new ones there: the uplink's coming up resyncs them all, rather
             // than a failed install and a warning per route now.
@@ -60,15 +57,10 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
-    /// Someone else's route holds `cidr` (on nexthop object `nexthop`, if any): out of
-    /// the fast path, and if it took the place of hgw's route, what that route held of
-    /// hgw's goes (its nexthop object would stay behind).
-    pub(super) async fn note_foreign(
-        &mut self,
-        cidr: IpNet,
-        protocol: String,
-        nexthop: Option<u32>,
-    ) {
+    /// Someone else's route holds `cidr`: out of the fast path, and if it took the
+    /// place of hgw's route, what that route held of hgw's is let go (its nexthop
+    /// object, which the route that took the place may be on).
+    pub(super) async fn note_foreign(&mut self, cidr: IpNet, protocol: String) {
         let previous = self
             .state
             .insert(cidr, RouteState::Foreign(protocol.clone()));
@@ -86,7 +78,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
         self.remove_map_entry(cidr);
         if previous == Some(RouteState::Installed) {
-            self.routes.lost(cidr, nexthop).await;
+            self.routes.lost(cidr).await;
         }
     }
 
@@ -138,7 +130,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                     installed += 1;
                 }
                 Err(KernelError::ForeignRoute { protocol, .. }) => {
-                    self.note_foreign(cidr, protocol, None).await;
+                    self.note_foreign(cidr, protocol).await;
                 }
                 Err(e) => {
                     warn!("{e}");
@@ -324,10 +316,7 @@ mod tests {
         routes.table.borrow_mut().remove(&foreign);
         observed.apply(KernelEvent::Route {
             destination: foreign,
-            owner: RouteOwner::Foreign {
-                protocol: "static".into(),
-                nexthop: None,
-            },
+            owner: RouteOwner::Foreign("static".into()),
             deleted: true,
             replaced: false,
         });
@@ -353,10 +342,7 @@ mod tests {
         for _ in 0..2 {
             observed.apply(KernelEvent::Route {
                 destination: foreign,
-                owner: RouteOwner::Foreign {
-                    protocol: "static".into(),
-                    nexthop: None,
-                },
+                owner: RouteOwner::Foreign("static".into()),
                 deleted: false,
                 replaced: true,
             });

@@ -66,7 +66,7 @@ impl RouteTable for &FakeRoutes {
         Ok(())
     }
 
-    async fn lost(&self, destination: IpNet, _replaced_by: Option<u32>) {
+    async fn lost(&self, destination: IpNet) {
         self.writes.borrow_mut().push(format!("lost {destination}"));
     }
 }
@@ -182,10 +182,7 @@ pub(super) fn observe_routes(observed: &mut Observed, routes: &FakeRoutes) {
                 gateway: Some(*gateway),
                 oif: Some(UPLINK),
             },
-            Err(protocol) => RouteOwner::Foreign {
-                protocol: protocol.clone(),
-                nexthop: None,
-            },
+            Err(protocol) => RouteOwner::Foreign(protocol.clone()),
         };
         observed.apply(KernelEvent::Route {
             destination: *destination,
