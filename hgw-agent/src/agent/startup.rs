@@ -300,28 +300,26 @@ fn check_established() -> Result<KernelFacts, AgentError> {
 /// forwarding (pinned programs, cls_bpf filters, which outlive their agent pinned or
 /// not), and so do the `clsact` qdiscs it added for them where nothing else is left.
 async fn clear_fast_path(config: &Config, kernel: &Kernel) {
-    let mut qdiscs = Vec::new();
-    if let Some(dir) = &config.pin_dir {
-        qdiscs = datapath::marked_qdiscs(dir);
-        match datapath::remove_pins(dir) {
-            Ok(0) => {}
-            Ok(n) => info!("fast path off: removed {n} pins an earlier agent left"),
-            Err(e) => warn!(
-                "fast path off, but {} could not be cleared: {e}",
-                dir.display()
-            ),
+    let taken = datapath::take_off(config.pin_dir.as_deref(), &Scanner::new(kernel.handle())).await;
+    match taken.pins {
+        Ok(0) => {}
+        Ok(n) => info!("fast path off: removed {n} pins an earlier agent left"),
+        Err(e) => warn!(
+            "fast path off, but {} could not be cleared: {e}",
+            config
+                .pin_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        ),
+    }
+    for (n, what) in [
+        (taken.filters, "cls_bpf filters an earlier agent left"),
+        (taken.qdiscs, "clsact qdiscs an earlier agent added"),
+    ] {
+        if n > 0 {
+            info!("fast path off: removed {n} {what}");
         }
-    }
-    match datapath::remove_filters() {
-        0 => {}
-        n => info!("fast path off: removed {n} cls_bpf filters an earlier agent left"),
-    }
-    match Scanner::new(kernel.handle())
-        .delete_unused_clsacts(&qdiscs)
-        .await
-    {
-        0 => {}
-        n => info!("fast path off: removed {n} clsact qdiscs an earlier agent added"),
     }
     info!("fast path off: kernel routes only");
 }

@@ -1,6 +1,9 @@
 //! What other agents left on the hooks: an earlier agent's cls_bpf filters outlive it
-//! and are removed where this one does not attach (and by `uninstall`); a live agent's
-//! tcx programs mean a second agent, which is refused.
+//! and are removed where this one does not attach; `uninstall` and the `off` mode take
+//! everything off ([`take_off`]); a live agent's tcx programs mean a second agent,
+//! which is refused.
+
+use std::path::Path;
 
 use aya::programs::{
     ProgramError, SchedClassifier, TcAttachType,
@@ -37,11 +40,33 @@ pub(super) fn remove_filter(interface: &str, program: &str) -> bool {
     }
 }
 
-/// Deletes hgw's cls_bpf filters (`hgw_to_pod`, `hgw_to_peer`, by name) from the
-/// ingress of every interface of this network namespace, and nothing else; returns
-/// how many went. For `uninstall` and the `off` mode: a filter outlives its agent.
-pub fn remove_filters() -> usize {
-    remove_filters_but(|_, _| false)
+/// What [`take_off`] removed.
+#[derive(Debug)]
+pub struct TakenOff {
+    /// Pins under the pin directory (the programs go with their links), or why they
+    /// could not all go.
+    pub pins: std::io::Result<usize>,
+    /// hgw's cls_bpf filters.
+    pub filters: usize,
+    /// `clsact` qdiscs hgw added, where nothing else was left on them.
+    pub qdiscs: usize,
+}
+
+/// Takes hgw's fast path off this network namespace, for `uninstall` and the `off`
+/// mode (what an earlier agent left would go on forwarding): the pins under `pin_dir`,
+/// hgw's cls_bpf filters on every interface (a filter outlives its agent, pinned or
+/// not), then the `clsact` qdiscs hgw added for them (their marks, read before the pins
+/// go) where no filter is left. A pin that cannot go is returned, after the rest went.
+pub async fn take_off(pin_dir: Option<&Path>, scanner: &crate::tc::Scanner) -> TakenOff {
+    let qdiscs = pin_dir.map(pins::marked_qdiscs).unwrap_or_default();
+    let pins = pin_dir.map_or(Ok(0), pins::remove_pins);
+    let filters = remove_filters_but(|_, _| false);
+    let qdiscs = scanner.delete_unused_clsacts(&qdiscs).await;
+    TakenOff {
+        pins,
+        filters,
+        qdiscs,
+    }
 }
 
 /// At start, whichever way this agent attaches: an earlier agent's filters on hooks

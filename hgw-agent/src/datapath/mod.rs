@@ -37,8 +37,7 @@ use crate::config::Attach;
 use attach::HookLink;
 pub use attach::{FILTER_PRIORITY, FORCE_CLS_BPF, HookKind};
 pub use counters::{CounterReader, Counters};
-pub use leftovers::remove_filters;
-pub use pins::{marked_qdiscs, remove_pins};
+pub use leftovers::{TakenOff, take_off};
 
 /// The programs, built by build.rs from hgw-ebpf.
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hgw"));

@@ -52,24 +52,19 @@ pub async fn uninstall(
             socket: status_socket.display().to_string(),
         });
     }
+    let kernel = Kernel::connect()?;
+    // A qdisc that cannot go is not fatal (an empty clsact qdisc does nothing); pins that
+    // cannot go are, before routes and rules.
+    let taken = crate::datapath::take_off(pin_dir, &crate::tc::Scanner::new(kernel.handle())).await;
     let mut removed = Removed {
-        filters: crate::datapath::remove_filters(),
+        pins: taken.pins.map_err(|source| UninstallError::Pins {
+            path: pin_dir.map(|d| d.display().to_string()).unwrap_or_default(),
+            source,
+        })?,
+        filters: taken.filters,
+        qdiscs: taken.qdiscs,
         ..Removed::default()
     };
-    let qdiscs = pin_dir
-        .map(crate::datapath::marked_qdiscs)
-        .unwrap_or_default();
-    if let Some(dir) = pin_dir {
-        removed.pins =
-            crate::datapath::remove_pins(dir).map_err(|source| UninstallError::Pins {
-                path: dir.display().to_string(),
-                source,
-            })?;
-    }
-    let kernel = Kernel::connect()?;
-    let scanner = crate::tc::Scanner::new(kernel.handle());
-    // Not fatal: an empty clsact qdisc does nothing, and the rest must still go.
-    removed.qdiscs = scanner.delete_unused_clsacts(&qdiscs).await;
     for route in kernel.hgw_routes().await? {
         kernel.delete_route(&route).await?;
         removed.routes += 1;

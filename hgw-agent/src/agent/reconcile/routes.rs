@@ -301,9 +301,15 @@ mod tests {
         let mut r = Reconciler::new(&routes, Some(FakeMaps::default()), false, desired_state());
         block_on(r.apply_peers(PeerBatch::All(set.clone()), &observed));
         assert_eq!(routes.table.borrow()[&foreign], Err("static".into()));
-        let maps = r.maps.as_ref().expect("present");
-        assert!(!maps.routes.contains_key(&foreign));
-        assert_eq!(maps.routes.len(), 1);
+        let in_map = |r: &Reconciler<_, FakeMaps>| {
+            r.maps
+                .as_ref()
+                .expect("present")
+                .routes
+                .contains_key(&foreign)
+        };
+        assert!(!in_map(&r));
+        assert_eq!(r.maps.as_ref().expect("present").routes.len(), 1);
         let status = r.peer_status(&observed);
         assert_eq!(
             status
@@ -312,50 +318,36 @@ mod tests {
                 .and_then(|p| p.foreign_route.clone()),
             Some("static".into())
         );
-        // Its owner removes it: hgw takes the prefix.
-        routes.table.borrow_mut().remove(&foreign);
-        observed.apply(KernelEvent::Route {
+        // The kernel's event for a static route to the prefix, deleted or put in place.
+        let static_route = |deleted, replaced| KernelEvent::Route {
             destination: foreign,
             owner: RouteOwner::Foreign("static".into()),
-            deleted: true,
-            replaced: false,
-        });
+            deleted,
+            replaced,
+        };
+        // Its owner removes it: hgw takes the prefix.
+        routes.table.borrow_mut().remove(&foreign);
+        observed.apply(static_route(true, false));
         block_on(r.on_change(Change::Prefix(foreign), &observed));
         assert!(routes.table.borrow()[&foreign].is_ok());
-        assert!(
-            r.maps
-                .as_ref()
-                .expect("present")
-                .routes
-                .contains_key(&foreign)
-        );
+        assert!(in_map(&r));
         let lost = format!("lost {foreign}");
         assert!(
             !routes.writes.borrow().contains(&lost),
             "a route hgw never had was not lost"
         );
-        // Someone replaces hgw's route: hgw lets go, and its nexthop goes (once).
+        // Someone replaces hgw's route: hgw lets go of the prefix and, once, of what its
+        // route held (`lost`).
         routes
             .table
             .borrow_mut()
             .insert(foreign, Err("static".into()));
         for _ in 0..2 {
-            observed.apply(KernelEvent::Route {
-                destination: foreign,
-                owner: RouteOwner::Foreign("static".into()),
-                deleted: false,
-                replaced: true,
-            });
+            observed.apply(static_route(false, true));
             block_on(r.on_change(Change::Prefix(foreign), &observed));
         }
         assert_eq!(routes.table.borrow()[&foreign], Err("static".into()));
-        assert!(
-            !r.maps
-                .as_ref()
-                .expect("present")
-                .routes
-                .contains_key(&foreign)
-        );
+        assert!(!in_map(&r));
         let writes = routes.writes.borrow();
         assert_eq!(
             writes.iter().filter(|w| **w == lost).count(),
