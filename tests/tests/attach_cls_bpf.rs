@@ -20,6 +20,10 @@
 //!   the clsact qdisc it added for them.
 //! - An agent in `off` mode after a pinned one deletes the filters it left and the
 //!   clsact qdisc it added.
+//! - An unpinned agent whose attach fails halfway (someone's u32 filter holds hgw's
+//!   priority on cni0, after hgw_to_pod went on the uplink) exits
+//!   naming the program and the interface, and leaves neither its filter nor the
+//!   clsact qdisc it added on the uplink; the other filter stays.
 
 use std::time::{Duration, Instant};
 
@@ -28,7 +32,7 @@ use hgw_agent::datapath::{FILTER_PRIORITY, FORCE_CLS_BPF};
 use hgw_tests::{
     Hook, Lab, PacketMatch, Probe, UdpFlow, Verdict, add_kube_proxy_invalid_drop, counter,
     hgw_filters, hgw_programs, ingress_filters, invalid_drops, paced_tcp_stream, probe_pin_dir,
-    qdiscs, uninstall,
+    qdiscs, run_in_ok, uninstall,
 };
 
 const PORT_DEV: &str = "veth1";
@@ -270,5 +274,39 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
         "the `off` agent did not say it removed the qdisc:\n{log}"
     );
     ensure!(agent.stop()?.success(), "n1's agent did not exit 0");
+
+    // A start whose attach fails after the uplink's: nothing of it stays.
+    let pref = FILTER_PRIORITY.to_string();
+    run_in_ok(&n1.ns, "tc", &["qdisc", "add", "dev", "cni0", "clsact"])?;
+    run_in_ok(
+        &n1.ns,
+        "tc",
+        &[
+            "filter", "add", "dev", "cni0", "ingress", "protocol", "all", "pref", &pref, "u32",
+            "match", "u32", "0", "0",
+        ],
+    )?;
+    let config = format!("attach = \"bridge\"\n{}", lab.agent_config(0));
+    let (status, stderr, _) = lab.run_agent_to_exit(0, &config)?;
+    // The error and its causes, without the log before it or a backtrace after.
+    let error = stderr.rsplit("Error: ").next().unwrap_or_default();
+    let error = error.split("Stack backtrace").next().unwrap_or_default();
+    eprintln!("the failed start: {error}");
+    ensure!(
+        !status.success() && error.contains("hgw_to_peer") && error.contains("cni0"),
+        "an agent that cannot attach to cni0 did not fail naming the program and cni0 ({status}):\n{stderr}"
+    );
+    ensure!(
+        hgw_filters(&n1.ns, UPLINK_DEV)?.is_empty() && !has_clsact(&n1.ns, UPLINK_DEV)?,
+        "n1 {UPLINK_DEV}: a failed start left hgw's filter {:?} or its clsact qdisc {:?}",
+        hgw_filters(&n1.ns, UPLINK_DEV)?,
+        qdiscs(&n1.ns, UPLINK_DEV)?
+    );
+    let left = run_in_ok(&n1.ns, "tc", &["filter", "show", "dev", "cni0", "ingress"])?;
+    let left = String::from_utf8_lossy(&left.stdout);
+    ensure!(
+        left.contains("u32") && !left.contains("hgw_"),
+        "n1 cni0: the u32 filter did not stay alone:\n{left}"
+    );
     Ok(())
 }

@@ -184,13 +184,20 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
     };
     masq::set(config.ip_masq, &network)?;
     let files = NodeFiles::write(&config, &network, uplink.mtu)?;
+    // Before the attach: once it is done nothing may fail, or the start would leave
+    // programs (pinned) or qdiscs behind.
+    let events = crate::kernel::subscribe()?;
     let datapath = match fast_path {
-        Some((_, hook, facts)) => Some(attach_datapath(
-            &config,
-            &network,
-            (&bridge, &uplink),
-            (hook, attach, facts),
-        )?),
+        Some((_, hook, facts)) => Some(
+            attach_datapath(
+                &config,
+                &network,
+                (&bridge, &uplink),
+                (hook, attach, facts),
+                &Scanner::new(kernel.handle()),
+            )
+            .await?,
+        ),
         None => {
             clear_fast_path(&config, &kernel).await;
             None
@@ -205,7 +212,6 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         }
     }
     kernel.use_nexthops().await;
-    let events = crate::kernel::subscribe()?;
     // Without the fast path nothing is redirected, so nothing is skipped.
     let scanner = datapath.is_some().then(|| Scanner::new(kernel.handle()));
     let mut agent = Agent {
@@ -256,15 +262,12 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
     // The status sender goes with the agent: the metrics server stops taking requests
     // and answers those under way, for as long as a stop may take.
     let server = agent.health.take_server();
-    let qdiscs = agent
-        .reconciler
-        .maps()
-        .map(Datapath::qdiscs_to_remove_on_exit)
-        .unwrap_or_default();
+    let datapath = agent.reconciler.take_maps();
     let scanner = Scanner::new(agent.kernel.handle());
-    // Unpinned, the programs' filters go with the datapath; then the qdiscs added for them.
     drop(agent);
-    scanner.delete_unused_clsacts(&qdiscs).await;
+    if let Some(datapath) = datapath {
+        datapath.close(&scanner).await;
+    }
     if let Some(server) = server
         && tokio::time::timeout(SERVER_STOP, server).await.is_err()
     {
@@ -324,25 +327,35 @@ async fn clear_fast_path(config: &Config, kernel: &Kernel) {
     info!("fast path off: kernel routes only");
 }
 
-/// The fast path the way `kernel` (the attach and the loader's facts) says.
-fn attach_datapath(
+/// The fast path the way `kernel` (the attach and the loader's facts) says. An attach
+/// that fails takes off what it put on (unpinned: filters and the qdiscs added for
+/// them; pinned, what is attached stays for the next agent, as on any stop).
+async fn attach_datapath(
     config: &Config,
     network: &Network,
     (bridge, uplink): (&Link, &Link),
     (hook, attach, facts): (HookKind, Attach, KernelFacts),
+    scanner: &Scanner,
 ) -> Result<Datapath, AgentError> {
     if config.fast_path == FastPath::Established {
         conntrack::ensure_tracking()?;
     }
     let node = node_config(network, bridge, uplink, config)?;
-    let datapath = Datapath::attach(
-        (&config.bridge, bridge.index),
-        (&config.uplink, uplink.index),
+    let mut datapath = Datapath::load(
+        &config.bridge,
+        &config.uplink,
         node,
         attach,
         (hook, facts),
         config.pin_dir.as_deref(),
     )?;
+    if let Err(e) = datapath.attach_node(
+        (&config.bridge, bridge.index),
+        (&config.uplink, uplink.index),
+    ) {
+        datapath.close(scanner).await;
+        return Err(e.into());
+    }
     let to_peer = match attach {
         Attach::Bridge => format!("{} ingress", config.bridge),
         Attach::Ports => format!("ingress of each port of {}", config.bridge),

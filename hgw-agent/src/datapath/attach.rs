@@ -23,7 +23,7 @@ use hgw_common::{PROG_TO_PEER, PROG_TO_POD};
 use log::{debug, info, warn};
 
 use super::{
-    Datapath, DatapathError,
+    Datapath, DatapathError, hook_error,
     leftovers::{refuse_foreign_hgw, remove_filter},
     pins, program_error,
 };
@@ -251,9 +251,11 @@ impl Datapath {
             let link = SchedClassifierLink::try_from(old)
                 .map_err(|e| pin_error(Some(path), e.to_string()))?;
             let prog = self.program(program)?;
-            let id = prog
-                .attach_to_link(link)
-                .map_err(program_error("replacing in place", program))?;
+            let id = prog.attach_to_link(link).map_err(hook_error(
+                "replacing in place",
+                program,
+                interface,
+            ))?;
             let link = prog
                 .take_link(id)
                 .map_err(program_error("taking the link of", program))?;
@@ -273,7 +275,7 @@ impl Datapath {
                 TcAttachType::Ingress,
                 TcAttachOptions::TcxOrder(LinkOrder::last()),
             )
-            .map_err(program_error("attaching", program))?;
+            .map_err(hook_error("attaching", program, interface))?;
         let link = prog
             .take_link(id)
             .map_err(program_error("taking the link of", program))?;
@@ -344,9 +346,9 @@ impl Datapath {
                         ..NlOptions::default()
                     }),
                 )
-                .map_err(program_error("attaching", program))?
+                .map_err(hook_error("attaching", program, interface))?
             }
-            Err(e) => return Err(program_error("replacing in place", program)(e)),
+            Err(e) => return Err(hook_error("replacing in place", program, interface)(e)),
         };
         let link = prog
             .take_link(id)

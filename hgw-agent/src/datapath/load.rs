@@ -24,13 +24,12 @@ use crate::config::Attach;
 
 impl Datapath {
     /// Loads the programs for the kernel `facts` describe (with conntrack lookups in
-    /// `established` mode), writes the node config, attaches `hgw_to_pod` to the
-    /// uplink's ingress and, with [`Attach::Bridge`], `hgw_to_peer` to the bridge's
-    /// ingress (with [`Attach::Ports`] the agent attaches it to each port with
-    /// [`Datapath::attach_port`]), the `hook` way.
-    pub fn attach(
-        (bridge, bridge_ifindex): (&str, u32),
-        (uplink, uplink_ifindex): (&str, u32),
+    /// `established` mode) and writes the node config, for hooks of the `hook` kind;
+    /// attaches nothing yet ([`Datapath::attach_node`], [`Datapath::attach_port`]), but
+    /// takes off what earlier agents left on hooks `attach` does not use.
+    pub fn load(
+        bridge: &str,
+        uplink: &str,
         node: NodeConfig,
         attach: Attach,
         (hook, facts): (HookKind, KernelFacts),
@@ -131,7 +130,6 @@ impl Datapath {
                 .id();
             datapath.own.push(id);
         }
-        datapath.attach_node((bridge, bridge_ifindex), (uplink, uplink_ifindex))?;
         Ok(datapath)
     }
 }

@@ -32,7 +32,7 @@ use aya::{
 };
 use hgw_common::{Endpoint, NextHop, NodeConfig, loader::LoaderError};
 
-use crate::config::Attach;
+use crate::{config::Attach, tc::Scanner};
 
 use attach::HookLink;
 pub use attach::{FILTER_PRIORITY, FORCE_CLS_BPF, HookKind};
@@ -78,6 +78,14 @@ pub enum DatapathError {
         program: &'static str,
         #[source]
         source: ProgramError,
+    },
+    #[error("{operation} program {program} on {interface}'s ingress: {source}")]
+    Hook {
+        operation: &'static str,
+        program: &'static str,
+        interface: String,
+        #[source]
+        source: Box<ProgramError>,
     },
     #[error(
         "interface {interface} already runs hgw program {program} (id {id}): another hgw agent is running in this network namespace (stop it first), or an earlier agent's pins are in another pin_dir (`hgw-agent uninstall --pin-dir OLD` removes them)"
@@ -146,6 +154,19 @@ fn program_error(
     }
 }
 
+fn hook_error(
+    operation: &'static str,
+    program: &'static str,
+    interface: &str,
+) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Hook {
+        operation,
+        program,
+        interface: interface.to_owned(),
+        source: Box::new(source),
+    }
+}
+
 impl Datapath {
     /// Interface indexes of the ports `hgw_to_peer` is attached to.
     pub fn ports(&self) -> impl Iterator<Item = u32> + '_ {
@@ -170,15 +191,17 @@ impl Datapath {
         self.pins.is_some()
     }
 
-    /// The interfaces whose `clsact` qdisc this agent added and that go with it
-    /// (unpinned, its filters are deleted when it is dropped): for
-    /// [`crate::tc::Scanner::delete_unused_clsacts`] after that. Pinned, none: the
-    /// filters stay for the next agent.
-    pub fn qdiscs_to_remove_on_exit(&self) -> Vec<u32> {
-        if self.pinned() {
-            return Vec::new();
-        }
-        self.added_qdiscs.iter().copied().collect()
+    /// Lets go of the fast path. Unpinned, hgw's tcx links and filters go with the
+    /// datapath, then the `clsact` qdiscs this agent added for them where nothing else
+    /// is left; pinned, all of it stays for the next agent (`uninstall` removes it).
+    pub async fn close(self, scanner: &Scanner) {
+        let qdiscs: Vec<u32> = if self.pinned() {
+            Vec::new()
+        } else {
+            self.added_qdiscs.iter().copied().collect()
+        };
+        drop(self);
+        scanner.delete_unused_clsacts(&qdiscs).await;
     }
 }
 

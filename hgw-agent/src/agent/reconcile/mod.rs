@@ -180,9 +180,9 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
-    /// The fast path's maps (`None`: fast path off).
-    pub fn maps(&self) -> Option<&M> {
-        self.maps.as_ref()
+    /// Takes the fast path's maps away, for the agent's stop (`None`: fast path off).
+    pub fn take_maps(&mut self) -> Option<M> {
+        self.maps.take()
     }
 
     pub fn peers_known(&self) -> bool {
