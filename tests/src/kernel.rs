@@ -91,6 +91,16 @@ pub struct AttachedProgram {
 /// directly (BPF_PROG_QUERY through aya) from a thread inside `ns`, where the
 /// interface names resolve.
 pub fn tcx_attached(ns: &str) -> anyhow::Result<Vec<AttachedProgram>> {
+    // A kernel without tcx (before 6.6) has none, and refuses the query.
+    if let Err(aya::programs::ProgramError::SyscallError(e)) =
+        SchedClassifier::query_tcx("lo", TcAttachType::Ingress)
+        && matches!(
+            e.io_error.raw_os_error(),
+            Some(libc::EINVAL | libc::EOPNOTSUPP)
+        )
+    {
+        return Ok(Vec::new());
+    }
     let out = run_in_ok(ns, "ip", &["-o", "link", "show"])?;
     // `3: eth0@if2: <...>`: the name is the second field, up to `@` or `:`.
     let devs: Vec<String> = lines(&out.stdout)

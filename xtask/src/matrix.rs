@@ -1,8 +1,8 @@
 //! `cargo xtask matrix`: hgw on the kernels operators run. The lab's smoke test
-//! (tests/tests/matrix_smoke.rs) runs in each fast-path mode, and the ClusterIP and
-//! FORWARD policy tests against kernel routes alone, on this machine's kernel and, under
-//! QEMU, on Debian 12's newest 6.1 and 6.12 kernels. Every cell must pass. The table
-//! goes to stdout and to
+//! (tests/tests/matrix_smoke.rs) runs in each fast-path mode, the ClusterIP and FORWARD
+//! policy tests against kernel routes alone, the route, ICMP and tc duties, and what hgw
+//! leaves on the node, on this machine's kernel and, under QEMU, on Debian 12's newest
+//! 6.1 and 6.12 kernels. Every cell must pass. The table goes to stdout and to
 //! target/matrix.md, the logs to target/matrix/<kernel>/<check>.log.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,7 +26,7 @@ struct Check {
     tests: &'static [&'static str],
 }
 
-const CHECKS: [Check; 4] = [
+const CHECKS: [Check; 5] = [
     Check {
         name: "established",
         mode: "established",
@@ -51,6 +51,15 @@ const CHECKS: [Check; 4] = [
         name: "routes-icmp-tc",
         mode: "established",
         tests: &["route_duties", "pmtu", "tc_bandwidth"],
+    },
+    // What hgw leaves on the node: cls_bpf filters last on their hooks, replaced in
+    // place, and gone with `off`, `uninstall`, an unpinned stop or a failed start,
+    // with the qdiscs hgw added (the real attach on 6.1, forced on the others); routes
+    // and nexthops someone else replaced or an earlier agent left.
+    Check {
+        name: "leftovers",
+        mode: "established",
+        tests: &["attach_cls_bpf", "stale_routes"],
     },
 ];
 /// How long one test binary may take (coreutils `timeout`, host and guest alike).
@@ -364,7 +373,7 @@ fn render(columns: &[Column], took: Duration) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone); `routes-icmp-tc`: route_duties.rs, pmtu.rs and tc_bandwidth.rs (where kernel routes, ICMP and shaping put the packets). Logs in {logs}. Took {} s.\n",
+        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone); `routes-icmp-tc`: route_duties.rs, pmtu.rs and tc_bandwidth.rs (where kernel routes, ICMP and shaping put the packets); `leftovers`: attach_cls_bpf.rs and stale_routes.rs (the cls_bpf attach, and what hgw leaves on the node). Logs in {logs}. Took {} s.\n",
         took.as_secs()
     )
 }
