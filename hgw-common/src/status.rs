@@ -20,6 +20,9 @@ pub struct Status {
     pub ready: bool,
     /// The fast path's mode: "established", "all" or "off".
     pub fast_path: String,
+    /// Why the fast path runs in another mode than configured (`None`: as configured).
+    #[serde(default)]
+    pub fast_path_note: Option<String>,
     /// One entry per peer route: a dual-stack peer has two, IPv4 first.
     pub peers: Vec<PeerStatus>,
     /// Packet counters by family ("ipv4", "ipv6"; "other" for frames of neither), then
@@ -274,6 +277,9 @@ impl std::fmt::Display for Status {
             "state {state}, {path}, {} local pods for direct delivery",
             self.endpoints
         )?;
+        if let Some(note) = &self.fast_path_note {
+            writeln!(f, "fast path: {note}")?;
+        }
         if let Some(kernel) = &self.kernel {
             writeln!(f, "{kernel}")?;
         }

@@ -26,6 +26,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     // Conntrack: inspect and seed entries (program tests, netfilter lab tests).
     "conntrack",
+    // ipvs.rs adds a virtual service as kube-proxy's ipvs mode does.
+    "ipvsadm",
     // The CNI plugins kubelet calls (bridge, host-local, portmap) for hostPort tests.
     "containernetworking-plugins",
     // tcp_reopen.rs binds a TCP client to a fixed port, which std cannot.

@@ -8,7 +8,7 @@ use std::{
 };
 
 use hgw_common::status::AppliedChange;
-use log::{info, warn};
+use log::{error, info, warn};
 use tokio::sync::watch;
 
 use super::{
@@ -17,10 +17,13 @@ use super::{
     desired::DesiredState,
     observed::Change,
     sources::{PeerBatch, PeerReceiver},
+    startup::{clear_fast_path, ipvs_forbids_established},
 };
 use crate::{
+    config::FastPath,
     kernel::{KernelEvent, RouteOwner},
     serve::{metrics::Trigger, status::Status},
+    tc::Scanner,
 };
 
 /// The backstop: everything is compared with the kernel this often.
@@ -125,7 +128,7 @@ impl Agent {
                     self.dump_fdb_if_needed().await;
                 }
                 _ = tcx.tick() => {
-                    if !self.rescan_tcx().await {
+                    if !self.stop_fast_path_for_ipvs().await && !self.rescan_tcx().await {
                         continue;
                     }
                 }
@@ -251,6 +254,28 @@ impl Agent {
 
     /// Queries the tcx hooks again (no event tells of tcx changes); whether any
     /// changed.
+    /// `established` mode where IPVS came (kube-proxy switched to its ipvs mode): the
+    /// fast path goes, as with `off`, and kernel routes carry everything until an
+    /// agent starts without IPVS; status says why. Whether it went.
+    async fn stop_fast_path_for_ipvs(&mut self) -> bool {
+        if self.config.fast_path != FastPath::Established {
+            return false;
+        }
+        let Some(reason) = ipvs_forbids_established() else {
+            return false;
+        };
+        error!("{reason}");
+        if let Some(datapath) = self.reconciler.take_maps() {
+            datapath.close(&Scanner::new(self.kernel.handle())).await;
+        }
+        // Pinned, the links, filters and qdiscs stayed with the pins: they go now.
+        clear_fast_path(&self.config, &self.kernel).await;
+        self.config.fast_path = FastPath::Off;
+        self.fast_path_note = Some(reason);
+        self.scanner = None;
+        true
+    }
+
     async fn rescan_tcx(&mut self) -> bool {
         let Some(scanner) = &mut self.scanner else {
             return false;
@@ -395,6 +420,7 @@ impl Agent {
             bridge: self.config.bridge.clone(),
             ready: self.reconciler.ready(&self.observed),
             fast_path: self.config.fast_path.name().to_owned(),
+            fast_path_note: self.fast_path_note.clone(),
             peers: self.reconciler.peer_status(&self.observed),
             counters: Default::default(),
             endpoints: self.reconciler.endpoints(),

@@ -151,4 +151,6 @@ struct Agent {
     routing_dirty: bool,
     source_trouble: Option<watch::Receiver<Option<String>>>,
     last_change: Option<AppliedChange>,
+    /// Why the fast path is not in the configured mode (IPVS came).
+    fast_path_note: Option<String>,
 }

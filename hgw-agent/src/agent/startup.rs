@@ -12,7 +12,7 @@ use std::{
 
 use hgw_common::loader::KernelFacts;
 use ipnet::IpNet;
-use log::{info, warn};
+use log::{error, info, warn};
 use tokio::sync::watch;
 
 use super::{
@@ -48,6 +48,14 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
     let mut kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
+    let mut fast_path_note = None;
+    if config.fast_path == FastPath::Established
+        && let Some(reason) = ipvs_forbids_established()
+    {
+        error!("{reason}");
+        config.fast_path = FastPath::Off;
+        fast_path_note = Some(reason);
+    }
     // What the kernel offers and how the fast path will use it, decided once.
     let fast_path = match crate::datapath::probe::probe(config.fast_path)? {
         None => None,
@@ -76,6 +84,7 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
     let (snapshot, snapshot_rx) = watch::channel(Arc::new(waiting_status(
         &config,
         kernel_status.clone(),
+        fast_path_note.clone(),
         "starting".into(),
     )));
     let counters = Arc::new(OnceLock::new());
@@ -244,6 +253,7 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         routing_dirty: false,
         source_trouble,
         last_change: None,
+        fast_path_note,
     };
     // Every next hop is resolved ahead of traffic: more of them than the kernel's
     // neighbour table keeps is said.
@@ -279,30 +289,29 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
 /// How long the metrics server's last requests may hold up the agent's exit.
 const SERVER_STOP: Duration = Duration::from_secs(2);
 
-/// The kernel can run `established` mode: its kfuncs and conntrack sysctls are there,
-/// and IPVS (kube-proxy's ipvs mode), whose NAT sets no conntrack NAT bits, is not in
-/// use.
+/// The kernel can run `established` mode: its kfuncs and conntrack sysctls are there.
 fn check_established() -> Result<KernelFacts, AgentError> {
     let facts = hgw_common::loader::check_kernel(true).map_err(DatapathError::from)?;
     conntrack::timeouts(0)?;
-    if conntrack::ipvs_in_use() {
-        return Err(ConfigError::invalid(
-            "fast_path",
-            FastPath::Established.name(),
-            format!(
-                "IPVS is active in this network namespace ({}: kube-proxy's ipvs mode?); its NAT is invisible to the conntrack checks of this mode; use \"off\", or kube-proxy's iptables or nftables mode",
-                conntrack::IPVS
-            ),
-        )
-        .into());
-    }
     Ok(facts)
+}
+
+/// Why `established` mode must not run now: IPVS (kube-proxy's ipvs mode) has virtual
+/// services in this network namespace, and its NAT sets no conntrack NAT bits, so the
+/// programs would carry NAT'd replies past the kernel that un-NATs them.
+pub(super) fn ipvs_forbids_established() -> Option<String> {
+    conntrack::ipvs_in_use().then(|| {
+        format!(
+            "IPVS is active in this network namespace ({} lists virtual services: kube-proxy's ipvs mode?); its NAT is invisible to the conntrack checks of the `established` fast path, so the fast path is off and kernel routes carry everything; use kube-proxy's iptables or nftables mode, or fast_path = \"off\"",
+            conntrack::IPVS
+        )
+    })
 }
 
 /// `off`: what an earlier agent left on the node's hooks goes, since it would go on
 /// forwarding (pinned programs, cls_bpf filters, which outlive their agent pinned or
 /// not), and so do the `clsact` qdiscs it added for them where nothing else is left.
-async fn clear_fast_path(config: &Config, kernel: &Kernel) {
+pub(super) async fn clear_fast_path(config: &Config, kernel: &Kernel) {
     let taken = datapath::take_off(config.pin_dir.as_deref(), &Scanner::new(kernel.handle())).await;
     match taken.pins {
         Ok(0) => {}

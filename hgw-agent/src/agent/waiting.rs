@@ -33,6 +33,7 @@ impl Drop for SocketGuard {
 pub(super) fn waiting_status(
     config: &Config,
     kernel: Option<KernelStatus>,
+    fast_path_note: Option<String>,
     waiting: String,
 ) -> Status {
     Status {
@@ -43,6 +44,7 @@ pub(super) fn waiting_status(
         bridge: config.bridge.clone(),
         ready: false,
         fast_path: config.fast_path.name().to_owned(),
+        fast_path_note,
         peers: Vec::new(),
         counters: Default::default(),
         endpoints: 0,

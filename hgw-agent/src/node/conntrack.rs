@@ -124,15 +124,22 @@ pub fn hz() -> Result<u32, ConntrackError> {
 }
 
 /// Whether IPVS has virtual services in this network namespace (the module merely
-/// loaded lists none).
+/// loaded lists none). Asked every second: reads up to the first service, whose line
+/// follows the table's three header lines, not the whole table.
 pub fn ipvs_in_use() -> bool {
-    std::fs::read_to_string(IPVS).is_ok_and(|table| {
-        table.lines().any(|line| {
+    use std::io::BufRead as _;
+    let Ok(table) = std::fs::File::open(IPVS) else {
+        return false;
+    };
+    std::io::BufReader::new(table)
+        .lines()
+        .take(8)
+        .map_while(Result::ok)
+        .any(|line| {
             ["TCP ", "UDP ", "SCTP ", "FWM "]
                 .iter()
                 .any(|proto| line.starts_with(proto))
         })
-    })
 }
 
 /// Makes conntrack track forwarded traffic in this namespace: it only runs once some

@@ -365,6 +365,7 @@ pub(super) mod tests {
             bridge: "cni0".into(),
             ready,
             fast_path: "established".into(),
+            fast_path_note: None,
             peers,
             counters: BTreeMap::new(),
             endpoints: 3,
