@@ -293,6 +293,10 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
     let error = error.split("Stack backtrace").next().unwrap_or_default();
     eprintln!("the failed start: {error}");
     ensure!(
+        stderr.contains(&format!("{UPLINK_DEV}: clsact qdisc added")),
+        "the failed start did not get past the uplink's attach (nothing to take off):\n{stderr}"
+    );
+    ensure!(
         !status.success() && error.contains("hgw_to_peer") && error.contains("cni0"),
         "an agent that cannot attach to cni0 did not fail naming the program and cni0 ({status}):\n{stderr}"
     );

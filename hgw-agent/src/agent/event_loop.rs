@@ -8,7 +8,7 @@ use std::{
 };
 
 use hgw_common::status::AppliedChange;
-use log::{error, info, warn};
+use log::{info, warn};
 use tokio::sync::watch;
 
 use super::{
@@ -17,10 +17,9 @@ use super::{
     desired::DesiredState,
     observed::Change,
     sources::{PeerBatch, PeerReceiver},
-    startup::{clear_fast_path, ipvs_forbids_established},
+    startup::{clear_fast_path, step_aside_for_ipvs},
 };
 use crate::{
-    config::FastPath,
     kernel::{KernelEvent, RouteOwner},
     serve::{metrics::Trigger, status::Status},
     tc::Scanner,
@@ -252,30 +251,27 @@ impl Agent {
         }
     }
 
-    /// Queries the tcx hooks again (no event tells of tcx changes); whether any
-    /// changed.
     /// `established` mode where IPVS came (kube-proxy switched to its ipvs mode): the
     /// fast path goes, as with `off`, and kernel routes carry everything until an
     /// agent starts without IPVS; status says why. Whether it went.
     async fn stop_fast_path_for_ipvs(&mut self) -> bool {
-        if self.config.fast_path != FastPath::Established {
-            return false;
-        }
-        let Some(reason) = ipvs_forbids_established() else {
+        let Some(reason) = step_aside_for_ipvs(&mut self.config) else {
             return false;
         };
-        error!("{reason}");
         if let Some(datapath) = self.reconciler.take_maps() {
             datapath.close(&Scanner::new(self.kernel.handle())).await;
         }
         // Pinned, the links, filters and qdiscs stayed with the pins: they go now.
         clear_fast_path(&self.config, &self.kernel).await;
-        self.config.fast_path = FastPath::Off;
         self.fast_path_note = Some(reason);
         self.scanner = None;
+        // Nothing of the kernel's offer is used any more, as in `off`.
+        self.kernel_status = None;
         true
     }
 
+    /// Queries the tcx hooks again (no event tells of tcx changes); whether any
+    /// changed.
     async fn rescan_tcx(&mut self) -> bool {
         let Some(scanner) = &mut self.scanner else {
             return false;

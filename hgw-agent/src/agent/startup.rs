@@ -42,22 +42,15 @@ use crate::{
 };
 
 /// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
-/// programs are detached (their tcx links close with the process).
+/// programs stay too if pinned (the next agent adopts them), else they are detached.
 pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
+    let mut fast_path_note = step_aside_for_ipvs(&mut config);
     caps::check(config.fast_path)?;
     let mut kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
     let uplink = check_interfaces(&kernel, &config).await?;
-    let mut fast_path_note = None;
-    if config.fast_path == FastPath::Established
-        && let Some(reason) = ipvs_forbids_established()
-    {
-        error!("{reason}");
-        config.fast_path = FastPath::Off;
-        fast_path_note = Some(reason);
-    }
     // What the kernel offers and how the fast path will use it, decided once.
-    let fast_path = match crate::datapath::probe::probe(config.fast_path)? {
+    let mut fast_path = match crate::datapath::probe::probe(config.fast_path)? {
         None => None,
         Some((mut status, hook)) => {
             let facts = if config.fast_path == FastPath::Established {
@@ -70,7 +63,7 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
             Some((status, hook, facts))
         }
     };
-    let kernel_status = fast_path.as_ref().map(|(status, ..)| status.clone());
+    let mut kernel_status = fast_path.as_ref().map(|(status, ..)| status.clone());
     let attach = match &fast_path {
         Some((_, hook, _)) => hook.placement(config.attach),
         // Nothing is attached (`off`).
@@ -196,6 +189,12 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
     // Before the attach: once it is done nothing may fail, or the start would leave
     // programs (pinned) or qdiscs behind.
     let events = crate::kernel::subscribe()?;
+    // IPVS may have come while the source was waited for.
+    if let Some(reason) = step_aside_for_ipvs(&mut config) {
+        fast_path = None;
+        kernel_status = None;
+        fast_path_note = Some(reason);
+    }
     let datapath = match fast_path {
         Some((_, hook, facts)) => Some(
             attach_datapath(
@@ -296,16 +295,20 @@ fn check_established() -> Result<KernelFacts, AgentError> {
     Ok(facts)
 }
 
-/// Why `established` mode must not run now: IPVS (kube-proxy's ipvs mode) has virtual
-/// services in this network namespace, and its NAT sets no conntrack NAT bits, so the
-/// programs would carry NAT'd replies past the kernel that un-NATs them.
-pub(super) fn ipvs_forbids_established() -> Option<String> {
-    conntrack::ipvs_in_use().then(|| {
-        format!(
-            "IPVS is active in this network namespace ({} lists virtual services: kube-proxy's ipvs mode?); its NAT is invisible to the conntrack checks of the `established` fast path, so the fast path is off and kernel routes carry everything; use kube-proxy's iptables or nftables mode, or fast_path = \"off\"",
-            conntrack::IPVS
-        )
-    })
+/// `established` mode beside IPVS (kube-proxy's ipvs mode) runs as `off`: IPVS's NAT
+/// sets no conntrack NAT bits, so the programs would carry NAT'd replies past the
+/// kernel that un-NATs them. Switches `config` to `off` and says why, if so.
+pub(super) fn step_aside_for_ipvs(config: &mut Config) -> Option<String> {
+    if config.fast_path != FastPath::Established || !conntrack::ipvs_in_use() {
+        return None;
+    }
+    let reason = format!(
+        "IPVS is active in this network namespace ({} lists virtual services: kube-proxy's ipvs mode?); its NAT is invisible to the conntrack checks of the `established` fast path, so the fast path is off and kernel routes carry everything; use kube-proxy's iptables or nftables mode (an agent started without IPVS runs `established` again), or fast_path = \"off\"",
+        conntrack::IPVS
+    );
+    error!("{reason}");
+    config.fast_path = FastPath::Off;
+    Some(reason)
 }
 
 /// `off`: what an earlier agent left on the node's hooks goes, since it would go on

@@ -180,8 +180,15 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
-    /// Takes the fast path's maps away, for the agent's stop (`None`: fast path off).
+    /// Takes the fast path's maps away, for the agent's stop or the fast path's (IPVS
+    /// came): from now on nothing is written to them, and nothing is counted as in
+    /// them (`None`: fast path off).
     pub fn take_maps(&mut self) -> Option<M> {
+        self.map.clear();
+        self.endpoints.clear();
+        self.devices.clear();
+        self.warned_before.clear();
+        self.peer_status = None;
         self.maps.take()
     }
 
