@@ -2,11 +2,13 @@
 //! objects hgw's routes sit on, which takes the routes with them: the agent puts them
 //! back within 200 ms, from the netlink event rather than a poll, each on a nexthop of
 //! its own again, and leaves no nexthop behind. The uplink going down and up: back
-//! within a second.
+//! within a second. Beside someone's backup route of another metric on the same
+//! prefix, hgw's route is hgw's: replacing the backup leaves it, deleting it brings it
+//! back, as without the backup.
 
 use std::time::{Duration, Instant};
 
-use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, Node, hgw_nexthops, hgw_routes, run_in_ok};
+use hgw_tests::{HGW_ROUTE_PROTOCOL, Lab, Node, hgw_nexthops, hgw_routes, peer, run_in_ok};
 
 /// `peer`'s routes on `node` (both families), as [`hgw_routes`] shows them.
 fn peer_routes(peer: &Node) -> [String; 2] {
@@ -132,5 +134,72 @@ fn routes_are_back_after_the_uplink_goes_down_and_up() -> anyhow::Result<()> {
         !log.contains("reinstalling it") && !log.contains("Network is down"),
         "{log}"
     );
+    Ok(())
+}
+
+/// A backup route to each of the peer's prefixes at another metric (IPv4 100, IPv6
+/// 2048, beside hgw's 0 and 1024), made the way an admin would (`ip route add`, proto
+/// boot): replacing it leaves hgw's route in the agent's view (status names no foreign
+/// route, the route stays), and hgw's route deleted comes back within 200 ms.
+#[test]
+fn a_backup_route_of_another_metric_leaves_hgw_its_route() -> anyhow::Result<()> {
+    let lab = Lab::up_with_agents(2, 1)?;
+    let (node, other) = (&lab.nodes[0], &lab.nodes[1]);
+    let routes = peer_routes(other);
+    let agent = &lab.agents()[0];
+    for (family, cidr, gateway, moved, metric) in [
+        (
+            "-4",
+            &other.pod_cidr,
+            other.uplink_ip.to_string(),
+            "172.31.0.99",
+            "100",
+        ),
+        (
+            "-6",
+            &other.pod_cidr6,
+            other.uplink_ip6.to_string(),
+            "fd00:172:31::99",
+            "2048",
+        ),
+    ] {
+        let backup = |cmd: &'static str, via: &str| {
+            let args = [
+                family, "route", cmd, cidr, "via", via, "dev", "eth0", "onlink", "metric", metric,
+            ];
+            run_in_ok(&node.ns, "ip", &args)
+        };
+        backup("add", &gateway)?;
+        // Another gateway: the kernel replaces the route, and says so.
+        backup("replace", moved)?;
+        std::thread::sleep(Duration::from_millis(300));
+        let status = agent.status()?;
+        let seen = peer(&status, cidr);
+        assert!(
+            seen.foreign_route.is_none() && seen.route,
+            "{cidr}: after the backup's replace the agent sees {seen:?}"
+        );
+        wait_back(
+            node,
+            &routes,
+            "the backup replaced",
+            Instant::now(),
+            Duration::ZERO,
+        )?;
+        let proto = HGW_ROUTE_PROTOCOL.to_string();
+        run_in_ok(
+            &node.ns,
+            "ip",
+            &[family, "route", "del", cidr, "proto", &proto],
+        )?;
+        wait_back(
+            node,
+            &routes,
+            &format!("{cidr} deleted beside the backup"),
+            Instant::now(),
+            Duration::from_millis(200),
+        )?;
+        backup("del", moved)?;
+    }
     Ok(())
 }

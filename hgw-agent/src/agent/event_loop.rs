@@ -174,6 +174,8 @@ impl Agent {
                         gateway: None,
                         oif: None,
                     },
+                    // Any: hgw's route goes whatever its metric.
+                    metric: 0,
                     deleted: true,
                     replaced: false,
                 },

@@ -14,7 +14,7 @@ use hgw_common::Endpoint;
 use ipnet::IpNet;
 
 use crate::{
-    kernel::{KernelEvent, Link, Neighbour, PrefixOwners, RouteOwner},
+    kernel::{KernelEvent, Link, Neighbour, PrefixOwners},
     tc::Hooks,
 };
 
@@ -214,20 +214,13 @@ impl Observed {
             KernelEvent::Route {
                 destination,
                 owner,
+                metric,
                 deleted,
                 replaced,
             } => {
                 let entry = self.prefixes.entry(destination).or_default();
                 let before = entry.clone();
-                if replaced {
-                    *entry = PrefixOwners::default();
-                }
-                match (owner, deleted) {
-                    (RouteOwner::Hgw { gateway, oif }, false) => entry.ours = Some((gateway, oif)),
-                    (RouteOwner::Hgw { .. }, true) => entry.ours = None,
-                    (RouteOwner::Foreign(protocol), false) => entry.foreign = Some(protocol),
-                    (RouteOwner::Foreign(_), true) => entry.foreign = None,
-                }
+                entry.apply(owner, metric, deleted, replaced);
                 let changed = *entry != before;
                 if *entry == PrefixOwners::default() {
                     self.prefixes.remove(&destination);
@@ -341,6 +334,7 @@ impl Observed {
 mod tests {
     use super::*;
     use crate::agent::fixtures::{BRIDGE, UPLINK, observed};
+    use crate::kernel::RouteOwner;
 
     fn neighbour(ifindex: u32, ip: &str, mac: Option<u8>) -> KernelEvent {
         KernelEvent::Neighbour {
@@ -435,6 +429,7 @@ mod tests {
         let event = |owner, deleted| KernelEvent::Route {
             destination: prefix,
             owner,
+            metric: 0,
             deleted,
             replaced: false,
         };
@@ -443,9 +438,64 @@ mod tests {
             o.apply(event(foreign.clone(), false)),
             Some(Change::Prefix(prefix))
         );
-        assert_eq!(o.prefixes[&prefix].foreign.as_deref(), Some("static"));
+        assert_eq!(o.prefixes[&prefix].foreign(&prefix), Some("static"));
         assert_eq!(o.apply(event(foreign, true)), Some(Change::Prefix(prefix)));
         assert!(!o.prefixes.contains_key(&prefix));
+    }
+
+    /// Routes of different metrics share a prefix; a replace takes the place of the
+    /// one of its own metric, a deletion goes with its own; only one at hgw's key
+    /// (IPv4: metric 0) holds the prefix against hgw.
+    #[test]
+    fn route_owners_are_kept_by_metric() {
+        let mut o = observed();
+        let prefix: IpNet = "10.244.2.0/24".parse().expect("a valid literal");
+        let hgw = RouteOwner::Hgw {
+            gateway: Some("172.31.0.2".parse().expect("a valid literal")),
+            oif: Some(UPLINK),
+        };
+        let event = |owner: &RouteOwner, metric, deleted, replaced| KernelEvent::Route {
+            destination: prefix,
+            owner: owner.clone(),
+            metric,
+            deleted,
+            replaced,
+        };
+        let ours = |o: &Observed| o.prefixes.get(&prefix).and_then(|p| p.ours);
+        let foreign = |o: &Observed| {
+            o.prefixes
+                .get(&prefix)
+                .and_then(|p| p.foreign(&prefix).map(str::to_owned))
+        };
+        let (boot, static_) = (
+            RouteOwner::Foreign("boot".into()),
+            RouteOwner::Foreign("static".into()),
+        );
+        o.apply(event(&hgw, 0, false, false));
+        o.apply(event(&static_, 100, false, false));
+        o.apply(event(&boot, 200, false, false));
+        // Replaced at 100: hgw's route at 0 stays; neither other holds the prefix.
+        o.apply(event(&static_, 100, false, true));
+        assert!(
+            ours(&o).is_some(),
+            "hgw's route went with another metric's replace"
+        );
+        assert_eq!(foreign(&o), None);
+        // Replaced at hgw's metric: hgw's route is gone, the static one holds it.
+        o.apply(event(&static_, 0, false, true));
+        assert!(ours(&o).is_none(), "hgw's route stayed after its replace");
+        assert_eq!(foreign(&o).as_deref(), Some("static"));
+        // Deleted at 0: the others of 100 and 200 are still known, and hold nothing.
+        o.apply(event(&static_, 0, true, false));
+        assert_eq!(foreign(&o), None);
+        assert!(o.prefixes.contains_key(&prefix));
+        o.apply(event(&static_, 100, true, false));
+        o.apply(event(&boot, 200, true, false));
+        assert!(
+            !o.prefixes.contains_key(&prefix),
+            "{:?}",
+            o.prefixes.get(&prefix)
+        );
     }
 
     #[test]

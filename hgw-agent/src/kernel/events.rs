@@ -33,6 +33,8 @@ pub enum KernelEvent {
     Route {
         destination: IpNet,
         owner: RouteOwner,
+        /// Its metric: a prefix may hold routes of several.
+        metric: u32,
         deleted: bool,
         /// Added in place of the route that was there (`ip route replace`): the
         /// kernel sends no deletion for the one replaced.
@@ -119,6 +121,7 @@ impl KernelEvent {
                 Some(Self::Route {
                     destination,
                     owner: route_owner(&msg, ours),
+                    metric: super::route::route_metric(&msg),
                     deleted,
                     replaced: !deleted && flags & rtnetlink::packet_core::NLM_F_REPLACE != 0,
                 })
@@ -135,7 +138,7 @@ impl KernelEvent {
     }
 }
 
-fn route_owner(msg: &RouteMessage, ours: bool) -> RouteOwner {
+pub(super) fn route_owner(msg: &RouteMessage, ours: bool) -> RouteOwner {
     if ours {
         let route = HgwRoute::from_message(msg);
         RouteOwner::Hgw {

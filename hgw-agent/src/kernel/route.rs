@@ -2,7 +2,7 @@
 //! with hgw's tag.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
@@ -18,14 +18,76 @@ use rtnetlink::{
     },
 };
 
-use super::{Kernel, KernelError, netlink};
+use super::{Kernel, KernelError, RouteOwner, events::route_owner, netlink};
 
 /// Who holds a prefix of the main table: hgw (its route's gateway and interface) and/or
-/// someone else (the protocol of their route).
+/// others (each route's protocol), by metric: routes of different metrics share a
+/// prefix, and `ip route replace` takes the place of the one of its own metric only.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PrefixOwners {
     pub ours: Option<(Option<IpAddr>, Option<u32>)>,
-    pub foreign: Option<String>,
+    /// The metric of hgw's route (0 without one).
+    ours_metric: u32,
+    /// Others' routes: metric -> protocol.
+    others: BTreeMap<u32, String>,
+}
+
+impl PrefixOwners {
+    /// The protocol of someone else's route holding `prefix` (this entry's) at the key
+    /// hgw's route would have: one of another metric leaves hgw's a place beside it.
+    pub fn foreign(&self, prefix: &IpNet) -> Option<&str> {
+        self.others.get(&hgw_metric(prefix)).map(String::as_str)
+    }
+
+    /// A route to the prefix was added (`replaced`: in place of the route of its
+    /// metric, whose deletion the kernel does not report) or deleted.
+    pub fn apply(&mut self, owner: RouteOwner, metric: u32, deleted: bool, replaced: bool) {
+        if replaced {
+            if self.ours_metric == metric {
+                self.clear_ours();
+            }
+            self.others.remove(&metric);
+        }
+        match (owner, deleted) {
+            (RouteOwner::Hgw { gateway, oif }, false) => {
+                self.ours = Some((gateway, oif));
+                self.ours_metric = metric;
+            }
+            // hgw holds one route per prefix, whatever its metric.
+            (RouteOwner::Hgw { .. }, true) => self.clear_ours(),
+            (RouteOwner::Foreign(protocol), false) => {
+                self.others.insert(metric, protocol);
+            }
+            (RouteOwner::Foreign(_), true) => {
+                self.others.remove(&metric);
+            }
+        }
+    }
+
+    fn clear_ours(&mut self) {
+        self.ours = None;
+        self.ours_metric = 0;
+    }
+}
+
+/// The metric of hgw's routes: it sets none, so the kernel's default (IPv4 0, IPv6
+/// 1024).
+pub const fn hgw_metric(prefix: &IpNet) -> u32 {
+    match prefix {
+        IpNet::V4(_) => 0,
+        IpNet::V6(_) => 1024,
+    }
+}
+
+/// A route message's metric (`RTA_PRIORITY`; 0 where the kernel sends none).
+pub fn route_metric(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|attr| match attr {
+            RouteAttribute::Priority(metric) => Some(*metric),
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 /// A route carrying hgw's protocol tag, as found in the main table.
@@ -230,16 +292,12 @@ impl Kernel {
             let Some((destination, ours)) = main_route(&message) else {
                 continue;
             };
-            let entry = owners.entry(destination).or_default();
-            if ours {
-                let route = HgwRoute::from_message(&message);
-                entry.ours = Some((
-                    route.as_ref().and_then(|r| r.gateway),
-                    route.as_ref().and_then(|r| r.oif),
-                ));
-            } else if entry.foreign.is_none() {
-                entry.foreign = Some(format!("{:?}", message.header.protocol).to_lowercase());
-            }
+            owners.entry(destination).or_default().apply(
+                route_owner(&message, ours),
+                route_metric(&message),
+                false,
+                false,
+            );
         }
         Ok(owners)
     }

@@ -36,7 +36,7 @@ use super::{
 };
 use crate::{
     datapath::DatapathError,
-    kernel::{HgwRoute, KernelError, PrefixOwners, format_mac},
+    kernel::{HgwRoute, KernelError, format_mac},
     serve::status::PeerStatus,
 };
 use next_hops::NeighbourWatch;
@@ -333,16 +333,12 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         let mut foreign = Vec::new();
         for (cidr, hop) in &self.desired.routes {
             let want = (Some(hop.node_ip), Some(observed.uplink.index));
-            match observed.prefixes.get(cidr) {
-                Some(PrefixOwners {
-                    ours: Some(ours), ..
-                }) if *ours == want => {
+            let owners = observed.prefixes.get(cidr);
+            match owners.map(|o| (o.ours, o.foreign(cidr))) {
+                Some((Some(ours), _)) if ours == want => {
                     self.state.insert(*cidr, RouteState::Installed);
                 }
-                Some(PrefixOwners {
-                    ours: None,
-                    foreign: Some(protocol),
-                }) => foreign.push((*cidr, protocol.clone())),
+                Some((None, Some(protocol))) => foreign.push((*cidr, protocol.to_owned())),
                 _ => install.push(*cidr),
             }
         }

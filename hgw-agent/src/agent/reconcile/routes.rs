@@ -23,11 +23,11 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         };
         let owners = observed.prefixes.get(&cidr).cloned().unwrap_or_default();
         let want = (Some(hop.node_ip), Some(observed.uplink.index));
-        match (&owners.ours, &owners.foreign, self.state.get(&cidr)) {
+        match (&owners.ours, owners.foreign(&cidr), self.state.get(&cidr)) {
             (Some(ours), _, _) if *ours == want => {
                 self.set_state(cidr, RouteState::Installed);
             }
-            (None, Some(protocol), _) => self.note_foreign(cidr, protocol.clone()).await,
+            (None, Some(protocol), _) => self.note_foreign(cidr, protocol.to_owned()).await,
             // The kernel drops the routes (and nexthops) on a device going down, and
             // refuses new ones there: the uplink's coming up resyncs them all, rather
             // than a failed install and a warning per route now.
@@ -92,7 +92,7 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
                 let ours_there = observed
                     .prefixes
                     .get(&cidr)
-                    .is_some_and(|o| o.ours.is_some() && o.foreign.is_none());
+                    .is_some_and(|o| o.ours.is_some() && o.foreign(&cidr).is_none());
                 Some((cidr, hop.node_ip, ours_there))
             })
             .collect();
@@ -270,6 +270,7 @@ mod tests {
                 gateway: None,
                 oif: None,
             },
+            metric: 0,
             deleted: true,
             replaced: false,
         });
@@ -322,6 +323,7 @@ mod tests {
         let static_route = |deleted, replaced| KernelEvent::Route {
             destination: foreign,
             owner: RouteOwner::Foreign("static".into()),
+            metric: 0,
             deleted,
             replaced,
         };

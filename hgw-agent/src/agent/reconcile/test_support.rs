@@ -187,6 +187,7 @@ pub(super) fn observe_routes(observed: &mut Observed, routes: &FakeRoutes) {
         observed.apply(KernelEvent::Route {
             destination: *destination,
             owner,
+            metric: 0,
             deleted: false,
             replaced: false,
         });
