@@ -47,7 +47,8 @@ impl IpvsModule {
                 .arg("ip_vs")
                 .status()
                 .is_ok_and(|s| s.success());
-        (loaded && Path::new("/sys/module/ip_vs").exists()).then_some(Self {
+        // `then`, not `then_some`: a value made and dropped would unload the module.
+        (loaded && Path::new("/sys/module/ip_vs").exists()).then(|| Self {
             loaded_here: !before,
         })
     }
@@ -55,11 +56,22 @@ impl IpvsModule {
 
 impl Drop for IpvsModule {
     fn drop(&mut self) {
-        if self.loaded_here {
-            let _ = std::process::Command::new(modprobe())
-                .args(["-r", "ip_vs"])
-                .status();
+        if !self.loaded_here {
+            return;
         }
+        // The lab's namespaces go in the background and hold the module until then.
+        for _ in 0..50 {
+            let unloaded = std::process::Command::new(modprobe())
+                .args(["-r", "ip_vs"])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if unloaded {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("ip_vs stays loaded: still in use after 5 s");
     }
 }
 

@@ -20,7 +20,7 @@ use super::{
     startup::{clear_fast_path, step_aside_for_ipvs},
 };
 use crate::{
-    kernel::{KernelEvent, RouteOwner},
+    kernel::{KernelEvent, RouteKey, RouteOwner},
     serve::{metrics::Trigger, status::Status},
     tc::Scanner,
 };
@@ -174,8 +174,8 @@ impl Agent {
                         gateway: None,
                         oif: None,
                     },
-                    // Any: hgw's route goes whatever its metric.
-                    metric: 0,
+                    // Any: hgw's route goes whatever its key.
+                    key: RouteKey::default(),
                     deleted: true,
                     replaced: false,
                 },

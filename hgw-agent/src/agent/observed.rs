@@ -214,13 +214,13 @@ impl Observed {
             KernelEvent::Route {
                 destination,
                 owner,
-                metric,
+                key,
                 deleted,
                 replaced,
             } => {
                 let entry = self.prefixes.entry(destination).or_default();
                 let before = entry.clone();
-                entry.apply(owner, metric, deleted, replaced);
+                entry.apply(owner, key, deleted, replaced);
                 let changed = *entry != before;
                 if *entry == PrefixOwners::default() {
                     self.prefixes.remove(&destination);
@@ -334,7 +334,7 @@ impl Observed {
 mod tests {
     use super::*;
     use crate::agent::fixtures::{BRIDGE, UPLINK, observed};
-    use crate::kernel::RouteOwner;
+    use crate::kernel::{RouteKey, RouteOwner};
 
     fn neighbour(ifindex: u32, ip: &str, mac: Option<u8>) -> KernelEvent {
         KernelEvent::Neighbour {
@@ -429,7 +429,7 @@ mod tests {
         let event = |owner, deleted| KernelEvent::Route {
             destination: prefix,
             owner,
-            metric: 0,
+            key: RouteKey::default(),
             deleted,
             replaced: false,
         };
@@ -443,9 +443,9 @@ mod tests {
         assert!(!o.prefixes.contains_key(&prefix));
     }
 
-    /// Routes of different metrics share a prefix; a replace takes the place of the
-    /// one of its own metric, a deletion goes with its own; only one at hgw's key
-    /// (IPv4: metric 0) holds the prefix against hgw.
+    /// Routes of different metrics (or TOS) share a prefix; a replace takes the place
+    /// of the one of its own key, a deletion goes with its own; only one at hgw's key
+    /// (IPv4: TOS 0, metric 0) holds the prefix against hgw.
     #[test]
     fn route_owners_are_kept_by_metric() {
         let mut o = observed();
@@ -457,7 +457,7 @@ mod tests {
         let event = |owner: &RouteOwner, metric, deleted, replaced| KernelEvent::Route {
             destination: prefix,
             owner: owner.clone(),
-            metric,
+            key: RouteKey { tos: 0, metric },
             deleted,
             replaced,
         };
@@ -485,6 +485,20 @@ mod tests {
         o.apply(event(&static_, 0, false, true));
         assert!(ours(&o).is_none(), "hgw's route stayed after its replace");
         assert_eq!(foreign(&o).as_deref(), Some("static"));
+        // A route with a TOS at metric 0 has a key of its own: it replaces nothing there.
+        let tos = |deleted, replaced| KernelEvent::Route {
+            destination: prefix,
+            owner: boot.clone(),
+            key: RouteKey {
+                tos: 0x10,
+                metric: 0,
+            },
+            deleted,
+            replaced,
+        };
+        o.apply(tos(false, true));
+        assert_eq!(foreign(&o).as_deref(), Some("static"));
+        o.apply(tos(true, false));
         // Deleted at 0: the others of 100 and 200 are still known, and hold nothing.
         o.apply(event(&static_, 0, true, false));
         assert_eq!(foreign(&o), None);

@@ -14,7 +14,7 @@ use super::{
     KernelError,
     link::{Link, link_name, port_of},
     neigh::{Neighbour, fdb_entry},
-    route::{HgwRoute, main_route},
+    route::{HgwRoute, RouteKey, main_route},
 };
 
 /// What happened in the kernel, as the agent needs it: the typed form of rtnetlink's
@@ -33,8 +33,8 @@ pub enum KernelEvent {
     Route {
         destination: IpNet,
         owner: RouteOwner,
-        /// Its metric: a prefix may hold routes of several.
-        metric: u32,
+        /// Its TOS and metric: a prefix may hold routes of several.
+        key: RouteKey,
         deleted: bool,
         /// Added in place of the route that was there (`ip route replace`): the
         /// kernel sends no deletion for the one replaced.
@@ -121,7 +121,7 @@ impl KernelEvent {
                 Some(Self::Route {
                     destination,
                     owner: route_owner(&msg, ours),
-                    metric: super::route::route_metric(&msg),
+                    key: RouteKey::of(&msg),
                     deleted,
                     replaced: !deleted && flags & rtnetlink::packet_core::NLM_F_REPLACE != 0,
                 })

@@ -17,7 +17,7 @@ pub use events::{KernelEvent, KernelEvents, RouteOwner, subscribe};
 pub use link::{Link, link_name, port_of};
 pub use neigh::{Neighbour, NeighbourLimits, format_mac};
 pub use nexthop::{NexthopError, remove_all as remove_hgw_nexthops};
-pub use route::{HgwRoute, PrefixOwners, main_route};
+pub use route::{HgwRoute, PrefixOwners, RouteKey, main_route};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

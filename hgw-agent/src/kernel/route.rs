@@ -20,74 +20,90 @@ use rtnetlink::{
 
 use super::{Kernel, KernelError, RouteOwner, events::route_owner, netlink};
 
+/// What tells apart routes to one prefix of the main table besides it: the TOS (IPv4)
+/// and the metric. `ip route replace` takes the place of the route of its own key.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RouteKey {
+    pub tos: u8,
+    pub metric: u32,
+}
+
+impl RouteKey {
+    /// The key of hgw's routes: no TOS and no metric set, so the kernel's default
+    /// metric (IPv4 0, IPv6 1024).
+    pub const fn hgw(prefix: &IpNet) -> Self {
+        let metric = match prefix {
+            IpNet::V4(_) => 0,
+            IpNet::V6(_) => 1024,
+        };
+        Self { tos: 0, metric }
+    }
+
+    /// A route message's key (`RTA_PRIORITY` 0 where the kernel sends none).
+    pub fn of(msg: &RouteMessage) -> Self {
+        let metric = msg
+            .attributes
+            .iter()
+            .find_map(|attr| match attr {
+                RouteAttribute::Priority(metric) => Some(*metric),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Self {
+            tos: msg.header.tos,
+            metric,
+        }
+    }
+}
+
 /// Who holds a prefix of the main table: hgw (its route's gateway and interface) and/or
-/// others (each route's protocol), by metric: routes of different metrics share a
-/// prefix, and `ip route replace` takes the place of the one of its own metric only.
+/// others (each route's protocol), by key: routes of different metrics (or TOS) share
+/// a prefix.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PrefixOwners {
     pub ours: Option<(Option<IpAddr>, Option<u32>)>,
-    /// The metric of hgw's route (0 without one).
-    ours_metric: u32,
-    /// Others' routes: metric -> protocol.
-    others: BTreeMap<u32, String>,
+    /// The key of hgw's route (the default without one).
+    ours_key: RouteKey,
+    /// Others' routes: key -> protocol (routes appended at one key count as one).
+    others: BTreeMap<RouteKey, String>,
 }
 
 impl PrefixOwners {
     /// The protocol of someone else's route holding `prefix` (this entry's) at the key
-    /// hgw's route would have: one of another metric leaves hgw's a place beside it.
+    /// hgw's route would have: one of another key leaves hgw's a place beside it.
     pub fn foreign(&self, prefix: &IpNet) -> Option<&str> {
-        self.others.get(&hgw_metric(prefix)).map(String::as_str)
+        self.others.get(&RouteKey::hgw(prefix)).map(String::as_str)
     }
 
-    /// A route to the prefix was added (`replaced`: in place of the route of its
-    /// metric, whose deletion the kernel does not report) or deleted.
-    pub fn apply(&mut self, owner: RouteOwner, metric: u32, deleted: bool, replaced: bool) {
+    /// A route to the prefix was added (`replaced`: in place of the route of its key,
+    /// whose deletion the kernel does not report) or deleted.
+    pub fn apply(&mut self, owner: RouteOwner, key: RouteKey, deleted: bool, replaced: bool) {
         if replaced {
-            if self.ours_metric == metric {
+            if self.ours.is_some() && self.ours_key == key {
                 self.clear_ours();
             }
-            self.others.remove(&metric);
+            self.others.remove(&key);
         }
         match (owner, deleted) {
             (RouteOwner::Hgw { gateway, oif }, false) => {
                 self.ours = Some((gateway, oif));
-                self.ours_metric = metric;
+                self.ours_key = key;
             }
-            // hgw holds one route per prefix, whatever its metric.
+            // hgw holds one route per prefix, whatever its key.
             (RouteOwner::Hgw { .. }, true) => self.clear_ours(),
             (RouteOwner::Foreign(protocol), false) => {
-                self.others.insert(metric, protocol);
+                self.others.insert(key, protocol);
             }
             (RouteOwner::Foreign(_), true) => {
-                self.others.remove(&metric);
+                self.others.remove(&key);
             }
         }
     }
 
     fn clear_ours(&mut self) {
         self.ours = None;
-        self.ours_metric = 0;
+        self.ours_key = RouteKey::default();
     }
-}
-
-/// The metric of hgw's routes: it sets none, so the kernel's default (IPv4 0, IPv6
-/// 1024).
-pub const fn hgw_metric(prefix: &IpNet) -> u32 {
-    match prefix {
-        IpNet::V4(_) => 0,
-        IpNet::V6(_) => 1024,
-    }
-}
-
-/// A route message's metric (`RTA_PRIORITY`; 0 where the kernel sends none).
-pub fn route_metric(msg: &RouteMessage) -> u32 {
-    msg.attributes
-        .iter()
-        .find_map(|attr| match attr {
-            RouteAttribute::Priority(metric) => Some(*metric),
-            _ => None,
-        })
-        .unwrap_or(0)
 }
 
 /// A route carrying hgw's protocol tag, as found in the main table.
@@ -294,7 +310,7 @@ impl Kernel {
             };
             owners.entry(destination).or_default().apply(
                 route_owner(&message, ours),
-                route_metric(&message),
+                RouteKey::of(&message),
                 false,
                 false,
             );
@@ -302,13 +318,16 @@ impl Kernel {
         Ok(owners)
     }
 
-    /// The protocols of the main table's routes to exactly `destination`.
+    /// The protocols of the main table's routes to exactly `destination` at the key of
+    /// hgw's route (those of other metrics do not stand in its way).
     async fn route_owners(&self, destination: IpNet) -> Result<Vec<RouteProtocol>, KernelError> {
+        let key = RouteKey::hgw(&destination);
         Ok(self
             .main_table()
             .await?
             .iter()
             .filter(|m| main_route(m).is_some_and(|(d, _)| d == destination))
+            .filter(|m| RouteKey::of(m) == key)
             .map(|m| m.header.protocol)
             .collect())
     }

@@ -225,7 +225,7 @@ mod tests {
     };
     use super::super::*;
     use crate::agent::fixtures::observed;
-    use crate::kernel::{KernelEvent, RouteOwner};
+    use crate::kernel::{KernelEvent, RouteKey, RouteOwner};
 
     #[test]
     fn nothing_is_swept_before_the_first_peer_set() {
@@ -270,7 +270,7 @@ mod tests {
                 gateway: None,
                 oif: None,
             },
-            metric: 0,
+            key: RouteKey::hgw(&gone),
             deleted: true,
             replaced: false,
         });
@@ -323,7 +323,7 @@ mod tests {
         let static_route = |deleted, replaced| KernelEvent::Route {
             destination: foreign,
             owner: RouteOwner::Foreign("static".into()),
-            metric: 0,
+            key: RouteKey::hgw(&foreign),
             deleted,
             replaced,
         };

@@ -15,7 +15,7 @@ use crate::{
     },
     config::{Origin, Peer},
     datapath::DatapathError,
-    kernel::{HgwRoute, KernelError, KernelEvent, RouteOwner},
+    kernel::{HgwRoute, KernelError, KernelEvent, RouteKey, RouteOwner},
 };
 
 /// A main table: prefix -> (hgw's next hop, or someone else's protocol).
@@ -187,7 +187,7 @@ pub(super) fn observe_routes(observed: &mut Observed, routes: &FakeRoutes) {
         observed.apply(KernelEvent::Route {
             destination: *destination,
             owner,
-            metric: 0,
+            key: RouteKey::hgw(destination),
             deleted: false,
             replaced: false,
         });
