@@ -270,7 +270,7 @@ fn cls_bpf_filters_come_last_hand_on_restart_in_place_and_uninstall_cleanly() ->
     );
     let log = agent.log();
     ensure!(
-        log.contains("removed 1 clsact qdiscs an earlier agent added"),
+        log.contains("removed 1 clsact qdiscs hgw added"),
         "the `off` agent did not say it removed the qdisc:\n{log}"
     );
     ensure!(agent.stop()?.success(), "n1's agent did not exit 0");

@@ -311,14 +311,15 @@ pub(super) fn step_aside_for_ipvs(config: &mut Config) -> Option<String> {
     Some(reason)
 }
 
-/// `off`: what an earlier agent left on the node's hooks goes, since it would go on
-/// forwarding (pinned programs, cls_bpf filters, which outlive their agent pinned or
-/// not), and so do the `clsact` qdiscs it added for them where nothing else is left.
+/// `off`: hgw's fast path goes from the node's hooks, since it would go on forwarding
+/// (pinned programs, cls_bpf filters, which outlive their agent pinned or not), and so
+/// do the `clsact` qdiscs hgw added for them where nothing else is left. At start, what
+/// an earlier agent left; while running, this agent's own (IPVS came).
 pub(super) async fn clear_fast_path(config: &Config, kernel: &Kernel) {
     let taken = datapath::take_off(config.pin_dir.as_deref(), &Scanner::new(kernel.handle())).await;
     match taken.pins {
         Ok(0) => {}
-        Ok(n) => info!("fast path off: removed {n} pins an earlier agent left"),
+        Ok(n) => info!("fast path off: removed {n} of hgw's pins"),
         Err(e) => warn!(
             "fast path off, but {} could not be cleared: {e}",
             config
@@ -329,8 +330,8 @@ pub(super) async fn clear_fast_path(config: &Config, kernel: &Kernel) {
         ),
     }
     for (n, what) in [
-        (taken.filters, "cls_bpf filters an earlier agent left"),
-        (taken.qdiscs, "clsact qdiscs an earlier agent added"),
+        (taken.filters, "of hgw's cls_bpf filters"),
+        (taken.qdiscs, "clsact qdiscs hgw added"),
     ] {
         if n > 0 {
             info!("fast path off: removed {n} {what}");
