@@ -312,8 +312,22 @@ pub struct NodeConfig {
     pub cluster_mask_v6: [u8; 16],
     /// How the fast path keeps the conntrack entries of the flows it carries.
     pub ct: CtTimeouts,
+    /// The kernel's IPv4 reverse-path filter for packets from the uplink: the larger
+    /// of `net.ipv4.conf.{all,UPLINK}.rp_filter`, as the kernel takes it (`RP_FILTER_*`).
+    pub rp_filter_uplink: u32,
+    /// The same for packets from the pods, which enter the stack on the bridge.
+    pub rp_filter_bridge: u32,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 160);
+const _: () = assert!(size_of::<NodeConfig>() == 168);
+
+/// `rp_filter` 0: no source check.
+pub const RP_FILTER_OFF: u32 = 0;
+/// `rp_filter` 1 (strict): the route back to the source must leave by the interface
+/// the packet came in on.
+pub const RP_FILTER_STRICT: u32 = 1;
+/// `rp_filter` 2 (loose; the kernel takes any other value as this too): some route
+/// back to the source must exist.
+pub const RP_FILTER_LOOSE: u32 = 2;
 const _: () = assert!(
     core::mem::offset_of!(NodeConfig, pod_net_v6) % 8 == 0
         && core::mem::offset_of!(NodeConfig, pod_mask_v6) % 8 == 0
@@ -511,6 +525,10 @@ counters! {
     /// entry" (say, options the kernel refuses): the kernel decides. Counted, never
     /// logged per packet.
     PassCtError = "pass_ct_error",
+    /// IPv4: the kernel's reverse-path filter (`rp_filter` of the uplink, or of the
+    /// bridge for packets from the pods) would drop the packet: no route back to its
+    /// source, or (strict) one through another interface.
+    PassRpFilter = "pass_rp_filter",
 }
 
 /// The address family a counter block belongs to.

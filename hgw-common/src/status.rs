@@ -23,6 +23,11 @@ pub struct Status {
     /// Why the fast path runs in another mode than configured (`None`: as configured).
     #[serde(default)]
     pub fast_path_note: Option<String>,
+    /// The kernel's IPv4 reverse-path filter as the programs apply it, per interface
+    /// packets enter the stack on (the uplink, the bridge): "off", "strict" or
+    /// "loose". Empty without a fast path.
+    #[serde(default)]
+    pub rp_filter: BTreeMap<String, String>,
     /// One entry per peer route: a dual-stack peer has two, IPv4 first.
     pub peers: Vec<PeerStatus>,
     /// Packet counters by family ("ipv4", "ipv6"; "other" for frames of neither), then
@@ -282,6 +287,14 @@ impl std::fmt::Display for Status {
         }
         if let Some(kernel) = &self.kernel {
             writeln!(f, "{kernel}")?;
+        }
+        if !self.rp_filter.is_empty() {
+            let each: Vec<String> = self
+                .rp_filter
+                .iter()
+                .map(|(interface, mode)| format!("{mode} on {interface}"))
+                .collect();
+            writeln!(f, "rp_filter {}", each.join(", "))?;
         }
         if let Some(change) = &self.last_change {
             writeln!(

@@ -51,7 +51,8 @@ use hgw_common::{
     FLOW_TO_POD, Family, FlowKeyV4, FlowKeyV6, FlowSlotV4, FlowSlotV6, IPS_ASSURED, IPS_CONFIRMED,
     IPS_DST_NAT, IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST, IPS_SRC_NAT, NEXT_HOP_BRIDGE,
     NEXT_HOP_MAC_KNOWN, NEXT_HOP_POD, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES,
-    ROUTES_V6_MAX_ENTRIES, counter_index, flow_check_finish, flow_check_term, flow_slot,
+    ROUTES_V6_MAX_ENTRIES, RP_FILTER_OFF, RP_FILTER_STRICT, counter_index, flow_check_finish,
+    flow_check_term, flow_slot,
 };
 use network_types::eth::EthHdr;
 
@@ -124,6 +125,9 @@ const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+/// The loopback interface's index in every network namespace: the kernel's
+/// reverse-path lookup comes in from it.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// `struct bpf_fib_lookup` (64 bytes), its unions flattened to the members used:
 /// inputs up to `dst`, outputs `ifindex` (the egress), `dst` (the gateway) and the MACs.
@@ -349,13 +353,12 @@ fn to_peer_full_path<H: IpHeader>(
     let route = kernel_route(ctx, ip, &l4, config.bridge_ifindex, wire_len);
     match route.rc {
         BPF_FIB_LKUP_RET_SUCCESS
-            if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac =>
-        {
-            Ok((next_hop, cache))
-        }
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::PassMtu),
-        _ => Err(Counter::PassRoute),
+            if route.ifindex == next_hop.ifindex && route.dmac == next_hop.dst_mac => {}
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassMtu),
+        _ => return Err(Counter::PassRoute),
     }
+    check_source_route(ctx, ip, &l4, config.rp_filter_bridge, config.bridge_ifindex)?;
+    Ok((next_hop, cache))
 }
 
 /// What the full path decides for a packet: its next hop and whether the flow cache may
@@ -517,6 +520,7 @@ fn to_pod_decision<H: IpHeader>(packet: &PodPacket<'_, H>) -> Result<(NextHop, C
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassMtu),
         _ => return Err(Counter::PassRoute),
     }
+    check_source_route(ctx, ip, &l4, config.rp_filter_uplink, ingress)?;
     // A known pod: straight into its namespace, past the bridge, as the gateway
     // would have sent it, unless a qdisc or filter on the bridge's or the pod's
     // egress would be skipped (a pod's bandwidth limit). Otherwise through the
@@ -610,14 +614,8 @@ fn kernel_route<H: IpHeader>(
     wire_len: u32,
 ) -> KernelRoute {
     let mut request = core::mem::MaybeUninit::<FibParams>::uninit();
-    // SAFETY: a local, filled in place; all zeros is the empty request; the caller
-    // got ip from parse.
-    let params = unsafe {
-        zero_in_place(request.as_mut_ptr());
-        let params = request.assume_init_mut();
-        H::fib_params(ip, params);
-        params
-    };
+    // SAFETY: the caller got ip from parse.
+    let params = unsafe { fib_request(&mut request, ip) };
     params.ifindex = ingress;
     // With a length, the kernel checks it against the route's MTU (the egress
     // device's, a locked route MTU, the path MTU) before the neighbour lookup.
@@ -627,21 +625,88 @@ fn kernel_route<H: IpHeader>(
         params.sport = [l4.ports[0], l4.ports[1]];
         params.dport = [l4.ports[2], l4.ports[3]];
     }
-    // SAFETY: params is a whole `struct bpf_fib_lookup` on the stack; the context is
-    // the program's skb.
-    let rc = unsafe {
+    let rc = fib_lookup(ctx, params);
+    KernelRoute {
+        rc,
+        ifindex: params.ifindex,
+        dmac: params.dmac,
+        direct: params.dst == destination,
+    }
+}
+
+/// A request for the packet at `ip`, in `request`: zeroed (the empty request), then
+/// [`IpHeader::fib_params`].
+///
+/// # Safety
+/// `ip` must point to a whole header inside the packet.
+#[inline(always)]
+unsafe fn fib_request<H: IpHeader>(
+    request: &mut core::mem::MaybeUninit<FibParams>,
+    ip: *const H,
+) -> &mut FibParams {
+    // SAFETY: a local, filled in place; guaranteed by the caller.
+    unsafe {
+        zero_in_place(request.as_mut_ptr());
+        let params = request.assume_init_mut();
+        H::fib_params(ip, params);
+        params
+    }
+}
+
+/// `bpf_fib_lookup` of `params` for the program's packet, through the tables and rules
+/// (no flags); `BPF_FIB_LKUP_RET_*` or a negative errno.
+#[inline(always)]
+fn fib_lookup(ctx: &TcContext, params: &mut FibParams) -> i64 {
+    // SAFETY: params is a whole `struct bpf_fib_lookup`; the context is the program's
+    // skb.
+    unsafe {
         bpf_fib_lookup(
             ctx.skb.skb.cast(),
             (&raw mut *params).cast(),
             size_of::<FibParams>() as i32,
             0,
         )
-    };
-    KernelRoute {
-        rc,
-        ifindex: params.ifindex,
-        dmac: params.dmac,
-        direct: params.dst == destination,
+    }
+}
+
+/// The kernel's reverse-path filter (IPv4 `rp_filter`, `mode` as the agent read it for
+/// `dev`, where the packet enters the stack): `fib_validate_source` looks the source up
+/// as a destination, from the loopback interface, with the packet's TOS and its
+/// protocol and ports swapped; loose wants a route there, strict one that leaves by
+/// `dev`. A multipath route back that the lookup resolves to another of its paths, or
+/// anything else this lookup cannot answer as the kernel's would, goes to the kernel
+/// too: it may only cost speed.
+#[inline(always)]
+fn check_source_route<H: IpHeader>(
+    ctx: &TcContext,
+    ip: *const H,
+    l4: &Result<Transport, Counter>,
+    mode: u32,
+    dev: u32,
+) -> Result<(), Counter> {
+    if !H::REVERSE_PATH_FILTER || mode == RP_FILTER_OFF {
+        return Ok(());
+    }
+    let mut request = core::mem::MaybeUninit::<FibParams>::uninit();
+    // SAFETY: the caller got ip from parse.
+    let params = unsafe { fib_request(&mut request, ip) };
+    core::mem::swap(&mut params.src, &mut params.dst);
+    params.ifindex = LOOPBACK_IFINDEX;
+    // Any length, so that the kernel does not hold the packet against the MTU of the
+    // way back (with 0 it would).
+    params.tot_len = 1;
+    if let Ok(l4) = l4 {
+        params.sport = [l4.ports[2], l4.ports[3]];
+        params.dport = [l4.ports[0], l4.ports[1]];
+    }
+    let rc = fib_lookup(ctx, params);
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
+            if mode != RP_FILTER_STRICT || params.ifindex == dev =>
+        {
+            Ok(())
+        }
+        _ => Err(Counter::PassRpFilter),
     }
 }
 
@@ -989,6 +1054,9 @@ trait IpHeader: Sized {
     /// The key's size in 8-byte words.
     const KEY_WORDS: usize;
     const FAMILY: Family;
+    /// Whether the kernel checks this family's sources against its routes (IPv4's
+    /// `rp_filter`; IPv6 routing has none).
+    const REVERSE_PATH_FILTER: bool;
     /// The fixed header, all the fast path ever forwards (no options, no extension
     /// headers).
     const LEN: usize;
@@ -1138,6 +1206,7 @@ impl IpHeader for Ip4 {
     type Slot = FlowSlotV4;
     const KEY_WORDS: usize = size_of::<FlowKeyV4>() / 8;
     const FAMILY: Family = Family::Ipv4;
+    const REVERSE_PATH_FILTER: bool = true;
     const LEN: usize = Ip4::LEN;
 
     #[inline(always)]
@@ -1288,6 +1357,7 @@ impl IpHeader for Ip6 {
     type Slot = FlowSlotV6;
     const KEY_WORDS: usize = size_of::<FlowKeyV6>() / 8;
     const FAMILY: Family = Family::Ipv6;
+    const REVERSE_PATH_FILTER: bool = false;
     const LEN: usize = Ip6::LEN;
 
     #[inline(always)]

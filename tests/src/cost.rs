@@ -42,7 +42,7 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use hgw_common::{
     Counter, CtTimeouts, Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS_V4,
     MAP_ENDPOINTS_V6, MAP_ROUTES_V4, MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig,
-    PROG_TO_PEER, PROG_TO_POD, ROUTES_V4_MAX_ENTRIES, counter_index,
+    PROG_TO_PEER, PROG_TO_POD, ROUTES_V4_MAX_ENTRIES, RP_FILTER_OFF, counter_index,
 };
 use serde::{Deserialize, Serialize};
 
@@ -727,6 +727,8 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
                 },
                 ..CtTimeouts::default()
             },
+            rp_filter_uplink: RP_FILTER_OFF,
+            rp_filter_bridge: RP_FILTER_OFF,
         },
         0,
     )?;

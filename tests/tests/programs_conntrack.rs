@@ -29,8 +29,8 @@ use aya::{
 use hgw_common::{
     COUNTERS_LEN, Counter, CtTimeouts, FLOW_TO_PEER, Family, FlowSlotV4, FlowSlotV6, MAP_CONFIG,
     MAP_COUNTERS, MAP_FLOWS_V4, MAP_FLOWS_V6, MAP_GENERATION, MAP_ROUTES_V4, MAP_ROUTES_V6,
-    NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD, counter_index, flow_check,
-    flow_slot,
+    NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER, PROG_TO_POD, RP_FILTER_OFF,
+    counter_index, flow_check, flow_slot,
 };
 use hgw_tests::frames::{
     ACK, BRIDGE_MAC, FIN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RST, SYN,
@@ -312,6 +312,8 @@ impl Node {
             cluster_net_v6: v6("fd00:244::"),
             cluster_mask_v6: mask6(32),
             ct: timeouts(recheck),
+            rp_filter_uplink: RP_FILTER_OFF,
+            rp_filter_bridge: RP_FILTER_OFF,
         };
         config.set(0, node, 0).expect("write config");
         let hop = NextHop {

@@ -9,12 +9,14 @@
 //! `established` mode, in three steps:
 //! 1. before the admin's change: everything arrives, nothing crosses the router, and in
 //!    `established` each flow is on the fast path (`fwd_to_peer` on its sending node
-//!    grows by at least its datagrams);
+//!    and `fwd_to_pod` on its receiving node grow by at least its datagrams);
 //! 2. the change made while the flows run, the same flows go on: a rerouted flow crosses
-//!    the router with all but at most [`IN_FLIGHT`] of its datagrams, a blackholed one
-//!    arrives with at most that many, and in `established` the fast path carries at most
-//!    that many of either (it moves on its next packets); a flow the change does not
-//!    touch still arrives directly, on the fast path;
+//!    the router with all but at most [`IN_FLIGHT`] of its datagrams, a blackholed or
+//!    refused one arrives with at most that many, and in `established` the fast path
+//!    carries at most that many of either (the sending node's for a rerouted or
+//!    blackholed flow, the receiving node's for a refused one: it moves on its next
+//!    packets); a flow the change does not touch still arrives directly, on the fast
+//!    path of both nodes;
 //! 3. new flows opened after the change go the same ways from their first packet (but
 //!    for a flow whose answers the change blackholes: it cannot be opened).
 //!
@@ -22,10 +24,14 @@
 //! each node for the other's pod; (b) an `ip rule` that sends one pod's traffic (from
 //! it on its node, to it on the other) to a table of its own, whose routes go through
 //! the router, while the node's other pod talks directly; (c) a blackhole /32 for one
-//! remote pod, while the other direction flows.
+//! remote pod, while the other direction flows; (d) on a node whose reverse-path filter
+//! is strict (`rp_filter` 1), a /32 for a remote pod through the router: that pod's
+//! packets still come in on the uplink, where the kernel now drops them, and in loose
+//! mode (2) it does not.
 //!
 //! Before issue 17's fix, `established`: the rerouted flows crossed the router with none
-//! (or only their first) of their datagrams, and the blackholed flow arrived.
+//! (or only their first) of their datagrams, and the blackholed flow arrived. Before the
+//! programs checked sources, (d)'s strict node took all of them on the fast path.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -50,6 +56,9 @@ enum Way {
     Router,
     /// Nowhere: a blackhole on its sending node.
     Dropped,
+    /// Nowhere: the receiving node's reverse-path filter drops it (the sending node's
+    /// fast path may carry it there).
+    Refused,
 }
 
 /// One flow of a case: from pod (node, pod index) to pod, and where it goes after the
@@ -215,6 +224,115 @@ fn a_blackhole_for_a_remote_pod_drops_its_flow() -> anyhow::Result<()> {
     )
 }
 
+#[test]
+fn a_strict_reverse_path_filter_drops_a_pod_whose_way_back_moved() -> anyhow::Result<()> {
+    reverse_path_case("1", Way::Refused)
+}
+
+#[test]
+fn a_loose_reverse_path_filter_keeps_a_pod_whose_way_back_moved() -> anyhow::Result<()> {
+    reverse_path_case("2", Way::Direct)
+}
+
+/// (d) at run time: n2's way back to n1's pod through the router from the start, and
+/// `rp_filter` 0, so the kernel takes that pod's packets on n2's uplink and so does the
+/// fast path; set to strict on the uplink alone (`conf.eth0`, the kernel takes the
+/// larger of it and `conf.all`) while the flow runs, the fast path on n2 lets go of it
+/// once the agent shows the change (it reads the sysctls every second), and the flow
+/// is dropped (the kernel's answer in the strict case above); set back to 0, the flow
+/// is back on the fast path.
+#[test]
+fn an_rp_filter_set_while_the_agent_runs_applies_to_running_flows() -> anyhow::Result<()> {
+    let mut lab = Lab::up(2, 1)?;
+    add_router(&mut lab)?;
+    let (a, b) = (lab.nodes[0].pods[0].clone(), lab.nodes[1].pods[0].clone());
+    let n2 = lab.nodes[1].ns.clone();
+    let to_a = format!("{}/32", a.ip);
+    run_in_ok(
+        &n2,
+        "ip",
+        &["route", "add", &to_a, "via", "172.30.2.254", "dev", "eth1"],
+    )?;
+    for node in 0..2 {
+        lab.start_agent(node, &["--fast-path", "established"])?;
+    }
+    for agent in lab.agents() {
+        agent.wait_ready(Duration::from_secs(15))?;
+    }
+    let mut flow = UdpFlow::open(&a.ns, &b.ns, b.ip)?;
+    let mut failures = Vec::new();
+    for (value, mode, taken) in [
+        ("0", "off", true),
+        ("1", "strict", false),
+        ("0", "off", true),
+    ] {
+        run_in_ok(
+            &n2,
+            "sysctl",
+            &["-w", &format!("net.ipv4.conf.eth0.rp_filter={value}")],
+        )?;
+        let agent = lab.agent(1).context("n2's agent")?;
+        agent.wait_for(Duration::from_secs(3), |s| {
+            s.rp_filter.get("eth0").map(String::as_str) == Some(mode)
+        })?;
+        let before = agent.status()?;
+        let arrived = flow.send(BATCH)?;
+        let fast_in =
+            counter(&agent.status()?, "ipv4.fwd_to_pod") - counter(&before, "ipv4.fwd_to_pod");
+        eprintln!("rp_filter {value}: {arrived}/{BATCH} arrived, fwd_to_pod +{fast_in} on n2");
+        let batch = BATCH as u64;
+        let ok = if taken {
+            arrived == BATCH && fast_in >= batch
+        } else {
+            arrived == 0 && fast_in == 0
+        };
+        if !ok {
+            failures.push(format!(
+                "rp_filter {value} on n2's eth0: {arrived}/{BATCH} arrived, fwd_to_pod +{fast_in}"
+            ));
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// (d): n2's `rp_filter` set to `mode` before the agents start; then n2's way back to
+/// n1's pod goes through the router, while that pod's packets still come in on n2's
+/// uplink (`a_to_b`), and n2's own to it cross the router.
+fn reverse_path_case(mode: &str, a_to_b: Way) -> anyhow::Result<()> {
+    let mut lab = Lab::up(2, 1)?;
+    let router = add_router(&mut lab)?;
+    let a = lab.nodes[0].pods[0].clone();
+    let n2 = lab.nodes[1].ns.clone();
+    run_in_ok(
+        &n2,
+        "sysctl",
+        &["-w", &format!("net.ipv4.conf.all.rp_filter={mode}")],
+    )?;
+    let to_a = format!("{}/32", a.ip);
+    run_case(
+        &mut lab,
+        &router,
+        &[
+            FlowCase {
+                from: (0, 0),
+                to: (1, 0),
+                way: a_to_b,
+            },
+            FlowCase {
+                from: (1, 0),
+                to: (0, 0),
+                way: Way::Router,
+            },
+        ],
+        &[(
+            n2.clone(),
+            vec!["route", "add", &to_a, "via", "172.30.2.254", "dev", "eth1"],
+        )],
+        &[(n2.clone(), vec!["route", "del", &to_a])],
+    )
+}
+
 /// The router namespace `<id>-r` and the second links, n<i> eth1 <-> r r<i>.
 fn add_router(lab: &mut Lab) -> anyhow::Result<String> {
     let r = lab.add_extra_namespace("r")?;
@@ -290,15 +408,17 @@ struct Seen {
     crossed: u64,
     /// Growth of `fwd_to_peer` on the sending node.
     fast: u64,
+    /// Growth of `fwd_to_pod` on the receiving node.
+    fast_in: u64,
 }
 
 /// One batch of `flow`: datagrams that arrived, that crossed the router, that the
-/// sending node's fast path took. Flows are sent one at a time, so each node's
-/// counters grow by one flow's packets only.
+/// sending and the receiving node's fast path took. Flows are sent one at a time, so
+/// each node's counters grow by one flow's packets only.
 fn batch(
     lab: &Lab,
     router: &str,
-    from_node: usize,
+    (from_node, to_node): (usize, usize),
     from: &Pod,
     to: &Pod,
     send: impl FnOnce() -> anyhow::Result<usize>,
@@ -312,6 +432,8 @@ fn batch(
         crossed: crossed(router, from.ip, to.ip)? - crossed0,
         fast: counter(&after[from_node], "ipv4.fwd_to_peer")
             - counter(&before[from_node], "ipv4.fwd_to_peer"),
+        fast_in: counter(&after[to_node], "ipv4.fwd_to_pod")
+            - counter(&before[to_node], "ipv4.fwd_to_pod"),
     })
 }
 
@@ -340,11 +462,13 @@ fn run_case(
         // 1: before the change, every flow direct (and fast).
         for (f, flow) in flows.iter().zip(open.iter_mut()) {
             let (from, to) = (pod(lab, f.from), pod(lab, f.to));
-            let seen = batch(lab, router, f.from.0, &from, &to, || flow.send(BATCH))?;
+            let seen = batch(lab, router, (f.from.0, f.to.0), &from, &to, || {
+                flow.send(BATCH)
+            })?;
             let what = format!("{mode} before: {} -> {}", from.ip, to.ip);
             eprintln!(
-                "{what}: {}/{BATCH} arrived, {} crossed the router, fwd_to_peer +{}",
-                seen.arrived, seen.crossed, seen.fast
+                "{what}: {}/{BATCH} arrived, {} crossed the router, fwd_to_peer +{}, fwd_to_pod +{}",
+                seen.arrived, seen.crossed, seen.fast, seen.fast_in
             );
             ensure!(
                 seen.arrived == BATCH && seen.crossed == 0,
@@ -354,9 +478,10 @@ fn run_case(
             );
             if mode == "established" {
                 ensure!(
-                    seen.fast >= BATCH as u64,
-                    "{what}: fwd_to_peer grew by {} for {BATCH} datagrams: not on the fast path to begin with",
-                    seen.fast
+                    seen.fast >= BATCH as u64 && seen.fast_in >= BATCH as u64,
+                    "{what}: fwd_to_peer grew by {} and fwd_to_pod by {} for {BATCH} datagrams: not on the fast path to begin with",
+                    seen.fast,
+                    seen.fast_in
                 );
             }
         }
@@ -370,28 +495,32 @@ fn run_case(
                 let (from, to) = (pod(lab, f.from), pod(lab, f.to));
                 // A new flow is opened with an answer; one whose answers the change
                 // blackholes cannot be (step 2 showed where its datagrams go).
-                let answers_dropped = flows
-                    .iter()
-                    .any(|g| g.way == Way::Dropped && g.from == f.to && g.to == f.from);
+                let answers_dropped = flows.iter().any(|g| {
+                    matches!(g.way, Way::Dropped | Way::Refused) && g.from == f.to && g.to == f.from
+                });
                 if step == "new" && answers_dropped {
                     continue;
                 }
                 let seen = if step == "running" {
-                    batch(lab, router, f.from.0, &from, &to, || flow.send(BATCH))?
-                } else if f.way == Way::Dropped {
+                    batch(lab, router, (f.from.0, f.to.0), &from, &to, || {
+                        flow.send(BATCH)
+                    })?
+                } else if matches!(f.way, Way::Dropped | Way::Refused) {
                     // Nothing would answer a new flow's first datagram: one way.
-                    batch(lab, router, f.from.0, &from, &to, || {
+                    batch(lab, router, (f.from.0, f.to.0), &from, &to, || {
                         udp_exchange(&from.ns, &to.ns, to.ip, BATCH)
                     })?
                 } else {
                     let mut fresh = UdpFlow::open(&from.ns, &to.ns, to.ip)
                         .with_context(|| format!("{mode}: a new flow {} -> {}", from.ip, to.ip))?;
-                    batch(lab, router, f.from.0, &from, &to, || fresh.send(BATCH))?
+                    batch(lab, router, (f.from.0, f.to.0), &from, &to, || {
+                        fresh.send(BATCH)
+                    })?
                 };
                 let what = format!("{mode} {step} flow {} -> {} ({:?})", from.ip, to.ip, f.way);
                 eprintln!(
-                    "{what}: {}/{BATCH} arrived, {} crossed the router, fwd_to_peer +{}",
-                    seen.arrived, seen.crossed, seen.fast
+                    "{what}: {}/{BATCH} arrived, {} crossed the router, fwd_to_peer +{}, fwd_to_pod +{}",
+                    seen.arrived, seen.crossed, seen.fast, seen.fast_in
                 );
                 let batch = BATCH as u64;
                 let arrived = seen.arrived as u64;
@@ -399,7 +528,7 @@ fn run_case(
                     Way::Direct => {
                         arrived == batch
                             && seen.crossed == 0
-                            && (mode == "off" || seen.fast >= batch)
+                            && (mode == "off" || (seen.fast >= batch && seen.fast_in >= batch))
                     }
                     Way::Router => {
                         arrived == batch
@@ -411,11 +540,16 @@ fn run_case(
                             && seen.crossed == 0
                             && (mode == "off" || seen.fast <= IN_FLIGHT)
                     }
+                    Way::Refused => {
+                        arrived <= IN_FLIGHT
+                            && seen.crossed == 0
+                            && (mode == "off" || seen.fast_in <= IN_FLIGHT)
+                    }
                 };
                 if !ok {
                     failures.push(format!(
-                        "{what}: {arrived}/{batch} arrived, {} crossed the router, fwd_to_peer +{}",
-                        seen.crossed, seen.fast
+                        "{what}: {arrived}/{batch} arrived, {} crossed the router, fwd_to_peer +{}, fwd_to_pod +{}",
+                        seen.crossed, seen.fast, seen.fast_in
                     ));
                 }
             }

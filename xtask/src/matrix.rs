@@ -46,7 +46,8 @@ const CHECKS: [Check; 5] = [
         mode: "established",
         tests: &["service_clusterip", "network_policy", "ipvs"],
     },
-    // The routing table and rules, ICMP (frag-needed) and tc shaping stay the kernel's:
+    // The routing table and rules (and the reverse-path filter), ICMP (frag-needed)
+    // and tc shaping stay the kernel's:
     // each test sends what kernel routes alone would carry and checks it went there.
     Check {
         name: "routes-icmp-tc",

@@ -106,12 +106,12 @@ impl FastPathMaps for Datapath {
 }
 
 /// What the programs need to know of this node, with the conntrack timeouts as they
-/// are now.
+/// are now and the reverse-path filter as last read (uplink, bridge).
 pub(super) fn node_config(
     network: &Network,
-    bridge: &Link,
-    uplink: &Link,
+    (bridge, uplink): (&Link, &Link),
     config: &Config,
+    [rp_filter_uplink, rp_filter_bridge]: [u32; 2],
 ) -> Result<NodeConfig, ConntrackError> {
     let v6 = network.v6;
     Ok(NodeConfig {
@@ -144,5 +144,7 @@ pub(super) fn node_config(
         } else {
             conntrack::recheck_only(config.ct_recheck_ms)?
         },
+        rp_filter_uplink,
+        rp_filter_bridge,
     })
 }

@@ -21,6 +21,7 @@ use super::{
 };
 use crate::{
     kernel::{KernelEvent, RouteKey, RouteOwner},
+    node::rp_filter,
     serve::{metrics::Trigger, status::Status},
     tc::Scanner,
 };
@@ -127,7 +128,10 @@ impl Agent {
                     self.dump_fdb_if_needed().await;
                 }
                 _ = tcx.tick() => {
-                    if !self.stop_fast_path_for_ipvs().await && !self.rescan_tcx().await {
+                    if !self.stop_fast_path_for_ipvs().await
+                        && !self.rescan_tcx().await
+                        && !self.reread_rp_filter()
+                    {
                         continue;
                     }
                 }
@@ -296,13 +300,39 @@ impl Agent {
         }
     }
 
+    /// Reads the reverse-path filter again (no event tells of a sysctl change) and
+    /// gives the programs a change; whether there was one.
+    fn reread_rp_filter(&mut self) -> bool {
+        if self.scanner.is_none() {
+            return false;
+        }
+        let now = rp_filter::modes_or_strict(
+            &self.config.uplink,
+            &self.config.bridge,
+            &mut self.rp_filter_error,
+        );
+        if now == self.rp_filter {
+            return false;
+        }
+        info!(
+            "rp_filter is now {} on {} and {} on {}: the fast path checks sources so",
+            rp_filter::name(now[0]),
+            self.config.uplink,
+            rp_filter::name(now[1]),
+            self.config.bridge,
+        );
+        self.rp_filter = now;
+        self.write_node_config();
+        true
+    }
+
     fn write_node_config(&mut self) {
         self.files.uplink_mtu(self.observed.uplink.mtu);
         match node_config(
             &self.network,
-            &self.observed.bridge,
-            &self.observed.uplink,
+            (&self.observed.bridge, &self.observed.uplink),
             &self.config,
+            self.rp_filter,
         ) {
             Ok(node) => self.reconciler.set_node(node, &self.observed),
             Err(e) => warn!("{e}"),
@@ -419,6 +449,15 @@ impl Agent {
             ready: self.reconciler.ready(&self.observed),
             fast_path: self.config.fast_path.name().to_owned(),
             fast_path_note: self.fast_path_note.clone(),
+            rp_filter: if self.scanner.is_some() {
+                [&self.config.uplink, &self.config.bridge]
+                    .into_iter()
+                    .zip(self.rp_filter)
+                    .map(|(interface, mode)| (interface.clone(), rp_filter::name(mode).to_owned()))
+                    .collect()
+            } else {
+                Default::default()
+            },
             peers: self.reconciler.peer_status(&self.observed),
             counters: Default::default(),
             endpoints: self.reconciler.endpoints(),

@@ -30,7 +30,7 @@ use crate::{
     config::{Attach, Config, ConfigError, FastPath, Network, Source, check_peers},
     datapath::{self, Datapath, DatapathError, HookKind},
     kernel::{Kernel, Link, NeighbourLimits},
-    node::{caps, cni::NodeFiles, conntrack, masq, setup},
+    node::{caps, cni::NodeFiles, conntrack, masq, rp_filter, setup},
     serve::{
         http::Health,
         metrics::{self, Reconciles},
@@ -195,11 +195,14 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         kernel_status = None;
         fast_path_note = Some(reason);
     }
+    let mut rp_filter_error = None;
+    let rp_filter =
+        rp_filter::modes_or_strict(&config.uplink, &config.bridge, &mut rp_filter_error);
     let datapath = match fast_path {
         Some((_, hook, facts)) => Some(
             attach_datapath(
                 &config,
-                &network,
+                (&network, rp_filter),
                 (&bridge, &uplink),
                 (hook, attach, facts),
                 &Scanner::new(kernel.handle()),
@@ -253,6 +256,8 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         source_trouble,
         last_change: None,
         fast_path_note,
+        rp_filter,
+        rp_filter_error,
     };
     // Every next hop is resolved ahead of traffic: more of them than the kernel's
     // neighbour table keeps is said.
@@ -345,7 +350,7 @@ pub(super) async fn clear_fast_path(config: &Config, kernel: &Kernel) {
 /// them; pinned, what is attached stays for the next agent, as on any stop).
 async fn attach_datapath(
     config: &Config,
-    network: &Network,
+    (network, rp_filter): (&Network, [u32; 2]),
     (bridge, uplink): (&Link, &Link),
     (hook, attach, facts): (HookKind, Attach, KernelFacts),
     scanner: &Scanner,
@@ -353,7 +358,7 @@ async fn attach_datapath(
     if config.fast_path == FastPath::Established {
         conntrack::ensure_tracking()?;
     }
-    let node = node_config(network, bridge, uplink, config)?;
+    let node = node_config(network, (bridge, uplink), config, rp_filter)?;
     let mut datapath = Datapath::load(
         &config.bridge,
         &config.uplink,

@@ -45,6 +45,7 @@ pub(super) fn waiting_status(
         ready: false,
         fast_path: config.fast_path.name().to_owned(),
         fast_path_note,
+        rp_filter: Default::default(),
         peers: Vec::new(),
         counters: Default::default(),
         endpoints: 0,

@@ -9,5 +9,6 @@ pub mod conntrack;
 pub mod lock;
 pub mod masq;
 pub mod nft;
+pub mod rp_filter;
 pub mod setup;
 pub mod uninstall;

@@ -366,6 +366,7 @@ pub(super) mod tests {
             ready,
             fast_path: "established".into(),
             fast_path_note: None,
+            rp_filter: BTreeMap::new(),
             peers,
             counters: BTreeMap::new(),
             endpoints: 3,

@@ -31,7 +31,7 @@ use hgw_common::{
     COUNTER_NOT_IP, COUNTER_NOT_IP_NAME, COUNTERS_LEN, COUNTERS_PER_FAMILY, Counter, CtTimeouts,
     Endpoint, Family, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICES, MAP_ENDPOINTS_V4, MAP_ENDPOINTS_V6,
     MAP_ROUTES_V4, MAP_ROUTES_V6, NEXT_HOP_MAC_KNOWN, NextHop, NodeConfig, PROG_TO_PEER,
-    PROG_TO_POD, counter_index,
+    PROG_TO_POD, RP_FILTER_LOOSE, RP_FILTER_OFF, RP_FILTER_STRICT, counter_index,
 };
 use hgw_tests::progns::{self, ProgNetns};
 
@@ -86,6 +86,8 @@ fn slot_name(index: u32) -> String {
 
 struct Programs {
     ebpf: Ebpf,
+    /// `HGW_CONFIG`, as written at the load.
+    config: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
     /// `HGW_DEVICES`: interface index -> `DEVICE_*` bits.
     devices: aya::maps::HashMap<MapData, u32, u32>,
@@ -167,6 +169,8 @@ fn load_with_cluster(
                 cluster_net_v6: cluster_v6.0.try_into().expect("16 bytes"),
                 cluster_mask_v6: netmask(cluster_v6.1, 16).try_into().expect("16 bytes"),
                 ct: CtTimeouts::default(),
+                rp_filter_uplink: RP_FILTER_OFF,
+                rp_filter_bridge: RP_FILTER_OFF,
             },
             0,
         )
@@ -212,6 +216,7 @@ fn load_with_cluster(
     }
     Programs {
         ebpf,
+        config,
         counters,
         devices,
         to_peer_ingress: BRIDGE_IFINDEX,
@@ -249,6 +254,15 @@ fn n1_netns() -> ProgNetns {
 }
 
 impl Programs {
+    /// The reverse-path filter the agent would have read for the uplink and the bridge
+    /// (`RP_FILTER_*`).
+    fn set_rp_filter(&mut self, uplink: u32, bridge: u32) {
+        let mut node = self.config.get(&0, 0).expect("read config");
+        node.rp_filter_uplink = uplink;
+        node.rp_filter_bridge = bridge;
+        self.config.set(0, node, 0).expect("write config");
+    }
+
     /// `None` when the kernel refuses to build an skb from `frame` (EINVAL).
     fn try_run(&mut self, program: &str, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
         self.try_run_gso(program, frame, 0)

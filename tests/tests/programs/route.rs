@@ -529,3 +529,93 @@ fn a_local_pod_routed_through_another_host_on_the_bridge_is_not_delivered_direct
         "delivered straight into the pod, past the kernel's gateway"
     );
 }
+
+/// The kernel's reverse-path filter (IPv4 `rp_filter`, as the agent reads it for the
+/// uplink and the bridge): a packet is taken only if the kernel would let its source
+/// in. Loose wants some route back to the source, strict one out of the interface the
+/// packet came in on (the bridge, for a pod's packets); off, nothing is asked. IPv6
+/// routing has no such check.
+#[test]
+fn the_reverse_path_filter_sends_what_it_would_drop_to_the_kernel() {
+    let mut p = load();
+    p.add_second_nic();
+    let from_peer = to_pod([10, 244, 1, 21], 64);
+    let from_pod = to_peer([10, 244, 2, 30], 64);
+    let modes = [
+        ("off", RP_FILTER_OFF),
+        ("strict", RP_FILTER_STRICT),
+        ("loose", RP_FILTER_LOOSE),
+    ];
+    let check = |p: &mut Programs, mode: u32, taken: bool, what: &str| {
+        p.set_rp_filter(mode, mode);
+        for (program, frame, forwarded, side) in [
+            (
+                PROG_TO_POD,
+                &from_peer,
+                fwd_to_pod(false),
+                "from a peer's pod",
+            ),
+            (
+                PROG_TO_PEER,
+                &from_pod,
+                fwd_to_peer(false),
+                "from a local pod",
+            ),
+        ] {
+            let what = format!("{what}, {side}");
+            if taken {
+                p.expect_redirect(program, frame, &forwarded, &what);
+            } else {
+                p.expect_pass(program, frame, Slot::V4(Counter::PassRpFilter), &what);
+            }
+        }
+    };
+    // As hgw leaves the node, each source's route leads back out of where it came in.
+    for (name, mode) in modes {
+        check(&mut p, mode, true, &format!("{name}, routes back as hgw's"));
+    }
+    // Back through another NIC: strict refuses.
+    p.ns.ip(&[
+        "route add 10.244.2.11/32 via 192.168.50.2 dev eth1".to_owned(),
+        "route add 10.244.1.11/32 via 192.168.50.2 dev eth1".to_owned(),
+    ])
+    .expect("routes back through eth1");
+    for (name, mode) in modes {
+        let taken = mode != RP_FILTER_STRICT;
+        check(
+            &mut p,
+            mode,
+            taken,
+            &format!("{name}, the way back through eth1"),
+        );
+    }
+    // No way back at all: loose refuses too.
+    p.ns.ip(&[
+        "route replace blackhole 10.244.2.11/32".to_owned(),
+        "route replace unreachable 10.244.1.11/32".to_owned(),
+    ])
+    .expect("no way back");
+    for (name, mode) in modes {
+        let taken = mode == RP_FILTER_OFF;
+        check(&mut p, mode, taken, &format!("{name}, no way back"));
+    }
+    // IPv6 sources are not checked: the same with no way back, strict.
+    p.ns.ip(&[
+        "route add blackhole fd00:244:2::11/128".to_owned(),
+        "route add blackhole fd00:244:1::11/128".to_owned(),
+    ])
+    .expect("no IPv6 way back");
+    p.set_rp_filter(RP_FILTER_STRICT, RP_FILTER_STRICT);
+    p.expect_redirect(
+        PROG_TO_POD,
+        &to_pod6("fd00:244:1::21", 64),
+        &fwd_to_pod(true),
+        "IPv6 from a peer's pod, strict, no way back",
+    );
+    p.expect_redirect(
+        PROG_TO_PEER,
+        &to_peer6("fd00:244:2::30", 64),
+        &fwd_to_peer(true),
+        "IPv6 from a local pod, strict, no way back",
+    );
+}
