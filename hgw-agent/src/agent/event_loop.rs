@@ -17,7 +17,7 @@ use super::{
     desired::DesiredState,
     observed::Change,
     sources::{PeerBatch, PeerReceiver},
-    startup::{clear_fast_path, step_aside_for_ipvs},
+    startup::{clear_fast_path, step_aside},
 };
 use crate::{
     kernel::{KernelEvent, RouteKey, RouteOwner},
@@ -128,7 +128,7 @@ impl Agent {
                     self.dump_fdb_if_needed().await;
                 }
                 _ = tcx.tick() => {
-                    if !self.stop_fast_path_for_ipvs().await
+                    if !self.stop_fast_path_if_needed().await
                         && !self.rescan_tcx().await
                         && !self.reread_rp_filter()
                     {
@@ -257,11 +257,12 @@ impl Agent {
         }
     }
 
-    /// `established` mode where IPVS came (kube-proxy switched to its ipvs mode): the
-    /// fast path goes, as with `off`, and kernel routes carry everything until an
-    /// agent starts without IPVS; status says why. Whether it went.
-    async fn stop_fast_path_for_ipvs(&mut self) -> bool {
-        let Some(reason) = step_aside_for_ipvs(&mut self.config) else {
+    /// Where IPVS came in `established` mode (kube-proxy switched to its ipvs mode), or
+    /// an IPsec policy over pod traffic ([`step_aside`]): the fast path goes, as with
+    /// `off`, and kernel routes carry everything until an agent starts without them;
+    /// status says why. Whether it went.
+    async fn stop_fast_path_if_needed(&mut self) -> bool {
+        let Some(reason) = step_aside(&mut self.config, Some(&self.network)) else {
             return false;
         };
         if let Some(datapath) = self.reconciler.take_maps() {

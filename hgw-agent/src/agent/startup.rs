@@ -29,7 +29,7 @@ use super::{
 use crate::{
     config::{Attach, Config, ConfigError, FastPath, Network, Source, check_peers},
     datapath::{self, Datapath, DatapathError, HookKind},
-    kernel::{Kernel, Link, NeighbourLimits},
+    kernel::{Kernel, Link, NeighbourLimits, xfrm},
     node::{caps, cni::NodeFiles, conntrack, masq, rp_filter, setup},
     serve::{
         http::Health,
@@ -44,7 +44,8 @@ use crate::{
 /// Runs the agent until SIGTERM or SIGINT. Kernel routes stay installed on exit; the
 /// programs stay too if pinned (the next agent adopts them), else they are detached.
 pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Result<(), AgentError> {
-    let mut fast_path_note = step_aside_for_ipvs(&mut config);
+    // IPsec policies are checked once the cluster CIDRs are known, before the attach.
+    let mut fast_path_note = step_aside(&mut config, None);
     caps::check(config.fast_path)?;
     let mut kernel = Kernel::connect()?;
     // Everything is checked before anything is changed on the node.
@@ -190,7 +191,7 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
     // programs (pinned) or qdiscs behind.
     let events = crate::kernel::subscribe()?;
     // IPVS may have come while the source was waited for.
-    if let Some(reason) = step_aside_for_ipvs(&mut config) {
+    if let Some(reason) = step_aside(&mut config, Some(&network)) {
         fast_path = None;
         kernel_status = None;
         fast_path_note = Some(reason);
@@ -300,17 +301,37 @@ fn check_established() -> Result<KernelFacts, AgentError> {
     Ok(facts)
 }
 
-/// `established` mode beside IPVS (kube-proxy's ipvs mode) runs as `off`: IPVS's NAT
-/// sets no conntrack NAT bits, so the programs would carry NAT'd replies past the
-/// kernel that un-NATs them. Switches `config` to `off` and says why, if so.
-pub(super) fn step_aside_for_ipvs(config: &mut Config) -> Option<String> {
-    if config.fast_path != FastPath::Established || !conntrack::ipvs_in_use() {
+/// The fast path runs as `off` beside what makes the kernel decide after routing in a
+/// way the programs cannot see: in `established` mode, IPVS (kube-proxy's ipvs mode),
+/// whose NAT sets no conntrack NAT bits, so the programs would carry NAT'd replies past
+/// the kernel that un-NATs them; in any mode, an IPsec policy over pod traffic, which
+/// the kernel applies to forwarded packets and a redirect skips (they would leave
+/// unencrypted, or come in unchecked; asked only with the `network`). Switches `config`
+/// to `off` and says why, if so.
+pub(super) fn step_aside(config: &mut Config, network: Option<&Network>) -> Option<String> {
+    if config.fast_path == FastPath::Off {
         return None;
     }
-    let reason = format!(
-        "IPVS is active in this network namespace ({} lists virtual services: kube-proxy's ipvs mode?); its NAT is invisible to the conntrack checks of the `established` fast path, so the fast path is off and kernel routes carry everything; use kube-proxy's iptables or nftables mode (an agent started without IPVS runs `established` again), or fast_path = \"off\"",
-        conntrack::IPVS
-    );
+    let reason = if config.fast_path == FastPath::Established && conntrack::ipvs_in_use() {
+        format!(
+            "IPVS is active in this network namespace ({} lists virtual services: kube-proxy's ipvs mode?); its NAT is invisible to the conntrack checks of the `established` fast path, so the fast path is off and kernel routes carry everything; use kube-proxy's iptables or nftables mode (an agent started without IPVS runs `established` again), or fast_path = \"off\"",
+            conntrack::IPVS
+        )
+    } else if let Some(network) = network {
+        let cluster: Vec<IpNet> = network.cluster_cidrs().collect();
+        match xfrm::pod_traffic_policy(&cluster) {
+            Ok(None) => return None,
+            Ok(Some(policy)) => format!(
+                "an IPsec (xfrm) {policy} covers pod traffic: the kernel applies it to forwarded packets after routing, which the fast path's redirect would skip, so the fast path is off and kernel routes carry everything (an agent started without such a policy runs the fast path again)"
+            ),
+            // Unknown is not none: the packets would leave unencrypted.
+            Err(e) => format!(
+                "{e}; whether a policy covers pod traffic is not known, so the fast path is off and kernel routes carry everything"
+            ),
+        }
+    } else {
+        return None;
+    };
     error!("{reason}");
     config.fast_path = FastPath::Off;
     Some(reason)

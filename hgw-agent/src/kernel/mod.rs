@@ -1,12 +1,14 @@
 //! What the agent asks of the kernel over rtnetlink: links and addresses ([`link`]),
 //! hgw's routes ([`route`]), neighbour entries ([`neigh`]), and the kernel's events
-//! ([`events`]). Routes carry hgw's protocol tag; only routes with it are deleted.
+//! ([`events`]). Routes carry hgw's protocol tag; only routes with it are deleted. And,
+//! over NETLINK_XFRM, the IPsec policies a redirect would skip ([`xfrm`]).
 
 mod events;
 mod link;
 mod neigh;
 mod nexthop;
 mod route;
+pub mod xfrm;
 
 use std::{net::IpAddr, sync::Arc};
 
