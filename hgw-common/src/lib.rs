@@ -317,8 +317,12 @@ pub struct NodeConfig {
     pub rp_filter_uplink: u32,
     /// The same for packets from the pods, which enter the stack on the bridge.
     pub rp_filter_bridge: u32,
+    /// Non-zero: a forwarded IPv4 packet's priority becomes its TOS's, as `ip_forward`
+    /// sets it (`net.ipv4.ip_forward_update_priority`, on by default).
+    pub update_priority: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 168);
+const _: () = assert!(size_of::<NodeConfig>() == 176);
 
 /// `rp_filter` 0: no source check.
 pub const RP_FILTER_OFF: u32 = 0;

@@ -395,6 +395,7 @@ fn forward<H: IpHeader>(
     let mut flow = Flow::<H>::of(&l4, ip, side, &config.ct);
     if let Some(hop) = flow.as_mut().and_then(Flow::cached) {
         check_ttl_and_mtu(ctx, ip, hop.mtu)?;
+        set_forward_priority(ctx, ip, config);
         // SAFETY: eth and ip point into the packet (bounds checked by ethernet() and
         // parse).
         unsafe { send(ctx, eth, ip, &hop) };
@@ -406,9 +407,27 @@ fn forward<H: IpHeader>(
         flow.remember(result.as_ref().ok());
     }
     let (hop, _) = result?;
+    set_forward_priority(ctx, ip, config);
     // SAFETY: as above.
     unsafe { send(ctx, eth, ip, &hop) };
     Ok(())
+}
+
+/// What `ip_forward` does to a packet it forwards (IPv4, with
+/// `net.ipv4.ip_forward_update_priority`, on by default): `skb->priority` becomes its
+/// TOS's (`rt_tos2priority`), which egress qdiscs (pfifo_fast's bands, prio, mqprio's
+/// traffic classes) and a VLAN's egress QoS map go by. Without it the packet would keep
+/// the priority its sender's socket gave it.
+#[inline(always)]
+fn set_forward_priority<H: IpHeader>(ctx: &TcContext, ip: *const H, config: &NodeConfig) {
+    if config.update_priority == 0 {
+        return;
+    }
+    // SAFETY: the caller got ip from parse.
+    if let Some(priority) = unsafe { (*ip).forward_priority() } {
+        // SAFETY: the context is the program's skb; tc programs may write priority.
+        unsafe { (*ctx.skb.skb).priority = priority };
+    }
 }
 
 /// The next hop's MACs, TTL - 1, out of the uplink.
@@ -1175,6 +1194,9 @@ trait IpHeader: Sized {
     /// # Safety
     /// `ip` must point to a whole header inside the packet.
     unsafe fn fib_params(ip: *const Self, params: &mut FibParams);
+    /// The priority `ip_forward` gives a packet of this header, if the family's
+    /// forwarding sets one (IPv4 only).
+    fn forward_priority(&self) -> Option<u32>;
     /// TTL (hop limit) - 1, and whatever the header and skb need to stay valid.
     ///
     /// # Safety
@@ -1315,6 +1337,15 @@ impl IpHeader for Ip4 {
         params.tos_or_flowinfo[0] = hdr.tos;
         params.src[..4].copy_from_slice(&hdr.src_addr);
         params.dst[..4].copy_from_slice(&hdr.dst_addr);
+    }
+
+    #[inline(always)]
+    fn forward_priority(&self) -> Option<u32> {
+        // rt_tos2priority: ip_tos2prio[(tos & 0x1e) >> 1], which depends on TOS bits 3
+        // and 4 alone: 0 -> 0 (best effort), 1 -> 2 (bulk), 2 -> 6 (interactive), 3 -> 4
+        // (interactive bulk); i.e. 2t ^ (t & 2), without a table.
+        let t = u32::from(self.tos >> 3) & 3;
+        Some((t << 1) ^ (t & 2))
     }
 
     fn route(addr: [u8; 4]) -> Option<&'static NextHop> {
@@ -1470,6 +1501,11 @@ impl IpHeader for Ip6 {
         params.tos_or_flowinfo = [hdr.vcf[0] & 0x0f, hdr.vcf[1], hdr.vcf[2], hdr.vcf[3]];
         params.src = hdr.src_addr;
         params.dst = hdr.dst_addr;
+    }
+
+    fn forward_priority(&self) -> Option<u32> {
+        // ip6_forward leaves it.
+        None
     }
 
     fn route(addr: [u8; 16]) -> Option<&'static NextHop> {

@@ -729,6 +729,8 @@ fn load_hgw(object: &[u8], entries: u32, mode: Mode) -> anyhow::Result<Hgw> {
             },
             rp_filter_uplink: RP_FILTER_OFF,
             rp_filter_bridge: RP_FILTER_OFF,
+            update_priority: 1,
+            _pad: 0,
         },
         0,
     )?;

@@ -49,12 +49,14 @@ pub enum Verdict {
 }
 
 /// The packets a probe counts: IPv4 (on an Ethernet frame) to `dst` of protocol
-/// `proto`, and, with `dport` (TCP or UDP), to that port (assumes no IP options).
+/// `proto`, and, with `dport` (TCP or UDP), to that port (assumes no IP options); with
+/// `priority`, only those whose `skb->priority` it is.
 #[derive(Clone, Copy, Debug)]
 pub struct PacketMatch {
     pub dst: Ipv4Addr,
     pub proto: u8,
     pub dport: Option<u16>,
+    pub priority: Option<u32>,
 }
 
 impl PacketMatch {
@@ -64,6 +66,7 @@ impl PacketMatch {
             dst,
             proto: libc::IPPROTO_ICMP as u8,
             dport: None,
+            priority: None,
         }
     }
 
@@ -73,6 +76,15 @@ impl PacketMatch {
             dst,
             proto: libc::IPPROTO_UDP as u8,
             dport: Some(port),
+            priority: None,
+        }
+    }
+
+    /// The same, only packets whose `skb->priority` is `priority`.
+    pub fn with_priority(self, priority: u32) -> PacketMatch {
+        PacketMatch {
+            priority: Some(priority),
+            ..self
         }
     }
 }
@@ -559,6 +571,10 @@ fn probe_insns(m: PacketMatch, verdict: Verdict, map_fd: i32) -> Vec<u8> {
     if let Some(port) = m.dport {
         p.insn(0x28, 0, 0, 0, 36); // r0 = destination port (ld_abs h, IHL 5)
         p.jne32(u32::from(port));
+    }
+    if let Some(priority) = m.priority {
+        p.insn(0x61, 0, 6, 32, 0); // r0 = *(u32 *)(r6 + 32): __sk_buff.priority
+        p.jne32(priority);
     }
     // A match: the counter at key 0 += 1.
     p.insn(0x62, 10, 0, -4, 0); // *(u32 *)(r10 - 4) = 0

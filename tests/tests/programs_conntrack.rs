@@ -314,6 +314,8 @@ impl Node {
             ct: timeouts(recheck),
             rp_filter_uplink: RP_FILTER_OFF,
             rp_filter_bridge: RP_FILTER_OFF,
+            update_priority: 1,
+            _pad: 0,
         };
         config.set(0, node, 0).expect("write config");
         let hop = NextHop {

@@ -47,13 +47,19 @@ const CHECKS: [Check; 5] = [
         tests: &["service_clusterip", "network_policy", "ipvs"],
     },
     // The routing table and rules (and the reverse-path filter), IPsec policies (with
-    // xfrm_user a module, loaded only by the test), ICMP (frag-needed) and tc shaping
-    // stay the kernel's:
+    // xfrm_user a module, loaded only by the test), ICMP (frag-needed), tc shaping and
+    // the priority forwarding gives a packet stay the kernel's:
     // each test sends what kernel routes alone would carry and checks it went there.
     Check {
         name: "routes-icmp-tc",
         mode: "established",
-        tests: &["route_duties", "xfrm", "pmtu", "tc_bandwidth"],
+        tests: &[
+            "route_duties",
+            "xfrm",
+            "pmtu",
+            "tc_bandwidth",
+            "forward_priority",
+        ],
     },
     // What hgw leaves on the node: cls_bpf filters last on their hooks, replaced in
     // place, and gone with `off`, `uninstall`, an unpinned stop or a failed start,
@@ -379,7 +385,7 @@ fn render(columns: &[Column], took: Duration) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone) and ipvs.rs (IPVS takes `established` off); `routes-icmp-tc`: route_duties.rs, xfrm.rs, pmtu.rs and tc_bandwidth.rs (where kernel routes, IPsec policies, ICMP and shaping put the packets); `leftovers`: attach_cls_bpf.rs and stale_routes.rs (the cls_bpf attach, and what hgw leaves on the node). Logs in {logs}. Took {} s.\n",
+        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone) and ipvs.rs (IPVS takes `established` off); `routes-icmp-tc`: route_duties.rs, xfrm.rs, pmtu.rs, tc_bandwidth.rs and forward_priority.rs (where kernel routes, IPsec policies, ICMP, shaping and priorities put the packets); `leftovers`: attach_cls_bpf.rs and stale_routes.rs (the cls_bpf attach, and what hgw leaves on the node). Logs in {logs}. Took {} s.\n",
         took.as_secs()
     )
 }

@@ -12,7 +12,10 @@ use crate::{
     config::{Config, FastPath, Network},
     datapath::{Datapath, DatapathError},
     kernel::{HgwRoute, Kernel, KernelError, Link},
-    node::conntrack::{self, ConntrackError},
+    node::{
+        conntrack::{self, ConntrackError},
+        forwarding::Forwarding,
+    },
 };
 
 impl RouteTable for Kernel {
@@ -106,12 +109,12 @@ impl FastPathMaps for Datapath {
 }
 
 /// What the programs need to know of this node, with the conntrack timeouts as they
-/// are now and the reverse-path filter as last read (uplink, bridge).
+/// are now and the forwarding sysctls as last read.
 pub(super) fn node_config(
     network: &Network,
     (bridge, uplink): (&Link, &Link),
     config: &Config,
-    [rp_filter_uplink, rp_filter_bridge]: [u32; 2],
+    forwarding: Forwarding,
 ) -> Result<NodeConfig, ConntrackError> {
     let v6 = network.v6;
     Ok(NodeConfig {
@@ -144,7 +147,9 @@ pub(super) fn node_config(
         } else {
             conntrack::recheck_only(config.ct_recheck_ms)?
         },
-        rp_filter_uplink,
-        rp_filter_bridge,
+        rp_filter_uplink: forwarding.rp_filter[0],
+        rp_filter_bridge: forwarding.rp_filter[1],
+        update_priority: u32::from(forwarding.update_priority),
+        _pad: 0,
     })
 }

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     kernel::{KernelEvent, RouteKey, RouteOwner},
-    node::rp_filter,
+    node::forwarding,
     serve::{metrics::Trigger, status::Status},
     tc::Scanner,
 };
@@ -130,7 +130,7 @@ impl Agent {
                 _ = tcx.tick() => {
                     if !self.stop_fast_path_if_needed().await
                         && !self.rescan_tcx().await
-                        && !self.reread_rp_filter()
+                        && !self.reread_forwarding()
                     {
                         continue;
                     }
@@ -301,28 +301,29 @@ impl Agent {
         }
     }
 
-    /// Reads the reverse-path filter again (no event tells of a sysctl change) and
-    /// gives the programs a change; whether there was one.
-    fn reread_rp_filter(&mut self) -> bool {
+    /// Reads the forwarding sysctls again (no event tells of a sysctl change) and gives
+    /// the programs a change; whether there was one.
+    fn reread_forwarding(&mut self) -> bool {
         if self.scanner.is_none() {
             return false;
         }
-        let now = rp_filter::modes_or_strict(
+        let now = forwarding::read_or_safe(
             &self.config.uplink,
             &self.config.bridge,
-            &mut self.rp_filter_error,
+            &mut self.forwarding_error,
         );
-        if now == self.rp_filter {
+        if now == self.forwarding {
             return false;
         }
         info!(
-            "rp_filter is now {} on {} and {} on {}: the fast path checks sources so",
-            rp_filter::name(now[0]),
+            "rp_filter is now {} on {} and {} on {}, ip_forward_update_priority {}: the fast path does so",
+            forwarding::name(now.rp_filter[0]),
             self.config.uplink,
-            rp_filter::name(now[1]),
+            forwarding::name(now.rp_filter[1]),
             self.config.bridge,
+            u8::from(now.update_priority),
         );
-        self.rp_filter = now;
+        self.forwarding = now;
         self.write_node_config();
         true
     }
@@ -333,7 +334,7 @@ impl Agent {
             &self.network,
             (&self.observed.bridge, &self.observed.uplink),
             &self.config,
-            self.rp_filter,
+            self.forwarding,
         ) {
             Ok(node) => self.reconciler.set_node(node, &self.observed),
             Err(e) => warn!("{e}"),
@@ -453,8 +454,8 @@ impl Agent {
             rp_filter: if self.scanner.is_some() {
                 [&self.config.uplink, &self.config.bridge]
                     .into_iter()
-                    .zip(self.rp_filter)
-                    .map(|(interface, mode)| (interface.clone(), rp_filter::name(mode).to_owned()))
+                    .zip(self.forwarding.rp_filter)
+                    .map(|(interface, mode)| (interface.clone(), forwarding::name(mode).to_owned()))
                     .collect()
             } else {
                 Default::default()

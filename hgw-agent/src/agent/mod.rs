@@ -153,8 +153,8 @@ struct Agent {
     last_change: Option<AppliedChange>,
     /// Why the fast path is not in the configured mode (IPVS came).
     fast_path_note: Option<String>,
-    /// The reverse-path filter (uplink, bridge) the programs were last given.
-    rp_filter: [u32; 2],
-    /// Why it could not be read last time, if it could not.
-    rp_filter_error: Option<String>,
+    /// The forwarding sysctls the programs were last given.
+    forwarding: crate::node::forwarding::Forwarding,
+    /// Why they could not be read last time, if they could not.
+    forwarding_error: Option<String>,
 }

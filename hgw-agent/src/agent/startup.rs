@@ -30,7 +30,7 @@ use crate::{
     config::{Attach, Config, ConfigError, FastPath, Network, Source, check_peers},
     datapath::{self, Datapath, DatapathError, HookKind},
     kernel::{Kernel, Link, NeighbourLimits, xfrm},
-    node::{caps, cni::NodeFiles, conntrack, masq, rp_filter, setup},
+    node::{caps, cni::NodeFiles, conntrack, forwarding, masq, setup},
     serve::{
         http::Health,
         metrics::{self, Reconciles},
@@ -196,14 +196,14 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         kernel_status = None;
         fast_path_note = Some(reason);
     }
-    let mut rp_filter_error = None;
-    let rp_filter =
-        rp_filter::modes_or_strict(&config.uplink, &config.bridge, &mut rp_filter_error);
+    let mut forwarding_error = None;
+    let forwarding =
+        forwarding::read_or_safe(&config.uplink, &config.bridge, &mut forwarding_error);
     let datapath = match fast_path {
         Some((_, hook, facts)) => Some(
             attach_datapath(
                 &config,
-                (&network, rp_filter),
+                (&network, forwarding),
                 (&bridge, &uplink),
                 (hook, attach, facts),
                 &Scanner::new(kernel.handle()),
@@ -257,8 +257,8 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         source_trouble,
         last_change: None,
         fast_path_note,
-        rp_filter,
-        rp_filter_error,
+        forwarding,
+        forwarding_error,
     };
     // Every next hop is resolved ahead of traffic: more of them than the kernel's
     // neighbour table keeps is said.
@@ -371,7 +371,7 @@ pub(super) async fn clear_fast_path(config: &Config, kernel: &Kernel) {
 /// them; pinned, what is attached stays for the next agent, as on any stop).
 async fn attach_datapath(
     config: &Config,
-    (network, rp_filter): (&Network, [u32; 2]),
+    (network, forwarding): (&Network, forwarding::Forwarding),
     (bridge, uplink): (&Link, &Link),
     (hook, attach, facts): (HookKind, Attach, KernelFacts),
     scanner: &Scanner,
@@ -379,7 +379,7 @@ async fn attach_datapath(
     if config.fast_path == FastPath::Established {
         conntrack::ensure_tracking()?;
     }
-    let node = node_config(network, (bridge, uplink), config, rp_filter)?;
+    let node = node_config(network, (bridge, uplink), config, forwarding)?;
     let mut datapath = Datapath::load(
         &config.bridge,
         &config.uplink,

@@ -6,9 +6,9 @@
 pub mod caps;
 pub mod cni;
 pub mod conntrack;
+pub mod forwarding;
 pub mod lock;
 pub mod masq;
 pub mod nft;
-pub mod rp_filter;
 pub mod setup;
 pub mod uninstall;

@@ -53,6 +53,8 @@ const MTU: u32 = 1500;
 /// offsetof(struct __sk_buff, ifindex): the skb's device, which BPF_PROG_TEST_RUN takes
 /// from the context (it must exist in the caller's namespace).
 const SKB_IFINDEX: usize = 40;
+/// `__sk_buff.priority`.
+const SKB_PRIORITY: usize = 32;
 /// offsetof(struct __sk_buff, gso_size): BPF_PROG_TEST_RUN takes it from the context.
 const SKB_GSO_SIZE: usize = 176;
 
@@ -171,6 +173,8 @@ fn load_with_cluster(
                 ct: CtTimeouts::default(),
                 rp_filter_uplink: RP_FILTER_OFF,
                 rp_filter_bridge: RP_FILTER_OFF,
+                update_priority: 1,
+                _pad: 0,
             },
             0,
         )
@@ -263,6 +267,23 @@ impl Programs {
         self.config.set(0, node, 0).expect("write config");
     }
 
+    /// The verdict on `frame` coming in with `skb->priority` = `priority`, and the
+    /// priority the skb leaves with.
+    fn run_priority(&mut self, program: &str, frame: &[u8], priority: u32) -> (u32, u32) {
+        let (verdict, _, priority) = self
+            .run_skb(program, frame, 0, priority)
+            .expect("BPF_PROG_TEST_RUN");
+        (verdict, priority)
+    }
+
+    /// Whether forwarded IPv4 packets get their TOS's priority (the agent's
+    /// `ip_forward_update_priority`).
+    fn set_update_priority(&mut self, on: bool) {
+        let mut node = self.config.get(&0, 0).expect("read config");
+        node.update_priority = u32::from(on);
+        self.config.set(0, node, 0).expect("write config");
+    }
+
     /// `None` when the kernel refuses to build an skb from `frame` (EINVAL).
     fn try_run(&mut self, program: &str, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
         self.try_run_gso(program, frame, 0)
@@ -275,6 +296,20 @@ impl Programs {
         frame: &[u8],
         gso_size: u32,
     ) -> Option<(u32, Vec<u8>)> {
+        self.run_skb(program, frame, gso_size, 0)
+            .map(|(verdict, out, _)| (verdict, out))
+    }
+
+    /// Runs `program` on `frame` in an skb with `gso_size` and `priority`: the verdict,
+    /// the frame as it left and the skb's priority then. `None` when the kernel refuses
+    /// to build an skb from `frame` (EINVAL).
+    fn run_skb(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        gso_size: u32,
+        priority: u32,
+    ) -> Option<(u32, Vec<u8>, u32)> {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(program)
@@ -292,7 +327,10 @@ impl Programs {
         // that of the fields it does not take from the context).
         let mut ctx = [0u8; SKB_GSO_SIZE + 4];
         ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ingress.to_ne_bytes());
+        ctx[SKB_PRIORITY..SKB_PRIORITY + 4].copy_from_slice(&priority.to_ne_bytes());
         ctx[SKB_GSO_SIZE..].copy_from_slice(&gso_size.to_ne_bytes());
+        // The whole __sk_buff comes back (192 bytes on 6.x): room for it.
+        let mut ctx_out = [0u8; 256];
         let mut out = vec![0u8; frame.len() + 256];
         // The program's FIB lookups see the namespace of the thread that runs it.
         self.ns.enter();
@@ -301,11 +339,14 @@ impl Programs {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx[..]),
+                ctx_out: Some(&mut ctx_out[..]),
                 ..TestRunOptions::new()
             })
             .ok()?;
         out.truncate(result.data_size_out as usize);
-        Some((result.return_value, out))
+        let mut word = [0u8; 4];
+        word.copy_from_slice(&ctx_out[SKB_PRIORITY..SKB_PRIORITY + 4]);
+        Some((result.return_value, out, u32::from_ne_bytes(word)))
     }
 
     fn counter(&self, slot: Slot) -> u64 {

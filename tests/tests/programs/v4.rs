@@ -546,3 +546,56 @@ fn uplink_side_delivers_to_local_pods_only() {
         p.expect_pass(PROG_TO_POD, &frame, reason, what);
     }
 }
+
+/// `ip_forward` sets a forwarded packet's priority from its TOS
+/// (`ip_forward_update_priority`, on by default): the qdiscs after the redirect (the
+/// uplink's, a pod veth's) see what they would on the kernel path, not the priority the
+/// sender's socket gave it. Off, the priority stays; IPv6 forwarding never sets it; a
+/// packet handed to the kernel keeps it for the kernel to set.
+#[test]
+fn forwarded_packets_get_the_priority_of_their_tos() {
+    let mut p = load();
+    const SENDER: u32 = 3;
+    // TOS -> rt_tos2priority: 0x10 low delay -> 6, 0x08 throughput -> 2, 0x18 both ->
+    // 4, 0x04 reliability -> 0, 0xb8 (DSCP EF, its TOS bits 0x18) -> 4, 0 -> 0.
+    let cases = [
+        (0x10u8, 6u32),
+        (0x08, 2),
+        (0x18, 4),
+        (0x04, 0),
+        (0xb8, 4),
+        (0x00, 0),
+    ];
+    for (program, base) in [
+        (PROG_TO_PEER, to_peer([10, 244, 2, 30], 64)),
+        (PROG_TO_POD, to_pod([10, 244, 1, 21], 64)),
+    ] {
+        for (tos, priority) in cases {
+            let frame = with(&base, |f| f[15] = tos);
+            p.set_update_priority(true);
+            let (verdict, out) = p.run_priority(program, &frame, SENDER);
+            assert_eq!(
+                verdict, TC_ACT_REDIRECT,
+                "{program} TOS {tos:#04x}: verdict"
+            );
+            assert_eq!(out, priority, "{program} TOS {tos:#04x}: priority");
+            p.set_update_priority(false);
+            let (_, out) = p.run_priority(program, &frame, SENDER);
+            assert_eq!(
+                out, SENDER,
+                "{program} TOS {tos:#04x}, update off: priority"
+            );
+        }
+    }
+    p.set_update_priority(true);
+    let ipv6 = with(&to_peer6("fd00:244:2::30", 64), |f| f[14] |= 0x01);
+    let (verdict, out) = p.run_priority(PROG_TO_PEER, &ipv6, SENDER);
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_REDIRECT, SENDER),
+        "IPv6 with a traffic class"
+    );
+    let passed = with(&to_peer([10, 244, 2, 30], 1), |f| f[15] = 0x10);
+    let (verdict, out) = p.run_priority(PROG_TO_PEER, &passed, SENDER);
+    assert_eq!((verdict, out), (HAND_ON, SENDER), "TTL 1, handed on");
+}
