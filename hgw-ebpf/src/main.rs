@@ -125,9 +125,6 @@ const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
-/// The loopback interface's index in every network namespace: the kernel's
-/// reverse-path lookup comes in from it.
-const LOOPBACK_IFINDEX: u32 = 1;
 
 /// `struct bpf_fib_lookup` (64 bytes), its unions flattened to the members used:
 /// inputs up to `dst`, outputs `ifindex` (the egress), `dst` (the gateway) and the MACs.
@@ -357,7 +354,13 @@ fn to_peer_full_path<H: IpHeader>(
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassMtu),
         _ => return Err(Counter::PassRoute),
     }
-    check_source_route(ctx, ip, &l4, config.rp_filter_bridge, config.bridge_ifindex)?;
+    check_source_route(
+        ctx,
+        ip,
+        &l4,
+        config.rp_filter_bridge,
+        (config.bridge_ifindex, next_hop.ifindex),
+    )?;
     Ok((next_hop, cache))
 }
 
@@ -539,7 +542,13 @@ fn to_pod_decision<H: IpHeader>(packet: &PodPacket<'_, H>) -> Result<(NextHop, C
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Counter::PassMtu),
         _ => return Err(Counter::PassRoute),
     }
-    check_source_route(ctx, ip, &l4, config.rp_filter_uplink, ingress)?;
+    check_source_route(
+        ctx,
+        ip,
+        &l4,
+        config.rp_filter_uplink,
+        (ingress, config.bridge_ifindex),
+    )?;
     // A known pod: straight into its namespace, past the bridge, as the gateway
     // would have sent it, unless a qdisc or filter on the bridge's or the pod's
     // egress would be skipped (a pod's bandwidth limit). Otherwise through the
@@ -689,9 +698,10 @@ fn fib_lookup(ctx: &TcContext, params: &mut FibParams) -> i64 {
 }
 
 /// The kernel's reverse-path filter (IPv4 `rp_filter`, `mode` as the agent read it for
-/// `dev`, where the packet enters the stack): `fib_validate_source` looks the source up
-/// as a destination, from the loopback interface, with the packet's TOS and its
-/// protocol and ports swapped; loose wants a route there, strict one that leaves by
+/// `dev`, where the packet enters the stack): for a packet it forwards out of `out`,
+/// `fib_validate_source` looks the source up as a destination coming in from `out`
+/// (`__mkroute_input` hands it the forward route's device), with the packet's TOS and
+/// its protocol and ports swapped; loose wants a route there, strict one that leaves by
 /// `dev`. A multipath route back that the lookup resolves to another of its paths, or
 /// anything else this lookup cannot answer as the kernel's would, goes to the kernel
 /// too: it may only cost speed.
@@ -701,7 +711,7 @@ fn check_source_route<H: IpHeader>(
     ip: *const H,
     l4: &Result<Transport, Counter>,
     mode: u32,
-    dev: u32,
+    (dev, out): (u32, u32),
 ) -> Result<(), Counter> {
     if !H::REVERSE_PATH_FILTER || mode == RP_FILTER_OFF {
         return Ok(());
@@ -710,7 +720,7 @@ fn check_source_route<H: IpHeader>(
     // SAFETY: the caller got ip from parse.
     let params = unsafe { fib_request(&mut request, ip) };
     core::mem::swap(&mut params.src, &mut params.dst);
-    params.ifindex = LOOPBACK_IFINDEX;
+    params.ifindex = out;
     // Any length, so that the kernel does not hold the packet against the MTU of the
     // way back (with 0 it would).
     params.tot_len = 1;

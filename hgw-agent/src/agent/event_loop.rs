@@ -197,7 +197,9 @@ impl Agent {
             return;
         };
         match change {
-            Change::Links => self.write_node_config(),
+            Change::Links => {
+                self.write_node_config();
+            }
             Change::Resync => {
                 info!(
                     "the uplink or the bridge was created again or came up, or events were lost; resyncing"
@@ -315,6 +317,12 @@ impl Agent {
         if now == self.forwarding {
             return false;
         }
+        let before = std::mem::replace(&mut self.forwarding, now);
+        if !self.write_node_config() {
+            // Not given to the programs: the next second tries again.
+            self.forwarding = before;
+            return false;
+        }
         info!(
             "rp_filter is now {} on {} and {} on {}, ip_forward_update_priority {}: the fast path does so",
             forwarding::name(now.rp_filter[0]),
@@ -323,12 +331,11 @@ impl Agent {
             self.config.bridge,
             u8::from(now.update_priority),
         );
-        self.forwarding = now;
-        self.write_node_config();
         true
     }
 
-    fn write_node_config(&mut self) {
+    /// Gives the programs the node's config as observed; whether they have it.
+    fn write_node_config(&mut self) -> bool {
         self.files.uplink_mtu(self.observed.uplink.mtu);
         match node_config(
             &self.network,
@@ -337,7 +344,10 @@ impl Agent {
             self.forwarding,
         ) {
             Ok(node) => self.reconciler.set_node(node, &self.observed),
-            Err(e) => warn!("{e}"),
+            Err(e) => {
+                warn!("{e}");
+                false
+            }
         }
     }
 

@@ -185,18 +185,28 @@ fn request(
     socket.send(&message, 0).map_err(error)?;
     let mut payloads = Vec::new();
     loop {
-        let (datagram, _) = socket.recv_from_full().map_err(error)?;
+        let datagram = match socket.recv_from_full() {
+            Ok((datagram, _)) => datagram,
+            // A signal (a child of the agent's exiting): with a receive timeout set, the
+            // kernel does not restart the call.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(error(e)),
+        };
         let mut rest = datagram.as_slice();
         while rest.len() >= NLMSG_HDRLEN {
             let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
             let kind = u16::from_ne_bytes([rest[4], rest[5]]);
             if len < NLMSG_HDRLEN || len > rest.len() {
-                return Ok(payloads);
+                // Part of an answer is not an answer: no policy can be ruled out.
+                return Err(error(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a truncated netlink message",
+                )));
             }
             let payload = &rest[NLMSG_HDRLEN..len];
             match kind {
-                NLMSG_DONE => return Ok(payloads),
-                NLMSG_ERROR => {
+                // Both carry an error number first (0: none); a dump's end too.
+                NLMSG_DONE | NLMSG_ERROR => {
                     let code = payload
                         .get(..4)
                         .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));

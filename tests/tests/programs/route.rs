@@ -574,6 +574,27 @@ fn the_reverse_path_filter_sends_what_it_would_drop_to_the_kernel() {
     for (name, mode) in modes {
         check(&mut p, mode, true, &format!("{name}, routes back as hgw's"));
     }
+    // The kernel looks the way back up as coming in from the forward route's device
+    // (the uplink for a local pod's packet, the bridge for a peer's), not from `lo`: a
+    // rule on that device sending the sources through eth1 makes strict refuse.
+    p.ns.ip(&[
+        "route add 10.244.2.11/32 via 192.168.50.2 dev eth1 table 200".to_owned(),
+        "route add 10.244.1.11/32 via 192.168.50.2 dev eth1 table 200".to_owned(),
+        "rule add pref 50 iif cni0 lookup 200".to_owned(),
+        "rule add pref 51 iif eth0 lookup 200".to_owned(),
+    ])
+    .expect("rules for the way back");
+    for (name, mode) in modes {
+        let taken = mode != RP_FILTER_STRICT;
+        check(
+            &mut p,
+            mode,
+            taken,
+            &format!("{name}, a rule sends the way back through eth1"),
+        );
+    }
+    p.ns.ip(&["rule del pref 50".to_owned(), "rule del pref 51".to_owned()])
+        .expect("the rules gone");
     // Back through another NIC: strict refuses.
     p.ns.ip(&[
         "route add 10.244.2.11/32 via 192.168.50.2 dev eth1".to_owned(),

@@ -74,12 +74,20 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
 
     /// The node's MACs or MTU changed: the programs' config and every next hop carry
     /// them.
-    pub fn set_node(&mut self, node: NodeConfig, observed: &Observed) {
-        let Some(maps) = &mut self.maps else { return };
-        if let Err(e) = maps.set_config(node) {
-            warn!("{e}");
-        }
+    /// Whether the programs have `node` now (also without a fast path: nothing to give).
+    pub fn set_node(&mut self, node: NodeConfig, observed: &Observed) -> bool {
+        let Some(maps) = &mut self.maps else {
+            return true;
+        };
+        let written = match maps.set_config(node) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("{e}");
+                false
+            }
+        };
         self.write_all_map_entries(observed);
+        written
     }
 
     pub(super) fn sync_endpoint(&mut self, ip: IpAddr, observed: &Observed) {
