@@ -27,7 +27,9 @@
 //! remote pod, while the other direction flows; (d) on a node whose reverse-path filter
 //! is strict (`rp_filter` 1), a /32 for a remote pod through the router: that pod's
 //! packets still come in on the uplink, where the kernel now drops them, and in loose
-//! mode (2) it does not.
+//! mode (2) it does not; and the same strict node where an `ip rule iif cni0` sends
+//! the way back through the router (the kernel looks the way back up as coming in from
+//! the device a forwarded packet leaves by).
 //!
 //! Before issue 17's fix, `established`: the rerouted flows crossed the router with none
 //! (or only their first) of their datagrams, and the blackholed flow arrived. Before the
@@ -120,36 +122,8 @@ fn an_ip_rule_sends_one_pods_traffic_through_another_table() -> anyhow::Result<(
     let (cidr1, cidr2) = (lab.nodes[0].pod_cidr.clone(), lab.nodes[1].pod_cidr.clone());
     // The tables' routes exist before the rules, as an admin would write them; only the
     // rules change where traffic goes.
-    run_in_ok(
-        &n1,
-        "ip",
-        &[
-            "route",
-            "add",
-            &cidr2,
-            "via",
-            "172.30.1.254",
-            "dev",
-            "eth1",
-            "table",
-            TABLE,
-        ],
-    )?;
-    run_in_ok(
-        &n2,
-        "ip",
-        &[
-            "route",
-            "add",
-            &cidr1,
-            "via",
-            "172.30.2.254",
-            "dev",
-            "eth1",
-            "table",
-            TABLE,
-        ],
-    )?;
+    route_in_table(&n1, &cidr2, 1)?;
+    route_in_table(&n2, &cidr1, 2)?;
     let a_ip = a.ip.to_string();
     let change = vec![
         (
@@ -226,12 +200,19 @@ fn a_blackhole_for_a_remote_pod_drops_its_flow() -> anyhow::Result<()> {
 
 #[test]
 fn a_strict_reverse_path_filter_drops_a_pod_whose_way_back_moved() -> anyhow::Result<()> {
-    reverse_path_case("1", Way::Refused)
+    reverse_path_case("1", Way::Refused, WayBack::Route)
 }
 
 #[test]
 fn a_loose_reverse_path_filter_keeps_a_pod_whose_way_back_moved() -> anyhow::Result<()> {
-    reverse_path_case("2", Way::Direct)
+    reverse_path_case("2", Way::Direct, WayBack::Route)
+}
+
+/// The kernel looks a forwarded packet's way back up as coming in from the device the
+/// packet leaves by (cni0 here): an `ip rule iif cni0` decides it.
+#[test]
+fn a_strict_reverse_path_filter_follows_a_rule_for_the_way_back() -> anyhow::Result<()> {
+    reverse_path_case("1", Way::Refused, WayBack::Rule)
 }
 
 /// (d) at run time: n2's way back to n1's pod through the router from the start, and
@@ -296,20 +277,43 @@ fn an_rp_filter_set_while_the_agent_runs_applies_to_running_flows() -> anyhow::R
     Ok(())
 }
 
+/// How n2's way back to n1's pod moves to the router in (d).
+#[derive(Clone, Copy)]
+enum WayBack {
+    /// A /32 for the pod through it.
+    Route,
+    /// `ip rule iif cni0` to a table with n1's pod CIDR through it (made beforehand).
+    Rule,
+}
+
 /// (d): n2's `rp_filter` set to `mode` before the agents start; then n2's way back to
-/// n1's pod goes through the router, while that pod's packets still come in on n2's
-/// uplink (`a_to_b`), and n2's own to it cross the router.
-fn reverse_path_case(mode: &str, a_to_b: Way) -> anyhow::Result<()> {
+/// n1's pod goes through the router (`how`), while that pod's packets still come in on
+/// n2's uplink (`a_to_b`), and n2's own to it cross the router.
+fn reverse_path_case(mode: &str, a_to_b: Way, how: WayBack) -> anyhow::Result<()> {
     let mut lab = Lab::up(2, 1)?;
     let router = add_router(&mut lab)?;
     let a = lab.nodes[0].pods[0].clone();
     let n2 = lab.nodes[1].ns.clone();
+    let cidr1 = lab.nodes[0].pod_cidr.clone();
     run_in_ok(
         &n2,
         "sysctl",
         &["-w", &format!("net.ipv4.conf.all.rp_filter={mode}")],
     )?;
     let to_a = format!("{}/32", a.ip);
+    let (change, undo) = match how {
+        WayBack::Route => (
+            vec!["route", "add", &to_a, "via", "172.30.2.254", "dev", "eth1"],
+            vec!["route", "del", &to_a],
+        ),
+        WayBack::Rule => {
+            route_in_table(&n2, &cidr1, 2)?;
+            (
+                vec!["rule", "add", "pref", "100", "iif", "cni0", "lookup", TABLE],
+                vec!["rule", "del", "pref", "100"],
+            )
+        }
+    };
     run_case(
         &mut lab,
         &router,
@@ -325,12 +329,23 @@ fn reverse_path_case(mode: &str, a_to_b: Way) -> anyhow::Result<()> {
                 way: Way::Router,
             },
         ],
-        &[(
-            n2.clone(),
-            vec!["route", "add", &to_a, "via", "172.30.2.254", "dev", "eth1"],
-        )],
-        &[(n2.clone(), vec!["route", "del", &to_a])],
+        &[(n2.clone(), change)],
+        &[(n2.clone(), undo)],
     )
+}
+
+/// `ip route add CIDR via <the router> dev eth1 table TABLE` on node `n` (1-based), as an
+/// admin writes a table's routes before the rules that use it.
+fn route_in_table(ns: &str, cidr: &str, n: usize) -> anyhow::Result<()> {
+    let via = format!("172.30.{n}.254");
+    run_in_ok(
+        ns,
+        "ip",
+        &[
+            "route", "add", cidr, "via", &via, "dev", "eth1", "table", TABLE,
+        ],
+    )?;
+    Ok(())
 }
 
 /// The router namespace `<id>-r` and the second links, n<i> eth1 <-> r r<i>.

@@ -151,7 +151,8 @@ struct Agent {
     routing_dirty: bool,
     source_trouble: Option<watch::Receiver<Option<String>>>,
     last_change: Option<AppliedChange>,
-    /// Why the fast path is not in the configured mode (IPVS came).
+    /// Why the fast path is not in the configured mode (IPVS, or an IPsec policy over
+    /// pod traffic, came).
     fast_path_note: Option<String>,
     /// The forwarding sysctls the programs were last given.
     forwarding: crate::node::forwarding::Forwarding,

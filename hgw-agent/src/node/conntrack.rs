@@ -6,6 +6,8 @@ use std::process::Command;
 
 use hgw_common::CtTimeouts;
 
+use super::sysctl::{self, SysctlError};
+
 const SYSCTLS: &str = "/proc/sys/net/netfilter";
 /// IPVS's table of virtual services, when the module is loaded.
 pub const IPVS: &str = "/proc/net/ip_vs";
@@ -14,14 +16,8 @@ pub const NFT_TABLE: &str = "hgw";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
-    #[error("reading {path}: {source} (is conntrack built into this kernel or loaded?)")]
-    Sysctl {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("reading {path}: {value:?} is not a number of seconds")]
-    NotSeconds { path: String, value: String },
+    #[error("{0} (is conntrack built into this kernel or loaded?)")]
+    Sysctl(#[source] SysctlError),
     #[error("reading the kernel's tick length (clock_getres): {0}")]
     Tick(std::io::Error),
     #[error("installing nftables table inet {NFT_TABLE} (nft -f -): {reason}")]
@@ -93,15 +89,7 @@ fn timeouts_from(
 }
 
 fn seconds(name: &str) -> Result<u64, ConntrackError> {
-    let path = format!("{SYSCTLS}/{name}");
-    let text = std::fs::read_to_string(&path).map_err(|source| ConntrackError::Sysctl {
-        path: path.clone(),
-        source,
-    })?;
-    text.trim().parse().map_err(|_| ConntrackError::NotSeconds {
-        path,
-        value: text.trim().to_owned(),
-    })
+    sysctl::read(&format!("{SYSCTLS}/{name}")).map_err(ConntrackError::Sysctl)
 }
 
 /// CONFIG_HZ: `nf_conn.timeout` counts jiffies. CLOCK_MONOTONIC_COARSE advances once a

@@ -8,6 +8,8 @@
 use hgw_common::{RP_FILTER_LOOSE, RP_FILTER_OFF, RP_FILTER_STRICT};
 use log::warn;
 
+use super::sysctl::{self, SysctlError};
+
 const CONF: &str = "/proc/sys/net/ipv4/conf";
 const UPDATE_PRIORITY: &str = "/proc/sys/net/ipv4/ip_forward_update_priority";
 
@@ -31,32 +33,16 @@ impl Forwarding {
     };
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardingError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("reading {path}: {value:?} is not a number")]
-    NotNumber { path: String, value: String },
-}
-
 /// The sysctls for packets entering the stack on `uplink` and on `bridge`.
-pub fn read(uplink: &str, bridge: &str) -> Result<Forwarding, ForwardingError> {
-    let all = value(&format!("{CONF}/all/rp_filter"))?;
+pub fn read(uplink: &str, bridge: &str) -> Result<Forwarding, SysctlError> {
+    let all = sysctl::read::<i64>(&format!("{CONF}/all/rp_filter"))?;
     let rp_filter = [
-        mode(all.max(value(&format!("{CONF}/{uplink}/rp_filter"))?)),
-        mode(all.max(value(&format!("{CONF}/{bridge}/rp_filter"))?)),
+        mode(all.max(sysctl::read::<i64>(&format!("{CONF}/{uplink}/rp_filter"))?)),
+        mode(all.max(sysctl::read::<i64>(&format!("{CONF}/{bridge}/rp_filter"))?)),
     ];
     // Before Linux 4.19 there is no such sysctl, and `ip_forward` always did it.
-    let update_priority = match value(UPDATE_PRIORITY) {
-        Err(ForwardingError::Read { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            true
-        }
+    let update_priority = match sysctl::read::<i64>(UPDATE_PRIORITY) {
+        Err(e) if e.is_missing() => true,
         other => other? != 0,
     };
     Ok(Forwarding {
@@ -103,18 +89,6 @@ pub fn name(mode: u32) -> &'static str {
         RP_FILTER_STRICT => "strict",
         _ => "loose",
     }
-}
-
-fn value(path: &str) -> Result<i64, ForwardingError> {
-    let path = path.to_owned();
-    let text = std::fs::read_to_string(&path).map_err(|source| ForwardingError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    text.trim().parse().map_err(|_| ForwardingError::NotNumber {
-        value: text.trim().to_owned(),
-        path,
-    })
 }
 
 #[cfg(test)]

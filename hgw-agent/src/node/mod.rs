@@ -11,4 +11,5 @@ pub mod lock;
 pub mod masq;
 pub mod nft;
 pub mod setup;
+pub mod sysctl;
 pub mod uninstall;

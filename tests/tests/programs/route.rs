@@ -570,55 +570,59 @@ fn the_reverse_path_filter_sends_what_it_would_drop_to_the_kernel() {
             }
         }
     };
-    // As hgw leaves the node, each source's route leads back out of where it came in.
-    for (name, mode) in modes {
-        check(&mut p, mode, true, &format!("{name}, routes back as hgw's"));
-    }
-    // The kernel looks the way back up as coming in from the forward route's device
-    // (the uplink for a local pod's packet, the bridge for a peer's), not from `lo`: a
-    // rule on that device sending the sources through eth1 makes strict refuse.
-    p.ns.ip(&[
-        "route add 10.244.2.11/32 via 192.168.50.2 dev eth1 table 200".to_owned(),
-        "route add 10.244.1.11/32 via 192.168.50.2 dev eth1 table 200".to_owned(),
-        "rule add pref 50 iif cni0 lookup 200".to_owned(),
-        "rule add pref 51 iif eth0 lookup 200".to_owned(),
-    ])
-    .expect("rules for the way back");
-    for (name, mode) in modes {
-        let taken = mode != RP_FILTER_STRICT;
-        check(
-            &mut p,
-            mode,
-            taken,
-            &format!("{name}, a rule sends the way back through eth1"),
-        );
-    }
-    p.ns.ip(&["rule del pref 50".to_owned(), "rule del pref 51".to_owned()])
-        .expect("the rules gone");
-    // Back through another NIC: strict refuses.
-    p.ns.ip(&[
-        "route add 10.244.2.11/32 via 192.168.50.2 dev eth1".to_owned(),
-        "route add 10.244.1.11/32 via 192.168.50.2 dev eth1".to_owned(),
-    ])
-    .expect("routes back through eth1");
-    for (name, mode) in modes {
-        let taken = mode != RP_FILTER_STRICT;
-        check(
-            &mut p,
-            mode,
-            taken,
-            &format!("{name}, the way back through eth1"),
-        );
-    }
-    // No way back at all: loose refuses too.
-    p.ns.ip(&[
-        "route replace blackhole 10.244.2.11/32".to_owned(),
-        "route replace unreachable 10.244.1.11/32".to_owned(),
-    ])
-    .expect("no way back");
-    for (name, mode) in modes {
-        let taken = mode == RP_FILTER_OFF;
-        check(&mut p, mode, taken, &format!("{name}, no way back"));
+    // Each step: what changes on the node (`ip -batch` lines, kept for the next steps)
+    // and the modes that still forward both sources.
+    let steps: [(&str, &[&str], &[u32]); 4] = [
+        // As hgw leaves the node, each source's route leads back out of where it came in.
+        (
+            "routes back as hgw's",
+            &[],
+            &[RP_FILTER_OFF, RP_FILTER_STRICT, RP_FILTER_LOOSE],
+        ),
+        // The kernel looks the way back up as coming in from the forward route's
+        // device (the uplink for a local pod's packet, the bridge for a peer's), not
+        // from `lo`: a rule on that device sending the sources through eth1.
+        (
+            "a rule sends the way back through eth1",
+            &[
+                "route add 10.244.2.11/32 via 192.168.50.2 dev eth1 table 200",
+                "route add 10.244.1.11/32 via 192.168.50.2 dev eth1 table 200",
+                "rule add pref 50 iif cni0 lookup 200",
+                "rule add pref 51 iif eth0 lookup 200",
+            ],
+            &[RP_FILTER_OFF, RP_FILTER_LOOSE],
+        ),
+        (
+            "the way back through eth1",
+            &[
+                "rule del pref 50",
+                "rule del pref 51",
+                "route add 10.244.2.11/32 via 192.168.50.2 dev eth1",
+                "route add 10.244.1.11/32 via 192.168.50.2 dev eth1",
+            ],
+            &[RP_FILTER_OFF, RP_FILTER_LOOSE],
+        ),
+        (
+            "no way back",
+            &[
+                "route replace blackhole 10.244.2.11/32",
+                "route replace unreachable 10.244.1.11/32",
+            ],
+            &[RP_FILTER_OFF],
+        ),
+    ];
+    for (what, lines, forwarding) in steps {
+        if !lines.is_empty() {
+            p.ns.ip(lines).unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+        for (name, mode) in modes {
+            check(
+                &mut p,
+                mode,
+                forwarding.contains(&mode),
+                &format!("{name}, {what}"),
+            );
+        }
     }
     // IPv6 sources are not checked: the same with no way back, strict.
     p.ns.ip(&[

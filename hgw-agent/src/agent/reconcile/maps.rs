@@ -72,9 +72,9 @@ impl<R: RouteTable, M: FastPathMaps> Reconciler<R, M> {
         }
     }
 
-    /// The node's MACs or MTU changed: the programs' config and every next hop carry
-    /// them.
-    /// Whether the programs have `node` now (also without a fast path: nothing to give).
+    /// The node's MACs, MTU or forwarding sysctls changed: the programs' config and
+    /// every next hop carry them. Whether the programs have `node` now (true without a
+    /// fast path: nothing to give).
     pub fn set_node(&mut self, node: NodeConfig, observed: &Observed) -> bool {
         let Some(maps) = &mut self.maps else {
             return true;
