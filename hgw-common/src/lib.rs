@@ -57,6 +57,13 @@ pub const DEVICE_INGRESS: u32 = 1;
 /// egress filters or tcx egress programs: delivery that skips the interface's egress
 /// (`bpf_redirect_peer` past a pod's host veth, or past the bridge) would skip them.
 pub const DEVICE_EGRESS: u32 = 2;
+/// [`MAP_DEVICES`]: a netfilter egress hook on the interface (an nftables `netdev`
+/// chain on `hook egress`), which a redirect from tc ingress into the interface skips
+/// as well (the kernel marks such packets `nf_skip_egress`): the fast path sends
+/// nothing into the uplink, or into or past the bridge, while it is there. On a pod's
+/// host veth it counts as [`DEVICE_EGRESS`]: delivered through the bridge, the packet
+/// leaves the bridge's egress unmarked and the veth's hook runs.
+pub const DEVICE_NF_EGRESS: u32 = 4;
 
 /// Slots per family in the flow cache (a power of two): a flow whose slot another flow
 /// took looks conntrack up again with its next packet, and takes the slot back.
@@ -518,8 +525,10 @@ counters! {
     CtCached = "ct_cached",
     /// A tc filter, another program or a qdisc on the way that a redirect would skip
     /// (`DEVICE_INGRESS` on the ingress interface, the bridge too when hgw sits on its
-    /// ports): the kernel runs them. (A pod whose host veth or bridge has `DEVICE_EGRESS`
-    /// is not passed but delivered through the bridge, whose egress keeps them.)
+    /// ports; `DEVICE_NF_EGRESS` on the uplink or the bridge the packet would be sent
+    /// into): the kernel runs them. (A pod whose host veth or bridge has
+    /// `DEVICE_EGRESS` is not passed but delivered through the bridge, whose egress
+    /// keeps them.)
     PassTcHook = "pass_tc_hook",
     /// The kernel's routing (its tables and rules, from the packet's ingress
     /// interface) sends the packet elsewhere than the fast path's next hop, drops it

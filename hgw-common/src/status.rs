@@ -130,9 +130,14 @@ pub struct HookStatus {
     /// The root qdisc, when it is not the default `noqueue`.
     #[serde(default)]
     pub root_qdisc: Option<String>,
+    /// nftables hooks on the interface: `ingress: chain netdev t c`, `egress: ...`,
+    /// `bridge output/postrouting: chain bridge t c`, `ingress: flowtable inet t f`.
+    #[serde(default)]
+    pub netfilter: Vec<String>,
     /// The `DEVICE_*` flags the fast path reads for the interface: "ingress" (packets
     /// arriving here go to the kernel), "egress" (pods behind it get their packets
-    /// through the bridge, not straight into the pod).
+    /// through the bridge, not straight into the pod), "netfilter-egress" (the fast
+    /// path sends nothing into it, or past it).
     #[serde(default)]
     pub flags: Vec<String>,
 }
@@ -213,6 +218,9 @@ impl HookStatus {
         }
         if let Some(qdisc) = &self.root_qdisc {
             parts.push(format!("root qdisc {qdisc}"));
+        }
+        for hook in &self.netfilter {
+            parts.push(format!("nftables {hook}"));
         }
         if parts.is_empty() {
             "-".to_owned()

@@ -47,12 +47,12 @@ use aya_ebpf::{
 };
 use hgw_common::{
     BPF_F_MMAPABLE, COUNTER_NOT_IP, COUNTERS_LEN, CachedFlow, Counter, CtTimeouts, DEVICE_EGRESS,
-    DEVICE_INGRESS, DEVICES_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, Endpoint, FLOW_SLOTS, FLOW_TO_PEER,
-    FLOW_TO_POD, Family, FlowKeyV4, FlowKeyV6, FlowSlotV4, FlowSlotV6, IPS_ASSURED, IPS_CONFIRMED,
-    IPS_DST_NAT, IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST, IPS_SRC_NAT, NEXT_HOP_BRIDGE,
-    NEXT_HOP_MAC_KNOWN, NEXT_HOP_POD, NextHop, NodeConfig, ROUTES_V4_MAX_ENTRIES,
-    ROUTES_V6_MAX_ENTRIES, RP_FILTER_OFF, RP_FILTER_STRICT, counter_index, flow_check_finish,
-    flow_check_term, flow_slot,
+    DEVICE_INGRESS, DEVICE_NF_EGRESS, DEVICES_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, Endpoint,
+    FLOW_SLOTS, FLOW_TO_PEER, FLOW_TO_POD, Family, FlowKeyV4, FlowKeyV6, FlowSlotV4, FlowSlotV6,
+    IPS_ASSURED, IPS_CONFIRMED, IPS_DST_NAT, IPS_HELPER, IPS_SEEN_REPLY, IPS_SEQ_ADJUST,
+    IPS_SRC_NAT, NEXT_HOP_BRIDGE, NEXT_HOP_MAC_KNOWN, NEXT_HOP_POD, NextHop, NodeConfig,
+    ROUTES_V4_MAX_ENTRIES, ROUTES_V6_MAX_ENTRIES, RP_FILTER_OFF, RP_FILTER_STRICT, counter_index,
+    flow_check_finish, flow_check_term, flow_slot,
 };
 use network_types::eth::EthHdr;
 
@@ -334,10 +334,12 @@ fn to_peer_full_path<H: IpHeader>(
     }
     let wire_len = check_ttl_and_mtu(ctx, ip, next_hop.mtu)?;
     // The redirect skips what follows on this hook and, from a port, the bridge's
-    // own ingress, where the kernel path goes next; the uplink's egress it keeps.
+    // own ingress, where the kernel path goes next; the uplink's tc egress it keeps,
+    // its netfilter egress hook not.
     let ingress = ingress_ifindex(ctx);
     if device_has(ingress, DEVICE_INGRESS)
         || (ingress != config.bridge_ifindex && device_has(config.bridge_ifindex, DEVICE_INGRESS))
+        || device_has(next_hop.ifindex, DEVICE_NF_EGRESS)
     {
         return Err(Counter::PassTcHook);
     }
@@ -528,7 +530,9 @@ fn to_pod_decision<H: IpHeader>(packet: &PodPacket<'_, H>) -> Result<(NextHop, C
     } = *packet;
     let wire_len = check_ttl_and_mtu(ctx, ip, config.bridge_mtu)?;
     let ingress = ingress_ifindex(ctx);
-    if device_has(ingress, DEVICE_INGRESS) {
+    // Into the bridge or past it, a redirect skips the bridge's netfilter egress hook.
+    let bridge = device_flags(config.bridge_ifindex);
+    if device_has(ingress, DEVICE_INGRESS) || bridge & DEVICE_NF_EGRESS != 0 {
         return Err(Counter::PassTcHook);
     }
     let cache = accepted_by_conntrack(ctx, ip, l4, &config.ct)?;
@@ -557,8 +561,8 @@ fn to_pod_decision<H: IpHeader>(packet: &PodPacket<'_, H>) -> Result<(NextHop, C
     // packet waits.
     let hop = match H::endpoint(dst) {
         Some(endpoint)
-            if !device_has(endpoint.ifindex, DEVICE_EGRESS)
-                && !device_has(config.bridge_ifindex, DEVICE_EGRESS) =>
+            if !device_has(endpoint.ifindex, DEVICE_EGRESS | DEVICE_NF_EGRESS)
+                && bridge & DEVICE_EGRESS == 0 =>
         {
             NextHop {
                 ifindex: endpoint.ifindex,
@@ -614,8 +618,14 @@ fn ingress_ifindex(ctx: &TcContext) -> u32 {
 /// kernel's own on it that a redirect would skip.
 #[inline(always)]
 fn device_has(ifindex: u32, flag: u32) -> bool {
+    device_flags(ifindex) & flag != 0
+}
+
+/// The `DEVICE_*` bits of `ifindex` (0: no entry).
+#[inline(always)]
+fn device_flags(ifindex: u32) -> u32 {
     // SAFETY: a plain lookup; the value is copied out at once.
-    unsafe { HGW_DEVICES.get(ifindex) }.is_some_and(|flags| flags & flag != 0)
+    unsafe { HGW_DEVICES.get(ifindex) }.copied().unwrap_or(0)
 }
 
 /// What the kernel's routing decides for a packet entering the stack on `ingress`:

@@ -130,6 +130,7 @@ impl Agent {
                 _ = tcx.tick() => {
                     if !self.stop_fast_path_if_needed().await
                         && !self.rescan_tcx().await
+                        && !self.reread_netfilter(false).await
                         && !self.reread_forwarding()
                     {
                         continue;
@@ -303,6 +304,36 @@ impl Agent {
         }
     }
 
+    /// Reads nftables' hooks again if the ruleset changed (`force`: anyway) and lets
+    /// the reconciler write the devices map if a hooked interface's changed; whether
+    /// one did. A failure keeps the hooks last read, and is said once.
+    async fn reread_netfilter(&mut self, force: bool) -> bool {
+        if self.scanner.is_none() {
+            return false;
+        }
+        let hooks = match self.netfilter.changed(force) {
+            Ok(hooks) => {
+                if self.netfilter_error.take().is_some() {
+                    info!("the nftables hooks can be read again");
+                }
+                hooks
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.netfilter_error.as_ref() != Some(&e) {
+                    warn!("{e}; the nftables hooks last read stand");
+                    self.netfilter_error = Some(e);
+                }
+                None
+            }
+        };
+        let Some(change) = hooks.and_then(|hooks| self.observed.set_netfilter(hooks)) else {
+            return false;
+        };
+        self.reconciler.on_change(change, &self.observed).await;
+        true
+    }
+
     /// Reads the forwarding sysctls again (no event tells of a sysctl change) and gives
     /// the programs a change; whether there was one.
     fn reread_forwarding(&mut self) -> bool {
@@ -396,6 +427,7 @@ impl Agent {
         self.tc_all_dirty = false;
         let hooked = self.observed.hooked();
         self.scan_hooks(&hooked, true).await;
+        self.reread_netfilter(true).await;
         self.write_node_config();
         self.reconciler.resync(&self.observed).await;
     }

@@ -158,4 +158,8 @@ struct Agent {
     forwarding: crate::node::forwarding::Forwarding,
     /// Why they could not be read last time, if they could not.
     forwarding_error: Option<String>,
+    /// nftables' hooks, read again when the ruleset changes.
+    netfilter: crate::kernel::nftables::Watch,
+    /// Why they could not be read last time, if they could not.
+    netfilter_error: Option<String>,
 }

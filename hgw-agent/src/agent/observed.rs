@@ -14,7 +14,7 @@ use hgw_common::Endpoint;
 use ipnet::IpNet;
 
 use crate::{
-    kernel::{KernelEvent, Link, Neighbour, PrefixOwners},
+    kernel::{KernelEvent, Link, Neighbour, PrefixOwners, nftables::NetfilterHook},
     tc::Hooks,
 };
 
@@ -76,8 +76,11 @@ pub struct Observed {
     /// This node's pod CIDRs (only neighbours inside them are pods).
     pub pod_cidrs: Vec<IpNet>,
     /// What shares the tc hooks of the uplink, the bridge and its ports, by ifindex
-    /// (an interface not scanned yet has no entry).
+    /// (an interface not scanned yet has no entry), with the nftables hooks on each.
     pub hooks: HashMap<u32, Hooks>,
+    /// nftables' hooks on interfaces, by interface name (matched to the hooked
+    /// interfaces in `hooks`).
+    pub netfilter: Vec<NetfilterHook>,
 }
 
 impl Observed {
@@ -98,6 +101,7 @@ impl Observed {
             ports: HashMap::new(),
             pod_cidrs,
             hooks: HashMap::new(),
+            netfilter: Vec::new(),
         }
     }
 
@@ -128,7 +132,38 @@ impl Observed {
                 self.hooks.insert(ifindex, hooks);
             }
         }
+        self.match_netfilter();
         (self.hooks != before).then_some(Change::Hooks)
+    }
+
+    /// nftables' hooks, read again; says whether any hooked interface's changed.
+    pub fn set_netfilter(&mut self, netfilter: Vec<NetfilterHook>) -> Option<Change> {
+        let before = self.hooks.clone();
+        self.netfilter = netfilter;
+        self.match_netfilter();
+        (self.hooks != before).then_some(Change::Hooks)
+    }
+
+    /// Each hooked interface's nftables hooks, by its name.
+    fn match_netfilter(&mut self) {
+        for (ifindex, hooks) in &mut self.hooks {
+            let name = if *ifindex == self.uplink.index {
+                &self.uplink_name
+            } else if *ifindex == self.bridge.index {
+                &self.bridge_name
+            } else if let Some(name) = self.ports.get(ifindex) {
+                name
+            } else {
+                continue;
+            };
+            let bridge = *ifindex == self.bridge.index;
+            hooks.netfilter = self
+                .netfilter
+                .iter()
+                .filter(|h| h.covers(name, bridge))
+                .map(|h| (h.hook, h.owner.clone()))
+                .collect();
+        }
     }
 
     /// The uplink's neighbour table, from a dump.
@@ -528,6 +563,46 @@ mod tests {
         assert!(o.hooks.contains_key(&40) && !o.hooks.contains_key(&41));
         o.apply(port(40, None));
         assert!(o.hooks.is_empty());
+    }
+
+    #[test]
+    fn nftables_hooks_go_to_the_interfaces_they_name() {
+        use crate::kernel::nftables::{Devices, Hook, NetfilterHook};
+        let mut o = observed();
+        o.apply(port(40, Some(BRIDGE)));
+        let scanned = HashMap::from([
+            (UPLINK, Hooks::default()),
+            (BRIDGE, Hooks::default()),
+            (40, Hooks::default()),
+        ]);
+        o.set_hooks(scanned, true);
+        let hook = |hook, devices| NetfilterHook {
+            hook,
+            devices,
+            owner: "chain netdev t c".into(),
+        };
+        let netfilter = vec![
+            hook(Hook::Egress, Devices::Name("eth0".into())),
+            hook(Hook::Ingress, Devices::Prefix("veth".into())),
+            hook(Hook::BridgeOut, Devices::Bridges),
+        ];
+        assert_eq!(o.set_netfilter(netfilter.clone()), Some(Change::Hooks));
+        assert_eq!(o.set_netfilter(netfilter), None, "nothing new");
+        let on = |o: &Observed, ifindex: u32| -> Vec<Hook> {
+            o.hooks[&ifindex]
+                .netfilter
+                .iter()
+                .map(|(h, _)| *h)
+                .collect()
+        };
+        assert_eq!(on(&o, UPLINK), [Hook::Egress]);
+        assert_eq!(on(&o, BRIDGE), [Hook::BridgeOut]);
+        assert_eq!(on(&o, 40), [Hook::Ingress]);
+        // A dump of the port's tc hooks keeps its nftables hooks.
+        o.set_hooks(HashMap::from([(40, Hooks::default())]), false);
+        assert_eq!(on(&o, 40), [Hook::Ingress]);
+        assert_eq!(o.set_netfilter(Vec::new()), Some(Change::Hooks));
+        assert!(on(&o, UPLINK).is_empty() && on(&o, 40).is_empty());
     }
 
     #[test]

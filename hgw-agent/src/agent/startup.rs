@@ -259,6 +259,8 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         fast_path_note,
         forwarding,
         forwarding_error,
+        netfilter: crate::kernel::nftables::Watch::default(),
+        netfilter_error: None,
     };
     // Every next hop is resolved ahead of traffic: more of them than the kernel's
     // neighbour table keeps is said.

@@ -1,12 +1,15 @@
 //! What the agent asks of the kernel over rtnetlink: links and addresses ([`link`]),
 //! hgw's routes ([`route`]), neighbour entries ([`neigh`]), and the kernel's events
 //! ([`events`]). Routes carry hgw's protocol tag; only routes with it are deleted. And,
-//! over NETLINK_XFRM, the IPsec policies a redirect would skip ([`xfrm`]).
+//! over NETLINK_XFRM, the IPsec policies a redirect would skip ([`xfrm`]), and over
+//! NETLINK_NETFILTER, nftables' hooks on interfaces ([`nftables`]).
 
 mod events;
 mod link;
 mod neigh;
+mod netlink;
 mod nexthop;
+pub mod nftables;
 mod route;
 pub mod xfrm;
 

@@ -9,17 +9,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use rtnetlink::sys::{Socket, SocketAddr};
+use rtnetlink::sys::Socket;
+
+use super::netlink;
 
 const NETLINK_XFRM: isize = 6;
 const XFRM_MSG_NEWPOLICY: u16 = 0x13;
 const XFRM_MSG_GETPOLICY: u16 = 0x15;
 const XFRM_MSG_GETDEFAULT: u16 = 0x28;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_HDRLEN: usize = 16;
 /// `struct xfrm_userpolicy_info` up to `share`: the selector (56 bytes: daddr, saddr,
 /// ports and masks, family at 40, prefixlen_d at 42, prefixlen_s at 43), the lifetimes
 /// (96), priority, index, then dir at 160 and action at 161.
@@ -78,7 +75,7 @@ pub fn pod_traffic_policy(cluster: &[IpNet]) -> Result<Option<String>, XfrmError
 }
 
 fn check(cluster: &[IpNet]) -> Result<Option<String>, XfrmError> {
-    let socket = match open() {
+    let socket = match netlink::open(NETLINK_XFRM).map_err(XfrmError::Socket) {
         Ok(socket) => socket,
         // A kernel without xfrm_user: no policy was set through netlink, and none
         // can be read.
@@ -87,7 +84,7 @@ fn check(cluster: &[IpNet]) -> Result<Option<String>, XfrmError> {
         }
         Err(e) => return Err(e),
     };
-    for (kind, payload) in request(&socket, XFRM_MSG_GETPOLICY, NLM_F_DUMP, "policies")? {
+    for (kind, payload) in request(&socket, XFRM_MSG_GETPOLICY, true, "policies")? {
         if kind != XFRM_MSG_NEWPOLICY {
             continue;
         }
@@ -95,7 +92,7 @@ fn check(cluster: &[IpNet]) -> Result<Option<String>, XfrmError> {
             return Ok(Some(found));
         }
     }
-    let defaults = match request(&socket, XFRM_MSG_GETDEFAULT, 0, "default policies") {
+    let defaults = match request(&socket, XFRM_MSG_GETDEFAULT, false, "default policies") {
         Ok(defaults) => defaults,
         // Before Linux 5.16 there are none (all accept): the message is unknown there.
         Err(XfrmError::Request { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
@@ -123,107 +120,20 @@ fn check(cluster: &[IpNet]) -> Result<Option<String>, XfrmError> {
 /// this namespace's /proc/net/netlink. With af_key loaded (PF_KEY, whose policies
 /// netlink lists too), or the table unreadable: ask.
 fn xfrm_reachable() -> bool {
-    if std::path::Path::new("/sys/module/af_key").exists() {
-        return true;
-    }
-    let Ok(table) = std::fs::read_to_string("/proc/net/netlink") else {
-        return true;
-    };
-    let protocol = NETLINK_XFRM.to_string();
-    table
-        .lines()
-        .skip(1)
-        .any(|line| line.split_whitespace().nth(1) == Some(protocol.as_str()))
+    std::path::Path::new("/sys/module/af_key").exists()
+        || netlink::kernel_socket_listed(NETLINK_XFRM)
 }
 
-/// A socket whose reads give up after a second: the loop that asks must not hang on a
-/// kernel that does not answer.
-fn open() -> Result<Socket, XfrmError> {
-    use std::os::fd::AsRawFd as _;
-    let mut socket = Socket::new(NETLINK_XFRM).map_err(XfrmError::Socket)?;
-    socket.bind_auto().map_err(XfrmError::Socket)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(XfrmError::Socket)?;
-    let timeout = libc::timeval {
-        tv_sec: 1,
-        tv_usec: 0,
-    };
-    // SAFETY: a valid socket and a timeval of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(XfrmError::Socket(std::io::Error::last_os_error()));
-    }
-    Ok(socket)
-}
-
-/// Sends a request of `kind` (a zeroed payload of four bytes: a dump reads none, and
-/// `struct xfrm_userpolicy_default` is three) and returns the answer's messages (type,
-/// payload) until it is done.
+/// A request with a zeroed payload of four bytes (a dump reads none, and
+/// `struct xfrm_userpolicy_default` is three).
 fn request(
     socket: &Socket,
     kind: u16,
-    flags: u16,
+    dump: bool,
     what: &'static str,
 ) -> Result<Vec<(u16, Vec<u8>)>, XfrmError> {
-    let error = |source| XfrmError::Request { what, source };
-    let mut message = Vec::with_capacity(NLMSG_HDRLEN + 4);
-    message.extend_from_slice(&((NLMSG_HDRLEN + 4) as u32).to_ne_bytes());
-    message.extend_from_slice(&kind.to_ne_bytes());
-    message.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-    message.extend_from_slice(&1u32.to_ne_bytes());
-    message.extend_from_slice(&0u32.to_ne_bytes());
-    message.extend_from_slice(&[0; 4]);
-    socket.send(&message, 0).map_err(error)?;
-    let mut payloads = Vec::new();
-    loop {
-        let datagram = match socket.recv_from_full() {
-            Ok((datagram, _)) => datagram,
-            // A signal (a child of the agent's exiting): with a receive timeout set, the
-            // kernel does not restart the call.
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(error(e)),
-        };
-        let mut rest = datagram.as_slice();
-        while rest.len() >= NLMSG_HDRLEN {
-            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-            if len < NLMSG_HDRLEN || len > rest.len() {
-                // Part of an answer is not an answer: no policy can be ruled out.
-                return Err(error(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "a truncated netlink message",
-                )));
-            }
-            let payload = &rest[NLMSG_HDRLEN..len];
-            match kind {
-                // Both carry an error number first (0: none); a dump's end too.
-                NLMSG_DONE | NLMSG_ERROR => {
-                    let code = payload
-                        .get(..4)
-                        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                    if code != 0 {
-                        return Err(error(std::io::Error::from_raw_os_error(-code)));
-                    }
-                    return Ok(payloads);
-                }
-                _ => payloads.push((kind, payload.to_vec())),
-            }
-            if flags & NLM_F_DUMP == 0 {
-                return Ok(payloads);
-            }
-            // Messages are 4-byte aligned.
-            rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
-        }
-    }
+    netlink::request(socket, kind, dump, &[0; 4])
+        .map_err(|source| XfrmError::Request { what, source })
 }
 
 /// `payload`, a `struct xfrm_userpolicy_info`, described if it is an `out` or `fwd`

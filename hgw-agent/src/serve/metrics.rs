@@ -272,13 +272,18 @@ impl Collector for StatusCollector {
             ),
             (
                 "hgw_tc_hooks_ingress",
-                "Interfaces with something on their tc ingress that a redirect would skip (DEVICE_INGRESS): packets arriving there go to the kernel",
+                "Interfaces with something on their tc ingress, or an nftables hook after it, that a redirect would skip (DEVICE_INGRESS): packets arriving there go to the kernel",
                 hooks_with(&status, "ingress"),
             ),
             (
                 "hgw_tc_hooks_egress",
                 "Interfaces with a qdisc, filter or program on their egress (DEVICE_EGRESS): pods behind them get their packets through the bridge",
                 hooks_with(&status, "egress"),
+            ),
+            (
+                "hgw_tc_hooks_netfilter_egress",
+                "Interfaces with an nftables netdev egress chain (DEVICE_NF_EGRESS), which any redirect skips: nothing is sent into the uplink or the bridge, or past a pod's veth, while it is there",
+                hooks_with(&status, "netfilter-egress"),
             ),
             (
                 "hgw_ready",

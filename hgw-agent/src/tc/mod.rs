@@ -1,6 +1,7 @@
 //! What shares hgw's tc hooks: the tcx programs (in order), the legacy `ingress` and
 //! `clsact` filters and the root qdisc of each interface hgw redirects from or past
-//! (the uplink, the bridge, its ports), and the `DEVICE_*` flags that follow from them
+//! (the uplink, the bridge, its ports), nftables' hooks on them (see
+//! [`crate::kernel::nftables`]), and the `DEVICE_*` flags that follow from them
 //! (see `hgw_common::DEVICE_INGRESS`): a redirect must never skip what the kernel path
 //! would have run.
 //!
@@ -11,7 +12,9 @@ mod scan;
 
 use std::collections::HashMap;
 
-use hgw_common::{DEVICE_EGRESS, DEVICE_INGRESS, status::FilterStatus};
+use hgw_common::{DEVICE_EGRESS, DEVICE_INGRESS, DEVICE_NF_EGRESS, status::FilterStatus};
+
+pub use crate::kernel::nftables::Hook;
 
 pub use scan::{Scanner, TcError, tcx_programs, tcx_supported};
 
@@ -78,6 +81,8 @@ pub struct Hooks {
     pub root_qdisc: Option<String>,
     /// Legacy filters (hgw's own cls_bpf filter included), sorted.
     pub filters: Vec<Filter>,
+    /// nftables hooks on the interface, with the chain or flowtable each is of.
+    pub netfilter: Vec<(Hook, String)>,
 }
 
 impl Hooks {
@@ -138,7 +143,7 @@ impl Hooks {
 
     /// The `DEVICE_*` bits for this interface.
     pub fn flags(&self, role: Role, hgw_here: bool, own: &[u32]) -> u32 {
-        let mut flags = 0;
+        let mut flags = self.netfilter_flags(role, hgw_here);
         let (_, after) = self.ingress_split(role, hgw_here, own);
         if !after.is_empty() || self.ingress_filter_after(role, hgw_here, own) {
             flags |= DEVICE_INGRESS;
@@ -149,6 +154,26 @@ impl Hooks {
             flags |= DEVICE_EGRESS;
         }
         flags
+    }
+
+    /// The `DEVICE_*` bits the nftables hooks call for. The netdev ingress hook runs
+    /// after tc ingress: skipped where hgw redirects from this interface, or past it
+    /// (the bridge, with hgw on its ports); a port's ran before hgw on the bridge. The
+    /// netdev egress hook is skipped by any redirect into the interface. A bridge runs
+    /// its `bridge` family chains on frames from a port before its own ingress (skipped
+    /// only with hgw on the ports) and on frames it sends to a port (skipped only by
+    /// delivery past it).
+    fn netfilter_flags(&self, role: Role, hgw_here: bool) -> u32 {
+        self.netfilter
+            .iter()
+            .map(|(hook, _)| match hook {
+                Hook::Ingress if hgw_here || role != Role::Port => DEVICE_INGRESS,
+                Hook::Egress => DEVICE_NF_EGRESS,
+                Hook::BridgeIn if role == Role::Bridge && !hgw_here => DEVICE_INGRESS,
+                Hook::BridgeOut if role == Role::Bridge => DEVICE_EGRESS,
+                _ => 0,
+            })
+            .fold(0, |flags, flag| flags | flag)
     }
 
     /// Anything on the egress: a qdisc other than `noqueue`, clsact egress filters, a
@@ -195,13 +220,19 @@ impl Hooks {
                 })
                 .collect(),
             root_qdisc: self.root_qdisc.clone().filter(|k| k != DEFAULT_ROOT),
+            netfilter: self
+                .netfilter
+                .iter()
+                .map(|(hook, owner)| format!("{}: {owner}", hook.name()))
+                .collect(),
             flags: flag_names(flags),
         }
     }
 
     /// Whether anything at all shares the hooks (status lists only those ports).
     pub fn is_shared(&self, own: &[u32]) -> bool {
-        self.tcx_ingress.iter().any(|id| !own.contains(id))
+        !self.netfilter.is_empty()
+            || self.tcx_ingress.iter().any(|id| !own.contains(id))
             || !self.tcx_egress.is_empty()
             || self.foreign_filters(own).next().is_some()
             || self
@@ -213,11 +244,15 @@ impl Hooks {
 
 /// `DEVICE_*` bits by name, for status.
 pub fn flag_names(flags: u32) -> Vec<String> {
-    [(DEVICE_INGRESS, "ingress"), (DEVICE_EGRESS, "egress")]
-        .into_iter()
-        .filter(|(bit, _)| flags & bit != 0)
-        .map(|(_, name)| name.to_owned())
-        .collect()
+    [
+        (DEVICE_INGRESS, "ingress"),
+        (DEVICE_EGRESS, "egress"),
+        (DEVICE_NF_EGRESS, "netfilter-egress"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name.to_owned())
+    .collect()
 }
 
 #[cfg(test)]
@@ -423,6 +458,46 @@ mod tests {
         }
         // A device that is down lists no root qdisc: nothing shapes there either.
         assert_eq!(Hooks::default().flags(Role::Port, true, OWN), 0);
+    }
+
+    #[test]
+    fn nftables_hooks_flag_what_a_redirect_would_skip() {
+        let with = |hook: Hook| Hooks {
+            tcx_ingress: vec![HGW],
+            netfilter: vec![(hook, "chain netdev t c".into())],
+            ..noqueue()
+        };
+        // (hook, role, hgw here, flags)
+        let cases = [
+            (Hook::Ingress, Role::Uplink, true, DEVICE_INGRESS),
+            (Hook::Ingress, Role::Port, true, DEVICE_INGRESS),
+            (Hook::Ingress, Role::Bridge, true, DEVICE_INGRESS),
+            // Skipped by a redirect from a port.
+            (Hook::Ingress, Role::Bridge, false, DEVICE_INGRESS),
+            // A port's ran before hgw on the bridge.
+            (Hook::Ingress, Role::Port, false, 0),
+            (Hook::Egress, Role::Uplink, true, DEVICE_NF_EGRESS),
+            (Hook::Egress, Role::Bridge, true, DEVICE_NF_EGRESS),
+            (Hook::Egress, Role::Port, false, DEVICE_NF_EGRESS),
+            (Hook::BridgeIn, Role::Bridge, false, DEVICE_INGRESS),
+            // Ran before the bridge's own ingress, where hgw is.
+            (Hook::BridgeIn, Role::Bridge, true, 0),
+            (Hook::BridgeOut, Role::Bridge, true, DEVICE_EGRESS),
+            (Hook::BridgeOut, Role::Bridge, false, DEVICE_EGRESS),
+        ];
+        for (hook, role, here, flags) in cases {
+            let hooks = with(hook);
+            assert_eq!(
+                hooks.flags(role, here, OWN),
+                flags,
+                "{hook:?} on a {role:?}, hgw here: {here}"
+            );
+            assert!(hooks.is_shared(OWN));
+        }
+        let status =
+            with(Hook::Egress).status(("eth0", 2), (Role::Uplink, true), OWN, &HashMap::new());
+        assert_eq!(status.netfilter, vec!["egress: chain netdev t c"]);
+        assert_eq!(status.flags, vec!["netfilter-egress"]);
     }
 
     #[test]

@@ -181,6 +181,8 @@ impl Scanner {
                     tcx_egress,
                     root_qdisc: q.root,
                     filters: filters.into_iter().collect(),
+                    // By interface name, in the observed state.
+                    netfilter: Vec::new(),
                 },
             );
         }

@@ -3,9 +3,12 @@
 //! ingress after hgw (`DEVICE_INGRESS`) hands the packet on (`pass_tc_hook`); a qdisc or
 //! filter on the egress of a pod's host veth or of the bridge (`DEVICE_EGRESS`) makes
 //! delivery go through the bridge (`bpf_redirect_neigh`), whose egress and the port's
-//! run as on the kernel path, instead of straight into the pod.
+//! run as on the kernel path, instead of straight into the pod. A netfilter egress hook
+//! (`DEVICE_NF_EGRESS`), which any redirect from tc ingress skips, hands on what would
+//! be sent into the uplink or the bridge, and sends a pod's packets through the bridge
+//! when it is on the pod's veth.
 
-use hgw_common::{DEVICE_EGRESS, DEVICE_INGRESS};
+use hgw_common::{DEVICE_EGRESS, DEVICE_INGRESS, DEVICE_NF_EGRESS};
 
 use super::*;
 
@@ -177,5 +180,56 @@ fn an_egress_qdisc_on_the_pods_veth_or_the_bridge_keeps_delivery_on_the_bridge()
             assert_eq!(out[0..6], POD_MAC, "{what}: straight into the pod");
             p.set_device(device, 0);
         }
+    }
+}
+
+/// `DEVICE_NF_EGRESS` on the device a program would send the packet into (the uplink
+/// for hgw_to_peer, the bridge for hgw_to_pod) hands the packet on; on the pod's veth,
+/// hgw_to_pod delivers through the bridge (whose egress leaves the packet to the veth's
+/// hook); on a device off the packet's way it changes nothing.
+#[test]
+fn a_netfilter_egress_hook_on_the_way_out_hands_the_packet_on() {
+    let mut p = load();
+    for (what, program, frame, forwarded) in forwarded_packets() {
+        let (into, off_the_way) = if program == PROG_TO_PEER {
+            (UPLINK_IFINDEX, [BRIDGE_IFINDEX, POD_IFINDEX])
+        } else {
+            (BRIDGE_IFINDEX, [UPLINK_IFINDEX, OTHER_PORT_IFINDEX])
+        };
+        p.set_device(into, DEVICE_NF_EGRESS);
+        p.expect_pass(
+            program,
+            &frame,
+            tc_hook(&forwarded),
+            &format!("{what}: the egress it is sent into marked"),
+        );
+        p.set_device(into, 0);
+        for device in off_the_way {
+            p.set_device(device, DEVICE_NF_EGRESS);
+            p.expect_redirect(
+                program,
+                &frame,
+                &forwarded,
+                &format!("{what}: device {device} off the way marked"),
+            );
+            p.set_device(device, 0);
+        }
+        if program == PROG_TO_POD {
+            p.set_device(POD_IFINDEX, DEVICE_NF_EGRESS);
+            let out = p.expect_redirect(
+                program,
+                &frame,
+                &forwarded[..1],
+                &format!("{what}: the pod's veth marked"),
+            );
+            assert_eq!(out[0..12], frame[0..12], "{what}: through the bridge");
+            p.set_device(POD_IFINDEX, 0);
+        }
+        p.expect_redirect(
+            program,
+            &frame,
+            &forwarded,
+            &format!("{what}: unmarked again"),
+        );
     }
 }
