@@ -11,8 +11,12 @@
 //! uplink (`eth0`, egress), n2's uplink (ingress, netdev and inet), bridge (egress and
 //! the bridge family's output) and pod port (`veth1`, egress). With kernel routes alone
 //! (`off`) none of the batch arrives; with hgw none either, and `status` shows the
-//! chain on the interface with the flag the fast path follows. Removed, the flow
-//! arrives again, in `established` on the fast path again.
+//! chain on the interface with the flag the fast path follows, and the counters say
+//! where the batch went: handed to the kernel (`pass_tc_hook`), delivered through the
+//! bridge (`fwd_to_pod` without `fwd_to_pod_direct`), or dropped before hgw saw it (a
+//! chain that runs before hgw's program, with hgw on the bridge). Removed, the flow
+//! arrives again, in `established` on the fast path again. Kernels with tcx put hgw
+//! on the ports, 6.1 on the bridge: the kernel matrix runs both.
 //!
 //! Before the agent read nftables' hooks, `established` carried every datagram past
 //! every chain with hgw on the ports (50 of 50 each), and would past all but n1's
@@ -37,8 +41,11 @@ struct Place {
     family: &'static str,
     /// The chain's hook and device as nft writes them.
     hook: &'static str,
-    /// The interface `status` shows it on, and the flag it gets there.
-    shown: (&'static str, Flag),
+    /// The interface `status` shows it on.
+    interface: &'static str,
+    flag: Flag,
+    /// Where the batch goes in `established` where the flag is set.
+    then: Then,
 }
 
 /// The flag a chain's interface must get.
@@ -53,6 +60,16 @@ enum Flag {
     IngressWithHgwElsewhere,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Then {
+    /// The node's program hands it to the kernel: `pass_tc_hook`.
+    HandedOn,
+    /// n2's program delivers it through the bridge.
+    ThroughTheBridge,
+    /// The chain dropped it before hgw's program saw it (no flag needed).
+    DroppedBefore,
+}
+
 const PLACES: &[Place] = &[
     place(
         0,
@@ -60,6 +77,7 @@ const PLACES: &[Place] = &[
         "hook ingress device \"veth1\"",
         "veth1",
         Flag::IngressWithHgwHere,
+        Then::HandedOn,
     ),
     place(
         0,
@@ -67,6 +85,7 @@ const PLACES: &[Place] = &[
         "hook ingress device \"cni0\"",
         "cni0",
         Flag::Always("ingress"),
+        Then::HandedOn,
     ),
     place(
         0,
@@ -74,6 +93,7 @@ const PLACES: &[Place] = &[
         "hook prerouting",
         "cni0",
         Flag::IngressWithHgwElsewhere,
+        Then::HandedOn,
     ),
     place(
         0,
@@ -81,6 +101,7 @@ const PLACES: &[Place] = &[
         "hook egress device \"eth0\"",
         "eth0",
         Flag::Always("netfilter-egress"),
+        Then::HandedOn,
     ),
     place(
         1,
@@ -88,6 +109,7 @@ const PLACES: &[Place] = &[
         "hook ingress device \"eth0\"",
         "eth0",
         Flag::Always("ingress"),
+        Then::HandedOn,
     ),
     place(
         1,
@@ -95,6 +117,7 @@ const PLACES: &[Place] = &[
         "hook ingress device \"eth0\"",
         "eth0",
         Flag::Always("ingress"),
+        Then::HandedOn,
     ),
     place(
         1,
@@ -102,14 +125,23 @@ const PLACES: &[Place] = &[
         "hook egress device \"cni0\"",
         "cni0",
         Flag::Always("netfilter-egress"),
+        Then::HandedOn,
     ),
-    place(1, "bridge", "hook output", "cni0", Flag::Always("egress")),
+    place(
+        1,
+        "bridge",
+        "hook output",
+        "cni0",
+        Flag::Always("egress"),
+        Then::ThroughTheBridge,
+    ),
     place(
         1,
         "netdev",
         "hook egress device \"veth1\"",
         "veth1",
         Flag::Always("netfilter-egress"),
+        Then::ThroughTheBridge,
     ),
 ];
 
@@ -119,12 +151,15 @@ const fn place(
     hook: &'static str,
     interface: &'static str,
     flag: Flag,
+    then: Then,
 ) -> Place {
     Place {
         node,
         family,
         hook,
-        shown: (interface, flag),
+        interface,
+        flag,
+        then,
     }
 }
 
@@ -137,16 +172,16 @@ fn nftables_chains_on_the_interfaces_hooks_drop_a_carried_flow() -> anyhow::Resu
         lab.start_agents(&["--fast-path", mode], Duration::from_secs(15))?;
         let mut flow = UdpFlow::open(&a.ns, &b.ns, b.ip)?;
         let port = flow.server_addr().port();
-        let (got, fast) = batch(&lab, &mut flow)?;
-        eprintln!("{mode}: before any chain: {got}/{BATCH} arrived, fast path +{fast:?}");
+        let (got, grew) = batch(&lab, &mut flow)?;
+        eprintln!("{mode}: before any chain: {got}/{BATCH} arrived, {grew}");
         ensure!(
             got == BATCH,
             "{mode}: {got} of {BATCH} datagrams arrived before any chain"
         );
         if mode == "established" {
             ensure!(
-                fast.iter().all(|f| *f >= BATCH as u64),
-                "{mode}: n1 fwd_to_peer and n2 fwd_to_pod grew by {fast:?}: the flow was not on the fast path to begin with"
+                grew.on_the_fast_path(),
+                "{mode}: {grew}: the flow was not on the fast path to begin with"
             );
         }
         for place in PLACES {
@@ -165,34 +200,41 @@ fn nftables_chains_on_the_interfaces_hooks_drop_a_carried_flow() -> anyhow::Resu
                     hook = place.hook,
                 ),
             )?;
-            if mode == "established"
-                && let Err(e) = settle(&lab, place, |status| chain_shown(status, place))
-            {
-                failures.push(format!("{mode}: {what}: {e:#}"));
+            let mut then = Then::DroppedBefore;
+            if mode == "established" {
+                match settle(&lab, place.node, |status| place.shown(status)) {
+                    Ok(flagged) => then = if flagged { place.then } else { then },
+                    Err(e) => failures.push(format!("{mode}: {what}: {e:#}")),
+                }
             }
-            let (got, fast) = batch(&lab, &mut flow)?;
-            eprintln!("{mode}: {what}: {got}/{BATCH} arrived, fast path +{fast:?}");
+            let (got, grew) = batch(&lab, &mut flow)?;
+            eprintln!("{mode}: {what}: {got}/{BATCH} arrived, {grew}");
             if got > 0 {
                 failures.push(format!(
                     "{mode}: with {what}, {got} of {BATCH} datagrams arrived"
                 ));
             }
+            if mode == "established" && !grew.went(place.node, then) {
+                failures.push(format!(
+                    "{mode}: with {what}, {grew}: the batch was not {then:?}"
+                ));
+            }
             nft_apply(&ns, &format!("delete table {} {TABLE}", place.family))?;
             if mode == "established" {
-                settle(&lab, place, |status| match chain_shown(status, place) {
-                    Ok(()) => anyhow::bail!("status still shows the chain"),
-                    Err(_) => Ok(()),
+                settle(&lab, place.node, |status| {
+                    ensure!(!place.listed(status), "status still shows the chain");
+                    Ok(())
                 })?;
             }
-            let (got, fast) = batch(&lab, &mut flow)?;
-            eprintln!("{mode}: {what} deleted: {got}/{BATCH} arrived, fast path +{fast:?}");
+            let (got, grew) = batch(&lab, &mut flow)?;
+            eprintln!("{mode}: {what} deleted: {got}/{BATCH} arrived, {grew}");
             ensure!(
                 got == BATCH,
                 "{mode}: {what} deleted, yet only {got} of {BATCH} datagrams arrived"
             );
-            if mode == "established" && fast.iter().any(|f| *f < BATCH as u64) {
+            if mode == "established" && !grew.on_the_fast_path() {
                 failures.push(format!(
-                    "{mode}: {what} deleted, n1 fwd_to_peer and n2 fwd_to_pod grew by {fast:?} for {BATCH} datagrams: not back on the fast path"
+                    "{mode}: {what} deleted, {grew} for {BATCH} datagrams: not back on the fast path"
                 ));
             }
         }
@@ -201,16 +243,54 @@ fn nftables_chains_on_the_interfaces_hooks_drop_a_carried_flow() -> anyhow::Resu
     Ok(())
 }
 
-/// Waits until the status of the place's node passes `check`, at most [`SETTLE`];
-/// the last failure if it never does.
-fn settle(
+impl Place {
+    fn owner(&self) -> String {
+        format!("chain {} {TABLE} c", self.family)
+    }
+
+    /// Whether `status` lists the chain on the place's interface.
+    fn listed(&self, status: &Status) -> bool {
+        let owner = self.owner();
+        status.hooks.iter().any(|h| {
+            h.interface == self.interface && h.netfilter.iter().any(|n| n.ends_with(&owner))
+        })
+    }
+
+    /// `status` lists the chain on the place's interface with the flag it calls for,
+    /// and no other; whether there is one.
+    fn shown(&self, status: &Status) -> anyhow::Result<bool> {
+        let Some(hook) = status.hooks.iter().find(|h| h.interface == self.interface) else {
+            anyhow::bail!(
+                "status shows no hooks of {}: {:?}",
+                self.interface,
+                status.hooks
+            );
+        };
+        let wanted = match self.flag {
+            Flag::Always(flag) => Some(flag),
+            Flag::IngressWithHgwHere => hook.hgw.then_some("ingress"),
+            Flag::IngressWithHgwElsewhere => (!hook.hgw).then_some("ingress"),
+        };
+        ensure!(
+            self.listed(status) && hook.flags == Vec::from_iter(wanted.map(str::to_owned)),
+            "status of {}'s hooks does not show {} with the flags {wanted:?} alone: {hook:?}",
+            self.interface,
+            self.owner()
+        );
+        Ok(wanted.is_some())
+    }
+}
+
+/// Waits until the status of node `node` passes `check`, at most [`SETTLE`]; its
+/// last answer.
+fn settle<T>(
     lab: &Lab,
-    place: &Place,
-    check: impl Fn(&Status) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+    node: usize,
+    check: impl Fn(&Status) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + SETTLE;
     loop {
-        let result = check(&lab.statuses()?[place.node]);
+        let result = check(&lab.statuses()?[node]);
         if result.is_ok() || Instant::now() >= deadline {
             return result;
         }
@@ -218,35 +298,62 @@ fn settle(
     }
 }
 
-/// `status` lists the chain on the place's interface, with the flag it calls for.
-fn chain_shown(status: &Status, place: &Place) -> anyhow::Result<()> {
-    let (interface, flag) = place.shown;
-    let owner = format!("chain {} {TABLE} c", place.family);
-    let Some(hook) = status.hooks.iter().find(|h| h.interface == interface) else {
-        anyhow::bail!("status shows no hooks of {interface}: {:?}", status.hooks);
-    };
-    let wanted = match flag {
-        Flag::Always(flag) => Some(flag),
-        Flag::IngressWithHgwHere => hook.hgw.then_some("ingress"),
-        Flag::IngressWithHgwElsewhere => (!hook.hgw).then_some("ingress"),
-    };
-    ensure!(
-        hook.netfilter.iter().any(|h| h.ends_with(&owner))
-            && wanted.is_none_or(|wanted| hook.flags.iter().any(|f| f == wanted)),
-        "status of {interface}'s hooks does not show {owner} with the flag {wanted:?}: {hook:?}"
-    );
-    Ok(())
+/// How the counters of the two nodes grew over a batch (the flow is the only traffic
+/// of the two pods).
+struct Grew {
+    fwd_to_peer: u64,
+    fwd_to_pod: u64,
+    fwd_to_pod_direct: u64,
+    /// `pass_tc_hook` of n1 and n2.
+    pass_tc_hook: [u64; 2],
 }
 
-/// One batch of the flow: datagrams that arrived, and how much n1's `fwd_to_peer` and
-/// n2's `fwd_to_pod` grew meanwhile (the flow is the only traffic of the two pods).
-fn batch(lab: &Lab, flow: &mut UdpFlow) -> anyhow::Result<(usize, [u64; 2])> {
+impl Grew {
+    fn on_the_fast_path(&self) -> bool {
+        let batch = BATCH as u64;
+        self.fwd_to_peer >= batch && self.fwd_to_pod_direct >= batch
+    }
+
+    /// Whether the batch went as `then` says at node `node`.
+    fn went(&self, node: usize, then: Then) -> bool {
+        let batch = BATCH as u64;
+        let peer_carried = node == 0 || self.fwd_to_peer >= batch;
+        peer_carried
+            && match then {
+                Then::HandedOn => self.pass_tc_hook[node] >= batch,
+                Then::ThroughTheBridge => self.fwd_to_pod >= batch && self.fwd_to_pod_direct == 0,
+                Then::DroppedBefore => self.fwd_to_peer == 0 && self.pass_tc_hook[node] == 0,
+            }
+    }
+}
+
+impl std::fmt::Display for Grew {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "n1 fwd_to_peer +{}, pass_tc_hook +{}; n2 fwd_to_pod +{} (direct +{}), pass_tc_hook +{}",
+            self.fwd_to_peer,
+            self.pass_tc_hook[0],
+            self.fwd_to_pod,
+            self.fwd_to_pod_direct,
+            self.pass_tc_hook[1]
+        )
+    }
+}
+
+/// One batch of the flow: datagrams that arrived, and how the counters grew.
+fn batch(lab: &Lab, flow: &mut UdpFlow) -> anyhow::Result<(usize, Grew)> {
     let before: Vec<Status> = lab.statuses()?;
     let got = flow.send(BATCH)?;
     let after = lab.statuses()?;
     let grew = |node: usize, name: &str| counter(&after[node], name) - counter(&before[node], name);
     Ok((
         got,
-        [grew(0, "ipv4.fwd_to_peer"), grew(1, "ipv4.fwd_to_pod")],
+        Grew {
+            fwd_to_peer: grew(0, "ipv4.fwd_to_peer"),
+            fwd_to_pod: grew(1, "ipv4.fwd_to_pod"),
+            fwd_to_pod_direct: grew(1, "ipv4.fwd_to_pod_direct"),
+            pass_tc_hook: [grew(0, "ipv4.pass_tc_hook"), grew(1, "ipv4.pass_tc_hook")],
+        },
     ))
 }

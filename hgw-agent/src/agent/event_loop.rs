@@ -20,7 +20,7 @@ use super::{
     startup::{clear_fast_path, step_aside},
 };
 use crate::{
-    kernel::{KernelEvent, RouteKey, RouteOwner},
+    kernel::{KernelEvent, RouteKey, RouteOwner, nftables},
     node::forwarding,
     serve::{metrics::Trigger, status::Status},
     tc::Scanner,
@@ -128,12 +128,13 @@ impl Agent {
                     self.dump_fdb_if_needed().await;
                 }
                 _ = tcx.tick() => {
-                    if !self.stop_fast_path_if_needed().await
-                        && !self.rescan_tcx().await
-                        && !self.reread_netfilter(false).await
-                        && !self.reread_forwarding()
-                    {
-                        continue;
+                    if !self.stop_fast_path_if_needed().await {
+                        // Each every second, whatever the others found.
+                        let tcx = self.rescan_tcx().await;
+                        let netfilter = self.reread_netfilter(false).await;
+                        if !(tcx | netfilter | self.reread_forwarding()) {
+                            continue;
+                        }
                     }
                 }
             }
@@ -306,12 +307,20 @@ impl Agent {
 
     /// Reads nftables' hooks again if the ruleset changed (`force`: anyway) and lets
     /// the reconciler write the devices map if a hooked interface's changed; whether
-    /// one did. A failure keeps the hooks last read, and is said once.
+    /// one did. Tried three times (a dump the ruleset's change interrupted fails);
+    /// while they cannot be read, a chain is assumed on every hook (said once).
     async fn reread_netfilter(&mut self, force: bool) -> bool {
         if self.scanner.is_none() {
             return false;
         }
-        let hooks = match self.netfilter.changed(force) {
+        let mut read = self.netfilter.changed(force);
+        for _ in 0..2 {
+            if read.is_ok() {
+                break;
+            }
+            read = self.netfilter.changed(true);
+        }
+        let hooks = match read {
             Ok(hooks) => {
                 if self.netfilter_error.take().is_some() {
                     info!("the nftables hooks can be read again");
@@ -321,10 +330,12 @@ impl Agent {
             Err(e) => {
                 let e = e.to_string();
                 if self.netfilter_error.as_ref() != Some(&e) {
-                    warn!("{e}; the nftables hooks last read stand");
-                    self.netfilter_error = Some(e);
+                    warn!(
+                        "{e}; until they can be read, the fast path leaves to the kernel what it would send past any interface's netfilter hooks"
+                    );
+                    self.netfilter_error = Some(e.clone());
                 }
-                None
+                Some(nftables::unknown(&e))
             }
         };
         let Some(change) = hooks.and_then(|hooks| self.observed.set_netfilter(hooks)) else {

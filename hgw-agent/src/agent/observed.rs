@@ -333,7 +333,15 @@ impl Observed {
                     joined: false,
                 })
             }
-            _ => None,
+            // Renamed: nftables names its hooks' devices (and, from Linux 6.16, hooks a
+            // device that takes a listed name at once).
+            (true, true) => {
+                let name = name.filter(|n| self.ports.get(&index) != Some(n))?;
+                self.ports.insert(index, name);
+                self.match_netfilter();
+                Some(Change::Hooks)
+            }
+            (false, false) => None,
         }
     }
 
@@ -601,8 +609,26 @@ mod tests {
         // A dump of the port's tc hooks keeps its nftables hooks.
         o.set_hooks(HashMap::from([(40, Hooks::default())]), false);
         assert_eq!(on(&o, 40), [Hook::Ingress]);
+        // Renamed out of the prefix, and back.
+        let renamed = |name: &str| KernelEvent::Link {
+            index: 40,
+            name: Some(name.into()),
+            controller: Some(BRIDGE),
+            link: None,
+            deleted: false,
+        };
+        assert_eq!(o.apply(renamed("pod40")), Some(Change::Hooks));
+        assert!(on(&o, 40).is_empty());
+        assert_eq!(o.apply(renamed("pod40")), None, "the same name");
+        assert_eq!(o.apply(renamed("veth40")), Some(Change::Hooks));
+        assert_eq!(on(&o, 40), [Hook::Ingress]);
         assert_eq!(o.set_netfilter(Vec::new()), Some(Change::Hooks));
         assert!(on(&o, UPLINK).is_empty() && on(&o, 40).is_empty());
+        // Unreadable: a chain on every hook of every interface.
+        o.set_netfilter(crate::kernel::nftables::unknown("EPERM"));
+        for ifindex in [UPLINK, BRIDGE, 40] {
+            assert_eq!(on(&o, ifindex), [Hook::Ingress, Hook::Egress]);
+        }
     }
 
     #[test]

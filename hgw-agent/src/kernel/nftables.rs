@@ -32,8 +32,8 @@ const NFTA_CHAIN_HOOK: u16 = 4;
 const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_DEV: u16 = 3;
 const NFTA_HOOK_DEVS: u16 = 4;
-/// `enum nft_devices_attributes`: a name, or (Linux 6.16) a prefix every interface
-/// whose name starts with it matches.
+/// `enum nft_devices_attributes`: a name, or (Linux 6.17) a prefix every interface
+/// whose name starts with it matches. (6.16 sent a prefix as a name without its NUL.)
 const NFTA_DEVICE_NAME: u16 = 1;
 const NFTA_DEVICE_PREFIX: u16 = 2;
 /// `enum nft_flowtable_attributes` and `nft_flowtable_hook_attributes`.
@@ -96,6 +96,8 @@ pub enum Devices {
     Prefix(String),
     /// Every bridge (the `bridge` family's chains).
     Bridges,
+    /// Every interface: the hooks could not be read.
+    Any,
 }
 
 /// One chain's or flowtable's hook.
@@ -114,8 +116,23 @@ impl NetfilterHook {
             Devices::Name(name) => name == interface,
             Devices::Prefix(prefix) => interface.starts_with(prefix.as_str()),
             Devices::Bridges => bridge,
+            Devices::Any => true,
         }
     }
+}
+
+/// What stands for the hooks while they cannot be read (`why`): a chain on every
+/// interface's ingress and egress, so that the fast path leaves everything it would
+/// send past one to the kernel.
+pub fn unknown(why: &str) -> Vec<NetfilterHook> {
+    [Hook::Ingress, Hook::Egress]
+        .into_iter()
+        .map(|hook| NetfilterHook {
+            hook,
+            devices: Devices::Any,
+            owner: format!("unknown ({why})"),
+        })
+        .collect()
 }
 
 /// The nftables hooks of this network namespace, read again when the ruleset's
@@ -127,15 +144,18 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// The hooks, if the ruleset changed since the last read (`force`: read them
-    /// anyway); `Ok(None)`: unchanged. Without nf_tables there are none.
+    /// The hooks, if the ruleset changed since the last read (`force`, or a failed
+    /// last read: read them anyway); `Ok(None)`: unchanged. Without nf_tables there
+    /// are none.
     pub fn changed(&mut self, force: bool) -> Result<Option<Vec<NetfilterHook>>, NftablesError> {
+        let last = self.generation.take();
         if !nf_tables_present() {
-            return Ok(self.generation.take().map(|_| Vec::new()));
+            return Ok(Some(Vec::new()).filter(|_| force || last.is_some()));
         }
         let socket = netlink::open(NETLINK_NETFILTER).map_err(NftablesError::Socket)?;
         let generation = generation(&socket)?;
-        if !force && self.generation == Some(generation) {
+        if !force && last == Some(generation) {
+            self.generation = last;
             return Ok(None);
         }
         let hooks = hooks(&socket)?;
@@ -148,15 +168,20 @@ impl Watch {
 /// Whether asking cannot load nf_tables: it is loaded (its module directory in sysfs),
 /// built in (listed in modules.builtin), or the kernel loads no modules at all. Without
 /// it no chain exists, and a node that does not use nftables must not get it from hgw.
+/// Where modules.builtin cannot be read (an agent in a container without the host's
+/// /lib/modules), nfnetlink's kernel socket in /proc/net/netlink says nf_tables may be
+/// built in: then ask, rather than miss its chains.
 fn nf_tables_present() -> bool {
     if Path::new("/sys/module/nf_tables").exists() || !Path::new("/proc/modules").exists() {
         return true;
     }
-    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
-        return false;
-    };
-    std::fs::read_to_string(format!("/lib/modules/{}/modules.builtin", release.trim()))
-        .is_ok_and(|builtin| builtin.lines().any(|l| l.ends_with("/nf_tables.ko")))
+    let builtin = std::fs::read_to_string("/proc/sys/kernel/osrelease").and_then(|release| {
+        std::fs::read_to_string(format!("/lib/modules/{}/modules.builtin", release.trim()))
+    });
+    match builtin {
+        Ok(builtin) => builtin.lines().any(|l| l.ends_with("/nf_tables.ko")),
+        Err(_) => netlink::kernel_socket_listed(NETLINK_NETFILTER),
+    }
 }
 
 /// `struct nfgenmsg` for `family`, version 0, resource 0.
@@ -237,7 +262,7 @@ fn chain_hooks(payload: &[u8]) -> Vec<NetfilterHook> {
     for (kind, value) in attributes(hook) {
         match kind {
             NFTA_HOOK_HOOKNUM => number = be_u32(value),
-            NFTA_HOOK_DEV => devices.push(Devices::Name(string(value))),
+            NFTA_HOOK_DEV => devices.push(device(value)),
             NFTA_HOOK_DEVS => devices.extend(device_list(value)),
             _ => {}
         }
@@ -247,6 +272,8 @@ fn chain_hooks(payload: &[u8]) -> Vec<NetfilterHook> {
             Hook::Ingress
         }
         (NFPROTO_NETDEV, Some(NETDEV_EGRESS)) => Hook::Egress,
+        // A netdev hook of a later kernel: on the interface's way in, as far as known.
+        (NFPROTO_NETDEV, Some(_)) => Hook::Ingress,
         (NFPROTO_BRIDGE, Some(BR_PRE_ROUTING | BR_LOCAL_IN)) => Hook::BridgeIn,
         (NFPROTO_BRIDGE, Some(BR_LOCAL_OUT | BR_POST_ROUTING)) => Hook::BridgeOut,
         _ => return Vec::new(),
@@ -304,10 +331,20 @@ fn flowtable_hooks(payload: &[u8]) -> Vec<NetfilterHook> {
 /// A nest of `NFTA_DEVICE_NAME` and `NFTA_DEVICE_PREFIX`.
 fn device_list(nest: &[u8]) -> impl Iterator<Item = Devices> + '_ {
     attributes(nest).filter_map(|(kind, value)| match kind {
-        NFTA_DEVICE_NAME => Some(Devices::Name(string(value))),
+        NFTA_DEVICE_NAME => Some(device(value)),
         NFTA_DEVICE_PREFIX => Some(Devices::Prefix(string(value))),
         _ => None,
     })
+}
+
+/// A device name attribute: a string with its NUL, or (Linux 6.16's wildcards, `veth*`
+/// in nft) a prefix without one.
+fn device(value: &[u8]) -> Devices {
+    if value.last() == Some(&0) {
+        Devices::Name(string(value))
+    } else {
+        Devices::Prefix(string(value))
+    }
 }
 
 fn family_name(family: u8) -> &'static str {
@@ -392,6 +429,12 @@ mod tests {
         assert!(hooks.iter().all(|h| h.owner == "chain netdev t c"));
         let on = |name: &str| hooks.iter().any(|h| h.covers(name, false));
         assert!(on("eth0") && on("cni0") && on("veth1234") && !on("eth1"));
+        // Linux 6.16's wildcard: a name without its NUL.
+        let wildcard = chain_hooks(&chain(
+            NFPROTO_NETDEV,
+            Some((NETDEV_INGRESS, vec![attr(NFTA_DEVICE_NAME, b"veth")])),
+        ));
+        assert_eq!(wildcard[0].devices, Devices::Prefix("veth".into()));
         let ingress = chain_hooks(&chain(
             NFPROTO_NETDEV,
             Some((NETDEV_INGRESS, vec![attr(NFTA_DEVICE_NAME, &nul("eth0"))])),
@@ -420,6 +463,9 @@ mod tests {
             assert_eq!(bridge[0].hook, hook);
             assert!(bridge[0].covers("cni0", true) && !bridge[0].covers("eth0", false));
         }
+        // A netdev hook number this code does not know: taken as ingress.
+        let later = chain_hooks(&chain(NFPROTO_NETDEV, Some((7, eth0()))));
+        assert_eq!(later[0].hook, Hook::Ingress);
         // The bridge family's forward hook: frames between two ports, not hgw's way.
         assert!(chain_hooks(&chain(NFPROTO_BRIDGE, Some((2, Vec::new())))).is_empty());
         // Truncated: nothing.
