@@ -134,6 +134,10 @@ pub struct HookStatus {
     /// `bridge output/postrouting: chain bridge t c`, `ingress: flowtable inet t f`.
     #[serde(default)]
     pub netfilter: Vec<String>,
+    /// What the bridge decides there that a redirect past it would not: `port state
+    /// blocking`, `locked`, `vlan filtering`.
+    #[serde(default)]
+    pub bridge: Vec<String>,
     /// The `DEVICE_*` flags the fast path reads for the interface: "ingress" (packets
     /// arriving here go to the kernel), "egress" (pods behind it get their packets
     /// through the bridge, not straight into the pod), "netfilter-egress" (the fast
@@ -221,6 +225,9 @@ impl HookStatus {
         }
         for hook in &self.netfilter {
             parts.push(format!("nftables {hook}"));
+        }
+        for duty in &self.bridge {
+            parts.push(format!("bridge {duty}"));
         }
         if parts.is_empty() {
             "-".to_owned()

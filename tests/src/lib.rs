@@ -32,6 +32,7 @@ pub mod progns;
 mod stream;
 mod tc;
 mod traffic;
+mod way;
 
 pub use agent::{
     Agent, Credentials, PeerStatus, Status, agent_bin, built_agent_bin, counter, counter_sum,
@@ -65,3 +66,4 @@ pub use tc::{
     ensure_clsact, hgw_filters, ifindex, ingress_filters, iperf3_rate, probe_pin_dir, qdiscs,
 };
 pub use traffic::{UdpFlow, ping, tcp_transfer, udp_exchange, udp_replied_exchange};
+pub use way::{Grew, OnTheWay, Then, carried_flow_meets, flow_batch, hooks_of, settle};

@@ -48,7 +48,8 @@ const CHECKS: [Check; 5] = [
     },
     // The routing table and rules (and the reverse-path filter), IPsec policies (with
     // xfrm_user a module, loaded only by the test), ICMP (frag-needed), tc shaping,
-    // nftables chains on the interfaces (nf_tables a module) and the priority
+    // nftables chains on the interfaces (nf_tables a module), the bridge's port states
+    // and VLAN filtering (which this machine's kernel lacks) and the priority
     // forwarding gives a packet stay the kernel's:
     // each test sends what kernel routes alone would carry and checks it went there.
     Check {
@@ -61,6 +62,7 @@ const CHECKS: [Check; 5] = [
             "tc_bandwidth",
             "forward_priority",
             "netfilter_hooks",
+            "bridge_duties",
         ],
     },
     // What hgw leaves on the node: cls_bpf filters last on their hooks, replaced in
@@ -387,7 +389,7 @@ fn render(columns: &[Column], took: Duration) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone) and ipvs.rs (IPVS takes `established` off); `routes-icmp-tc`: route_duties.rs, xfrm.rs, pmtu.rs, tc_bandwidth.rs, forward_priority.rs and netfilter_hooks.rs (where kernel routes, IPsec policies, ICMP, shaping, priorities and nftables chains on the interfaces put the packets); `leftovers`: attach_cls_bpf.rs and stale_routes.rs (the cls_bpf attach, and what hgw leaves on the node). Logs in {logs}. Took {} s.\n",
+        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone) and ipvs.rs (IPVS takes `established` off); `routes-icmp-tc`: route_duties.rs, xfrm.rs, pmtu.rs, tc_bandwidth.rs, forward_priority.rs, netfilter_hooks.rs and bridge_duties.rs (where kernel routes, IPsec policies, ICMP, shaping, priorities, nftables chains on the interfaces and the bridge's port states and VLANs put the packets); `leftovers`: attach_cls_bpf.rs and stale_routes.rs (the cls_bpf attach, and what hgw leaves on the node). Logs in {logs}. Took {} s.\n",
         took.as_secs()
     )
 }

@@ -201,6 +201,10 @@ impl Agent {
         match change {
             Change::Links => {
                 self.write_node_config();
+                // The bridge's VLAN filtering may have changed with it.
+                self.reconciler
+                    .on_change(Change::Hooks, &self.observed)
+                    .await;
             }
             Change::Resync => {
                 info!(
@@ -423,7 +427,7 @@ impl Agent {
         match (
             kernel.neighbours(bridge).await,
             kernel.learned_macs().await,
-            kernel.bridge_ports(bridge).await,
+            kernel.bridge_view(bridge).await,
         ) {
             (Ok(neighbours), Ok(learned), Ok(ports)) => {
                 self.observed

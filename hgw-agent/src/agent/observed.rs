@@ -14,8 +14,10 @@ use hgw_common::Endpoint;
 use ipnet::IpNet;
 
 use crate::{
-    kernel::{KernelEvent, Link, Neighbour, PrefixOwners, nftables::NetfilterHook},
-    tc::Hooks,
+    kernel::{
+        BridgePort, BridgeView, KernelEvent, Link, Neighbour, PrefixOwners, nftables::NetfilterHook,
+    },
+    tc::{BridgeDuty, Hooks},
 };
 
 /// A next hop's neighbour entry on the uplink.
@@ -81,6 +83,10 @@ pub struct Observed {
     /// nftables' hooks on interfaces, by interface name (matched to the hooked
     /// interfaces in `hooks`).
     pub netfilter: Vec<NetfilterHook>,
+    /// The bridge ports' settings, where known (matched into `hooks` as bridge duties).
+    pub port_settings: HashMap<u32, BridgePort>,
+    /// Whether the bridge filters by VLAN.
+    pub vlan_filtering: bool,
 }
 
 impl Observed {
@@ -102,6 +108,8 @@ impl Observed {
             pod_cidrs,
             hooks: HashMap::new(),
             netfilter: Vec::new(),
+            port_settings: HashMap::new(),
+            vlan_filtering: false,
         }
     }
 
@@ -132,7 +140,7 @@ impl Observed {
                 self.hooks.insert(ifindex, hooks);
             }
         }
-        self.match_netfilter();
+        self.match_duties();
         (self.hooks != before).then_some(Change::Hooks)
     }
 
@@ -140,12 +148,13 @@ impl Observed {
     pub fn set_netfilter(&mut self, netfilter: Vec<NetfilterHook>) -> Option<Change> {
         let before = self.hooks.clone();
         self.netfilter = netfilter;
-        self.match_netfilter();
+        self.match_duties();
         (self.hooks != before).then_some(Change::Hooks)
     }
 
-    /// Each hooked interface's nftables hooks, by its name.
-    fn match_netfilter(&mut self) {
+    /// Each hooked interface's nftables hooks, by its name, and the bridge's duties
+    /// there: a port's state and lock, the bridge's VLAN filtering.
+    fn match_duties(&mut self) {
         for (ifindex, hooks) in &mut self.hooks {
             let name = if *ifindex == self.uplink.index {
                 &self.uplink_name
@@ -163,6 +172,17 @@ impl Observed {
                 .filter(|h| h.covers(name, bridge))
                 .map(|h| (h.hook, h.owner.clone()))
                 .collect();
+            hooks.bridge = if bridge {
+                self.vlan_filtering
+                    .then_some(BridgeDuty::VlanFiltering)
+                    .into_iter()
+                    .collect()
+            } else {
+                self.port_settings
+                    .get(ifindex)
+                    .map(|port| BridgeDuty::of_port(*port))
+                    .unwrap_or_default()
+            };
         }
     }
 
@@ -187,7 +207,7 @@ impl Observed {
         &mut self,
         neighbours: impl IntoIterator<Item = Neighbour>,
         learned: HashMap<[u8; 6], u32>,
-        ports: impl IntoIterator<Item = (u32, String)>,
+        view: BridgeView,
     ) {
         self.pods = neighbours
             .into_iter()
@@ -199,7 +219,18 @@ impl Observed {
             .into_iter()
             .filter(|(mac, _)| macs.contains(mac))
             .collect();
-        self.ports = ports.into_iter().collect();
+        self.vlan_filtering = view.vlan_filtering;
+        self.port_settings = view
+            .ports
+            .iter()
+            .filter_map(|(index, _, port)| Some((*index, (*port)?)))
+            .collect();
+        self.ports = view
+            .ports
+            .into_iter()
+            .map(|(index, name, _)| (index, name))
+            .collect();
+        self.match_duties();
     }
 
     fn is_pod(&self, ip: IpAddr) -> bool {
@@ -267,8 +298,17 @@ impl Observed {
                 name,
                 controller,
                 link,
+                port,
+                vlan_filtering,
                 deleted,
-            } => self.on_link(index, name, controller, link, deleted),
+            } => self.on_link(
+                index,
+                name,
+                controller,
+                link,
+                (port, vlan_filtering),
+                deleted,
+            ),
             KernelEvent::Tc {
                 ifindex: Some(ifindex),
             } => self.is_hooked(ifindex).then_some(Change::Tc(Some(ifindex))),
@@ -287,6 +327,7 @@ impl Observed {
         name: Option<String>,
         controller: Option<u32>,
         link: Option<Link>,
+        (port, vlan_filtering): (Option<BridgePort>, Option<bool>),
         deleted: bool,
     ) -> Option<Change> {
         let named = |wanted: &str| name.as_deref() == Some(wanted);
@@ -306,10 +347,19 @@ impl Observed {
             let came_up = link.up && !current.up;
             let changed = (link.mac, link.mtu) != (current.mac, current.mtu);
             *current = link;
+            let filtering = vlan_filtering
+                .filter(|on| index == self.bridge.index && *on != self.vlan_filtering);
+            if let Some(on) = filtering {
+                self.vlan_filtering = on;
+                self.match_duties();
+            }
+            // (The event loop syncs the devices map on `Links` too.)
             return if came_up {
                 Some(Change::Resync)
+            } else if changed {
+                Some(Change::Links)
             } else {
-                changed.then_some(Change::Links)
+                filtering.map(|_| Change::Hooks)
             };
         }
         let is_port = !deleted && controller == Some(self.bridge.index);
@@ -318,6 +368,9 @@ impl Observed {
             (true, false) => {
                 let name = name?;
                 self.ports.insert(index, name.clone());
+                if let Some(port) = port {
+                    self.port_settings.insert(index, port);
+                }
                 Some(Change::Port {
                     index,
                     name,
@@ -327,18 +380,28 @@ impl Observed {
             (false, true) => {
                 let name = self.ports.remove(&index).unwrap_or_default();
                 self.hooks.remove(&index);
+                self.port_settings.remove(&index);
                 Some(Change::Port {
                     index,
                     name,
                     joined: false,
                 })
             }
-            // Renamed: nftables names its hooks' devices (and, from Linux 6.16, hooks a
-            // device that takes a listed name at once).
+            // Renamed (nftables names its hooks' devices, and from Linux 6.16 hooks a
+            // device that takes a listed name at once), or its settings changed.
             (true, true) => {
-                let name = name.filter(|n| self.ports.get(&index) != Some(n))?;
-                self.ports.insert(index, name);
-                self.match_netfilter();
+                let renamed = name.filter(|n| self.ports.get(&index) != Some(n));
+                let settings = port.filter(|p| self.port_settings.get(&index) != Some(p));
+                if renamed.is_none() && settings.is_none() {
+                    return None;
+                }
+                if let Some(name) = renamed {
+                    self.ports.insert(index, name);
+                }
+                if let Some(port) = settings {
+                    self.port_settings.insert(index, port);
+                }
+                self.match_duties();
                 Some(Change::Hooks)
             }
             (false, false) => None,
@@ -397,6 +460,8 @@ mod tests {
             name: Some(format!("veth{index}")),
             controller,
             link: None,
+            port: None,
+            vlan_filtering: None,
             deleted: false,
         }
     }
@@ -440,6 +505,8 @@ mod tests {
                 name: None,
                 controller: None,
                 link: None,
+                port: None,
+                vlan_filtering: None,
                 deleted: true
             }),
             Some(Change::Port { joined: false, .. })
@@ -615,6 +682,8 @@ mod tests {
             name: Some(name.into()),
             controller: Some(BRIDGE),
             link: None,
+            port: None,
+            vlan_filtering: None,
             deleted: false,
         };
         assert_eq!(o.apply(renamed("pod40")), Some(Change::Hooks));
@@ -632,6 +701,49 @@ mod tests {
     }
 
     #[test]
+    fn a_ports_state_and_the_bridges_vlan_filtering_become_duties() {
+        use crate::kernel::BridgePort;
+        let mut o = observed();
+        o.apply(port(40, Some(BRIDGE)));
+        o.set_hooks(
+            HashMap::from([(BRIDGE, Hooks::default()), (40, Hooks::default())]),
+            true,
+        );
+        let settings = |state| KernelEvent::Link {
+            index: 40,
+            name: Some("veth40".into()),
+            controller: Some(BRIDGE),
+            link: None,
+            port: Some(BridgePort {
+                state,
+                locked: false,
+            }),
+            vlan_filtering: None,
+            deleted: false,
+        };
+        assert_eq!(o.apply(settings(0)), Some(Change::Hooks));
+        assert_eq!(o.hooks[&40].bridge, [BridgeDuty::PortState(0)]);
+        assert_eq!(o.apply(settings(0)), None, "nothing new");
+        assert_eq!(o.apply(settings(3)), Some(Change::Hooks));
+        assert!(o.hooks[&40].bridge.is_empty());
+        let link = o.bridge;
+        let bridge = |vlan_filtering| KernelEvent::Link {
+            index: BRIDGE,
+            name: Some("cni0".into()),
+            controller: None,
+            link: Some(link),
+            port: None,
+            vlan_filtering,
+            deleted: false,
+        };
+        assert_eq!(o.apply(bridge(Some(true))), Some(Change::Hooks));
+        assert_eq!(o.hooks[&BRIDGE].bridge, [BridgeDuty::VlanFiltering]);
+        // The bridge's own notifications say nothing of it: it stays.
+        assert_eq!(o.apply(bridge(None)), None);
+        assert!(o.vlan_filtering);
+    }
+
+    #[test]
     fn the_uplink_made_again_is_noticed() {
         let mut o = observed();
         let event = KernelEvent::Link {
@@ -639,6 +751,8 @@ mod tests {
             name: Some("eth0".into()),
             controller: None,
             link: None,
+            port: None,
+            vlan_filtering: None,
             deleted: false,
         };
         assert_eq!(o.apply(event), Some(Change::Resync));

@@ -12,7 +12,7 @@ use rtnetlink::{
 
 use super::{
     KernelError,
-    link::{Link, link_name, port_of},
+    link::{BridgePort, Link, link_name, port_of},
     neigh::{Neighbour, fdb_entry},
     route::{HgwRoute, RouteKey, main_route},
 };
@@ -48,6 +48,10 @@ pub enum KernelEvent {
         controller: Option<u32>,
         /// Its MAC and MTU (`None` for a link without a MAC).
         link: Option<Link>,
+        /// A bridge port's settings, where the message carries them.
+        port: Option<BridgePort>,
+        /// A bridge's VLAN filtering, where the message carries it.
+        vlan_filtering: Option<bool>,
         deleted: bool,
     },
     /// A qdisc or a tc filter was added, changed or deleted on interface `ifindex`
@@ -131,6 +135,8 @@ impl KernelEvent {
                 name: link_name(&msg),
                 controller: port_of(&msg),
                 link: Link::from_message(&msg),
+                port: BridgePort::from_message(&msg),
+                vlan_filtering: super::link::vlan_filtering(&msg),
                 deleted,
             }),
             _ => None,

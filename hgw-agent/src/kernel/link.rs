@@ -6,9 +6,13 @@ use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use rtnetlink::{
     LinkBridge, LinkUnspec,
+    packet_core::Nla as _,
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkFlags, LinkMessage},
+        link::{
+            InfoBridge, InfoBridgePort, InfoData, InfoPortData, LinkAttribute, LinkFlags, LinkInfo,
+            LinkMessage, LinkProtoInfoBridge,
+        },
     },
 };
 
@@ -43,6 +47,95 @@ impl Link {
     }
 }
 
+/// `BR_STATE_FORWARDING`: the one spanning-tree state in which a bridge port takes
+/// frames in and sends frames out.
+pub const BR_STATE_FORWARDING: u8 = 3;
+/// `IFLA_BRPORT_STATE` and `IFLA_BRPORT_LOCKED`, as the bridge's own notifications
+/// (family AF_BRIDGE, `IFLA_PROTINFO`) carry them.
+const IFLA_BRPORT_STATE: u16 = 1;
+const IFLA_BRPORT_LOCKED: u16 = 39;
+
+/// A bridge port's own settings that decide what the bridge does with frames through
+/// it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BridgePort {
+    /// Its spanning-tree state (`BR_STATE_*`): other than forwarding, the bridge drops
+    /// what comes in through it and sends nothing out.
+    pub state: u8,
+    /// `locked`: what comes in from a MAC the bridge has no entry for on this port is
+    /// dropped.
+    pub locked: bool,
+}
+
+impl BridgePort {
+    /// What a link message says of the port's settings: in `IFLA_LINKINFO`'s port data
+    /// (a link dump or change) or in `IFLA_PROTINFO` (the bridge's own notifications);
+    /// `None` where it says nothing.
+    pub fn from_message(msg: &LinkMessage) -> Option<Self> {
+        let (mut state, mut locked) = (None, false);
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        let LinkInfo::PortData(InfoPortData::BridgePort(port)) = info else {
+                            continue;
+                        };
+                        for a in port {
+                            match a {
+                                InfoBridgePort::State(s) => state = Some(u8::from(*s)),
+                                InfoBridgePort::Locked(l) => locked = *l,
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                LinkAttribute::ProtoInfoBridge(port) => {
+                    for a in port {
+                        let LinkProtoInfoBridge::Other(nla) = a else {
+                            continue;
+                        };
+                        let mut value = vec![0; nla.value_len()];
+                        nla.emit_value(&mut value);
+                        match (nla.kind(), value.first()) {
+                            (IFLA_BRPORT_STATE, Some(s)) => state = Some(*s),
+                            (IFLA_BRPORT_LOCKED, Some(l)) => locked = *l != 0,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(Self {
+            state: state?,
+            locked,
+        })
+    }
+}
+
+/// Whether a bridge's message says it filters by VLAN (`None`: it says nothing, as
+/// the bridge's own AF_BRIDGE notifications).
+pub fn vlan_filtering(msg: &LinkMessage) -> Option<bool> {
+    msg.attributes.iter().find_map(|attr| match attr {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|info| match info {
+            LinkInfo::Data(InfoData::Bridge(bridge)) => bridge.iter().find_map(|b| match b {
+                InfoBridge::VlanFiltering(on) => Some(*on),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// A bridge as a link dump shows it: whether it filters by VLAN, and its ports (index,
+/// name, settings).
+#[derive(Debug, Default)]
+pub struct BridgeView {
+    pub vlan_filtering: bool,
+    pub ports: Vec<(u32, String, Option<BridgePort>)>,
+}
+
 impl Kernel {
     /// The interface called `name`, or `None` if there is none.
     pub async fn link(&self, name: &str) -> Result<Option<Link>, KernelError> {
@@ -63,8 +156,8 @@ impl Kernel {
         }
     }
 
-    /// The interfaces enslaved to bridge `bridge` (index, name).
-    pub async fn bridge_ports(&self, bridge: u32) -> Result<Vec<(u32, String)>, KernelError> {
+    /// Bridge `bridge` and the interfaces enslaved to it, from one link dump.
+    pub async fn bridge_view(&self, bridge: u32) -> Result<BridgeView, KernelError> {
         let links: Vec<LinkMessage> = self
             .handle
             .link()
@@ -73,11 +166,18 @@ impl Kernel {
             .try_collect()
             .await
             .map_err(netlink("listing ports of bridge", bridge))?;
-        Ok(links
-            .iter()
-            .filter(|l| port_of(l) == Some(bridge))
-            .filter_map(|l| Some((l.header.index, link_name(l)?)))
-            .collect())
+        Ok(BridgeView {
+            vlan_filtering: links
+                .iter()
+                .find(|l| l.header.index == bridge)
+                .and_then(vlan_filtering)
+                .unwrap_or(false),
+            ports: links
+                .iter()
+                .filter(|l| port_of(l) == Some(bridge))
+                .filter_map(|l| Some((l.header.index, link_name(l)?, BridgePort::from_message(l))))
+                .collect(),
+        })
     }
 
     /// The networks assigned to interface `index` (address + prefix), IPv4 and IPv6;
@@ -175,4 +275,56 @@ pub fn link_name(msg: &LinkMessage) -> Option<String> {
         LinkAttribute::IfName(name) => Some(name.clone()),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::link::{BridgePortState, InfoPortKind};
+
+    use super::*;
+
+    #[test]
+    fn a_ports_settings_come_from_its_link_info_or_the_bridges_notification() {
+        let mut dump = LinkMessage::default();
+        dump.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![
+                InfoBridgePort::State(BridgePortState::Learning),
+                InfoBridgePort::Locked(true),
+            ])),
+        ]));
+        assert_eq!(
+            BridgePort::from_message(&dump),
+            Some(BridgePort {
+                state: 2,
+                locked: true
+            })
+        );
+        let mut notification = LinkMessage::default();
+        notification
+            .attributes
+            .push(LinkAttribute::ProtoInfoBridge(vec![
+                LinkProtoInfoBridge::Other(rtnetlink::packet_core::DefaultNla::new(
+                    IFLA_BRPORT_STATE,
+                    vec![BR_STATE_FORWARDING],
+                )),
+            ]));
+        assert_eq!(
+            BridgePort::from_message(&notification),
+            Some(BridgePort {
+                state: BR_STATE_FORWARDING,
+                locked: false
+            })
+        );
+        // Nothing said of it: nothing known.
+        assert_eq!(BridgePort::from_message(&LinkMessage::default()), None);
+        assert_eq!(vlan_filtering(&LinkMessage::default()), None);
+        let mut bridge = LinkMessage::default();
+        bridge
+            .attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Data(
+                InfoData::Bridge(vec![InfoBridge::VlanFiltering(true)]),
+            )]));
+        assert_eq!(vlan_filtering(&bridge), Some(true));
+    }
 }

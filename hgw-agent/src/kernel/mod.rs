@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use rtnetlink::Handle;
 
 pub use events::{KernelEvent, KernelEvents, RouteOwner, subscribe};
-pub use link::{Link, link_name, port_of};
+pub use link::{BR_STATE_FORWARDING, BridgePort, BridgeView, Link, link_name, port_of};
 pub use neigh::{Neighbour, NeighbourLimits, format_mac};
 pub use nexthop::{NexthopError, remove_all as remove_hgw_nexthops};
 pub use route::{HgwRoute, PrefixOwners, RouteKey, main_route};

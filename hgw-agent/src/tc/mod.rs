@@ -83,6 +83,54 @@ pub struct Hooks {
     pub filters: Vec<Filter>,
     /// nftables hooks on the interface, with the chain or flowtable each is of.
     pub netfilter: Vec<(Hook, String)>,
+    /// What the bridge decides here that a redirect past it would not.
+    pub bridge: Vec<BridgeDuty>,
+}
+
+/// What the bridge decides for frames through a port, or through itself, that a
+/// redirect from a port, or delivery straight into a pod, would skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeDuty {
+    /// The port is not forwarding (its spanning-tree state, `BR_STATE_*`; a port of a
+    /// bridge that is down is disabled): the bridge drops what comes in through it and
+    /// sends nothing out.
+    PortState(u8),
+    /// The port is locked: the bridge drops frames from MACs it has no entry for there.
+    Locked,
+    /// The bridge filters by VLAN: what it lets in from a port, and out to one, is up
+    /// to the port's VLANs.
+    VlanFiltering,
+}
+
+impl BridgeDuty {
+    /// A port's duties.
+    pub fn of_port(port: crate::kernel::BridgePort) -> Vec<Self> {
+        let mut duties = Vec::new();
+        if port.state != crate::kernel::BR_STATE_FORWARDING {
+            duties.push(Self::PortState(port.state));
+        }
+        if port.locked {
+            duties.push(Self::Locked);
+        }
+        duties
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Self::PortState(state) => format!(
+                "port state {}",
+                match state {
+                    0 => "disabled",
+                    1 => "listening",
+                    2 => "learning",
+                    4 => "blocking",
+                    _ => "unknown",
+                }
+            ),
+            Self::Locked => "locked".to_owned(),
+            Self::VlanFiltering => "vlan filtering".to_owned(),
+        }
+    }
 }
 
 impl Hooks {
@@ -143,7 +191,7 @@ impl Hooks {
 
     /// The `DEVICE_*` bits for this interface.
     pub fn flags(&self, role: Role, hgw_here: bool, own: &[u32]) -> u32 {
-        let mut flags = self.netfilter_flags(role, hgw_here);
+        let mut flags = self.netfilter_flags(role, hgw_here) | self.bridge_flags(role, hgw_here);
         let (_, after) = self.ingress_split(role, hgw_here, own);
         if !after.is_empty() || self.ingress_filter_after(role, hgw_here, own) {
             flags |= DEVICE_INGRESS;
@@ -172,6 +220,26 @@ impl Hooks {
                 Hook::BridgeIn if role == Role::Bridge && !hgw_here => DEVICE_INGRESS,
                 Hook::BridgeOut if role == Role::Bridge => DEVICE_EGRESS,
                 _ => 0,
+            })
+            .fold(0, |flags, flag| flags | flag)
+    }
+
+    /// The `DEVICE_*` bits the bridge's duties call for: on the way in, they matter
+    /// where hgw redirects from the port, or from the ports past the bridge (with hgw
+    /// on the bridge, the bridge has done them); on the way out, delivery goes through
+    /// the bridge.
+    fn bridge_flags(&self, role: Role, hgw_here: bool) -> u32 {
+        self.bridge
+            .iter()
+            .map(|duty| {
+                let way_in = match (duty, role) {
+                    (BridgeDuty::PortState(_) | BridgeDuty::Locked, Role::Port) => hgw_here,
+                    (BridgeDuty::VlanFiltering, Role::Bridge) => !hgw_here,
+                    _ => false,
+                };
+                let way_out = !matches!(duty, BridgeDuty::Locked);
+                (if way_in { DEVICE_INGRESS } else { 0 })
+                    | (if way_out { DEVICE_EGRESS } else { 0 })
             })
             .fold(0, |flags, flag| flags | flag)
     }
@@ -225,6 +293,7 @@ impl Hooks {
                 .iter()
                 .map(|(hook, owner)| format!("{}: {owner}", hook.name()))
                 .collect(),
+            bridge: self.bridge.iter().map(|duty| duty.name()).collect(),
             flags: flag_names(flags),
         }
     }
@@ -232,6 +301,7 @@ impl Hooks {
     /// Whether anything at all shares the hooks (status lists only those ports).
     pub fn is_shared(&self, own: &[u32]) -> bool {
         !self.netfilter.is_empty()
+            || !self.bridge.is_empty()
             || self.tcx_ingress.iter().any(|id| !own.contains(id))
             || !self.tcx_egress.is_empty()
             || self.foreign_filters(own).next().is_some()
@@ -498,6 +568,43 @@ mod tests {
             with(Hook::Egress).status(("eth0", 2), (Role::Uplink, true), OWN, &HashMap::new());
         assert_eq!(status.netfilter, vec!["egress: chain netdev t c"]);
         assert_eq!(status.flags, vec!["netfilter-egress"]);
+    }
+
+    #[test]
+    fn the_bridges_duties_flag_what_a_redirect_would_skip() {
+        let with = |duty: BridgeDuty| Hooks {
+            tcx_ingress: vec![HGW],
+            bridge: vec![duty],
+            ..noqueue()
+        };
+        let both = DEVICE_INGRESS | DEVICE_EGRESS;
+        // (duty, role, hgw here, flags)
+        let cases = [
+            // hgw on the port redirects before the bridge drops; delivery past it too.
+            (BridgeDuty::PortState(0), Role::Port, true, both),
+            // hgw on the bridge: the bridge dropped it first.
+            (BridgeDuty::PortState(2), Role::Port, false, DEVICE_EGRESS),
+            (BridgeDuty::Locked, Role::Port, true, DEVICE_INGRESS),
+            (BridgeDuty::Locked, Role::Port, false, 0),
+            (BridgeDuty::VlanFiltering, Role::Bridge, false, both),
+            (BridgeDuty::VlanFiltering, Role::Bridge, true, DEVICE_EGRESS),
+        ];
+        for (duty, role, here, flags) in cases {
+            let hooks = with(duty);
+            assert_eq!(
+                hooks.flags(role, here, OWN),
+                flags,
+                "{duty:?} on a {role:?}, hgw here: {here}"
+            );
+            assert!(hooks.is_shared(OWN));
+        }
+        let port = |state, locked| crate::kernel::BridgePort { state, locked };
+        assert!(BridgeDuty::of_port(port(3, false)).is_empty());
+        assert_eq!(
+            BridgeDuty::of_port(port(2, true)),
+            [BridgeDuty::PortState(2), BridgeDuty::Locked]
+        );
+        assert_eq!(BridgeDuty::PortState(4).name(), "port state blocking");
     }
 
     #[test]

@@ -181,8 +181,9 @@ impl Scanner {
                     tcx_egress,
                     root_qdisc: q.root,
                     filters: filters.into_iter().collect(),
-                    // By interface name, in the observed state.
+                    // From the observed state (by interface name, from link messages).
                     netfilter: Vec::new(),
+                    bridge: Vec::new(),
                 },
             );
         }

@@ -182,6 +182,8 @@ mod tests {
             name: Some("veth20".into()),
             controller: Some(BRIDGE),
             link: None,
+            port: None,
+            vlan_filtering: None,
             deleted: false,
         });
         let clean = Hooks {

@@ -1,0 +1,197 @@
+//! What the bridge decides for frames through it keeps its effect with hgw as with
+//! kernel routes alone: a port that is not forwarding (its spanning-tree state; a
+//! port of a bridge that is down is disabled) takes nothing in and sends nothing out,
+//! and a bridge that filters by VLAN lets through a port only the port's VLANs. hgw on
+//! the ports redirects frames before the bridge sees them, and delivers into a pod
+//! straight past the bridge.
+//!
+//! A UDP flow from n1's pod to n2's pod, on the fast path in `established`; then, one
+//! at a time: n1's port disabled, n1's port learning, n2's port disabled, and on each
+//! node VLAN filtering with the pod's port taken out of VLAN 1 (its untagged VLAN;
+//! skipped, and said, on a kernel without VLAN filtering, as this VM's). (Blocking
+//! cannot be set without STP: the bridge makes such a port forwarding at once.)
+//! With kernel routes alone (`off`) none of the batch arrives; with hgw none either,
+//! `status` shows the duty and the flags on the interface, and the counters say
+//! where the batch went (handed to the kernel, through the bridge, or dropped by the
+//! bridge before hgw on it saw it). Undone, the flow is back on the fast path. Kernels
+//! with tcx put hgw on the ports, 6.1 on the bridge: the kernel matrix runs both.
+
+use std::time::Duration;
+
+use anyhow::ensure;
+use hgw_tests::{Lab, OnTheWay, Status, Then, carried_flow_meets, hooks_of, run_in_ok};
+
+/// Datagrams per batch of the UDP flow.
+const BATCH: usize = 50;
+/// Longest wait for the agent to show a change (link events): never measured here.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// One thing the bridge decides, set on one node and undone.
+struct Duty {
+    /// Node index (0: the sender's, 1: the receiver's).
+    node: usize,
+    what: &'static str,
+    /// Commands (program and arguments) that set it, and that undo it.
+    set: &'static [&'static [&'static str]],
+    undo: &'static [&'static [&'static str]],
+    /// The interface `status` shows it on, and the duty's name there.
+    interface: &'static str,
+    shown: &'static str,
+    /// Flags and where the batch goes in `established`, with hgw's program on the
+    /// interface and elsewhere.
+    here: (&'static [&'static str], Then),
+    elsewhere: (&'static [&'static str], Then),
+}
+
+const BOTH: &[&str] = &["ingress", "egress"];
+const EGRESS: &[&str] = &["egress"];
+const FORWARDING: &[&[&str]] = &[&["bridge", "link", "set", "dev", "veth1", "state", "3"]];
+const VLAN_ON: &[&[&str]] = &[
+    &[
+        "ip",
+        "link",
+        "set",
+        "cni0",
+        "type",
+        "bridge",
+        "vlan_filtering",
+        "1",
+    ],
+    &["bridge", "vlan", "del", "dev", "veth1", "vid", "1"],
+];
+const VLAN_OFF: &[&[&str]] = &[
+    &[
+        "bridge", "vlan", "add", "dev", "veth1", "vid", "1", "pvid", "untagged",
+    ],
+    &[
+        "ip",
+        "link",
+        "set",
+        "cni0",
+        "type",
+        "bridge",
+        "vlan_filtering",
+        "0",
+    ],
+];
+
+const DUTIES: &[Duty] = &[
+    Duty {
+        node: 0,
+        what: "n1's port disabled",
+        set: &[&["bridge", "link", "set", "dev", "veth1", "state", "0"]],
+        undo: FORWARDING,
+        interface: "veth1",
+        shown: "port state disabled",
+        here: (BOTH, Then::HandedOn),
+        elsewhere: (EGRESS, Then::DroppedBefore),
+    },
+    Duty {
+        node: 0,
+        what: "n1's port learning",
+        set: &[&["bridge", "link", "set", "dev", "veth1", "state", "2"]],
+        undo: FORWARDING,
+        interface: "veth1",
+        shown: "port state learning",
+        here: (BOTH, Then::HandedOn),
+        elsewhere: (EGRESS, Then::DroppedBefore),
+    },
+    Duty {
+        node: 1,
+        what: "n2's port disabled",
+        set: &[&["bridge", "link", "set", "dev", "veth1", "state", "0"]],
+        undo: FORWARDING,
+        interface: "veth1",
+        shown: "port state disabled",
+        here: (BOTH, Then::ThroughTheBridge),
+        elsewhere: (EGRESS, Then::ThroughTheBridge),
+    },
+    Duty {
+        node: 0,
+        what: "n1's bridge filtering by VLAN, the port out of VLAN 1",
+        set: VLAN_ON,
+        undo: VLAN_OFF,
+        interface: "cni0",
+        shown: "vlan filtering",
+        here: (EGRESS, Then::DroppedBefore),
+        elsewhere: (BOTH, Then::HandedOn),
+    },
+    Duty {
+        node: 1,
+        what: "n2's bridge filtering by VLAN, the port out of VLAN 1",
+        set: VLAN_ON,
+        undo: VLAN_OFF,
+        interface: "cni0",
+        shown: "vlan filtering",
+        here: (EGRESS, Then::ThroughTheBridge),
+        elsewhere: (BOTH, Then::ThroughTheBridge),
+    },
+];
+
+#[test]
+fn the_bridges_port_states_and_vlans_hold_for_a_carried_flow() -> anyhow::Result<()> {
+    let mut lab = Lab::up(2, 1)?;
+    let duties: Vec<&dyn OnTheWay> = DUTIES.iter().map(|d| d as &dyn OnTheWay).collect();
+    carried_flow_meets(&mut lab, &duties, BATCH, SETTLE)
+}
+
+impl OnTheWay for Duty {
+    fn what(&self) -> String {
+        self.what.to_owned()
+    }
+
+    fn node(&self) -> usize {
+        self.node
+    }
+
+    fn set(&self, lab: &Lab, _port: u16) -> anyhow::Result<bool> {
+        match run_all(&lab.nodes[self.node].ns, self.set) {
+            Ok(()) => Ok(true),
+            Err(e) if format!("{e:#}").contains("Operation not supported") => {
+                eprintln!("{}: {e:#}", self.what);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn undo(&self, lab: &Lab) -> anyhow::Result<()> {
+        run_all(&lab.nodes[self.node].ns, self.undo)
+    }
+
+    /// `status` lists the duty on the interface with the flags it calls for.
+    fn shown(&self, status: &Status) -> anyhow::Result<Then> {
+        let hook = hooks_of(status, self.interface)?;
+        let (flags, then) = if hook.hgw { self.here } else { self.elsewhere };
+        ensure!(
+            self.listed(status) && hook.flags == flags,
+            "status of {} does not show {} with the flags {flags:?}: {hook:?}",
+            self.interface,
+            self.shown
+        );
+        Ok(then)
+    }
+
+    fn listed(&self, status: &Status) -> bool {
+        status
+            .hooks
+            .iter()
+            .any(|h| h.interface == self.interface && h.bridge.iter().any(|d| d == self.shown))
+    }
+
+    /// n2's port, disabled, lost the bridge's forwarding entries through it.
+    fn back(&self) -> Then {
+        if self.node == 1 && self.shown.starts_with("port state") {
+            Then::Relearning
+        } else {
+            Then::FastPath
+        }
+    }
+}
+
+fn run_all(ns: &str, commands: &[&[&str]]) -> anyhow::Result<()> {
+    for command in commands {
+        run_in_ok(ns, command[0], &command[1..])?;
+    }
+    Ok(())
+}
