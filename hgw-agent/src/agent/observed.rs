@@ -717,6 +717,7 @@ mod tests {
             port: Some(BridgePort {
                 state,
                 locked: false,
+                no_flood: false,
             }),
             vlan_filtering: None,
             deleted: false,

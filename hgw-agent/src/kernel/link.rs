@@ -50,9 +50,11 @@ impl Link {
 /// `BR_STATE_FORWARDING`: the one spanning-tree state in which a bridge port takes
 /// frames in and sends frames out.
 pub const BR_STATE_FORWARDING: u8 = 3;
-/// `IFLA_BRPORT_STATE` and `IFLA_BRPORT_LOCKED`, as the bridge's own notifications
-/// (family AF_BRIDGE, `IFLA_PROTINFO`) carry them.
+/// `IFLA_BRPORT_*`, as the bridge's own notifications (family AF_BRIDGE,
+/// `IFLA_PROTINFO`) carry them.
 const IFLA_BRPORT_STATE: u16 = 1;
+const IFLA_BRPORT_UNICAST_FLOOD: u16 = 9;
+const IFLA_BRPORT_PROXYARP: u16 = 10;
 const IFLA_BRPORT_LOCKED: u16 = 39;
 
 /// A bridge port's own settings that decide what the bridge does with frames through
@@ -65,6 +67,9 @@ pub struct BridgePort {
     /// `locked`: what comes in from a MAC the bridge has no entry for on this port is
     /// dropped.
     pub locked: bool,
+    /// Unicast flooding off, or proxy ARP on: a frame for a MAC the bridge has no
+    /// entry for is not flooded to this port.
+    pub no_flood: bool,
 }
 
 impl BridgePort {
@@ -72,7 +77,7 @@ impl BridgePort {
     /// (a link dump or change) or in `IFLA_PROTINFO` (the bridge's own notifications);
     /// `None` where it says nothing.
     pub fn from_message(msg: &LinkMessage) -> Option<Self> {
-        let (mut state, mut locked) = (None, false);
+        let (mut state, mut locked, mut flood, mut proxy_arp) = (None, false, true, false);
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::LinkInfo(infos) => {
@@ -84,6 +89,8 @@ impl BridgePort {
                             match a {
                                 InfoBridgePort::State(s) => state = Some(u8::from(*s)),
                                 InfoBridgePort::Locked(l) => locked = *l,
+                                InfoBridgePort::UnicastFlood(f) => flood = *f,
+                                InfoBridgePort::ProxyARP(p) => proxy_arp = *p,
                                 _ => {}
                             }
                         }
@@ -99,6 +106,8 @@ impl BridgePort {
                         match (nla.kind(), value.first()) {
                             (IFLA_BRPORT_STATE, Some(s)) => state = Some(*s),
                             (IFLA_BRPORT_LOCKED, Some(l)) => locked = *l != 0,
+                            (IFLA_BRPORT_UNICAST_FLOOD, Some(f)) => flood = *f != 0,
+                            (IFLA_BRPORT_PROXYARP, Some(p)) => proxy_arp = *p != 0,
                             _ => {}
                         }
                     }
@@ -109,6 +118,7 @@ impl BridgePort {
         Some(Self {
             state: state?,
             locked,
+            no_flood: !flood || proxy_arp,
         })
     }
 }
@@ -297,7 +307,8 @@ mod tests {
             BridgePort::from_message(&dump),
             Some(BridgePort {
                 state: 2,
-                locked: true
+                locked: true,
+                no_flood: false,
             })
         );
         let mut notification = LinkMessage::default();
@@ -313,7 +324,8 @@ mod tests {
             BridgePort::from_message(&notification),
             Some(BridgePort {
                 state: BR_STATE_FORWARDING,
-                locked: false
+                locked: false,
+                no_flood: false,
             })
         );
         // Nothing said of it: nothing known.

@@ -100,6 +100,10 @@ pub enum BridgeDuty {
     /// The bridge filters by VLAN: what it lets in from a port, and out to one, is up
     /// to the port's VLANs.
     VlanFiltering,
+    /// The port is left out of floods (unicast flooding off, or proxy ARP on): a frame
+    /// for a pod whose MAC the bridge has no entry for does not go there, where
+    /// delivery straight into the pod would take it.
+    NoFlood,
 }
 
 impl BridgeDuty {
@@ -111,6 +115,9 @@ impl BridgeDuty {
         }
         if port.locked {
             duties.push(Self::Locked);
+        }
+        if port.no_flood {
+            duties.push(Self::NoFlood);
         }
         duties
     }
@@ -129,6 +136,7 @@ impl BridgeDuty {
             ),
             Self::Locked => "locked".to_owned(),
             Self::VlanFiltering => "vlan filtering".to_owned(),
+            Self::NoFlood => "no unicast flood".to_owned(),
         }
     }
 }
@@ -588,6 +596,7 @@ mod tests {
             (BridgeDuty::Locked, Role::Port, false, 0),
             (BridgeDuty::VlanFiltering, Role::Bridge, false, both),
             (BridgeDuty::VlanFiltering, Role::Bridge, true, DEVICE_EGRESS),
+            (BridgeDuty::NoFlood, Role::Port, true, DEVICE_EGRESS),
         ];
         for (duty, role, here, flags) in cases {
             let hooks = with(duty);
@@ -598,11 +607,19 @@ mod tests {
             );
             assert!(hooks.is_shared(OWN));
         }
-        let port = |state, locked| crate::kernel::BridgePort { state, locked };
-        assert!(BridgeDuty::of_port(port(3, false)).is_empty());
+        let port = |state, locked, no_flood| crate::kernel::BridgePort {
+            state,
+            locked,
+            no_flood,
+        };
+        assert!(BridgeDuty::of_port(port(3, false, false)).is_empty());
         assert_eq!(
-            BridgeDuty::of_port(port(2, true)),
-            [BridgeDuty::PortState(2), BridgeDuty::Locked]
+            BridgeDuty::of_port(port(2, true, true)),
+            [
+                BridgeDuty::PortState(2),
+                BridgeDuty::Locked,
+                BridgeDuty::NoFlood
+            ]
         );
         assert_eq!(BridgeDuty::PortState(4).name(), "port state blocking");
     }
