@@ -9,6 +9,8 @@
 
 use std::path::Path;
 
+use rtnetlink::packet_core::{NLA_HEADER_SIZE, NlasIterator};
+
 use super::netlink;
 
 const NETLINK_NETFILTER: isize = 12;
@@ -359,17 +361,13 @@ fn family_name(family: u8) -> &'static str {
     }
 }
 
-/// The netlink attributes in `buffer`: (type without the nested and byte-order bits,
-/// value). Stops at the first one that does not fit.
+/// The netlink attributes in `buffer` (netlink-packet-core's iterator): (type without
+/// the nested and byte-order bits, value). Stops at the first one that does not fit.
 fn attributes(buffer: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut rest = buffer;
-    std::iter::from_fn(move || {
-        let header = rest.get(..4)?;
-        let len = usize::from(u16::from_ne_bytes([header[0], header[1]]));
-        let kind = u16::from_ne_bytes([header[2], header[3]]) & 0x3FFF;
-        let value = rest.get(4..len)?;
-        rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
-        Some((kind, value))
+    NlasIterator::new(buffer).map_while(Result::ok).map(|nla| {
+        let (kind, len) = (nla.kind(), nla.value_length());
+        let whole: &[u8] = nla.into_inner();
+        (kind, &whole[NLA_HEADER_SIZE..NLA_HEADER_SIZE + len])
     })
 }
 

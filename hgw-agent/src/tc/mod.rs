@@ -538,6 +538,22 @@ mod tests {
         assert_eq!(Hooks::default().flags(Role::Port, true, OWN), 0);
     }
 
+    /// Each case's hooks (`with` its thing) share the hooks and call for its flags.
+    fn assert_flags<T: Copy + std::fmt::Debug>(
+        with: impl Fn(T) -> Hooks,
+        cases: &[(T, Role, bool, u32)],
+    ) {
+        for &(thing, role, here, flags) in cases {
+            let hooks = with(thing);
+            assert_eq!(
+                hooks.flags(role, here, OWN),
+                flags,
+                "{thing:?} on a {role:?}, hgw here: {here}"
+            );
+            assert!(hooks.is_shared(OWN));
+        }
+    }
+
     #[test]
     fn nftables_hooks_flag_what_a_redirect_would_skip() {
         let with = |hook: Hook| Hooks {
@@ -563,15 +579,7 @@ mod tests {
             (Hook::BridgeOut, Role::Bridge, true, DEVICE_EGRESS),
             (Hook::BridgeOut, Role::Bridge, false, DEVICE_EGRESS),
         ];
-        for (hook, role, here, flags) in cases {
-            let hooks = with(hook);
-            assert_eq!(
-                hooks.flags(role, here, OWN),
-                flags,
-                "{hook:?} on a {role:?}, hgw here: {here}"
-            );
-            assert!(hooks.is_shared(OWN));
-        }
+        assert_flags(with, &cases);
         let status =
             with(Hook::Egress).status(("eth0", 2), (Role::Uplink, true), OWN, &HashMap::new());
         assert_eq!(status.netfilter, vec!["egress: chain netdev t c"]);
@@ -598,15 +606,7 @@ mod tests {
             (BridgeDuty::VlanFiltering, Role::Bridge, true, DEVICE_EGRESS),
             (BridgeDuty::NoFlood, Role::Port, true, DEVICE_EGRESS),
         ];
-        for (duty, role, here, flags) in cases {
-            let hooks = with(duty);
-            assert_eq!(
-                hooks.flags(role, here, OWN),
-                flags,
-                "{duty:?} on a {role:?}, hgw here: {here}"
-            );
-            assert!(hooks.is_shared(OWN));
-        }
+        assert_flags(with, &cases);
         let port = |state, locked, no_flood| crate::kernel::BridgePort {
             state,
             locked,
