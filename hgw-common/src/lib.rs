@@ -542,6 +542,9 @@ counters! {
     /// bridge for packets from the pods) would drop the packet: no route back to its
     /// source, or (strict) one through another interface.
     PassRpFilter = "pass_rp_filter",
+    /// Bridge side: the frame's source MAC is all zeros or multicast, which a bridge
+    /// drops from its ports (hgw on the ports sees such frames first).
+    PassSourceMac = "pass_source_mac",
 }
 
 /// The address family a counter block belongs to.

@@ -291,6 +291,11 @@ fn verdict<H: IpHeader>(result: Result<(), Counter>, forwarded: Counter) -> i32 
 fn try_to_peer<H: IpHeader>(ctx: &TcContext, eth: *mut EthHdr) -> Result<(), Counter> {
     let config = enabled::<H>()?;
     let ip = parse::<H>(ctx, eth, config.bridge_mac)?;
+    // From a port, the bridge drops such a frame before anything else
+    // (br_handle_frame); on the bridge, none arrives.
+    if !unicast_source(eth) {
+        return Err(Counter::PassSourceMac);
+    }
     // SAFETY: parse checked that the whole IP header is inside the packet.
     let (src, dst) = unsafe { ((*ip).src(), (*ip).dst()) };
     if H::owns(config, dst) {
@@ -1579,6 +1584,15 @@ fn parse<H: IpHeader>(
     // SAFETY: ptr_at checked the bounds.
     unsafe { &*ip }.check(ctx)?;
     Ok(ip)
+}
+
+/// Whether the frame's source MAC is one the bridge takes a frame from
+/// (`is_valid_ether_addr`): neither multicast (broadcast included) nor all zeros.
+#[inline(always)]
+fn unicast_source(eth: *const EthHdr) -> bool {
+    // SAFETY: the caller got eth from ethernet(), which checked the bounds.
+    let mac = unsafe { (*eth).src_addr };
+    mac[0] & 1 == 0 && mac != [0; 6]
 }
 
 /// TTL <= 1 and packets too large for the egress go to the kernel, which answers with

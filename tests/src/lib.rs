@@ -29,6 +29,7 @@ mod lab;
 mod netfilter;
 mod netns;
 pub mod progns;
+mod raw;
 mod stream;
 mod tc;
 mod traffic;
@@ -60,6 +61,7 @@ pub use netfilter::{
     kube_proxy_nftables, nft_apply, restart_agents, run_with_input, tcp_request, udp_requests,
 };
 pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
+pub use raw::{RawFrames, link_mac};
 pub use stream::paced_tcp_stream;
 pub use tc::{
     Hook, LegacyFilter, PacketMatch, PodBandwidth, Probe, TcxLink, Verdict, delete_qdisc,

@@ -49,7 +49,8 @@ const CHECKS: [Check; 5] = [
     // The routing table and rules (and the reverse-path filter), IPsec policies (with
     // xfrm_user a module, loaded only by the test), ICMP (frag-needed), tc shaping,
     // nftables chains on the interfaces (nf_tables a module), the bridge's port states
-    // and VLAN filtering (which this machine's kernel lacks) and the priority
+    // and VLAN filtering (which this machine's kernel lacks), the frames a bridge refuses
+    // for their source MAC, and the priority
     // forwarding gives a packet stay the kernel's:
     // each test sends what kernel routes alone would carry and checks it went there.
     Check {
@@ -63,6 +64,7 @@ const CHECKS: [Check; 5] = [
             "forward_priority",
             "netfilter_hooks",
             "bridge_duties",
+            "source_mac",
         ],
     },
     // What hgw leaves on the node: cls_bpf filters last on their hooks, replaced in

@@ -181,6 +181,10 @@ pub fn expected_redirect(program: &str, f: &[u8]) -> Option<[u8; 12]> {
     if f.len() < 14 || f[0..6] != our_mac {
         return None;
     }
+    // From a pod: a source MAC the bridge refuses (multicast, all zeros).
+    if to_peer && (f[6] & 1 == 1 || f[6..12] == [0; 6]) {
+        return None;
+    }
     let ip = &f[14..];
     let (table, src, dst, ttl, packet_len) = match ether_type(f) {
         ETH_P_IPV4 if ip.len() >= 20 => {

@@ -201,6 +201,24 @@ fn bridge_side_leaves_what_it_is_not_sure_of_to_the_kernel() {
             with(&base, |f| f[0..6].copy_from_slice(&PEER2_MAC)),
             Slot::V4(PassNotUnicast),
         ),
+        // What br_handle_frame drops from a port (hgw on the ports sees it first).
+        (
+            "an all-zero source MAC",
+            with(&base, |f| f[6..12].copy_from_slice(&[0; 6])),
+            Slot::V4(PassSourceMac),
+        ),
+        (
+            "a multicast source MAC",
+            with(&base, |f| {
+                f[6..12].copy_from_slice(&[0x01, 0, 0x5e, 0, 0, 1])
+            }),
+            Slot::V4(PassSourceMac),
+        ),
+        (
+            "a broadcast source MAC",
+            with(&base, |f| f[6..12].copy_from_slice(&[0xff; 6])),
+            Slot::V4(PassSourceMac),
+        ),
         (
             "the uplink's MAC",
             with(&base, |f| f[0..6].copy_from_slice(&UPLINK_MAC)),

@@ -224,6 +224,16 @@ fn ipv6_bridge_side_leaves_what_it_is_not_sure_of_to_the_kernel() {
             Slot::V6(PassNotUnicast),
         );
     }
+    for (what, mac) in [
+        ("an all-zero source MAC", [0; 6]),
+        ("a multicast source MAC", [0x33, 0x33, 0, 0, 0, 1]),
+    ] {
+        case(
+            what,
+            with(&base, |f| f[6..12].copy_from_slice(&mac)),
+            Slot::V6(PassSourceMac),
+        );
+    }
     for (what, frame, reason) in cases {
         p.expect_pass(PROG_TO_PEER, &frame, reason, &what);
     }
