@@ -49,7 +49,7 @@ enum Task {
     Test,
     /// The lab's smoke test in each fast-path mode on this kernel and, under QEMU, on
     /// Debian 12's 6.1 and 6.12 kernels; writes target/matrix.md.
-    Matrix,
+    Matrix(matrix::Only),
     /// A 3-node lab with an agent per node: traffic between all pods, counters.
     Demo,
     /// Build the agent, then its OCI image (no base image pulled): target/oci/hgw-agent/
@@ -102,9 +102,9 @@ fn dispatch(task: Task) -> anyhow::Result<ExitCode> {
         }
         Task::Lab { action } => lab(action)?,
         Task::Test => test()?,
-        Task::Matrix => {
+        Task::Matrix(only) => {
             build()?;
-            matrix::matrix(&hgw_tests::built_agent_bin(), true)?;
+            matrix::matrix(&hgw_tests::built_agent_bin(), true, &only)?;
         }
         Task::Image => image()?,
         Task::Demo => return demo::demo(),
@@ -149,7 +149,7 @@ fn test() -> anyhow::Result<()> {
         .env("HGW_AGENT_BIN", &agent))?;
     // The same agent and tests on the kernels operators run (Debian's, in QEMU); this
     // kernel's column would run again what `cargo test` just ran.
-    matrix::matrix(&agent, false)?;
+    matrix::matrix(&agent, false, &matrix::Only::default())?;
     // Lints fail the run: the workspace (agent, common, xtask, tests), then the eBPF
     // crate alone for its own target, as aya-template's test.sh does.
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

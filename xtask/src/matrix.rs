@@ -17,6 +17,7 @@ use crate::matrix_vm::{self, Kernel};
 use crate::util::{capture, cargo, root};
 
 /// A column of the matrix: lab tests run in one fast-path mode (`off` loads no programs).
+#[derive(Clone, Copy)]
 struct Check {
     /// The column's name, and its log's (`<name>.log`).
     name: &'static str,
@@ -118,26 +119,64 @@ struct Column {
     dir: PathBuf,
 }
 
+/// A part of the matrix, for working on one test: `cargo xtask matrix --test NAME
+/// --kernel 6.12`.
+#[derive(Debug, Default, clap::Args)]
+pub struct Only {
+    /// Run only these test targets (one `established` column), not the checks.
+    #[arg(long = "test")]
+    tests: Vec<String>,
+    /// Only the guest kernels whose version starts with this (no host column).
+    #[arg(long)]
+    kernel: Option<String>,
+}
+
+impl Only {
+    fn checks(&self) -> Vec<Check> {
+        if self.tests.is_empty() {
+            return CHECKS.to_vec();
+        }
+        // Leaked: a check names its tests for the process's life, as CHECKS does.
+        let tests: Vec<&'static str> = self
+            .tests
+            .iter()
+            .map(|t| &*String::leak(t.clone()))
+            .collect();
+        vec![Check {
+            name: "only",
+            mode: "established",
+            tests: tests.leak(),
+        }]
+    }
+}
+
 /// Runs the matrix with `agent` (the built release agent) and reports it; with
 /// `host`, on this machine's kernel too (`cargo xtask test` leaves it out: its
 /// `cargo test` has just run every one of these tests here).
-pub fn matrix(agent: &Path, host: bool) -> anyhow::Result<()> {
+pub fn matrix(agent: &Path, host: bool, only: &Only) -> anyhow::Result<()> {
     let started = Instant::now();
-    let tests = test_binaries()?;
+    let checks = only.checks();
+    let tests = test_binaries(&checks)?;
     let out = root().join("target/matrix");
     let mut columns = Vec::new();
-    if host {
-        columns.push(host_column(&tests, agent, &out)?);
+    if host && only.kernel.is_none() {
+        columns.push(host_column(&checks, &tests, agent, &out)?);
     }
     let mut kernels = Vec::new();
     for guest in &GUESTS {
         let package = matrix_vm::newest_package(guest.prefix, guest.suffix)?;
         let kernel = matrix_vm::fetch(&package)?;
-        columns.push(guest_column(&kernel, &tests, agent, &out)?);
+        if only
+            .kernel
+            .as_ref()
+            .is_none_or(|k| kernel.version.starts_with(k.as_str()))
+        {
+            columns.push(guest_column(&checks, &kernel, &tests, agent, &out)?);
+        }
         kernels.push(kernel.version);
     }
     matrix_vm::prune(&kernels)?;
-    let report = render(&columns, started.elapsed());
+    let report = render(&checks, &columns, started.elapsed());
     print!("{report}");
     let path = root().join("target/matrix.md");
     std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
@@ -159,8 +198,8 @@ type Binaries = BTreeMap<&'static str, PathBuf>;
 
 /// Every check's test binaries, built by `cargo test` (the lab tests' profile), found by
 /// asking cargo rather than guessing among target/debug/deps/<name>-<hash>.
-fn test_binaries() -> anyhow::Result<Binaries> {
-    let names: BTreeSet<&'static str> = CHECKS.iter().flat_map(|c| c.tests).copied().collect();
+fn test_binaries(checks: &[Check]) -> anyhow::Result<Binaries> {
+    let names: BTreeSet<&'static str> = checks.iter().flat_map(|c| c.tests).copied().collect();
     let mut args = vec!["test", "--no-run", "--message-format=json"];
     for &name in &names {
         args.extend(["--test", name]);
@@ -205,12 +244,17 @@ fn fresh_dir(out: &Path, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Each check on this machine's kernel, as `cargo test` runs the tests.
-fn host_column(tests: &Binaries, agent: &Path, out: &Path) -> anyhow::Result<Column> {
+fn host_column(
+    checks: &[Check],
+    tests: &Binaries,
+    agent: &Path,
+    out: &Path,
+) -> anyhow::Result<Column> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .context("reading /proc/sys/kernel/osrelease")?;
     let dir = fresh_dir(out, "host")?;
     let mut cells = Vec::new();
-    for check in &CHECKS {
+    for check in checks {
         println!("matrix: this machine ({}): {}", release.trim(), check.name);
         let log = dir.join(format!("{}.log", check.name));
         let file =
@@ -247,6 +291,7 @@ fn host_column(tests: &Binaries, agent: &Path, out: &Path) -> anyhow::Result<Col
 
 /// One boot of `kernel` running each check.
 fn guest_column(
+    checks: &[Check],
     kernel: &Kernel,
     tests: &Binaries,
     agent: &Path,
@@ -261,7 +306,7 @@ fn guest_column(
     // Each check's exit code (the last failing test's) and seconds land in
     // <name>.rc, its output in <name>.log.
     let mut script = String::new();
-    for check in &CHECKS {
+    for check in checks {
         let (name, log) = (
             matrix_vm::sh_quote(check.name),
             matrix_vm::sh_quote(&format!("{shared}/{}", check.name)),
@@ -289,7 +334,7 @@ fn guest_column(
     }
     println!("matrix: booting Debian {} under QEMU (TCG)", kernel.version);
     // Boot and set-up take seconds; the rest is the modes' own timeouts.
-    let runs: usize = CHECKS.iter().map(|c| c.tests.len()).sum();
+    let runs: usize = checks.iter().map(|c| c.tests.len()).sum();
     let watchdog = Duration::from_secs(120 + TEST_TIMEOUT_S * runs as u64);
     let boot = matrix_vm::boot(kernel, &dir, &script, watchdog)?;
     println!(
@@ -303,7 +348,7 @@ fn guest_column(
         boot.elapsed.as_secs()
     );
     let mut cells = Vec::new();
-    for check in &CHECKS {
+    for check in checks {
         let log = dir.join(format!("{}.log", check.name));
         let rc =
             std::fs::read_to_string(dir.join(format!("{}.rc", check.name))).unwrap_or_default();
@@ -365,17 +410,21 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 /// The table (kernel x check) and, under it, each failure.
-fn render(columns: &[Column], took: Duration) -> String {
+fn render(checks: &[Check], columns: &[Column], took: Duration) -> String {
     let mut table = format!(
         "# hgw kernel matrix\n\n| kernel | {} |\n|---|{}\n",
-        CHECKS.map(|c| format!("`{}`", c.name)).join(" | "),
-        "---|".repeat(CHECKS.len())
+        checks
+            .iter()
+            .map(|c| format!("`{}`", c.name))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(checks.len())
     );
     let mut notes = String::new();
     let mut n = 0;
     for column in columns {
         let mut row = format!("| {} |", column.kernel);
-        for (check, cell) in CHECKS.iter().zip(&column.cells) {
+        for (check, cell) in checks.iter().zip(&column.cells) {
             let mode = check.name;
             let text = match &cell.outcome {
                 Outcome::Pass => format!("pass ({} s)", cell.secs),
@@ -395,8 +444,12 @@ fn render(columns: &[Column], took: Duration) -> String {
         .map(|c| c.dir.display().to_string())
         .collect::<Vec<_>>()
         .join(", ");
+    let what = match checks {
+        [only] if only.name == "only" => format!("`only`: {}.", only.tests.join(", ")),
+        _ => "`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone) and ipvs.rs (IPVS takes `established` off); `routes-icmp-tc`: route_duties.rs, xfrm.rs, pmtu.rs, tc_bandwidth.rs, forward_priority.rs, netfilter_hooks.rs, bridge_duties.rs and source_mac.rs (where kernel routes, IPsec policies, ICMP, shaping, priorities, nftables chains on the interfaces and the bridge's port states, VLANs and source MAC checks put the packets); `leftovers`: attach_cls_bpf.rs and stale_routes.rs (the cls_bpf attach, and what hgw leaves on the node).".to_owned(),
+    };
     format!(
-        "{table}\n{notes}\n`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone) and ipvs.rs (IPVS takes `established` off); `routes-icmp-tc`: route_duties.rs, xfrm.rs, pmtu.rs, tc_bandwidth.rs, forward_priority.rs, netfilter_hooks.rs and bridge_duties.rs (where kernel routes, IPsec policies, ICMP, shaping, priorities, nftables chains on the interfaces and the bridge's port states and VLANs put the packets); `leftovers`: attach_cls_bpf.rs and stale_routes.rs (the cls_bpf attach, and what hgw leaves on the node). Logs in {logs}. Took {} s.\n",
+        "{table}\n{notes}\n{what} Logs in {logs}. Took {} s.\n",
         took.as_secs()
     )
 }
