@@ -28,6 +28,10 @@ pub struct Status {
     /// "loose". Empty without a fast path.
     #[serde(default)]
     pub rp_filter: BTreeMap<String, String>,
+    /// Dual stack: the uplink and the bridge, where IPv6 is disabled on them
+    /// (`disable_ipv6`): the kernel forwards no IPv6, so the fast path takes none.
+    #[serde(default)]
+    pub ipv6_disabled: Vec<String>,
     /// One entry per peer route: a dual-stack peer has two, IPv4 first.
     pub peers: Vec<PeerStatus>,
     /// Packet counters by family ("ipv4", "ipv6"; "other" for frames of neither), then
@@ -310,6 +314,13 @@ impl std::fmt::Display for Status {
                 .map(|(interface, mode)| format!("{mode} on {interface}"))
                 .collect();
             writeln!(f, "rp_filter {}", each.join(", "))?;
+        }
+        if !self.ipv6_disabled.is_empty() {
+            writeln!(
+                f,
+                "IPv6 disabled on {}: the kernel forwards no IPv6, nor does the fast path",
+                self.ipv6_disabled.join(", ")
+            )?;
         }
         if let Some(change) = &self.last_change {
             writeln!(

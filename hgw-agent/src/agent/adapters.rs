@@ -116,7 +116,9 @@ pub(super) fn node_config(
     config: &Config,
     forwarding: Forwarding,
 ) -> Result<NodeConfig, ConntrackError> {
-    let v6 = network.v6;
+    // Without an IPv6 pod CIDR the programs hand every IPv6 packet on, as the kernel
+    // must then decide: it drops them.
+    let v6 = network.v6.filter(|_| forwarding.ipv6_forwarded());
     Ok(NodeConfig {
         pod_net_v4: network.pod_cidr.network().octets(),
         pod_mask_v4: network.pod_cidr.netmask().octets(),

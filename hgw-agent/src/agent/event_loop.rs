@@ -370,12 +370,17 @@ impl Agent {
             return false;
         }
         info!(
-            "rp_filter is now {} on {} and {} on {}, ip_forward_update_priority {}: the fast path does so",
+            "rp_filter is now {} on {} and {} on {}, ip_forward_update_priority {}, IPv6 {}: the fast path does so",
             forwarding::name(now.rp_filter[0]),
             self.config.uplink,
             forwarding::name(now.rp_filter[1]),
             self.config.bridge,
             u8::from(now.update_priority),
+            if now.ipv6_forwarded() {
+                "forwarded"
+            } else {
+                "disabled on either"
+            },
         );
         true
     }
@@ -516,6 +521,16 @@ impl Agent {
                     .collect()
             } else {
                 Default::default()
+            },
+            ipv6_disabled: if self.scanner.is_some() && self.network.v6.is_some() {
+                [&self.config.uplink, &self.config.bridge]
+                    .into_iter()
+                    .zip(self.forwarding.ipv6_disabled)
+                    .filter(|(_, disabled)| *disabled)
+                    .map(|(interface, _)| interface.clone())
+                    .collect()
+            } else {
+                Vec::new()
             },
             peers: self.reconciler.peer_status(&self.observed),
             counters: Default::default(),

@@ -46,6 +46,7 @@ pub(super) fn waiting_status(
         fast_path: config.fast_path.name().to_owned(),
         fast_path_note,
         rp_filter: Default::default(),
+        ipv6_disabled: Vec::new(),
         peers: Vec::new(),
         counters: Default::default(),
         endpoints: 0,

@@ -372,6 +372,7 @@ pub(super) mod tests {
             fast_path: "established".into(),
             fast_path_note: None,
             rp_filter: BTreeMap::new(),
+            ipv6_disabled: Vec::new(),
             peers,
             counters: BTreeMap::new(),
             endpoints: 3,
