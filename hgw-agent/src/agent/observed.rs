@@ -180,7 +180,7 @@ impl Observed {
             } else {
                 self.port_settings
                     .get(ifindex)
-                    .map(|port| BridgeDuty::of_port(*port))
+                    .map(|port| BridgeDuty::of_port(*port, self.bridge.mtu))
                     .unwrap_or_default()
             };
         }
@@ -351,6 +351,9 @@ impl Observed {
                 .filter(|on| index == self.bridge.index && *on != self.vlan_filtering);
             if let Some(on) = filtering {
                 self.vlan_filtering = on;
+            }
+            // The ports' MTUs are measured against the bridge's.
+            if filtering.is_some() || changed && index == self.bridge.index {
                 self.match_duties();
             }
             // (The event loop syncs the devices map on `Links` too.)
@@ -391,7 +394,14 @@ impl Observed {
             // device that takes a listed name at once), or its settings changed.
             (true, true) => {
                 let renamed = name.filter(|n| self.ports.get(&index) != Some(n));
-                let settings = port.filter(|p| self.port_settings.get(&index) != Some(p));
+                let known = self.port_settings.get(&index);
+                // A message that does not say the MTU leaves it as it was.
+                let settings = port
+                    .map(|p| BridgePort {
+                        mtu: p.mtu.or(known.and_then(|k| k.mtu)),
+                        ..p
+                    })
+                    .filter(|p| known != Some(p));
                 if renamed.is_none() && settings.is_none() {
                     return None;
                 }
@@ -718,6 +728,7 @@ mod tests {
                 state,
                 locked: false,
                 no_flood: false,
+                mtu: None,
             }),
             vlan_filtering: None,
             deleted: false,
@@ -742,6 +753,49 @@ mod tests {
         // The bridge's own notifications say nothing of it: it stays.
         assert_eq!(o.apply(bridge(None)), None);
         assert!(o.vlan_filtering);
+    }
+
+    #[test]
+    fn a_port_below_the_bridges_mtu_is_a_duty_until_the_bridge_comes_down_to_it() {
+        use crate::kernel::BridgePort;
+        let mut o = observed();
+        o.apply(port(40, Some(BRIDGE)));
+        o.set_hooks(
+            HashMap::from([(BRIDGE, Hooks::default()), (40, Hooks::default())]),
+            true,
+        );
+        let settings = |mtu| KernelEvent::Link {
+            index: 40,
+            name: Some("veth40".into()),
+            controller: Some(BRIDGE),
+            link: None,
+            port: Some(BridgePort {
+                state: crate::kernel::BR_STATE_FORWARDING,
+                locked: false,
+                no_flood: false,
+                mtu,
+            }),
+            vlan_filtering: None,
+            deleted: false,
+        };
+        let small = o.bridge.mtu - 100;
+        assert_eq!(o.apply(settings(Some(small))), Some(Change::Hooks));
+        assert_eq!(o.hooks[&40].bridge, [BridgeDuty::SmallMtu(small)]);
+        // A notification without the MTU leaves it known.
+        assert_eq!(o.apply(settings(None)), None);
+        let mut link = o.bridge;
+        link.mtu = small;
+        let lowered = KernelEvent::Link {
+            index: BRIDGE,
+            name: Some("cni0".into()),
+            controller: None,
+            link: Some(link),
+            port: None,
+            vlan_filtering: None,
+            deleted: false,
+        };
+        assert_eq!(o.apply(lowered), Some(Change::Links));
+        assert!(o.hooks[&40].bridge.is_empty());
     }
 
     #[test]

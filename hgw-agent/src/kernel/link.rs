@@ -70,6 +70,9 @@ pub struct BridgePort {
     /// Unicast flooding off, or proxy ARP on: a frame for a MAC the bridge has no
     /// entry for is not flooded to this port.
     pub no_flood: bool,
+    /// The port's MTU (`None`: the message did not say): the bridge drops a frame too
+    /// big for it on the way out (`br_dev_queue_push_xmit`).
+    pub mtu: Option<u32>,
 }
 
 impl BridgePort {
@@ -78,8 +81,10 @@ impl BridgePort {
     /// `None` where it says nothing.
     pub fn from_message(msg: &LinkMessage) -> Option<Self> {
         let (mut state, mut locked, mut flood, mut proxy_arp) = (None, false, true, false);
+        let mut mtu = None;
         for attr in &msg.attributes {
             match attr {
+                LinkAttribute::Mtu(m) => mtu = Some(*m),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         let LinkInfo::PortData(InfoPortData::BridgePort(port)) = info else {
@@ -119,6 +124,7 @@ impl BridgePort {
             state: state?,
             locked,
             no_flood: !flood || proxy_arp,
+            mtu,
         })
     }
 }
@@ -303,12 +309,14 @@ mod tests {
                 InfoBridgePort::Locked(true),
             ])),
         ]));
+        dump.attributes.push(LinkAttribute::Mtu(1400));
         assert_eq!(
             BridgePort::from_message(&dump),
             Some(BridgePort {
                 state: 2,
                 locked: true,
                 no_flood: false,
+                mtu: Some(1400),
             })
         );
         let mut notification = LinkMessage::default();
@@ -326,6 +334,7 @@ mod tests {
                 state: BR_STATE_FORWARDING,
                 locked: false,
                 no_flood: false,
+                mtu: None,
             })
         );
         // Nothing said of it: nothing known.

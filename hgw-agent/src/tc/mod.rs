@@ -104,11 +104,14 @@ pub enum BridgeDuty {
     /// for a pod whose MAC the bridge has no entry for does not go there, where
     /// delivery straight into the pod would take it.
     NoFlood,
+    /// The port's MTU is below the bridge's: the bridge drops a frame larger than the
+    /// port's on the way out, where delivery straight into the pod would not.
+    SmallMtu(u32),
 }
 
 impl BridgeDuty {
-    /// A port's duties.
-    pub fn of_port(port: crate::kernel::BridgePort) -> Vec<Self> {
+    /// A port's duties, on a bridge of MTU `bridge_mtu`.
+    pub fn of_port(port: crate::kernel::BridgePort, bridge_mtu: u32) -> Vec<Self> {
         let mut duties = Vec::new();
         if port.state != crate::kernel::BR_STATE_FORWARDING {
             duties.push(Self::PortState(port.state));
@@ -118,6 +121,9 @@ impl BridgeDuty {
         }
         if port.no_flood {
             duties.push(Self::NoFlood);
+        }
+        if let Some(mtu) = port.mtu.filter(|mtu| *mtu < bridge_mtu) {
+            duties.push(Self::SmallMtu(mtu));
         }
         duties
     }
@@ -137,6 +143,7 @@ impl BridgeDuty {
             Self::Locked => "locked".to_owned(),
             Self::VlanFiltering => "vlan filtering".to_owned(),
             Self::NoFlood => "no unicast flood".to_owned(),
+            Self::SmallMtu(mtu) => format!("mtu {mtu} below the bridge's"),
         }
     }
 }
@@ -605,20 +612,25 @@ mod tests {
             (BridgeDuty::VlanFiltering, Role::Bridge, false, both),
             (BridgeDuty::VlanFiltering, Role::Bridge, true, DEVICE_EGRESS),
             (BridgeDuty::NoFlood, Role::Port, true, DEVICE_EGRESS),
+            (BridgeDuty::SmallMtu(1000), Role::Port, true, DEVICE_EGRESS),
+            (BridgeDuty::SmallMtu(1000), Role::Port, false, DEVICE_EGRESS),
         ];
         assert_flags(with, &cases);
-        let port = |state, locked, no_flood| crate::kernel::BridgePort {
+        let port = |state, locked, no_flood, mtu| crate::kernel::BridgePort {
             state,
             locked,
             no_flood,
+            mtu,
         };
-        assert!(BridgeDuty::of_port(port(3, false, false)).is_empty());
+        assert!(BridgeDuty::of_port(port(3, false, false, Some(1500)), 1500).is_empty());
+        assert!(BridgeDuty::of_port(port(3, false, false, None), 1500).is_empty());
         assert_eq!(
-            BridgeDuty::of_port(port(2, true, true)),
+            BridgeDuty::of_port(port(2, true, true, Some(1400)), 1500),
             [
                 BridgeDuty::PortState(2),
                 BridgeDuty::Locked,
-                BridgeDuty::NoFlood
+                BridgeDuty::NoFlood,
+                BridgeDuty::SmallMtu(1400),
             ]
         );
         assert_eq!(BridgeDuty::PortState(4).name(), "port state blocking");
