@@ -142,6 +142,10 @@ pub struct HookStatus {
     /// blocking`, `locked`, `vlan filtering`.
     #[serde(default)]
     pub bridge: Vec<String>,
+    /// An XDP program is attached to the interface (on a bridge, generic XDP: it runs
+    /// on what the bridge passes up from its ports).
+    #[serde(default)]
+    pub xdp: bool,
     /// The `DEVICE_*` flags the fast path reads for the interface: "ingress" (packets
     /// arriving here go to the kernel), "egress" (pods behind it get their packets
     /// through the bridge, not straight into the pod), "netfilter-egress" (the fast
@@ -232,6 +236,9 @@ impl HookStatus {
         }
         for duty in &self.bridge {
             parts.push(format!("bridge {duty}"));
+        }
+        if self.xdp {
+            parts.push("xdp program".to_owned());
         }
         if parts.is_empty() {
             "-".to_owned()

@@ -64,7 +64,7 @@ pub use netns::{in_netns, list_namespaces, run_in, run_in_ok};
 pub use raw::{RawFrames, link_mac};
 pub use stream::paced_tcp_stream;
 pub use tc::{
-    Hook, LegacyFilter, PacketMatch, PodBandwidth, Probe, TcxLink, Verdict, delete_qdisc,
+    Hook, LegacyFilter, PacketMatch, PodBandwidth, Probe, ProbeLink, Verdict, delete_qdisc,
     ensure_clsact, hgw_filters, ifindex, ingress_filters, iperf3_rate, probe_pin_dir, qdiscs,
 };
 pub use traffic::{UdpFlow, ping, tcp_transfer, udp_exchange, udp_replied_exchange};

@@ -98,6 +98,10 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+/// Generic XDP (on the skb, in `netif_receive_skb`), which any interface takes.
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
 /// With no relative program: attach after every program already on the hook.
@@ -117,17 +121,31 @@ impl Probe {
     /// Loads a probe counting the packets `m` matches and giving them `verdict`; every
     /// other packet is handed on (-1) untouched and uncounted.
     pub fn load(m: PacketMatch, verdict: Verdict) -> anyhow::Result<Probe> {
+        Self::load_as(BPF_PROG_TYPE_SCHED_CLS, m, verdict)
+    }
+
+    /// The same as an XDP program: `Verdict::Drop` is `XDP_DROP`, `Verdict::Next`
+    /// `XDP_PASS`.
+    pub fn load_xdp(m: PacketMatch, verdict: Verdict) -> anyhow::Result<Probe> {
+        Self::load_as(BPF_PROG_TYPE_XDP, m, verdict)
+    }
+
+    fn load_as(prog_type: u32, m: PacketMatch, verdict: Verdict) -> anyhow::Result<Probe> {
         let mut attr = [0u8; ATTR_SIZE];
         put_u32(&mut attr, 0, BPF_MAP_TYPE_ARRAY);
         put_u32(&mut attr, 4, 4); // key: u32
         put_u32(&mut attr, 8, 8); // value: u64
         put_u32(&mut attr, 12, 1); // one entry
         let map = bpf_fd(BPF_MAP_CREATE, &mut attr).context("creating the probe's counter map")?;
-        let insns = probe_insns(m, verdict, map.as_raw_fd());
+        let insns = if prog_type == BPF_PROG_TYPE_XDP {
+            xdp_probe_insns(m, verdict, map.as_raw_fd())
+        } else {
+            probe_insns(m, verdict, map.as_raw_fd())
+        };
         let license = CString::new("GPL").context("license")?;
         let mut log = vec![0u8; 64 * 1024];
         let mut attr = [0u8; ATTR_SIZE];
-        put_u32(&mut attr, 0, BPF_PROG_TYPE_SCHED_CLS);
+        put_u32(&mut attr, 0, prog_type);
         put_u32(&mut attr, 4, u32::try_from(insns.len() / 8)?);
         put_u64(&mut attr, 8, insns.as_ptr() as u64);
         put_u64(&mut attr, 16, license.as_ptr() as u64);
@@ -163,7 +181,7 @@ impl Probe {
 
     /// Attaches the program as a tcx program on `dev`'s `hook` in `ns`, after every
     /// program already there (hgw's). Detached when the returned link is dropped.
-    pub fn attach_tcx(&self, ns: &str, dev: &str, hook: Hook) -> anyhow::Result<TcxLink> {
+    pub fn attach_tcx(&self, ns: &str, dev: &str, hook: Hook) -> anyhow::Result<ProbeLink> {
         let ifindex = ifindex(ns, dev)?;
         let mut attr = [0u8; ATTR_SIZE];
         put_u32(&mut attr, 0, u32::try_from(self.prog.as_raw_fd())?);
@@ -184,7 +202,26 @@ impl Probe {
                 self.what
             )
         })?;
-        Ok(TcxLink { _link: link })
+        Ok(ProbeLink { _link: link })
+    }
+
+    /// Attaches an XDP probe ([`Probe::load_xdp`]) to `dev` in `ns` as generic XDP,
+    /// through a BPF link (which, unlike `ip link set ... xdp`, sends no netlink
+    /// event). Detached when the returned link is dropped.
+    pub fn attach_xdp_generic(&self, ns: &str, dev: &str) -> anyhow::Result<ProbeLink> {
+        let ifindex = ifindex(ns, dev)?;
+        let mut attr = [0u8; ATTR_SIZE];
+        put_u32(&mut attr, 0, u32::try_from(self.prog.as_raw_fd())?);
+        put_u32(&mut attr, 4, ifindex);
+        put_u32(&mut attr, 8, BPF_XDP);
+        put_u32(&mut attr, 12, XDP_FLAGS_SKB_MODE);
+        let link = in_netns(ns, || bpf_fd(BPF_LINK_CREATE, &mut attr))?.with_context(|| {
+            format!(
+                "attaching the probe ({}) as generic XDP to {dev} in {ns}",
+                self.what
+            )
+        })?;
+        Ok(ProbeLink { _link: link })
     }
 
     /// Adds the program as a legacy tc filter (`clsact` qdisc, made if missing, then
@@ -236,9 +273,9 @@ impl Probe {
     }
 }
 
-/// A tcx link of a [`Probe`]; dropping it detaches the program.
+/// A BPF link of a [`Probe`] (tcx, or XDP); dropping it detaches the program.
 #[derive(Debug)]
-pub struct TcxLink {
+pub struct ProbeLink {
     _link: OwnedFd,
 }
 
@@ -556,6 +593,37 @@ pub fn probe_pin_dir(lab: &crate::Lab) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// An XDP probe's instructions: the same match as [`probe_insns`], read from the
+/// packet (`xdp_md.data`, bounds checked against `data_end`; XDP has no LD_ABS).
+fn xdp_probe_insns(m: PacketMatch, verdict: Verdict, map_fd: i32) -> Vec<u8> {
+    // Loads from the packet are in network order; compared as the CPU reads them.
+    let be16 = |v: u16| u32::from(u16::from_ne_bytes(v.to_be_bytes()));
+    let mut p = Asm::default();
+    p.insn(0x61, 2, 1, 0, 0); // r2 = xdp_md.data
+    p.insn(0x61, 3, 1, 4, 0); // r3 = xdp_md.data_end
+    p.insn(0xbf, 4, 2, 0, 0); // r4 = r2
+    p.insn(0x07, 4, 0, 0, 38); // r4 += 38 (Ethernet, IPv4 without options, ports)
+    p.jgt_reg(4, 3); // if r4 > r3 goto no_match
+    p.insn(0x69, 0, 2, 12, 0); // r0 = ethertype (ldxh)
+    p.jne32(be16(0x0800));
+    p.insn(0x71, 0, 2, 23, 0); // r0 = protocol (ldxb)
+    p.jne32(u32::from(m.proto));
+    p.insn(0x61, 0, 2, 30, 0); // r0 = destination (ldxw)
+    p.jne32(u32::from_ne_bytes(m.dst.octets()));
+    if let Some(port) = m.dport {
+        p.insn(0x69, 0, 2, 36, 0); // r0 = destination port (ldxh)
+        p.jne32(be16(port));
+    }
+    let (hit, miss) = match verdict {
+        Verdict::Next => (XDP_PASS, XDP_PASS),
+        Verdict::Drop => (XDP_DROP, XDP_PASS),
+    };
+    count_then_return(&mut p, map_fd, hit, miss)
+}
+
+const XDP_DROP: i32 = 1;
+const XDP_PASS: i32 = 2;
+
 /// The probe's instructions (8 bytes each): match, count, verdict.
 fn probe_insns(m: PacketMatch, verdict: Verdict, map_fd: i32) -> Vec<u8> {
     let mut p = Asm::default();
@@ -576,7 +644,17 @@ fn probe_insns(m: PacketMatch, verdict: Verdict, map_fd: i32) -> Vec<u8> {
         p.insn(0x61, 0, 6, 32, 0); // r0 = *(u32 *)(r6 + 32): __sk_buff.priority
         p.jne32(priority);
     }
-    // A match: the counter at key 0 += 1.
+    let code = match verdict {
+        Verdict::Next => -1,
+        Verdict::Drop => 2,
+    };
+    // Anything else is handed on (-1).
+    count_then_return(&mut p, map_fd, code, -1)
+}
+
+/// The end of a probe: on a match (falling through), the counter at key 0 += 1 and
+/// return `hit`; the "no match" jumps return `miss`.
+fn count_then_return(p: &mut Asm, map_fd: i32, hit: i32, miss: i32) -> Vec<u8> {
     p.insn(0x62, 10, 0, -4, 0); // *(u32 *)(r10 - 4) = 0
     p.insn(0x18, 1, 1, 0, map_fd); // r1 = map (ld_imm64, BPF_PSEUDO_MAP_FD)
     p.insn(0, 0, 0, 0, 0);
@@ -586,17 +664,12 @@ fn probe_insns(m: PacketMatch, verdict: Verdict, map_fd: i32) -> Vec<u8> {
     p.insn(0x15, 0, 0, 2, 0); // if r0 == 0 goto +2
     p.insn(0xb7, 1, 0, 0, 1); // r1 = 1
     p.insn(0xdb, 0, 1, 0, 0); // lock *(u64 *)(r0 + 0) += r1
-    let code = match verdict {
-        Verdict::Next => -1,
-        Verdict::Drop => 2,
-    };
-    p.insn(0xb7, 0, 0, 0, code); // r0 = verdict
+    p.insn(0xb7, 0, 0, 0, hit); // r0 = verdict
     p.insn(0x95, 0, 0, 0, 0); // exit
-    // No match: hand on.
     let no_match = p.len();
-    p.insn(0xb7, 0, 0, 0, -1); // r0 = -1
+    p.insn(0xb7, 0, 0, 0, miss); // r0 = miss
     p.insn(0x95, 0, 0, 0, 0); // exit
-    p.finish(no_match)
+    std::mem::take(p).finish(no_match)
 }
 
 /// A tiny eBPF assembler: instructions, and the "no match" jumps patched at the end.
@@ -614,6 +687,12 @@ impl Asm {
         i[2..4].copy_from_slice(&off.to_le_bytes());
         i[4..8].copy_from_slice(&imm.to_le_bytes());
         self.insns.push(i);
+    }
+
+    /// `if rDST > rSRC goto no_match` (unsigned, 64-bit).
+    fn jgt_reg(&mut self, dst: u8, src: u8) {
+        self.no_match_jumps.push(self.insns.len());
+        self.insn(0x2d, dst, src, 0, 0);
     }
 
     /// `if (u32)r0 != value goto no_match` (JMP32: no sign extension of the immediate).

@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use hgw_tests::{
-    Hook, Lab, LegacyFilter, PacketMatch, Probe, Status, TcxLink, UdpFlow, Verdict, counter, ping,
-    probe_pin_dir, tcx_programs,
+    Hook, Lab, LegacyFilter, PacketMatch, Probe, ProbeLink, Status, UdpFlow, Verdict, counter,
+    ping, probe_pin_dir, tcx_programs,
 };
 
 const PINGS: u32 = 10;
@@ -52,7 +52,7 @@ enum Kind {
 
 /// An attached probe; dropping it detaches it.
 enum Attached {
-    Tcx(TcxLink),
+    Tcx(ProbeLink),
     Legacy(LegacyFilter),
 }
 

@@ -132,7 +132,8 @@ impl Agent {
                         // Each every second, whatever the others found.
                         let tcx = self.rescan_tcx().await;
                         let netfilter = self.reread_netfilter(false).await;
-                        if !(tcx | netfilter | self.reread_forwarding()) {
+                        let xdp = self.reread_bridge_xdp().await;
+                        if !(tcx | netfilter | xdp | self.reread_forwarding()) {
                             continue;
                         }
                     }
@@ -302,6 +303,37 @@ impl Agent {
                 }
                 true
             }
+            Err(e) => {
+                warn!("{e}");
+                false
+            }
+        }
+    }
+
+    /// Reads the bridge's link again for an XDP program (one attached through a BPF
+    /// link sends no event); whether that changed.
+    async fn reread_bridge_xdp(&mut self) -> bool {
+        if self.scanner.is_none() {
+            return false;
+        }
+        match self.kernel.link(&self.config.bridge).await {
+            Ok(Some(link))
+                if link.index == self.observed.bridge.index
+                    && link.xdp != self.observed.bridge.xdp =>
+            {
+                self.on_event(KernelEvent::Link {
+                    index: link.index,
+                    name: None,
+                    controller: None,
+                    link: Some(link),
+                    port: None,
+                    vlan_filtering: None,
+                    deleted: false,
+                })
+                .await;
+                true
+            }
+            Ok(_) => false,
             Err(e) => {
                 warn!("{e}");
                 false

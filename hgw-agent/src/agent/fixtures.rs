@@ -34,6 +34,7 @@ pub fn observed() -> Observed {
         mac: [2, 0, 0, 0, 0, index as u8],
         mtu: 1500,
         up: true,
+        xdp: false,
     };
     Observed::new(
         ("eth0", link(UPLINK)),

@@ -172,6 +172,8 @@ impl Observed {
                 .filter(|h| h.covers(name, bridge))
                 .map(|h| (h.hook, h.owner.clone()))
                 .collect();
+            // Only a bridge's XDP runs where a redirect could skip it.
+            hooks.xdp = bridge && self.bridge.xdp;
             hooks.bridge = if bridge {
                 self.vlan_filtering
                     .then_some(BridgeDuty::VlanFiltering)
@@ -345,7 +347,7 @@ impl Observed {
             };
             let link = link.filter(|_| !deleted)?;
             let came_up = link.up && !current.up;
-            let changed = (link.mac, link.mtu) != (current.mac, current.mtu);
+            let changed = (link.mac, link.mtu, link.xdp) != (current.mac, current.mtu, current.xdp);
             *current = link;
             let filtering = vlan_filtering
                 .filter(|on| index == self.bridge.index && *on != self.vlan_filtering);

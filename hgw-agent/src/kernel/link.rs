@@ -11,7 +11,7 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{
             InfoBridge, InfoBridgePort, InfoData, InfoPortData, LinkAttribute, LinkFlags, LinkInfo,
-            LinkMessage, LinkProtoInfoBridge,
+            LinkMessage, LinkProtoInfoBridge, LinkXdp, XdpAttached,
         },
     },
 };
@@ -25,16 +25,23 @@ pub struct Link {
     pub mac: [u8; 6],
     pub mtu: u32,
     pub up: bool,
+    /// An XDP program is attached (any mode).
+    pub xdp: bool,
 }
 
 impl Link {
     pub fn from_message(msg: &LinkMessage) -> Option<Self> {
         let mut mac = None;
-        let mut mtu = 1500;
+        let (mut mtu, mut xdp) = (1500, false);
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                 LinkAttribute::Mtu(m) => mtu = *m,
+                LinkAttribute::Xdp(xs) => {
+                    xdp = xs
+                        .iter()
+                        .any(|x| matches!(x, LinkXdp::Attached(a) if *a != XdpAttached::None));
+                }
                 _ => {}
             }
         }
@@ -43,6 +50,7 @@ impl Link {
             mac: mac?,
             mtu,
             up: msg.header.flags.contains(LinkFlags::Up),
+            xdp,
         })
     }
 }

@@ -85,6 +85,11 @@ pub struct Hooks {
     pub netfilter: Vec<(Hook, String)>,
     /// What the bridge decides here that a redirect past it would not.
     pub bridge: Vec<BridgeDuty>,
+    /// An XDP program on the interface (from its link messages). It runs on what the
+    /// interface takes in before tc does, so before hgw on the uplink or a port; a
+    /// bridge's (generic XDP) runs on what the bridge passes up from its ports, which
+    /// hgw on a port redirects first.
+    pub xdp: bool,
 }
 
 /// What the bridge decides for frames through a port, or through itself, that a
@@ -216,6 +221,9 @@ impl Hooks {
         if role != Role::Uplink && self.egress_shared(own) {
             flags |= DEVICE_EGRESS;
         }
+        if self.xdp && role == Role::Bridge && !hgw_here {
+            flags |= DEVICE_INGRESS;
+        }
         flags
     }
 
@@ -309,6 +317,7 @@ impl Hooks {
                 .map(|(hook, owner)| format!("{}: {owner}", hook.name()))
                 .collect(),
             bridge: self.bridge.iter().map(|duty| duty.name()).collect(),
+            xdp: self.xdp,
             flags: flag_names(flags),
         }
     }
@@ -317,6 +326,7 @@ impl Hooks {
     pub fn is_shared(&self, own: &[u32]) -> bool {
         !self.netfilter.is_empty()
             || !self.bridge.is_empty()
+            || self.xdp
             || self.tcx_ingress.iter().any(|id| !own.contains(id))
             || !self.tcx_egress.is_empty()
             || self.foreign_filters(own).next().is_some()
@@ -559,6 +569,23 @@ mod tests {
             );
             assert!(hooks.is_shared(OWN));
         }
+    }
+
+    #[test]
+    fn only_a_bridges_xdp_is_skipped_and_only_from_its_ports() {
+        let with = |xdp: bool| Hooks {
+            tcx_ingress: vec![HGW],
+            xdp,
+            ..noqueue()
+        };
+        // (an XDP program, role, hgw here, flags): elsewhere it runs before tc.
+        let cases = [
+            (true, Role::Bridge, false, DEVICE_INGRESS),
+            (true, Role::Bridge, true, 0),
+            (true, Role::Uplink, true, 0),
+            (true, Role::Port, true, 0),
+        ];
+        assert_flags(with, &cases);
     }
 
     #[test]

@@ -184,6 +184,7 @@ impl Scanner {
                     // From the observed state (by interface name, from link messages).
                     netfilter: Vec::new(),
                     bridge: Vec::new(),
+                    xdp: false,
                 },
             );
         }
