@@ -102,6 +102,8 @@ const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 /// Generic XDP (on the skb, in `netif_receive_skb`), which any interface takes.
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+/// Native XDP, in the driver (a veth runs it on what its peer transmits).
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
 /// With no relative program: attach after every program already on the hook.
@@ -205,19 +207,24 @@ impl Probe {
         Ok(ProbeLink { _link: link })
     }
 
-    /// Attaches an XDP probe ([`Probe::load_xdp`]) to `dev` in `ns` as generic XDP,
-    /// through a BPF link (which, unlike `ip link set ... xdp`, sends no netlink
-    /// event). Detached when the returned link is dropped.
-    pub fn attach_xdp_generic(&self, ns: &str, dev: &str) -> anyhow::Result<ProbeLink> {
+    /// Attaches an XDP probe ([`Probe::load_xdp`]) to `dev` in `ns`, native (in the
+    /// driver) or generic, through a BPF link (which, unlike `ip link set ... xdp`,
+    /// sends no netlink event). Detached when the returned link is dropped.
+    pub fn attach_xdp(&self, ns: &str, dev: &str, native: bool) -> anyhow::Result<ProbeLink> {
         let ifindex = ifindex(ns, dev)?;
         let mut attr = [0u8; ATTR_SIZE];
         put_u32(&mut attr, 0, u32::try_from(self.prog.as_raw_fd())?);
         put_u32(&mut attr, 4, ifindex);
         put_u32(&mut attr, 8, BPF_XDP);
-        put_u32(&mut attr, 12, XDP_FLAGS_SKB_MODE);
+        let flags = if native {
+            XDP_FLAGS_DRV_MODE
+        } else {
+            XDP_FLAGS_SKB_MODE
+        };
+        put_u32(&mut attr, 12, flags);
         let link = in_netns(ns, || bpf_fd(BPF_LINK_CREATE, &mut attr))?.with_context(|| {
             format!(
-                "attaching the probe ({}) as generic XDP to {dev} in {ns}",
+                "attaching the probe ({}) as XDP (native: {native}) to {dev} in {ns}",
                 self.what
             )
         })?;

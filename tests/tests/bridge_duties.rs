@@ -49,6 +49,8 @@ struct Duty {
 }
 
 const BOTH: &[&str] = &["ingress", "egress"];
+/// Stands for the node's pod's namespace in a command.
+const POD: &str = "{pod}";
 const EGRESS: &[&str] = &["egress"];
 const FORWARDING: &[&[&str]] = &[&["bridge", "link", "set", "dev", "veth1", "state", "3"]];
 const VLAN_ON: &[&[&str]] = &[
@@ -148,6 +150,22 @@ const DUTIES: &[Duty] = &[
         here: (EGRESS, Then::ThroughTheBridge),
         elsewhere: (EGRESS, Then::ThroughTheBridge),
     },
+    // The pod's own end of its veth: the veth drops what does not fit when the port
+    // transmits to it.
+    Duty {
+        node: 1,
+        what: "n2's pod's MTU 68",
+        set: &[&[
+            "ip", "netns", "exec", POD, "ip", "link", "set", "eth0", "mtu", "68",
+        ]],
+        undo: &[&[
+            "ip", "netns", "exec", POD, "ip", "link", "set", "eth0", "mtu", "1500",
+        ]],
+        interface: "veth1",
+        shown: "pod's mtu 68 below the bridge's",
+        here: (EGRESS, Then::ThroughTheBridge),
+        elsewhere: (EGRESS, Then::ThroughTheBridge),
+    },
     // Locked, with the pod's MAC forgotten: the bridge drops its frames (and learns
     // nothing from a locked port).
     Duty {
@@ -196,9 +214,8 @@ impl OnTheWay for Duty {
     /// A kernel that cannot do the first command skips the duty; a later command
     /// that fails undoes the rest, so that the next duty meets a clean bridge.
     fn set(&self, lab: &Lab, _port: u16) -> anyhow::Result<bool> {
-        let ns = &lab.nodes[self.node].ns;
         for (i, command) in self.set.iter().enumerate() {
-            match run_in_ok(ns, command[0], &command[1..]) {
+            match run(lab, self.node, command) {
                 Ok(_) => {}
                 Err(e) if i == 0 && format!("{e:#}").contains("Operation not supported") => {
                     eprintln!("{}: {e:#}", self.what);
@@ -206,7 +223,7 @@ impl OnTheWay for Duty {
                 }
                 Err(e) => {
                     for command in self.undo {
-                        let _ = run_in_ok(ns, command[0], &command[1..]);
+                        let _ = run(lab, self.node, command);
                     }
                     return Err(e);
                 }
@@ -216,7 +233,10 @@ impl OnTheWay for Duty {
     }
 
     fn undo(&self, lab: &Lab) -> anyhow::Result<()> {
-        run_all(&lab.nodes[self.node].ns, self.undo)
+        for command in self.undo {
+            run(lab, self.node, command)?;
+        }
+        Ok(())
     }
 
     /// `status` lists the duty on the interface with the flags it calls for.
@@ -249,9 +269,13 @@ impl OnTheWay for Duty {
     }
 }
 
-fn run_all(ns: &str, commands: &[&[&str]]) -> anyhow::Result<()> {
-    for command in commands {
-        run_in_ok(ns, command[0], &command[1..])?;
-    }
+/// Runs `command` in node `node`'s namespace, [`POD`] standing for its pod's.
+fn run(lab: &Lab, node: usize, command: &[&str]) -> anyhow::Result<()> {
+    let pod = &lab.nodes[node].pods[0].ns;
+    let args: Vec<&str> = command[1..]
+        .iter()
+        .map(|a| if *a == POD { pod.as_str() } else { a })
+        .collect();
+    run_in_ok(&lab.nodes[node].ns, command[0], &args)?;
     Ok(())
 }

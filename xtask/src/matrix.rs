@@ -66,7 +66,7 @@ const CHECKS: [Check; 5] = [
             "netfilter_hooks",
             "bridge_duties",
             "source_mac",
-            "xdp_bridge",
+            "xdp_hooks",
         ],
     },
     // What hgw leaves on the node: cls_bpf filters last on their hooks, replaced in
@@ -447,7 +447,7 @@ fn render(checks: &[Check], columns: &[Column], took: Duration) -> String {
         .join(", ");
     let what = match checks {
         [only] if only.name == "only" => format!("`only`: {}.", only.tests.join(", ")),
-        _ => "`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone) and ipvs.rs (IPVS takes `established` off); `routes-icmp-tc`: route_duties.rs, xfrm.rs, pmtu.rs, tc_bandwidth.rs, forward_priority.rs, netfilter_hooks.rs, bridge_duties.rs, source_mac.rs and xdp_bridge.rs (where kernel routes, IPsec policies, ICMP, shaping, priorities, nftables chains on the interfaces, the bridge's port states, VLANs, MTUs and source MAC checks and its XDP put the packets); `leftovers`: attach_cls_bpf.rs and stale_routes.rs (the cls_bpf attach, and what hgw leaves on the node).".to_owned(),
+        _ => "`established` and `all`: the smoke test (tests/tests/matrix_smoke.rs) in that mode; `nat-forward`: tests/tests/service_clusterip.rs and network_policy.rs (each against `off`, kernel routes alone) and ipvs.rs (IPVS takes `established` off); `routes-icmp-tc`: route_duties.rs, xfrm.rs, pmtu.rs, tc_bandwidth.rs, forward_priority.rs, netfilter_hooks.rs, bridge_duties.rs, source_mac.rs and xdp_hooks.rs (where kernel routes, IPsec policies, ICMP, shaping, priorities, nftables chains on the interfaces, the bridge's port states, VLANs, MTUs and source MAC checks and its XDP put the packets); `leftovers`: attach_cls_bpf.rs and stale_routes.rs (the cls_bpf attach, and what hgw leaves on the node).".to_owned(),
     };
     format!(
         "{table}\n{notes}\n{what} Logs in {logs}. Took {} s.\n",

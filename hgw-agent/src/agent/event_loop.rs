@@ -3,12 +3,13 @@
 //! every pass.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
 use hgw_common::status::AppliedChange;
-use log::{info, warn};
+use log::{debug, info, warn};
 use tokio::sync::watch;
 
 use super::{
@@ -133,7 +134,8 @@ impl Agent {
                         let tcx = self.rescan_tcx().await;
                         let netfilter = self.reread_netfilter(false).await;
                         let xdp = self.reread_bridge_xdp().await;
-                        if !(tcx | netfilter | xdp | self.reread_forwarding()) {
+                        let pods = self.reread_pod_ends().await;
+                        if !(tcx | netfilter | xdp | pods | self.reread_forwarding()) {
                             continue;
                         }
                     }
@@ -339,6 +341,42 @@ impl Agent {
                 false
             }
         }
+    }
+
+    /// Reads the pods' ends of the ports' veths again (their MTU, a native XDP
+    /// program): a pod's changes to its own interface send no event to this
+    /// namespace; whether that changed the ports' duties. An end that cannot be read
+    /// keeps what was read of it last.
+    async fn reread_pod_ends(&mut self) -> bool {
+        if self.scanner.is_none() {
+            return false;
+        }
+        let peers: Vec<(u32, (i32, u32))> = self
+            .observed
+            .port_settings
+            .iter()
+            .filter_map(|(port, settings)| Some((*port, settings.peer?)))
+            .collect();
+        let mut ends = HashMap::with_capacity(peers.len());
+        for (port, (nsid, index)) in peers {
+            match self.kernel.link_in(nsid, index).await {
+                Ok(Some(end)) => {
+                    ends.insert(port, end);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    debug!("{e}");
+                    if let Some(known) = self.observed.pod_ends.get(&port) {
+                        ends.insert(port, *known);
+                    }
+                }
+            }
+        }
+        let Some(change) = self.observed.set_pod_ends(ends) else {
+            return false;
+        };
+        self.reconciler.on_change(change, &self.observed).await;
+        true
     }
 
     /// Reads nftables' hooks again if the ruleset changed (`force`: anyway) and lets

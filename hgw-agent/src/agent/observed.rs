@@ -87,6 +87,9 @@ pub struct Observed {
     pub port_settings: HashMap<u32, BridgePort>,
     /// Whether the bridge filters by VLAN.
     pub vlan_filtering: bool,
+    /// The pods' ends of the ports' veths, by port (read every second: what a pod
+    /// does to its own interface sends no event here).
+    pub pod_ends: HashMap<u32, Link>,
 }
 
 impl Observed {
@@ -110,6 +113,7 @@ impl Observed {
             netfilter: Vec::new(),
             port_settings: HashMap::new(),
             vlan_filtering: false,
+            pod_ends: HashMap::new(),
         }
     }
 
@@ -180,12 +184,27 @@ impl Observed {
                     .into_iter()
                     .collect()
             } else {
-                self.port_settings
+                let mut duties = self
+                    .port_settings
                     .get(ifindex)
                     .map(|port| BridgeDuty::of_port(*port, self.bridge.mtu))
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                if let Some(end) = self.pod_ends.get(ifindex) {
+                    duties.extend(BridgeDuty::of_pod_end(end, self.bridge.mtu));
+                }
+                duties
             };
         }
+    }
+
+    /// The pods' ends of the ports, as read now; a change when they differ.
+    pub fn set_pod_ends(&mut self, ends: HashMap<u32, Link>) -> Option<Change> {
+        if ends == self.pod_ends {
+            return None;
+        }
+        self.pod_ends = ends;
+        self.match_duties();
+        Some(Change::Hooks)
     }
 
     /// The uplink's neighbour table, from a dump.
@@ -386,6 +405,7 @@ impl Observed {
                 let name = self.ports.remove(&index).unwrap_or_default();
                 self.hooks.remove(&index);
                 self.port_settings.remove(&index);
+                self.pod_ends.remove(&index);
                 Some(Change::Port {
                     index,
                     name,
@@ -401,6 +421,7 @@ impl Observed {
                 let settings = port
                     .map(|p| BridgePort {
                         mtu: p.mtu.or(known.and_then(|k| k.mtu)),
+                        peer: p.peer.or(known.and_then(|k| k.peer)),
                         ..p
                     })
                     .filter(|p| known != Some(p));
@@ -731,6 +752,7 @@ mod tests {
                 locked: false,
                 no_flood: false,
                 mtu: None,
+                peer: None,
             }),
             vlan_filtering: None,
             deleted: false,
@@ -776,6 +798,7 @@ mod tests {
                 locked: false,
                 no_flood: false,
                 mtu,
+                peer: None,
             }),
             vlan_filtering: None,
             deleted: false,

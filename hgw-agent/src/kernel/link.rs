@@ -27,20 +27,25 @@ pub struct Link {
     pub up: bool,
     /// An XDP program is attached (any mode).
     pub xdp: bool,
+    /// One is attached in the driver (native) mode: on a veth, it runs when the other
+    /// end transmits, not on what `bpf_redirect_peer` puts into the interface.
+    pub xdp_native: bool,
 }
 
 impl Link {
     pub fn from_message(msg: &LinkMessage) -> Option<Self> {
         let mut mac = None;
-        let (mut mtu, mut xdp) = (1500, false);
+        let (mut mtu, mut attached) = (1500, XdpAttached::None);
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                 LinkAttribute::Mtu(m) => mtu = *m,
                 LinkAttribute::Xdp(xs) => {
-                    xdp = xs
-                        .iter()
-                        .any(|x| matches!(x, LinkXdp::Attached(a) if *a != XdpAttached::None));
+                    for x in xs {
+                        if let LinkXdp::Attached(a) = x {
+                            attached = *a;
+                        }
+                    }
                 }
                 _ => {}
             }
@@ -50,7 +55,8 @@ impl Link {
             mac: mac?,
             mtu,
             up: msg.header.flags.contains(LinkFlags::Up),
-            xdp,
+            xdp: attached != XdpAttached::None,
+            xdp_native: !matches!(attached, XdpAttached::None | XdpAttached::SocketBuffer),
         })
     }
 }
@@ -81,6 +87,9 @@ pub struct BridgePort {
     /// The port's MTU (`None`: the message did not say): the bridge drops a frame too
     /// big for it on the way out (`br_dev_queue_push_xmit`).
     pub mtu: Option<u32>,
+    /// The other end of the port, where it is a veth in another namespace (a pod's
+    /// interface): that namespace's id here and its index there (`None`: not said).
+    pub peer: Option<(i32, u32)>,
 }
 
 impl BridgePort {
@@ -89,10 +98,12 @@ impl BridgePort {
     /// `None` where it says nothing.
     pub fn from_message(msg: &LinkMessage) -> Option<Self> {
         let (mut state, mut locked, mut flood, mut proxy_arp) = (None, false, true, false);
-        let mut mtu = None;
+        let (mut mtu, mut peer_index, mut peer_ns) = (None, None, None);
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::Mtu(m) => mtu = Some(*m),
+                LinkAttribute::Link(index) => peer_index = Some(*index),
+                LinkAttribute::LinkNetNsId(ns) => peer_ns = Some(*ns),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         let LinkInfo::PortData(InfoPortData::BridgePort(port)) = info else {
@@ -133,6 +144,7 @@ impl BridgePort {
             locked,
             no_flood: !flood || proxy_arp,
             mtu,
+            peer: peer_ns.zip(peer_index),
         })
     }
 }
@@ -177,6 +189,28 @@ impl Kernel {
             // The kernel answers ENODEV for a name it does not know.
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(netlink("looking up interface", name)(e)),
+        }
+    }
+
+    /// Interface `index` of the namespace this one knows as `nsid` (a pod's end of its
+    /// veth), or `None` if it is not there (`IFLA_TARGET_NETNSID`, Linux 4.20).
+    pub async fn link_in(&self, nsid: i32, index: u32) -> Result<Option<Link>, KernelError> {
+        let mut request = self.handle.link().get().match_index(index);
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::IfNetnsId(nsid));
+        match request.execute().try_next().await {
+            Ok(msg) => Ok(msg.as_ref().and_then(Link::from_message)),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if matches!(-e.raw_code(), libc::ENODEV | libc::EINVAL) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(netlink(
+                "looking up the pod's end of",
+                format!("{index} in namespace {nsid}"),
+            )(e)),
         }
     }
 
@@ -325,6 +359,7 @@ mod tests {
                 locked: true,
                 no_flood: false,
                 mtu: Some(1400),
+                peer: None,
             })
         );
         let mut notification = LinkMessage::default();
@@ -343,6 +378,7 @@ mod tests {
                 locked: false,
                 no_flood: false,
                 mtu: None,
+                peer: None,
             })
         );
         // Nothing said of it: nothing known.

@@ -112,6 +112,13 @@ pub enum BridgeDuty {
     /// The port's MTU is below the bridge's: the bridge drops a frame larger than the
     /// port's on the way out, where delivery straight into the pod would not.
     SmallMtu(u32),
+    /// The pod's end of the veth has an MTU below the bridge's: the veth drops a
+    /// frame larger than it when the port transmits (`veth_xmit`), where
+    /// `bpf_redirect_peer` does not check.
+    PodMtu(u32),
+    /// The pod's end of the veth has a native XDP program, which runs when the port
+    /// transmits, not on what `bpf_redirect_peer` puts into the pod.
+    PodXdp,
 }
 
 impl BridgeDuty {
@@ -133,6 +140,18 @@ impl BridgeDuty {
         duties
     }
 
+    /// What the pod's end of a port's veth calls for, on a bridge of MTU `bridge_mtu`.
+    pub fn of_pod_end(end: &crate::kernel::Link, bridge_mtu: u32) -> Vec<Self> {
+        let mut duties = Vec::new();
+        if end.mtu < bridge_mtu {
+            duties.push(Self::PodMtu(end.mtu));
+        }
+        if end.xdp_native {
+            duties.push(Self::PodXdp);
+        }
+        duties
+    }
+
     pub fn name(self) -> String {
         match self {
             Self::PortState(state) => format!(
@@ -149,6 +168,8 @@ impl BridgeDuty {
             Self::VlanFiltering => "vlan filtering".to_owned(),
             Self::NoFlood => "no unicast flood".to_owned(),
             Self::SmallMtu(mtu) => format!("mtu {mtu} below the bridge's"),
+            Self::PodMtu(mtu) => format!("pod's mtu {mtu} below the bridge's"),
+            Self::PodXdp => "xdp in the pod".to_owned(),
         }
     }
 }
@@ -641,6 +662,8 @@ mod tests {
             (BridgeDuty::NoFlood, Role::Port, true, DEVICE_EGRESS),
             (BridgeDuty::SmallMtu(1000), Role::Port, true, DEVICE_EGRESS),
             (BridgeDuty::SmallMtu(1000), Role::Port, false, DEVICE_EGRESS),
+            (BridgeDuty::PodMtu(1000), Role::Port, true, DEVICE_EGRESS),
+            (BridgeDuty::PodXdp, Role::Port, false, DEVICE_EGRESS),
         ];
         assert_flags(with, &cases);
         let port = |state, locked, no_flood, mtu| crate::kernel::BridgePort {
@@ -648,6 +671,7 @@ mod tests {
             locked,
             no_flood,
             mtu,
+            peer: None,
         };
         assert!(BridgeDuty::of_port(port(3, false, false, Some(1500)), 1500).is_empty());
         assert!(BridgeDuty::of_port(port(3, false, false, None), 1500).is_empty());
@@ -661,6 +685,19 @@ mod tests {
             ]
         );
         assert_eq!(BridgeDuty::PortState(4).name(), "port state blocking");
+        let end = |mtu, xdp_native| crate::kernel::Link {
+            index: 2,
+            mac: [2, 0, 0, 0, 0, 2],
+            mtu,
+            up: true,
+            xdp: xdp_native,
+            xdp_native,
+        };
+        assert!(BridgeDuty::of_pod_end(&end(1500, false), 1500).is_empty());
+        assert_eq!(
+            BridgeDuty::of_pod_end(&end(1400, true), 1500),
+            [BridgeDuty::PodMtu(1400), BridgeDuty::PodXdp]
+        );
     }
 
     #[test]
