@@ -9,7 +9,7 @@ use std::{
 };
 
 use hgw_common::status::AppliedChange;
-use log::{debug, info, warn};
+use log::{info, warn};
 use tokio::sync::watch;
 
 use super::{
@@ -222,16 +222,18 @@ impl Agent {
             }
             Change::Tc(None) => self.tc_all_dirty = true,
             change => {
-                // A new port: its hooks are dumped once hgw is on it.
-                if let Change::Port {
-                    index,
-                    joined: true,
-                    ..
-                } = change
+                // A new port: its hooks are dumped once hgw is on it, and its pod's end
+                // is read at once (until then its pod gets packets through the bridge).
+                let joined = matches!(change, Change::Port { joined: true, .. });
+                if let Change::Port { index, .. } = change
+                    && joined
                 {
                     self.tc_dirty.insert(index);
                 }
                 self.reconciler.on_change(change, &self.observed).await;
+                if joined {
+                    self.reread_pod_ends().await;
+                }
             }
         }
     }
@@ -346,7 +348,8 @@ impl Agent {
     /// Reads the pods' ends of the ports' veths again (their MTU, a native XDP
     /// program): a pod's changes to its own interface send no event to this
     /// namespace; whether that changed the ports' duties. An end that cannot be read
-    /// keeps what was read of it last.
+    /// keeps what was read of it last (one never read sends its pod's packets
+    /// through the bridge), and the reason is said once.
     async fn reread_pod_ends(&mut self) -> bool {
         if self.scanner.is_none() {
             return false;
@@ -358,6 +361,7 @@ impl Agent {
             .filter_map(|(port, settings)| Some((*port, settings.peer?)))
             .collect();
         let mut ends = HashMap::with_capacity(peers.len());
+        let mut error = None;
         for (port, (nsid, index)) in peers {
             match self.kernel.link_in(nsid, index).await {
                 Ok(Some(end)) => {
@@ -365,12 +369,21 @@ impl Agent {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    debug!("{e}");
+                    error = Some(e.to_string());
                     if let Some(known) = self.observed.pod_ends.get(&port) {
                         ends.insert(port, *known);
                     }
                 }
             }
+        }
+        if error != self.pod_end_error {
+            match &error {
+                Some(e) => warn!(
+                    "{e}; the pods whose end of their veth cannot be read get their packets through the bridge"
+                ),
+                None => info!("the pods' ends of their veths can be read again"),
+            }
+            self.pod_end_error = error;
         }
         let Some(change) = self.observed.set_pod_ends(ends) else {
             return false;
@@ -518,6 +531,7 @@ impl Agent {
         let hooked = self.observed.hooked();
         self.scan_hooks(&hooked, true).await;
         self.reread_netfilter(true).await;
+        self.reread_pod_ends().await;
         self.write_node_config();
         self.reconciler.resync(&self.observed).await;
     }

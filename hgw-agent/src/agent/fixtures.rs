@@ -35,7 +35,6 @@ pub fn observed() -> Observed {
         mtu: 1500,
         up: true,
         xdp: false,
-        xdp_native: false,
     };
     Observed::new(
         ("eth0", link(UPLINK)),

@@ -162,4 +162,6 @@ struct Agent {
     netfilter: crate::kernel::nftables::Watch,
     /// Why they could not be read last time, if they could not.
     netfilter_error: Option<String>,
+    /// Why a pod's end of its veth could not be read last time, if one could not.
+    pod_end_error: Option<String>,
 }

@@ -189,8 +189,18 @@ impl Observed {
                     .get(ifindex)
                     .map(|port| BridgeDuty::of_port(*port, self.bridge.mtu))
                     .unwrap_or_default();
-                if let Some(end) = self.pod_ends.get(ifindex) {
-                    duties.extend(BridgeDuty::of_pod_end(end, self.bridge.mtu));
+                match self.pod_ends.get(ifindex) {
+                    Some(end) => duties.extend(BridgeDuty::of_pod_end(end, self.bridge.mtu)),
+                    // A veth whose other end was not read yet (a new pod, or reads
+                    // failing): delivery through the bridge until it is.
+                    None if self
+                        .port_settings
+                        .get(ifindex)
+                        .is_some_and(|p| p.peer.is_some()) =>
+                    {
+                        duties.push(BridgeDuty::PodUnread);
+                    }
+                    None => {}
                 }
                 duties
             };
@@ -733,29 +743,49 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_ports_state_and_the_bridges_vlan_filtering_become_duties() {
-        use crate::kernel::BridgePort;
+    /// Port 40 of the bridge, both hooked.
+    fn observed_with_port_40() -> Observed {
         let mut o = observed();
         o.apply(port(40, Some(BRIDGE)));
         o.set_hooks(
             HashMap::from([(BRIDGE, Hooks::default()), (40, Hooks::default())]),
             true,
         );
-        let settings = |state| KernelEvent::Link {
+        o
+    }
+
+    /// A forwarding port's settings.
+    fn forwarding(mtu: Option<u32>, peer: Option<(i32, u32)>) -> BridgePort {
+        BridgePort {
+            state: crate::kernel::BR_STATE_FORWARDING,
+            locked: false,
+            no_flood: false,
+            mtu,
+            peer,
+        }
+    }
+
+    /// Port 40's settings as a link message says them.
+    fn port_40(settings: BridgePort) -> KernelEvent {
+        KernelEvent::Link {
             index: 40,
             name: Some("veth40".into()),
             controller: Some(BRIDGE),
             link: None,
-            port: Some(BridgePort {
-                state,
-                locked: false,
-                no_flood: false,
-                mtu: None,
-                peer: None,
-            }),
+            port: Some(settings),
             vlan_filtering: None,
             deleted: false,
+        }
+    }
+
+    #[test]
+    fn a_ports_state_and_the_bridges_vlan_filtering_become_duties() {
+        let mut o = observed_with_port_40();
+        let settings = |state| {
+            port_40(BridgePort {
+                state,
+                ..forwarding(None, None)
+            })
         };
         assert_eq!(o.apply(settings(0)), Some(Change::Hooks));
         assert_eq!(o.hooks[&40].bridge, [BridgeDuty::PortState(0)]);
@@ -781,28 +811,8 @@ mod tests {
 
     #[test]
     fn a_port_below_the_bridges_mtu_is_a_duty_until_the_bridge_comes_down_to_it() {
-        use crate::kernel::BridgePort;
-        let mut o = observed();
-        o.apply(port(40, Some(BRIDGE)));
-        o.set_hooks(
-            HashMap::from([(BRIDGE, Hooks::default()), (40, Hooks::default())]),
-            true,
-        );
-        let settings = |mtu| KernelEvent::Link {
-            index: 40,
-            name: Some("veth40".into()),
-            controller: Some(BRIDGE),
-            link: None,
-            port: Some(BridgePort {
-                state: crate::kernel::BR_STATE_FORWARDING,
-                locked: false,
-                no_flood: false,
-                mtu,
-                peer: None,
-            }),
-            vlan_filtering: None,
-            deleted: false,
-        };
+        let mut o = observed_with_port_40();
+        let settings = |mtu| port_40(forwarding(mtu, None));
         let small = o.bridge.mtu - 100;
         assert_eq!(o.apply(settings(Some(small))), Some(Change::Hooks));
         assert_eq!(o.hooks[&40].bridge, [BridgeDuty::SmallMtu(small)]);
@@ -821,6 +831,27 @@ mod tests {
         };
         assert_eq!(o.apply(lowered), Some(Change::Links));
         assert!(o.hooks[&40].bridge.is_empty());
+    }
+
+    #[test]
+    fn a_pods_end_not_read_yet_is_a_duty_until_it_is() {
+        let mut o = observed_with_port_40();
+        let veth = port_40(forwarding(Some(1500), Some((1, 2))));
+        assert_eq!(o.apply(veth), Some(Change::Hooks));
+        assert_eq!(o.hooks[&40].bridge, [BridgeDuty::PodUnread]);
+        let mut end = o.bridge;
+        assert_eq!(
+            o.set_pod_ends(HashMap::from([(40, end)])),
+            Some(Change::Hooks)
+        );
+        assert!(o.hooks[&40].bridge.is_empty());
+        assert_eq!(o.set_pod_ends(HashMap::from([(40, end)])), None);
+        end.xdp = true;
+        assert_eq!(
+            o.set_pod_ends(HashMap::from([(40, end)])),
+            Some(Change::Hooks)
+        );
+        assert_eq!(o.hooks[&40].bridge, [BridgeDuty::PodXdp]);
     }
 
     #[test]

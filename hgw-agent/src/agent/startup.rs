@@ -261,6 +261,7 @@ pub async fn run(mut config: Config, reload: Option<(PathBuf, Reload)>) -> Resul
         forwarding_error,
         netfilter: crate::kernel::nftables::Watch::default(),
         netfilter_error: None,
+        pod_end_error: None,
     };
     // Every next hop is resolved ahead of traffic: more of them than the kernel's
     // neighbour table keeps is said.

@@ -134,7 +134,11 @@ impl KernelEvent {
                 index: msg.header.index,
                 name: link_name(&msg),
                 controller: port_of(&msg),
-                link: Link::from_message(&msg),
+                // The bridge's own notifications (AF_BRIDGE) leave out what the
+                // interface's carry (its XDP): they say nothing of it.
+                link: (msg.header.interface_family != AddressFamily::Bridge)
+                    .then(|| Link::from_message(&msg))
+                    .flatten(),
                 port: BridgePort::from_message(&msg),
                 vlan_filtering: super::link::vlan_filtering(&msg),
                 deleted,

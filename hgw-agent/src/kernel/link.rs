@@ -10,8 +10,8 @@ use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
         link::{
-            InfoBridge, InfoBridgePort, InfoData, InfoPortData, LinkAttribute, LinkFlags, LinkInfo,
-            LinkMessage, LinkProtoInfoBridge, LinkXdp, XdpAttached,
+            InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute, LinkFlags,
+            LinkInfo, LinkMessage, LinkProtoInfoBridge, LinkXdp, XdpAttached,
         },
     },
 };
@@ -25,11 +25,10 @@ pub struct Link {
     pub mac: [u8; 6],
     pub mtu: u32,
     pub up: bool,
-    /// An XDP program is attached (any mode).
+    /// An XDP program is attached (any mode). On a pod's end of a veth it runs on
+    /// what the port transmits, not on what `bpf_redirect_peer` puts there: native
+    /// XDP runs in `veth_xmit`'s path, and generic XDP passes a redirected skb.
     pub xdp: bool,
-    /// One is attached in the driver (native) mode: on a veth, it runs when the other
-    /// end transmits, not on what `bpf_redirect_peer` puts into the interface.
-    pub xdp_native: bool,
 }
 
 impl Link {
@@ -56,7 +55,6 @@ impl Link {
             mtu,
             up: msg.header.flags.contains(LinkFlags::Up),
             xdp: attached != XdpAttached::None,
-            xdp_native: !matches!(attached, XdpAttached::None | XdpAttached::SocketBuffer),
         })
     }
 }
@@ -98,13 +96,14 @@ impl BridgePort {
     /// `None` where it says nothing.
     pub fn from_message(msg: &LinkMessage) -> Option<Self> {
         let (mut state, mut locked, mut flood, mut proxy_arp) = (None, false, true, false);
-        let (mut mtu, mut peer_index, mut peer_ns) = (None, None, None);
+        let (mut mtu, mut peer_index, mut peer_ns, mut veth) = (None, None, None, false);
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::Mtu(m) => mtu = Some(*m),
                 LinkAttribute::Link(index) => peer_index = Some(*index),
                 LinkAttribute::LinkNetNsId(ns) => peer_ns = Some(*ns),
                 LinkAttribute::LinkInfo(infos) => {
+                    veth |= infos.contains(&LinkInfo::Kind(InfoKind::Veth));
                     for info in infos {
                         let LinkInfo::PortData(InfoPortData::BridgePort(port)) = info else {
                             continue;
@@ -144,7 +143,8 @@ impl BridgePort {
             locked,
             no_flood: !flood || proxy_arp,
             mtu,
-            peer: peer_ns.zip(peer_index),
+            // A vlan or macvlan port names its lower device the same way.
+            peer: peer_ns.zip(peer_index).filter(|_| veth),
         })
     }
 }
@@ -193,7 +193,8 @@ impl Kernel {
     }
 
     /// Interface `index` of the namespace this one knows as `nsid` (a pod's end of its
-    /// veth), or `None` if it is not there (`IFLA_TARGET_NETNSID`, Linux 4.20).
+    /// veth), or `None` if it is not there (`IFLA_TARGET_NETNSID`; needs CAP_NET_ADMIN
+    /// over that namespace).
     pub async fn link_in(&self, nsid: i32, index: u32) -> Result<Option<Link>, KernelError> {
         let mut request = self.handle.link().get().match_index(index);
         request
@@ -202,11 +203,7 @@ impl Kernel {
             .push(LinkAttribute::IfNetnsId(nsid));
         match request.execute().try_next().await {
             Ok(msg) => Ok(msg.as_ref().and_then(Link::from_message)),
-            Err(rtnetlink::Error::NetlinkError(e))
-                if matches!(-e.raw_code(), libc::ENODEV | libc::EINVAL) =>
-            {
-                Ok(None)
-            }
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(netlink(
                 "looking up the pod's end of",
                 format!("{index} in namespace {nsid}"),

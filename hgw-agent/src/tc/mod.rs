@@ -116,9 +116,12 @@ pub enum BridgeDuty {
     /// frame larger than it when the port transmits (`veth_xmit`), where
     /// `bpf_redirect_peer` does not check.
     PodMtu(u32),
-    /// The pod's end of the veth has a native XDP program, which runs when the port
+    /// The pod's end of the veth has an XDP program, which runs on what the port
     /// transmits, not on what `bpf_redirect_peer` puts into the pod.
     PodXdp,
+    /// The pod's end of the veth has not been read (yet): what it would call for is
+    /// not known.
+    PodUnread,
 }
 
 impl BridgeDuty {
@@ -146,7 +149,7 @@ impl BridgeDuty {
         if end.mtu < bridge_mtu {
             duties.push(Self::PodMtu(end.mtu));
         }
-        if end.xdp_native {
+        if end.xdp {
             duties.push(Self::PodXdp);
         }
         duties
@@ -170,6 +173,7 @@ impl BridgeDuty {
             Self::SmallMtu(mtu) => format!("mtu {mtu} below the bridge's"),
             Self::PodMtu(mtu) => format!("pod's mtu {mtu} below the bridge's"),
             Self::PodXdp => "xdp in the pod".to_owned(),
+            Self::PodUnread => "pod's end not read".to_owned(),
         }
     }
 }
@@ -664,6 +668,7 @@ mod tests {
             (BridgeDuty::SmallMtu(1000), Role::Port, false, DEVICE_EGRESS),
             (BridgeDuty::PodMtu(1000), Role::Port, true, DEVICE_EGRESS),
             (BridgeDuty::PodXdp, Role::Port, false, DEVICE_EGRESS),
+            (BridgeDuty::PodUnread, Role::Port, true, DEVICE_EGRESS),
         ];
         assert_flags(with, &cases);
         let port = |state, locked, no_flood, mtu| crate::kernel::BridgePort {
@@ -685,13 +690,12 @@ mod tests {
             ]
         );
         assert_eq!(BridgeDuty::PortState(4).name(), "port state blocking");
-        let end = |mtu, xdp_native| crate::kernel::Link {
+        let end = |mtu, xdp| crate::kernel::Link {
             index: 2,
             mac: [2, 0, 0, 0, 0, 2],
             mtu,
             up: true,
-            xdp: xdp_native,
-            xdp_native,
+            xdp,
         };
         assert!(BridgeDuty::of_pod_end(&end(1500, false), 1500).is_empty());
         assert_eq!(
