@@ -46,6 +46,8 @@ struct Duty {
     /// interface and elsewhere.
     here: (&'static [&'static str], Then),
     elsewhere: (&'static [&'static str], Then),
+    /// Where the next batch goes once it is undone.
+    back: Then,
 }
 
 const BOTH: &[&str] = &["ingress", "egress"];
@@ -99,6 +101,7 @@ const DUTIES: &[Duty] = &[
         shown: "port state disabled",
         here: (BOTH, Then::HandedOn),
         elsewhere: (EGRESS, Then::DroppedBefore),
+        back: Then::FastPath,
     },
     Duty {
         node: 0,
@@ -109,6 +112,7 @@ const DUTIES: &[Duty] = &[
         shown: "port state listening",
         here: (BOTH, Then::HandedOn),
         elsewhere: (EGRESS, Then::DroppedBefore),
+        back: Then::FastPath,
     },
     Duty {
         node: 0,
@@ -119,6 +123,7 @@ const DUTIES: &[Duty] = &[
         shown: "port state learning",
         here: (BOTH, Then::HandedOn),
         elsewhere: (EGRESS, Then::DroppedBefore),
+        back: Then::FastPath,
     },
     // Delivery through n2's bridge, which drops it at the port.
     Duty {
@@ -138,6 +143,8 @@ const DUTIES: &[Duty] = &[
         shown: "port state disabled",
         here: (BOTH, Then::ThroughTheBridge),
         elsewhere: (EGRESS, Then::ThroughTheBridge),
+        // Disabled, it took the bridge's neighbour entry for the pod along.
+        back: Then::Relearning,
     },
     // The bridge's MTU set by hand (so it does not follow its smallest port), the
     // port's below the batch's frames: the bridge drops them on the way out.
@@ -156,6 +163,7 @@ const DUTIES: &[Duty] = &[
         shown: "mtu 68 below the bridge's",
         here: (EGRESS, Then::ThroughTheBridge),
         elsewhere: (EGRESS, Then::ThroughTheBridge),
+        back: Then::FastPath,
     },
     // The pod's own end of its veth: the veth drops what does not fit when the port
     // transmits to it. (Below 1280 the pod's interface loses its IPv6 addresses,
@@ -173,6 +181,7 @@ const DUTIES: &[Duty] = &[
         shown: "pod's mtu 68 below the bridge's",
         here: (EGRESS, Then::ThroughTheBridge),
         elsewhere: (EGRESS, Then::ThroughTheBridge),
+        back: Then::FastPath,
     },
     // Locked, with the pod's MAC forgotten: the bridge drops its frames (and learns
     // nothing from a locked port).
@@ -190,6 +199,7 @@ const DUTIES: &[Duty] = &[
         shown: "locked",
         here: (&["ingress"], Then::HandedOn),
         elsewhere: (&[], Then::DroppedBefore),
+        back: Then::FastPath,
     },
     Duty {
         node: 0,
@@ -200,6 +210,7 @@ const DUTIES: &[Duty] = &[
         shown: "vlan filtering",
         here: (EGRESS, Then::DroppedBefore),
         elsewhere: (BOTH, Then::HandedOn),
+        back: Then::FastPath,
     },
 ];
 
@@ -260,13 +271,8 @@ impl OnTheWay for Duty {
         Ok(then)
     }
 
-    /// n2's port, disabled, took the bridge's neighbour entry for the pod along.
     fn back(&self) -> Then {
-        if self.what == "n2's port disabled" {
-            Then::Relearning
-        } else {
-            Then::FastPath
-        }
+        self.back
     }
 
     fn listed(&self, status: &Status) -> bool {

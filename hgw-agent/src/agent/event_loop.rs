@@ -21,7 +21,7 @@ use super::{
     startup::{clear_fast_path, step_aside},
 };
 use crate::{
-    kernel::{KernelEvent, RouteKey, RouteOwner, nftables},
+    kernel::{KernelEvent, Link, RouteKey, RouteOwner, nftables},
     node::forwarding,
     serve::{metrics::Trigger, status::Status},
     tc::Scanner,
@@ -131,11 +131,9 @@ impl Agent {
                 _ = tcx.tick() => {
                     if !self.stop_fast_path_if_needed().await {
                         // Each every second, whatever the others found.
-                        let tcx = self.rescan_tcx().await;
+                        let silent = self.poll_silent().await;
                         let netfilter = self.reread_netfilter(false).await;
-                        let xdp = self.reread_bridge_xdp().await;
-                        let pods = self.reread_pod_ends().await;
-                        if !(tcx | netfilter | xdp | pods | self.reread_forwarding()) {
+                        if !(silent | netfilter | self.reread_forwarding()) {
                             continue;
                         }
                     }
@@ -290,70 +288,54 @@ impl Agent {
         true
     }
 
-    /// Queries the tcx hooks again (no event tells of tcx changes); whether any
-    /// changed.
-    async fn rescan_tcx(&mut self) -> bool {
+    /// Reads again, each second, what changes without an event: the tcx programs of
+    /// the hooked interfaces, the bridge's XDP program (one attached through a BPF link
+    /// sends none) and the pods' ends of the ports' veths (a pod's changes to its own
+    /// interface send no event to this namespace). One change of the hooks for all of
+    /// them; whether there was one.
+    async fn poll_silent(&mut self) -> bool {
         let Some(scanner) = &mut self.scanner else {
             return false;
         };
-        match scanner.rescan_tcx(&self.observed.hooks) {
-            Ok(changed) if changed.is_empty() => false,
-            Ok(changed) => {
-                let change = self
-                    .observed
-                    .set_hooks(changed.into_iter().collect(), false);
-                if let Some(change) = change {
-                    self.reconciler.on_change(change, &self.observed).await;
-                }
-                true
-            }
+        let tcx = scanner
+            .rescan_tcx(&self.observed.hooks)
+            .unwrap_or_else(|e| {
+                warn!("{e}");
+                Vec::new()
+            });
+        let bridge_xdp = match self.kernel.link(&self.config.bridge).await {
+            // Another index: a bridge made again, which its events bring.
+            Ok(Some(link)) if link.index == self.observed.bridge.index => Some(link.xdp),
+            Ok(_) => None,
             Err(e) => {
                 warn!("{e}");
-                false
+                None
             }
+        };
+        let pod_ends = self.read_pod_ends().await;
+        let Some(change) = self.observed.set_polled(tcx, bridge_xdp, pod_ends) else {
+            return false;
+        };
+        self.reconciler.on_change(change, &self.observed).await;
+        true
+    }
+
+    /// The pods' ends read again at once (a port joined, a resync), as
+    /// [`Self::poll_silent`] reads them each second.
+    async fn reread_pod_ends(&mut self) {
+        if self.scanner.is_none() {
+            return;
+        }
+        let ends = self.read_pod_ends().await;
+        if let Some(change) = self.observed.set_pod_ends(ends) {
+            self.reconciler.on_change(change, &self.observed).await;
         }
     }
 
-    /// Reads the bridge's link again for an XDP program (one attached through a BPF
-    /// link sends no event); whether that changed.
-    async fn reread_bridge_xdp(&mut self) -> bool {
-        if self.scanner.is_none() {
-            return false;
-        }
-        match self.kernel.link(&self.config.bridge).await {
-            Ok(Some(link))
-                if link.index == self.observed.bridge.index
-                    && link.xdp != self.observed.bridge.xdp =>
-            {
-                self.on_event(KernelEvent::Link {
-                    index: link.index,
-                    name: None,
-                    controller: None,
-                    link: Some(link),
-                    port: None,
-                    vlan_filtering: None,
-                    deleted: false,
-                })
-                .await;
-                true
-            }
-            Ok(_) => false,
-            Err(e) => {
-                warn!("{e}");
-                false
-            }
-        }
-    }
-
-    /// Reads the pods' ends of the ports' veths again (their MTU, a native XDP
-    /// program): a pod's changes to its own interface send no event to this
-    /// namespace; whether that changed the ports' duties. An end that cannot be read
-    /// keeps what was read of it last (one never read sends its pod's packets
-    /// through the bridge), and the reason is said once.
-    async fn reread_pod_ends(&mut self) -> bool {
-        if self.scanner.is_none() {
-            return false;
-        }
+    /// The pods' ends of the ports' veths (their MTU, a native XDP program), by port.
+    /// An end that cannot be read keeps what was read of it last (one never read sends
+    /// its pod's packets through the bridge), and the reason is said once.
+    async fn read_pod_ends(&mut self) -> HashMap<u32, Link> {
         let peers: Vec<(u32, (i32, u32))> = self
             .observed
             .port_settings
@@ -385,11 +367,7 @@ impl Agent {
             }
             self.pod_end_error = error;
         }
-        let Some(change) = self.observed.set_pod_ends(ends) else {
-            return false;
-        };
-        self.reconciler.on_change(change, &self.observed).await;
-        true
+        ends
     }
 
     /// Reads nftables' hooks again if the ruleset changed (`force`: anyway) and lets

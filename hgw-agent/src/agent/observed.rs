@@ -207,14 +207,32 @@ impl Observed {
         }
     }
 
-    /// The pods' ends of the ports, as read now; a change when they differ.
+    /// The pods' ends of the ports, as read now; a change when the hooks differ.
     pub fn set_pod_ends(&mut self, ends: HashMap<u32, Link>) -> Option<Change> {
-        if ends == self.pod_ends {
-            return None;
+        self.set_polled(Vec::new(), None, ends)
+    }
+
+    /// What changes without an event, read again: the interfaces whose tcx programs
+    /// changed (with their hooks), the bridge's XDP program (`None`: not read) and the
+    /// pods' ends of the ports; one change when the hooks differ.
+    pub fn set_polled(
+        &mut self,
+        tcx: Vec<(u32, Hooks)>,
+        bridge_xdp: Option<bool>,
+        pod_ends: HashMap<u32, Link>,
+    ) -> Option<Change> {
+        let before = self.hooks.clone();
+        for (ifindex, hooks) in tcx {
+            if self.is_hooked(ifindex) {
+                self.hooks.insert(ifindex, hooks);
+            }
         }
-        self.pod_ends = ends;
+        if let Some(xdp) = bridge_xdp {
+            self.bridge.xdp = xdp;
+        }
+        self.pod_ends = pod_ends;
         self.match_duties();
-        Some(Change::Hooks)
+        (self.hooks != before).then_some(Change::Hooks)
     }
 
     /// The uplink's neighbour table, from a dump.
@@ -852,6 +870,40 @@ mod tests {
             Some(Change::Hooks)
         );
         assert_eq!(o.hooks[&40].bridge, [BridgeDuty::PodXdp]);
+        // An end read again with another MTU that is still no smaller than the
+        // bridge's changes no duty: nothing to write.
+        end.mtu += 100;
+        assert_eq!(o.set_pod_ends(HashMap::from([(40, end)])), None);
+    }
+
+    #[test]
+    fn one_poll_brings_tcx_the_bridges_xdp_and_the_pods_ends_together() {
+        let mut o = observed_with_port_40();
+        let veth = port_40(forwarding(Some(1500), Some((1, 2))));
+        assert_eq!(o.apply(veth), Some(Change::Hooks));
+        let end = o.bridge;
+        let uplink = Hooks {
+            tcx_ingress: vec![7],
+            ..Hooks::default()
+        };
+        let polled = o.set_polled(
+            vec![(UPLINK, uplink), (12345, Hooks::default())],
+            Some(true),
+            HashMap::from([(40, end)]),
+        );
+        assert_eq!(polled, Some(Change::Hooks));
+        assert_eq!(o.hooks[&UPLINK].tcx_ingress, [7]);
+        // Not a hooked interface: not kept.
+        assert!(!o.hooks.contains_key(&12345));
+        assert!(o.hooks[&BRIDGE].xdp);
+        assert!(o.hooks[&40].bridge.is_empty());
+        // The same again: no change. Not read (`None`): the bridge keeps what it had.
+        let uplink = o.hooks[&UPLINK].clone();
+        assert_eq!(
+            o.set_polled(vec![(UPLINK, uplink)], None, HashMap::from([(40, end)])),
+            None
+        );
+        assert!(o.hooks[&BRIDGE].xdp);
     }
 
     #[test]
