@@ -197,11 +197,12 @@ pub fn matrix(agent: &Path, host: bool, only: &Only) -> anyhow::Result<()> {
 /// Test target -> its binary.
 type Binaries = BTreeMap<&'static str, PathBuf>;
 
-/// Every check's test binaries, built by `cargo test` (the lab tests' profile), found by
-/// asking cargo rather than guessing among target/debug/deps/<name>-<hash>.
+/// Every check's test binaries, built by `cargo test --release` (the profile `cargo xtask
+/// test` runs them in), found by asking cargo rather than guessing among
+/// target/release/deps/<name>-<hash>.
 fn test_binaries(checks: &[Check]) -> anyhow::Result<Binaries> {
     let names: BTreeSet<&'static str> = checks.iter().flat_map(|c| c.tests).copied().collect();
-    let mut args = vec!["test", "--no-run", "--message-format=json"];
+    let mut args = vec!["test", "--release", "--no-run", "--message-format=json"];
     for &name in &names {
         args.extend(["--test", name]);
     }
